@@ -1,0 +1,143 @@
+"""Token log-probabilities from hidden states through lm_head, in chunks (the book's Code 2.1).
+
+    log p(y_t | y_<t) = (h_t W^T + b)[y_t] - logsumexp_v (h_t W^T + b)[v]
+
+The plain computation builds a [tokens x vocab] logits tensor and autograd keeps it (and its softmax)
+for the backward pass: 2048 tokens x 151,936 vocab x 4 bytes is 1.2 GB, twice. Here only the positions
+that carry a label are projected, a chunk at a time, and the backward pass recomputes each chunk's
+logits instead of storing them, so peak memory is one [chunk x vocab] block.
+
+Two entry points:
+- `chunked_logprobs`: per-token log-probs with a general backward (any downstream loss: SFT, DPO, PPO).
+- `chunked_nll`: the summed negative log-likelihood, whose gradient is computed during the forward
+  pass (the loss is a plain sum, so d loss / d logits is known there); backward only rescales it.
+  That saves the recomputation, which is what SFT wants.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """labels[:, t] is predicted from position t - 1: shift left and pad the end with IGNORE_INDEX."""
+    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """[chunk, vocab] logits in float32 (log-softmax in low precision loses too much)."""
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    return logits.float()
+
+
+def _accumulate_grads(ctx, grad_logits, hidden_chunk, weight, grad_hidden_chunk, grads):
+    """grad_hidden = grad_logits W; grad_W += grad_logits^T h; grad_b += sum grad_logits."""
+    grad_logits = grad_logits.to(weight.dtype)
+    grad_hidden_chunk.copy_(grad_logits @ weight)
+    if ctx.needs_input_grad[1]:
+        grads["weight"].addmm_(grad_logits.t(), hidden_chunk)
+    if ctx.needs_input_grad[2]:
+        grads["bias"].add_(grad_logits.sum(0))
+
+
+def _softmax_minus_onehot(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p[label], softmax - onehot(label)) for one chunk; the second is d(-log p)/d logits."""
+    logsumexp = torch.logsumexp(logits, dim=-1)
+    token_logps = logits.gather(1, labels[:, None]).squeeze(1) - logsumexp
+    grad = torch.exp(logits - logsumexp[:, None])
+    grad[torch.arange(len(labels)), labels] -= 1.0
+    return token_logps, grad
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    """log p(label) per row of `hidden`; backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size):
+        token_logps = torch.empty(len(labels), dtype=torch.float32, device=hidden.device)
+        for start in range(0, len(labels), chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = _chunk_logits(hidden[rows], weight, bias)
+            token_logps[rows] = logits.gather(1, labels[rows, None]).squeeze(1) - torch.logsumexp(logits, -1)
+        ctx.save_for_backward(hidden, weight, bias, labels)
+        ctx.chunk_size = chunk_size
+        return token_logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, bias, labels = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden)
+        grads = {"weight": torch.zeros_like(weight) if ctx.needs_input_grad[1] else None,
+                 "bias": torch.zeros_like(bias) if ctx.needs_input_grad[2] else None}
+        for start in range(0, len(labels), ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            _, grad_nll = _softmax_minus_onehot(_chunk_logits(hidden[rows], weight, bias), labels[rows])
+            # d logp / d logits = onehot - softmax = -grad_nll, scaled by the incoming gradient per token.
+            grad_logits = -grad_nll * grad_logps[rows, None]
+            _accumulate_grads(ctx, grad_logits, hidden[rows], weight, grad_hidden[rows], grads)
+        return grad_hidden, grads["weight"], grads["bias"], None, None
+
+
+class _ChunkedNLL(torch.autograd.Function):
+    """sum_t -log p(label_t); gradients are computed in forward, backward multiplies by the scalar."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size):
+        needs = ctx.needs_input_grad
+        grad_hidden = torch.empty_like(hidden) if needs[0] else None
+        grads = {"weight": torch.zeros_like(weight) if needs[1] else None,
+                 "bias": torch.zeros_like(bias) if needs[2] else None}
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, len(labels), chunk_size):
+            rows = slice(start, start + chunk_size)
+            token_logps, grad_logits = _softmax_minus_onehot(_chunk_logits(hidden[rows], weight, bias), labels[rows])
+            total -= token_logps.sum()
+            if any(needs):
+                target = grad_hidden[rows] if needs[0] else torch.empty_like(hidden[rows])
+                _accumulate_grads(ctx, grad_logits, hidden[rows], weight, target, grads)
+        ctx.save_for_backward(grad_hidden, grads["weight"], grads["bias"])
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scale = lambda grad: None if grad is None else grad * grad_total.to(grad.dtype)  # noqa: E731
+        return scale(grad_hidden), scale(grad_weight), scale(grad_bias), None, None
+
+
+def _labelled_rows(hidden: torch.Tensor, labels: torch.Tensor):
+    """Flatten to the positions that predict a label: hidden [M, H], targets [M], mask [batch, seq]."""
+    targets = shift_labels(labels)
+    mask = targets != IGNORE_INDEX
+    return hidden[mask], targets[mask], mask
+
+
+def chunked_logprobs(hidden, lm_head: torch.nn.Linear, labels, chunk_size: int = 1024) -> torch.Tensor:
+    """Per-token log p(labels) [batch, seq] (0 where the label is IGNORE_INDEX), from hidden [batch, seq, H].
+
+    Position t holds log p(labels[:, t + 1] | ...), i.e. the log-prob of the token that follows it.
+    """
+    rows, targets, mask = _labelled_rows(hidden, labels)
+    with torch.autocast(hidden.device.type, enabled=False):
+        token_logps = _ChunkedLogprobs.apply(rows, *_head_params(lm_head, rows.dtype), targets, chunk_size)
+    out = torch.zeros(mask.shape, dtype=token_logps.dtype, device=hidden.device)
+    return out.masked_scatter(mask, token_logps)
+
+
+def chunked_nll(hidden, lm_head: torch.nn.Linear, labels, chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
+    """(sum of -log p over labelled tokens, number of labelled tokens); divide by the count you choose."""
+    rows, targets, _ = _labelled_rows(hidden, labels)
+    with torch.autocast(hidden.device.type, enabled=False):
+        nll_sum = _ChunkedNLL.apply(rows, *_head_params(lm_head, rows.dtype), targets, chunk_size)
+    return nll_sum, len(targets)
+
+
+def _head_params(lm_head: torch.nn.Linear, dtype: torch.dtype):
+    """lm_head's weight and bias in the hidden states' dtype (a differentiable cast, free when equal);
+    the custom functions do their own matmuls, so autocast must not change dtypes behind them."""
+    bias = None if lm_head.bias is None else lm_head.bias.to(dtype)
+    return lm_head.weight.to(dtype), bias

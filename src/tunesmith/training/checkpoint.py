@@ -1,0 +1,141 @@
+"""Checkpoints that are either complete or absent, and the training state needed to resume bit for bit.
+
+A checkpoint is written into a hidden temporary folder, flushed to disk, then renamed into place:
+rename is atomic, so a kill during a save leaves a `.checkpoint-N.tmp` folder (ignored and cleaned up
+later), never a `checkpoint-N` that looks complete but is not. Everything is safetensors or JSON;
+nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tunesmith.errors import TunesmithError
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TRAINABLE_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "trainer_state.json"
+
+
+def save_checkpoint(output_dir: Path, step: int, write: Callable[[Path], None], keep: int | None) -> Path:
+    """Call write(folder) into a temporary folder, then publish it as output_dir/checkpoint-{step}."""
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    _fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _prune(output_dir, keep)
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in output_dir, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(resume_from_checkpoint: str | None, output_dir: Path) -> Path | None:
+    """`true` means the latest checkpoint in output_dir; otherwise a checkpoint folder path."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint.lower() == "true":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            raise TunesmithError(f"resume_from_checkpoint: true, but {output_dir} holds no checkpoint-N folder.")
+        return checkpoints[-1]
+    path = Path(resume_from_checkpoint)
+    if not (path / STATE_FILE).is_file():
+        raise TunesmithError(
+            f"resume_from_checkpoint: {path} is not a complete tunesmith checkpoint (no {STATE_FILE}); "
+            "point it at an output_dir/checkpoint-N folder or use `true` for the latest.")
+    return path
+
+
+def write_training_state(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Trainable weights, optimizer moments, RNG and loop counters: what a bit-exact resume needs."""
+    trainable = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(folder / TRAINABLE_FILE))
+    tensors, layout = _flatten_optimizer(optimizer.state_dict())
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, rng in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = rng
+    save_file(tensors, str(folder / OPTIMIZER_FILE))
+    (folder / STATE_FILE).write_text(json.dumps({**state, "optimizer_layout": layout}, indent=2))
+
+
+def read_training_state(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Load what write_training_state saved into model and optimizer; return the loop counters."""
+    state = json.loads((folder / STATE_FILE).read_text())
+    trainable = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    saved = load_file(str(folder / TRAINABLE_FILE))
+    if set(saved) != set(trainable):
+        missing, extra = sorted(set(trainable) - set(saved)), sorted(set(saved) - set(trainable))
+        raise TunesmithError(
+            f"Checkpoint {folder} does not match this run's trainable parameters (missing {missing[:3]}, "
+            f"unexpected {extra[:3]}); resume with the same finetuning_type, lora_rank and lora_target.")
+    with torch.no_grad():
+        for name, param in trainable.items():
+            param.copy_(saved[name])
+    tensors = load_file(str(folder / OPTIMIZER_FILE))
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, state.pop("optimizer_layout")))
+    torch.set_rng_state(tensors["rng.cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")])
+    return state
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state as flat tensors plus a JSON layout (param groups, non-tensor values)."""
+    tensors, scalars = {}, {}
+    for index, per_param in state_dict["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{key}"] = value.contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], layout: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("state."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    for name, value in layout["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": layout["param_groups"]}
+
+
+def _prune(output_dir: Path, keep: int | None) -> None:
+    """Delete the oldest checkpoints beyond `keep`, and leftovers of interrupted saves."""
+    for leftover in output_dir.glob(".checkpoint-*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if keep is None:
+        return
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())

@@ -1,0 +1,80 @@
+"""`tunesmith train`: from a validated config to a trained adapter or model folder.
+
+Order matters for users: everything that can fail cheaply (config, output folder, data) fails before
+the slow parts (model load, training). The stage table is the one place a new method plugs in.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tunesmith.config import TrainConfig, save_config
+from tunesmith.errors import TunesmithError
+from tunesmith.model.adapters import save_adapter
+from tunesmith.model.finetune import AdapterSettings, prepare_for_training, trainable_summary
+from tunesmith.model.loading import load_model, load_tokenizer, resolve_device_and_dtype
+from tunesmith.training import checkpoint, loop
+from tunesmith.training.distributed import process_info
+from tunesmith.training.stages.sft import build_sft
+from tunesmith.training.tracking import LOG_FILE, plot_metrics
+
+STAGE_BUILDERS = {"sft": build_sft}
+CONFIG_FILE = "train_config.yaml"
+
+
+def run_training(config: TrainConfig, say=print) -> dict:
+    """Train as `config` says; returns the final metrics (also written to all_results.json)."""
+    proc = process_info()
+    output_dir = Path(config.output_dir)
+    resume_from = checkpoint.resolve_resume(config.resume_from_checkpoint, output_dir)
+    _check_output_dir(output_dir, config, resume_from)
+    torch.manual_seed(config.seed)
+    device, compute_dtype = resolve_device_and_dtype(config.bf16, config.fp16)
+    tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+    # Frozen weights can live in the compute dtype; full fine-tuning keeps fp32 master weights (autocast).
+    load_dtype = torch.float32 if config.finetuning_type == "full" else compute_dtype
+    model = load_model(config.model_name_or_path, load_dtype, device, trust_remote_code=config.trust_remote_code)
+    adapter = prepare_for_training(model, config)
+    stage, data = STAGE_BUILDERS[config.stage](config, model, tokenizer)
+    if not data.train:
+        raise TunesmithError(f"dataset {','.join(config.dataset)} produced no training samples after loading.")
+    say(f"[tunesmith] {config.stage} on {device} ({compute_dtype}), {len(data.train)} train / "
+        f"{len(data.eval)} eval rows; {trainable_summary(model)}")
+    if proc.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, output_dir / CONFIG_FILE)
+        if resume_from is None:
+            (output_dir / LOG_FILE).unlink(missing_ok=True)
+
+    def save_artifact(folder: Path) -> None:
+        _save_result(model, tokenizer, adapter, config, folder)
+
+    metrics = loop.train(model, stage, data, config, output_dir, save_artifact, proc, resume_from)
+    if proc.is_main:
+        save_artifact(output_dir)
+        (output_dir / "all_results.json").write_text(json.dumps(metrics, indent=2))
+        if config.plot_loss:
+            plot_metrics(output_dir)
+    return metrics
+
+
+def _save_result(model, tokenizer, adapter: AdapterSettings | None, config: TrainConfig, folder: Path) -> None:
+    """A PEFT adapter for LoRA runs, a full Hugging Face model folder otherwise; the tokenizer always."""
+    if adapter is not None:
+        save_adapter(model, folder, config.model_name_or_path, adapter.rank, adapter.alpha, adapter.dropout,
+                     adapter.target_modules, adapter.use_rslora)
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def _check_output_dir(output_dir: Path, config: TrainConfig, resume_from: Path | None) -> None:
+    if resume_from is not None or config.overwrite_output_dir or not output_dir.exists():
+        return
+    if any(output_dir.iterdir()):
+        raise TunesmithError(
+            f"output_dir {output_dir} already exists and is not empty. Set `overwrite_output_dir: true` to "
+            "write into it, `resume_from_checkpoint: true` to continue its latest checkpoint, or choose another folder.")

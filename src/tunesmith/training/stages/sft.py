@@ -1,0 +1,62 @@
+"""Supervised fine-tuning: maximise log p(response | prompt) over the labelled tokens.
+
+    L = - sum_t log p(y_t | y_<t)  over response tokens, divided by the number of such tokens
+
+The model's backbone gives hidden states; the lm_head projection and the loss run in chunks
+(`chunked_nll`), so the [tokens x vocab] logits never exist at once.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from tunesmith.algorithms.logprobs import IGNORE_INDEX, chunked_nll
+from tunesmith.config import TrainConfig
+from tunesmith.data.dataset import build_sft_examples, split_train_eval
+from tunesmith.data.packing import collate, pack_examples
+from tunesmith.training.loop import RunData, Stage
+
+
+def backbone_hidden(model, batch: dict) -> torch.Tensor:
+    """Last hidden states [batch, seq, hidden]. Packed rows carry position_ids and no attention_mask,
+    which is how transformers recognises them and keeps attention inside each sample."""
+    output = model.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"), use_cache=False)
+    return output.last_hidden_state
+
+
+def sft_loss(model, batch: dict, chunk_size: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """Summed negative log-likelihood of the labelled tokens (the loop divides by their count)."""
+    nll_sum, _ = chunked_nll(backbone_hidden(model, batch), model.get_output_embeddings(), batch["labels"], chunk_size)
+    return nll_sum, {}
+
+
+def count_label_tokens(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def count_tokens(batch: dict) -> int:
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["non_pad_tokens"]) if "non_pad_tokens" in batch else batch["input_ids"].numel()
+
+
+def build_sft(config: TrainConfig, model, tokenizer) -> tuple[Stage, RunData]:
+    """Tokenised train/eval rows and the SFT loss, ready for the loop."""
+    encode = partial(build_sft_examples, dataset_dir=config.dataset_dir, tokenizer=tokenizer,
+                     template=config.template, cutoff_len=config.cutoff_len,
+                     train_on_prompt=config.train_on_prompt, mask_history=config.mask_history,
+                     max_samples=config.max_samples, skip_bad_records=config.skip_bad_records)
+    examples = encode(config.dataset)
+    if config.eval_dataset:
+        train, evaluation = examples, encode(config.eval_dataset)
+    else:
+        train, evaluation = split_train_eval(examples, config.val_size, config.seed)
+    if config.packing:
+        train, evaluation = pack_examples(train, config.cutoff_len), pack_examples(evaluation, config.cutoff_len)
+    stage = Stage(loss=partial(sft_loss, chunk_size=config.logprob_chunk_size),
+                  count_items=count_label_tokens, count_tokens=count_tokens)
+    return stage, RunData(train=train, eval=evaluation, collate=partial(collate, pad_token_id=tokenizer.pad_token_id))

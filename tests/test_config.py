@@ -1,0 +1,117 @@
+"""Config loading: LLaMA-Factory keys, overrides, types, typos, ignored keys, impossible combinations."""
+
+import pytest
+
+from tunesmith.config import build_config, load_config
+from tunesmith.errors import TunesmithError
+
+BASE = {"model_name_or_path": "m", "dataset": "d"}
+
+# LLaMA-Factory's examples/train_lora/llama3_lora_sft.yaml, verbatim but for model_name_or_path.
+LLAMA_FACTORY_YAML = """\
+### model
+model_name_or_path: {model}
+trust_remote_code: true
+
+### method
+stage: sft
+do_train: true
+finetuning_type: lora
+lora_rank: 8
+lora_target: all
+
+### dataset
+dataset: identity,alpaca_en_demo
+template: llama3
+cutoff_len: 2048
+max_samples: 1000
+overwrite_cache: true
+preprocessing_num_workers: 16
+dataloader_num_workers: 4
+
+### output
+output_dir: saves/llama3-8b/lora/sft
+logging_steps: 10
+save_steps: 500
+plot_loss: true
+overwrite_output_dir: true
+save_only_model: false
+report_to: none  # choices: [none, wandb, tensorboard, swanlab, mlflow]
+
+### train
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 8
+learning_rate: 1.0e-4
+num_train_epochs: 3.0
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+bf16: true
+ddp_timeout: 180000000
+resume_from_checkpoint: null
+"""
+
+
+def test_llama_factory_example_loads_with_notices(tmp_path):
+    path = tmp_path / "llama3_lora_sft.yaml"
+    path.write_text(LLAMA_FACTORY_YAML.format(model="some/model"))
+    notices = []
+    config = load_config(path, [], notices)
+    assert config.dataset == ["identity", "alpaca_en_demo"]
+    assert config.learning_rate == pytest.approx(1e-4)  # YAML 1.1 reads 1.0e-4 as a float, 1e-4 as text
+    assert config.lora_alpha == 16 and config.lora_target == ["all"]
+    assert config.num_train_epochs == 3.0 and config.resume_from_checkpoint is None
+    ignored = {"overwrite_cache", "preprocessing_num_workers", "dataloader_num_workers", "save_only_model", "ddp_timeout"}
+    assert len(notices) == len(ignored)
+    assert all(any(f"`{key}`" in n for n in notices) for key in ignored)
+    assert "line 17" in next(n for n in notices if "overwrite_cache" in n)
+
+
+def test_overrides_win_and_parse_types(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model_name_or_path: m\ndataset: d\nlearning_rate: 1.0e-3\n")
+    config = load_config(path, ["learning_rate=1e-4", "max_steps=7", "packing=true", "lora_target=q_proj,v_proj"])
+    assert config.learning_rate == pytest.approx(1e-4) and config.max_steps == 7 and config.packing is True
+    assert config.lora_target == ["q_proj", "v_proj"]
+
+
+def test_typo_suggests_closest_key_with_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model_name_or_path: m\ndataset: d\nlerning_rate: 1.0e-3\n")
+    with pytest.raises(TunesmithError, match=r"line 3.*`lerning_rate`.*Did you mean `learning_rate`"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("key,value,pattern", [
+    ("lora_rank", "eight", "`lora_rank` must be an integer"),
+    ("lora_rank", 2.5, "`lora_rank` must be an integer"),
+    ("bf16", "yes please", "`bf16` must be true or false"),
+    ("learning_rate", [1], "`learning_rate` must be a number"),
+    ("stage", "sfft", "Did you mean `sft`"),
+    ("lr_scheduler_type", "cosin", "Did you mean `cosine`"),
+])
+def test_wrong_types_and_choices_name_the_key(key, value, pattern):
+    with pytest.raises(TunesmithError, match=pattern):
+        build_config({**BASE, key: value})
+
+
+@pytest.mark.parametrize("extra,pattern", [
+    ({"bf16": True, "fp16": True}, "both true"),
+    ({"val_size": 0.1, "eval_dataset": "x"}, "either `val_size` or `eval_dataset`"),
+    ({"finetuning_type": "full", "adapter_name_or_path": "a"}, "needs `finetuning_type: lora`"),
+    ({"max_steps": -1, "num_train_epochs": 0}, "max_steps"),
+    ({"lora_dropout": 1.5}, "lora_dropout"),
+])
+def test_impossible_combinations(extra, pattern):
+    with pytest.raises(TunesmithError, match=pattern):
+        build_config({**BASE, **extra})
+
+
+def test_missing_required_and_bad_yaml(tmp_path):
+    with pytest.raises(TunesmithError, match="model_name_or_path` is required"):
+        build_config({"dataset": "d"})
+    path = tmp_path / "bad.yaml"
+    path.write_text("model_name_or_path: m\ndataset: [d\n")
+    with pytest.raises(TunesmithError, match="not valid YAML at line"):
+        load_config(path)
+    with pytest.raises(TunesmithError, match="key=value"):
+        load_config(None, ["learning_rate"])
