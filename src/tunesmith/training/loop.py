@@ -85,7 +85,8 @@ def train(model, stage: Stage, data: RunData, config: TrainConfig, output_dir: P
     result (a PEFT adapter or a model folder) into a checkpoint or the output folder."""
     device = next(model.parameters()).device
     optimizer = build_optimizer(model, config)
-    per_epoch = len(micro_batch_indices(len(data.train), config.per_device_train_batch_size, 0, 0, proc))
+    rows_on_rank = len(range(proc.rank, len(data.train), proc.world_size))
+    per_epoch = math.ceil(rows_on_rank / config.per_device_train_batch_size)
     total_steps = total_optimizer_steps(config, per_epoch)
     warmup = warmup_steps_for(total_steps, config.warmup_steps, config.warmup_ratio)
     state = {"global_step": 0, "micro_batches_done": 0, "elapsed_s": 0.0}

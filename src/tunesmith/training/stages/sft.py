@@ -49,12 +49,14 @@ def build_sft(config: TrainConfig, model, tokenizer) -> tuple[Stage, RunData]:
     encode = partial(build_sft_examples, dataset_dir=config.dataset_dir, tokenizer=tokenizer,
                      template=config.template, cutoff_len=config.cutoff_len,
                      train_on_prompt=config.train_on_prompt, mask_history=config.mask_history,
-                     max_samples=config.max_samples, skip_bad_records=config.skip_bad_records)
+                     max_samples=config.max_samples, packing=False, skip_bad_records=config.skip_bad_records)
     examples = encode(config.dataset)
     if config.eval_dataset:
         train, evaluation = examples, encode(config.eval_dataset)
-    else:
+    elif config.val_size > 0:
         train, evaluation = split_train_eval(examples, config.val_size, config.seed)
+    else:
+        train, evaluation = examples, []
     if config.packing:
         train, evaluation = pack_examples(train, config.cutoff_len), pack_examples(evaluation, config.cutoff_len)
     stage = Stage(loss=partial(sft_loss, chunk_size=config.logprob_chunk_size),

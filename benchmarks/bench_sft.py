@@ -1,0 +1,135 @@
+"""SFT throughput and memory: non-pad tokens/s, peak RSS and MFU against this machine's measured matmul peak.
+
+    python benchmarks/bench_sft.py --init 40m                       # build the 40M Qwen2-shaped model, LoRA r8
+    python benchmarks/bench_sft.py --init 40m --bf16
+    python benchmarks/bench_sft.py --init qwen2-0.5b --tokenizer ../shared/assets/qwen2_tokenizer --steps 3
+    python benchmarks/bench_sft.py --model path/to/hf_folder --dataset alpaca_en_demo --dataset-dir data
+
+It runs the real training path (config -> model -> data -> the shared loop). Without --dataset it
+writes a synthetic alpaca set whose responses are 20-400 tokens and prompts 10-60 tokens. The first
+`--warmup` steps are run and discarded (allocator and kernel warm-up), then `--steps` steps are timed.
+MFU counts 4 x parameters FLOPs per token when the base weights are frozen (forward 2P plus the
+input-gradient half of backward 2P) and 6 x parameters for full fine-tuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tunesmith.config import build_config
+from tunesmith.model.finetune import prepare_for_training
+from tunesmith.model.init_model import init_model
+from tunesmith.model.loading import load_model, load_tokenizer, resolve_device_and_dtype
+from tunesmith.training import loop
+from tunesmith.training.distributed import ProcessInfo
+from tunesmith.training.stages.sft import build_sft
+
+
+def matmul_peak_flops(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 10) -> float:
+    """Best-of-N FLOP/s of a square matmul: the machine's practical peak for this dtype."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def synthetic_dataset(folder: Path, tokenizer, n_records: int, seed: int) -> None:
+    """Alpaca records with prompts of 10-60 tokens and responses of 20-400 tokens (measured in this tokenizer)."""
+    rng = random.Random(seed)
+    corpus = (Path(__file__).resolve().parents[1] / "src/tunesmith/resources/corpus.txt").read_text().split()
+    def text_of(n_tokens: int) -> str:
+        start = rng.randrange(0, len(corpus) - 2 * n_tokens)
+        ids = tokenizer(" ".join(corpus[start:start + 2 * n_tokens]), add_special_tokens=False)["input_ids"]
+        return tokenizer.decode(ids[:n_tokens])
+    records = [{"instruction": text_of(rng.randint(10, 60)), "input": "", "output": text_of(rng.randint(20, 400))}
+               for _ in range(n_records)]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bench.json").write_text(json.dumps(records))
+    (folder / "dataset_info.json").write_text(json.dumps({"bench": {"file_name": "bench.json"}}))
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="Hugging Face model folder")
+    parser.add_argument("--init", help="instead of --model: build a random-init model of this size preset")
+    parser.add_argument("--tokenizer", help="with --init: copy this tokenizer folder")
+    parser.add_argument("--dataset", help="dataset name or file (default: synthetic)")
+    parser.add_argument("--dataset-dir", default="data")
+    parser.add_argument("--finetuning-type", default="lora", choices=["lora", "full", "freeze"])
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--cutoff-len", type=int, default=512)
+    parser.add_argument("--packing", action="store_true")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="tunesmith_bench_"))
+    model_path = args.model or str(init_model(work / "model", size=args.init, tokenizer_dir=args.tokenizer))
+    tokenizer = load_tokenizer(model_path)
+    dataset, dataset_dir = args.dataset, args.dataset_dir
+    if dataset is None:
+        n_records = args.batch_size * (args.steps + args.warmup) * 2
+        synthetic_dataset(work / "data", tokenizer, n_records, seed=0)
+        dataset, dataset_dir = "bench", str(work / "data")
+    config = build_config({
+        "model_name_or_path": model_path, "dataset": dataset, "dataset_dir": dataset_dir,
+        "finetuning_type": args.finetuning_type, "lora_rank": args.lora_rank, "lora_target": "all",
+        "template": "qwen", "cutoff_len": args.cutoff_len, "packing": args.packing, "bf16": args.bf16,
+        "per_device_train_batch_size": args.batch_size, "learning_rate": 1e-4, "save_steps": 0,
+        "gradient_checkpointing": args.gradient_checkpointing, "output_dir": str(work / "out"),
+    })
+    device, dtype = resolve_device_and_dtype(config.bf16, config.fp16)
+    model = load_model(model_path, torch.float32 if config.finetuning_type == "full" else dtype, device)
+    prepare_for_training(model, config)
+    stage, data = build_sft(config, model, tokenizer)
+    (work / "out").mkdir()
+    for steps in (args.warmup, args.steps):  # the first call warms up; the second is timed
+        config.max_steps = config.logging_steps = steps
+        metrics = loop.train(model, stage, data, config, work / "out", lambda folder: None, ProcessInfo())
+    params = sum(p.numel() for p in model.parameters())
+    flops_per_token = (6 if config.finetuning_type == "full" else 4) * params
+    peak = matmul_peak_flops(torch.bfloat16 if args.bf16 else torch.float32, device)
+    result = {
+        "model": model_path, "params": params, "device": str(device), "dtype": str(dtype),
+        "finetuning_type": config.finetuning_type, "batch_size": args.batch_size, "cutoff_len": args.cutoff_len,
+        "packing": args.packing, "threads": torch.get_num_threads(),
+        "tokens_per_second": metrics["tokens_per_second"],
+        "peak_rss_gb": round(_peak_rss_bytes() / 1e9, 3),
+        "matmul_peak_gflops": round(peak / 1e9, 1),
+        "mfu": round(metrics["tokens_per_second"] * flops_per_token / peak, 3),
+    }
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,91 @@
+"""The `tunesmith` command. Subcommands only parse arguments and call library functions.
+
+    tunesmith train cfg.yaml [key=value ...]   train as the YAML says (LLaMA-Factory's keys)
+    tunesmith init-model OUT [--arch --size]   write a small random-init model folder, offline
+    tunesmith demo                             build a tiny model, fine-tune it, show before/after
+    tunesmith env                              versions, device, threads
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tunesmith.errors import TunesmithError
+
+
+def _train(args) -> None:
+    from tunesmith.config import load_config
+    from tunesmith.training.run import run_training
+
+    notices: list[str] = []
+    config = load_config(args.config, args.overrides, notices)
+    for notice in notices:
+        print(notice, file=sys.stderr)
+    metrics = run_training(config)
+    print(f"[tunesmith] done: {metrics}; outputs in {config.output_dir}")
+
+
+def _init_model(args) -> None:
+    from tunesmith.model.init_model import init_model
+
+    path = init_model(args.output_dir, arch=args.arch, size=args.size, seed=args.seed, tokenizer_dir=args.tokenizer)
+    print(f"[tunesmith] wrote a random-init {args.arch} ({args.size}) model to {path}")
+
+
+def _demo(args) -> None:
+    from tunesmith.demo import run_demo
+
+    run_demo(args.output_dir, steps=args.steps)
+
+
+def _env(args) -> None:
+    from tunesmith.env import environment_report
+
+    print(environment_report())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tunesmith.model.init_model import SIZE_PRESETS
+
+    parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune and align language models from one YAML file.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    train = commands.add_parser("train", help="train as a YAML config says (stage: sft)")
+    train.add_argument("config", help="YAML file with LLaMA-Factory-style keys")
+    train.add_argument("overrides", nargs="*", help="key=value settings that override the file")
+    train.set_defaults(handler=_train)
+
+    init = commands.add_parser("init-model", help="write a small random-init model folder (no download)")
+    init.add_argument("output_dir")
+    init.add_argument("--arch", choices=["qwen2", "llama"], default="qwen2")
+    init.add_argument("--size", choices=sorted(SIZE_PRESETS), default="tiny")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--tokenizer", default=None, help="copy this tokenizer folder instead of training one")
+    init.set_defaults(handler=_init_model)
+
+    demo = commands.add_parser("demo", help="build a tiny model, fine-tune it with LoRA SFT, show before/after")
+    demo.add_argument("--output-dir", default="demo_output")
+    demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
+    demo.set_defaults(handler=_demo)
+
+    env = commands.add_parser("env", help="print versions, device and threads")
+    env.set_defaults(handler=_env)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except TunesmithError as err:
+        print(f"tunesmith: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tunesmith: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

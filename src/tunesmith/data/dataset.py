@@ -1,0 +1,144 @@
+"""Entry points the training stages call: load datasets by name, encode, split, pack.
+
+Pipeline for SFT (split happens on samples, before packing, so eval never shares a row with train):
+
+    examples = encode_sft_examples(load_conversations(names, dataset_dir), template, tokenizer, cutoff_len)
+    train, eval = split_train_eval(examples, val_size=0.1, seed=42)
+    train = pack_examples(train, cutoff_len)
+
+`build_sft_examples` does load + encode (+ pack) in one call when no eval split is wanted.
+Bad records raise a TunesmithError naming file and record index; with `skip_bad_records=True` they
+are dropped and a warning reports how many (and the first reason).
+"""
+
+import random
+import warnings
+
+from tunesmith.data.encode import IGNORE_INDEX, encode_sft
+from tunesmith.data.formats import (
+    BadRecord,
+    alpaca_to_messages,
+    alpaca_to_preference,
+    sharegpt_to_messages,
+    sharegpt_to_preference,
+)
+from tunesmith.data.packing import pack_examples
+from tunesmith.data.readers import read_records
+from tunesmith.data.registry import dataset_files, detect_spec, resolve_dataset
+from tunesmith.data.templates import get_template
+from tunesmith.errors import TunesmithError
+
+# (formatting, ranking) -> record converter
+CONVERTERS = {
+    ("alpaca", False): lambda record, spec: alpaca_to_messages(record, spec.columns),
+    ("sharegpt", False): lambda record, spec: sharegpt_to_messages(record, spec.columns, spec.tags),
+    ("alpaca", True): lambda record, spec: alpaca_to_preference(record, spec.columns),
+    ("sharegpt", True): lambda record, spec: sharegpt_to_preference(record, spec.columns, spec.tags),
+}
+
+
+def _convert_file(path, records: list, spec, skip_bad_records: bool) -> list:
+    convert = CONVERTERS[(spec.formatting, spec.ranking)]
+    converted, bad = [], []
+    for index, record in enumerate(records):
+        try:
+            converted.append(convert(record, spec))
+        except BadRecord as err:
+            if not skip_bad_records:
+                raise TunesmithError(
+                    f"{path}: record {index} (0-based index) of dataset '{spec.name}' ({spec.formatting}): {err}. "
+                    "Fix the record, or set skip_bad_records: true to drop bad records."
+                ) from err
+            bad.append((index, err))
+    if bad:
+        warnings.warn(
+            f"{path}: skipped {len(bad)} bad record(s) of {len(records)}; first: record {bad[0][0]} "
+            f"(0-based index): {bad[0][1]}",
+            stacklevel=3,
+        )
+    return converted
+
+
+def _load(names, dataset_dir, ranking: bool, max_samples, skip_bad_records: bool) -> list:
+    loaded = []
+    for name in [names] if isinstance(names, str) else names:
+        spec = resolve_dataset(name, dataset_dir)
+        items = []
+        for path in dataset_files(spec):
+            records = read_records(path)
+            if not records:
+                continue
+            if spec.formatting == "auto":
+                spec = detect_spec(name, spec.path, records[0])
+            if spec.ranking != ranking:
+                kind = (
+                    "a preference (ranking) dataset" if spec.ranking else "not a preference (ranking) dataset"
+                )
+                use = "a preference stage (dpo, rm)" if spec.ranking else 'sft, or mark it "ranking": true'
+                raise TunesmithError(f"dataset '{name}' ({path}) is {kind}; use it with {use}.")
+            items += _convert_file(path, records, spec, skip_bad_records)
+        if not items:
+            raise TunesmithError(f"dataset '{name}' ({spec.path}) holds no usable record.")
+        loaded += items[:max_samples]  # like LLaMA-Factory, max_samples applies to each dataset
+    return loaded
+
+
+def load_conversations(names, dataset_dir, max_samples=None, skip_bad_records: bool = False) -> list:
+    """Conversations [{"role", "content"}, ...] ending with an assistant turn, from one or more datasets."""
+    return _load(names, dataset_dir, False, max_samples, skip_bad_records)
+
+
+def load_preference_examples(names, dataset_dir, max_samples=None, skip_bad_records: bool = False) -> list:
+    """PreferenceExample(prompt_messages, chosen, rejected) from one or more ranking datasets."""
+    return _load(names, dataset_dir, True, max_samples, skip_bad_records)
+
+
+def encode_sft_examples(
+    conversations, template, tokenizer, cutoff_len, train_on_prompt=False, mask_history=False
+):
+    """encode_sft on every conversation, dropping those left without any trained token."""
+    examples = [
+        encode_sft(messages, template, tokenizer, cutoff_len, train_on_prompt, mask_history)
+        for messages in conversations
+    ]
+    kept = [example for example in examples if any(label != IGNORE_INDEX for label in example["labels"])]
+    if len(kept) < len(examples):
+        warnings.warn(
+            f"dropped {len(examples) - len(kept)} sample(s) with no response token left after cutoff_len={cutoff_len}",
+            stacklevel=2,
+        )
+    return kept
+
+
+def build_sft_examples(
+    dataset,
+    dataset_dir,
+    tokenizer,
+    template,
+    cutoff_len: int,
+    train_on_prompt: bool,
+    mask_history: bool,
+    max_samples,
+    packing: bool,
+    skip_bad_records: bool = False,
+) -> list:
+    """Load, encode and (if `packing`) pack the named datasets; returns rows for `collate`."""
+    chat_template = get_template(template, tokenizer)
+    conversations = load_conversations(dataset, dataset_dir, max_samples, skip_bad_records)
+    examples = encode_sft_examples(
+        conversations, chat_template, tokenizer, cutoff_len, train_on_prompt, mask_history
+    )
+    return pack_examples(examples, cutoff_len) if packing else examples
+
+
+def split_train_eval(examples: list, val_size, seed: int) -> tuple:
+    """(train, eval) after a seeded shuffle; val_size < 1 is a fraction, >= 1 a number of samples."""
+    eval_count = int(round(len(examples) * val_size)) if val_size < 1 else int(val_size)
+    if val_size <= 0 or not 0 < eval_count < len(examples):
+        raise TunesmithError(
+            f"val_size={val_size} leaves {eval_count} eval sample(s) of {len(examples)}; choose a fraction in "
+            "(0, 1) or a count between 1 and the number of samples minus one."
+        )
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    return [examples[i] for i in order[eval_count:]], [examples[i] for i in order[:eval_count]]

@@ -1,0 +1,154 @@
+"""Resolve a dataset name to a local file and its format, the way LLaMA-Factory's `dataset_info.json` does.
+
+An entry looks like `{"file_name": "x.json", "formatting": "alpaca"|"sharegpt", "ranking": bool,
+"columns": {...}, "tags": {...}}`; missing fields take LLaMA-Factory's defaults below. A name may
+also be a path to a local json/jsonl/csv/parquet file; its format is then detected from the records
+(see `detect_spec`). Hub entries (hf_hub_url, ms_hub_url, ...) cannot be used offline.
+
+Usage: `spec = resolve_dataset("alpaca_en_demo", "data")`, then `read_records(spec.path)`.
+"""
+
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunesmith.data.readers import READERS
+from tunesmith.errors import TunesmithError
+
+ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output"}
+SHAREGPT_COLUMNS = {"messages": "conversations"}
+SHAREGPT_TAGS = {
+    "role_tag": "from",
+    "content_tag": "value",
+    "user_tag": "human",
+    "assistant_tag": "gpt",
+    "observation_tag": "observation",
+    "function_tag": "function_call",
+    "system_tag": "system",
+}
+OPENAI_TAGS = {
+    **SHAREGPT_TAGS,
+    "role_tag": "role",
+    "content_tag": "content",
+    "user_tag": "user",
+    "assistant_tag": "assistant",
+    "observation_tag": "tool",
+}
+HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset: where its file is and how to read its records."""
+
+    name: str
+    """Registry name, or the path as given."""
+    path: Path
+    """Local file, or a folder whose supported files are read in name order."""
+    formatting: str = "alpaca"
+    """"alpaca" (instruction/input/output columns) or "sharegpt" (a list of messages)."""
+    ranking: bool = False
+    """True for preference data: chosen/rejected responses instead of one response."""
+    columns: dict = field(default_factory=dict)
+    """Logical column -> column name in the file (prompt, query, response, history, system, messages, chosen, rejected, tools)."""
+    tags: dict = field(default_factory=dict)
+    """sharegpt message keys and role names (role_tag, content_tag, user_tag, assistant_tag, ...)."""
+
+
+def make_spec(name: str, path: Path, entry: dict) -> DatasetSpec:
+    """Fill LLaMA-Factory's defaults into one dataset_info.json entry."""
+    formatting = entry.get("formatting", "alpaca")
+    if formatting not in ("alpaca", "sharegpt"):
+        raise TunesmithError(
+            f"dataset '{name}': formatting '{formatting}' is not supported; use \"alpaca\" or \"sharegpt\"."
+        )
+    defaults = ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS
+    tags = {**SHAREGPT_TAGS, **entry.get("tags", {})} if formatting == "sharegpt" else {}
+    return DatasetSpec(
+        name=name,
+        path=path,
+        formatting=formatting,
+        ranking=bool(entry.get("ranking", False)),
+        columns={**defaults, **entry.get("columns", {})},
+        tags=tags,
+    )
+
+
+def detect_spec(name: str, path: Path, first_record: dict) -> DatasetSpec:
+    """Guess the format of a plain file from its first record (sharegpt if it holds a message list)."""
+    ranking = "chosen" in first_record and "rejected" in first_record
+    # optional columns are mapped only when present, so records without them still parse
+    columns = {key: key for key in ("system", "history", "chosen", "rejected") if key in first_record}
+    for column in ("conversations", "messages"):
+        messages = first_record.get(column)
+        if isinstance(messages, list):
+            is_openai = bool(messages) and isinstance(messages[0], dict) and "role" in messages[0]
+            columns.pop("history", None)
+            entry = {"formatting": "sharegpt", "ranking": ranking, "columns": {**columns, "messages": column}}
+            return make_spec(name, path, {**entry, "tags": OPENAI_TAGS if is_openai else {}})
+    return make_spec(name, path, {"ranking": ranking, "columns": columns})
+
+
+def load_dataset_info(dataset_dir: str | Path) -> dict:
+    """Parse `<dataset_dir>/dataset_info.json`; an absent file is an empty registry."""
+    info_path = Path(dataset_dir) / "dataset_info.json"
+    if not info_path.is_file():
+        return {}
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise TunesmithError(
+            f"{info_path}: invalid JSON at line {err.lineno}, column {err.colno} ({err.msg}); fix the file."
+        ) from err
+    if not isinstance(info, dict) or not all(isinstance(v, dict) for v in info.values()):
+        raise TunesmithError(f"{info_path}: must be an object mapping dataset names to objects.")
+    return info
+
+
+def _hub_error(name: str, entry: dict, info_path: Path) -> TunesmithError:
+    url = next(entry[key] for key in HUB_KEYS if key in entry)
+    return TunesmithError(
+        f"dataset '{name}' in {info_path} points to the hub ('{url}'), which tunesmith cannot reach: "
+        "it only reads local files. Download the data once (e.g. `huggingface-cli download --repo-type dataset "
+        f'{url}`), save it as json/jsonl/csv/parquet in the dataset_dir and set "file_name" in that entry.'
+    )
+
+
+def _unknown_error(name: str, info: dict, info_path: Path) -> TunesmithError:
+    close = difflib.get_close_matches(name, list(info), n=5, cutoff=0.5)
+    hint = f"Closest names: {', '.join(close)}. " if close else ""
+    missing = "" if info_path.is_file() else " (no such file)"
+    return TunesmithError(
+        f"dataset '{name}' is neither an entry of {info_path}{missing} nor an existing "
+        f'{"/".join(READERS)} file. {hint}Add an entry with "file_name" to dataset_info.json or give a file path.'
+    )
+
+
+def resolve_dataset(name: str, dataset_dir: str | Path) -> DatasetSpec:
+    """Spec of a registered name, or of a plain file path (formatting "auto": pass its first record to `detect_spec`)."""
+    info = load_dataset_info(dataset_dir)
+    info_path = Path(dataset_dir) / "dataset_info.json"
+    if name in info:
+        entry = info[name]
+        if "file_name" not in entry:
+            if any(key in entry for key in HUB_KEYS):
+                raise _hub_error(name, entry, info_path)
+            raise TunesmithError(f"dataset '{name}' in {info_path} has no \"file_name\"; add one.")
+        return make_spec(name, Path(dataset_dir) / entry["file_name"], entry)
+    for candidate in (Path(name), Path(dataset_dir) / name):
+        if candidate.exists() and (candidate.is_dir() or candidate.suffix.lower() in READERS):
+            return DatasetSpec(name=name, path=candidate, formatting="auto")
+    raise _unknown_error(name, info, info_path)
+
+
+def dataset_files(spec: DatasetSpec) -> list[Path]:
+    """The files to read: the spec's file, or a folder's supported files in name order."""
+    if spec.path.is_dir():
+        files = sorted(p for p in spec.path.iterdir() if p.suffix.lower() in READERS)
+        if not files:
+            raise TunesmithError(
+                f"dataset '{spec.name}': folder {spec.path} holds no {'/'.join(READERS)} file."
+            )
+        return files
+    return [spec.path]

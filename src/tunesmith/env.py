@@ -1,0 +1,49 @@
+"""`tunesmith env`: what a bug report needs — versions, device, dtype support, threads."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+import tunesmith
+
+
+def environment_report() -> str:
+    import safetensors
+    import tokenizers
+    import transformers
+
+    lines = {
+        "tunesmith": tunesmith.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "safetensors": safetensors.__version__,
+        "peft": _version_of("peft"),
+        "device": _device(),
+        "bf16 supported": str(torch.cuda.is_bf16_supported()) if torch.cuda.is_available() else "True (CPU, emulated without AVX512-BF16/AMX)",
+        "torch threads": str(torch.get_num_threads()),
+        "cpu count": str(os.cpu_count()),
+        "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)"),
+    }
+    return "\n".join(f"- {key}: {value}" for key, value in lines.items())
+
+
+def _device() -> str:
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        return f"cuda ({torch.cuda.device_count()}: {', '.join(names)}; CUDA {torch.version.cuda})"
+    return "cpu"
+
+
+def _version_of(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"

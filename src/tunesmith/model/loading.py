@@ -1,0 +1,151 @@
+"""Load a causal LM and its tokenizer from a local folder or a hub id, on the right device and dtype.
+
+Weights load only from safetensors (`use_safetensors=True`): a folder with only pickle weights
+(`pytorch_model.bin`) is refused, because unpickling runs arbitrary code. `trust_remote_code` is
+passed through and stays off unless the user sets it. Errors name the path and the fix.
+
+The tokenizer always gets a pad token. Preferred is a special token other than eos (Qwen2-Instruct
+pads with `<|endoftext|>` and ends turns with `<|im_end|>`), then unk, and eos only as a last
+resort (LLaMA-Factory's default). Even then it is safe: the collator builds labels and attention
+masks from the rendered masks, never by comparing ids with the pad id.
+
+Usage:
+    device, dtype = resolve_device_and_dtype(bf16=True, fp16=False)
+    model = load_model("runs/tiny", dtype, device)
+    tokenizer = load_tokenizer("runs/tiny")
+"""
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from tunesmith.errors import TunesmithError
+
+# Pad-like special tokens of common tokenizers, tried in order before falling back to unk, then eos.
+PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
+
+
+def resolve_device_and_dtype(bf16: bool, fp16: bool) -> tuple[torch.device, torch.dtype]:
+    """CUDA when visible (torch honours CUDA_VISIBLE_DEVICES), else CPU; bf16/fp16 if asked, else fp32."""
+    if bf16 and fp16:
+        raise TunesmithError("Both bf16 and fp16 are true. Set at most one of them (bf16 where the GPU supports it).")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if fp16:
+        if device.type != "cuda":
+            raise TunesmithError(
+                "fp16: true needs a CUDA GPU, and none is visible (check CUDA_VISIBLE_DEVICES). "
+                "On CPU set bf16: true (PyTorch runs bf16 on CPU) or leave both false for fp32."
+            )
+        return device, torch.float16
+    if bf16:
+        # CPU bf16 is supported by PyTorch (slower on CPUs without AVX512-BF16, but correct).
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise TunesmithError(
+                f"bf16: true, but {torch.cuda.get_device_name(device)} does not support bfloat16. "
+                "Set fp16: true instead, or leave both false for fp32."
+            )
+        return device, torch.bfloat16
+    return device, torch.float32
+
+
+def load_model(model_name_or_path: str, dtype: torch.dtype, device: torch.device,
+               trust_remote_code: bool = False, attn_implementation: str | None = None) -> PreTrainedModel:
+    """`AutoModelForCausalLM` from safetensors weights, in `dtype` on `device` (sdpa attention by default)."""
+    path = str(model_name_or_path)
+    is_local = _check_local_folder(path, "model")
+    if is_local:
+        _check_safetensors(Path(path).expanduser())
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(Path(path).expanduser()) if is_local else path,
+            dtype=dtype,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation or "sdpa",
+        )
+    except OSError as err:
+        raise _load_error(path, "model", is_local, err) from err
+    return model.to(device)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """`AutoTokenizer` from `path`, with a pad token guaranteed; padding side left as saved."""
+    path = str(path)
+    is_local = _check_local_folder(path, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(Path(path).expanduser()) if is_local else path, trust_remote_code=trust_remote_code
+        )
+    except OSError as err:
+        raise _load_error(path, "tokenizer", is_local, err) from err
+    _ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    if tokenizer.pad_token is not None:
+        return
+    vocab = tokenizer.get_vocab()
+    for token in PAD_CANDIDATES:
+        if token in vocab and token != tokenizer.eos_token:
+            tokenizer.pad_token = token
+            return
+    fallback = tokenizer.unk_token or tokenizer.eos_token
+    if fallback is None:
+        raise TunesmithError(
+            f"The tokenizer of {tokenizer.name_or_path!r} has no pad, unk or eos token to pad with. "
+            "Set pad_token in its tokenizer_config.json to a token of its vocabulary."
+        )
+    tokenizer.pad_token = fallback
+
+
+def _looks_local(path: str) -> bool:
+    """True for what cannot be a hub id (absolute, ./, ~) or a path whose parent folder exists here."""
+    candidate = Path(path).expanduser()
+    return candidate.is_absolute() or path.startswith((".", "~")) or (
+        len(candidate.parts) > 1 and candidate.parent.is_dir()
+    )
+
+
+def _check_local_folder(path: str, what: str) -> bool:
+    """Whether `path` is a local folder; raises for local-looking paths that are not one."""
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        return True
+    if folder.exists():
+        raise TunesmithError(f"The {what} path {path!r} is a file; point it to the folder that holds it.")
+    if _looks_local(path):
+        raise TunesmithError(
+            f"The {what} folder {path!r} was not found. Check model_name_or_path (relative paths start "
+            "from the current directory), or build a random-init model folder with init_model."
+        )
+    return False
+
+
+def _check_safetensors(folder: Path) -> None:
+    if not (folder / "config.json").exists():
+        raise TunesmithError(
+            f"The model folder {str(folder)!r} has no config.json. Point model_name_or_path to a folder "
+            "saved with save_pretrained (config.json + model.safetensors)."
+        )
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.glob("*.bin"))
+    if pickles:
+        raise TunesmithError(
+            f"The model folder {str(folder)!r} has only pickle weights ({', '.join(pickles)}) and no "
+            "*.safetensors. tunesmith never unpickles weights, since unpickling can run arbitrary code. "
+            "Convert them once in a trusted environment (load, then save_pretrained(..., safe_serialization=True))."
+        )
+    raise TunesmithError(f"The model folder {str(folder)!r} has no *.safetensors weights file.")
+
+
+def _load_error(path: str, what: str, is_local: bool, err: OSError) -> TunesmithError:
+    if is_local:
+        return TunesmithError(f"Could not read the {what} folder {path!r}: {err}")
+    return TunesmithError(
+        f"{path!r} is not a local {what} folder, and the Hugging Face hub is unreachable or has no such "
+        f"repo ({err.__class__.__name__}). Download the {what} into a folder and point to that folder, "
+        "or check the spelling of the path."
+    )

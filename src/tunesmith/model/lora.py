@@ -1,0 +1,208 @@
+"""LoRA: a trainable low-rank update beside a frozen linear layer (Hu et al. 2021; the book's Algorithm 2.1).
+
+    h = W x + (alpha / r) * B A dropout(x)        A: [r, in], B: [out, r], B = 0 at init
+    rsLoRA (Kalajdzievski 2023) uses alpha / sqrt(r) instead, so the update's scale does not shrink with rank.
+
+`inject_lora` swaps matching `nn.Linear` modules of any model for `LoRALinear` and freezes everything else.
+The adapter can be switched off (`disable_lora`), so during DPO/PPO the policy doubles as its own frozen
+reference model at no memory cost, and merged into the base weight (`merge_lora`, `merge_and_unload`)
+for export or for stacking several adapters. Module and tensor names follow PEFT
+(`q_proj.base_layer.weight`, `q_proj.lora_A.weight`), so adapters round-trip with PEFT (see adapters.py).
+
+Usage:
+    names = inject_lora(model, ["q_proj", "v_proj"], rank=8, alpha=16)
+    optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
+    with disable_lora(model):
+        ref_logits = model(input_ids).logits
+"""
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from tunesmith.errors import TunesmithError
+
+# Heads that map hidden states to vocabulary / class / value scores: "all" never adapts them (PEFT does
+# the same for "all-linear"), since a low-rank update of the output head is rarely what anyone wants.
+OUTPUT_HEAD_NAMES = ("lm_head", "score", "v_head")
+
+
+class LoRALinear(nn.Module):
+    """A frozen `nn.Linear` (`base_layer`) plus the low-rank path `scaling * lora_B(lora_A(dropout(x)))`."""
+
+    def __init__(
+        self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False
+    ):
+        super().__init__()
+        if rank < 1:
+            raise TunesmithError(
+                f"LoRA rank must be a positive integer, got {rank}; set lora_rank to e.g. 8."
+            )
+        self.base_layer = base
+        self.rank = rank
+        self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        # LoRA weights stay fp32 whatever the base dtype: their updates are small and bf16 would round them away.
+        factory = {"device": base.weight.device, "dtype": torch.float32}
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, **factory)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, **factory)
+        # Identity when p == 0 so the hot path pays for no random mask.
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disabled = False
+        self.merged = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """A ~ Kaiming-uniform(a=sqrt(5)) as PEFT's default, B = 0, so the wrapped layer starts as the base."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)  # [..., out]
+        if self.disabled or self.merged:
+            return result
+        lora_x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        update = self.lora_B(self.lora_A(lora_x)) * self.scaling  # [..., out]
+        return result + update.to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A in fp32, shaped like the base weight [out, in]."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W <- W + scaling * B A; forward then runs the base layer alone."""
+        if self.merged:
+            return
+        weight = self.base_layer.weight
+        weight.copy_(weight.float() + self.delta_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W <- W - scaling * B A, the inverse of `merge` (exact in fp32, up to rounding in bf16)."""
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        weight.copy_(weight.float() - self.delta_weight())
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scaling={self.scaling:g}"
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """Yield (module path, LoRALinear) for every adapted layer, in `named_modules` order."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The LoRA A and B weights of every adapted layer (what the optimizer should see)."""
+    return [p for _, module in lora_modules(model) for p in (module.lora_A.weight, module.lora_B.weight)]
+
+
+def _is_target(name: str, targets: list[str]) -> bool:
+    # PEFT's rule for a list: the full path, or a suffix of it on a "." boundary ("q_proj" matches
+    # "model.layers.0.self_attn.q_proj"); full paths let PEFT's expanded "all-linear" lists load too.
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _output_heads(model: nn.Module) -> set[int]:
+    """ids of the modules "all" must skip: the output embeddings and anything named like a head."""
+    heads = {id(m) for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in OUTPUT_HEAD_NAMES}
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    output_embeddings = get_output_embeddings() if get_output_embeddings is not None else None
+    if output_embeddings is not None:
+        heads.add(id(output_embeddings))
+    return heads
+
+
+def find_lora_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]:
+    """Paths of the nn.Linear modules `target_modules` selects ("all": every one but the output head)."""
+    existing = [name for name, _ in lora_modules(model)]
+    if existing:
+        raise TunesmithError(
+            f"The model already has LoRA layers (e.g. {existing[0]}); merge them with merge_and_unload "
+            f"before adding another adapter."
+        )
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if target_modules == "all":
+        heads = _output_heads(model)
+        found = [name for name, m in linears if id(m) not in heads]
+    else:
+        targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+        found = [name for name, _ in linears if _is_target(name, targets)]
+    if not found:
+        short_names = sorted({name.rsplit(".", 1)[-1] for name, _ in linears})
+        raise TunesmithError(
+            f"lora_target {target_modules!r} matches no nn.Linear module of {type(model).__name__}. "
+            f"Its Linear modules are named: {', '.join(short_names) or '(none)'}. "
+            f"Set lora_target to some of these names, or to 'all'."
+        )
+    return found
+
+
+def inject_lora(
+    model: nn.Module,
+    target_modules: str | list[str],
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+) -> list[str]:
+    """Replace the targeted nn.Linear modules by LoRALinear in place; freeze all but the LoRA weights.
+
+    Returns the paths of the replaced modules. One adapter at a time: call `merge_and_unload` before
+    injecting another, which is how `apply_adapters` stacks them.
+    """
+    names = find_lora_targets(model, target_modules)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, child_name)
+        setattr(parent, child_name, LoRALinear(base, rank, alpha, dropout, use_rslora))
+    return names
+
+
+@contextmanager
+def disable_lora(model: nn.Module) -> Iterator[None]:
+    """Run the model as its base inside the block: the policy serves as the reference model for free."""
+    modules = [m for _, m in lora_modules(model)]
+    if any(m.merged for m in modules):
+        raise TunesmithError(
+            "Cannot disable LoRA while it is merged into the base weights; call unmerge_lora(model) first."
+        )
+    for m in modules:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.disabled = False
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every adapter into its base weight (faster inference); `unmerge_lora` undoes it."""
+    for _, m in lora_modules(model):
+        m.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Take every merged adapter back out of its base weight."""
+    for _, m in lora_modules(model):
+        m.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter and put the plain nn.Linear back: a regular model for export or the next adapter."""
+    for name, m in list(lora_modules(model)):
+        m.merge()
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, m.base_layer)
+    return model

@@ -1,0 +1,100 @@
+"""packing.py: rows respect cutoff_len, keep every token, restart positions; packed logits equal unpacked."""
+
+import random
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from tunesmith.data import IGNORE_INDEX, collate, pack_examples
+from tunesmith.errors import TunesmithError
+
+
+def make_examples(lengths, seed=0):
+    rng = random.Random(seed)
+    examples = []
+    for n in lengths:
+        tokens = [rng.randrange(1, 90) for _ in range(n)]
+        prompt = n // 2
+        examples.append({"input_ids": tokens, "labels": [IGNORE_INDEX] * prompt + tokens[prompt:]})
+    return examples
+
+
+def split_row(row):
+    """Cut a packed row back into samples at every position reset."""
+    starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["position_ids"])]
+    return [row["input_ids"][a:b] for a, b in zip(starts, starts[1:])]
+
+
+def test_rows_fit_keep_all_tokens_and_restart_positions():
+    lengths = [random.Random(1).randrange(1, 30) for _ in range(60)]
+    examples = make_examples(lengths)
+    rows = pack_examples(examples, cutoff_len=32)
+    assert all(len(row["input_ids"]) <= 32 for row in rows)
+    assert sorted(sample for row in rows for sample in split_row(row)) == sorted(
+        e["input_ids"] for e in examples
+    )
+    assert len(rows) < len(examples) and len(rows) >= -(-sum(lengths) // 32)
+    for row in rows:
+        assert all(p == 0 or p == q + 1 for q, p in zip(row["position_ids"], row["position_ids"][1:]))
+
+
+def test_first_label_of_each_packed_sample_is_ignored():
+    examples = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}]
+    (row,) = pack_examples(examples, cutoff_len=8)
+    assert row == {
+        "input_ids": [1, 2, 3, 4, 5],
+        "labels": [IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5],
+        "position_ids": [0, 1, 2, 0, 1],
+    }
+
+
+def test_sample_longer_than_cutoff_is_an_error():
+    with pytest.raises(TunesmithError, match="sample 1 of length 9"):
+        pack_examples(make_examples([3, 9]), cutoff_len=8)
+
+
+def test_collate_unpacked_pads_to_batch_longest():
+    batch = collate(make_examples([3, 5]), pad_token_id=0)
+    assert set(batch) == {"input_ids", "labels", "attention_mask"}
+    assert batch["input_ids"].shape == (2, 5)
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert batch["input_ids"][0, 3:].tolist() == [0, 0] and batch["labels"][0, 3:].tolist() == [-100, -100]
+
+
+def test_collate_packed_has_no_attention_mask_and_pad_run():
+    rows = [{"input_ids": [7, 8, 9, 4], "labels": [-100, 8, 9, -100], "position_ids": [0, 1, 2, 0]}]
+    rows.append({"input_ids": [5, 6], "labels": [-100, 6], "position_ids": [0, 1]})
+    batch = collate(rows, pad_token_id=0)
+    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0], [0, 1, 0, 1]]
+    assert batch["labels"][1].tolist() == [-100, 6, -100, -100]
+
+
+def test_packed_row_logits_equal_each_sample_alone():
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+    examples = make_examples([9, 5, 12, 3, 7], seed=3)
+    rows = pack_examples(examples, cutoff_len=20)
+    assert any(len(split_row(row)) > 1 for row in rows)
+    batch = collate(rows, pad_token_id=0)
+    with torch.no_grad():
+        # use_cache=False: with a cache transformers skips packed-sequence detection
+        packed = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits
+        for r, row in enumerate(rows):
+            start = 0
+            for sample in split_row(row):
+                alone = model(input_ids=torch.tensor([sample]), use_cache=False).logits[0]
+                torch.testing.assert_close(packed[r, start : start + len(sample)], alone, atol=1e-5, rtol=0)
+                start += len(sample)

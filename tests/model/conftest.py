@@ -1,0 +1,30 @@
+"""Tiny random-init causal LMs (2 layers, hidden 32) built in-process: no hub, no files, seconds to run."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+TINY_SIZES = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+)
+ARCHITECTURES = {
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "llama": (LlamaConfig, LlamaForCausalLM),
+}
+
+
+@pytest.fixture
+def make_tiny_model():
+    """Factory: make_tiny_model("qwen2" | "llama", seed) -> the same eval-mode fp32 model for the same seed."""
+
+    def make(arch: str = "qwen2", seed: int = 0):
+        config_cls, model_cls = ARCHITECTURES[arch]
+        torch.manual_seed(seed)
+        return model_cls(config_cls(**TINY_SIZES)).eval()
+
+    return make

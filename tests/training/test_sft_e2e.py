@@ -1,0 +1,140 @@
+"""End-to-end SFT on a tiny random model: it learns, resumes bit for bit, saves atomically, reports errors."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tunesmith.cli import main
+from tunesmith.config import build_config
+from tunesmith.data.templates import get_template
+from tunesmith.model.adapters import load_adapter
+from tunesmith.model.loading import load_model, load_tokenizer
+from tunesmith.training import checkpoint
+from tunesmith.training.run import run_training
+
+
+def train(settings: dict) -> dict:
+    return run_training(build_config(settings), say=lambda *_: None)
+
+
+def log_lines(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "trainer_log.jsonl").read_text().splitlines()]
+
+
+@torch.no_grad()
+def greedy(model, tokenizer, instruction: str) -> str:
+    template = get_template(None, tokenizer)
+    ids = torch.tensor([template.encode_prompt(tokenizer, [{"role": "user", "content": instruction}])])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                         eos_token_id=template.stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("finetuning_type,lr,steps", [("lora", 1e-2, 100), ("full", 3e-3, 80)])
+def test_sft_overfits_and_reproduces_targets(base_settings, tiny_records, finetuning_type, lr, steps):
+    settings = {**base_settings, "finetuning_type": finetuning_type, "learning_rate": lr, "max_steps": steps,
+                "per_device_train_batch_size": 4, "lora_rank": 16, "lr_scheduler_type": "constant",
+                "logging_steps": 10}
+    metrics = train(settings)
+    assert metrics["loss"] < 0.05
+    out = Path(settings["output_dir"])
+    tokenizer = load_tokenizer(str(out))
+    if finetuning_type == "lora":
+        assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+        model = load_model(settings["model_name_or_path"], torch.float32, torch.device("cpu"))
+        load_adapter(model, out, trainable=False)
+    else:
+        assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+        model = load_model(str(out), torch.float32, torch.device("cpu"))
+    for record in tiny_records[:3]:
+        assert greedy(model, tokenizer, record["instruction"]) == record["output"]
+
+
+def test_resume_equals_uninterrupted_run(base_settings, tmp_path):
+    """Resuming from the step-3 checkpoint of a 6-step run reproduces the run's end bit for bit."""
+    full = {**base_settings, "output_dir": str(tmp_path / "full"), "save_steps": 3, "lora_dropout": 0.1}
+    train(full)
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full", resumed_dir)  # what a run killed after its step-3 save leaves...
+    for name in ("adapter_model.safetensors", "adapter_config.json", "all_results.json"):
+        (resumed_dir / name).unlink()  # ...has no final outputs
+    train({**full, "output_dir": str(resumed_dir), "resume_from_checkpoint": "true"})
+    expected = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
+    got = load_file(str(resumed_dir / "adapter_model.safetensors"))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    assert [r["loss"] for r in log_lines(tmp_path / "full")] == [r["loss"] for r in log_lines(resumed_dir)]
+    assert len(log_lines(resumed_dir)) == 6
+
+
+def test_interrupted_save_leaves_no_complete_looking_checkpoint(tmp_path):
+    def write_then_die(folder):
+        (folder / "trainer_state.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(tmp_path, 5, write_then_die, keep=None)
+    assert not (tmp_path / "checkpoint-5").exists()
+    assert checkpoint.list_checkpoints(tmp_path) == []
+    checkpoint.save_checkpoint(tmp_path, 6, lambda folder: (folder / "x").write_text("1"), keep=None)
+    assert checkpoint.list_checkpoints(tmp_path) == [tmp_path / "checkpoint-6"]
+    assert not list(tmp_path.glob(".checkpoint-*"))  # the leftover was cleaned up
+
+
+def test_save_total_limit_keeps_newest(base_settings):
+    train({**base_settings, "save_steps": 1, "save_total_limit": 2})
+    names = [p.name for p in checkpoint.list_checkpoints(Path(base_settings["output_dir"]))]
+    assert names == ["checkpoint-4", "checkpoint-5"]
+
+
+def test_cli_train_writes_outputs_and_plot(base_settings, tmp_path, capsys):
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump({**base_settings, "plot_loss": True, "preprocessing_num_workers": 4}))
+    assert main(["train", str(config), "max_steps=3", "val_size=1"]) == 0
+    out = Path(base_settings["output_dir"])
+    for name in ("adapter_config.json", "adapter_model.safetensors", "train_config.yaml", "trainer_log.jsonl",
+                 "training_loss.png", "tokenizer_config.json", "all_results.json"):
+        assert (out / name).is_file(), name
+    assert yaml.safe_load((out / "train_config.yaml").read_text())["max_steps"] == 3
+    records = log_lines(out)
+    assert [r["current_steps"] for r in records if "loss" in r] == [1, 2, 3]
+    assert any("eval_loss" in r for r in records)
+    assert "preprocessing_num_workers" in capsys.readouterr().err
+
+
+def test_cli_reports_user_errors_without_traceback(base_settings, tmp_path, capsys):
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump({**base_settings, "lora_rnak": 4}))
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "lora_rnak" in err and "Did you mean `lora_rank`" in err and "Traceback" not in err
+    Path(base_settings["output_dir"]).mkdir()
+    (Path(base_settings["output_dir"]) / "junk").write_text("x")
+    config.write_text(yaml.safe_dump(base_settings))
+    assert main(["train", str(config)]) == 2
+    assert "overwrite_output_dir" in capsys.readouterr().err
+
+
+def test_freeze_trains_only_last_layers(base_settings):
+    settings = {**base_settings, "finetuning_type": "freeze", "freeze_trainable_layers": 1, "max_steps": 2}
+    base = load_file(str(Path(base_settings["model_name_or_path"]) / "model.safetensors"))
+    train(settings)
+    tuned = load_file(str(Path(settings["output_dir"]) / "model.safetensors"))
+    changed = {k for k in base if not torch.equal(base[k], tuned[k].to(base[k].dtype))}
+    assert changed and all(k.startswith("model.layers.1.") for k in changed)
+
+
+def test_stacked_adapters_resume_the_last(base_settings, tmp_path):
+    first = {**base_settings, "output_dir": str(tmp_path / "a1"), "max_steps": 2}
+    train(first)
+    second = {**base_settings, "output_dir": str(tmp_path / "a2"), "max_steps": 2, "adapter_name_or_path": first["output_dir"]}
+    train(second)
+    a1 = load_file(str(tmp_path / "a1" / "adapter_model.safetensors"))
+    a2 = load_file(str(tmp_path / "a2" / "adapter_model.safetensors"))
+    assert a1.keys() == a2.keys() and any(not torch.equal(a1[k], a2[k]) for k in a1)
