@@ -27,8 +27,8 @@ from tunesmith.training.run import run_training
 
 DEMO_CONFIG = {
     "stage": "sft", "finetuning_type": "lora", "lora_rank": 16, "lora_alpha": 32, "lora_target": "all",
-    "dataset": "demo_addition", "template": "qwen", "cutoff_len": 64, "packing": True,
-    "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 3e-3,
+    "dataset": "demo_addition", "cutoff_len": 256, "packing": True,
+    "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 3e-3,
     "max_steps": 300, "lr_scheduler_type": "cosine", "warmup_ratio": 0.05, "logging_steps": 25,
     "save_steps": 0, "plot_loss": True, "overwrite_output_dir": True, "seed": 0,
 }
@@ -55,7 +55,7 @@ def write_dataset(data_dir: Path, records: list[dict]) -> None:
 @torch.no_grad()
 def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 16) -> list[str]:
     """Greedy completions of single-turn chats, rendered with the demo's chat template."""
-    template = get_template("qwen", tokenizer)
+    template = get_template(None, tokenizer)  # the tokenizer's own ChatML template, as in training
     stop = template.stop_token_ids(tokenizer)
     model.eval()
     answers = []

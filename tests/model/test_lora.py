@@ -125,6 +125,15 @@ def test_injected_model_starts_equal_to_the_base(make_tiny_model):
     torch.testing.assert_close(model(input_ids).logits, expected, atol=0, rtol=0)
 
 
+def test_injecting_into_an_eval_model_adds_no_dropout(make_tiny_model):
+    model = make_tiny_model()  # eval mode
+    inject_lora(model, "all", rank=4, alpha=8, dropout=0.5)
+    assert not any(m.training for m in model.modules())
+    randomise_lora_B(model)
+    input_ids = torch.randint(0, 128, (2, 7))
+    torch.testing.assert_close(model(input_ids).logits, model(input_ids).logits, atol=0, rtol=0)
+
+
 def test_all_excludes_the_output_head(make_tiny_model):
     model = make_tiny_model()
     names = inject_lora(model, "all", rank=2, alpha=4)

@@ -148,7 +148,12 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
                 f"(plain LoRA/rsLoRA on Linear layers only). Merge the adapter into the base model "
                 f"with PEFT's merge_and_unload and fine-tune that instead."
             )
-    targets = config.get("target_modules")
+    missing = [key for key in ("r", "lora_alpha", "target_modules") if key not in config]
+    if missing:
+        raise TunesmithError(
+            f"{path} lacks {', '.join(missing)}; re-save the adapter with PEFT or tunesmith."
+        )
+    targets = config["target_modules"]
     if targets == "all-linear":
         config["target_modules"] = "all"
     elif isinstance(targets, str) or not targets:

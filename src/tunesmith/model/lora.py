@@ -166,7 +166,10 @@ def inject_lora(
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child_name)
-        setattr(parent, child_name, LoRALinear(base, rank, alpha, dropout, use_rslora))
+        lora = LoRALinear(base, rank, alpha, dropout, use_rslora)
+        # New modules start in train mode; follow the base so an eval-mode model gets no LoRA dropout.
+        lora.train(base.training)
+        setattr(parent, child_name, lora)
     return names
 
 
