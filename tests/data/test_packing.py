@@ -56,7 +56,8 @@ def test_sample_longer_than_cutoff_is_an_error():
 
 def test_collate_unpacked_pads_to_batch_longest():
     batch = collate(make_examples([3, 5]), pad_token_id=0)
-    assert set(batch) == {"input_ids", "labels", "attention_mask"}
+    assert set(batch) == {"input_ids", "labels", "attention_mask", "num_tokens"}
+    assert batch["num_tokens"] == 8
     assert batch["input_ids"].shape == (2, 5)
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert batch["input_ids"][0, 3:].tolist() == [0, 0] and batch["labels"][0, 3:].tolist() == [-100, -100]
@@ -66,7 +67,8 @@ def test_collate_packed_has_no_attention_mask_and_pad_run():
     rows = [{"input_ids": [7, 8, 9, 4], "labels": [-100, 8, 9, -100], "position_ids": [0, 1, 2, 0]}]
     rows.append({"input_ids": [5, 6], "labels": [-100, 6], "position_ids": [0, 1]})
     batch = collate(rows, pad_token_id=0)
-    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert set(batch) == {"input_ids", "labels", "position_ids", "num_tokens"}
+    assert batch["num_tokens"] == 6  # the pad tail is not counted
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0], [0, 1, 0, 1]]
     assert batch["labels"][1].tolist() == [-100, 6, -100, -100]
 

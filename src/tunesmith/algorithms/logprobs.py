@@ -45,12 +45,18 @@ def _accumulate_grads(ctx, grad_logits, hidden_chunk, weight, grad_hidden_chunk,
 
 
 def _softmax_minus_onehot(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p[label], softmax - onehot(label)) for one chunk; the second is d(-log p)/d logits."""
-    logsumexp = torch.logsumexp(logits, dim=-1)
-    token_logps = logits.gather(1, labels[:, None]).squeeze(1) - logsumexp
-    grad = torch.exp(logits - logsumexp[:, None])
-    grad[torch.arange(len(labels)), labels] -= 1.0
-    return token_logps, grad
+    """(log p[label], softmax - onehot(label)) for one chunk; the second is d(-log p)/d logits.
+
+    Works in place on `logits` with a single exp pass: the chunk is the largest tensor in the step.
+    """
+    label_logits = logits.gather(1, labels[:, None]).squeeze(1)
+    row_max = logits.amax(dim=-1, keepdim=True)
+    probs = logits.sub_(row_max).exp_()  # unnormalised softmax
+    total = probs.sum(dim=-1, keepdim=True)
+    token_logps = label_logits - row_max.squeeze(1) - total.log().squeeze(1)
+    probs.div_(total)
+    probs[torch.arange(len(labels), device=labels.device), labels] -= 1.0
+    return token_logps, probs
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
@@ -77,7 +83,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
             rows = slice(start, start + ctx.chunk_size)
             _, grad_nll = _softmax_minus_onehot(_chunk_logits(hidden[rows], weight, bias), labels[rows])
             # d logp / d logits = onehot - softmax = -grad_nll, scaled by the incoming gradient per token.
-            grad_logits = -grad_nll * grad_logps[rows, None]
+            grad_logits = grad_nll.mul_(-grad_logps[rows, None])
             _accumulate_grads(ctx, grad_logits, hidden[rows], weight, grad_hidden[rows], grads)
         return grad_hidden, grads["weight"], grads["bias"], None, None
 

@@ -75,6 +75,7 @@ def collate(batch: list, pad_token_id: int) -> dict:
         else:
             extra.append([1] * len(row["input_ids"]) + [0] * pad)
     return {
+        "num_tokens": sum(len(row["input_ids"]) for row in batch),  # non-pad tokens, for throughput
         "input_ids": torch.tensor(input_ids, dtype=torch.long),
         "labels": torch.tensor(labels, dtype=torch.long),
         ("position_ids" if packed else "attention_mask"): torch.tensor(extra, dtype=torch.long),

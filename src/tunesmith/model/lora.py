@@ -64,8 +64,9 @@ class LoRALinear(nn.Module):
         if self.disabled or self.merged:
             return result
         lora_x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
-        update = self.lora_B(self.lora_A(lora_x)) * self.scaling  # [..., out]
-        return result + update.to(result.dtype)
+        # Scale the rank-r activations, not the [..., out] update: same product, r/out of the work.
+        update = self.lora_B(self.lora_A(lora_x) * self.scaling)  # [..., out]
+        return result.add_(update.to(result.dtype))  # in place: the base output is not saved for backward
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A in fp32, shaped like the base weight [out, in]."""

@@ -39,9 +39,7 @@ def count_label_tokens(batch: dict) -> int:
 
 
 def count_tokens(batch: dict) -> int:
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return int(batch["non_pad_tokens"]) if "non_pad_tokens" in batch else batch["input_ids"].numel()
+    return batch["num_tokens"]
 
 
 def build_sft(config: TrainConfig, model, tokenizer) -> tuple[Stage, RunData]:
