@@ -91,7 +91,7 @@ def test_jinja_that_rewrites_history_is_refused(make_tokenizer):
 
 def test_name_errors(tokenizer, make_tokenizer):
     with pytest.raises(
-        TunesmithError, match="unknown template 'qwen3'. Valid: auto, qwen, chatml, llama3, default, empty"
+        TunesmithError, match="unknown template 'qwen3'. Valid: auto, qwen, chatml, qwen3_nothink, llama3, default, empty.*Did you mean 'qwen'"
     ):
         get_template("qwen3", tokenizer)
     chatml_only = make_tokenizer(special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])

@@ -13,6 +13,7 @@ ids of a conversation are exactly the concatenation of its segments.
 Usage: `template = get_template("qwen", tokenizer); turns = template.encode_turns(tokenizer, messages)`.
 """
 
+import difflib
 from dataclasses import dataclass
 
 from tunesmith.errors import TunesmithError
@@ -101,6 +102,8 @@ BUILTIN_TEMPLATES = {
         default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
     ),
     "chatml": FormatTemplate("chatml", **CHATML),
+    # LLaMA-Factory's name for Qwen3 without thinking: ChatML with no default system prompt.
+    "qwen3_nothink": FormatTemplate("qwen3_nothink", **CHATML),
     "llama3": FormatTemplate(
         "llama3",
         user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
@@ -199,9 +202,11 @@ def get_template(name: str | None, tokenizer) -> ChatTemplate:
             f"{', '.join(BUILTIN_TEMPLATES)}."
         )
     if name not in BUILTIN_TEMPLATES:
+        close = difflib.get_close_matches(name, list(BUILTIN_TEMPLATES), n=1, cutoff=0.6)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
         raise TunesmithError(
             f"unknown template '{name}'. Valid: auto, {', '.join(BUILTIN_TEMPLATES)} "
-            "(auto uses the tokenizer's own chat_template)."
+            f"(auto uses the tokenizer's own chat_template).{hint}"
         )
     template = BUILTIN_TEMPLATES[name]
     _check_tokens(template, tokenizer)

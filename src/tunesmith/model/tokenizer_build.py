@@ -23,7 +23,9 @@ from transformers import PreTrainedTokenizerFast
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
-SPECIAL_TOKENS = [PAD_TOKEN, IM_START, IM_END]  # ids 0, 1, 2: trained vocabularies start with them
+# Llama-3's chat markers too, so the built-in `llama3` template also runs on tiny offline models.
+LLAMA3_TOKENS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+SPECIAL_TOKENS = [PAD_TOKEN, IM_START, IM_END, *LLAMA3_TOKENS]  # ids 0..6: trained vocabularies start with them
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -63,7 +65,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
         tokenizer_object=tokenizer,
         eos_token=IM_END,
         pad_token=PAD_TOKEN,
-        additional_special_tokens=[IM_START],
+        additional_special_tokens=[IM_START, *LLAMA3_TOKENS],
         chat_template=CHATML_TEMPLATE,
         clean_up_tokenization_spaces=False,  # would turn " ," into "," and break the round trip
     )
