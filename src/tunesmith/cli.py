@@ -23,7 +23,8 @@ def _train(args) -> None:
     for notice in notices:
         print(notice, file=sys.stderr)
     metrics = run_training(config)
-    print(f"[tunesmith] done: {metrics}; outputs in {config.output_dir}")
+    summary = ", ".join(f"{key}={value:.4g}" for key, value in metrics.items())
+    print(f"[tunesmith] done: {summary}; outputs in {config.output_dir}")
 
 
 def _init_model(args) -> None:
