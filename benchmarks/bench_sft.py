@@ -18,6 +18,7 @@ import argparse
 import json
 import random
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,10 +28,10 @@ import torch
 
 from tunesmith.config import build_config
 from tunesmith.model.finetune import prepare_for_training
-from tunesmith.model.init_model import init_model
 from tunesmith.model.loading import load_model, load_tokenizer, resolve_device_and_dtype
 from tunesmith.training import loop
 from tunesmith.training.distributed import ProcessInfo
+from tunesmith.training.memory import pin_mmap_threshold
 from tunesmith.training.stages.sft import build_sft
 
 
@@ -81,10 +82,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.gradient_checkpointing:
+        pin_mmap_threshold()  # as run_training does in this memory-saving mode
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="tunesmith_bench_"))
-    model_path = args.model or str(init_model(work / "model", size=args.init, tokenizer_dir=args.tokenizer))
+    model_path = args.model or _init_in_subprocess(work / "model", args.init, args.tokenizer)
     tokenizer = load_tokenizer(model_path)
     dataset, dataset_dir = args.dataset, args.dataset_dir
     if dataset is None:
@@ -108,18 +111,27 @@ def main(argv=None) -> dict:
         metrics = loop.train(model, stage, data, config, work / "out", lambda folder: None, ProcessInfo())
     params = sum(p.numel() for p in model.parameters())
     flops_per_token = (6 if config.finetuning_type == "full" else 4) * params
-    peak = matmul_peak_flops(torch.bfloat16 if args.bf16 else torch.float32, device)
+    size = 8192 if device.type == "cuda" else 2048  # big enough to saturate each device
+    peak = matmul_peak_flops(torch.bfloat16 if args.bf16 else torch.float32, device, size)
     result = {
         "model": model_path, "params": params, "device": str(device), "dtype": str(dtype),
         "finetuning_type": config.finetuning_type, "batch_size": args.batch_size, "cutoff_len": args.cutoff_len,
         "packing": args.packing, "threads": torch.get_num_threads(),
         "tokens_per_second": metrics["tokens_per_second"],
         "peak_rss_gb": round(_peak_rss_bytes() / 1e9, 3),
+        "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if device.type == "cuda" else None,
         "matmul_peak_gflops": round(peak / 1e9, 1),
         "mfu": round(metrics["tokens_per_second"] * flops_per_token / peak, 3),
     }
     print(json.dumps(result, indent=2))
     return result
+
+
+def _init_in_subprocess(folder: Path, size: str, tokenizer: str | None) -> str:
+    """Build the model in another process, so its memory does not count in this one's peak RSS."""
+    command = [sys.executable, "-m", "tunesmith.cli", "init-model", str(folder), "--size", size]
+    subprocess.run(command + (["--tokenizer", tokenizer] if tokenizer else []), check=True, capture_output=True)
+    return str(folder)
 
 
 def _peak_rss_bytes() -> int:

@@ -100,6 +100,9 @@ def test_wrong_types_and_choices_name_the_key(key, value, pattern):
     ({"finetuning_type": "full", "adapter_name_or_path": "a"}, "needs `finetuning_type: lora`"),
     ({"max_steps": -1, "num_train_epochs": 0}, "max_steps"),
     ({"lora_dropout": 1.5}, "lora_dropout"),
+    ({"do_eval": True}, "`do_eval: true` needs an eval split"),
+    ({"eval_strategy": "steps"}, "`eval_strategy: steps` needs an eval split"),
+    ({"do_train": False}, "`do_train: false`"),
 ])
 def test_impossible_combinations(extra, pattern):
     with pytest.raises(TunesmithError, match=pattern):

@@ -55,9 +55,9 @@ class TrainConfig:
     stage: str = "sft"
     """Training stage. This release: sft."""
     do_train: bool = True
-    """Train (LLaMA-Factory compatibility; tunesmith train always trains when true)."""
+    """Train (LLaMA-Factory compatibility: must be true for `tunesmith train`)."""
     do_eval: bool = False
-    """Evaluate on the eval split at the end (and every eval_steps when eval_strategy is steps)."""
+    """Require an eval split; with one, the loss on it is computed at the end of training (and per eval_strategy)."""
     finetuning_type: str = "lora"
     """lora (train low-rank adapters), full (every weight) or freeze (only the last layers)."""
     lora_rank: int = 8
@@ -153,7 +153,7 @@ class TrainConfig:
     fp16: bool = False
     """Compute in float16 (CUDA only)."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    """Memory-saving mode: recompute activations in backward (~30% more compute), return freed memory to the OS."""
     logprob_chunk_size: int = 1024
     """Tokens per chunk when projecting hidden states through lm_head (bounds logits memory)."""
     eval_strategy: str = "no"
@@ -311,6 +311,11 @@ def _check_combinations(config: TrainConfig, source: str) -> None:
     problems = [
         (not config.model_name_or_path, "`model_name_or_path` is required (a model folder or hub id)."),
         (not config.dataset, "`dataset` is required (names from dataset_info.json or file paths)."),
+        (not config.do_train, "`do_train: false` leaves `tunesmith train` nothing to do; remove it or set it to true."),
+        (config.do_eval and config.val_size == 0 and not config.eval_dataset,
+         "`do_eval: true` needs an eval split: set `val_size` (e.g. 0.1) or `eval_dataset`."),
+        (config.eval_strategy != "no" and config.val_size == 0 and not config.eval_dataset,
+         f"`eval_strategy: {config.eval_strategy}` needs an eval split: set `val_size` (e.g. 0.1) or `eval_dataset`."),
         (config.bf16 and config.fp16, "`bf16` and `fp16` are both true; choose one."),
         (config.lora_rank < 1, f"`lora_rank` must be at least 1, got {config.lora_rank}."),
         (not 0 <= config.lora_dropout < 1, f"`lora_dropout` must be in [0, 1), got {config.lora_dropout}."),

@@ -138,3 +138,10 @@ def test_stacked_adapters_resume_the_last(base_settings, tmp_path):
     a1 = load_file(str(tmp_path / "a1" / "adapter_model.safetensors"))
     a2 = load_file(str(tmp_path / "a2" / "adapter_model.safetensors"))
     assert a1.keys() == a2.keys() and any(not torch.equal(a1[k], a2[k]) for k in a1)
+
+
+def test_eval_strategy_epoch_evaluates_once_per_epoch(base_settings):
+    # 4 records, val_size 1 -> 3 train rows, batch 2 -> 2 micro-batches per epoch; 6 steps = 3 epochs.
+    train({**base_settings, "val_size": 1, "eval_strategy": "epoch", "max_steps": 6})
+    eval_steps = [r["current_steps"] for r in log_lines(base_settings["output_dir"]) if "eval_loss" in r]
+    assert eval_steps == [2, 4, 6]

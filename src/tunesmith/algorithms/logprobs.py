@@ -19,6 +19,9 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100
+# A chunk's logits hold at most this many floats (128 MB in fp32), whatever chunk_size asks for:
+# 1024 tokens x 151,936 vocab would be 622 MB per chunk.
+MAX_CHUNK_ELEMENTS = 2**25
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -128,6 +131,7 @@ def chunked_logprobs(hidden, lm_head: torch.nn.Linear, labels, chunk_size: int =
     Position t holds log p(labels[:, t + 1] | ...), i.e. the log-prob of the token that follows it.
     """
     rows, targets, mask = _labelled_rows(hidden, labels)
+    chunk_size = _rows_per_chunk(chunk_size, lm_head.out_features)
     with torch.autocast(hidden.device.type, enabled=False):
         token_logps = _ChunkedLogprobs.apply(rows, *_head_params(lm_head, rows.dtype), targets, chunk_size)
     out = torch.zeros(mask.shape, dtype=token_logps.dtype, device=hidden.device)
@@ -137,9 +141,14 @@ def chunked_logprobs(hidden, lm_head: torch.nn.Linear, labels, chunk_size: int =
 def chunked_nll(hidden, lm_head: torch.nn.Linear, labels, chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
     """(sum of -log p over labelled tokens, number of labelled tokens); divide by the count you choose."""
     rows, targets, _ = _labelled_rows(hidden, labels)
+    chunk_size = _rows_per_chunk(chunk_size, lm_head.out_features)
     with torch.autocast(hidden.device.type, enabled=False):
         nll_sum = _ChunkedNLL.apply(rows, *_head_params(lm_head, rows.dtype), targets, chunk_size)
     return nll_sum, len(targets)
+
+
+def _rows_per_chunk(chunk_size: int, vocab_size: int) -> int:
+    return max(1, min(chunk_size, MAX_CHUNK_ELEMENTS // vocab_size))
 
 
 def _head_params(lm_head: torch.nn.Linear, dtype: torch.dtype):

@@ -42,7 +42,12 @@ def prepare_for_training(model: torch.nn.Module, config: TrainConfig) -> Adapter
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5 renamed it; older releases (which we also support) only have the old name.
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return settings
 
 

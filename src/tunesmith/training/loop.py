@@ -129,7 +129,7 @@ def train(model, stage: Stage, data: RunData, config: TrainConfig, output_dir: P
             tracker.log(last_record)
             progress.set_postfix(loss=f"{last_record['loss']:.4f}", lr=f"{lr:.2e}",
                                  tok_s=f"{last_record['tokens_per_second']:.0f}")
-        if data.eval and config.eval_strategy == "steps" and step % config.eval_steps == 0 and step < total_steps:
+        if data.eval and step < total_steps and _eval_due(config, step, state["micro_batches_done"], len(batches), per_epoch):
             tracker.log({"current_steps": step, "total_steps": total_steps, **evaluate(model, stage, data, config)})
         if config.save_steps and step % config.save_steps == 0 and step < total_steps and proc.is_main:
             state["elapsed_s"] = time.perf_counter() - start
@@ -171,6 +171,15 @@ def _micro_batch_stream(data: RunData, config: TrainConfig, per_epoch: int, skip
         batches = micro_batch_indices(len(data.train), config.per_device_train_batch_size, config.seed, epoch, proc)
         yield from batches[index:]
         epoch, index = epoch + 1, 0
+
+
+def _eval_due(config: TrainConfig, step: int, done: int, just_done: int, per_epoch: int) -> bool:
+    """eval_strategy steps: every eval_steps; epoch: when this step finished an epoch."""
+    if config.eval_strategy == "steps":
+        return step % config.eval_steps == 0
+    if config.eval_strategy == "epoch":
+        return done // per_epoch > (done - just_done) // per_epoch
+    return False
 
 
 def _clip_and_step(model, optimizer, scaler, max_grad_norm: float) -> float:

@@ -18,6 +18,7 @@ from tunesmith.model.finetune import AdapterSettings, prepare_for_training, trai
 from tunesmith.model.loading import load_model, load_tokenizer, resolve_device_and_dtype
 from tunesmith.training import checkpoint, loop
 from tunesmith.training.distributed import process_info
+from tunesmith.training.memory import pin_mmap_threshold
 from tunesmith.training.stages.sft import build_sft
 from tunesmith.training.tracking import LOG_FILE, plot_metrics
 
@@ -27,6 +28,8 @@ CONFIG_FILE = "train_config.yaml"
 
 def run_training(config: TrainConfig, say=print) -> dict:
     """Train as `config` says; returns the final metrics (also written to all_results.json)."""
+    if config.gradient_checkpointing:  # the memory-saving mode: also return freed activations to the OS
+        pin_mmap_threshold()
     proc = process_info()
     output_dir = Path(config.output_dir)
     resume_from = checkpoint.resolve_resume(config.resume_from_checkpoint, output_dir)
