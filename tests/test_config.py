@@ -88,6 +88,10 @@ def test_typo_suggests_closest_key_with_line(tmp_path):
     ("learning_rate", [1], "`learning_rate` must be a number"),
     ("stage", "sfft", "Did you mean `sft`"),
     ("lr_scheduler_type", "cosin", "Did you mean `cosine`"),
+    ("max_steps", "inf", "`max_steps` must be an integer"),
+    ("max_steps", "1e-1", "`max_steps` must be an integer"),
+    ("num_train_epochs", float("inf"), "`num_train_epochs` must be a number"),
+    ("learning_rate", float("nan"), "`learning_rate` must be a number"),
 ])
 def test_wrong_types_and_choices_name_the_key(key, value, pattern):
     with pytest.raises(TunesmithError, match=pattern):
@@ -103,6 +107,8 @@ def test_wrong_types_and_choices_name_the_key(key, value, pattern):
     ({"do_eval": True}, "`do_eval: true` needs an eval split"),
     ({"eval_strategy": "steps"}, "`eval_strategy: steps` needs an eval split"),
     ({"do_train": False}, "`do_train: false`"),
+    ({"eval_steps": 0}, "`eval_steps` must be at least 1"),
+    ({"per_device_eval_batch_size": 0}, "`per_device_eval_batch_size` must be at least 1"),
 ])
 def test_impossible_combinations(extra, pattern):
     with pytest.raises(TunesmithError, match=pattern):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -250,14 +251,13 @@ def _convert(key: str, value, source: str):
             if isinstance(value, str) and value.lower() in ("true", "false"):
                 return value.lower() == "true"
             raise ValueError
-        if kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(float(value)) if isinstance(value, str) else int(value)
-        if kind is float:
+        if kind in (int, float):
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)  # accepts "1e-4", which YAML 1.1 leaves as text
+            if not math.isfinite(number) or (kind is int and not number.is_integer()):
+                raise ValueError
+            return int(number) if kind is int else number
         if kind is str:
             if key == "resume_from_checkpoint" and isinstance(value, bool):
                 return "true" if value else None
@@ -328,6 +328,12 @@ def _check_combinations(config: TrainConfig, source: str) -> None:
         (config.val_size < 0, f"`val_size` must not be negative, got {config.val_size}."),
         (config.val_size > 0 and config.eval_dataset is not None, "set either `val_size` or `eval_dataset`, not both."),
         (config.logging_steps < 1, "`logging_steps` must be at least 1."),
+        (config.eval_steps < 1, "`eval_steps` must be at least 1."),
+        (config.per_device_eval_batch_size < 1, "`per_device_eval_batch_size` must be at least 1."),
+        (config.lora_alpha <= 0, f"`lora_alpha` must be positive, got {config.lora_alpha}."),
+        (config.warmup_steps < 0, "`warmup_steps` must not be negative."),
+        (config.max_grad_norm < 0, "`max_grad_norm` must not be negative (0 disables clipping)."),
+        (config.weight_decay < 0, "`weight_decay` must not be negative."),
         (config.save_steps < 0, "`save_steps` must not be negative."),
         (config.save_total_limit is not None and config.save_total_limit < 1, "`save_total_limit` must be at least 1."),
         (config.logprob_chunk_size < 1, "`logprob_chunk_size` must be at least 1."),

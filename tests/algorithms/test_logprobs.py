@@ -65,3 +65,21 @@ def test_frozen_head_gets_no_gradient(setup):
     nll, _ = chunked_nll(hidden, head, labels, 4)
     nll.backward()
     assert head.weight.grad is None and hidden.grad is not None
+
+
+def test_autocast_runs_the_head_in_bf16_with_fp32_gradients(setup):
+    head, hidden, labels = setup
+    expected = -plain_logprobs(hidden, head, labels).sum()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        nll, _ = chunked_nll(hidden, head, labels, 4)
+    assert nll != expected and torch.allclose(nll, expected, rtol=2e-2)  # bf16 matmuls, fp32 softmax
+    nll.backward()
+    assert hidden.grad.dtype == torch.float32 and head.weight.grad.dtype == torch.float32
+
+
+def test_no_grad_evaluation_skips_gradient_work(setup):
+    head, hidden, labels = setup
+    with torch.no_grad():
+        nll, _ = chunked_nll(hidden, head, labels, 4)
+    assert not nll.requires_grad
+    assert torch.allclose(nll, -plain_logprobs(hidden, head, labels).sum(), atol=1e-4)

@@ -112,3 +112,9 @@ def test_qwen2_tokenizer_asset_loads():
     assert len(tokenizer) == 151646
     assert tokenizer.pad_token == "<|endoftext|>"
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") == 151645
+
+
+def test_folder_without_tokenizer_files_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    with pytest.raises(TunesmithError, match="no usable tokenizer"):
+        load_tokenizer(str(tmp_path))

@@ -145,3 +145,19 @@ def test_eval_strategy_epoch_evaluates_once_per_epoch(base_settings):
     train({**base_settings, "val_size": 1, "eval_strategy": "epoch", "max_steps": 6})
     eval_steps = [r["current_steps"] for r in log_lines(base_settings["output_dir"]) if "eval_loss" in r]
     assert eval_steps == [2, 4, 6]
+
+
+def test_epochs_are_exact_when_accumulation_does_not_divide_them(base_settings, tmp_path):
+    # 4 rows, batch 1 -> 4 micro-batches per epoch; accumulation 3 -> steps of 3 + 1 micro-batches.
+    settings = {**base_settings, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 3,
+                "max_steps": -1, "num_train_epochs": 2}
+    train(settings)
+    records = log_lines(settings["output_dir"])
+    assert [r["epoch"] for r in records] == [0.75, 1.0, 1.75, 2.0]
+
+
+def test_fresh_run_in_reused_folder_drops_stale_checkpoints(base_settings):
+    out = Path(base_settings["output_dir"])
+    (out / "checkpoint-99").mkdir(parents=True)
+    train({**base_settings, "overwrite_output_dir": True, "save_steps": 2, "save_total_limit": 1})
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-4"]

@@ -132,8 +132,9 @@ def chunked_logprobs(hidden, lm_head: torch.nn.Linear, labels, chunk_size: int =
     """
     rows, targets, mask = _labelled_rows(hidden, labels)
     chunk_size = _rows_per_chunk(chunk_size, lm_head.out_features)
+    inputs = _head_inputs(rows, lm_head)
     with torch.autocast(hidden.device.type, enabled=False):
-        token_logps = _ChunkedLogprobs.apply(rows, *_head_params(lm_head, rows.dtype), targets, chunk_size)
+        token_logps = _ChunkedLogprobs.apply(*inputs, targets, chunk_size)
     out = torch.zeros(mask.shape, dtype=token_logps.dtype, device=hidden.device)
     return out.masked_scatter(mask, token_logps)
 
@@ -142,8 +143,9 @@ def chunked_nll(hidden, lm_head: torch.nn.Linear, labels, chunk_size: int = 1024
     """(sum of -log p over labelled tokens, number of labelled tokens); divide by the count you choose."""
     rows, targets, _ = _labelled_rows(hidden, labels)
     chunk_size = _rows_per_chunk(chunk_size, lm_head.out_features)
+    inputs = _head_inputs(rows, lm_head)
     with torch.autocast(hidden.device.type, enabled=False):
-        nll_sum = _ChunkedNLL.apply(rows, *_head_params(lm_head, rows.dtype), targets, chunk_size)
+        nll_sum = _ChunkedNLL.apply(*inputs, targets, chunk_size)
     return nll_sum, len(targets)
 
 
@@ -151,8 +153,16 @@ def _rows_per_chunk(chunk_size: int, vocab_size: int) -> int:
     return max(1, min(chunk_size, MAX_CHUNK_ELEMENTS // vocab_size))
 
 
-def _head_params(lm_head: torch.nn.Linear, dtype: torch.dtype):
-    """lm_head's weight and bias in the hidden states' dtype (a differentiable cast, free when equal);
-    the custom functions do their own matmuls, so autocast must not change dtypes behind them."""
-    bias = None if lm_head.bias is None else lm_head.bias.to(dtype)
-    return lm_head.weight.to(dtype), bias
+def _head_inputs(rows: torch.Tensor, lm_head: torch.nn.Linear):
+    """(rows, weight, bias) in one dtype for the custom functions, which do their own matmuls.
+
+    Under autocast that is the autocast dtype (so full fine-tuning's fp32 head still runs its matmuls in
+    bf16); otherwise the hidden states' dtype. The casts are differentiable and free when dtypes match.
+    Without grad mode (evaluation) everything is detached, so `_ChunkedNLL` skips its gradient work.
+    """
+    device_type = rows.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else rows.dtype
+    inputs = (rows.to(dtype), lm_head.weight.to(dtype), None if lm_head.bias is None else lm_head.bias.to(dtype))
+    if not torch.is_grad_enabled():
+        inputs = tuple(None if t is None else t.detach() for t in inputs)
+    return inputs

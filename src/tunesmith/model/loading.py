@@ -69,6 +69,9 @@ def load_model(model_name_or_path: str, dtype: torch.dtype, device: torch.device
     return model.to(device)
 
 
+MIN_VOCAB = 16  # fewer tokens than this is no real tokenizer (even byte-level ones have 256)
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """`AutoTokenizer` from `path`, with a pad token guaranteed; padding side left as saved."""
     path = str(path)
@@ -79,6 +82,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
         )
     except OSError as err:
         raise _load_error(path, "tokenizer", is_local, err) from err
+    if len(tokenizer) < MIN_VOCAB:  # transformers builds an all-but-empty tokenizer when the files are missing
+        raise TunesmithError(
+            f"{path} has no usable tokenizer ({len(tokenizer)} tokens): it needs tokenizer.json, or "
+            "vocab.json + merges.txt, or tokenizer.model, with tokenizer_config.json. Copy the tokenizer "
+            "files from the base model into this folder.")
     _ensure_pad_token(tokenizer)
     return tokenizer
 

@@ -124,13 +124,21 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], layout: dict) -> dict
     return {"state": state, "param_groups": layout["param_groups"]}
 
 
+def remove_checkpoints(output_dir: Path) -> None:
+    """Delete every checkpoint (complete or interrupted) in output_dir."""
+    _prune(output_dir, keep=0)
+
+
 def _prune(output_dir: Path, keep: int | None) -> None:
     """Delete the oldest checkpoints beyond `keep`, and leftovers of interrupted saves."""
+    if not output_dir.is_dir():
+        return
     for leftover in output_dir.glob(".checkpoint-*.tmp"):
         shutil.rmtree(leftover, ignore_errors=True)
     if keep is None:
         return
-    for old in list_checkpoints(output_dir)[:-keep]:
+    checkpoints = list_checkpoints(output_dir)
+    for old in checkpoints[:len(checkpoints) - keep]:
         shutil.rmtree(old)
 
 

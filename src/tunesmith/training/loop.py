@@ -75,7 +75,7 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
 def total_optimizer_steps(config: TrainConfig, micro_batches_per_epoch: int) -> int:
     if config.max_steps > 0:
         return config.max_steps
-    steps_per_epoch = max(1, math.ceil(micro_batches_per_epoch / config.gradient_accumulation_steps))
+    steps_per_epoch = max(1, math.ceil(micro_batches_per_epoch / config.gradient_accumulation_steps))  # see _step_stream
     return max(1, math.ceil(config.num_train_epochs * steps_per_epoch))
 
 
@@ -86,7 +86,7 @@ def train(model, stage: Stage, data: RunData, config: TrainConfig, output_dir: P
     device = next(model.parameters()).device
     optimizer = build_optimizer(model, config)
     rows_on_rank = len(range(proc.rank, len(data.train), proc.world_size))
-    per_epoch = math.ceil(rows_on_rank / config.per_device_train_batch_size)
+    per_epoch = math.ceil(rows_on_rank / config.per_device_train_batch_size)  # micro-batches per epoch
     total_steps = total_optimizer_steps(config, per_epoch)
     warmup = warmup_steps_for(total_steps, config.warmup_steps, config.warmup_ratio)
     state = {"global_step": 0, "micro_batches_done": 0, "elapsed_s": 0.0}
@@ -96,36 +96,28 @@ def train(model, stage: Stage, data: RunData, config: TrainConfig, output_dir: P
     tracker = Tracker(output_dir, config.report_to, proc.is_main)
     amp = _autocast(device, config)
     scaler = torch.amp.GradScaler(device.type, enabled=config.fp16)
-    stream = _micro_batch_stream(data, config, per_epoch, state["micro_batches_done"], proc)
+    if "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    stream = _step_stream(len(data.train), config, per_epoch, state["micro_batches_done"], proc)
     progress = tqdm(total=total_steps, initial=state["global_step"], disable=not proc.is_main, dynamic_ncols=True)
-    window = {"loss": 0.0, "items": 0, "tokens": 0, "metrics": {}, "start": time.perf_counter()}
+    window = _new_window()
     start = time.perf_counter() - state["elapsed_s"]
     last_record = {}
     model.train()
     while state["global_step"] < total_steps:
-        step = state["global_step"]
-        lr = config.learning_rate * lr_factor(config.lr_scheduler_type, step, total_steps, warmup)
+        lr = config.learning_rate * lr_factor(config.lr_scheduler_type, state["global_step"], total_steps, warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batches = [data.collate([data.train[i] for i in next(stream)]) for _ in range(config.gradient_accumulation_steps)]
-        batches = [_to_device(b, device) for b in batches]
-        items = sum(stage.count_items(b) for b in batches)
-        for batch in batches:
-            with amp:
-                loss_sum, metrics = stage.loss(model, batch)
-            scaler.scale(loss_sum / max(items, 1)).backward()
-            window["loss"] += loss_sum.item()
-            window["tokens"] += stage.count_tokens(batch)
-            for key, value in metrics.items():
-                window["metrics"][key] = window["metrics"].get(key, 0.0) + value
-        window["items"] += items
+        batches = [data.collate([data.train[i] for i in indices]) for indices in next(stream)]
+        _accumulate_gradients(model, stage, batches, device, amp, scaler, window)
         grad_norm = _clip_and_step(model, optimizer, scaler, config.max_grad_norm)
         state["global_step"] += 1
         state["micro_batches_done"] += len(batches)
         progress.update(1)
         step = state["global_step"]
         if step % config.logging_steps == 0 or step == total_steps:
-            last_record = _log_window(window, step, total_steps, per_epoch, state, lr, grad_norm, start, config)
+            last_record = _log_window(window, step, total_steps, per_epoch, state, lr, grad_norm, start)
+            window = _new_window()
             tracker.log(last_record)
             progress.set_postfix(loss=f"{last_record['loss']:.4f}", lr=f"{lr:.2e}",
                                  tok_s=f"{last_record['tokens_per_second']:.0f}")
@@ -133,6 +125,8 @@ def train(model, stage: Stage, data: RunData, config: TrainConfig, output_dir: P
             tracker.log({"current_steps": step, "total_steps": total_steps, **evaluate(model, stage, data, config)})
         if config.save_steps and step % config.save_steps == 0 and step < total_steps and proc.is_main:
             state["elapsed_s"] = time.perf_counter() - start
+            if scaler.is_enabled():
+                state["scaler"] = scaler.state_dict()
             _save(output_dir, step, model, optimizer, state, save_artifact, config)
     progress.close()
     final = {key: value for key, value in last_record.items() if key in ("loss", "tokens_per_second")}
@@ -164,13 +158,38 @@ def evaluate(model, stage: Stage, data: RunData, config: TrainConfig) -> dict:
     return {f"eval_{key}": value / max(items, 1) for key, value in totals.items()}
 
 
-def _micro_batch_stream(data: RunData, config: TrainConfig, per_epoch: int, skip: int, proc: ProcessInfo):
-    """Endless micro-batches over epochs, starting after the first `skip` (for resume)."""
+def _step_stream(n_rows: int, config: TrainConfig, per_epoch: int, skip: int, proc: ProcessInfo):
+    """Endless lists of micro-batch indices, one list per optimizer step, starting after `skip` micro-batches.
+
+    A step never spans two epochs (an epoch's last step may hold fewer micro-batches; the loss is
+    normalised per item, so that is still a correct step), which keeps num_train_epochs exact.
+    """
     epoch, index = divmod(skip, per_epoch)
+    accumulation = config.gradient_accumulation_steps
     while True:
-        batches = micro_batch_indices(len(data.train), config.per_device_train_batch_size, config.seed, epoch, proc)
-        yield from batches[index:]
+        batches = micro_batch_indices(n_rows, config.per_device_train_batch_size, config.seed, epoch, proc)
+        for first in range(index, len(batches), accumulation):
+            yield batches[first:first + accumulation]
         epoch, index = epoch + 1, 0
+
+
+def _new_window() -> dict:
+    """Sums since the last log line; loss stays a device tensor so the hot loop never waits on the GPU."""
+    return {"loss": 0.0, "items": 0, "tokens": 0, "metrics": {}, "start": time.perf_counter()}
+
+
+def _accumulate_gradients(model, stage: Stage, batches: list[dict], device, amp, scaler, window: dict) -> None:
+    """Backward over one step's micro-batches, each loss divided by the step's total item count."""
+    items = sum(stage.count_items(b) for b in batches)  # counted on the CPU, before the copy to the device
+    for batch in batches:
+        window["tokens"] += stage.count_tokens(batch)
+        with amp:
+            loss_sum, metrics = stage.loss(model, _to_device(batch, device))
+        scaler.scale(loss_sum / max(items, 1)).backward()
+        window["loss"] = window["loss"] + loss_sum.detach()
+        for key, value in metrics.items():
+            window["metrics"][key] = window["metrics"].get(key, 0.0) + value
+    window["items"] += items
 
 
 def _eval_due(config: TrainConfig, step: int, done: int, just_done: int, per_epoch: int) -> bool:
@@ -182,32 +201,31 @@ def _eval_due(config: TrainConfig, step: int, done: int, just_done: int, per_epo
     return False
 
 
-def _clip_and_step(model, optimizer, scaler, max_grad_norm: float) -> float:
+def _clip_and_step(model, optimizer, scaler, max_grad_norm: float) -> torch.Tensor:
     scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return norm.item()
+    return norm
 
 
-def _log_window(window, step, total_steps, per_epoch, state, lr, grad_norm, start, config) -> dict:
-    """One trainer_log.jsonl record (LLaMA-Factory's fields plus throughput); resets the window."""
+def _log_window(window, step, total_steps, per_epoch, state, lr, grad_norm, start) -> dict:
+    """One trainer_log.jsonl record (LLaMA-Factory's fields plus throughput)."""
     elapsed = time.perf_counter() - start
     seconds = time.perf_counter() - window["start"]
     items = max(window["items"], 1)
     record = {
-        "current_steps": step, "total_steps": total_steps, "loss": round(window["loss"] / items, 6),
+        "current_steps": step, "total_steps": total_steps, "loss": round(float(window["loss"]) / items, 6),
         **{key: round(value / items, 6) for key, value in window["metrics"].items()},
-        "lr": lr, "grad_norm": round(grad_norm, 6),
+        "lr": lr, "grad_norm": round(float(grad_norm), 6),
         "epoch": round(state["micro_batches_done"] / per_epoch, 4),
         "percentage": round(100 * step / total_steps, 2),
         "tokens_per_second": round(window["tokens"] / max(seconds, 1e-9), 2),
         "elapsed_time": str(timedelta(seconds=int(elapsed))),
         "remaining_time": str(timedelta(seconds=int(elapsed / step * (total_steps - step)))),
     }
-    window.update(loss=0.0, items=0, tokens=0, metrics={}, start=time.perf_counter())
     return record
 
 

@@ -49,8 +49,9 @@ def run_training(config: TrainConfig, say=print) -> dict:
     if proc.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / CONFIG_FILE)
-        if resume_from is None:
+        if resume_from is None:  # a fresh run in a reused folder: old logs and checkpoints would mislead
             (output_dir / LOG_FILE).unlink(missing_ok=True)
+            checkpoint.remove_checkpoints(output_dir)
 
     def save_artifact(folder: Path) -> None:
         _save_result(model, tokenizer, adapter, config, folder)

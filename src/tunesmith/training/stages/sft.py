@@ -20,11 +20,14 @@ from tunesmith.training.loop import RunData, Stage
 
 
 def backbone_hidden(model, batch: dict) -> torch.Tensor:
-    """Last hidden states [batch, seq, hidden]. Packed rows carry position_ids and no attention_mask,
-    which is how transformers recognises them and keeps attention inside each sample."""
-    output = model.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"), use_cache=False)
+    """Last hidden states [batch, seq, hidden] of a right-padded or packed batch.
+
+    Packed rows carry position_ids and no attention_mask, which is how transformers recognises them and
+    keeps attention inside each sample. Right-padded rows need no mask either: under causal attention a
+    real token only sees earlier positions, and every pad comes after the row's real tokens. Leaving the
+    mask out lets sdpa take its causal fast path; pad positions' outputs are garbage, but unlabelled.
+    """
+    output = model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), use_cache=False)
     return output.last_hidden_state
 
 
