@@ -5,7 +5,7 @@ set -uo pipefail
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests 2>&1 | grep -vE "it/s|^$" | tail -25
+timeout 240 python3 -m pytest -p no:cacheprovider -p no:warnings -rfE tests 2>&1 | grep -vE "it/s|^$" | tail -15
 bench() { timeout 120 python3 benchmarks/bench_sft.py "$@" 2>&1 | grep -E '"(tokens_per_second|peak_rss_gb|peak_gpu_memory_gb|matmul_peak_gflops|mfu|dtype|packing)"' | tr -d '\n '; echo; }
 echo "40m lora fp32:";        bench --init 40m --steps 20 --warmup 3
 echo "40m lora bf16:";        bench --init 40m --steps 20 --warmup 3 --bf16

@@ -100,3 +100,9 @@ def test_packed_row_logits_equal_each_sample_alone():
                 alone = model(input_ids=torch.tensor([sample]), use_cache=False).logits[0]
                 torch.testing.assert_close(packed[r, start : start + len(sample)], alone, atol=1e-5, rtol=0)
                 start += len(sample)
+
+
+def test_collate_pads_to_a_multiple():
+    batch = collate(make_examples([3, 5]), pad_token_id=0, pad_to_multiple_of=4)
+    assert batch["input_ids"].shape == (2, 8) and batch["num_tokens"] == 8
+    assert batch["labels"][1, 5:].tolist() == [-100, -100, -100]

@@ -57,13 +57,16 @@ def pack_examples(examples: list, cutoff_len: int) -> list:
     return rows
 
 
-def collate(batch: list, pad_token_id: int) -> dict:
-    """Right-pad a batch to its own longest row; tensors [batch, seq].
+def collate(batch: list, pad_token_id: int, pad_to_multiple_of: int = 1) -> dict:
+    """Right-pad a batch to its own longest row (rounded up to `pad_to_multiple_of`); tensors [batch, seq].
 
+    On a GPU a multiple of 64 keeps the number of distinct shapes (and kernel selections) small and the
+    matmuls tensor-core aligned; on a CPU every pad token is wasted work, so the default is 1.
     Unpacked rows get an attention_mask. Packed rows (with position_ids) get none: the pad tail is given
     its own position run 0, 1, ... so the model treats it as one more sample, and its labels are ignored.
     """
     longest = max(len(row["input_ids"]) for row in batch)
+    longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
     packed = "position_ids" in batch[0]
     input_ids, labels, extra = [], [], []
     for row in batch:

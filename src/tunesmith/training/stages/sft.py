@@ -62,4 +62,6 @@ def build_sft(config: TrainConfig, model, tokenizer) -> tuple[Stage, RunData]:
         train, evaluation = pack_examples(train, config.cutoff_len), pack_examples(evaluation, config.cutoff_len)
     stage = Stage(loss=partial(sft_loss, chunk_size=config.logprob_chunk_size),
                   count_items=count_label_tokens, count_tokens=count_tokens)
-    return stage, RunData(train=train, eval=evaluation, collate=partial(collate, pad_token_id=tokenizer.pad_token_id))
+    multiple = 64 if next(model.parameters()).device.type == "cuda" else 1  # see collate
+    batcher = partial(collate, pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=multiple)
+    return stage, RunData(train=train, eval=evaluation, collate=batcher)
