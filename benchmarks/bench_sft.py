@@ -28,14 +28,14 @@ import torch
 
 from tunesmith.config import build_config
 from tunesmith.model.finetune import prepare_for_training
-from tunesmith.model.loading import load_model, load_tokenizer, resolve_device_and_dtype
+from tunesmith.model.loading import load_model, load_tokenizer, resolve_device_and_dtype, with_compute_dtype
 from tunesmith.training import loop
 from tunesmith.training.distributed import ProcessInfo
 from tunesmith.training.memory import pin_mmap_threshold
 from tunesmith.training.stages.sft import build_sft
 
 
-def matmul_peak_flops(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 10) -> float:
+def matmul_peak_flops(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 15) -> float:
     """Best-of-N FLOP/s of a square matmul: the machine's practical peak for this dtype."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
@@ -102,6 +102,7 @@ def main(argv=None) -> dict:
         "gradient_checkpointing": args.gradient_checkpointing, "output_dir": str(work / "out"),
     })
     device, dtype = resolve_device_and_dtype(config.bf16, config.fp16)
+    config = with_compute_dtype(config, dtype)
     model = load_model(model_path, torch.float32 if config.finetuning_type == "full" else dtype, device)
     prepare_for_training(model, config)
     stage, data = build_sft(config, model, tokenizer)
@@ -111,8 +112,8 @@ def main(argv=None) -> dict:
         metrics = loop.train(model, stage, data, config, work / "out", lambda folder: None, ProcessInfo())
     params = sum(p.numel() for p in model.parameters())
     flops_per_token = (6 if config.finetuning_type == "full" else 4) * params
-    size = 8192 if device.type == "cuda" else 2048  # big enough to saturate each device
-    peak = matmul_peak_flops(torch.bfloat16 if args.bf16 else torch.float32, device, size)
+    sizes = (4096, 8192) if device.type == "cuda" else (1024, 2048, 4096)  # big enough to saturate each device
+    peak = max(matmul_peak_flops(torch.bfloat16 if args.bf16 else torch.float32, device, n) for n in sizes)
     result = {
         "model": model_path, "params": params, "device": str(device), "dtype": str(dtype),
         "finetuning_type": config.finetuning_type, "batch_size": args.batch_size, "cutoff_len": args.cutoff_len,

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from tunesmith.cli import main
 from tunesmith.config import build_config
 from tunesmith.data.templates import get_template
+from tunesmith.errors import TunesmithError
 from tunesmith.model.adapters import load_adapter
 from tunesmith.model.loading import load_model, load_tokenizer
 from tunesmith.training import checkpoint
@@ -161,3 +162,15 @@ def test_fresh_run_in_reused_folder_drops_stale_checkpoints(base_settings):
     (out / "checkpoint-99").mkdir(parents=True)
     train({**base_settings, "overwrite_output_dir": True, "save_steps": 2, "save_total_limit": 1})
     assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-4"]
+
+
+def test_report_to_tensorboard(base_settings):
+    settings = {**base_settings, "report_to": "tensorboard", "max_steps": 2}
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(TunesmithError, match="pip install tensorboard"):
+            train(settings)
+        return
+    train(settings)
+    assert list((Path(settings["output_dir"]) / "runs").glob("events.out.tfevents.*"))

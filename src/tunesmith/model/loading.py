@@ -15,6 +15,8 @@ Usage:
     tokenizer = load_tokenizer("runs/tiny")
 """
 
+import dataclasses
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,7 +41,12 @@ def resolve_device_and_dtype(bf16: bool, fp16: bool) -> tuple[torch.device, torc
             )
         return device, torch.float16
     if bf16:
-        # CPU bf16 is supported by PyTorch (slower on CPUs without AVX512-BF16, but correct).
+        if device.type == "cpu" and not _cpu_has_fast_bf16():
+            warnings.warn(
+                "bf16: true, but this CPU has no bfloat16 matrix instructions (AVX512-BF16 or AMX): bf16 "
+                "matmuls run about 100x slower than fp32 here, so tunesmith computes in fp32. Set bf16: false "
+                "to silence this.", stacklevel=2)
+            return device, torch.float32
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise TunesmithError(
                 f"bf16: true, but {torch.cuda.get_device_name(device)} does not support bfloat16. "
@@ -47,6 +54,20 @@ def resolve_device_and_dtype(bf16: bool, fp16: bool) -> tuple[torch.device, torc
             )
         return device, torch.bfloat16
     return device, torch.float32
+
+
+def with_compute_dtype(config, dtype: torch.dtype):
+    """The config with bf16/fp16 as actually used (a CPU without bf16 units falls back to fp32), so the
+    training loop's autocast and the saved train_config.yaml tell the truth."""
+    return dataclasses.replace(config, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
+
+
+def _cpu_has_fast_bf16() -> bool:
+    """oneDNN's own test for native bf16 support (AVX512-BF16 / AMX); assume yes if torch lacks it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
 
 
 def load_model(model_name_or_path: str, dtype: torch.dtype, device: torch.device,

@@ -15,12 +15,12 @@ from tunesmith.config import TrainConfig, save_config
 from tunesmith.errors import TunesmithError
 from tunesmith.model.adapters import save_adapter
 from tunesmith.model.finetune import AdapterSettings, prepare_for_training, trainable_summary
-from tunesmith.model.loading import load_model, load_tokenizer, resolve_device_and_dtype
+from tunesmith.model.loading import load_model, load_tokenizer, resolve_device_and_dtype, with_compute_dtype
 from tunesmith.training import checkpoint, loop
 from tunesmith.training.distributed import process_info
 from tunesmith.training.memory import pin_mmap_threshold
 from tunesmith.training.stages.sft import build_sft
-from tunesmith.training.tracking import LOG_FILE, plot_metrics
+from tunesmith.training.tracking import LOG_FILE, plot_metrics, require_reporter
 
 STAGE_BUILDERS = {"sft": build_sft}
 CONFIG_FILE = "train_config.yaml"
@@ -34,8 +34,10 @@ def run_training(config: TrainConfig, say=print) -> dict:
     output_dir = Path(config.output_dir)
     resume_from = checkpoint.resolve_resume(config.resume_from_checkpoint, output_dir)
     _check_output_dir(output_dir, config, resume_from)
+    require_reporter(config.report_to)
     torch.manual_seed(config.seed)
     device, compute_dtype = resolve_device_and_dtype(config.bf16, config.fp16)
+    config = with_compute_dtype(config, compute_dtype)
     tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
     # Frozen weights can live in the compute dtype; full fine-tuning keeps fp32 master weights (autocast).
     load_dtype = torch.float32 if config.finetuning_type == "full" else compute_dtype

@@ -92,11 +92,20 @@ def _smooth(values) -> list[float]:
     return smoothed
 
 
-def _tensorboard_writer(output_dir: Path):
+def require_reporter(report_to: str) -> None:
+    """Fail before any work when report_to names a package that is not installed."""
+    if report_to != "tensorboard":
+        return
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        import torch.utils.tensorboard  # noqa: F401
     except ImportError:
         raise TunesmithError(
             "report_to: tensorboard needs the tensorboard package: `pip install tensorboard` "
             "(or `pip install tunesmith[tensorboard]`), or set report_to: none.") from None
+
+
+def _tensorboard_writer(output_dir: Path):
+    require_reporter("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
     return SummaryWriter(log_dir=str(output_dir / "runs"))
