@@ -1,5 +1,7 @@
 """Config loading: LLaMA-Factory keys, overrides, types, typos, ignored keys, impossible combinations."""
 
+from pathlib import Path
+
 import pytest
 
 from tunesmith.config import build_config, load_config
@@ -7,63 +9,22 @@ from tunesmith.errors import TunesmithError
 
 BASE = {"model_name_or_path": "m", "dataset": "d"}
 
-# LLaMA-Factory's examples/train_lora/llama3_lora_sft.yaml, verbatim but for model_name_or_path.
-LLAMA_FACTORY_YAML = """\
-### model
-model_name_or_path: {model}
-trust_remote_code: true
-
-### method
-stage: sft
-do_train: true
-finetuning_type: lora
-lora_rank: 8
-lora_target: all
-
-### dataset
-dataset: identity,alpaca_en_demo
-template: llama3
-cutoff_len: 2048
-max_samples: 1000
-overwrite_cache: true
-preprocessing_num_workers: 16
-dataloader_num_workers: 4
-
-### output
-output_dir: saves/llama3-8b/lora/sft
-logging_steps: 10
-save_steps: 500
-plot_loss: true
-overwrite_output_dir: true
-save_only_model: false
-report_to: none  # choices: [none, wandb, tensorboard, swanlab, mlflow]
-
-### train
-per_device_train_batch_size: 1
-gradient_accumulation_steps: 8
-learning_rate: 1.0e-4
-num_train_epochs: 3.0
-lr_scheduler_type: cosine
-warmup_ratio: 0.1
-bf16: true
-ddp_timeout: 180000000
-resume_from_checkpoint: null
-"""
+EXAMPLE = Path(__file__).resolve().parent / "fixtures" / "llama_factory" / "qwen3_lora_sft.yaml"
 
 
 def test_llama_factory_example_loads_with_notices(tmp_path):
-    path = tmp_path / "llama3_lora_sft.yaml"
-    path.write_text(LLAMA_FACTORY_YAML.format(model="some/model"))
+    path = tmp_path / "qwen3_lora_sft.yaml"
+    path.write_text(EXAMPLE.read_text())
     notices = []
     config = load_config(path, [], notices)
-    assert config.dataset == ["identity", "alpaca_en_demo"]
+    assert config.dataset == ["identity"] and config.template == "qwen3_nothink" and config.trust_remote_code
     assert config.learning_rate == pytest.approx(1e-4)  # YAML 1.1 reads 1.0e-4 as a float, 1e-4 as text
     assert config.lora_alpha == 16 and config.lora_target == ["all"]
     assert config.num_train_epochs == 3.0 and config.resume_from_checkpoint is None
-    ignored = {"overwrite_cache", "preprocessing_num_workers", "dataloader_num_workers", "save_only_model", "ddp_timeout"}
+    ignored = {"preprocessing_num_workers", "dataloader_num_workers", "save_only_model", "ddp_timeout"}
     assert len(notices) == len(ignored)
     assert all(any(f"`{key}`" in n for n in notices) for key in ignored)
-    assert "line 17" in next(n for n in notices if "overwrite_cache" in n)
+    assert "line 17" in next(n for n in notices if "preprocessing_num_workers" in n)
 
 
 def test_overrides_win_and_parse_types(tmp_path):
