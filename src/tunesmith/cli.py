@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from tunesmith.errors import TunesmithError
 
@@ -75,7 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_library_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """tunesmith's warnings are meant for users (bf16 fallback, skipped records): one line, no source path."""
+    if "tunesmith" in str(filename):
+        print(f"tunesmith: warning: {message}", file=file or sys.stderr)
+    else:
+        _library_showwarning(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)

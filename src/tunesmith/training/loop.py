@@ -92,7 +92,8 @@ def train(model, stage: Stage, data: RunData, config: TrainConfig, output_dir: P
     state = {"global_step": 0, "micro_batches_done": 0, "elapsed_s": 0.0}
     if resume_from is not None:
         state = checkpoint.read_training_state(resume_from, model, optimizer)
-        truncate_log(output_dir, state["global_step"])
+        if proc.is_main:
+            truncate_log(output_dir, state["global_step"])
     tracker = Tracker(output_dir, config.report_to, proc.is_main)
     amp = _autocast(device, config)
     scaler = torch.amp.GradScaler(device.type, enabled=config.fp16)
