@@ -4,7 +4,6 @@ import random
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from tunesmith.data import IGNORE_INDEX, collate, pack_examples
 from tunesmith.errors import TunesmithError
@@ -73,18 +72,8 @@ def test_collate_packed_has_no_attention_mask_and_pad_run():
     assert batch["labels"][1].tolist() == [-100, 6, -100, -100]
 
 
-def test_packed_row_logits_equal_each_sample_alone():
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+def test_packed_row_logits_equal_each_sample_alone(make_tiny_model):
+    model = make_tiny_model("qwen2")
     examples = make_examples([9, 5, 12, 3, 7], seed=3)
     rows = pack_examples(examples, cutoff_len=20)
     assert any(len(split_row(row)) > 1 for row in rows)

@@ -1,17 +1,9 @@
 """The SFT forward: right-padded and packed batches give each sample exactly its own hidden states."""
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from tunesmith.data.packing import collate, pack_examples
 from tunesmith.training.stages.sft import backbone_hidden
-
-
-def tiny_model():
-    torch.manual_seed(0)
-    config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=50, attn_implementation="sdpa")
-    return Qwen2ForCausalLM(config).eval()
 
 
 def samples():
@@ -26,8 +18,8 @@ def alone(model, sample):
 
 
 @torch.no_grad()
-def test_right_padded_batch_matches_each_sample_alone():
-    model = tiny_model()
+def test_right_padded_batch_matches_each_sample_alone(make_tiny_model):
+    model = make_tiny_model("qwen2")
     batch = collate(samples(), pad_token_id=0)
     hidden = backbone_hidden(model, batch)
     for row, sample in enumerate(samples()):
@@ -36,8 +28,8 @@ def test_right_padded_batch_matches_each_sample_alone():
 
 
 @torch.no_grad()
-def test_packed_row_matches_each_sample_alone():
-    model = tiny_model()
+def test_packed_row_matches_each_sample_alone(make_tiny_model):
+    model = make_tiny_model("llama")
     rows = pack_examples(samples(), cutoff_len=32)
     assert len(rows) == 1
     hidden = backbone_hidden(model, collate(rows, pad_token_id=0))[0]
