@@ -25,12 +25,21 @@ def environment_report() -> str:
         "safetensors": safetensors.__version__,
         "peft": _version_of("peft"),
         "device": _device(),
-        "bf16 supported": str(torch.cuda.is_bf16_supported()) if torch.cuda.is_available() else "True (CPU, emulated without AVX512-BF16/AMX)",
+        "fast bf16": _fast_bf16(),
         "torch threads": str(torch.get_num_threads()),
         "cpu count": str(os.cpu_count()),
         "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)"),
     }
     return "\n".join(f"- {key}: {value}" for key, value in lines.items())
+
+
+def _fast_bf16() -> str:
+    """Whether bf16: true will compute in bf16 here (see model.loading.resolve_device_and_dtype)."""
+    from tunesmith.model.loading import cpu_has_fast_bf16
+
+    if torch.cuda.is_available():
+        return str(torch.cuda.is_bf16_supported())
+    return "yes (CPU has AVX512-BF16/AMX)" if cpu_has_fast_bf16() else "no (CPU lacks AVX512-BF16/AMX: bf16 falls back to fp32)"
 
 
 def _device() -> str:

@@ -34,12 +34,12 @@ def no_cuda(monkeypatch):
 
 def test_cpu_dtypes(no_cuda, monkeypatch):
     assert resolve_device_and_dtype(bf16=False, fp16=False) == (torch.device("cpu"), torch.float32)
-    monkeypatch.setattr(loading, "_cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda: True)
     assert resolve_device_and_dtype(bf16=True, fp16=False) == (torch.device("cpu"), torch.bfloat16)
 
 
 def test_bf16_on_a_cpu_without_bf16_units_falls_back_to_fp32_with_a_warning(no_cuda, monkeypatch):
-    monkeypatch.setattr(loading, "_cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda: False)
     with pytest.warns(UserWarning, match="no bfloat16 matrix instructions"):
         assert resolve_device_and_dtype(bf16=True, fp16=False) == (torch.device("cpu"), torch.float32)
 

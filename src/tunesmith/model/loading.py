@@ -41,7 +41,7 @@ def resolve_device_and_dtype(bf16: bool, fp16: bool) -> tuple[torch.device, torc
             )
         return device, torch.float16
     if bf16:
-        if device.type == "cpu" and not _cpu_has_fast_bf16():
+        if device.type == "cpu" and not cpu_has_fast_bf16():
             warnings.warn(
                 "bf16: true, but this CPU has no bfloat16 matrix instructions (AVX512-BF16 or AMX): bf16 "
                 "matmuls run about 100x slower than fp32 here, so tunesmith computes in fp32. Set bf16: false "
@@ -62,7 +62,7 @@ def with_compute_dtype(config, dtype: torch.dtype):
     return dataclasses.replace(config, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
 
 
-def _cpu_has_fast_bf16() -> bool:
+def cpu_has_fast_bf16() -> bool:
     """oneDNN's own test for native bf16 support (AVX512-BF16 / AMX); assume yes if torch lacks it."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
