@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
     config = with_compute_dtype(config, dtype)
     model = load_model(model_path, torch.float32 if config.finetuning_type == "full" else dtype, device)
     prepare_for_training(model, config)
-    stage, data = build_sft(config, model, tokenizer)
+    stage, data = build_sft(config, tokenizer, device)
     (work / "out").mkdir()
     for steps in (args.warmup, args.steps):  # the first call warms up; the second is timed
         config.max_steps = config.logging_steps = steps

@@ -174,3 +174,15 @@ def test_report_to_tensorboard(base_settings):
         return
     train(settings)
     assert list((Path(settings["output_dir"]) / "runs").glob("events.out.tfevents.*"))
+
+
+def test_bad_record_stops_the_run_or_is_skipped(base_settings, data_dir, tmp_path, capsys):
+    records = json.loads((data_dir / "tiny.json").read_text()) + [{"instruction": "No answer here."}]
+    (data_dir / "tiny.json").write_text(json.dumps(records))
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(base_settings))
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "tiny.json" in err and "4" in err and "Traceback" not in err
+    assert main(["train", str(config), "skip_bad_records=true", "max_steps=1"]) == 0
+    assert "skipped 1" in capsys.readouterr().err.lower()

@@ -39,13 +39,13 @@ def run_training(config: TrainConfig, say=print) -> dict:
     device, compute_dtype = resolve_device_and_dtype(config.bf16, config.fp16)
     config = with_compute_dtype(config, compute_dtype)
     tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+    stage, data = STAGE_BUILDERS[config.stage](config, tokenizer, device)  # data errors surface before the model loads
+    if not data.train:
+        raise TunesmithError(f"dataset {','.join(config.dataset)} produced no training samples after loading.")
     # Frozen weights can live in the compute dtype; full fine-tuning keeps fp32 master weights (autocast).
     load_dtype = torch.float32 if config.finetuning_type == "full" else compute_dtype
     model = load_model(config.model_name_or_path, load_dtype, device, trust_remote_code=config.trust_remote_code)
     adapter = prepare_for_training(model, config)
-    stage, data = STAGE_BUILDERS[config.stage](config, model, tokenizer)
-    if not data.train:
-        raise TunesmithError(f"dataset {','.join(config.dataset)} produced no training samples after loading.")
     say(f"[tunesmith] {config.stage} on {device} ({compute_dtype}), {len(data.train)} train / "
         f"{len(data.eval)} eval rows; {trainable_summary(model)}")
     if proc.is_main:

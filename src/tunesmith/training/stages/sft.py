@@ -45,7 +45,7 @@ def count_tokens(batch: dict) -> int:
     return batch["num_tokens"]
 
 
-def build_sft(config: TrainConfig, model, tokenizer) -> tuple[Stage, RunData]:
+def build_sft(config: TrainConfig, tokenizer, device: torch.device) -> tuple[Stage, RunData]:
     """Tokenised train/eval rows and the SFT loss, ready for the loop."""
     encode = partial(build_sft_examples, dataset_dir=config.dataset_dir, tokenizer=tokenizer,
                      template=config.template, cutoff_len=config.cutoff_len,
@@ -62,6 +62,6 @@ def build_sft(config: TrainConfig, model, tokenizer) -> tuple[Stage, RunData]:
         train, evaluation = pack_examples(train, config.cutoff_len), pack_examples(evaluation, config.cutoff_len)
     stage = Stage(loss=partial(sft_loss, chunk_size=config.logprob_chunk_size),
                   count_items=count_label_tokens, count_tokens=count_tokens)
-    multiple = 64 if next(model.parameters()).device.type == "cuda" else 1  # see collate
+    multiple = 64 if device.type == "cuda" else 1  # see collate
     batcher = partial(collate, pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=multiple)
     return stage, RunData(train=train, eval=evaluation, collate=batcher)
