@@ -186,3 +186,20 @@ def test_bad_record_stops_the_run_or_is_skipped(base_settings, data_dir, tmp_pat
     assert "tiny.json" in err and "4" in err and "Traceback" not in err
     assert main(["train", str(config), "skip_bad_records=true", "max_steps=1"]) == 0
     assert "skipped 1" in capsys.readouterr().err.lower()
+
+
+def test_lora_sft_on_a_real_pretrained_llama(tmp_path):
+    """stories260K (a real TinyStories Llama, sentencepiece, no chat template) with the `default` template."""
+    model = Path(__file__).resolve().parents[3] / "shared" / "assets" / "stories260K_hf"
+    if not model.is_dir():
+        pytest.skip("../shared/assets/stories260K_hf is not present")
+    repo_data = Path(__file__).resolve().parents[2] / "data"
+    settings = {"model_name_or_path": str(model), "dataset": "identity", "dataset_dir": str(repo_data),
+                "template": "default", "lora_target": "q_proj,v_proj", "cutoff_len": 128, "max_steps": 30,
+                "logging_steps": 1, "learning_rate": 5e-3, "per_device_train_batch_size": 4,
+                "output_dir": str(tmp_path / "out"), "seed": 0}
+    train(settings)
+    losses = [r["loss"] for r in log_lines(tmp_path / "out")]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["q_proj", "v_proj"] and config["base_model_name_or_path"] == str(model)
