@@ -27,12 +27,10 @@ from pathlib import Path
 import torch
 
 from tunesmith.config import build_config
-from tunesmith.model.finetune import prepare_for_training
-from tunesmith.model.loading import load_model, load_tokenizer, resolve_device_and_dtype, with_compute_dtype
+from tunesmith.model.loading import load_tokenizer
 from tunesmith.training import loop
 from tunesmith.training.distributed import ProcessInfo
-from tunesmith.training.memory import pin_mmap_threshold
-from tunesmith.training.stages.sft import build_sft
+from tunesmith.training.run import prepare_training
 
 
 def matmul_peak_flops(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 15) -> float:
@@ -82,8 +80,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    if args.gradient_checkpointing:
-        pin_mmap_threshold()  # as run_training does in this memory-saving mode
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="tunesmith_bench_"))
@@ -101,21 +97,18 @@ def main(argv=None) -> dict:
         "per_device_train_batch_size": args.batch_size, "learning_rate": 1e-4, "save_steps": 0,
         "gradient_checkpointing": args.gradient_checkpointing, "output_dir": str(work / "out"),
     })
-    device, dtype = resolve_device_and_dtype(config.bf16, config.fp16)
-    config = with_compute_dtype(config, dtype)
-    model = load_model(model_path, torch.float32 if config.finetuning_type == "full" else dtype, device)
-    prepare_for_training(model, config)
-    stage, data = build_sft(config, tokenizer, device)
+    run = prepare_training(config)  # exactly what `tunesmith train` does before its loop
+    config, device, model = run.config, run.device, run.model
     (work / "out").mkdir()
     for steps in (args.warmup, args.steps):  # the first call warms up; the second is timed
         config.max_steps = config.logging_steps = steps
-        metrics = loop.train(model, stage, data, config, work / "out", lambda folder: None, ProcessInfo())
+        metrics = loop.train(model, run.stage, run.data, config, work / "out", lambda folder: None, ProcessInfo())
     params = sum(p.numel() for p in model.parameters())
     flops_per_token = (6 if config.finetuning_type == "full" else 4) * params
     sizes = (4096, 8192) if device.type == "cuda" else (1024, 2048, 4096)  # big enough to saturate each device
     peak = max(matmul_peak_flops(torch.bfloat16 if args.bf16 else torch.float32, device, n) for n in sizes)
     result = {
-        "model": model_path, "params": params, "device": str(device), "dtype": str(dtype),
+        "model": model_path, "params": params, "device": str(device), "dtype": str(run.compute_dtype),
         "finetuning_type": config.finetuning_type, "batch_size": args.batch_size, "cutoff_len": args.cutoff_len,
         "packing": args.packing, "threads": torch.get_num_threads(),
         "tokens_per_second": metrics["tokens_per_second"],

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from tunesmith.cli import main
 from tunesmith.config import build_config
-from tunesmith.data.templates import get_template
+from tunesmith.demo import greedy_answers
 from tunesmith.errors import TunesmithError
 from tunesmith.model.adapters import load_adapter
 from tunesmith.model.loading import load_model, load_tokenizer
@@ -25,15 +25,6 @@ def train(settings: dict) -> dict:
 
 def log_lines(output_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "trainer_log.jsonl").read_text().splitlines()]
-
-
-@torch.no_grad()
-def greedy(model, tokenizer, instruction: str) -> str:
-    template = get_template(None, tokenizer)
-    ids = torch.tensor([template.encode_prompt(tokenizer, [{"role": "user", "content": instruction}])])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                         eos_token_id=template.stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
 @pytest.mark.parametrize("finetuning_type,lr,steps", [("lora", 1e-2, 100), ("full", 3e-3, 80)])
@@ -53,7 +44,7 @@ def test_sft_overfits_and_reproduces_targets(base_settings, tiny_records, finetu
         assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
         model = load_model(str(out), torch.float32, torch.device("cpu"))
     for record in tiny_records[:3]:
-        assert greedy(model, tokenizer, record["instruction"]) == record["output"]
+        assert greedy_answers(model, tokenizer, [record["instruction"]]) == [record["output"]]
 
 
 def test_resume_equals_uninterrupted_run(base_settings, tmp_path):

@@ -7,6 +7,7 @@ the slow parts (model load, training). The stage table is the one place a new me
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,27 +27,48 @@ STAGE_BUILDERS = {"sft": build_sft}
 CONFIG_FILE = "train_config.yaml"
 
 
-def run_training(config: TrainConfig, say=print) -> dict:
-    """Train as `config` says; returns the final metrics (also written to all_results.json)."""
+@dataclass
+class Prepared:
+    """A run ready for the loop: what `prepare_training` builds, shared by `run_training` and the benchmark."""
+
+    config: TrainConfig
+    device: torch.device
+    compute_dtype: torch.dtype
+    tokenizer: object
+    model: torch.nn.Module
+    adapter: AdapterSettings | None
+    stage: loop.Stage
+    data: loop.RunData
+
+
+def prepare_training(config: TrainConfig) -> Prepared:
+    """Device and dtype, tokenizer, data (before the slow model load, so data errors come first), model."""
     if config.gradient_checkpointing:  # the memory-saving mode: also return freed activations to the OS
         pin_mmap_threshold()
-    proc = process_info()
-    output_dir = Path(config.output_dir)
-    resume_from = checkpoint.resolve_resume(config.resume_from_checkpoint, output_dir)
-    _check_output_dir(output_dir, config, resume_from)
-    require_reporter(config.report_to)
-    torch.manual_seed(config.seed)
     device, compute_dtype = resolve_device_and_dtype(config.bf16, config.fp16)
     config = with_compute_dtype(config, compute_dtype)
     tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
-    stage, data = STAGE_BUILDERS[config.stage](config, tokenizer, device)  # data errors surface before the model loads
+    stage, data = STAGE_BUILDERS[config.stage](config, tokenizer, device)
     if not data.train:
         raise TunesmithError(f"dataset {','.join(config.dataset)} produced no training samples after loading.")
     # Frozen weights can live in the compute dtype; full fine-tuning keeps fp32 master weights (autocast).
     load_dtype = torch.float32 if config.finetuning_type == "full" else compute_dtype
     model = load_model(config.model_name_or_path, load_dtype, device, trust_remote_code=config.trust_remote_code)
     adapter = prepare_for_training(model, config)
-    say(f"[tunesmith] {config.stage} on {device} ({compute_dtype}), {len(data.train)} train / "
+    return Prepared(config, device, compute_dtype, tokenizer, model, adapter, stage, data)
+
+
+def run_training(config: TrainConfig, say=print) -> dict:
+    """Train as `config` says; returns the final metrics (also written to all_results.json)."""
+    proc = process_info()
+    output_dir = Path(config.output_dir)
+    resume_from = checkpoint.resolve_resume(config.resume_from_checkpoint, output_dir)
+    _check_output_dir(output_dir, config, resume_from)
+    require_reporter(config.report_to)
+    torch.manual_seed(config.seed)
+    run = prepare_training(config)
+    config, model, tokenizer, adapter, stage, data = run.config, run.model, run.tokenizer, run.adapter, run.stage, run.data
+    say(f"[tunesmith] {config.stage} on {run.device} ({run.compute_dtype}), {len(data.train)} train / "
         f"{len(data.eval)} eval rows; {trainable_summary(model)}")
     if proc.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
