@@ -20,7 +20,8 @@ import yaml
 
 from tunesmith.errors import TunesmithError
 
-STAGES = ("sft",)
+STAGES = ("sft", "rm", "dpo")
+PREF_LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
 FINETUNING_TYPES = ("lora", "full", "freeze")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 REPORT_TO = ("none", "tensorboard")
@@ -48,13 +49,14 @@ class TrainConfig:
     model_name_or_path: str = ""
     """Hugging Face model folder or hub id (hub ids need network access)."""
     adapter_name_or_path: list[str] | None = None
-    """Comma list of PEFT LoRA adapters: all but the last are merged, the last resumes training."""
+    """Comma list of PEFT LoRA adapters. sft: all but the last are merged, the last resumes training.
+    rm/dpo: all are merged (for dpo that merged model is the reference) and a fresh adapter is trained."""
     trust_remote_code: bool = False
     """Allow model code shipped inside the model folder to run. Off unless you trust the source."""
 
     # --- method ---
     stage: str = "sft"
-    """Training stage. This release: sft."""
+    """Training stage: sft (supervised), rm (reward model) or dpo (direct preference optimisation)."""
     do_train: bool = True
     """Train (LLaMA-Factory compatibility: must be true for `tunesmith train`)."""
     do_eval: bool = False
@@ -75,6 +77,20 @@ class TrainConfig:
     """freeze: train the last N decoder layers (negative: the first -N)."""
     freeze_trainable_modules: list[str] | None = None
     """freeze: module names inside the trainable layers to train (`all` or e.g. mlp,self_attn)."""
+
+    # --- preference stages (rm, dpo) ---
+    pref_beta: float = 0.1
+    """dpo: beta, how strongly the policy is held to the reference (the implicit reward's scale)."""
+    pref_loss: str = "sigmoid"
+    """dpo: sigmoid (DPO), ipo, hinge, simpo or orpo (simpo and orpo need no reference model)."""
+    pref_ftx: float = 0.0
+    """dpo: weight of an SFT term (mean NLL of the chosen answer) added to the preference loss."""
+    dpo_label_smoothing: float = 0.0
+    """dpo with pref_loss sigmoid: conservative DPO, the assumed chance that a pair's label is flipped, in [0, 0.5)."""
+    simpo_gamma: float = 0.5
+    """dpo with pref_loss simpo: the target reward margin gamma."""
+    precompute_ref_logprobs: bool = False
+    """dpo: compute the reference log-probs once before training, so no reference forward runs during it."""
 
     # --- data ---
     dataset: list[str] | None = None
@@ -300,7 +316,7 @@ def _check_combinations(config: TrainConfig, source: str) -> None:
     """Impossible settings stop here, before any model or data is loaded."""
     choices = {
         "stage": STAGES, "finetuning_type": FINETUNING_TYPES, "lr_scheduler_type": SCHEDULERS,
-        "report_to": REPORT_TO, "eval_strategy": EVAL_STRATEGIES,
+        "report_to": REPORT_TO, "eval_strategy": EVAL_STRATEGIES, "pref_loss": PREF_LOSSES,
     }
     for key, allowed in choices.items():
         value = getattr(config, key)
@@ -337,6 +353,14 @@ def _check_combinations(config: TrainConfig, source: str) -> None:
         (config.save_steps < 0, "`save_steps` must not be negative."),
         (config.save_total_limit is not None and config.save_total_limit < 1, "`save_total_limit` must be at least 1."),
         (config.logprob_chunk_size < 1, "`logprob_chunk_size` must be at least 1."),
+        (config.pref_beta <= 0, f"`pref_beta` must be positive, got {config.pref_beta}."),
+        (config.pref_ftx < 0, f"`pref_ftx` must not be negative, got {config.pref_ftx}."),
+        (not 0 <= config.dpo_label_smoothing < 0.5,
+         f"`dpo_label_smoothing` must be in [0, 0.5), got {config.dpo_label_smoothing}."),
+        (config.dpo_label_smoothing > 0 and config.pref_loss != "sigmoid",
+         f"`dpo_label_smoothing` applies to `pref_loss: sigmoid` only, not {config.pref_loss}."),
+        (config.packing and config.stage != "sft",
+         f"`packing` is for stage sft; stage {config.stage} keeps each chosen/rejected pair in its own rows."),
         (config.finetuning_type != "lora" and bool(config.adapter_name_or_path),
          "`adapter_name_or_path` needs `finetuning_type: lora`; LoRA adapters cannot be loaded into a full or freeze run."),
     ]

@@ -3,7 +3,7 @@
 import torch
 
 from tunesmith.data.packing import collate, pack_examples
-from tunesmith.training.stages.sft import backbone_hidden
+from tunesmith.training.stages.common import backbone_hidden
 
 
 def samples():

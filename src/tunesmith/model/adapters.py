@@ -246,7 +246,12 @@ def apply_adapters(model: nn.Module, adapter_dirs: list[str], trainable_last: bo
         raise TunesmithError(
             "apply_adapters needs at least one adapter folder; adapter_name_or_path is empty."
         )
-    for adapter_dir in adapter_dirs[:-1]:
+    merge_adapters(model, adapter_dirs[:-1])
+    return load_adapter(model, adapter_dirs[-1], trainable=trainable_last)
+
+
+def merge_adapters(model: nn.Module, adapter_dirs: list[str]) -> None:
+    """Fold each adapter into the base weights in turn; the model is left without LoRA layers."""
+    for adapter_dir in adapter_dirs:
         load_adapter(model, adapter_dir, trainable=False)
         merge_and_unload(model)
-    return load_adapter(model, adapter_dirs[-1], trainable=trainable_last)

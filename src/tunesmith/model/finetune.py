@@ -1,8 +1,10 @@
 """Decide which weights train: LoRA adapters, every weight (full), or the last layers (freeze).
 
-LoRA follows LLaMA-Factory's rule for `adapter_name_or_path`: all listed adapters but the last are
-merged into the base, the last is loaded and its training resumed; without one, a fresh adapter is
-injected. Trainable weights are kept in float32 even when the frozen base is bf16/fp16, so AdamW's
+For SFT, LoRA follows LLaMA-Factory's rule for `adapter_name_or_path`: all listed adapters but the
+last are merged into the base, the last is loaded and its training resumed; without one, a fresh
+adapter is injected. Preference stages (rm, dpo) merge every listed adapter and train a fresh one:
+for DPO the merged model (typically base + SFT adapter) is then exactly the reference, reached by
+disabling the new adapter, and both stages start from the model the user finished with. Trainable weights are kept in float32 even when the frozen base is bf16/fp16, so AdamW's
 small updates are not rounded away.
 """
 
@@ -14,8 +16,10 @@ import torch
 
 from tunesmith.config import TrainConfig
 from tunesmith.errors import TunesmithError
-from tunesmith.model.adapters import apply_adapters
+from tunesmith.model.adapters import apply_adapters, merge_adapters
 from tunesmith.model.lora import inject_lora
+
+FRESH_ADAPTER_STAGES = ("rm", "dpo")
 
 
 @dataclass
@@ -58,7 +62,9 @@ def trainable_summary(model: torch.nn.Module) -> str:
 
 
 def _prepare_lora(model, config: TrainConfig) -> AdapterSettings:
-    if config.adapter_name_or_path:
+    if config.adapter_name_or_path and config.stage in FRESH_ADAPTER_STAGES:
+        merge_adapters(model, config.adapter_name_or_path)
+    elif config.adapter_name_or_path:
         saved = apply_adapters(model, config.adapter_name_or_path, trainable_last=True)
         targets = saved["target_modules"]
         return AdapterSettings(saved["r"], saved["lora_alpha"], saved.get("lora_dropout", 0.0),

@@ -95,7 +95,7 @@ def train(model, stage: Stage, data: RunData, config: TrainConfig, output_dir: P
         if proc.is_main:
             truncate_log(output_dir, state["global_step"])
     tracker = Tracker(output_dir, config.report_to, proc.is_main)
-    amp = _autocast(device, config)
+    amp = autocast_context(device, config)
     scaler = torch.amp.GradScaler(device.type, enabled=config.fp16)
     if "scaler" in state:
         scaler.load_state_dict(state["scaler"])
@@ -147,7 +147,7 @@ def evaluate(model, stage: Stage, data: RunData, config: TrainConfig) -> dict:
     was_training = model.training
     model.eval()
     totals, items = {"loss": 0.0}, 0
-    with _autocast(device, config):
+    with autocast_context(device, config):
         for start in range(0, len(data.eval), config.per_device_eval_batch_size):
             batch = _to_device(data.collate(data.eval[start:start + config.per_device_eval_batch_size]), device)
             loss_sum, metrics = stage.loss(model, batch)
@@ -238,7 +238,8 @@ def _save(output_dir, step, model, optimizer, state, save_artifact, config) -> N
     checkpoint.save_checkpoint(output_dir, step, write, config.save_total_limit)
 
 
-def _autocast(device: torch.device, config: TrainConfig):
+def autocast_context(device: torch.device, config: TrainConfig):
+    """Mixed precision as the config asks (bf16/fp16), a no-op context in fp32."""
     dtype = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else None
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 

@@ -17,14 +17,27 @@ from tunesmith.errors import TunesmithError
 from tunesmith.model.adapters import save_adapter
 from tunesmith.model.finetune import AdapterSettings, prepare_for_training, trainable_summary
 from tunesmith.model.loading import load_model, load_tokenizer, resolve_device_and_dtype, with_compute_dtype
+from tunesmith.model.value_head import save_value_head, without_value_head
 from tunesmith.training import checkpoint, loop
 from tunesmith.training.distributed import process_info
 from tunesmith.training.memory import pin_mmap_threshold
+from tunesmith.training.stages.dpo import build_dpo
+from tunesmith.training.stages.rm import build_rm
 from tunesmith.training.stages.sft import build_sft
 from tunesmith.training.tracking import LOG_FILE, plot_metrics, require_reporter
 
-STAGE_BUILDERS = {"sft": build_sft}
+# stage -> builder(config, tokenizer, device) -> (RunData, make_stage(model, data) -> loop.Stage). The data is
+# built before the model loads (cheap errors first); make_stage runs once the model is loaded and prepared
+# (to attach a value head, set up a reference model, cache reference log-probs).
+STAGE_BUILDERS = {"sft": build_sft, "rm": build_rm, "dpo": build_dpo}
 CONFIG_FILE = "train_config.yaml"
+# plot_loss draws these curves (training_<key>.png, "/" written as "_") when the log has them.
+PLOTTED = {
+    "sft": ("loss", "eval_loss"),
+    "rm": ("loss", "eval_loss", "accuracy", "eval_accuracy"),
+    "dpo": ("loss", "eval_loss", "rewards/accuracies", "rewards/margins", "eval_rewards/accuracies",
+            "eval_rewards/margins"),
+}
 
 
 @dataclass
@@ -48,13 +61,14 @@ def prepare_training(config: TrainConfig) -> Prepared:
     device, compute_dtype = resolve_device_and_dtype(config.bf16, config.fp16)
     config = with_compute_dtype(config, compute_dtype)
     tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
-    stage, data = STAGE_BUILDERS[config.stage](config, tokenizer, device)
+    data, make_stage = STAGE_BUILDERS[config.stage](config, tokenizer, device)
     if not data.train:
         raise TunesmithError(f"dataset {','.join(config.dataset)} produced no training samples after loading.")
     # Frozen weights can live in the compute dtype; full fine-tuning keeps fp32 master weights (autocast).
     load_dtype = torch.float32 if config.finetuning_type == "full" else compute_dtype
     model = load_model(config.model_name_or_path, load_dtype, device, trust_remote_code=config.trust_remote_code)
     adapter = prepare_for_training(model, config)
+    stage = make_stage(model, data)
     return Prepared(config, device, compute_dtype, tokenizer, model, adapter, stage, data)
 
 
@@ -85,7 +99,7 @@ def run_training(config: TrainConfig, say=print) -> dict:
         save_artifact(output_dir)
         (output_dir / "all_results.json").write_text(json.dumps(metrics, indent=2))
         if config.plot_loss:
-            plot_metrics(output_dir)
+            plot_metrics(output_dir, PLOTTED[config.stage])
     return metrics
 
 
@@ -95,7 +109,10 @@ def _save_result(model, tokenizer, adapter: AdapterSettings | None, config: Trai
         save_adapter(model, folder, config.model_name_or_path, adapter.rank, adapter.alpha, adapter.dropout,
                      adapter.target_modules, adapter.use_rslora)
     else:
-        model.save_pretrained(folder, safe_serialization=True)
+        model.save_pretrained(folder, safe_serialization=True, state_dict=without_value_head(model.state_dict()))
+    head = getattr(model, "v_head", None)
+    if head is not None:  # a reward model: the head goes beside the adapter or model (value_head.safetensors)
+        save_value_head(head, folder)
     tokenizer.save_pretrained(folder)
 
 

@@ -75,7 +75,7 @@ def plot_metrics(output_dir: Path, keys: tuple[str, ...] = ("loss", "eval_loss")
         plt.xlabel("step")
         plt.ylabel(key)
         plt.legend()
-        path = output_dir / f"training_{key}.png"
+        path = output_dir / f"training_{key.replace('/', '_')}.png"
         figure.savefig(path, format="png", dpi=100)
         plt.close(figure)
         written.append(path)

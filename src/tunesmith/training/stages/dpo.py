@@ -1,0 +1,111 @@
+"""DPO and its variants: train the policy directly on preference pairs (the book's Algorithm 3.1).
+
+Each step runs chosen and rejected answers through the policy in one concatenated forward pass and
+sums the log-probs of their answer tokens (prompt tokens are labelled IGNORE_INDEX). The reference
+log-probs come from, in order of preference:
+- the batch, when `precompute_ref_logprobs` cached them before training (no reference forward at all);
+- the policy itself with its LoRA adapter disabled: no second copy of the weights. Any adapters in
+  adapter_name_or_path were merged into the base first, so this is the SFT model the run started from;
+- a frozen copy of the starting model, for full and freeze fine-tuning.
+simpo and orpo need no reference. The losses themselves are pure functions in `algorithms/dpo.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from tqdm.auto import tqdm
+
+from tunesmith.algorithms.dpo import REFERENCE_FREE, PairLogps, preference_loss, preference_metrics
+from tunesmith.config import TrainConfig
+from tunesmith.data.pairs import REFERENCE_KEYS
+from tunesmith.model.lora import disable_lora, lora_modules
+from tunesmith.training.loop import RunData, Stage, autocast_context
+from tunesmith.training.stages.common import sequence_logps
+from tunesmith.training.stages.rm import build_pair_data, count_pairs, count_tokens
+
+Reference = Callable[[dict], PairLogps]
+
+
+def pair_logps(model, batch: dict, chunk_size: int) -> PairLogps:
+    """Summed answer log-probs of the chosen (first half) and rejected (second half) rows."""
+    sums, lengths = sequence_logps(model, batch, chunk_size)
+    chosen, rejected = sums.chunk(2)
+    chosen_len, rejected_len = lengths.chunk(2)
+    return PairLogps(chosen, rejected, chosen_len, rejected_len)
+
+
+def cached_reference(batch: dict, lengths: PairLogps) -> PairLogps | None:
+    """Reference log-probs that `precompute_reference_logps` stored in the rows, if any."""
+    if not all(key in batch for key in REFERENCE_KEYS):
+        return None
+    return PairLogps(batch["ref_chosen_logps"], batch["ref_rejected_logps"], lengths.chosen_len, lengths.rejected_len)
+
+
+def dpo_loss(model, batch: dict, config: TrainConfig, reference: Reference | None) -> tuple[torch.Tensor, dict]:
+    """Summed preference loss over the batch's pairs, and TRL-named metrics summed over them."""
+    policy = pair_logps(model, batch, config.logprob_chunk_size)
+    ref = None
+    if config.pref_loss not in REFERENCE_FREE:
+        ref = cached_reference(batch, policy) or reference(batch)
+    output = preference_loss(policy, ref, config.pref_loss, config.pref_beta, config.dpo_label_smoothing,
+                             config.simpo_gamma, config.pref_ftx)
+    return output.losses.sum(), preference_metrics(output)
+
+
+def adapter_reference(model, chunk_size: int) -> Reference:
+    """The policy with its LoRA adapter switched off: the starting model, at the cost of one forward."""
+    @torch.no_grad()
+    def reference(batch: dict) -> PairLogps:
+        with disable_lora(model):
+            return pair_logps(model, batch, chunk_size)
+    return reference
+
+
+def frozen_copy_reference(model, chunk_size: int, dtype: torch.dtype) -> Reference:
+    """A frozen copy of the starting model (full/freeze fine-tuning change the weights themselves)."""
+    frozen = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+    return torch.no_grad()(partial(pair_logps, frozen, chunk_size=chunk_size))
+
+
+@torch.no_grad()
+def precompute_reference_logps(reference: Reference, data: RunData, batch_size: int, device) -> None:
+    """Store each row's reference log-probs in the row itself, so training runs no reference forward."""
+    for rows in (data.train, data.eval):
+        for start in tqdm(range(0, len(rows), batch_size), desc="reference log-probs", leave=False):
+            chunk = rows[start:start + batch_size]
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in data.collate(chunk).items()}
+            ref = reference(batch)
+            for row, chosen, rejected in zip(chunk, ref.chosen.tolist(), ref.rejected.tolist()):
+                row["ref_chosen_logps"], row["ref_rejected_logps"] = chosen, rejected
+
+
+def build_dpo(config: TrainConfig, tokenizer, device: torch.device):
+    """Pair data, and a function that sets up the reference for the loaded model and gives the stage."""
+    def make_stage(model, data: RunData) -> Stage:
+        reference = None
+        if config.pref_loss not in REFERENCE_FREE:
+            chunk = config.logprob_chunk_size
+            if any(True for _ in lora_modules(model)):
+                reference = adapter_reference(model, chunk)
+            elif config.precompute_ref_logprobs:  # the model has not been trained yet: it is the reference
+                reference = torch.no_grad()(partial(pair_logps, model, chunk_size=chunk))
+            else:
+                reference = frozen_copy_reference(model, chunk, _autocast_dtype(config))
+            if config.precompute_ref_logprobs:
+                was_training = model.training
+                model.eval()
+                with autocast_context(device, config):
+                    precompute_reference_logps(reference, data, config.per_device_train_batch_size, device)
+                model.train(was_training)
+        loss = partial(dpo_loss, config=config, reference=reference)
+        return Stage(loss=loss, count_items=count_pairs, count_tokens=count_tokens)
+
+    return build_pair_data(config, tokenizer, device), make_stage
+
+
+def _autocast_dtype(config: TrainConfig) -> torch.dtype:
+    return torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
