@@ -1,6 +1,7 @@
 """The `tunesmith` command. Subcommands only parse arguments and call library functions.
 
     tunesmith train cfg.yaml [key=value ...]   train as the YAML says (LLaMA-Factory's keys)
+    tunesmith score RM_DIR [--prompt --response | --dataset]   score answers with a trained reward model
     tunesmith init-model OUT [--arch --size]   write a small random-init model folder, offline
     tunesmith demo                             build a tiny model, fine-tune it, show before/after
     tunesmith env                              versions, device, threads
@@ -26,6 +27,36 @@ def _train(args) -> None:
     metrics = run_training(config)
     summary = ", ".join(f"{key}={value:.4g}" for key, value in metrics.items())
     print(f"[tunesmith] done: {summary}; outputs in {config.output_dir}")
+
+
+def _score(args) -> None:
+    import json
+
+    from tunesmith.data.dataset import is_ranking_dataset, load_conversations, load_preference_examples
+    from tunesmith.model.reward_model import RewardModel
+
+    if (args.prompt is None) == (args.dataset is None) or (args.prompt is None) != (args.response is None):
+        raise TunesmithError("score needs either --prompt and --response, or --dataset (names or files).")
+    reward_model = RewardModel.load(args.reward_model, base_model=args.base_model)
+    if args.prompt is not None:
+        messages = [{"role": "user", "content": args.prompt}, {"role": "assistant", "content": args.response}]
+        print(json.dumps({"score": reward_model.score([messages])[0]}))
+        return
+    names = [name.strip() for name in args.dataset.split(",") if name.strip()]
+    for name in names:
+        if is_ranking_dataset(name, args.dataset_dir):
+            pairs = load_preference_examples([name], args.dataset_dir, args.max_samples)
+            chosen = reward_model.score([p.prompt_messages + [{"role": "assistant", "content": p.chosen}] for p in pairs])
+            rejected = reward_model.score([p.prompt_messages + [{"role": "assistant", "content": p.rejected}] for p in pairs])
+            for c, r in zip(chosen, rejected):
+                print(json.dumps({"dataset": name, "chosen": c, "rejected": r}))
+            accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
+            print(f"[tunesmith] {name}: {len(pairs)} pairs, accuracy {accuracy:.4f} "
+                  "(share of pairs where chosen scores higher)", file=sys.stderr)
+        else:
+            conversations = load_conversations([name], args.dataset_dir, args.max_samples)
+            for value in reward_model.score(conversations):
+                print(json.dumps({"dataset": name, "score": value}))
 
 
 def _init_model(args) -> None:
@@ -57,6 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML file with LLaMA-Factory-style keys")
     train.add_argument("overrides", nargs="*", help="key=value settings that override the file")
     train.set_defaults(handler=_train)
+
+    score = commands.add_parser("score", help="score answers with a reward model trained by `stage: rm`")
+    score.add_argument("reward_model", help="output_dir (or checkpoint-N) of a `stage: rm` run")
+    score.add_argument("--prompt", help="a user message (with --response)")
+    score.add_argument("--response", help="the assistant answer to score")
+    score.add_argument("--dataset", help="comma list of dataset names or files: one JSON line per record "
+                       "(chosen and rejected scores for preference data, plus the accuracy)")
+    score.add_argument("--dataset-dir", default="data", help="folder with dataset_info.json (default: data)")
+    score.add_argument("--max-samples", type=int, default=None, help="score at most this many records per dataset")
+    score.add_argument("--base-model", default=None, help="base model folder, if it moved since training")
+    score.set_defaults(handler=_score)
 
     init = commands.add_parser("init-model", help="write a small random-init model folder (no download)")
     init.add_argument("output_dir")

@@ -142,3 +142,15 @@ def split_train_eval(examples: list, val_size, seed: int) -> tuple:
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     return [examples[i] for i in order[eval_count:]], [examples[i] for i in order[:eval_count]]
+
+
+def is_ranking_dataset(name: str, dataset_dir) -> bool:
+    """Whether a dataset holds preference pairs (its dataset_info.json entry, or a plain file's first record)."""
+    spec = resolve_dataset(name, dataset_dir)
+    if spec.formatting != "auto":
+        return spec.ranking
+    for path in dataset_files(spec):
+        records = read_records(path)
+        if records:
+            return detect_spec(name, spec.path, records[0]).ranking
+    return False

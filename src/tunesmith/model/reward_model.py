@@ -1,0 +1,96 @@
+"""Load a reward model trained by `stage: rm` and score conversations with it.
+
+A reward model folder is what `tunesmith train` wrote for `stage: rm`: a PEFT adapter
+(adapter_config.json + adapter_model.safetensors) or a full model folder, plus value_head.safetensors
+and the tokenizer, with train_config.yaml beside it (in the folder, or its parent for a checkpoint-N).
+The config says which base model and earlier adapters (e.g. an SFT adapter, merged before the reward
+adapter was trained) to rebuild, which chat template, and the cutoff length used in training.
+
+    rm = RewardModel.load("saves/rm")
+    rm.score([[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]])  # -> [1.93]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from tunesmith.data.encode import encode_sft
+from tunesmith.data.templates import get_template
+from tunesmith.errors import TunesmithError
+from tunesmith.model.adapters import CONFIG_NAME, load_adapter, merge_adapters, read_adapter_config
+from tunesmith.model.loading import load_model, load_tokenizer, resolve_device_and_dtype
+from tunesmith.model.lora import merge_and_unload
+from tunesmith.model.value_head import VALUE_HEAD_FILE, attach_value_head, load_value_head
+from tunesmith.training.stages.rm import sequence_scores
+
+TRAIN_CONFIG = "train_config.yaml"
+
+
+def _training_settings(folder: Path) -> dict:
+    """The train_config.yaml written with the reward model (folder or, for a checkpoint, its parent)."""
+    for candidate in (folder / TRAIN_CONFIG, folder.parent / TRAIN_CONFIG):
+        if candidate.is_file():
+            return yaml.safe_load(candidate.read_text()) or {}
+    return {}
+
+
+class RewardModel:
+    """A causal LM backbone with a value head; `score` gives one number per conversation."""
+
+    def __init__(self, model, tokenizer, template, cutoff_len: int = 2048):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.template = template
+        self.cutoff_len = cutoff_len
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def load(cls, path: str | Path, base_model: str | None = None, template: str | None = None,
+             dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> RewardModel:
+        """Rebuild the reward model in `path`. `base_model` overrides the recorded base (if it moved)."""
+        folder = Path(path)
+        if not (folder / VALUE_HEAD_FILE).is_file():
+            raise TunesmithError(
+                f"{folder} has no {VALUE_HEAD_FILE}, so it is not a reward model. Point at the output_dir (or a "
+                "checkpoint-N) of a `stage: rm` run.")
+        settings = _training_settings(folder)
+        device, default_dtype = resolve_device_and_dtype(bf16=torch.cuda.is_available(), fp16=False)
+        dtype = dtype or default_dtype
+        if (folder / CONFIG_NAME).is_file():
+            base = base_model or settings.get("model_name_or_path") or read_adapter_config(folder)["base_model_name_or_path"]
+            model = load_model(base, dtype, device, trust_remote_code=trust_remote_code)
+            merge_adapters(model, settings.get("adapter_name_or_path") or [])  # what the rm run merged first
+            load_adapter(model, folder, trainable=False)
+            merge_and_unload(model)
+        else:
+            model = load_model(str(folder), dtype, device, trust_remote_code=trust_remote_code)
+        head = attach_value_head(model, load_value_head(folder, model.config.hidden_size))
+        head.requires_grad_(False)
+        tokenizer = load_tokenizer(str(folder), trust_remote_code=trust_remote_code)
+        chat_template = get_template(template or settings.get("template"), tokenizer)
+        return cls(model, tokenizer, chat_template, int(settings.get("cutoff_len") or 2048))
+
+    def encode(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation ending with an assistant turn, exactly as rm training encoded it."""
+        if not messages or messages[-1].get("role") != "assistant":
+            raise TunesmithError("a conversation to score must end with an assistant message (the answer).")
+        return encode_sft(messages, self.template, self.tokenizer, self.cutoff_len)["input_ids"]
+
+    @torch.no_grad()
+    def score(self, conversations: list[list[dict]], batch_size: int = 8) -> list[float]:
+        """One score per conversation: the value head at its last token."""
+        scores = []
+        for start in range(0, len(conversations), batch_size):
+            encoded = [self.encode(messages) for messages in conversations[start:start + batch_size]]
+            longest = max(len(ids) for ids in encoded)
+            pad = self.tokenizer.pad_token_id
+            batch = {
+                "input_ids": torch.tensor([ids + [pad] * (longest - len(ids)) for ids in encoded], device=self.device),
+                "attention_mask": torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids in encoded],
+                                               device=self.device),
+            }
+            scores += sequence_scores(self.model, batch).tolist()
+        return scores
