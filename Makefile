@@ -19,4 +19,4 @@ test: $(VENV)/.installed
 	$(PY) -m pytest
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/bench_sft.py --init 40m
+	$(PY) benchmarks/bench_train.py --init 40m

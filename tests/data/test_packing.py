@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from tunesmith.data import IGNORE_INDEX, collate, pack_examples
+from tunesmith.data.packing import pack_into_row
 from tunesmith.errors import TunesmithError
+from tunesmith.model.attention import VARLEN_SDPA
 
 
 def make_examples(lengths, seed=0):
@@ -62,32 +64,47 @@ def test_collate_unpacked_pads_to_batch_longest():
     assert batch["input_ids"][0, 3:].tolist() == [0, 0] and batch["labels"][0, 3:].tolist() == [-100, -100]
 
 
-def test_collate_packed_has_no_attention_mask_and_pad_run():
+def test_collate_packed_rows_become_one_row_with_sample_bounds():
     rows = [{"input_ids": [7, 8, 9, 4], "labels": [-100, 8, 9, -100], "position_ids": [0, 1, 2, 0]}]
     rows.append({"input_ids": [5, 6], "labels": [-100, 6], "position_ids": [0, 1]})
     batch = collate(rows, pad_token_id=0)
-    assert set(batch) == {"input_ids", "labels", "position_ids", "num_tokens"}
-    assert batch["num_tokens"] == 6  # the pad tail is not counted
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0], [0, 1, 0, 1]]
-    assert batch["labels"][1].tolist() == [-100, 6, -100, -100]
+    assert set(batch) == {"input_ids", "labels", "position_ids", "num_tokens", "num_sequences", "cu_seqlens"}
+    assert batch["num_tokens"] == 6 and batch["num_sequences"] == 3
+    assert batch["input_ids"].tolist() == [[7, 8, 9, 4, 5, 6]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 0, 1]]
+    assert batch["cu_seqlens"] == [0, 3, 4, 6]
+    assert batch["labels"].tolist() == [[-100, 8, 9, -100, -100, 6]]
 
 
-def test_packed_row_logits_equal_each_sample_alone(make_tiny_model):
+def test_pack_into_row_pads_tail_as_its_own_unlabelled_segment():
+    batch = pack_into_row([([1, 2, 3], [1, 2, 3]), ([4, 5], [4, 5])], pad_token_id=0, pad_to_multiple_of=4)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 2, 3, -100, 5, -100, -100, -100]]  # first label of each ignored
+    assert batch["cu_seqlens"] == [0, 3, 5, 8] and batch["num_sequences"] == 2 and batch["num_tokens"] == 5
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+
+
+@pytest.mark.parametrize("per_sample_attention", [False, True], ids=["transformers-mask", "varlen"])
+def test_packed_row_logits_equal_each_sample_alone(make_tiny_model, per_sample_attention):
+    """Both ways of keeping samples apart: transformers' block mask from position_ids, and varlen sdpa."""
     model = make_tiny_model("qwen2")
     examples = make_examples([9, 5, 12, 3, 7], seed=3)
     rows = pack_examples(examples, cutoff_len=20)
     assert any(len(split_row(row)) > 1 for row in rows)
     batch = collate(rows, pad_token_id=0)
+    extra = {}
+    if per_sample_attention:
+        model.set_attn_implementation(VARLEN_SDPA)
+        extra["cu_seqlens"] = batch["cu_seqlens"]
     with torch.no_grad():
         # use_cache=False: with a cache transformers skips packed-sequence detection
-        packed = model(
-            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
-        ).logits
-        for r, row in enumerate(rows):
-            start = 0
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                       **extra).logits[0]
+        start = 0
+        for row in rows:
             for sample in split_row(row):
                 alone = model(input_ids=torch.tensor([sample]), use_cache=False).logits[0]
-                torch.testing.assert_close(packed[r, start : start + len(sample)], alone, atol=1e-5, rtol=0)
+                torch.testing.assert_close(packed[start : start + len(sample)], alone, atol=1e-5, rtol=0)
                 start += len(sample)
 
 

@@ -8,6 +8,7 @@ import torch
 
 from tunesmith.errors import TunesmithError
 from tunesmith.model import loading
+from tunesmith.model.attention import VARLEN_SDPA
 from tunesmith.model.init_model import init_model
 from tunesmith.model.loading import load_model, load_tokenizer, resolve_device_and_dtype
 from tunesmith.model.tokenizer_build import corpus_texts, train_tokenizer
@@ -57,7 +58,7 @@ def test_bf16_and_fp16_together_is_a_user_error():
 def test_load_model_in_dtype_with_finite_logits(tiny_dir):
     model = load_model(str(tiny_dir), torch.bfloat16, torch.device("cpu"))
     assert model.dtype == torch.bfloat16
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == VARLEN_SDPA  # sdpa, plus per-sample attention for packed rows
     logits = model(torch.tensor([[5, 6, 7]])).logits
     assert torch.isfinite(logits.float()).all()
 

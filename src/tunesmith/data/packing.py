@@ -10,6 +10,8 @@ The first label of every packed sample is IGNORE_INDEX: the shifted loss would o
 token of one sample to predict the first token of the next (an unpacked sample never trains its first token).
 
 Usage: `rows = pack_examples(examples, cutoff_len)`; `batch = collate(rows[:8], tokenizer.pad_token_id)`.
+A batch of packed rows is laid out as a single row with `cu_seqlens`, so attention costs what the
+samples cost (see `pack_into_row`).
 """
 
 import bisect
@@ -57,29 +59,62 @@ def pack_examples(examples: list, cutoff_len: int) -> list:
     return rows
 
 
-def collate(batch: list, pad_token_id: int, pad_to_multiple_of: int = 1) -> dict:
-    """Right-pad a batch to its own longest row (rounded up to `pad_to_multiple_of`); tensors [batch, seq].
+def pack_into_row(sequences: list[tuple[list[int], list[int]]], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict:
+    """Every (input_ids, labels) sequence back to back in one row [1, T]: no padding, nothing wasted.
 
-    On a GPU a multiple of 64 keeps the number of distinct shapes (and kernel selections) small and the
-    matmuls tensor-core aligned; on a CPU every pad token is wasted work, so the default is 1.
-    Unpacked rows get an attention_mask. Packed rows (with position_ids) get none: the pad tail is given
-    its own position run 0, 1, ... so the model treats it as one more sample, and its labels are ignored.
+    position_ids restart at 0 for each sequence and `cu_seqlens` lists where each starts (plus the end),
+    which lets attention run per sequence (model/attention.py). Each sequence's first label is ignored, so
+    no sequence's last token is trained to predict the next one's first. A pad tail up to
+    `pad_to_multiple_of` is one more, unlabelled, segment.
     """
+    input_ids, labels, positions, cu_seqlens = [], [], [], [0]
+    for ids, row_labels in sequences:
+        input_ids += ids
+        labels += [IGNORE_INDEX] + row_labels[1:]
+        positions += range(len(ids))
+        cu_seqlens.append(len(input_ids))
+    pad = -len(input_ids) % pad_to_multiple_of
+    if pad:
+        input_ids += [pad_token_id] * pad
+        labels += [IGNORE_INDEX] * pad
+        positions += range(pad)
+        cu_seqlens.append(len(input_ids))
+    return {
+        "num_tokens": cu_seqlens[len(sequences)],
+        "num_sequences": len(sequences),
+        "input_ids": torch.tensor([input_ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "cu_seqlens": cu_seqlens,
+    }
+
+
+def collate(batch: list, pad_token_id: int, pad_to_multiple_of: int = 1) -> dict:
+    """Tensors for a list of rows: unpacked rows right-padded to the longest, packed rows as one row.
+
+    Unpacked rows get an attention_mask and are padded to their own longest row (rounded up to
+    `pad_to_multiple_of`: on a GPU a multiple of 64 keeps the number of distinct shapes small and the
+    matmuls tensor-core aligned; on a CPU every pad token is wasted work, so the default is 1).
+    Packed rows (with position_ids) are laid end to end in a single row (`pack_into_row`), split back
+    into their samples at each position 0.
+    """
+    if "position_ids" in batch[0]:
+        samples = []
+        for row in batch:
+            starts = [i for i, position in enumerate(row["position_ids"]) if position == 0] + [len(row["input_ids"])]
+            samples += [(row["input_ids"][a:b], row["labels"][a:b]) for a, b in zip(starts[:-1], starts[1:])]
+        return pack_into_row(samples, pad_token_id, pad_to_multiple_of)
     longest = max(len(row["input_ids"]) for row in batch)
     longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-    packed = "position_ids" in batch[0]
-    input_ids, labels, extra = [], [], []
+    input_ids, labels, mask = [], [], []
     for row in batch:
         pad = longest - len(row["input_ids"])
         input_ids.append(row["input_ids"] + [pad_token_id] * pad)
         labels.append(row["labels"] + [IGNORE_INDEX] * pad)
-        if packed:
-            extra.append(row["position_ids"] + list(range(pad)))
-        else:
-            extra.append([1] * len(row["input_ids"]) + [0] * pad)
+        mask.append([1] * len(row["input_ids"]) + [0] * pad)
     return {
         "num_tokens": sum(len(row["input_ids"]) for row in batch),  # non-pad tokens, for throughput
         "input_ids": torch.tensor(input_ids, dtype=torch.long),
         "labels": torch.tensor(labels, dtype=torch.long),
-        ("position_ids" if packed else "attention_mask"): torch.tensor(extra, dtype=torch.long),
+        "attention_mask": torch.tensor(mask, dtype=torch.long),
     }

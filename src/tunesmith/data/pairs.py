@@ -1,9 +1,9 @@
 """Preference pairs as training rows, and batches that run chosen and rejected in one forward pass.
 
 A row holds chosen_input_ids/labels and rejected_input_ids/labels sharing one prompt (see
-`encode_pair`). A batch of B pairs becomes one [2B, seq] tensor: rows 0..B-1 are the chosen answers,
-rows B..2B-1 the rejected ones, right-padded to the batch's longest sequence. One forward over both
-halves is what TRL calls the concatenated forward: half the kernel launches, and the same weights read once.
+`encode_pair`). A batch of B pairs becomes one packed row: the B chosen sequences, then the B rejected ones, back to
+back with no padding (`pack_into_row`; attention stays within each sequence). One forward over both
+is what TRL calls the concatenated forward: the weights are read once for chosen and rejected.
 
 Usage:
     rows = build_pair_examples(["dpo_en_demo"], "data", tokenizer, template=None, cutoff_len=1024)
@@ -18,6 +18,7 @@ import torch
 
 from tunesmith.data.dataset import load_preference_examples
 from tunesmith.data.encode import IGNORE_INDEX, encode_pair
+from tunesmith.data.packing import pack_into_row
 from tunesmith.data.templates import get_template
 
 REFERENCE_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -41,24 +42,11 @@ def _has_response(labels: list[int]) -> bool:
 
 
 def collate_pairs(rows: list[dict], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict:
-    """input_ids, labels, attention_mask [2B, seq] (chosen rows first); num_tokens; cached reference log-probs."""
+    """The batch's chosen then rejected sequences packed into one row (see `pack_into_row`), with
+    num_pairs and, when the rows carry them, the cached reference log-probs [pairs]."""
     sequences = [(row["chosen_input_ids"], row["chosen_labels"]) for row in rows]
     sequences += [(row["rejected_input_ids"], row["rejected_labels"]) for row in rows]
-    longest = max(len(ids) for ids, _ in sequences)
-    longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-    input_ids, labels, mask = [], [], []
-    for ids, row_labels in sequences:
-        pad = longest - len(ids)
-        input_ids.append(ids + [pad_token_id] * pad)
-        labels.append(row_labels + [IGNORE_INDEX] * pad)
-        mask.append([1] * len(ids) + [0] * pad)
-    batch = {
-        "num_tokens": sum(len(ids) for ids, _ in sequences),
-        "num_pairs": len(rows),
-        "input_ids": torch.tensor(input_ids, dtype=torch.long),
-        "labels": torch.tensor(labels, dtype=torch.long),
-        "attention_mask": torch.tensor(mask, dtype=torch.long),
-    }
+    batch = {**pack_into_row(sequences, pad_token_id, pad_to_multiple_of), "num_pairs": len(rows)}
     if all(key in rows[0] for key in REFERENCE_KEYS):
         for key in REFERENCE_KEYS:
             batch[key] = torch.tensor([row[key] for row in rows], dtype=torch.float32)

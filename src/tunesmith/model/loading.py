@@ -23,6 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tunesmith.errors import TunesmithError
+from tunesmith.model.attention import VARLEN_SDPA
 
 # Pad-like special tokens of common tokenizers, tried in order before falling back to unk, then eos.
 PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
@@ -87,7 +88,17 @@ def load_model(model_name_or_path: str, dtype: torch.dtype, device: torch.device
         )
     except OSError as err:
         raise _load_error(path, "model", is_local, err) from err
+    if attn_implementation is None and model.config._attn_implementation == "sdpa":
+        use_varlen_attention(model)
     return model.to(device)
+
+
+def use_varlen_attention(model: PreTrainedModel) -> None:
+    """sdpa that also runs packed batches per sample (see model/attention.py); plain sdpa where refused."""
+    try:
+        model.set_attn_implementation(VARLEN_SDPA)
+    except (ValueError, ImportError):  # a model class that only accepts the attention names it knows
+        pass
 
 
 MIN_VOCAB = 16  # fewer tokens than this is no real tokenizer (even byte-level ones have 256)

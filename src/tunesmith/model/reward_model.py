@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from tunesmith.data.encode import encode_sft
+from tunesmith.data.packing import pack_into_row
 from tunesmith.data.templates import get_template
 from tunesmith.errors import TunesmithError
 from tunesmith.model.adapters import CONFIG_NAME, load_adapter, merge_adapters, read_adapter_config
@@ -85,12 +86,8 @@ class RewardModel:
         scores = []
         for start in range(0, len(conversations), batch_size):
             encoded = [self.encode(messages) for messages in conversations[start:start + batch_size]]
-            longest = max(len(ids) for ids in encoded)
-            pad = self.tokenizer.pad_token_id
-            batch = {
-                "input_ids": torch.tensor([ids + [pad] * (longest - len(ids)) for ids in encoded], device=self.device),
-                "attention_mask": torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids in encoded],
-                                               device=self.device),
-            }
+            batch = pack_into_row([(ids, ids) for ids in encoded], self.tokenizer.pad_token_id)
+            batch = {key: value.to(self.device) if isinstance(value, torch.Tensor) else value
+                     for key, value in batch.items()}
             scores += sequence_scores(self.model, batch).tolist()
         return scores

@@ -9,25 +9,56 @@ import torch
 from tunesmith.algorithms.logprobs import IGNORE_INDEX, chunked_logprobs, shift_labels
 from tunesmith.config import TrainConfig
 from tunesmith.data.dataset import split_train_eval
+from tunesmith.model.attention import SEGMENTS_KWARG, VARLEN_SDPA
 
 
 def backbone_hidden(model, batch: dict) -> torch.Tensor:
-    """Last hidden states [batch, seq, hidden] of a right-padded or packed batch.
+    """Last hidden states [rows, seq, hidden] of a right-padded or packed batch.
 
-    Packed rows carry position_ids and no attention_mask, which is how transformers recognises them and
-    keeps attention inside each sample. Right-padded rows need no mask either: under causal attention a
-    real token only sees earlier positions, and every pad comes after the row's real tokens. Leaving the
-    mask out lets sdpa take its causal fast path; pad positions' outputs are garbage, but never read.
+    Packed batches carry position_ids, no attention_mask, and `cu_seqlens`, the sample boundaries that
+    let attention run per sample (model/attention.py); without that attention, transformers sees the
+    position_ids alone and masks across samples itself. Right-padded rows need no mask either: under
+    causal attention a real token only sees earlier positions, and every pad comes after the row's real
+    tokens. Leaving the mask out lets sdpa take its causal fast path; pad outputs are garbage, never read.
     """
-    output = model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), use_cache=False)
+    extra = {}
+    if "cu_seqlens" in batch and model.config._attn_implementation == VARLEN_SDPA:
+        extra[SEGMENTS_KWARG] = batch["cu_seqlens"]
+    output = model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"),
+                                 use_cache=False, **extra)
     return output.last_hidden_state
 
 
+def sequence_lengths(batch: dict) -> list[int]:
+    """Token count of each sequence of a packed batch (the pad tail, if any, excluded)."""
+    bounds = batch["cu_seqlens"][:batch["num_sequences"] + 1]
+    return [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+
+
+def per_sequence_sum(values: torch.Tensor, batch: dict) -> torch.Tensor:
+    """[sequences] sums of a per-position tensor: over each row, or each packed sequence."""
+    if "cu_seqlens" not in batch:
+        return values.sum(1)
+    lengths = sequence_lengths(batch)
+    flat = values.reshape(-1)[:sum(lengths)]
+    owner = torch.repeat_interleave(torch.arange(len(lengths), device=flat.device),
+                                    torch.tensor(lengths, device=flat.device))
+    return flat.new_zeros(len(lengths)).index_add(0, owner, flat)
+
+
+def last_token_positions(batch: dict) -> torch.Tensor:
+    """Flat index (into rows x seq) of each sequence's last real token."""
+    if "cu_seqlens" in batch:
+        return torch.tensor(batch["cu_seqlens"][1:batch["num_sequences"] + 1], device=batch["input_ids"].device) - 1
+    rows, width = batch["attention_mask"].shape
+    return torch.arange(rows, device=batch["input_ids"].device) * width + batch["attention_mask"].sum(1) - 1
+
+
 def sequence_logps(model, batch: dict, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log p of each row's labelled tokens [rows], number of those tokens [rows])."""
+    """(summed log p of each sequence's labelled tokens [sequences], number of those tokens [sequences])."""
     token_logps = chunked_logprobs(backbone_hidden(model, batch), model.get_output_embeddings(), batch["labels"], chunk_size)
-    lengths = (shift_labels(batch["labels"]) != IGNORE_INDEX).sum(1)
-    return token_logps.sum(1), lengths
+    labelled = (shift_labels(batch["labels"]) != IGNORE_INDEX).to(token_logps.dtype)
+    return per_sequence_sum(token_logps, batch), per_sequence_sum(labelled, batch)
 
 
 def train_and_eval_rows(encode: Callable[[list[str]], list], config: TrainConfig) -> tuple[list, list]:

@@ -16,14 +16,18 @@ from tunesmith.config import TrainConfig
 from tunesmith.data.pairs import build_pair_examples, collate_pairs
 from tunesmith.model.value_head import attach_value_head
 from tunesmith.training.loop import RunData, Stage
-from tunesmith.training.stages.common import backbone_hidden, device_multiple, train_and_eval_rows
+from tunesmith.training.stages.common import (
+    backbone_hidden,
+    device_multiple,
+    last_token_positions,
+    train_and_eval_rows,
+)
 
 
 def sequence_scores(model, batch: dict) -> torch.Tensor:
-    """[rows] value-head score at each row's last real token (rows are right-padded)."""
+    """[sequences] value-head score at each sequence's last real token (packed or right-padded batch)."""
     hidden = backbone_hidden(model, batch)
-    last = batch["attention_mask"].sum(1) - 1
-    return model.v_head(hidden[torch.arange(len(last), device=hidden.device), last])
+    return model.v_head(hidden.reshape(-1, hidden.shape[-1])[last_token_positions(batch)])
 
 
 def rm_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:

@@ -1,15 +1,21 @@
-"""SFT throughput and memory: non-pad tokens/s, peak RSS and MFU against this machine's measured matmul peak.
+"""Training throughput and memory: non-pad tokens/s, peak RSS and MFU against this machine's measured matmul peak.
 
-    python benchmarks/bench_sft.py --init 40m                       # build the 40M Qwen2-shaped model, LoRA r8
-    python benchmarks/bench_sft.py --init 40m --bf16
-    python benchmarks/bench_sft.py --init qwen2-0.5b --tokenizer ../shared/assets/qwen2_tokenizer --steps 3
-    python benchmarks/bench_sft.py --model path/to/hf_folder --dataset alpaca_en_demo --dataset-dir data
+    python benchmarks/bench_train.py --init 40m                       # SFT, 40M Qwen2-shaped model, LoRA r8
+    python benchmarks/bench_train.py --init 40m --stage dpo           # DPO on 4 pairs per batch (chosen + rejected counted)
+    python benchmarks/bench_train.py --init 40m --stage dpo --precompute-ref-logprobs
+    python benchmarks/bench_train.py --init 40m --stage rm            # reward model
+    python benchmarks/bench_train.py --init 40m --bf16
+    python benchmarks/bench_train.py --init qwen2-0.5b --tokenizer ../shared/assets/qwen2_tokenizer --steps 3
+    python benchmarks/bench_train.py --model path/to/hf_folder --dataset alpaca_en_demo --dataset-dir data
 
 It runs the real training path (config -> model -> data -> the shared loop). Without --dataset it
-writes a synthetic alpaca set whose responses are 20-400 tokens and prompts 10-60 tokens. The first
-`--warmup` steps are run and discarded (allocator and kernel warm-up), then `--steps` steps are timed.
-MFU counts 4 x parameters FLOPs per token when the base weights are frozen (forward 2P plus the
-input-gradient half of backward 2P) and 6 x parameters for full fine-tuning.
+writes a synthetic alpaca set with prompts of 10-60 tokens and responses of 20-400 tokens (for rm and
+dpo, chosen and rejected answers of 20-400 tokens each). The first `--warmup` steps are run and
+discarded (allocator and kernel warm-up), then `--steps` steps are timed. A batch is
+`--batch-size` samples for sft and that many pairs (twice as many sequences) for rm and dpo.
+MFU counts 2 FLOPs per weight of every Linear layer the step runs (forward), plus as much again for
+the input-gradient half of backward when the base is frozen, or twice as much for full fine-tuning;
+dpo adds a reference forward unless it is precomputed; rm never runs the lm_head.
 """
 
 from __future__ import annotations
@@ -47,19 +53,34 @@ def matmul_peak_flops(dtype: torch.dtype, device: torch.device, size: int = 2048
     return 2 * size**3 / best
 
 
-def synthetic_dataset(folder: Path, tokenizer, n_records: int, seed: int) -> None:
-    """Alpaca records with prompts of 10-60 tokens and responses of 20-400 tokens (measured in this tokenizer)."""
+def synthetic_dataset(folder: Path, tokenizer, n_records: int, seed: int, pairs: bool = False) -> None:
+    """Alpaca records, prompts of 10-60 tokens and answers of 20-400 tokens (measured in this tokenizer)."""
     rng = random.Random(seed)
     corpus = (Path(__file__).resolve().parents[1] / "src/tunesmith/resources/corpus.txt").read_text().split()
+
     def text_of(n_tokens: int) -> str:
         start = rng.randrange(0, len(corpus) - 2 * n_tokens)
         ids = tokenizer(" ".join(corpus[start:start + 2 * n_tokens]), add_special_tokens=False)["input_ids"]
         return tokenizer.decode(ids[:n_tokens])
-    records = [{"instruction": text_of(rng.randint(10, 60)), "input": "", "output": text_of(rng.randint(20, 400))}
-               for _ in range(n_records)]
+
+    answers = ("chosen", "rejected") if pairs else ("output",)
+    records = [{"instruction": text_of(rng.randint(10, 60)), "input": "",
+                **{key: text_of(rng.randint(20, 400)) for key in answers}} for _ in range(n_records)]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "bench.json").write_text(json.dumps(records))
-    (folder / "dataset_info.json").write_text(json.dumps({"bench": {"file_name": "bench.json"}}))
+    (folder / "dataset_info.json").write_text(json.dumps({"bench": {"file_name": "bench.json", "ranking": pairs}}))
+
+
+def flops_per_token(model, stage: str, finetuning_type: str, precomputed_reference: bool) -> int:
+    """FLOPs per token of one training step (see the module docstring)."""
+    head = model.get_output_embeddings()
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    if stage == "rm":
+        linear -= head.weight.numel()
+    passes = 3 if finetuning_type == "full" else 2  # forward + input grads (+ weight grads)
+    if stage == "dpo" and not precomputed_reference:
+        passes += 1
+    return 2 * passes * linear
 
 
 def main(argv=None) -> dict:
@@ -69,6 +90,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--tokenizer", help="with --init: copy this tokenizer folder")
     parser.add_argument("--dataset", help="dataset name or file (default: synthetic)")
     parser.add_argument("--dataset-dir", default="data")
+    parser.add_argument("--stage", default="sft", choices=["sft", "rm", "dpo"])
+    parser.add_argument("--precompute-ref-logprobs", action="store_true", help="dpo: cache reference log-probs first")
     parser.add_argument("--finetuning-type", default="lora", choices=["lora", "full", "freeze"])
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -88,9 +111,10 @@ def main(argv=None) -> dict:
     dataset, dataset_dir = args.dataset, args.dataset_dir
     if dataset is None:
         n_records = args.batch_size * (args.steps + args.warmup) * 2
-        synthetic_dataset(work / "data", tokenizer, n_records, seed=0)
+        synthetic_dataset(work / "data", tokenizer, n_records, seed=0, pairs=args.stage != "sft")
         dataset, dataset_dir = "bench", str(work / "data")
     config = build_config({
+        "stage": args.stage, "precompute_ref_logprobs": args.precompute_ref_logprobs,
         "model_name_or_path": model_path, "dataset": dataset, "dataset_dir": dataset_dir,
         "finetuning_type": args.finetuning_type, "lora_rank": args.lora_rank, "lora_target": "all",
         "template": "qwen", "cutoff_len": args.cutoff_len, "packing": args.packing, "bf16": args.bf16,
@@ -104,18 +128,18 @@ def main(argv=None) -> dict:
         config.max_steps = config.logging_steps = steps
         metrics = loop.train(model, run.stage, run.data, config, work / "out", lambda folder: None, ProcessInfo())
     params = sum(p.numel() for p in model.parameters())
-    flops_per_token = (6 if config.finetuning_type == "full" else 4) * params
+    flops = flops_per_token(model, args.stage, config.finetuning_type, args.precompute_ref_logprobs)
     sizes = (4096, 8192) if device.type == "cuda" else (1024, 2048, 4096)  # big enough to saturate each device
     peak = max(matmul_peak_flops(torch.bfloat16 if args.bf16 else torch.float32, device, n) for n in sizes)
     result = {
-        "model": model_path, "params": params, "device": str(device), "dtype": str(run.compute_dtype),
+        "stage": args.stage, "model": model_path, "params": params, "device": str(device), "dtype": str(run.compute_dtype),
         "finetuning_type": config.finetuning_type, "batch_size": args.batch_size, "cutoff_len": args.cutoff_len,
         "packing": args.packing, "threads": torch.get_num_threads(),
         "tokens_per_second": metrics["tokens_per_second"],
         "peak_rss_gb": round(_peak_rss_bytes() / 1e9, 3),
         "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if device.type == "cuda" else None,
         "matmul_peak_gflops": round(peak / 1e9, 1),
-        "mfu": round(metrics["tokens_per_second"] * flops_per_token / peak, 3),
+        "mfu": round(metrics["tokens_per_second"] * flops / peak, 3),
     }
     print(json.dumps(result, indent=2))
     return result
