@@ -59,6 +59,20 @@ def test_chunked_nll_matches_plain(setup, chunk_size):
         assert torch.allclose(value, reference, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
+def test_chunked_logprobs_frozen_head_gradient_matches_plain(setup, chunk_size):
+    """The LoRA path: d logp / d hidden computed in forward, scaled in backward, equals autograd's."""
+    head, hidden, labels = setup
+    head.requires_grad_(False)
+    weights = torch.randn(3, 8)
+    (plain_logprobs(hidden, head, labels) * weights).sum().backward()
+    expected, hidden.grad = hidden.grad.clone(), None
+    got = chunked_logprobs(hidden, head, labels, chunk_size)
+    (got[:, :-1] * weights).sum().backward()
+    assert head.weight.grad is None
+    torch.testing.assert_close(hidden.grad, expected, atol=1e-5, rtol=0)
+
+
 def test_frozen_head_gets_no_gradient(setup):
     head, hidden, labels = setup
     head.requires_grad_(False)

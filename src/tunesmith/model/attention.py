@@ -32,14 +32,13 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
     if bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2] or len(bounds) < 2:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:  # grouped-query attention: expand kv heads once (enable_gqa is not on every sdpa kernel)
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    # split, not slicing: its backward is one concatenation, where each slice's backward would fill a
+    # full-size zero tensor. enable_gqa lets grouped-query kv heads serve their query heads uncopied.
+    gqa = query.shape[1] != key.shape[1]
     outputs = [
-        F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-                                       dropout_p=dropout, scale=scaling, is_causal=True)
-        for start, end in zip(bounds[:-1], bounds[1:]) if end > start
+        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
+        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
