@@ -43,10 +43,11 @@ def _has_response(labels: list[int]) -> bool:
 
 def collate_pairs(rows: list[dict], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict:
     """The batch's chosen then rejected sequences packed into one row (see `pack_into_row`), with
-    num_pairs and, when the rows carry them, the cached reference log-probs [pairs]."""
+    num_pairs, the rows themselves (so a stage can remember per-pair results in them) and, when every
+    row carries them, the cached reference log-probs [pairs]."""
     sequences = [(row["chosen_input_ids"], row["chosen_labels"]) for row in rows]
     sequences += [(row["rejected_input_ids"], row["rejected_labels"]) for row in rows]
-    batch = {**pack_into_row(sequences, pad_token_id, pad_to_multiple_of), "num_pairs": len(rows)}
+    batch = {**pack_into_row(sequences, pad_token_id, pad_to_multiple_of), "num_pairs": len(rows), "rows": rows}
     if all(key in rows[0] for key in REFERENCE_KEYS):
         for key in REFERENCE_KEYS:
             batch[key] = torch.tensor([row[key] for row in rows], dtype=torch.float32)

@@ -2,8 +2,9 @@
 
 Each step runs chosen and rejected answers through the policy in one concatenated forward pass and
 sums the log-probs of their answer tokens (prompt tokens are labelled IGNORE_INDEX). The reference
-log-probs come from, in order of preference:
-- the batch, when `precompute_ref_logprobs` cached them before training (no reference forward at all);
+log-probs of a pair never change, so they are computed once per pair and remembered in its row:
+the first epoch pays one reference forward per step, later epochs and evaluations none, and
+`precompute_ref_logprobs` pays it all before training starts. They come from
 - the policy itself with its LoRA adapter disabled: no second copy of the weights. Any adapters in
   adapter_name_or_path were merged into the base first, so this is the SFT model the run started from;
 - a frozen copy of the starting model, for full and freeze fine-tuning.
@@ -38,11 +39,18 @@ def pair_logps(model, batch: dict, chunk_size: int) -> PairLogps:
     return PairLogps(chosen, rejected, chosen_len, rejected_len)
 
 
-def cached_reference(batch: dict, lengths: PairLogps) -> PairLogps | None:
-    """Reference log-probs that `precompute_reference_logps` stored in the rows, if any."""
-    if not all(key in batch for key in REFERENCE_KEYS):
-        return None
-    return PairLogps(batch["ref_chosen_logps"], batch["ref_rejected_logps"], lengths.chosen_len, lengths.rejected_len)
+def reference_logps(batch: dict, policy: PairLogps, reference: Reference) -> PairLogps:
+    """The batch's reference log-probs: remembered in its rows, or computed now and remembered there."""
+    if all(key in batch for key in REFERENCE_KEYS):
+        return PairLogps(batch["ref_chosen_logps"], batch["ref_rejected_logps"], policy.chosen_len, policy.rejected_len)
+    ref = reference(batch)
+    remember_reference(batch["rows"], ref)
+    return ref
+
+
+def remember_reference(rows: list[dict], ref: PairLogps) -> None:
+    for row, chosen, rejected in zip(rows, ref.chosen.tolist(), ref.rejected.tolist()):
+        row["ref_chosen_logps"], row["ref_rejected_logps"] = chosen, rejected
 
 
 def dpo_loss(model, batch: dict, config: TrainConfig, reference: Reference | None) -> tuple[torch.Tensor, dict]:
@@ -50,7 +58,7 @@ def dpo_loss(model, batch: dict, config: TrainConfig, reference: Reference | Non
     policy = pair_logps(model, batch, config.logprob_chunk_size)
     ref = None
     if config.pref_loss not in REFERENCE_FREE:
-        ref = cached_reference(batch, policy) or reference(batch)
+        ref = reference_logps(batch, policy, reference)
     output = preference_loss(policy, ref, config.pref_loss, config.pref_beta, config.dpo_label_smoothing,
                              config.simpo_gamma, config.pref_ftx)
     return output.losses.sum(), preference_metrics(output)
@@ -78,9 +86,7 @@ def precompute_reference_logps(reference: Reference, data: RunData, batch_size: 
         for start in tqdm(range(0, len(rows), batch_size), desc="reference log-probs", leave=False):
             chunk = rows[start:start + batch_size]
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in data.collate(chunk).items()}
-            ref = reference(batch)
-            for row, chosen, rejected in zip(chunk, ref.chosen.tolist(), ref.rejected.tolist()):
-                row["ref_chosen_logps"], row["ref_rejected_logps"] = chosen, rejected
+            remember_reference(chunk, reference(batch))
 
 
 def build_dpo(config: TrainConfig, tokenizer, device: torch.device):
