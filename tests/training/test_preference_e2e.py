@@ -140,10 +140,12 @@ def test_dpo_learns_preferences(pref_base, tmp_path):
 @pytest.mark.parametrize("finetuning_type", ["lora", "full"])
 def test_precomputed_reference_gives_the_same_run(pref_base, tmp_path, finetuning_type):
     """precompute_ref_logprobs only moves the reference forwards before training: the losses are unchanged."""
-    settings = {**pref_base, "stage": "dpo", "finetuning_type": finetuning_type, "max_steps": 6,
+    settings = {**pref_base, "stage": "dpo", "finetuning_type": finetuning_type, "max_steps": 6, "val_size": 0.2,
                 "logging_steps": 1, "learning_rate": 1e-2 if finetuning_type == "lora" else 1e-3}
-    train({**settings, "output_dir": str(tmp_path / "default")})
-    train({**settings, "output_dir": str(tmp_path / "precomputed"), "precompute_ref_logprobs": True})
+    default_metrics = train({**settings, "output_dir": str(tmp_path / "default")})
+    precomputed_metrics = train({**settings, "output_dir": str(tmp_path / "precomputed"),
+                                 "precompute_ref_logprobs": True})
+    assert abs(default_metrics["eval_loss"] - precomputed_metrics["eval_loss"]) < 1e-5  # eval rows' references too
     default, precomputed = train_records(tmp_path / "default"), train_records(tmp_path / "precomputed")
     assert len(default) == len(precomputed) == 6
     assert default[-1]["loss"] < default[0]["loss"]  # the comparison is over a run that moves
@@ -249,6 +251,9 @@ def test_rm_resume_restores_value_head(pref_base, tmp_path):
         for key in expected:
             assert torch.equal(expected[key], got[key]), (name, key)
     assert [r["loss"] for r in log_lines(tmp_path / "full")] == [r["loss"] for r in log_lines(resumed_dir)]
+    checkpoint_scores = RewardModel.load(tmp_path / "full" / "checkpoint-3").score([conversation(
+        {"instruction": "Describe the river."}, "The river is calm.")])  # a checkpoint is a reward model too
+    assert math.isfinite(checkpoint_scores[0])
 
 
 @pytest.mark.parametrize("overrides,needle", [

@@ -7,8 +7,9 @@ for the backward pass: 2048 tokens x 151,936 vocab x 4 bytes is 1.2 GB, twice. H
 that carry a label are projected, a chunk at a time, and the backward pass recomputes each chunk's
 logits instead of storing them, so peak memory is one [chunk x vocab] block.
 
-Two entry points:
-- `chunked_logprobs`: per-token log-probs with a general backward (any downstream loss: SFT, DPO, PPO).
+Entry points:
+- `chunked_logprobs`: per-token log-probs with a general backward (any downstream loss: SFT, DPO, PPO);
+  `chunked_logprobs_at` for hidden rows already gathered at the predicting positions.
 - `chunked_nll`: the summed negative log-likelihood, whose gradient is computed during the forward
   pass (the loss is a plain sum, so d loss / d logits is known there); backward only rescales it.
   That saves the recomputation, which is what SFT wants.
@@ -165,12 +166,17 @@ def chunked_logprobs(hidden, lm_head: torch.nn.Linear, labels, chunk_size: int =
     Position t holds log p(labels[:, t + 1] | ...), i.e. the log-prob of the token that follows it.
     """
     rows, targets, mask = _labelled_rows(hidden, labels)
-    chunk_size = _rows_per_chunk(chunk_size, lm_head.out_features)
-    inputs = _head_inputs(rows, lm_head)
-    with torch.autocast(hidden.device.type, enabled=False):
-        token_logps = _ChunkedLogprobs.apply(*inputs, targets, chunk_size)
+    token_logps = chunked_logprobs_at(rows, lm_head, targets, chunk_size)
     out = torch.zeros(mask.shape, dtype=token_logps.dtype, device=hidden.device)
     return out.masked_scatter(mask, token_logps)
+
+
+def chunked_logprobs_at(hidden_rows, lm_head: torch.nn.Linear, targets, chunk_size: int = 1024) -> torch.Tensor:
+    """log p(targets[i] | hidden_rows[i]) [M] for hidden rows [M, H] already gathered at the predicting positions."""
+    chunk_size = _rows_per_chunk(chunk_size, lm_head.out_features)
+    inputs = _head_inputs(hidden_rows, lm_head)
+    with torch.autocast(hidden_rows.device.type, enabled=False):
+        return _ChunkedLogprobs.apply(*inputs, targets, chunk_size)
 
 
 def chunked_nll(hidden, lm_head: torch.nn.Linear, labels, chunk_size: int = 1024) -> tuple[torch.Tensor, int]:

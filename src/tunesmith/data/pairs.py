@@ -1,9 +1,9 @@
 """Preference pairs as training rows, and batches that run chosen and rejected in one forward pass.
 
 A row holds chosen_input_ids/labels and rejected_input_ids/labels sharing one prompt (see
-`encode_pair`). A batch of B pairs becomes one packed row: the B chosen sequences, then the B rejected ones, back to
-back with no padding (`pack_into_row`; attention stays within each sequence). One forward over both
-is what TRL calls the concatenated forward: the weights are read once for chosen and rejected.
+`encode_pair`). A batch of B pairs becomes one packed row with no padding, each pair's prompt computed once for both
+answers (`collate_pairs`). One forward over chosen and rejected is what TRL calls the concatenated
+forward: the weights are read once for both.
 
 Usage:
     rows = build_pair_examples(["dpo_en_demo"], "data", tokenizer, template=None, cutoff_len=1024)
@@ -18,7 +18,6 @@ import torch
 
 from tunesmith.data.dataset import load_preference_examples
 from tunesmith.data.encode import IGNORE_INDEX, encode_pair
-from tunesmith.data.packing import pack_into_row
 from tunesmith.data.templates import get_template
 
 REFERENCE_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -41,13 +40,79 @@ def _has_response(labels: list[int]) -> bool:
     return any(label != IGNORE_INDEX for label in labels[1:])  # the first token is never predicted
 
 
+def shared_prefix_length(row: dict) -> int:
+    """Tokens chosen and rejected share before either carries a label: the prompt, computed once."""
+    limit = min(_first_label(row["chosen_labels"]), _first_label(row["rejected_labels"]))
+    shared = 0
+    for a, b in zip(row["chosen_input_ids"][:limit], row["rejected_input_ids"][:limit]):
+        if a != b:
+            break
+        shared += 1
+    return shared
+
+
+def _first_label(labels: list[int]) -> int:
+    return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+
+
+def _flat_index(j: int, base: int, shared: int, answer_start: int) -> int:
+    """Where token j of a pair's sequence sits in the packed row: in the shared prompt, or in its answer."""
+    return base + j if j < shared else answer_start + j - shared
+
+
 def collate_pairs(rows: list[dict], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict:
-    """The batch's chosen then rejected sequences packed into one row (see `pack_into_row`), with
-    num_pairs, the rows themselves (so a stage can remember per-pair results in them) and, when every
-    row carries them, the cached reference log-probs [pairs]."""
-    sequences = [(row["chosen_input_ids"], row["chosen_labels"]) for row in rows]
-    sequences += [(row["rejected_input_ids"], row["rejected_labels"]) for row in rows]
-    batch = {**pack_into_row(sequences, pad_token_id, pad_to_multiple_of), "num_pairs": len(rows), "rows": rows}
+    """B pairs as one packed row: for each pair its prompt, chosen answer and rejected answer back to back.
+
+    The prompt is run once: the chosen answer follows it as usual, and the rejected answer attends to it
+    through `segment_prefixes` (model/attention.py), with positions continuing from the prompt's end, so
+    each answer sees exactly what it would see alone. Sequences are numbered chosen 0..B-1, rejected
+    B..2B-1. Because the prompt's last position predicts both answers' first tokens, log-probs are
+    gathered at explicit (position, target, sequence) triples instead of by shifting labels.
+    num_tokens counts both sequences in full (the work the pair stands for). The batch also carries
+    the rows (so a stage can remember per-pair results in them) and, when every row has them, the
+    cached reference log-probs [B].
+    """
+    pairs = len(rows)
+    input_ids, positions, bounds, prefixes = [], [], [0], []
+    predict_positions, predict_targets, owners, last_positions = [], [], [], [0] * (2 * pairs)
+    for i, row in enumerate(rows):
+        base, shared = len(input_ids), shared_prefix_length(row)
+        chosen, rejected = row["chosen_input_ids"], row["rejected_input_ids"]
+        input_ids += chosen + rejected[shared:]
+        positions += list(range(len(chosen))) + list(range(shared, len(rejected)))
+        bounds += [base + len(chosen), len(input_ids)]
+        prefixes += [None, (base, base + shared) if shared else None]
+
+        for sequence, (ids, labels, answer_start) in enumerate(
+                [(chosen, row["chosen_labels"], base + shared),
+                 (rejected, row["rejected_labels"], base + len(chosen))]):
+            owner = i + sequence * pairs
+            for t in range(1, len(ids)):
+                if labels[t] != IGNORE_INDEX:
+                    predict_positions.append(_flat_index(t - 1, base, shared, answer_start))
+                    predict_targets.append(labels[t])
+                    owners.append(owner)
+            last_positions[owner] = _flat_index(len(ids) - 1, base, shared, answer_start)
+    pad = -len(input_ids) % pad_to_multiple_of
+    if pad:  # one more, unread, segment
+        input_ids += [pad_token_id] * pad
+        positions += range(pad)
+        bounds.append(len(input_ids))
+        prefixes.append(None)
+    batch = {
+        "num_tokens": sum(len(row["chosen_input_ids"]) + len(row["rejected_input_ids"]) for row in rows),
+        "num_pairs": pairs,
+        "num_sequences": 2 * pairs,
+        "rows": rows,
+        "input_ids": torch.tensor([input_ids], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "cu_seqlens": bounds,
+        "segment_prefixes": prefixes,
+        "predict_positions": torch.tensor(predict_positions, dtype=torch.long),
+        "predict_targets": torch.tensor(predict_targets, dtype=torch.long),
+        "predict_owners": torch.tensor(owners, dtype=torch.long),
+        "last_positions": torch.tensor(last_positions, dtype=torch.long),
+    }
     if all(key in rows[0] for key in REFERENCE_KEYS):
         for key in REFERENCE_KEYS:
             batch[key] = torch.tensor([row[key] for row in rows], dtype=torch.float32)

@@ -23,23 +23,47 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 VARLEN_SDPA = "tunesmith_sdpa"
 SEGMENTS_KWARG = "cu_seqlens"
+PREFIXES_KWARG = "segment_prefixes"
 
 
 def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                         is_causal=None, **kwargs):
-    """sdpa per packed sample when `cu_seqlens` is given (one row, no cache); transformers' sdpa otherwise."""
+    """sdpa per packed sample when `cu_seqlens` is given (one row, no cache); transformers' sdpa otherwise.
+
+    `segment_prefixes` (optional, one entry per segment) lets a segment also attend to an earlier span
+    of the row, as if that span came right before it: a DPO pair's rejected answer reads the prompt
+    laid out before the chosen answer, so the prompt is computed once for both.
+    """
     bounds = kwargs.pop(SEGMENTS_KWARG, None)
+    prefixes = kwargs.pop(PREFIXES_KWARG, None) or [None] * max(len(bounds or ()) - 1, 0)
     if bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2] or len(bounds) < 2:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
     # split, not slicing: its backward is one concatenation, where each slice's backward would fill a
     # full-size zero tensor. enable_gqa lets grouped-query kv heads serve their query heads uncopied.
+    cuts = sorted(set(bounds).union(*(prefix for prefix in prefixes if prefix)))
+    at = {cut: i for i, cut in enumerate(cuts)}
+    sizes = [end - start for start, end in zip(cuts[:-1], cuts[1:])]
+    pieces = [tensor.split(sizes, 2) for tensor in (query, key, value)]
+
+    def span(which: int, start: int, end: int) -> torch.Tensor:
+        parts = pieces[which][at[start]:at[end]]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+
     gqa = query.shape[1] != key.shape[1]
-    outputs = [
-        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
-        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
-    ]
+    outputs = []
+    for (start, end), prefix in zip(zip(bounds[:-1], bounds[1:]), prefixes):
+        if end == start:
+            continue
+        q, k, v = (span(which, start, end) for which in range(3))
+        if prefix:
+            (k_prefix, v_prefix), width = (span(which, *prefix) for which in (1, 2)), prefix[1] - prefix[0]
+            k, v = torch.cat([k_prefix, k], 2), torch.cat([v_prefix, v], 2)
+            sees = torch.ones(end - start, width + end - start, dtype=torch.bool, device=q.device).tril_(width)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=sees, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
+        outputs.append(out)
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 

@@ -6,10 +6,11 @@ from collections.abc import Callable
 
 import torch
 
-from tunesmith.algorithms.logprobs import IGNORE_INDEX, chunked_logprobs, shift_labels
+from tunesmith.algorithms.logprobs import IGNORE_INDEX, chunked_logprobs, chunked_logprobs_at, shift_labels
 from tunesmith.config import TrainConfig
 from tunesmith.data.dataset import split_train_eval
-from tunesmith.model.attention import SEGMENTS_KWARG, VARLEN_SDPA
+from tunesmith.errors import TunesmithError
+from tunesmith.model.attention import PREFIXES_KWARG, SEGMENTS_KWARG, VARLEN_SDPA
 
 
 def backbone_hidden(model, batch: dict) -> torch.Tensor:
@@ -24,6 +25,13 @@ def backbone_hidden(model, batch: dict) -> torch.Tensor:
     extra = {}
     if "cu_seqlens" in batch and model.config._attn_implementation == VARLEN_SDPA:
         extra[SEGMENTS_KWARG] = batch["cu_seqlens"]
+        if batch.get("segment_prefixes"):
+            extra[PREFIXES_KWARG] = batch["segment_prefixes"]
+    elif batch.get("segment_prefixes"):
+        raise TunesmithError(
+            f"this model runs attention as `{model.config._attn_implementation}`, which cannot share a prompt "
+            "between a pair's answers; preference stages need tunesmith's attention (load the model with "
+            "tunesmith.model.loading.load_model).")
     output = model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"),
                                  use_cache=False, **extra)
     return output.last_hidden_state
@@ -48,6 +56,8 @@ def per_sequence_sum(values: torch.Tensor, batch: dict) -> torch.Tensor:
 
 def last_token_positions(batch: dict) -> torch.Tensor:
     """Flat index (into rows x seq) of each sequence's last real token."""
+    if "last_positions" in batch:
+        return batch["last_positions"]
     if "cu_seqlens" in batch:
         return torch.tensor(batch["cu_seqlens"][1:batch["num_sequences"] + 1], device=batch["input_ids"].device) - 1
     rows, width = batch["attention_mask"].shape
@@ -55,8 +65,20 @@ def last_token_positions(batch: dict) -> torch.Tensor:
 
 
 def sequence_logps(model, batch: dict, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log p of each sequence's labelled tokens [sequences], number of those tokens [sequences])."""
-    token_logps = chunked_logprobs(backbone_hidden(model, batch), model.get_output_embeddings(), batch["labels"], chunk_size)
+    """(summed log p of each sequence's labelled tokens [sequences], number of those tokens [sequences]).
+
+    A batch with `predict_positions` (preference pairs) names each (position, target, sequence) triple;
+    otherwise targets are the labels shifted by one and sequences are rows or packed samples.
+    """
+    hidden = backbone_hidden(model, batch)
+    head = model.get_output_embeddings()
+    if "predict_positions" in batch:
+        rows = hidden.reshape(-1, hidden.shape[-1])[batch["predict_positions"]]
+        token_logps = chunked_logprobs_at(rows, head, batch["predict_targets"], chunk_size)
+        owners, count = batch["predict_owners"], batch["num_sequences"]
+        sums = token_logps.new_zeros(count).index_add(0, owners, token_logps)
+        return sums, torch.bincount(owners, minlength=count).to(token_logps.dtype)
+    token_logps = chunked_logprobs(hidden, head, batch["labels"], chunk_size)
     labelled = (shift_labels(batch["labels"]) != IGNORE_INDEX).to(token_logps.dtype)
     return per_sequence_sum(token_logps, batch), per_sequence_sum(labelled, batch)
 
