@@ -126,6 +126,9 @@ def main(argv=None) -> dict:
     (work / "out").mkdir()
     for steps in (args.warmup, args.steps):  # the first call warms up; the second is timed
         config.max_steps = config.logging_steps = steps
+        if not args.precompute_ref_logprobs:  # DPO remembers reference log-probs; time a first epoch's steps
+            for row in run.data.train:
+                row.pop("ref_chosen_logps", None), row.pop("ref_rejected_logps", None)
         metrics = loop.train(model, run.stage, run.data, config, work / "out", lambda folder: None, ProcessInfo())
     params = sum(p.numel() for p in model.parameters())
     flops = flops_per_token(model, args.stage, config.finetuning_type, args.precompute_ref_logprobs)

@@ -113,7 +113,7 @@ def collate_pairs(rows: list[dict], pad_token_id: int, pad_to_multiple_of: int =
         "predict_owners": torch.tensor(owners, dtype=torch.long),
         "last_positions": torch.tensor(last_positions, dtype=torch.long),
     }
-    if all(key in rows[0] for key in REFERENCE_KEYS):
+    if all(key in row for row in rows for key in REFERENCE_KEYS):
         for key in REFERENCE_KEYS:
             batch[key] = torch.tensor([row[key] for row in rows], dtype=torch.float32)
     return batch
