@@ -15,7 +15,8 @@ discarded (allocator and kernel warm-up), then `--steps` steps are timed. A batc
 `--batch-size` samples for sft and that many pairs (twice as many sequences) for rm and dpo.
 MFU counts 2 FLOPs per weight of every Linear layer the step runs (forward), plus as much again for
 the input-gradient half of backward when the base is frozen, or twice as much for full fine-tuning;
-dpo adds a reference forward unless it is precomputed; rm never runs the lm_head.
+dpo adds a reference forward unless it is precomputed; rm never runs the lm_head. tokens/s counts
+chosen and rejected sequences in full; MFU counts the tokens actually run (a pair's prompt runs once).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 
 from tunesmith.config import build_config
+from tunesmith.data.pairs import shared_prefix_length
 from tunesmith.model.loading import load_tokenizer
 from tunesmith.training import loop
 from tunesmith.training.distributed import ProcessInfo
@@ -132,6 +134,10 @@ def main(argv=None) -> dict:
         metrics = loop.train(model, run.stage, run.data, config, work / "out", lambda folder: None, ProcessInfo())
     params = sum(p.numel() for p in model.parameters())
     flops = flops_per_token(model, args.stage, config.finetuning_type, args.precompute_ref_logprobs)
+    computed = 1.0  # share of the counted tokens actually run: a pair's prompt runs once for both answers
+    if args.stage != "sft":
+        counted = sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in run.data.train)
+        computed = 1 - sum(shared_prefix_length(r) for r in run.data.train) / counted
     sizes = (4096, 8192) if device.type == "cuda" else (1024, 2048, 4096)  # big enough to saturate each device
     peak = max(matmul_peak_flops(torch.bfloat16 if args.bf16 else torch.float32, device, n) for n in sizes)
     result = {
@@ -142,7 +148,8 @@ def main(argv=None) -> dict:
         "peak_rss_gb": round(_peak_rss_bytes() / 1e9, 3),
         "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if device.type == "cuda" else None,
         "matmul_peak_gflops": round(peak / 1e9, 1),
-        "mfu": round(metrics["tokens_per_second"] * flops / peak, 3),
+        "computed_token_share": round(computed, 3),
+        "mfu": round(metrics["tokens_per_second"] * computed * flops / peak, 3),
     }
     print(json.dumps(result, indent=2))
     return result

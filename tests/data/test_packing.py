@@ -112,3 +112,13 @@ def test_collate_pads_to_a_multiple():
     batch = collate(make_examples([3, 5]), pad_token_id=0, pad_to_multiple_of=4)
     assert batch["input_ids"].shape == (2, 8) and batch["num_tokens"] == 8
     assert batch["labels"][1, 5:].tolist() == [-100, -100, -100]
+
+
+def test_collate_one_row_lays_unpacked_samples_end_to_end():
+    examples = make_examples([3, 5])
+    batch = collate(examples, pad_token_id=0, one_row=True)
+    assert batch["input_ids"].tolist() == [examples[0]["input_ids"] + examples[1]["input_ids"]]
+    assert batch["cu_seqlens"] == [0, 3, 8] and batch["num_tokens"] == 8
+    padded = collate(examples, pad_token_id=0)
+    trained = lambda labels: int((labels[:, 1:] != IGNORE_INDEX).sum())  # noqa: E731
+    assert trained(batch["labels"]) == trained(padded["labels"])  # the same tokens are learned

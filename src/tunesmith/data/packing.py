@@ -89,15 +89,18 @@ def pack_into_row(sequences: list[tuple[list[int], list[int]]], pad_token_id: in
     }
 
 
-def collate(batch: list, pad_token_id: int, pad_to_multiple_of: int = 1) -> dict:
+def collate(batch: list, pad_token_id: int, pad_to_multiple_of: int = 1, one_row: bool = False) -> dict:
     """Tensors for a list of rows: unpacked rows right-padded to the longest, packed rows as one row.
 
     Unpacked rows get an attention_mask and are padded to their own longest row (rounded up to
     `pad_to_multiple_of`: on a GPU a multiple of 64 keeps the number of distinct shapes small and the
-    matmuls tensor-core aligned; on a CPU every pad token is wasted work, so the default is 1).
-    Packed rows (with position_ids) are laid end to end in a single row (`pack_into_row`), split back
-    into their samples at each position 0.
+    matmuls tensor-core aligned). On a CPU every pad token is wasted work: `one_row` lays the samples
+    end to end instead, with attention per sample, which computes exactly what the padded batch does.
+    Packed rows (with position_ids) are always laid end to end in a single row (`pack_into_row`),
+    split back into their samples at each position 0.
     """
+    if one_row and "position_ids" not in batch[0]:
+        return pack_into_row([(row["input_ids"], row["labels"]) for row in batch], pad_token_id, pad_to_multiple_of)
     if "position_ids" in batch[0]:
         samples = []
         for row in batch:
