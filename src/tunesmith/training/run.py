@@ -20,7 +20,7 @@ from tunesmith.model.loading import load_model, load_tokenizer, resolve_device_a
 from tunesmith.model.value_head import save_value_head, without_value_head
 from tunesmith.training import checkpoint, loop
 from tunesmith.training.distributed import process_info
-from tunesmith.training.memory import pin_mmap_threshold
+from tunesmith.training.memory import pin_mmap_threshold, reuse_freed_memory
 from tunesmith.training.stages.dpo import build_dpo
 from tunesmith.training.stages.rm import build_rm
 from tunesmith.training.stages.sft import build_sft
@@ -58,6 +58,8 @@ def prepare_training(config: TrainConfig) -> Prepared:
     """Device and dtype, tokenizer, data (before the slow model load, so data errors come first), model."""
     if config.gradient_checkpointing:  # the memory-saving mode: also return freed activations to the OS
         pin_mmap_threshold()
+    else:  # the speed mode: reuse freed activation memory, do not fault in fresh pages each step
+        reuse_freed_memory()
     device, compute_dtype = resolve_device_and_dtype(config.bf16, config.fp16)
     config = with_compute_dtype(config, compute_dtype)
     tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
