@@ -85,3 +85,8 @@ def test_missing_required_and_bad_yaml(tmp_path):
         load_config(path)
     with pytest.raises(TunesmithError, match="key=value"):
         load_config(None, ["learning_rate"])
+
+
+def test_llama_factory_ref_model_says_what_the_reference_is():
+    with pytest.raises(TunesmithError, match="reference is always the model the run starts from"):
+        build_config({"model_name_or_path": "m", "dataset": "d", "stage": "dpo", "ref_model": "other"})

@@ -50,7 +50,7 @@ def _score(args) -> None:
             rejected = reward_model.score([p.prompt_messages + [{"role": "assistant", "content": p.rejected}] for p in pairs])
             for c, r in zip(chosen, rejected):
                 print(json.dumps({"dataset": name, "chosen": c, "rejected": r}))
-            accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
+            accuracy = sum(c > r for c, r in zip(chosen, rejected)) / max(len(pairs), 1)
             print(f"[tunesmith] {name}: {len(pairs)} pairs, accuracy {accuracy:.4f} "
                   "(share of pairs where chosen scores higher)", file=sys.stderr)
         else:

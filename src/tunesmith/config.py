@@ -242,7 +242,16 @@ def _read_yaml(path: Path) -> tuple[dict, dict[str, str]]:
     return data, where
 
 
+# LLaMA-Factory keys for features tunesmith does differently: the error says what to do instead.
+ALTERNATIVES = {
+    "ref_model": "the DPO reference is always the model the run starts from: model_name_or_path with every "
+                 "adapter in adapter_name_or_path merged (put an SFT adapter there to make it the reference).",
+}
+
+
 def _unknown_key_message(key: str, source: str) -> str:
+    if key in ALTERNATIVES:
+        return f"{source}: `{key}` is not supported: {ALTERNATIVES[key]}"
     close = difflib.get_close_matches(key, list(FIELDS) + sorted(IGNORED_KEYS), n=1, cutoff=0.6)
     hint = f" Did you mean `{close[0]}`?" if close else " See the config reference in README.md for valid keys."
     return f"{source}: unknown key `{key}`.{hint}"
@@ -360,7 +369,8 @@ def _check_combinations(config: TrainConfig, source: str) -> None:
         (config.dpo_label_smoothing > 0 and config.pref_loss != "sigmoid",
          f"`dpo_label_smoothing` applies to `pref_loss: sigmoid` only, not {config.pref_loss}."),
         (config.packing and config.stage != "sft",
-         f"`packing` is for stage sft; stage {config.stage} keeps each chosen/rejected pair in its own rows."),
+         f"`packing` is for stage sft; stage {config.stage} always packs each batch's pairs into one row "
+         "(no padding), so remove `packing`."),
         (config.finetuning_type != "lora" and bool(config.adapter_name_or_path),
          "`adapter_name_or_path` needs `finetuning_type: lora`; LoRA adapters cannot be loaded into a full or freeze run."),
     ]

@@ -1,7 +1,7 @@
 """Preference pairs as training rows, and batches that run chosen and rejected in one forward pass.
 
 A row holds chosen_input_ids/labels and rejected_input_ids/labels sharing one prompt (see
-`encode_pair`). A batch of B pairs becomes one packed row with no padding, each pair's prompt computed once for both
+`encode_pair`). A batch of B pairs becomes one packed row (no padding on a CPU), each pair's prompt computed once for both
 answers (`collate_pairs`). One forward over chosen and rejected is what TRL calls the concatenated
 forward: the weights are read once for both.
 

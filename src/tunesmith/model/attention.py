@@ -26,19 +26,31 @@ SEGMENTS_KWARG = "cu_seqlens"
 PREFIXES_KWARG = "segment_prefixes"
 
 
+class _PrefixUse:
+    """Counts forwards that applied segment_prefixes, so a caller can tell they reached attention."""
+
+    count = 0
+
+
+def prefixes_applied() -> int:
+    return _PrefixUse.count
+
+
 def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                         is_causal=None, **kwargs):
     """sdpa per packed sample when `cu_seqlens` is given (one row, no cache); transformers' sdpa otherwise.
 
     `segment_prefixes` (optional, one entry per segment) lets a segment also attend to an earlier span
     of the row, as if that span came right before it: a DPO pair's rejected answer reads the prompt
-    laid out before the chosen answer, so the prompt is computed once for both.
+    laid out before the chosen answer, so the prompt is computed once for both. A layer with a
+    `sliding_window` (Mistral, Gemma) keeps its window inside each segment.
     """
     bounds = kwargs.pop(SEGMENTS_KWARG, None)
     prefixes = kwargs.pop(PREFIXES_KWARG, None) or [None] * max(len(bounds or ()) - 1, 0)
     if bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2] or len(bounds) < 2:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    window = kwargs.get("sliding_window")
     # split, not slicing: its backward is one concatenation, where each slice's backward would fill a
     # full-size zero tensor. enable_gqa lets grouped-query kv heads serve their query heads uncopied.
     cuts = sorted(set(bounds).union(*(prefix for prefix in prefixes if prefix)))
@@ -56,15 +68,30 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
         if end == start:
             continue
         q, k, v = (span(which, start, end) for which in range(3))
+        width = 0
         if prefix:
-            (k_prefix, v_prefix), width = (span(which, *prefix) for which in (1, 2)), prefix[1] - prefix[0]
-            k, v = torch.cat([k_prefix, k], 2), torch.cat([v_prefix, v], 2)
-            sees = torch.ones(end - start, width + end - start, dtype=torch.bool, device=q.device).tril_(width)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=sees, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
-        else:
+            width = prefix[1] - prefix[0]
+            k, v = torch.cat([span(1, *prefix), k], 2), torch.cat([span(2, *prefix), v], 2)
+        if width == 0 and (window is None or end - start <= window):
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
+        else:
+            sees = _segment_mask(end - start, width, window, q.device)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=sees, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
         outputs.append(out)
+    if any(prefixes):
+        _PrefixUse.count += 1
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _segment_mask(length: int, prefix: int, window: int | None, device) -> torch.Tensor:
+    """[length, prefix + length] bool: query i (at position prefix + i) sees keys at positions <= its own,
+    and within the last `window` positions when the layer has a sliding window."""
+    query_pos = torch.arange(prefix, prefix + length, device=device)[:, None]
+    key_pos = torch.arange(prefix + length, device=device)[None, :]
+    sees = key_pos <= query_pos
+    if window is not None:
+        sees &= key_pos > query_pos - window
+    return sees
 
 
 AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_forward)

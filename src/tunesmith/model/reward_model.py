@@ -75,7 +75,8 @@ class RewardModel:
         return cls(model, tokenizer, chat_template, int(settings.get("cutoff_len") or 2048))
 
     def encode(self, messages: list[dict]) -> list[int]:
-        """Token ids of a conversation ending with an assistant turn, exactly as rm training encoded it."""
+        """Token ids of a conversation ending with an assistant turn, encoded as in rm training (the same
+        template; one answer alone is truncated to cutoff_len as SFT does, where training fitted two)."""
         if not messages or messages[-1].get("role") != "assistant":
             raise TunesmithError("a conversation to score must end with an assistant message (the answer).")
         return encode_sft(messages, self.template, self.tokenizer, self.cutoff_len)["input_ids"]

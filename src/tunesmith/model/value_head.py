@@ -31,8 +31,9 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.summary.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[..., hidden] -> [...] scores, in the head's (float32) precision."""
-        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
+        """[..., hidden] -> [...] scores in float32, autocast or not: a score is one number, keep it precise."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
 
 
 def attach_value_head(model: nn.Module, head: ValueHead | None = None) -> ValueHead:

@@ -238,9 +238,14 @@ def _save(output_dir, step, model, optimizer, state, save_artifact, config) -> N
     checkpoint.save_checkpoint(output_dir, step, write, config.save_total_limit)
 
 
+def autocast_dtype(config: TrainConfig) -> torch.dtype | None:
+    """The mixed-precision dtype the config asks for (bf16/fp16), None for fp32."""
+    return torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else None
+
+
 def autocast_context(device: torch.device, config: TrainConfig):
     """Mixed precision as the config asks (bf16/fp16), a no-op context in fp32."""
-    dtype = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else None
+    dtype = autocast_dtype(config)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 

@@ -28,8 +28,14 @@ def pin_mmap_threshold(threshold_bytes: int = 1 << 20) -> bool:
 
 
 def reuse_freed_memory(threshold_bytes: int = 1 << 30) -> bool:
-    """Serve blocks below `threshold_bytes` from the heap and keep freed ones there for the next step."""
-    return _mallopt(M_MMAP_THRESHOLD, threshold_bytes) and _mallopt(M_TRIM_THRESHOLD, threshold_bytes)
+    """Serve blocks below `threshold_bytes` from the heap and keep freed ones there for the next step.
+
+    Each setting is tried on its own (an older glibc refuses mmap thresholds above 32 MB); returns
+    whether both took.
+    """
+    mmap_set = _mallopt(M_MMAP_THRESHOLD, threshold_bytes) or _mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    trim_set = _mallopt(M_TRIM_THRESHOLD, threshold_bytes)
+    return mmap_set and trim_set
 
 
 def _mallopt(parameter: int, value: int) -> bool:

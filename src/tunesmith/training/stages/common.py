@@ -10,7 +10,7 @@ from tunesmith.algorithms.logprobs import IGNORE_INDEX, chunked_logprobs, chunke
 from tunesmith.config import TrainConfig
 from tunesmith.data.dataset import split_train_eval
 from tunesmith.errors import TunesmithError
-from tunesmith.model.attention import PREFIXES_KWARG, SEGMENTS_KWARG, VARLEN_SDPA
+from tunesmith.model.attention import PREFIXES_KWARG, SEGMENTS_KWARG, VARLEN_SDPA, prefixes_applied
 
 
 def backbone_hidden(model, batch: dict) -> torch.Tensor:
@@ -22,23 +22,35 @@ def backbone_hidden(model, batch: dict) -> torch.Tensor:
     causal attention a real token only sees earlier positions, and every pad comes after the row's real
     tokens. Leaving the mask out lets sdpa take its causal fast path; pad outputs are garbage, never read.
     """
-    extra = {}
+    extra, shares_prompts = {}, any(batch.get("segment_prefixes") or ())
     if "cu_seqlens" in batch and model.config._attn_implementation == VARLEN_SDPA:
         extra[SEGMENTS_KWARG] = batch["cu_seqlens"]
-        if batch.get("segment_prefixes"):
+        if shares_prompts:
             extra[PREFIXES_KWARG] = batch["segment_prefixes"]
-    elif batch.get("segment_prefixes"):
-        raise TunesmithError(
-            f"this model runs attention as `{model.config._attn_implementation}`, which cannot share a prompt "
-            "between a pair's answers; preference stages need tunesmith's attention (load the model with "
-            "tunesmith.model.loading.load_model).")
+    elif shares_prompts:
+        raise _prompt_sharing_error(model)
+    applied = prefixes_applied()
     output = model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"),
                                  use_cache=False, **extra)
+    if shares_prompts and prefixes_applied() == applied:  # the model did not pass them to attention
+        raise _prompt_sharing_error(model)
     return output.last_hidden_state
 
 
+def _prompt_sharing_error(model) -> TunesmithError:
+    return TunesmithError(
+        f"{type(model).__name__} (attention `{model.config._attn_implementation}`) does not pass tunesmith's "
+        "per-sequence attention arguments to its attention layers, so a preference pair could not share its "
+        "prompt between the two answers. rm and dpo support transformers' built-in causal LMs loaded "
+        "without trust_remote_code (Llama, Qwen2, Mistral, Gemma and the like).")
+
+
 def sequence_lengths(batch: dict) -> list[int]:
-    """Token count of each sequence of a packed batch (the pad tail, if any, excluded)."""
+    """Token count of each sequence of a packed batch (the pad tail, if any, excluded).
+
+    Not for preference pairs, whose segments leave the shared prompt out of the rejected answer.
+    """
+    assert "predict_positions" not in batch, "pair batches are summed per sequence in sequence_logps"
     bounds = batch["cu_seqlens"][:batch["num_sequences"] + 1]
     return [end - start for start, end in zip(bounds[:-1], bounds[1:])]
 

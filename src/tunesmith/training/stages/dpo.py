@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 from tunesmith.algorithms.dpo import REFERENCE_FREE, PairLogps, preference_loss, preference_metrics
 from tunesmith.config import TrainConfig
 from tunesmith.data.pairs import REFERENCE_KEYS
+from tunesmith.errors import TunesmithError
 from tunesmith.model.lora import disable_lora, lora_modules
-from tunesmith.training.loop import RunData, Stage, autocast_context
+from tunesmith.training.loop import RunData, Stage, autocast_context, autocast_dtype
 from tunesmith.training.stages.common import sequence_logps
 from tunesmith.training.stages.rm import build_pair_data, count_pairs, count_tokens
 
@@ -65,18 +66,38 @@ def dpo_loss(model, batch: dict, config: TrainConfig, reference: Reference | Non
 
 
 def adapter_reference(model, chunk_size: int) -> Reference:
-    """The policy with its LoRA adapter switched off: the starting model, at the cost of one forward."""
+    """The policy with its LoRA adapter switched off: the starting model, at the cost of one forward.
+
+    Run in eval mode, like a separate reference model would be: a remembered value must not be one
+    dropout sample of a model with dropout.
+    """
     @torch.no_grad()
     def reference(batch: dict) -> PairLogps:
-        with disable_lora(model):
-            return pair_logps(model, batch, chunk_size)
+        was_training = model.training
+        model.eval()
+        try:
+            with disable_lora(model):
+                return pair_logps(model, batch, chunk_size)
+        finally:
+            model.train(was_training)
     return reference
 
 
 def frozen_copy_reference(model, chunk_size: int, dtype: torch.dtype) -> Reference:
-    """A frozen copy of the starting model (full/freeze fine-tuning change the weights themselves)."""
-    frozen = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+    """A frozen copy of the starting model (full/freeze fine-tuning change the weights themselves).
+
+    Only the weights move to the compute dtype: buffers such as RoPE's inverse frequencies stay as
+    loaded, since in bf16 they would turn positions into angles visibly wrong over a long sequence.
+    """
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    for param in frozen.parameters():
+        param.data = param.data.to(dtype)
     return torch.no_grad()(partial(pair_logps, frozen, chunk_size=chunk_size))
+
+
+def _all_remembered(batch: dict) -> PairLogps:
+    raise TunesmithError("internal: a pair's reference log-probs were not precomputed; the live model is no "
+                         "longer the reference.")
 
 
 @torch.no_grad()
@@ -100,18 +121,16 @@ def build_dpo(config: TrainConfig, tokenizer, device: torch.device):
             elif config.precompute_ref_logprobs:  # the model has not been trained yet: it is the reference
                 reference = torch.no_grad()(partial(pair_logps, model, chunk_size=chunk))
             else:
-                reference = frozen_copy_reference(model, chunk, _autocast_dtype(config))
+                reference = frozen_copy_reference(model, chunk, autocast_dtype(config) or torch.float32)
             if config.precompute_ref_logprobs:
                 was_training = model.training
                 model.eval()
                 with autocast_context(device, config):
                     precompute_reference_logps(reference, data, config.per_device_train_batch_size, device)
                 model.train(was_training)
+                if not any(True for _ in lora_modules(model)):  # the model is about to stop being the reference
+                    reference = _all_remembered
         loss = partial(dpo_loss, config=config, reference=reference)
         return Stage(loss=loss, count_items=count_pairs, count_tokens=count_tokens)
 
     return build_pair_data(config, tokenizer, device), make_stage
-
-
-def _autocast_dtype(config: TrainConfig) -> torch.dtype:
-    return torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32

@@ -45,7 +45,7 @@ def count_tokens(batch: dict) -> int:
 
 
 def build_pair_data(config: TrainConfig, tokenizer, device: torch.device) -> RunData:
-    """Encoded preference pairs split into train/eval, batched as [chosen rows; rejected rows]."""
+    """Encoded preference pairs split into train/eval; a batch is one packed row (`collate_pairs`)."""
     encode = partial(build_pair_examples, dataset_dir=config.dataset_dir, tokenizer=tokenizer,
                      template=config.template, cutoff_len=config.cutoff_len, max_samples=config.max_samples,
                      skip_bad_records=config.skip_bad_records)
