@@ -115,8 +115,8 @@ def build_dpo(config: TrainConfig, tokenizer, device: torch.device):
     def make_stage(model, data: RunData) -> Stage:
         reference = None
         if config.pref_loss not in REFERENCE_FREE:
-            chunk = config.logprob_chunk_size
-            if any(True for _ in lora_modules(model)):
+            chunk, has_lora = config.logprob_chunk_size, any(True for _ in lora_modules(model))
+            if has_lora:
                 reference = adapter_reference(model, chunk)
             elif config.precompute_ref_logprobs:  # the model has not been trained yet: it is the reference
                 reference = torch.no_grad()(partial(pair_logps, model, chunk_size=chunk))
@@ -128,7 +128,7 @@ def build_dpo(config: TrainConfig, tokenizer, device: torch.device):
                 with autocast_context(device, config):
                     precompute_reference_logps(reference, data, config.per_device_train_batch_size, device)
                 model.train(was_training)
-                if not any(True for _ in lora_modules(model)):  # the model is about to stop being the reference
+                if not has_lora:  # the model itself is about to stop being the reference
                     reference = _all_remembered
         loss = partial(dpo_loss, config=config, reference=reference)
         return Stage(loss=loss, count_items=count_pairs, count_tokens=count_tokens)
