@@ -25,6 +25,7 @@ from tunesmith.model.adapters import CONFIG_NAME, load_adapter, merge_adapters, 
 from tunesmith.model.loading import load_model, load_tokenizer, resolve_device_and_dtype
 from tunesmith.model.lora import merge_and_unload
 from tunesmith.model.value_head import VALUE_HEAD_FILE, attach_value_head, load_value_head
+from tunesmith.training.loop import to_device
 from tunesmith.training.stages.rm import sequence_scores
 
 TRAIN_CONFIG = "train_config.yaml"
@@ -87,8 +88,6 @@ class RewardModel:
         scores = []
         for start in range(0, len(conversations), batch_size):
             encoded = [self.encode(messages) for messages in conversations[start:start + batch_size]]
-            batch = pack_into_row([(ids, ids) for ids in encoded], self.tokenizer.pad_token_id)
-            batch = {key: value.to(self.device) if isinstance(value, torch.Tensor) else value
-                     for key, value in batch.items()}
+            batch = to_device(pack_into_row([(ids, ids) for ids in encoded], self.tokenizer.pad_token_id), self.device)
             scores += sequence_scores(self.model, batch).tolist()
         return scores

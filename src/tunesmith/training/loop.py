@@ -149,7 +149,7 @@ def evaluate(model, stage: Stage, data: RunData, config: TrainConfig) -> dict:
     totals, items = {"loss": 0.0}, 0
     with autocast_context(device, config):
         for start in range(0, len(data.eval), config.per_device_eval_batch_size):
-            batch = _to_device(data.collate(data.eval[start:start + config.per_device_eval_batch_size]), device)
+            batch = to_device(data.collate(data.eval[start:start + config.per_device_eval_batch_size]), device)
             loss_sum, metrics = stage.loss(model, batch)
             totals["loss"] += loss_sum.item()
             for key, value in metrics.items():
@@ -185,7 +185,7 @@ def _accumulate_gradients(model, stage: Stage, batches: list[dict], device, amp,
     for batch in batches:
         window["tokens"] += stage.count_tokens(batch)
         with amp:
-            loss_sum, metrics = stage.loss(model, _to_device(batch, device))
+            loss_sum, metrics = stage.loss(model, to_device(batch, device))
         scaler.scale(loss_sum / max(items, 1)).backward()
         window["loss"] = window["loss"] + loss_sum.detach()
         for key, value in metrics.items():
@@ -249,6 +249,7 @@ def autocast_context(device: torch.device, config: TrainConfig):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on `device`; other values (lists, ints, the rows) as they are."""
     return {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
             for key, value in batch.items()}

@@ -17,6 +17,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.model.adapters import save_adapter
 from tunesmith.model.finetune import AdapterSettings, prepare_for_training, trainable_summary
 from tunesmith.model.loading import load_model, load_tokenizer, resolve_device_and_dtype, with_compute_dtype
+from tunesmith.model.value_head import ATTRIBUTE as VALUE_HEAD_ATTRIBUTE
 from tunesmith.model.value_head import save_value_head, without_value_head
 from tunesmith.training import checkpoint, loop
 from tunesmith.training.distributed import process_info
@@ -112,7 +113,7 @@ def _save_result(model, tokenizer, adapter: AdapterSettings | None, config: Trai
                      adapter.target_modules, adapter.use_rslora)
     else:
         model.save_pretrained(folder, safe_serialization=True, state_dict=without_value_head(model.state_dict()))
-    head = getattr(model, "v_head", None)
+    head = getattr(model, VALUE_HEAD_ATTRIBUTE, None)
     if head is not None:  # a reward model: the head goes beside the adapter or model (value_head.safetensors)
         save_value_head(head, folder)
     tokenizer.save_pretrained(folder)

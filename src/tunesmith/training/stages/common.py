@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from tunesmith.algorithms.logprobs import IGNORE_INDEX, chunked_logprobs, chunked_logprobs_at, shift_labels
+from tunesmith.algorithms.logprobs import chunked_logprobs_at
 from tunesmith.config import TrainConfig
 from tunesmith.data.dataset import split_train_eval
 from tunesmith.errors import TunesmithError
@@ -45,54 +45,24 @@ def _prompt_sharing_error(model) -> TunesmithError:
         "without trust_remote_code (Llama, Qwen2, Mistral, Gemma and the like).")
 
 
-def sequence_lengths(batch: dict) -> list[int]:
-    """Token count of each sequence of a packed batch (the pad tail, if any, excluded).
-
-    Not for preference pairs, whose segments leave the shared prompt out of the rejected answer.
-    """
-    assert "predict_positions" not in batch, "pair batches are summed per sequence in sequence_logps"
-    bounds = batch["cu_seqlens"][:batch["num_sequences"] + 1]
-    return [end - start for start, end in zip(bounds[:-1], bounds[1:])]
-
-
-def per_sequence_sum(values: torch.Tensor, batch: dict) -> torch.Tensor:
-    """[sequences] sums of a per-position tensor: over each row, or each packed sequence."""
-    if "cu_seqlens" not in batch:
-        return values.sum(1)
-    lengths = sequence_lengths(batch)
-    flat = values.reshape(-1)[:sum(lengths)]
-    owner = torch.repeat_interleave(torch.arange(len(lengths), device=flat.device),
-                                    torch.tensor(lengths, device=flat.device))
-    return flat.new_zeros(len(lengths)).index_add(0, owner, flat)
-
-
 def last_token_positions(batch: dict) -> torch.Tensor:
-    """Flat index (into rows x seq) of each sequence's last real token."""
+    """Flat index of each sequence's last token: named by pair batches, else the end of each packed sample."""
     if "last_positions" in batch:
         return batch["last_positions"]
-    if "cu_seqlens" in batch:
-        return torch.tensor(batch["cu_seqlens"][1:batch["num_sequences"] + 1], device=batch["input_ids"].device) - 1
-    rows, width = batch["attention_mask"].shape
-    return torch.arange(rows, device=batch["input_ids"].device) * width + batch["attention_mask"].sum(1) - 1
+    return torch.tensor(batch["cu_seqlens"][1:batch["num_sequences"] + 1], device=batch["input_ids"].device) - 1
 
 
 def sequence_logps(model, batch: dict, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log p of each sequence's labelled tokens [sequences], number of those tokens [sequences]).
+    """(summed log p of each sequence's answer tokens [sequences], number of those tokens [sequences]).
 
-    A batch with `predict_positions` (preference pairs) names each (position, target, sequence) triple;
-    otherwise targets are the labels shifted by one and sequences are rows or packed samples.
+    For pair batches (`collate_pairs`), which name each (position, target, sequence) triple.
     """
     hidden = backbone_hidden(model, batch)
-    head = model.get_output_embeddings()
-    if "predict_positions" in batch:
-        rows = hidden.reshape(-1, hidden.shape[-1])[batch["predict_positions"]]
-        token_logps = chunked_logprobs_at(rows, head, batch["predict_targets"], chunk_size)
-        owners, count = batch["predict_owners"], batch["num_sequences"]
-        sums = token_logps.new_zeros(count).index_add(0, owners, token_logps)
-        return sums, torch.bincount(owners, minlength=count).to(token_logps.dtype)
-    token_logps = chunked_logprobs(hidden, head, batch["labels"], chunk_size)
-    labelled = (shift_labels(batch["labels"]) != IGNORE_INDEX).to(token_logps.dtype)
-    return per_sequence_sum(token_logps, batch), per_sequence_sum(labelled, batch)
+    rows = hidden.reshape(-1, hidden.shape[-1])[batch["predict_positions"]]
+    token_logps = chunked_logprobs_at(rows, model.get_output_embeddings(), batch["predict_targets"], chunk_size)
+    owners, count = batch["predict_owners"], batch["num_sequences"]
+    sums = token_logps.new_zeros(count).index_add(0, owners, token_logps)
+    return sums, torch.bincount(owners, minlength=count).to(token_logps.dtype)
 
 
 def train_and_eval_rows(encode: Callable[[list[str]], list], config: TrainConfig) -> tuple[list, list]:

@@ -25,7 +25,7 @@ from tunesmith.config import TrainConfig
 from tunesmith.data.pairs import REFERENCE_KEYS
 from tunesmith.errors import TunesmithError
 from tunesmith.model.lora import disable_lora, lora_modules
-from tunesmith.training.loop import RunData, Stage, autocast_context, autocast_dtype
+from tunesmith.training.loop import RunData, Stage, autocast_context, autocast_dtype, to_device
 from tunesmith.training.stages.common import sequence_logps
 from tunesmith.training.stages.rm import build_pair_data, count_pairs, count_tokens
 
@@ -106,8 +106,7 @@ def precompute_reference_logps(reference: Reference, data: RunData, batch_size: 
     for rows in (data.train, data.eval):
         for start in tqdm(range(0, len(rows), batch_size), desc="reference log-probs", leave=False):
             chunk = rows[start:start + batch_size]
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in data.collate(chunk).items()}
-            remember_reference(chunk, reference(batch))
+            remember_reference(chunk, reference(to_device(data.collate(chunk), device)))
 
 
 def build_dpo(config: TrainConfig, tokenizer, device: torch.device):

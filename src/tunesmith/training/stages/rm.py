@@ -25,7 +25,7 @@ from tunesmith.training.stages.common import (
 
 
 def sequence_scores(model, batch: dict) -> torch.Tensor:
-    """[sequences] value-head score at each sequence's last real token (packed or right-padded batch)."""
+    """[sequences] value-head score at each sequence's last token (a pair batch or a packed row)."""
     hidden = backbone_hidden(model, batch)
     return model.v_head(hidden.reshape(-1, hidden.shape[-1])[last_token_positions(batch)])
 
