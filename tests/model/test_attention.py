@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from tunesmith.model.attention import varlen_sdpa_forward
+from tunesmith.model.attention import row_mask, varlen_sdpa_forward
 
 
 class Layer(torch.nn.Module):
@@ -36,3 +36,23 @@ def test_without_segments_it_is_transformers_sdpa():
     q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
     out, _ = varlen_sdpa_forward(Layer(), q, k, v, None)
     torch.testing.assert_close(out.transpose(1, 2), reference(q, k, v))
+
+
+def test_row_mask_is_the_per_segment_computation_as_one_mask():
+    """The accelerator path (one masked sdpa) equals the CPU path (one sdpa per segment)."""
+    torch.manual_seed(2)
+    q, k, v = torch.randn(1, 4, 20, 8), torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8)
+    bounds, prefixes = (0, 5, 9, 15, 20), (None, (0, 2), None, (9, 12))
+    for window in (None, 3):
+        per_segment, _ = varlen_sdpa_forward(Layer(), q, k, v, None, cu_seqlens=list(bounds),
+                                             segment_prefixes=list(prefixes), sliding_window=window)
+        mask = row_mask(bounds, prefixes, window, torch.device("cpu"))
+        one_call = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                  attn_mask=mask)
+        torch.testing.assert_close(per_segment, one_call.transpose(1, 2))
+    expected = torch.zeros(20, 20, dtype=torch.bool)  # written out for the small case without a window
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        expected[start:end, start:end] = torch.ones(end - start, end - start).tril().bool()
+    expected[5:9, 0:2] = True
+    expected[15:20, 9:12] = True
+    assert torch.equal(row_mask(bounds, prefixes, None, torch.device("cpu")), expected)

@@ -78,12 +78,14 @@ def test_dpo_step0_loss_is_ln2_when_policy_is_reference(pref_base, tmp_path, fin
     config = build_config({**pref_base, "stage": "dpo", "finetuning_type": finetuning_type,
                            "output_dir": str(tmp_path / "out")})
     run = prepare_training(config)
-    batch = run.data.collate(run.data.train[:4])
+    batch = loop.to_device(run.data.collate(run.data.train[:4]), run.device)
     loss_sum, metrics = run.stage.loss(run.model, batch)
     assert run.stage.count_items(batch) == 4
     assert abs(loss_sum.item() / 4 - LN2) < 1e-5
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert abs(metrics[key]) < 1e-5, key
+    if run.device.type == "cpu":  # bit-identical there, so every pair is a tie, and a tie is not "accurate";
+        assert metrics["rewards/accuracies"] == 0  # GPU kernels leave ~1e-7 of noise that decides the sign
     # rewards are zero because the policy's log-probs equal the reference's, not because both are empty
     assert metrics["logps/chosen"] < -1 and metrics["logps/rejected"] < -1
 
@@ -118,7 +120,7 @@ def test_dpo_learns_preferences(pref_base, tmp_path):
     config = build_config(settings)
     before = prepare_training(config)
     start = loop.evaluate(before.model, before.stage, before.data, before.config)
-    assert start["eval_rewards/margins"] == 0 and start["eval_rewards/chosen"] == 0
+    assert abs(start["eval_rewards/margins"]) < 1e-6 and abs(start["eval_rewards/chosen"]) < 1e-6
     assert abs(start["eval_loss"] - LN2) < 1e-5
     del before
 
@@ -181,7 +183,7 @@ def test_dpo_from_sft_adapter_uses_sft_model_as_reference(base_settings, pref_ba
     run = prepare_training(config)
     rows = run.data.train[:4]
     batch = run.data.collate(rows)
-    loss_sum, metrics = run.stage.loss(run.model, batch)
+    loss_sum, metrics = run.stage.loss(run.model, loop.to_device(batch, run.device))
     assert abs(loss_sum.item() / 4 - LN2) < 1e-5
     assert abs(metrics["rewards/margins"]) < 1e-5
     ref_chosen = torch.tensor([row["ref_chosen_logps"] for row in rows])

@@ -9,11 +9,17 @@ Without it this is transformers' own sdpa, so generation, padded batches and eve
 unaffected, and a model that does not pass the keyword through to attention still gets the correct
 (masked) result.
 
+On a GPU the per-sample loop costs a kernel launch per sample and layer, which is what dominates
+there, so accelerators take one sdpa call with a block mask built once per forward from the same
+segment description: the GPU does the masked-out work, the host does one launch.
+
     model.set_attn_implementation(VARLEN_SDPA)   # done by load_model
     model(input_ids, position_ids=..., cu_seqlens=[0, 120, 370, 512])
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +57,13 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     window = kwargs.get("sliding_window")
+    if query.device.type != "cpu":
+        mask = row_mask(tuple(bounds), tuple(tuple(p) if p else None for p in prefixes), window, query.device)
+        if any(prefixes):
+            _PrefixUse.count += 1
+        kwargs.pop("sliding_window", None)
+        return sdpa_attention_forward(module, query, key, value, mask[None, None], dropout=dropout, scaling=scaling,
+                                      is_causal=False, **kwargs)
     # split, not slicing: its backward is one concatenation, where each slice's backward would fill a
     # full-size zero tensor. enable_gqa lets grouped-query kv heads serve their query heads uncopied.
     cuts = sorted(set(bounds).union(*(prefix for prefix in prefixes if prefix)))
@@ -90,6 +103,31 @@ def _segment_mask(length: int, prefix: int, window: int | None, device) -> torch
     key_pos = torch.arange(prefix + length, device=device)[None, :]
     sees = key_pos <= query_pos
     if window is not None:
+        sees &= key_pos > query_pos - window
+    return sees
+
+
+@functools.lru_cache(maxsize=4)
+def row_mask(bounds: tuple, prefixes: tuple, window: int | None, device) -> torch.Tensor:
+    """[T, T] bool for one packed row: what `varlen_sdpa_forward` computes segment by segment, as one mask.
+
+    Query t of segment s sees key u when both are in s and u <= t, or when u is in s's prefix span.
+    Positions for the sliding window count the prefix as if it came right before the segment. Cached,
+    since every layer of a forward asks for the same mask.
+    """
+    starts = torch.tensor(bounds[:-1], device=device)
+    widths = torch.tensor([p[1] - p[0] if p else 0 for p in prefixes], device=device)
+    prefix_starts = torch.tensor([p[0] if p else 0 for p in prefixes], device=device)
+    segment = torch.repeat_interleave(torch.arange(len(starts), device=device), starts.diff(append=starts.new_tensor([bounds[-1]])))
+    pos = torch.arange(bounds[-1], device=device)
+    start, width, prefix_start = starts[segment][:, None], widths[segment][:, None], prefix_starts[segment][:, None]
+    query_pos = pos[:, None] - start + width  # positions within "prefix, then segment"
+    same = (segment[:, None] == segment[None, :]) & (pos[None, :] <= pos[:, None])
+    offset = pos[None, :] - prefix_start
+    in_prefix = (offset >= 0) & (offset < width)
+    sees = same | in_prefix
+    if window is not None:
+        key_pos = torch.where(in_prefix, offset, pos[None, :] - start + width)
         sees &= key_pos > query_pos - window
     return sees
 
