@@ -4,6 +4,7 @@
     tunesmith score RM_DIR [--prompt --response | --dataset]   score answers with a trained reward model
     tunesmith init-model OUT [--arch --size]   write a small random-init model folder, offline
     tunesmith demo                             build a tiny model, fine-tune it, show before/after
+    tunesmith data prepare|stats|convert|validate   clean, measure, convert and check data files
     tunesmith env                              versions, device, threads
 """
 
@@ -72,6 +73,117 @@ def _demo(args) -> None:
     run_demo(args.output_dir, steps=args.steps)
 
 
+def _names(text: str | None) -> list[str]:
+    return [name.strip() for name in (text or "").split(",") if name.strip()]
+
+
+def _data_prepare(args) -> None:
+    from tunesmith.data.prepare import PrepareOptions, parse_rename, prepare
+
+    options = PrepareOptions(
+        require=_names(args.require), rename=parse_rename(args.rename or ""), select=_names(args.select),
+        char_count=args.char_count, count_fields=_names(args.count_fields), min_chars=args.min_chars,
+        max_chars=args.max_chars, tokenizer=args.tokenizer, token_count=args.token_count, min_tokens=args.min_tokens,
+        max_tokens=args.max_tokens, dedup=None if args.dedup is None else _names(args.dedup), sample=args.sample,
+        seed=args.seed, skip_bad=args.skip_bad)
+    report = prepare(args.input, args.output, options)
+    for example in report.bad.examples:
+        print(f"tunesmith: skipped bad record: {example}", file=sys.stderr)
+    print(f"[tunesmith] {args.output}: {report.summary()}", file=sys.stderr)
+
+
+def _data_stats(args) -> None:
+    import json
+
+    from tunesmith.data.stats import collect, format_report
+    from tunesmith.data.streams import BadRecords
+
+    bad = BadRecords(args.file, args.skip_bad)
+    records, columns = collect(bad, args.field, args.tokenizer)
+    if args.json:
+        print(json.dumps({"records": records, "bad": bad.count, **{c.name: c.summary() for c in columns}}))
+    else:
+        print(format_report(bad, records, columns, args.bins))
+
+
+def _data_convert(args) -> None:
+    from tunesmith.data.convert import convert_file
+
+    bad = convert_file(args.input, args.output, args.to, args.source_format, args.skip_bad)
+    for example in bad.examples:
+        print(f"tunesmith: skipped bad record: {example}", file=sys.stderr)
+    print(f"[tunesmith] wrote {args.output} ({args.to})" + (f"; {bad.count} bad records skipped" if bad.count else ""),
+          file=sys.stderr)
+
+
+def _data_validate(args) -> None:
+    from tunesmith.data.convert import validate_dataset
+
+    good, reports = validate_dataset(args.dataset, args.dataset_dir)
+    for bad in reports:
+        for example in bad.examples:
+            print(example)
+        if bad.count > len(bad.examples):
+            print(f"{bad.path}: ... and {bad.count - len(bad.examples)} more bad records")
+    total_bad = sum(bad.count for bad in reports)
+    print(f"[tunesmith] {args.dataset}: {good} records read as training reads them, {total_bad} bad", file=sys.stderr)
+    if total_bad:
+        raise SystemExit(1)
+
+
+def _add_data_commands(commands) -> None:
+    data = commands.add_parser("data", help="clean, measure, convert and check data files (json/jsonl/csv/parquet)")
+    verbs = data.add_subparsers(dest="data_command", required=True, metavar="verb")
+
+    prepare = verbs.add_parser(
+        "prepare", help="filter, reshape, count, de-duplicate and sample records in one streaming pass",
+        description="Steps run in this order, each optional: --require, --rename/--select, character count and "
+        "filter, token count and filter, --dedup, --sample. Without --sample every surviving record is written, "
+        "in input order. The output format follows its suffix and is written atomically.")
+    prepare.add_argument("input", help=".json (array or JSON lines), .jsonl, .csv or .parquet")
+    prepare.add_argument("-o", "--output", required=True, help="output file (.jsonl, .json, .csv or .parquet)")
+    prepare.add_argument("--require", help="comma list: drop records where a field is missing, null or empty")
+    prepare.add_argument("--rename", help="comma list of old:new; keeps only the renamed fields, in order")
+    prepare.add_argument("--select", help="comma list: keep only these fields, in order (after --rename)")
+    prepare.add_argument("--char-count", metavar="FIELD", help="add FIELD = characters (code points) of the counted fields")
+    prepare.add_argument("--count-fields", help="comma list of fields to count (default: those --rename/--select "
+                         "keep, else every text field)")
+    prepare.add_argument("--min-chars", type=int, help="keep records with at least N characters")
+    prepare.add_argument("--max-chars", type=int, help="keep records with fewer than N characters (jq: select(.n < N))")
+    prepare.add_argument("--tokenizer", help="tokenizer or model folder for token counts")
+    prepare.add_argument("--token-count", metavar="FIELD", help="add FIELD = tokens of the counted fields")
+    prepare.add_argument("--min-tokens", type=int, help="keep records with at least N tokens")
+    prepare.add_argument("--max-tokens", type=int, help="keep records with fewer than N tokens")
+    prepare.add_argument("--dedup", nargs="?", const="", metavar="FIELDS",
+                         help="drop exact duplicates (whole records, or equal values of these comma-listed fields)")
+    prepare.add_argument("--sample", type=int, help="keep a uniform random sample of N records (reservoir)")
+    prepare.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
+    prepare.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping")
+    prepare.set_defaults(handler=_data_prepare)
+
+    stats = verbs.add_parser("stats", help="record count, totals, percentiles and a histogram")
+    stats.add_argument("file")
+    stats.add_argument("--field", help="a numeric field to total (missing/null count 0, like jq's `.f // 0`)")
+    stats.add_argument("--tokenizer", help="also count tokens of the text fields with this tokenizer")
+    stats.add_argument("--bins", type=int, default=10, help="histogram bins (default 10)")
+    stats.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    stats.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping")
+    stats.set_defaults(handler=_data_stats)
+
+    convert = verbs.add_parser("convert", help="rewrite records as alpaca, sharegpt or openai (messages) records")
+    convert.add_argument("input")
+    convert.add_argument("-o", "--output", required=True)
+    convert.add_argument("--to", required=True, choices=["alpaca", "sharegpt", "openai"])
+    convert.add_argument("--from", dest="source_format", default="auto", choices=["auto", "alpaca", "sharegpt", "openai"])
+    convert.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping")
+    convert.set_defaults(handler=_data_convert)
+
+    validate = verbs.add_parser("validate", help="read a dataset as training would and list every bad record")
+    validate.add_argument("dataset", help="a dataset_info.json name or a file path")
+    validate.add_argument("--dataset-dir", default="data", help="folder with dataset_info.json (default: data)")
+    validate.set_defaults(handler=_data_validate)
+
+
 def _env(args) -> None:
     from tunesmith.env import environment_report
 
@@ -79,7 +191,7 @@ def _env(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tunesmith.model.init_model import SIZE_PRESETS
+    from tunesmith.model.sizes import SIZE_PRESETS
 
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune and align language models from one YAML file.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
@@ -112,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="demo_output")
     demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
     demo.set_defaults(handler=_demo)
+
+    _add_data_commands(commands)
 
     env = commands.add_parser("env", help="print versions, device and threads")
     env.set_defaults(handler=_env)

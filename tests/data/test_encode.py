@@ -2,8 +2,8 @@
 
 import pytest
 
-from tunesmith.data import IGNORE_INDEX, encode_pair, encode_sft, get_template
-from tunesmith.data.encode import infer_seqlen
+from tunesmith.data.encode import IGNORE_INDEX, encode_pair, encode_sft, infer_seqlen
+from tunesmith.data.templates import get_template
 
 MULTI_TURN = [
     {"role": "system", "content": "You are a helpful assistant."},

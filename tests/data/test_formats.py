@@ -2,7 +2,7 @@
 
 import pytest
 
-from tunesmith.data import load_conversations, load_preference_examples
+from tunesmith.data.dataset import load_conversations, load_preference_examples
 from tunesmith.data.formats import PreferenceExample, alpaca_to_messages, sharegpt_to_messages
 from tunesmith.data.registry import ALPACA_COLUMNS, OPENAI_TAGS, SHAREGPT_TAGS
 from tunesmith.errors import TunesmithError

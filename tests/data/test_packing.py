@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-from tunesmith.data import IGNORE_INDEX, collate, pack_examples
-from tunesmith.data.packing import pack_into_row
+from tunesmith.data.encode import IGNORE_INDEX
+from tunesmith.data.packing import collate, pack_examples, pack_into_row
 from tunesmith.errors import TunesmithError
 from tunesmith.model.attention import VARLEN_SDPA
 

@@ -2,17 +2,17 @@
 
 import pytest
 
-from tunesmith.data import (
-    IGNORE_INDEX,
-    PreferenceExample,
+from tunesmith.data.dataset import (
     build_sft_examples,
     encode_sft_examples,
-    get_template,
     load_conversations,
     load_preference_examples,
-    pack_examples,
     split_train_eval,
 )
+from tunesmith.data.encode import IGNORE_INDEX
+from tunesmith.data.formats import PreferenceExample
+from tunesmith.data.packing import pack_examples
+from tunesmith.data.templates import get_template
 from tunesmith.errors import TunesmithError
 
 

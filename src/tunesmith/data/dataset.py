@@ -15,26 +15,12 @@ import random
 import warnings
 
 from tunesmith.data.encode import IGNORE_INDEX, encode_sft
-from tunesmith.data.formats import (
-    BadRecord,
-    alpaca_to_messages,
-    alpaca_to_preference,
-    sharegpt_to_messages,
-    sharegpt_to_preference,
-)
+from tunesmith.data.formats import CONVERTERS, BadRecord
 from tunesmith.data.packing import pack_examples
 from tunesmith.data.readers import read_records
 from tunesmith.data.registry import dataset_files, detect_spec, resolve_dataset
 from tunesmith.data.templates import get_template
 from tunesmith.errors import TunesmithError
-
-# (formatting, ranking) -> record converter
-CONVERTERS = {
-    ("alpaca", False): lambda record, spec: alpaca_to_messages(record, spec.columns),
-    ("sharegpt", False): lambda record, spec: sharegpt_to_messages(record, spec.columns, spec.tags),
-    ("alpaca", True): lambda record, spec: alpaca_to_preference(record, spec.columns),
-    ("sharegpt", True): lambda record, spec: sharegpt_to_preference(record, spec.columns, spec.tags),
-}
 
 
 def _convert_file(path, records: list, spec, skip_bad_records: bool) -> list:

@@ -187,3 +187,12 @@ def _check_answers(chosen, rejected) -> None:
             raise BadRecord(
                 f"the {name} answer is empty or not text; every preference pair needs two answers"
             )
+
+
+# (formatting, ranking) -> record converter
+CONVERTERS = {
+    ("alpaca", False): lambda record, spec: alpaca_to_messages(record, spec.columns),
+    ("sharegpt", False): lambda record, spec: sharegpt_to_messages(record, spec.columns, spec.tags),
+    ("alpaca", True): lambda record, spec: alpaca_to_preference(record, spec.columns),
+    ("sharegpt", True): lambda record, spec: sharegpt_to_preference(record, spec.columns, spec.tags),
+}

@@ -1,0 +1,116 @@
+"""`tunesmith data stats`: record count, totals, percentiles and a histogram of record lengths or a field.
+
+    tunesmith data stats out.jsonl --field char_cnt        # = jq -c ".char_cnt // 0" | awk '{s+=$1} END {print s}'
+    tunesmith data stats out.jsonl                         # characters of every text field, per record
+    tunesmith data stats out.jsonl --tokenizer saves/m     # and tokens under that tokenizer
+
+A numeric `--field` is summed as jq's `.field // 0` does (missing, null and false count 0); any
+other type is a bad record. One 8-byte number per record is kept, for exact percentiles.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from dataclasses import dataclass
+
+from tunesmith.data.formats import BadRecord
+from tunesmith.data.prepare import counted_texts
+from tunesmith.data.streams import BadRecords, good_records
+
+PERCENTILES = (50, 90, 95, 99)
+
+
+@dataclass
+class Column:
+    """One measured quantity over all records."""
+
+    name: str
+    values: array
+
+    def summary(self) -> dict:
+        values = sorted(self.values)
+        if not values:
+            return {"total": 0}
+        total = sum(values)
+        out = {"total": int(total) if float(total).is_integer() else total, "mean": total / len(values),
+               "min": values[0], "max": values[-1]}
+        out.update({f"p{q}": percentile(values, q) for q in PERCENTILES})
+        return out
+
+
+def percentile(sorted_values, q: float) -> float:
+    """The q-th percentile with linear interpolation between closest ranks (numpy's default)."""
+    position = (len(sorted_values) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def histogram(values, bins: int) -> list[tuple[float, float, int]]:
+    """(low, high, count) for `bins` equal-width bins over [min, max]; the last bin includes max."""
+    if not values:
+        return []
+    low, high = min(values), max(values)
+    width = (high - low) / bins or 1
+    counts = [0] * bins
+    for value in values:
+        counts[min(int((value - low) / width), bins - 1)] += 1
+    return [(low + i * width, low + (i + 1) * width, count) for i, count in enumerate(counts)]
+
+
+def field_value(record: dict, name: str) -> float:
+    value = record.get(name)
+    if value is None or value is False:  # jq's `// 0`
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRecord(f"field '{name}' is a {type(value).__name__}, not a number")
+    return value
+
+
+def collect(bad: BadRecords, field: str | None, tokenizer_path: str | None) -> tuple[int, list[Column]]:
+    """(records, columns): the field's values, or per-record character (and token) counts."""
+    tokenizer = None
+    if tokenizer_path:
+        # lazily: transformers only when tokens are counted
+        from tunesmith.model.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_path)
+    names = [field] if field else ["chars"] + (["tokens"] if tokenizer else [])
+    columns = [Column(name, array("d")) for name in names]
+    records = 0
+    for where, record in good_records(bad):
+        try:
+            row = [field_value(record, field)] if field else _lengths(record, tokenizer)
+        except BadRecord as err:
+            bad.add(where, str(err))
+            continue
+        records += 1
+        for column, value in zip(columns, row):
+            column.values.append(value)
+    return records, columns
+
+
+def _lengths(record: dict, tokenizer) -> list[int]:
+    texts = counted_texts(record, None)
+    row = [sum(len(text) for text in texts)]
+    if tokenizer:
+        row.append(sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else 0)
+    return row
+
+
+def format_report(bad: BadRecords, records: int, columns: list[Column], bins: int) -> str:
+    skipped = f" ({bad.count} bad records skipped)" if bad.count else ""
+    lines = [f"{bad.path}: {records} records{skipped}"]
+    for column in columns:
+        summary = column.summary()
+        lines.append(f"{column.name}: " + "  ".join(f"{key} {_number(value)}" for key, value in summary.items()))
+        rows = histogram(column.values, bins)
+        peak = max((count for _, _, count in rows), default=0) or 1
+        for low, high, count in rows:
+            lines.append(f"  {_number(low):>10} - {_number(high):<10} {'#' * round(40 * count / peak):<40} {count}")
+    return "\n".join(lines)
+
+
+def _number(value) -> str:
+    return f"{value:.1f}" if isinstance(value, float) and not value.is_integer() else str(int(value))

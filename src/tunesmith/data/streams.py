@@ -1,0 +1,314 @@
+"""Read and write record files one record at a time, so memory stays flat however large the file.
+
+`read_stream(path)` yields `(where, record)`: `where` is the 1-based line the record starts on
+(JSON, JSON lines, CSV) or its row number (parquet), for error messages a user can jump to. A record
+that cannot be read (malformed JSON, not an object) comes as a `Malformed` in place of the record,
+so the caller decides whether to stop or skip. A JSON array is decoded element by element from a
+sliding text buffer with the stdlib's C scanner, never loaded whole.
+
+`AtomicWriter(path)` writes to a hidden temporary file beside `path` and renames it over `path` only
+when the `with` block ends without an error: an interrupted run never leaves a half-written file
+under the final name. The format follows the suffix: .jsonl, .json (an array), .csv, .parquet.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunesmith.errors import TunesmithError
+
+FORMATS = (".json", ".jsonl", ".csv", ".parquet")
+CHUNK_CHARS = 1 << 20
+MAX_RECORD_CHARS = 256 << 20  # a "record" larger than this is a malformed file, not data
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A record that could not be read; `reason` says why and how to fix it."""
+
+    reason: str
+    fatal: bool = False
+    """True when reading cannot go on past it (a syntax error inside a JSON array)."""
+
+
+def file_format(path: Path) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise TunesmithError(f"{path}: unsupported file type '{suffix or '(none)'}'. Use one of {', '.join(FORMATS)}.")
+    return suffix
+
+
+def read_stream(path: str | Path) -> Iterator[tuple[int, dict | Malformed]]:
+    """`(line or row, record)` for every record of a .json/.jsonl/.csv/.parquet file, in file order."""
+    path = Path(path)
+    suffix = file_format(path)
+    if not path.is_file():
+        raise TunesmithError(f"{path}: file not found.")
+    if suffix == ".csv":
+        return _csv_records(path)
+    if suffix == ".parquet":
+        return _parquet_records(path)
+    with path.open("rb") as f:
+        first = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+    return _json_array_records(path) if first == b"[" else _json_line_records(path)
+
+
+def _as_record(value) -> dict | Malformed:
+    if isinstance(value, dict):
+        return value
+    return Malformed(f"the record is a JSON {_json_type(value)}, not an object; every record must be {{...}}")
+
+
+def _json_type(value) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
+def _json_line_records(path: Path):
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                yield line_no, _as_record(json.loads(raw))
+            except UnicodeDecodeError as err:
+                yield line_no, Malformed(f"not UTF-8 text ({err.reason}); save the file as UTF-8")
+            except json.JSONDecodeError as err:
+                yield line_no, Malformed(f"invalid JSON ({err.msg} at column {err.colno}); a JSON lines file needs "
+                                         "one complete object per line")
+
+
+class _TextWindow:
+    """A sliding window over a text file: `text[pos:]` is what has not been consumed yet."""
+
+    def __init__(self, f):
+        self.f, self.text, self.pos, self.line, self.eof = f, "", 0, 1, False
+        self.more()
+
+    def more(self) -> None:
+        """Drop the consumed text and append the next chunk."""
+        chunk = self.f.read(CHUNK_CHARS)
+        self.eof = not chunk
+        self.text, self.pos = self.text[self.pos:] + chunk, 0
+
+    def skip_whitespace(self) -> str:
+        """The next non-whitespace character ("" at the end of the file), counting lines on the way."""
+        while True:
+            end = _WHITESPACE.match(self.text, self.pos).end()
+            self.line += self.text.count("\n", self.pos, end)
+            self.pos = end
+            if end < len(self.text) or self.eof:
+                return self.text[end:end + 1]
+            self.more()
+
+    def advance(self, end: int) -> None:
+        self.line += self.text.count("\n", self.pos, end)
+        self.pos = end
+
+
+def _json_array_records(path: Path):
+    with path.open(encoding="utf-8-sig") as f:
+        window = _TextWindow(f)
+        window.skip_whitespace()
+        window.advance(window.pos + 1)  # the "["
+        need_comma = after_comma = False  # a record was just read / a "," was just read
+        while True:
+            char = window.skip_whitespace()
+            problem = None
+            if char == "]":
+                window.advance(window.pos + 1)
+                if window.skip_whitespace():
+                    problem = "text after the closing ']' of the JSON array; remove it"
+                elif after_comma:
+                    problem = "a trailing ',' before the closing ']'; remove it"
+                else:
+                    return
+            elif char == "":
+                problem = "the JSON array is not closed with ']' (the file ends early)"
+            elif need_comma and char != ",":
+                problem = f"expected ',' or ']' between records, found {char!r}"
+            if problem:
+                yield window.line, Malformed(problem, fatal=True)
+                return
+            if need_comma:
+                window.advance(window.pos + 1)
+                need_comma, after_comma = False, True
+                continue
+            line, value = window.line, _decode_next(window)
+            yield line, value if isinstance(value, Malformed) else _as_record(value)
+            if isinstance(value, Malformed):
+                return
+            need_comma, after_comma = True, False
+
+
+def _decode_next(window: _TextWindow):
+    """Decode one JSON value at the window's position, pulling more text while it may be cut off."""
+    while True:
+        try:
+            value, end = _DECODER.raw_decode(window.text, window.pos)
+        except json.JSONDecodeError as err:
+            # An error near the end of the window (or an unterminated string) may only mean the value
+            # continues in the next chunk; anywhere else it is a real syntax error.
+            cut_off = err.msg.startswith("Unterminated string") or err.pos >= len(window.text) - 64
+            if cut_off and not window.eof and len(window.text) - window.pos < MAX_RECORD_CHARS:
+                window.more()
+                continue
+            line = window.line + window.text.count("\n", window.pos, err.pos)
+            return Malformed(f"invalid JSON at line {line} ({err.msg}); reading cannot continue past a syntax "
+                             "error inside a JSON array: fix it, or convert the file to JSON lines", fatal=True)
+        if end >= len(window.text) and not window.eof:  # a number at the very end may continue
+            window.more()
+            continue
+        window.advance(end)
+        return value
+
+
+def _csv_records(path: Path):
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        try:
+            for row in reader:
+                yield reader.line_num, row
+        except csv.Error as err:
+            yield reader.line_num, Malformed(f"malformed CSV ({err})", fatal=True)
+
+
+def _parquet_records(path: Path):
+    import pyarrow.parquet as pq  # lazily: only parquet users pay for pyarrow's import
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=8192)
+        row = 0
+        for batch in batches:
+            for record in batch.to_pylist():
+                row += 1
+                yield row, record
+    except Exception as err:  # pyarrow raises several unrelated types for corrupt files
+        raise TunesmithError(f"{path}: cannot be read as parquet ({err}). Re-export the file.") from err
+
+
+class BadRecords:
+    """What to do with bad records: stop at the first (the default) or skip them, counting and keeping a few."""
+
+    def __init__(self, path: Path, skip: bool, keep: int = 5):
+        self.path, self.skip, self.keep = Path(path), skip, keep
+        self.count, self.examples = 0, []
+
+    def add(self, where: int, reason: str, fatal: bool = False) -> None:
+        place = f"{self.path}: {'row' if self.path.suffix.lower() == '.parquet' else 'line'} {where}"
+        if fatal or not self.skip:
+            fix = "" if fatal else "; fix it, or pass --skip-bad to skip and count bad records"
+            raise TunesmithError(f"{place}: {reason}{fix}. Nothing was written.")
+        self.count += 1
+        if len(self.examples) < self.keep:
+            self.examples.append(f"{place}: {reason}")
+
+
+def good_records(bad: BadRecords) -> Iterator[tuple[int, dict]]:
+    """`read_stream` without the malformed records, which go to `bad` (stopping the run unless skipped)."""
+    for where, record in read_stream(bad.path):
+        if isinstance(record, Malformed):
+            bad.add(where, record.reason, record.fatal)
+        else:
+            yield where, record
+
+
+def dumps(record: dict) -> str:
+    """Compact JSON with non-ASCII text kept as is, like `jq -c`."""
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+
+class AtomicWriter:
+    """Write records to `path` through a temporary file renamed into place on success."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.format = file_format(self.path)
+        self.temp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.count = 0
+        self._rows: list[dict] = []  # parquet buffers rows into row groups
+        self._csv = self._parquet = None
+
+    def __enter__(self) -> AtomicWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = None if self.format == ".parquet" else self.temp.open("w", encoding="utf-8", newline="")
+        if self.format == ".json":
+            self.file.write("[")
+        return self
+
+    def write(self, record: dict) -> None:
+        if self.format == ".jsonl":
+            self.file.write(dumps(record) + "\n")
+        elif self.format == ".json":
+            self.file.write(("\n" if self.count == 0 else ",\n") + dumps(record))
+        elif self.format == ".csv":
+            self._write_csv(record)
+        else:
+            self._rows.append(record)
+            if len(self._rows) >= 8192:
+                self._flush_parquet()
+        self.count += 1
+
+    def _write_csv(self, record: dict) -> None:
+        if self._csv is None:
+            self._csv = csv.DictWriter(self.file, fieldnames=list(record))
+            self._csv.writeheader()
+        extra = set(record) - set(self._csv.fieldnames)
+        if extra:
+            raise TunesmithError(f"{self.path}: record {self.count + 1} has fields {sorted(extra)} that the first "
+                                 "record lacks; a CSV file has one header. Use --select, or write .jsonl.")
+        self._csv.writerow({k: v if isinstance(v, (str, int, float)) or v is None else dumps(v)
+                            for k, v in record.items()})
+
+    def _flush_parquet(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self._rows:
+            return
+        try:
+            table = pa.Table.from_pylist(self._rows, schema=self._parquet.schema if self._parquet else None)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            raise TunesmithError(f"{self.path}: records do not share one column layout ({err}); parquet needs the "
+                                 "same fields and types in every record. Write .jsonl instead.") from err
+        if self._parquet is None:
+            self._parquet = pq.ParquetWriter(self.temp, table.schema)
+        self._parquet.write_table(table)
+        self._rows = []
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._finish()
+                os.replace(self.temp, self.path)
+        finally:
+            if self.file is not None and not self.file.closed:
+                self.file.close()
+            if self._parquet is not None and exc_type is not None:
+                self._parquet.close()
+            self.temp.unlink(missing_ok=True)
+
+    def _finish(self) -> None:
+        if self.format == ".json":
+            self.file.write("\n]\n" if self.count else "]\n")
+        elif self.format == ".parquet":
+            self._flush_parquet()
+            if self._parquet is None:  # no record at all: an empty table with no columns
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+
+                pq.write_table(pa.table({}), self.temp)
+            else:
+                self._parquet.close()
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
