@@ -116,7 +116,7 @@ def _data_convert(args) -> None:
           file=sys.stderr)
 
 
-def _data_validate(args) -> None:
+def _data_validate(args) -> int:
     from tunesmith.data.convert import validate_dataset
 
     good, reports = validate_dataset(args.dataset, args.dataset_dir)
@@ -127,8 +127,7 @@ def _data_validate(args) -> None:
             print(f"{bad.path}: ... and {bad.count - len(bad.examples)} more bad records")
     total_bad = sum(bad.count for bad in reports)
     print(f"[tunesmith] {args.dataset}: {good} records read as training reads them, {total_bad} bad", file=sys.stderr)
-    if total_bad:
-        raise SystemExit(1)
+    return 1 if total_bad else 0
 
 
 def _add_data_commands(commands) -> None:
@@ -247,14 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     args = build_parser().parse_args(argv)
     try:
-        args.handler(args)
+        status = args.handler(args)
     except TunesmithError as err:
         print(f"tunesmith: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tunesmith: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

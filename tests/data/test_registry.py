@@ -75,3 +75,9 @@ def test_detect_spec_formats(tmp_path):
     assert (openai.columns["messages"], openai.tags) == ("messages", OPENAI_TAGS)
     ranking = detect_spec("x", tmp_path, {"instruction": "a", "chosen": "b", "rejected": "c"})
     assert ranking.ranking and ranking.columns["chosen"] == "chosen"
+
+
+def test_detected_optional_columns_do_not_depend_on_the_first_record(tmp_path):
+    """A plain file whose first record has no system prompt still reads the system prompts of later records."""
+    spec = detect_spec("x", tmp_path, {"instruction": "a", "output": "b"})
+    assert spec.columns["system"] == "system" and spec.columns["history"] == "history"

@@ -78,8 +78,9 @@ def make_spec(name: str, path: Path, entry: dict) -> DatasetSpec:
 def detect_spec(name: str, path: Path, first_record: dict) -> DatasetSpec:
     """Guess the format of a plain file from its first record (sharegpt if it holds a message list)."""
     ranking = "chosen" in first_record and "rejected" in first_record
-    # optional columns are mapped only when present, so records without them still parse
-    columns = {key: key for key in ("system", "history", "chosen", "rejected") if key in first_record}
+    # system and history are optional in every record (absent reads as none), so they are always mapped:
+    # a file whose first record happens to lack them must not lose them in the records that have them
+    columns = {"system": "system", "history": "history"} | ({"chosen": "chosen", "rejected": "rejected"} if ranking else {})
     for column in ("conversations", "messages"):
         messages = first_record.get(column)
         if isinstance(messages, list):

@@ -9,6 +9,7 @@ pairs are new word combinations, so held-out accuracy measures generalisation, n
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 
 THINGS = ["garden", "river", "city", "book", "song", "morning", "forest", "teacher", "bridge", "market",
           "window", "letter", "island", "kitchen", "village", "mountain", "painting", "station"]
@@ -25,3 +26,43 @@ def preference_records(n: int, seed: int = 0) -> list[dict]:
         chosen, rejected = (f"The {thing} is " + ", ".join(rng.sample(words, count)) + "." for words in (KIND, UNKIND))
         records.append({"instruction": f"Describe the {thing}.", "input": "", "chosen": chosen, "rejected": rejected})
     return records
+
+
+WORDS = ("the quick brown fox jumps over a lazy dog while data models learn tokens by the river in the "
+         "city at night").split()
+CHINESE = "我们今天学习模型数据训练语言大小山水"
+EMOJI = "😀🚀🎉🌍✨"
+
+
+def messy_text_records(n: int, seed: int = 0, long_share: float = 0.02) -> Iterator[dict]:
+    """`n` raw prompt/answer records as found in the wild, for the data toolkit's tests and benchmark.
+
+    Fields id, input_text, target_text, source. Each text field is missing (3%), null (5%) or "" (5%)
+    now and then; texts mix English words, Chinese and emoji (non-BMP) characters; `long_share` of them
+    run to thousands of characters; about 3% of records repeat an earlier one exactly.
+    """
+    rng = random.Random(seed)
+
+    def text() -> str:
+        words = rng.randint(600, 1500) if rng.random() < long_share else rng.randint(5, 120)
+        parts = []
+        for _ in range(words):
+            r = rng.random()
+            parts.append(rng.choice(WORDS) if r < 0.8 else "".join(rng.choices(CHINESE, k=3)) if r < 0.95
+                         else rng.choice(EMOJI))
+        return " ".join(parts)
+
+    earlier = []
+    for i in range(n):
+        if earlier and rng.random() < 0.03:
+            yield dict(rng.choice(earlier))
+            continue
+        record = {"id": i}
+        for key in ("input_text", "target_text"):
+            r = rng.random()
+            if r >= 0.03:
+                record[key] = None if r < 0.08 else "" if r < 0.13 else text()
+        record["source"] = rng.choice(["web", "books", None])
+        yield record
+        if len(earlier) < 1000:
+            earlier.append(record)
