@@ -5,13 +5,15 @@ installed); the other tests pin the same semantics by hand, so they hold without
 """
 
 import json
+import random
 import shutil
 import subprocess
 
 import pytest
 
 from tunesmith.cli import main
-from tunesmith.data.prepare import PrepareOptions, Reservoir, prepare
+from tunesmith.data import blocks
+from tunesmith.data.prepare import PrepareOptions, Sample, prepare
 from tunesmith.data.streams import read_stream
 from tunesmith.data.synthetic import messy_text_records
 from tunesmith.errors import TunesmithError
@@ -92,22 +94,63 @@ def test_sample_is_a_seeded_subset_in_input_order(demo, tmp_path):
               "--seed", str(seed)])
         samples[name] = read(tmp_path / f"{name}.jsonl")
     assert len(samples["a"]) == 50 and samples["a"] == samples["b"] and samples["a"] != samples["c"]
-    positions = [survivors.index(record) for record in samples["a"]]
-    assert positions == sorted(positions)  # a subset of the survivors, kept in input order
+    remaining = iter(survivors)
+    assert all(any(record == other for other in remaining) for record in samples["a"])  # a subsequence
     main(["data", "prepare", str(demo), "-o", str(tmp_path / "all.jsonl"), *ONE_SHOT, "--sample", "100000"])
     assert read(tmp_path / "all.jsonl") == survivors  # asking for more than there are keeps them all
 
 
-def test_reservoir_is_uniform():
+def test_sample_is_uniform():
     """Each of 10 items lands in a sample of 3 with probability 0.3 (binomial sd over 4000 seeds: 0.007)."""
     hits = [0] * 10
     for seed in range(4000):
-        reservoir = Reservoir(3, seed)
+        sample, keys = Sample(3), random.Random(seed)
         for item in range(10):
-            reservoir.offer(item)
-        for item in reservoir.in_order():
+            sample.offer(keys.random(), item, item)
+        assert sample.in_order() == sorted(sample.in_order())
+        for item in sample.in_order():
             hits[item] += 1
     assert all(abs(h / 4000 - 0.3) < 0.03 for h in hits), hits
+
+
+@pytest.mark.parametrize("layout", ["lines", "array"])
+def test_parallel_blocks_give_the_sequential_result(tmp_path, monkeypatch, layout):
+    """Blocks on two processes: same records, counts, bad-record lines and duplicates as one record at a time;
+    the sample does not depend on how many processes ran."""
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 4096)  # many blocks
+    records = list(messy_text_records(400, seed=2))
+    records[7] = {"input_text": 5, "target_text": "x"}  # a wrong type, skipped and reported
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    source = tmp_path / ("in.jsonl" if layout == "lines" else "in.json")
+    text = "\n".join(lines) + "\n" if layout == "lines" else "[\n" + ",\n".join(lines) + "\n]\n"
+    source.write_text(text, encoding="utf-8")
+    assert blocks.line_layout(source)[0] == layout
+    options = PrepareOptions(require=["input_text", "target_text"], rename=RENAME, char_count="n", dedup=[],
+                             skip_bad=True)
+    results = {}
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}.jsonl"
+        report = prepare(source, out, options, workers=workers)
+        results[workers] = (read(out), dict(report.counts), report.bad.examples)
+        sampled = prepare(source, tmp_path / f"s{workers}.jsonl", PrepareOptions(sample=25, seed=4), workers=workers)
+        assert sampled.counts["written"] == 25
+    monkeypatch.setattr(blocks, "line_layout", lambda path: None)  # force the one-record-at-a-time reader
+    report = prepare(source, tmp_path / "seq.jsonl", options)
+    assert results[1] == results[2] == (read(tmp_path / "seq.jsonl"), dict(report.counts), report.bad.examples)
+    line = 8 if layout == "lines" else 9  # the array's line 1 is "["
+    assert report.counts["dedup"] > 0 and f"line {line}:" in report.bad.examples[0]
+    assert read(tmp_path / "s1.jsonl") == read(tmp_path / "s2.jsonl")
+
+
+def test_a_broken_one_per_line_array_is_reread_sequentially(tmp_path):
+    """A file that starts one record per line but then is pretty-printed still reads, in full."""
+    source = tmp_path / "mixed.json"
+    source.write_text('[\n{"a": "x"},\n{\n  "a": "y"\n},\n{"a": "z"}\n]\n')
+    prepare(source, tmp_path / "out.jsonl", PrepareOptions())
+    assert read(tmp_path / "out.jsonl") == [{"a": "x"}, {"a": "y"}, {"a": "z"}]
+    source.write_text('[\n{"a": "x"},\n{"a": "y"}\n{"a": "z"}\n]\n')  # a missing comma
+    with pytest.raises(TunesmithError, match="line 4: expected ',' or ']'"):
+        prepare(source, tmp_path / "out.jsonl", PrepareOptions())
 
 
 def test_steps_by_hand(tmp_path):

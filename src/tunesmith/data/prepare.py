@@ -20,6 +20,7 @@ is only read. Memory stays flat: the reservoir holds `sample` records, dedup one
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import os
 import random
@@ -28,8 +29,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import orjson
+
+from tunesmith.data.blocks import ARRAY_SHAPE, line_layout, run_blocks
 from tunesmith.data.formats import BadRecord
-from tunesmith.data.streams import AtomicWriter, BadRecords, good_records
+from tunesmith.data.streams import AtomicWriter, BadRecords, dumps, good_records
 from tunesmith.errors import TunesmithError
 
 Step = Callable[[dict], "dict | None"]
@@ -90,9 +94,14 @@ DROP_LABELS = [("require", "dropped by --require"), ("chars", "dropped by charac
                ("tokens", "dropped by token count"), ("dedup", "duplicates"), ("sample", "not sampled")]
 
 
+# The steps run once per record, millions of times: plain loops, no generators or helper calls.
 def require_step(fields: list[str]) -> Step:
     def require(record: dict):
-        return record if all(record.get(name) not in (None, "") for name in fields) else None
+        for name in fields:
+            value = record.get(name)
+            if value is None or value == "":
+                return None
+        return record
     return require
 
 
@@ -100,19 +109,22 @@ def reshape_step(rename: list[tuple[str, str]], select: list[str]) -> Step:
     """Rename (keeping only the renamed fields), then select; a missing source field is a bad record."""
     def reshape(record: dict):
         if rename:
-            record = {new: _field(record, old, "--rename") for old, new in rename}
+            try:
+                record = {new: record[old] for old, new in rename}
+            except KeyError as err:
+                raise _missing(record, err.args[0], "--rename") from None
         if select:
-            record = {name: _field(record, name, "--select") for name in select}
+            try:
+                record = {name: record[name] for name in select}
+            except KeyError as err:
+                raise _missing(record, err.args[0], "--select") from None
         return record
     return reshape
 
 
-def _field(record: dict, name: str, flag: str):
-    try:
-        return record[name]
-    except KeyError:
-        raise BadRecord(f"{flag} names field '{name}', which this record lacks (it has: "
-                        f"{', '.join(record) or 'nothing'}); add --require {name} to drop such records") from None
+def _missing(record: dict, name: str, flag: str) -> BadRecord:
+    return BadRecord(f"{flag} names field '{name}', which this record lacks (it has: {', '.join(record) or 'nothing'}); "
+                     f"add --require {name} to drop such records")
 
 
 def counted_texts(record: dict, fields: list[str] | None) -> list[str]:
@@ -142,7 +154,13 @@ def char_step(options: PrepareOptions) -> Step:
     fields = counted_fields(options)
 
     def chars(record: dict):
-        count = sum(len(text) for text in counted_texts(record, fields))
+        count = 0
+        for name in fields or record:
+            value = record.get(name)
+            if type(value) is str:
+                count += len(value)
+            elif value is not None and fields:
+                counted_texts(record, fields)  # raises the wrong-type error
         if not _in_range(count, options.min_chars, options.max_chars):
             return None
         if options.char_count:
@@ -171,22 +189,17 @@ def _in_range(value: int, low: int | None, high: int | None) -> bool:
     return (low is None or value >= low) and (high is None or value < high)
 
 
-def dedup_step(fields: list[str]) -> Step:
-    """Keep the first of each group of equal records (or equal `fields`); remembers a 16-byte hash per record."""
-    seen: set[bytes] = set()
-
-    def dedup(record: dict):
-        key = {name: record.get(name) for name in fields} if fields else record
-        digest = hashlib.blake2b(json.dumps(key, sort_keys=True, ensure_ascii=False).encode(), digest_size=16).digest()
-        if digest in seen:
-            return None
-        seen.add(digest)
-        return record
-    return dedup
+def record_digest(record: dict) -> bytes:
+    """16 bytes that equal records share (keys sorted: field order does not make a record different)."""
+    try:
+        text = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # integers beyond 64 bits
+        text = json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+    return hashlib.blake2b(text, digest_size=16).digest()
 
 
 def build_steps(options: PrepareOptions) -> list[tuple[str, Step]]:
-    """(report key, step) in the fixed order of the module docstring."""
+    """(report key, step) in the fixed order of the module docstring, up to de-duplication."""
     steps = []
     if options.require:
         steps.append(("require", require_step(options.require)))
@@ -198,62 +211,134 @@ def build_steps(options: PrepareOptions) -> list[tuple[str, Step]]:
         if not options.tokenizer:
             raise TunesmithError("token counts need a tokenizer: add --tokenizer PATH (a model or tokenizer folder).")
         steps.append(("tokens", token_step(options)))
-    if options.dedup is not None:
-        steps.append(("dedup", dedup_step(options.dedup)))
     return steps
 
 
-class Reservoir:
-    """A uniform sample of `size` items from a stream of unknown length (Algorithm R), kept in input order."""
+def make_pipeline(options: PrepareOptions):
+    """(steps, digest function or None): what runs per record wherever records are parsed. De-duplication
+    only hashes there; which copy is first is decided in input order by `Sink`."""
+    fields = options.dedup
+    digest = None if fields is None else (lambda record: record_digest({k: record.get(k) for k in fields}
+                                                                      if fields else record))
+    return build_steps(options), digest
 
-    def __init__(self, size: int, seed: int):
-        self.size, self.rng, self.seen, self.items = size, random.Random(seed), 0, []
 
-    def offer(self, item) -> None:
-        if self.seen < self.size:
-            self.items.append((self.seen, item))
-        else:
-            slot = self.rng.randrange(self.seen + 1)
-            if slot < self.size:
-                self.items[slot] = (self.seen, item)
-        self.seen += 1
+class Sample:
+    """A uniform random sample of `size` records: each surviving record draws a random key and the `size`
+    smallest keys win (reservoir sampling by random keys; memory holds `size` records). Whoever parses a
+    record can drop it without serialising it once its key is not below `threshold()`."""
+
+    def __init__(self, size: int):
+        self.size, self.heap = size, []  # (-key, position, item): the largest winning key on top
+
+    def threshold(self) -> float:
+        if self.size == 0:
+            return 0.0
+        return -self.heap[0][0] if len(self.heap) == self.size else 2.0
+
+    def offer(self, key: float, position, item) -> None:
+        if len(self.heap) < self.size:
+            heapq.heappush(self.heap, (-key, position, item))
+        elif key < -self.heap[0][0]:
+            heapq.heapreplace(self.heap, (-key, position, item))
 
     def in_order(self) -> list:
-        return [item for _, item in sorted(self.items, key=lambda pair: pair[0])]
+        return [item for _, _, item in sorted(self.heap, key=lambda entry: entry[1])]
 
 
-def clean_records(options: PrepareOptions, bad: BadRecords, counts: Counter):
-    """The records that pass every step, in input order (sampling excluded); drops counted per step."""
-    steps = build_steps(options)
+class Sink:
+    """Where surviving records go, in input order: de-duplication, then the sample or the output file."""
+
+    def __init__(self, writer: AtomicWriter, options: PrepareOptions, counts: Counter):
+        self.writer, self.counts, self.seen, self.survivors = writer, counts, set(), 0
+        self.sample = None if options.sample is None else Sample(options.sample)
+
+    def threshold(self) -> float:
+        return self.sample.threshold() if self.sample else 2.0
+
+    def add(self, position, key: float | None, record_json: bytes | None, digest: bytes | None) -> None:
+        if digest is not None:
+            if digest in self.seen:
+                self.counts["dedup"] += 1
+                return
+            self.seen.add(digest)
+        self.survivors += 1
+        if self.sample is None:
+            self.writer.write_json(record_json)
+        elif record_json is not None:
+            self.sample.offer(key, position, record_json)
+
+    def close(self) -> None:
+        if self.sample is not None:
+            kept = self.sample.in_order()
+            self.counts["sample"] = self.survivors - len(kept)
+            for record_json in kept:
+                self.writer.write_json(record_json)
+
+
+def run_sequential(options: PrepareOptions, bad: BadRecords, counts: Counter, sink: Sink) -> None:
+    """Any format and layout, one record at a time."""
+    steps, digest = make_pipeline(options)
+    keys = random.Random(f"{options.seed}")
     for where, record in good_records(bad):
         try:
-            for key, step in steps:
+            for name, step in steps:
                 record = step(record)
                 if record is None:
-                    counts[key] += 1
+                    counts[name] += 1
                     break
             else:
-                yield record
+                sink.add(where, keys.random(), dumps(record), digest(record) if digest else None)
         except BadRecord as err:
             bad.add(where, str(err))
 
 
-def prepare(input_path: str | Path, output_path: str | Path, options: PrepareOptions) -> Report:
-    """Run the steps over `input_path` and write the survivors to `output_path` (atomically)."""
+def run_parallel(options: PrepareOptions, bad: BadRecords, counts: Counter, sink: Sink, layout, workers: int) -> bool:
+    """One record per line, on `workers` processes; False if the layout breaks (nothing is decided then)."""
+    kind, start = layout
+    line = 1 if kind == "lines" else 2
+    shape = []
+    for block in run_blocks(bad.path, kind, start, make_pipeline, options, workers, sink.threshold):
+        if block.broken:
+            return False
+        for index, reason in block.bad:
+            bad.add(line + index, reason)
+        counts.update(block.drops)
+        for index, key, record_json, digest in block.kept:
+            sink.add((block.begin, index), key, record_json, digest)
+        sink.survivors += block.unsent
+        shape.append(block.shape)
+        line += block.newlines
+    return kind == "lines" or ARRAY_SHAPE.fullmatch(b"".join(shape)) is not None
+
+
+def prepare(input_path: str | Path, output_path: str | Path, options: PrepareOptions, workers: int | None = None
+            ) -> Report:
+    """Run the steps over `input_path` and write the survivors to `output_path` (atomically).
+
+    One-record-per-line files run on `workers` processes (default: every core); see `blocks.py`.
+    """
     input_path, output_path = Path(input_path), Path(output_path)
     if output_path.exists() and input_path.exists() and os.path.samefile(input_path, output_path):
         raise TunesmithError(f"{output_path}: the output would overwrite the input; write to another file.")
+    layout = line_layout(input_path) if input_path.is_file() else None
+    report = None
+    if layout:
+        report = _run(input_path, output_path, options, layout, workers or os.cpu_count() or 1)
+    return report or _run(input_path, output_path, options, None, 1)
+
+
+def _run(input_path: Path, output_path: Path, options: PrepareOptions, layout, workers: int) -> Report | None:
+    """One attempt: in parallel when `layout` is given (None if the file breaks it), else sequentially."""
     report = Report(bad=BadRecords(input_path, options.skip_bad))
-    records = clean_records(options, report.bad, report.counts)
     with AtomicWriter(output_path) as writer:
-        if options.sample is not None:
-            reservoir = Reservoir(options.sample, options.seed)
-            for record in records:
-                reservoir.offer(record)
-            records = reservoir.in_order()
-            report.counts["sample"] = reservoir.seen - len(records)
-        for record in records:
-            writer.write(record)
+        sink = Sink(writer, options, report.counts)
+        if layout is None:
+            run_sequential(options, report.bad, report.counts, sink)
+        elif not run_parallel(options, report.bad, report.counts, sink, layout, workers):
+            writer.abandon()
+            return None
+        sink.close()
     report.counts.update(read=report.bad.count + sum(report.counts.values()) + writer.count, written=writer.count)
     return report
 

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
+
 from tunesmith.errors import TunesmithError
 
 FORMATS = (".json", ".jsonl", ".csv", ".parquet")
@@ -28,6 +30,22 @@ CHUNK_CHARS = 1 << 20
 MAX_RECORD_CHARS = 256 << 20  # a "record" larger than this is a malformed file, not data
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
+
+
+def loads(data: bytes | str):
+    """orjson, or the stdlib for what orjson refuses and jq reads (lone surrogate escapes, NaN, huge integers)."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+
+
+def dumps(record) -> bytes:
+    """Compact UTF-8 JSON with non-ASCII text kept as is, like `jq -c`."""
+    try:
+        return orjson.dumps(record)
+    except TypeError:  # integers beyond 64 bits
+        return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True)
@@ -78,7 +96,7 @@ def _json_line_records(path: Path):
             if not raw.strip():
                 continue
             try:
-                yield line_no, _as_record(json.loads(raw))
+                yield line_no, _as_record(loads(raw))
             except UnicodeDecodeError as err:
                 yield line_no, Malformed(f"not UTF-8 text ({err.reason}); save the file as UTF-8")
             except json.JSONDecodeError as err:
@@ -221,11 +239,6 @@ def good_records(bad: BadRecords) -> Iterator[tuple[int, dict]]:
             yield where, record
 
 
-def dumps(record: dict) -> str:
-    """Compact JSON with non-ASCII text kept as is, like `jq -c`."""
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
-
-
 class AtomicWriter:
     """Write records to `path` through a temporary file renamed into place on success."""
 
@@ -236,20 +249,34 @@ class AtomicWriter:
         self.count = 0
         self._rows: list[dict] = []  # parquet buffers rows into row groups
         self._csv = self._parquet = None
+        self._abandoned = False
 
     def __enter__(self) -> AtomicWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = None if self.format == ".parquet" else self.temp.open("w", encoding="utf-8", newline="")
+        if self.format == ".csv":
+            self.file = self.temp.open("w", encoding="utf-8", newline="")
+        else:
+            self.file = None if self.format == ".parquet" else self.temp.open("wb")
         if self.format == ".json":
-            self.file.write("[")
+            self.file.write(b"[")
         return self
 
-    def write(self, record: dict) -> None:
+    def write_json(self, data: bytes) -> None:
+        """Write one record given as its compact JSON (what `dumps` returns)."""
         if self.format == ".jsonl":
-            self.file.write(dumps(record) + "\n")
+            self.file.write(data + b"\n")
+            self.count += 1
         elif self.format == ".json":
-            self.file.write(("\n" if self.count == 0 else ",\n") + dumps(record))
-        elif self.format == ".csv":
+            self.file.write((b"\n" if self.count == 0 else b",\n") + data)
+            self.count += 1
+        else:
+            self.write(loads(data))
+
+    def write(self, record: dict) -> None:
+        if self.format in (".jsonl", ".json"):
+            self.write_json(dumps(record))
+            return
+        if self.format == ".csv":
             self._write_csv(record)
         else:
             self._rows.append(record)
@@ -265,7 +292,7 @@ class AtomicWriter:
         if extra:
             raise TunesmithError(f"{self.path}: record {self.count + 1} has fields {sorted(extra)} that the first "
                                  "record lacks; a CSV file has one header. Use --select, or write .jsonl.")
-        self._csv.writerow({k: v if isinstance(v, (str, int, float)) or v is None else dumps(v)
+        self._csv.writerow({k: v if isinstance(v, (str, int, float)) or v is None else dumps(v).decode()
                             for k, v in record.items()})
 
     def _flush_parquet(self) -> None:
@@ -284,21 +311,25 @@ class AtomicWriter:
         self._parquet.write_table(table)
         self._rows = []
 
+    def abandon(self) -> None:
+        """Leave the final path as it was: the temporary file is deleted on exit, not renamed."""
+        self._abandoned = True
+
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            if exc_type is None:
+            if exc_type is None and not self._abandoned:
                 self._finish()
                 os.replace(self.temp, self.path)
         finally:
             if self.file is not None and not self.file.closed:
                 self.file.close()
-            if self._parquet is not None and exc_type is not None:
+            if self._parquet is not None and (exc_type is not None or self._abandoned):
                 self._parquet.close()
             self.temp.unlink(missing_ok=True)
 
     def _finish(self) -> None:
         if self.format == ".json":
-            self.file.write("\n]\n" if self.count else "]\n")
+            self.file.write(b"\n]\n" if self.count else b"]\n")
         elif self.format == ".parquet":
             self._flush_parquet()
             if self._parquet is None:  # no record at all: an empty table with no columns

@@ -39,12 +39,12 @@ def messy_text_records(n: int, seed: int = 0, long_share: float = 0.02) -> Itera
 
     Fields id, input_text, target_text, source. Each text field is missing (3%), null (5%) or "" (5%)
     now and then; texts mix English words, Chinese and emoji (non-BMP) characters; `long_share` of them
-    run to thousands of characters; about 3% of records repeat an earlier one exactly.
+    run to thousands of characters; about 3% of records repeat an earlier one exactly. Texts are drawn
+    from a pool of a few thousand, so a million records take seconds to make.
     """
     rng = random.Random(seed)
 
-    def text() -> str:
-        words = rng.randint(600, 1500) if rng.random() < long_share else rng.randint(5, 120)
+    def text(words: int) -> str:
         parts = []
         for _ in range(words):
             r = rng.random()
@@ -52,6 +52,8 @@ def messy_text_records(n: int, seed: int = 0, long_share: float = 0.02) -> Itera
                          else rng.choice(EMOJI))
         return " ".join(parts)
 
+    short = [text(rng.randint(5, 120)) for _ in range(min(n, 4000))]
+    long = [text(rng.randint(600, 1500)) for _ in range(min(n, 200))]
     earlier = []
     for i in range(n):
         if earlier and rng.random() < 0.03:
@@ -61,7 +63,8 @@ def messy_text_records(n: int, seed: int = 0, long_share: float = 0.02) -> Itera
         for key in ("input_text", "target_text"):
             r = rng.random()
             if r >= 0.03:
-                record[key] = None if r < 0.08 else "" if r < 0.13 else text()
+                record[key] = None if r < 0.08 else "" if r < 0.13 else rng.choice(long if rng.random() < long_share
+                                                                                   else short)
         record["source"] = rng.choice(["web", "books", None])
         yield record
         if len(earlier) < 1000:
