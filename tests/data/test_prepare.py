@@ -113,7 +113,7 @@ def test_sample_is_uniform():
     assert all(abs(h / 4000 - 0.3) < 0.03 for h in hits), hits
 
 
-@pytest.mark.parametrize("layout", ["lines", "array"])
+@pytest.mark.parametrize("layout", ["lines", "array", "pretty"])
 def test_parallel_blocks_give_the_sequential_result(tmp_path, monkeypatch, layout):
     """Blocks on two processes: same records, counts, bad-record lines and duplicates as one record at a time;
     the sample does not depend on how many processes ran."""
@@ -122,9 +122,10 @@ def test_parallel_blocks_give_the_sequential_result(tmp_path, monkeypatch, layou
     records[7] = {"input_text": 5, "target_text": "x"}  # a wrong type, skipped and reported
     lines = [json.dumps(r, ensure_ascii=False) for r in records]
     source = tmp_path / ("in.jsonl" if layout == "lines" else "in.json")
-    text = "\n".join(lines) + "\n" if layout == "lines" else "[\n" + ",\n".join(lines) + "\n]\n"
+    text = {"lines": "\n".join(lines) + "\n", "array": "[\n" + ",\n".join(lines) + "\n]\n",
+            "pretty": json.dumps(records, ensure_ascii=False, indent=2)}[layout]
     source.write_text(text, encoding="utf-8")
-    assert blocks.line_layout(source)[0] == layout
+    assert blocks.line_layout(source).kind == ("lines" if layout == "lines" else "array")
     options = PrepareOptions(require=["input_text", "target_text"], rename=RENAME, char_count="n", dedup=[],
                              skip_bad=True)
     results = {}
@@ -137,17 +138,26 @@ def test_parallel_blocks_give_the_sequential_result(tmp_path, monkeypatch, layou
     monkeypatch.setattr(blocks, "line_layout", lambda path: None)  # force the one-record-at-a-time reader
     report = prepare(source, tmp_path / "seq.jsonl", options)
     assert results[1] == results[2] == (read(tmp_path / "seq.jsonl"), dict(report.counts), report.bad.examples)
-    line = 8 if layout == "lines" else 9  # the array's line 1 is "["
+    field_line = next(i for i, row in enumerate(text.splitlines(), 1) if '"input_text": 5' in row)
+    line = field_line - 1 if layout == "pretty" else field_line  # where the record's "{" is
     assert report.counts["dedup"] > 0 and f"line {line}:" in report.bad.examples[0]
     assert read(tmp_path / "s1.jsonl") == read(tmp_path / "s2.jsonl")
 
 
-def test_a_broken_one_per_line_array_is_reread_sequentially(tmp_path):
-    """A file that starts one record per line but then is pretty-printed still reads, in full."""
-    source = tmp_path / "mixed.json"
-    source.write_text('[\n{"a": "x"},\n{\n  "a": "y"\n},\n{"a": "z"}\n]\n')
-    prepare(source, tmp_path / "out.jsonl", PrepareOptions())
-    assert read(tmp_path / "out.jsonl") == [{"a": "x"}, {"a": "y"}, {"a": "z"}]
+@pytest.mark.parametrize("text, records", [
+    ('[\n{"a": "x"},\n{\n  "a": "y"\n},\n{"a": "z"}\n]\n', [{"a": "x"}, {"a": "y"}, {"a": "z"}]),  # mixed layout
+    ('[\n{"a":\n{"b": 1},\n"c": 2},\n{"d": 3}\n]\n', [{"a": {"b": 1}, "c": 2}, {"d": 3}]),  # a nested "{" at column 0
+    ("[\n]\n", []),
+])
+def test_arrays_that_do_not_split_cleanly_read_in_full(tmp_path, text, records):
+    source = tmp_path / "odd.json"
+    source.write_text(text)
+    prepare(source, tmp_path / "out.jsonl", PrepareOptions(), workers=1)
+    assert read(tmp_path / "out.jsonl") == records
+
+
+def test_a_malformed_array_gets_the_sequential_readers_error(tmp_path):
+    source = tmp_path / "bad.json"
     source.write_text('[\n{"a": "x"},\n{"a": "y"}\n{"a": "z"}\n]\n')  # a missing comma
     with pytest.raises(TunesmithError, match="line 4: expected ',' or ']'"):
         prepare(source, tmp_path / "out.jsonl", PrepareOptions())

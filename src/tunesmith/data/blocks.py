@@ -1,13 +1,17 @@
-"""Run `prepare`'s per-record steps on every core, for files with one record per line.
+"""Run `prepare`'s per-record steps on every core, for JSON lines and JSON arrays.
 
-JSON lines, and JSON arrays laid out one record per line (`[`, then `{...},` lines, then `]`, as
-`jq -c` or a per-record json.dumps writes them), split at line ends into blocks of a few MB. Each
-worker reads its own byte range, parses, runs the steps and returns the survivors already serialised,
-with their line numbers relative to the block; the parent merges the blocks in order, so output,
-line numbers, de-duplication ("first one wins") and sampling are exactly those of a sequential run.
-Any other layout (a pretty-printed array) is read sequentially by `streams.read_stream`; so is a
-one-per-line array that turns out to break the layout somewhere (the caller re-reads it sequentially,
-which also gives the precise syntax error if it is malformed).
+A JSON lines file splits at line ends. A JSON array splits where a line starts a top-level record: a
+`{` at the indentation of its first record (column 0 when written one record per line, as `jq -c` or a
+per-record json.dumps writes; two spaces for json.dump(indent=2)). Each block of a few MB is read,
+parsed, filtered and serialised by a worker; the parent merges the blocks in order, so output, line
+numbers, de-duplication ("first one wins") and sampling are exactly those of a sequential run.
+
+Splitting an array at a line that only looks like a record start (a nested object at the same
+indentation) cannot go unnoticed: the piece before it then ends inside an unclosed record and does not
+parse. When every piece parses as one value followed by a comma (the last by the closing bracket),
+the pieces are the array's records. If any does not, the caller reads the file sequentially instead
+(`streams.read_stream`), which also gives the precise error when the file is malformed. CSV, parquet
+and other layouts are always read sequentially.
 """
 
 from __future__ import annotations
@@ -29,6 +33,24 @@ BLOCK_BYTES = 4 << 20
 ARRAY_SHAPE = re.compile(rb"e*l\]|\]")  # e: record line ending in ",", l: the last record, ]: the close
 
 
+@dataclass(frozen=True)
+class Layout:
+    kind: str
+    """"lines" (JSON lines) or "array"."""
+    start: int
+    """Byte offset of the first record (after an array's opening line)."""
+    first_line: int = 1
+    """Line number of the byte at `start`."""
+    indent: bytes = b""
+    """An array's record indentation."""
+
+    def record_starts(self, data: bytes) -> list[int]:
+        """Offsets in `data` of the lines that start a record (a literal search: a ^ pattern is 10x slower)."""
+        head = self.indent + b"{"
+        starts = [0] if data.startswith(head) else []
+        return starts + [match.start() + 1 for match in re.finditer(re.escape(b"\n" + head), data)]
+
+
 @dataclass
 class BlockResult:
     newlines: int
@@ -42,40 +64,44 @@ class BlockResult:
     bad: list = field(default_factory=list)
     """(line within the block, reason) for each bad record."""
     shape: bytes = b""
-    """Array layout only: one letter per non-empty line (see ARRAY_SHAPE)."""
+    """Array only: one letter per record, e (followed by ",") or l (not), and ] for the closing bracket."""
     broken: bool = False
-    """Array layout only: a line is not one whole record, so the file must be read sequentially."""
+    """Array only: a piece is not one whole record, so the file must be read sequentially."""
 
 
-def line_layout(path: Path) -> tuple[str, int] | None:
-    """("lines", 0) for JSON lines; ("array", offset after the opening line) for a one-record-per-line
-    array; None for anything else (read sequentially)."""
+def line_layout(path: Path) -> Layout | None:
+    """The layout of a .json/.jsonl file that can be split into blocks, or None (read it sequentially)."""
     if path.suffix.lower() not in (".json", ".jsonl"):
         return None
     with path.open("rb") as f:
         head = f.read(1 << 20)
     start = len(head) - len(head.lstrip(b"\xef\xbb\xbf \t\r\n"))
     if head[start:start + 1] == b"{":
-        return "lines", 0
+        return Layout("lines", 0)
     first_line_end = head.find(b"\n", start)
-    if head[start:start + 1] != b"[" or head[start + 1:first_line_end].strip() or first_line_end < 0:
+    if head[start:start + 1] != b"[" or first_line_end < 0 or head[start + 1:first_line_end].strip():
         return None
-    second = head[first_line_end + 1:head.find(b"\n", first_line_end + 1)].strip()
-    try:
-        return ("array", first_line_end + 1) if isinstance(loads(second.removesuffix(b",")), dict) else None
-    except ValueError:
+    record = re.compile(rb"^([ \t]*)\{", re.M).search(head, first_line_end + 1)
+    if record is None or head[first_line_end + 1:record.start()].strip():
         return None
+    return Layout("array", first_line_end + 1, head.count(b"\n", 0, first_line_end + 1) + 1, record.group(1))
 
 
-def block_ranges(path: Path, start: int) -> list[tuple[int, int]]:
-    """Byte ranges of about BLOCK_BYTES that end at line ends."""
-    ranges = []
+def block_ranges(path: Path, layout: Layout) -> list[tuple[int, int]]:
+    """Byte ranges of about BLOCK_BYTES that end where a line (JSON lines) or a record (array) starts."""
+    record_head = layout.indent + b"{"
+    ranges, start = [], layout.start
     with path.open("rb") as f:
         size = os.fstat(f.fileno()).st_size
         while start < size:
             f.seek(min(start + BLOCK_BYTES, size))
             f.readline()
-            end = min(f.tell(), size)
+            end = f.tell()
+            while layout.kind == "array" and end < size:
+                if f.readline().startswith(record_head):
+                    break
+                end = f.tell()
+            end = min(end, size)
             ranges.append((start, end))
             start = end
     return ranges
@@ -84,7 +110,7 @@ def block_ranges(path: Path, start: int) -> list[tuple[int, int]]:
 _worker: dict = {}
 
 
-def init_worker(path: Path, layout: str, make_pipeline, options) -> None:
+def init_worker(path: Path, layout: Layout, make_pipeline, options) -> None:
     """Build the steps in the worker itself (a tokenizer, for one, is loaded once per process)."""
     steps, digest = make_pipeline(options)
     seed = None if options.sample is None else options.seed
@@ -100,31 +126,11 @@ def process_block(task: tuple[int, int, float]) -> BlockResult:
     with open(path, "rb") as f:
         f.seek(begin)
         data = f.read(end - begin)
-    lines = data.split(b"\n")
-    result = BlockResult(newlines=len(lines) - 1, begin=begin)
+    result = BlockResult(newlines=data.count(b"\n"), begin=begin)
     keys = None if seed is None else random.Random(f"{seed}:{begin}")
-    is_array, shape, kept, drops = layout == "array", bytearray(), result.kept, result.drops
-    for index, raw in enumerate(lines):  # the hot loop: the common case costs one orjson call
-        comma = is_array and raw.endswith(b",")
-        try:
-            record = orjson.loads(raw[:-1] if comma else raw)
-        except orjson.JSONDecodeError:
-            record, comma = _parse_slowly(raw, is_array, shape)
-            if record is _SKIP:
-                continue
-            if record is _BROKEN:
-                result.broken = True
-                return result
-            if isinstance(record, Exception):
-                result.bad.append((index, f"invalid JSON ({record}); a JSON lines file needs one complete object "
-                                          "per line"))
-                continue
-        if is_array:
-            shape.append(101 if comma else 108)  # "e" or "l"
-        if type(record) is not dict:
-            result.bad.append((index, f"the record is a JSON {type(record).__name__}, not an object; every record "
-                                      "must be {...}"))
-            continue
+    kept, drops = result.kept, result.drops
+    pieces = _json_lines(data, result) if layout.kind == "lines" else _array_records(data, result)
+    for index, record in pieces:  # the hot loop
         try:
             for name, step in steps:
                 record = step(record)
@@ -142,36 +148,76 @@ def process_block(task: tuple[int, int, float]) -> BlockResult:
                 kept.append((index, key, dumps(record), digest(record) if digest else None))
         except BadRecord as err:
             result.bad.append((index, str(err)))
-    result.shape = bytes(shape)
     return result
 
 
-_SKIP, _BROKEN = object(), object()
+def _json_lines(data: bytes, result: BlockResult):
+    """(line within the block, record) for each line; unreadable lines and non-objects go to result.bad."""
+    for index, raw in enumerate(data.split(b"\n")):
+        try:
+            record = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            if not raw.strip():
+                continue
+            try:
+                record = loads(raw)
+            except ValueError as err:
+                result.bad.append((index, f"invalid JSON ({err}); a JSON lines file needs one complete object "
+                                          "per line"))
+                continue
+        if type(record) is dict:
+            yield index, record
+        else:
+            result.bad.append((index, _not_an_object(record)))
 
 
-def _parse_slowly(raw: bytes, is_array: bool, shape: bytearray):
-    """(record or _SKIP / _BROKEN / the parse error, had a trailing comma) for what orjson refused as is:
-    blank lines, the array's "]", stray whitespace, and what only the stdlib reads (see streams.loads)."""
-    line = raw.strip()
-    if not line:
-        return _SKIP, False
-    if is_array and line == b"]":
-        shape.append(93)
-        return _SKIP, False
-    comma = is_array and line.endswith(b",")
-    try:
-        return loads(line[:-1] if comma else line), comma
-    except ValueError as err:
-        return (_BROKEN if is_array else err), comma
+def _array_records(data: bytes, result: BlockResult):
+    """(line within the block, record) for each array record; sets result.broken and stops if a piece is
+    not exactly one record (see the module docstring)."""
+    starts = _worker["layout"].record_starts(data)
+    if not starts:  # an empty array's "]", or a block that does not start at a record
+        result.broken = data.strip() not in (b"", b"]")
+        result.shape = b"]" if data.strip() == b"]" else b""
+        return
+    if data[:starts[0]].strip():
+        result.broken = True
+        return
+    shape, line, previous = bytearray(), 0, 0
+    for i, start in enumerate(starts):
+        line += data.count(b"\n", previous, start)
+        previous = start
+        piece = data[start:starts[i + 1] if i + 1 < len(starts) else len(data)].rstrip()
+        closing = piece.endswith(b"]")
+        if closing:
+            piece = piece[:-1].rstrip()
+        comma = piece.endswith(b",")
+        try:
+            record = orjson.loads(piece[:-1] if comma else piece)
+        except orjson.JSONDecodeError:
+            try:
+                record = loads(piece[:-1] if comma else piece)
+            except ValueError:
+                result.broken = True
+                return
+        shape += (b"e" if comma else b"l") + (b"]" if closing else b"")
+        if type(record) is dict:
+            yield line, record
+        else:
+            result.bad.append((line, _not_an_object(record)))
+    result.shape = bytes(shape)
 
 
-def run_blocks(path: Path, layout: str, start: int, make_pipeline, options, workers: int, threshold):
+def _not_an_object(value) -> str:
+    return f"the record is a JSON {type(value).__name__}, not an object; every record must be {{...}}"
+
+
+def run_blocks(path: Path, layout: Layout, make_pipeline, options, workers: int, threshold):
     """BlockResults in file order, computed by `workers` processes (in this one for a single block).
 
     `make_pipeline(options)` -> (steps, digest function or None) runs once in each worker; `threshold()`
     is asked as each block is handed out, after the blocks before it were merged.
     """
-    ranges = block_ranges(path, start)
+    ranges = block_ranges(path, layout)
     if workers <= 1 or len(ranges) <= 1:
         init_worker(path, layout, make_pipeline, options)
         for begin, end in ranges:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import orjson
 
-from tunesmith.data.blocks import ARRAY_SHAPE, line_layout, run_blocks
+from tunesmith.data.blocks import ARRAY_SHAPE, Layout, line_layout, run_blocks
 from tunesmith.data.formats import BadRecord
 from tunesmith.data.streams import AtomicWriter, BadRecords, dumps, good_records
 from tunesmith.errors import TunesmithError
@@ -293,12 +293,12 @@ def run_sequential(options: PrepareOptions, bad: BadRecords, counts: Counter, si
             bad.add(where, str(err))
 
 
-def run_parallel(options: PrepareOptions, bad: BadRecords, counts: Counter, sink: Sink, layout, workers: int) -> bool:
-    """One record per line, on `workers` processes; False if the layout breaks (nothing is decided then)."""
-    kind, start = layout
-    line = 1 if kind == "lines" else 2
-    shape = []
-    for block in run_blocks(bad.path, kind, start, make_pipeline, options, workers, sink.threshold):
+def run_parallel(options: PrepareOptions, bad: BadRecords, counts: Counter, sink: Sink, layout: Layout,
+                 workers: int) -> bool:
+    """JSON lines or an array, in blocks on `workers` processes; False if the array's layout breaks (the
+    caller then starts over sequentially)."""
+    line, shape = layout.first_line, []
+    for block in run_blocks(bad.path, layout, make_pipeline, options, workers, sink.threshold):
         if block.broken:
             return False
         for index, reason in block.bad:
@@ -309,14 +309,14 @@ def run_parallel(options: PrepareOptions, bad: BadRecords, counts: Counter, sink
         sink.survivors += block.unsent
         shape.append(block.shape)
         line += block.newlines
-    return kind == "lines" or ARRAY_SHAPE.fullmatch(b"".join(shape)) is not None
+    return layout.kind == "lines" or ARRAY_SHAPE.fullmatch(b"".join(shape)) is not None
 
 
 def prepare(input_path: str | Path, output_path: str | Path, options: PrepareOptions, workers: int | None = None
             ) -> Report:
     """Run the steps over `input_path` and write the survivors to `output_path` (atomically).
 
-    One-record-per-line files run on `workers` processes (default: every core); see `blocks.py`.
+    JSON lines and JSON arrays run in blocks on `workers` processes (default: every core); see `blocks.py`.
     """
     input_path, output_path = Path(input_path), Path(output_path)
     if output_path.exists() and input_path.exists() and os.path.samefile(input_path, output_path):
