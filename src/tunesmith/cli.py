@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 
@@ -98,7 +99,9 @@ def _data_stats(args) -> None:
     from tunesmith.data.stats import collect, format_report
     from tunesmith.data.streams import BadRecords
 
-    bad = BadRecords(args.file, args.skip_bad)
+    if args.field and args.tokenizer:
+        raise TunesmithError("stats: --tokenizer counts the tokens of text fields; it has no meaning with --field.")
+    bad = BadRecords(args.file, args.skip_bad, writes=False)
     records, columns = collect(bad, args.field, args.tokenizer)
     if args.json:
         print(json.dumps({"records": records, "bad": bad.count, **{c.name: c.summary() for c in columns}}))
@@ -128,6 +131,9 @@ def _data_validate(args) -> int:
     total_bad = sum(bad.count for bad in reports)
     print(f"[tunesmith] {args.dataset}: {good} records read as training reads them, {total_bad} bad", file=sys.stderr)
     return 1 if total_bad else 0
+
+
+CONVERT_FORMATS = ("alpaca", "sharegpt", "openai")  # convert.WRITERS' keys, without importing it
 
 
 def _add_data_commands(commands) -> None:
@@ -172,8 +178,8 @@ def _add_data_commands(commands) -> None:
     convert = verbs.add_parser("convert", help="rewrite records as alpaca, sharegpt or openai (messages) records")
     convert.add_argument("input")
     convert.add_argument("-o", "--output", required=True)
-    convert.add_argument("--to", required=True, choices=["alpaca", "sharegpt", "openai"])
-    convert.add_argument("--from", dest="source_format", default="auto", choices=["auto", "alpaca", "sharegpt", "openai"])
+    convert.add_argument("--to", required=True, choices=CONVERT_FORMATS)
+    convert.add_argument("--from", dest="source_format", default="auto", choices=("auto", *CONVERT_FORMATS))
     convert.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping")
     convert.set_defaults(handler=_data_convert)
 
@@ -242,8 +248,13 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         _library_showwarning(message, category, filename, lineno, file, line)
 
 
+def _terminate(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds `with` blocks: temporary outputs are removed, as on Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
+    signal.signal(signal.SIGTERM, _terminate)
     args = build_parser().parse_args(argv)
     try:
         status = args.handler(args)

@@ -73,3 +73,10 @@ def test_convert_stops_at_a_bad_record_unless_skipping(tmp_path, capsys):
     assert "a.jsonl: line 2: missing column 'output'" in capsys.readouterr().err and not out.exists()
     assert main(["data", "convert", str(source), "-o", str(out), "--to", "sharegpt", "--skip-bad"]) == 0
     assert len(list(read_stream(out))) == 2
+
+
+def test_convert_refuses_to_overwrite_its_input(tmp_path, capsys):
+    source = write(tmp_path / "a.jsonl", SFT)
+    assert main(["data", "convert", str(source), "-o", str(source), "--to", "openai"]) == 2
+    assert "overwrite the input" in capsys.readouterr().err
+    assert [r for _, r in read_stream(source)] == SFT

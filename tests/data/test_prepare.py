@@ -200,7 +200,7 @@ def test_bad_records_stop_the_run_by_default_and_are_counted_when_skipped(tmp_pa
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["in.jsonl"]
     assert main(args + ["--skip-bad"]) == 0
     err = capsys.readouterr().err
-    assert "line 3: field 'prompt' is a int, not text" in err  # wrong type
+    assert "line 3: field 'prompt' is a JSON number, not text" in err  # wrong type
     assert "line 4: --rename names field 'q', which this record lacks" in err  # missing field
     assert "bad 3 (skipped)" in err
     assert read(out) == [{"prompt": "a", "response": "b", "n": 2}, {"prompt": "e", "response": "f", "n": 2}]
@@ -235,3 +235,72 @@ def test_stats_prints_percentiles_and_a_histogram(tmp_path, capsys):
     assert main(["data", "stats", str(source), "--bins", "4"]) == 0
     table = capsys.readouterr().out
     assert "100 records" in table and table.count("#") > 0 and "25" in table.splitlines()[-1]
+
+
+def test_a_bad_option_fails_once_before_any_worker_starts(tmp_path, monkeypatch):
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 256)
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"t": "x" * 50}) + "\n" for _ in range(50)))
+    with pytest.raises(TunesmithError, match="token counts need a tokenizer"):
+        prepare(source, tmp_path / "out.jsonl", PrepareOptions(max_tokens=10), workers=2)
+    with pytest.raises(TunesmithError, match="--sample -1: must be 0 or more"):
+        prepare(source, tmp_path / "out.jsonl", PrepareOptions(sample=-1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b'[\n{"a": "\xff"}\n]\n', "not UTF-8"),
+    (b'{"a": "\xff"}\n', "not UTF-8"),
+    (b'{"a": ' + b"[" * 100000 + b"\n", "invalid JSON"),
+    (b'{"a": 1' + b"0" * 5000 + b"}\n", "invalid JSON"),
+])
+def test_unreadable_input_is_a_located_error_not_a_traceback(tmp_path, content, reason):
+    source = tmp_path / ("in.json" if content.startswith(b"[") else "in.jsonl")
+    source.write_bytes(content)
+    with pytest.raises(TunesmithError, match=reason):
+        prepare(source, tmp_path / "out.jsonl", PrepareOptions())
+
+
+def test_output_paths_are_checked_before_anything_is_written(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"a": "b"}\n')
+    with pytest.raises(TunesmithError, match="is a folder"):
+        prepare(source, _folder(tmp_path), PrepareOptions())
+    with pytest.raises(TunesmithError, match="cannot write there"):
+        prepare(source, source / "x.jsonl", PrepareOptions())
+    with pytest.raises(TunesmithError, match="file not found"):
+        prepare(tmp_path / "missing.jsonl", tmp_path / "new" / "out.jsonl", PrepareOptions())
+    assert not (tmp_path / "new").exists()
+
+
+def _folder(tmp_path):
+    folder = tmp_path / "out.jsonl"
+    folder.mkdir()
+    return folder
+
+
+def test_lone_surrogates_and_huge_integers_pass_through(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"a": "x\\ud800y", "n": 123456789012345678901234567890}\n')
+    prepare(source, tmp_path / "out.jsonl", PrepareOptions(dedup=[]))
+    assert read(tmp_path / "out.jsonl") == read(source)
+
+
+def test_parquet_output_refuses_records_with_other_fields(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"a": "x"}\n{"a": "y", "b": "z"}\n')
+    with pytest.raises(TunesmithError, match="parquet needs the same fields"):
+        prepare(source, tmp_path / "out.parquet", PrepareOptions())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_csv_long_fields_multiline_records_and_extra_cells(tmp_path, capsys):
+    source = tmp_path / "in.csv"
+    long_text = "y" * 200_000
+    source.write_text(f'a,n\n"two\nlines",1\n{long_text},2\nx,3,extra\nz,4\n')
+    report = prepare(source, tmp_path / "out.jsonl", PrepareOptions(skip_bad=True))
+    assert read(tmp_path / "out.jsonl") == [{"a": "two\nlines", "n": "1"}, {"a": long_text, "n": "2"},
+                                            {"a": "z", "n": "4"}]
+    assert report.bad.count == 1 and "line 5: the row has 1 more cell" in report.bad.examples[0]
+    assert main(["data", "stats", str(source), "--field", "n", "--json", "--skip-bad"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"]["total"] == 7  # 1 + 2 + 4 (the bad row skipped), read from text

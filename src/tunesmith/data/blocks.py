@@ -4,7 +4,10 @@ A JSON lines file splits at line ends. A JSON array splits where a line starts a
 `{` at the indentation of its first record (column 0 when written one record per line, as `jq -c` or a
 per-record json.dumps writes; two spaces for json.dump(indent=2)). Each block of a few MB is read,
 parsed, filtered and serialised by a worker; the parent merges the blocks in order, so output, line
-numbers, de-duplication ("first one wins") and sampling are exactly those of a sequential run.
+numbers and de-duplication ("first one wins") are exactly those of a sequential run. The sample is
+the same for the same file and seed whatever the number of processes; it is not the sample that the
+sequential reader would draw (its random keys come in another order), nor that of the same records
+laid out differently.
 
 Splitting an array at a line that only looks like a record start (a nested object at the same
 indentation) cannot go unnoticed: the piece before it then ends inside an unclosed record and does not
@@ -20,6 +23,7 @@ import multiprocessing
 import os
 import random
 import re
+import signal
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +31,10 @@ from pathlib import Path
 import orjson
 
 from tunesmith.data.formats import BadRecord
-from tunesmith.data.streams import dumps, loads
+from tunesmith.data.streams import UNREADABLE, dumps, loads, not_an_object, unreadable_reason
 
 BLOCK_BYTES = 4 << 20
+MAX_BLOCK_BYTES = 64 << 20
 ARRAY_SHAPE = re.compile(rb"e*l\]|\]")  # e: record line ending in ",", l: the last record, ]: the close
 
 
@@ -87,21 +92,25 @@ def line_layout(path: Path) -> Layout | None:
     return Layout("array", first_line_end + 1, head.count(b"\n", 0, first_line_end + 1) + 1, record.group(1))
 
 
-def block_ranges(path: Path, layout: Layout) -> list[tuple[int, int]]:
-    """Byte ranges of about BLOCK_BYTES that end where a line (JSON lines) or a record (array) starts."""
+def block_ranges(path: Path, layout: Layout) -> list[tuple[int, int]] | None:
+    """Byte ranges of about BLOCK_BYTES that end where a line (JSON lines) or a record (array) starts;
+    None when a block would grow past MAX_BLOCK_BYTES (say, an array written on a single line)."""
     record_head = layout.indent + b"{"
     ranges, start = [], layout.start
     with path.open("rb") as f:
         size = os.fstat(f.fileno()).st_size
         while start < size:
             f.seek(min(start + BLOCK_BYTES, size))
-            f.readline()
-            end = f.tell()
-            while layout.kind == "array" and end < size:
-                if f.readline().startswith(record_head):
+            line = f.readline(MAX_BLOCK_BYTES)  # finish the line the seek landed in
+            while layout.kind == "array" and line and f.tell() - start < MAX_BLOCK_BYTES:
+                line_start = f.tell()
+                line = f.readline(MAX_BLOCK_BYTES)
+                if line.startswith(record_head):
+                    f.seek(line_start)
                     break
-                end = f.tell()
-            end = min(end, size)
+            end = min(f.tell(), size)
+            if end - start >= MAX_BLOCK_BYTES:
+                return None
             ranges.append((start, end))
             start = end
     return ranges
@@ -110,8 +119,10 @@ def block_ranges(path: Path, layout: Layout) -> list[tuple[int, int]]:
 _worker: dict = {}
 
 
-def init_worker(path: Path, layout: Layout, make_pipeline, options) -> None:
+def init_worker(path: Path, layout: Layout, make_pipeline, options, in_pool: bool = False) -> None:
     """Build the steps in the worker itself (a tokenizer, for one, is loaded once per process)."""
+    if in_pool:  # Ctrl-C is the parent's to handle: it stops the pool and removes the temporary output
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     steps, digest = make_pipeline(options)
     seed = None if options.sample is None else options.seed
     _worker.update(path=path, layout=layout, steps=steps, digest=digest, seed=seed)
@@ -156,19 +167,19 @@ def _json_lines(data: bytes, result: BlockResult):
     for index, raw in enumerate(data.split(b"\n")):
         try:
             record = orjson.loads(raw)
-        except orjson.JSONDecodeError:
+        except (orjson.JSONDecodeError, RecursionError):
             if not raw.strip():
                 continue
             try:
                 record = loads(raw)
-            except ValueError as err:
-                result.bad.append((index, f"invalid JSON ({err}); a JSON lines file needs one complete object "
+            except UNREADABLE as err:
+                result.bad.append((index, unreadable_reason(err) + "; a JSON lines file needs one complete object "
                                           "per line"))
                 continue
         if type(record) is dict:
             yield index, record
         else:
-            result.bad.append((index, _not_an_object(record)))
+            result.bad.append((index, not_an_object(record)))
 
 
 def _array_records(data: bytes, result: BlockResult):
@@ -193,38 +204,38 @@ def _array_records(data: bytes, result: BlockResult):
         comma = piece.endswith(b",")
         try:
             record = orjson.loads(piece[:-1] if comma else piece)
-        except orjson.JSONDecodeError:
+        except (orjson.JSONDecodeError, RecursionError):
             try:
                 record = loads(piece[:-1] if comma else piece)
-            except ValueError:
+            except UNREADABLE:
                 result.broken = True
                 return
         shape += (b"e" if comma else b"l") + (b"]" if closing else b"")
         if type(record) is dict:
             yield line, record
         else:
-            result.bad.append((line, _not_an_object(record)))
+            result.bad.append((line, not_an_object(record)))
     result.shape = bytes(shape)
 
 
-def _not_an_object(value) -> str:
-    return f"the record is a JSON {type(value).__name__}, not an object; every record must be {{...}}"
-
-
 def run_blocks(path: Path, layout: Layout, make_pipeline, options, workers: int, threshold):
-    """BlockResults in file order, computed by `workers` processes (in this one for a single block).
+    """BlockResults in file order, computed by `workers` processes (in this one for a single block); a
+    single None when the file cannot be split into blocks.
 
     `make_pipeline(options)` -> (steps, digest function or None) runs once in each worker; `threshold()`
     is asked as each block is handed out, after the blocks before it were merged.
     """
     ranges = block_ranges(path, layout)
+    if ranges is None:
+        yield None
+        return
     if workers <= 1 or len(ranges) <= 1:
         init_worker(path, layout, make_pipeline, options)
         for begin, end in ranges:
             yield process_block((begin, end, threshold()))
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, init_worker, (path, layout, make_pipeline, options)) as pool:
+    with multiprocessing.get_context(method).Pool(workers, init_worker, (path, layout, make_pipeline, options, True)) as pool:
         pending = deque()
         for begin, end in ranges:
             pending.append(pool.apply_async(process_block, ((begin, end, threshold()),)))

@@ -23,7 +23,7 @@ from tunesmith.data.registry import (
     make_spec,
     resolve_dataset,
 )
-from tunesmith.data.streams import AtomicWriter, BadRecords, good_records
+from tunesmith.data.streams import AtomicWriter, BadRecords, check_paths, good_records
 from tunesmith.errors import TunesmithError
 
 FORMATS = ("alpaca", "sharegpt", "openai")
@@ -117,6 +117,7 @@ def convert_file(input_path, output_path, target: str, source_format: str = "aut
     if target not in WRITERS or source_format not in (*FORMATS, "auto"):
         raise TunesmithError(f"unknown format '{target if target not in WRITERS else source_format}'; choose one "
                              f"of {', '.join(FORMATS)}.")
+    check_paths(Path(input_path), Path(output_path))
     bad, read = BadRecords(input_path, skip_bad), None
     with AtomicWriter(output_path) as writer:
         for where, record in good_records(bad):
@@ -133,7 +134,7 @@ def validate_dataset(name: str, dataset_dir: str | Path, keep: int = 20) -> tupl
     spec = resolve_dataset(name, dataset_dir)
     good, reports = 0, []
     for path in dataset_files(spec):
-        bad, read = BadRecords(path, skip=True, keep=keep), None
+        bad, read = BadRecords(path, skip=True, keep=keep, writes=False), None
         for where, record in good_records(bad):
             read = read or reader_for(DatasetSpec(**{**spec.__dict__, "path": path}), record)
             try:

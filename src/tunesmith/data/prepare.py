@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import json
 import os
 import random
 from collections import Counter
@@ -29,11 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import orjson
-
 from tunesmith.data.blocks import ARRAY_SHAPE, Layout, line_layout, run_blocks
 from tunesmith.data.formats import BadRecord
-from tunesmith.data.streams import AtomicWriter, BadRecords, dumps, good_records
+from tunesmith.data.streams import AtomicWriter, BadRecords, check_paths, dumps, good_records, json_type
 from tunesmith.errors import TunesmithError
 
 Step = Callable[[dict], "dict | None"]
@@ -138,10 +135,14 @@ def counted_texts(record: dict, fields: list[str] | None) -> list[str]:
         if value is None:
             continue
         if not isinstance(value, str):
-            raise BadRecord(f"field '{name}' is a {type(value).__name__}, not text, so its characters cannot be "
-                            "counted; fix the record or name the text fields with --count-fields")
+            raise not_text(name, value)
         texts.append(value)
     return texts
+
+
+def not_text(name: str, value) -> BadRecord:
+    return BadRecord(f"field '{name}' is a JSON {json_type(value)}, not text, so its characters cannot be counted; "
+                     "fix the record or name the text fields with --count-fields")
 
 
 def counted_fields(options: PrepareOptions) -> list[str] | None:
@@ -160,7 +161,7 @@ def char_step(options: PrepareOptions) -> Step:
             if type(value) is str:
                 count += len(value)
             elif value is not None and fields:
-                counted_texts(record, fields)  # raises the wrong-type error
+                raise not_text(name, value)
         if not _in_range(count, options.min_chars, options.max_chars):
             return None
         if options.char_count:
@@ -191,11 +192,7 @@ def _in_range(value: int, low: int | None, high: int | None) -> bool:
 
 def record_digest(record: dict) -> bytes:
     """16 bytes that equal records share (keys sorted: field order does not make a record different)."""
-    try:
-        text = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
-    except TypeError:  # integers beyond 64 bits
-        text = json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
-    return hashlib.blake2b(text, digest_size=16).digest()
+    return hashlib.blake2b(dumps(record, sort_keys=True), digest_size=16).digest()
 
 
 def build_steps(options: PrepareOptions) -> list[tuple[str, Step]]:
@@ -299,7 +296,7 @@ def run_parallel(options: PrepareOptions, bad: BadRecords, counts: Counter, sink
     caller then starts over sequentially)."""
     line, shape = layout.first_line, []
     for block in run_blocks(bad.path, layout, make_pipeline, options, workers, sink.threshold):
-        if block.broken:
+        if block is None or block.broken:
             return False
         for index, reason in block.bad:
             bad.add(line + index, reason)
@@ -319,13 +316,26 @@ def prepare(input_path: str | Path, output_path: str | Path, options: PrepareOpt
     JSON lines and JSON arrays run in blocks on `workers` processes (default: every core); see `blocks.py`.
     """
     input_path, output_path = Path(input_path), Path(output_path)
-    if output_path.exists() and input_path.exists() and os.path.samefile(input_path, output_path):
-        raise TunesmithError(f"{output_path}: the output would overwrite the input; write to another file.")
-    layout = line_layout(input_path) if input_path.is_file() else None
+    check_paths(input_path, output_path)
+    check_options(options)
+    make_pipeline(options)  # a bad option or tokenizer fails here, once, not in every worker
+    layout = line_layout(input_path)
     report = None
     if layout:
-        report = _run(input_path, output_path, options, layout, workers or os.cpu_count() or 1)
+        report = _run(input_path, output_path, options, layout, workers or usable_cores())
     return report or _run(input_path, output_path, options, None, 1)
+
+
+def check_options(options: PrepareOptions) -> None:
+    for name in ("min_chars", "max_chars", "min_tokens", "max_tokens", "sample"):
+        value = getattr(options, name)
+        if value is not None and value < 0:
+            raise TunesmithError(f"--{name.replace('_', '-')} {value}: must be 0 or more.")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a container's limit, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _run(input_path: Path, output_path: Path, options: PrepareOptions, layout, workers: int) -> Report | None:

@@ -15,7 +15,7 @@ from tunesmith.errors import TunesmithError
 
 def _read_json_lines(path: Path, text: str) -> list:
     records = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
+    for line_no, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 is text
         if not line.strip():
             continue
         try:
@@ -29,7 +29,7 @@ def _read_json_lines(path: Path, text: str) -> list:
 
 
 def _read_json(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -49,11 +49,11 @@ def _read_json(path: Path) -> list:
 
 
 def _read_jsonl(path: Path) -> list:
-    return _read_json_lines(path, path.read_text(encoding="utf-8"))
+    return _read_json_lines(path, path.read_text(encoding="utf-8-sig"))
 
 
 def _read_csv(path: Path) -> list:
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:
         return list(csv.DictReader(f))
 
 

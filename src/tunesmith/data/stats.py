@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from tunesmith.data.formats import BadRecord
 from tunesmith.data.prepare import counted_texts
-from tunesmith.data.streams import BadRecords, good_records
+from tunesmith.data.streams import BadRecords, good_records, json_type
+from tunesmith.errors import TunesmithError
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -49,6 +50,8 @@ def percentile(sorted_values, q: float) -> float:
 
 def histogram(values, bins: int) -> list[tuple[float, float, int]]:
     """(low, high, count) for `bins` equal-width bins over [min, max]; the last bin includes max."""
+    if bins < 1:
+        raise TunesmithError(f"--bins {bins}: a histogram needs at least 1 bin.")
     if not values:
         return []
     low, high = min(values), max(values)
@@ -59,12 +62,17 @@ def histogram(values, bins: int) -> list[tuple[float, float, int]]:
     return [(low + i * width, low + (i + 1) * width, count) for i, count in enumerate(counts)]
 
 
-def field_value(record: dict, name: str) -> float:
+def field_value(record: dict, name: str, from_csv: bool) -> float:
     value = record.get(name)
-    if value is None or value is False:  # jq's `// 0`
+    if value is None or value is False or (from_csv and value == ""):  # jq's `// 0`
         return 0
+    if from_csv and isinstance(value, str):  # CSV keeps every value as text
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadRecord(f"field '{name}' is a {type(value).__name__}, not a number")
+        raise BadRecord(f"field '{name}' is a JSON {json_type(value)} ({str(value)[:40]!r}), not a number")
     return value
 
 
@@ -78,10 +86,10 @@ def collect(bad: BadRecords, field: str | None, tokenizer_path: str | None) -> t
         tokenizer = load_tokenizer(tokenizer_path)
     names = [field] if field else ["chars"] + (["tokens"] if tokenizer else [])
     columns = [Column(name, array("d")) for name in names]
-    records = 0
+    records, from_csv = 0, bad.path.suffix.lower() == ".csv"
     for where, record in good_records(bad):
         try:
-            row = [field_value(record, field)] if field else _lengths(record, tokenizer)
+            row = [field_value(record, field, from_csv)] if field else _lengths(record, tokenizer)
         except BadRecord as err:
             bad.add(where, str(err))
             continue

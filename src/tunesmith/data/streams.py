@@ -40,12 +40,37 @@ def loads(data: bytes | str):
         return json.loads(data)
 
 
-def dumps(record) -> bytes:
-    """Compact UTF-8 JSON with non-ASCII text kept as is, like `jq -c`."""
+UNREADABLE = (ValueError, RecursionError)  # bad JSON, bad UTF-8, 4300-digit integers; nesting too deep
+
+
+def dumps(record, sort_keys: bool = False) -> bytes:
+    """Compact UTF-8 JSON with non-ASCII text kept as is, like `jq -c`. Values JSON has no type for
+    (parquet's bytes, decimals, dates) are written as text."""
     try:
-        return orjson.dumps(record)
-    except TypeError:  # integers beyond 64 bits
-        return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
+        return orjson.dumps(record, default=_as_text, option=orjson.OPT_SORT_KEYS if sort_keys else 0)
+    except TypeError:  # integers beyond 64 bits, lone surrogates: the stdlib writes them (escaped)
+        text = json.dumps(record, sort_keys=sort_keys, separators=(",", ":"), default=_as_text)
+        return text.encode()
+
+
+def _as_text(value) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="backslashreplace")
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
+
+
+def check_paths(input_path: Path, output_path: Path) -> None:
+    """Before anything is written: the input exists, the output is a writable file path and not the input."""
+    file_format(input_path)
+    if not input_path.is_file():
+        raise TunesmithError(f"{input_path}: file not found.")
+    file_format(output_path)
+    if output_path.is_dir():
+        raise TunesmithError(f"{output_path}: is a folder; give a file path for the output.")
+    if output_path.exists() and os.path.samefile(input_path, output_path):
+        raise TunesmithError(f"{output_path}: the output would overwrite the input; write to another file.")
 
 
 @dataclass(frozen=True)
@@ -82,10 +107,24 @@ def read_stream(path: str | Path) -> Iterator[tuple[int, dict | Malformed]]:
 def _as_record(value) -> dict | Malformed:
     if isinstance(value, dict):
         return value
-    return Malformed(f"the record is a JSON {_json_type(value)}, not an object; every record must be {{...}}")
+    return Malformed(not_an_object(value))
 
 
-def _json_type(value) -> str:
+def unreadable_reason(err: Exception) -> str:
+    if isinstance(err, UnicodeDecodeError):
+        return f"not UTF-8 text ({err.reason}); save the file as UTF-8"
+    if isinstance(err, json.JSONDecodeError):
+        return f"invalid JSON ({err.msg} at column {err.colno})"
+    if isinstance(err, RecursionError):
+        return "invalid JSON (nested too deeply)"
+    return f"invalid JSON ({err})"
+
+
+def not_an_object(value) -> str:
+    return f"the record is a JSON {json_type(value)}, not an object; every record must be {{...}}"
+
+
+def json_type(value) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
         type(value), "number")
 
@@ -97,11 +136,9 @@ def _json_line_records(path: Path):
                 continue
             try:
                 yield line_no, _as_record(loads(raw))
-            except UnicodeDecodeError as err:
-                yield line_no, Malformed(f"not UTF-8 text ({err.reason}); save the file as UTF-8")
-            except json.JSONDecodeError as err:
-                yield line_no, Malformed(f"invalid JSON ({err.msg} at column {err.colno}); a JSON lines file needs "
-                                         "one complete object per line")
+            except UNREADABLE as err:
+                yield line_no, Malformed(unreadable_reason(err) + "; a JSON lines file needs one complete object "
+                                         "per line")
 
 
 class _TextWindow:
@@ -112,8 +149,9 @@ class _TextWindow:
         self.more()
 
     def more(self) -> None:
-        """Drop the consumed text and append the next chunk."""
-        chunk = self.f.read(CHUNK_CHARS)
+        """Drop the consumed text and append the next chunk (as large as what is left, so that a huge
+        record is re-scanned a logarithmic number of times, not once per chunk)."""
+        chunk = self.f.read(max(CHUNK_CHARS, len(self.text) - self.pos))
         self.eof = not chunk
         self.text, self.pos = self.text[self.pos:] + chunk, 0
 
@@ -133,6 +171,13 @@ class _TextWindow:
 
 
 def _json_array_records(path: Path):
+    try:
+        yield from _json_array_body(path)
+    except UnicodeDecodeError as err:
+        yield None, Malformed(unreadable_reason(err), fatal=True)
+
+
+def _json_array_body(path: Path):
     with path.open(encoding="utf-8-sig") as f:
         window = _TextWindow(f)
         window.skip_whitespace()
@@ -182,6 +227,8 @@ def _decode_next(window: _TextWindow):
             line = window.line + window.text.count("\n", window.pos, err.pos)
             return Malformed(f"invalid JSON at line {line} ({err.msg}); reading cannot continue past a syntax "
                              "error inside a JSON array: fix it, or convert the file to JSON lines", fatal=True)
+        except UNREADABLE as err:
+            return Malformed(unreadable_reason(err), fatal=True)
         if end >= len(window.text) and not window.eof:  # a number at the very end may continue
             window.more()
             continue
@@ -190,13 +237,21 @@ def _decode_next(window: _TextWindow):
 
 
 def _csv_records(path: Path):
+    csv.field_size_limit(2**31 - 1)  # the default 128 KiB limit would reject long texts
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
+        start = 2  # the header is line 1; a quoted value may span lines, so a record starts after the last
         try:
             for row in reader:
-                yield reader.line_num, row
+                if None in row:
+                    yield start, Malformed(f"the row has {len(row[None])} more cell(s) than the header")
+                else:
+                    yield start, row
+                start = reader.line_num + 1
         except csv.Error as err:
-            yield reader.line_num, Malformed(f"malformed CSV ({err})", fatal=True)
+            yield start, Malformed(f"malformed CSV ({err})", fatal=True)
+        except UnicodeDecodeError as err:
+            yield start, Malformed(unreadable_reason(err), fatal=True)
 
 
 def _parquet_records(path: Path):
@@ -216,15 +271,17 @@ def _parquet_records(path: Path):
 class BadRecords:
     """What to do with bad records: stop at the first (the default) or skip them, counting and keeping a few."""
 
-    def __init__(self, path: Path, skip: bool, keep: int = 5):
-        self.path, self.skip, self.keep = Path(path), skip, keep
+    def __init__(self, path: Path, skip: bool, keep: int = 5, writes: bool = True):
+        self.path, self.skip, self.keep, self.writes = Path(path), skip, keep, writes
         self.count, self.examples = 0, []
 
-    def add(self, where: int, reason: str, fatal: bool = False) -> None:
-        place = f"{self.path}: {'row' if self.path.suffix.lower() == '.parquet' else 'line'} {where}"
+    def add(self, where: int | None, reason: str, fatal: bool = False) -> None:
+        place = str(self.path)
+        if where is not None:
+            place += f": {'row' if self.path.suffix.lower() == '.parquet' else 'line'} {where}"
         if fatal or not self.skip:
             fix = "" if fatal else "; fix it, or pass --skip-bad to skip and count bad records"
-            raise TunesmithError(f"{place}: {reason}{fix}. Nothing was written.")
+            raise TunesmithError(f"{place}: {reason}{fix}." + (" Nothing was written." if self.writes else ""))
         self.count += 1
         if len(self.examples) < self.keep:
             self.examples.append(f"{place}: {reason}")
@@ -248,18 +305,24 @@ class AtomicWriter:
         self.temp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self.count = 0
         self._rows: list[dict] = []  # parquet buffers rows into row groups
-        self._csv = self._parquet = None
+        self._csv = self._parquet = self._fields = None
         self._abandoned = False
 
     def __enter__(self) -> AtomicWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._open()
+        except OSError as err:
+            raise TunesmithError(f"{self.path}: cannot write there ({err.strerror}).") from err
+        return self
+
+    def _open(self) -> None:
         if self.format == ".csv":
             self.file = self.temp.open("w", encoding="utf-8", newline="")
         else:
             self.file = None if self.format == ".parquet" else self.temp.open("wb")
         if self.format == ".json":
             self.file.write(b"[")
-        return self
 
     def write_json(self, data: bytes) -> None:
         """Write one record given as its compact JSON (what `dumps` returns)."""
@@ -279,10 +342,19 @@ class AtomicWriter:
         if self.format == ".csv":
             self._write_csv(record)
         else:
-            self._rows.append(record)
-            if len(self._rows) >= 8192:
-                self._flush_parquet()
+            self._write_parquet(record)
         self.count += 1
+
+    def _write_parquet(self, record: dict) -> None:
+        if self._fields is None:
+            self._fields = set(record)
+        if set(record) != self._fields:  # from_pylist would silently drop or null-fill the difference
+            raise TunesmithError(f"{self.path}: record {self.count + 1} has fields {sorted(record)}, but the first "
+                                 f"had {sorted(self._fields)}; parquet needs the same fields in every record. Use "
+                                 "--select, or write .jsonl.")
+        self._rows.append(record)
+        if len(self._rows) >= 8192:
+            self._flush_parquet()
 
     def _write_csv(self, record: dict) -> None:
         if self._csv is None:
