@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a CUDA machine: the test suite, then SFT/DPO/RM throughput for the 40M shape (fp32 and bf16) and
 # SFT for the Qwen2-0.5B shape (bf16). Usage: benchmarks/gpu_check.sh [qwen2_tokenizer_dir]
+# Needs the package's dependencies (pip install -e .); tests/data also needs orjson.
 set -uo pipefail
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

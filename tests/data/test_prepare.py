@@ -7,13 +7,14 @@ installed); the other tests pin the same semantics by hand, so they hold without
 import json
 import random
 import shutil
+import signal
 import subprocess
 
 import pytest
 
 from tunesmith.cli import main
 from tunesmith.data import blocks
-from tunesmith.data.prepare import PrepareOptions, Sample, prepare
+from tunesmith.data.prepare import PrepareOptions, Sample, make_pipeline, prepare
 from tunesmith.data.streams import read_stream
 from tunesmith.data.synthetic import messy_text_records
 from tunesmith.errors import TunesmithError
@@ -304,3 +305,17 @@ def test_csv_long_fields_multiline_records_and_extra_cells(tmp_path, capsys):
     assert report.bad.count == 1 and "line 5: the row has 1 more cell" in report.bad.examples[0]
     assert main(["data", "stats", str(source), "--field", "n", "--json", "--skip-bad"]) == 0
     assert json.loads(capsys.readouterr().out)["n"]["total"] == 7  # 1 + 2 + 4 (the bad row skipped), read from text
+
+
+def test_pool_workers_die_at_once_on_sigterm(tmp_path):
+    """Pool.terminate() kills workers with SIGTERM; one that kept the CLI's handler (which unwinds to
+    remove temporary outputs) could die holding the pool's queue lock and hang the run."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        blocks.init_worker(tmp_path / "x.jsonl", blocks.Layout("lines", 0), make_pipeline, PrepareOptions(), True)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

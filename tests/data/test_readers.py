@@ -71,3 +71,10 @@ def test_unsupported_suffix_and_non_object_record(tmp_path):
     path.write_text('[{"a": 1}, [1, 2]]')
     with pytest.raises(TunesmithError, match=r"record 1 \(0-based index\) is a list"):
         read_records(path)
+
+
+def test_json_lines_split_on_newlines_only(tmp_path):
+    """U+2028 is a line separator to str.splitlines but ordinary text inside a JSON string."""
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"a": "one\u2028two"}\n{"a": "three"}\n', encoding="utf-8")
+    assert read_records(path) == [{"a": "one\u2028two"}, {"a": "three"}]

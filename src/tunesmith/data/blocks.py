@@ -121,8 +121,9 @@ _worker: dict = {}
 
 def init_worker(path: Path, layout: Layout, make_pipeline, options, in_pool: bool = False) -> None:
     """Build the steps in the worker itself (a tokenizer, for one, is loaded once per process)."""
-    if in_pool:  # Ctrl-C is the parent's to handle: it stops the pool and removes the temporary output
+    if in_pool:  # signals are the parent's to handle: it stops the pool and removes the temporary output
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Pool.terminate() must kill a worker at once
     steps, digest = make_pipeline(options)
     seed = None if options.sample is None else options.seed
     _worker.update(path=path, layout=layout, steps=steps, digest=digest, seed=seed)
@@ -143,23 +144,31 @@ def process_block(task: tuple[int, int, float]) -> BlockResult:
     pieces = _json_lines(data, result) if layout.kind == "lines" else _array_records(data, result)
     for index, record in pieces:  # the hot loop
         try:
-            for name, step in steps:
-                record = step(record)
-                if record is None:
-                    drops[name] += 1
-                    break
-            else:
-                key = keys.random() if keys else None
-                if keys and key >= threshold:  # cannot make the sample: not worth serialising
-                    if digest:
-                        kept.append((index, key, None, digest(record)))
-                    else:
-                        result.unsent += 1
-                    continue
-                kept.append((index, key, dumps(record), digest(record) if digest else None))
+            record = apply_steps(steps, record, drops)
         except BadRecord as err:
             result.bad.append((index, str(err)))
+            continue
+        if record is None:
+            continue
+        key = keys.random() if keys else None
+        if keys and key >= threshold:  # cannot make the sample: not worth serialising
+            if digest:
+                kept.append((index, key, None, digest(record)))
+            else:
+                result.unsent += 1
+            continue
+        kept.append((index, key, dumps(record), digest(record) if digest else None))
     return result
+
+
+def apply_steps(steps: list, record: dict, drops: Counter) -> dict | None:
+    """The record after every (name, step), or None, counted under the name of the step that dropped it."""
+    for name, step in steps:
+        record = step(record)
+        if record is None:
+            drops[name] += 1
+            return None
+    return record
 
 
 def _json_lines(data: bytes, result: BlockResult):

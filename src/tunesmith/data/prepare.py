@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunesmith.data.blocks import ARRAY_SHAPE, Layout, line_layout, run_blocks
+from tunesmith.data.blocks import ARRAY_SHAPE, Layout, apply_steps, line_layout, run_blocks
 from tunesmith.data.formats import BadRecord
 from tunesmith.data.streams import AtomicWriter, BadRecords, check_paths, dumps, good_records, json_type
 from tunesmith.errors import TunesmithError
@@ -162,11 +162,7 @@ def char_step(options: PrepareOptions) -> Step:
                 count += len(value)
             elif value is not None and fields:
                 raise not_text(name, value)
-        if not _in_range(count, options.min_chars, options.max_chars):
-            return None
-        if options.char_count:
-            record[options.char_count] = count
-        return record
+        return _keep_in_range(record, count, options.min_chars, options.max_chars, options.char_count)
     return chars
 
 
@@ -178,16 +174,17 @@ def token_step(options: PrepareOptions) -> Step:
     def tokens(record: dict):
         texts = counted_texts(record, fields)
         count = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else 0
-        if not _in_range(count, options.min_tokens, options.max_tokens):
-            return None
-        if options.token_count:
-            record[options.token_count] = count
-        return record
+        return _keep_in_range(record, count, options.min_tokens, options.max_tokens, options.token_count)
     return tokens
 
 
-def _in_range(value: int, low: int | None, high: int | None) -> bool:
-    return (low is None or value >= low) and (high is None or value < high)
+def _keep_in_range(record: dict, count: int, low: int | None, high: int | None, count_field: str | None):
+    """The record (with `count_field` = count, if asked) when low <= count < high, else None."""
+    if (low is not None and count < low) or (high is not None and count >= high):
+        return None
+    if count_field:
+        record[count_field] = count
+    return record
 
 
 def record_digest(record: dict) -> bytes:
@@ -279,12 +276,8 @@ def run_sequential(options: PrepareOptions, bad: BadRecords, counts: Counter, si
     keys = random.Random(f"{options.seed}")
     for where, record in good_records(bad):
         try:
-            for name, step in steps:
-                record = step(record)
-                if record is None:
-                    counts[name] += 1
-                    break
-            else:
+            record = apply_steps(steps, record, counts)
+            if record is not None:
                 sink.add(where, keys.random(), dumps(record), digest(record) if digest else None)
         except BadRecord as err:
             bad.add(where, str(err))
