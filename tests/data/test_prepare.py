@@ -319,3 +319,10 @@ def test_pool_workers_die_at_once_on_sigterm(tmp_path):
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def test_count_fields_must_survive_the_rename(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"a": "xyz"}\n')
+    with pytest.raises(TunesmithError, match="--count-fields a: --rename/--select keep only b"):
+        prepare(source, tmp_path / "out.jsonl", PrepareOptions(rename=[("a", "b")], count_fields=["a"], max_chars=2))

@@ -324,6 +324,11 @@ def check_options(options: PrepareOptions) -> None:
         value = getattr(options, name)
         if value is not None and value < 0:
             raise TunesmithError(f"--{name.replace('_', '-')} {value}: must be 0 or more.")
+    kept = options.select or [new for _, new in options.rename]
+    gone = [name for name in options.count_fields if kept and name not in kept]
+    if gone:  # they would count 0 in every record, and the filter would pass everything
+        raise TunesmithError(f"--count-fields {','.join(gone)}: --rename/--select keep only {','.join(kept)}; "
+                             "count fields by the names they have after renaming.")
 
 
 def usable_cores() -> int:
