@@ -112,7 +112,7 @@ BAD_SHAREGPT = [
 def test_bad_alpaca_record_names_file_index_and_reason(tmp_path, write_dataset, bad, reason):
     write_dataset(tmp_path, "d", [GOOD, bad], {"columns": {"history": "history"}})
     with pytest.raises(
-        TunesmithError, match=rf"d\.json: record 1 \(0-based index\) of dataset 'd'.*{reason}"
+        TunesmithError, match=rf"d\.json: record 1 \(0-based index, line 1\) of dataset 'd'.*{reason}"
     ):
         load_conversations(["d"], tmp_path)
 
@@ -121,14 +121,14 @@ def test_bad_alpaca_record_names_file_index_and_reason(tmp_path, write_dataset, 
 def test_bad_sharegpt_record_names_file_index_and_reason(tmp_path, write_dataset, bad, reason):
     good = {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}
     write_dataset(tmp_path, "s", [good, good, {"conversations": bad}], {"formatting": "sharegpt"})
-    with pytest.raises(TunesmithError, match=rf"s\.json: record 2 \(0-based index\).*{reason}"):
+    with pytest.raises(TunesmithError, match=rf"s\.json: record 2 \(0-based index, line 1\).*{reason}"):
         load_conversations(["s"], tmp_path)
 
 
 def test_skip_bad_records_counts(tmp_path, write_dataset):
     write_dataset(tmp_path, "d", [GOOD, BAD_ALPACA[0][0], GOOD, BAD_ALPACA[1][0]], {})
     with pytest.warns(
-        UserWarning, match=r"skipped 2 bad record\(s\) of 4; first: record 1 \(0-based index\)"
+        UserWarning, match=r"skipped 2 bad record\(s\) of 4; first: record 1 \(0-based index, line 1\)"
     ):
         conversations = load_conversations(["d"], tmp_path, skip_bad_records=True)
     assert len(conversations) == 2

@@ -53,15 +53,17 @@ def test_missing_file_names_it(tmp_path):
 def test_invalid_json_names_file_and_line(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('[\n  {"instruction": "x",\n  "output": }\n]')
-    with pytest.raises(TunesmithError, match=r"broken\.json: invalid JSON at line 3"):
+    with pytest.raises(TunesmithError, match=r"broken\.json: line 2: invalid JSON at line 3"):
         read_records(path)
 
 
 def test_invalid_jsonl_line_names_line(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text(json.dumps(RECORDS[0]) + "\n{oops\n")
-    with pytest.raises(TunesmithError, match=r"broken\.jsonl: line 2 is not valid JSON"):
+    with pytest.raises(TunesmithError, match=r"broken\.jsonl: line 2: invalid JSON .*set skip_bad_records: true"):
         read_records(path)
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable record\(s\); first: .*broken\.jsonl: line 2"):
+        assert read_records(path, skip_bad_records=True) == [RECORDS[0]]
 
 
 def test_unsupported_suffix_and_non_object_record(tmp_path):
@@ -69,7 +71,7 @@ def test_unsupported_suffix_and_non_object_record(tmp_path):
         read_records(tmp_path / "a.txt")
     path = tmp_path / "list.json"
     path.write_text('[{"a": 1}, [1, 2]]')
-    with pytest.raises(TunesmithError, match=r"record 1 \(0-based index\) is a list"):
+    with pytest.raises(TunesmithError, match=r"list\.json: line 1: the record is a JSON array, not an object"):
         read_records(path)
 
 

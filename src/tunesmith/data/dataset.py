@@ -17,29 +17,29 @@ import warnings
 from tunesmith.data.encode import IGNORE_INDEX, encode_sft
 from tunesmith.data.formats import CONVERTERS, BadRecord
 from tunesmith.data.packing import pack_examples
-from tunesmith.data.readers import read_records
+from tunesmith.data.readers import read_located, read_records
 from tunesmith.data.registry import dataset_files, detect_spec, resolve_dataset
 from tunesmith.data.templates import get_template
 from tunesmith.errors import TunesmithError
 
 
-def _convert_file(path, records: list, spec, skip_bad_records: bool) -> list:
+def _convert_file(path, located: list, spec, skip_bad_records: bool) -> list:
     convert = CONVERTERS[(spec.formatting, spec.ranking)]
     converted, bad = [], []
-    for index, record in enumerate(records):
+    for index, (line, record) in enumerate(located):
         try:
             converted.append(convert(record, spec))
         except BadRecord as err:
+            where = f"record {index} (0-based index, line {line})"
             if not skip_bad_records:
                 raise TunesmithError(
-                    f"{path}: record {index} (0-based index) of dataset '{spec.name}' ({spec.formatting}): {err}. "
+                    f"{path}: {where} of dataset '{spec.name}' ({spec.formatting}): {err}. "
                     "Fix the record, or set skip_bad_records: true to drop bad records."
                 ) from err
-            bad.append((index, err))
+            bad.append((where, err))
     if bad:
         warnings.warn(
-            f"{path}: skipped {len(bad)} bad record(s) of {len(records)}; first: record {bad[0][0]} "
-            f"(0-based index): {bad[0][1]}",
+            f"{path}: skipped {len(bad)} bad record(s) of {len(located)}; first: {bad[0][0]}: {bad[0][1]}",
             stacklevel=3,
         )
     return converted
@@ -51,18 +51,18 @@ def _load(names, dataset_dir, ranking: bool, max_samples, skip_bad_records: bool
         spec = resolve_dataset(name, dataset_dir)
         items = []
         for path in dataset_files(spec):
-            records = read_records(path)
-            if not records:
+            located = read_located(path, skip_bad_records)
+            if not located:
                 continue
             if spec.formatting == "auto":
-                spec = detect_spec(name, spec.path, records[0])
+                spec = detect_spec(name, spec.path, located[0][1])
             if spec.ranking != ranking:
                 kind = (
                     "a preference (ranking) dataset" if spec.ranking else "not a preference (ranking) dataset"
                 )
                 use = "a preference stage (dpo, rm)" if spec.ranking else 'sft, or mark it "ranking": true'
                 raise TunesmithError(f"dataset '{name}' ({path}) is {kind}; use it with {use}.")
-            items += _convert_file(path, records, spec, skip_bad_records)
+            items += _convert_file(path, located, spec, skip_bad_records)
         if not items:
             raise TunesmithError(f"dataset '{name}' ({spec.path}) holds no usable record.")
         loaded += items[:max_samples]  # like LLaMA-Factory, max_samples applies to each dataset

@@ -271,8 +271,9 @@ def _parquet_records(path: Path):
 class BadRecords:
     """What to do with bad records: stop at the first (the default) or skip them, counting and keeping a few."""
 
-    def __init__(self, path: Path, skip: bool, keep: int = 5, writes: bool = True):
-        self.path, self.skip, self.keep, self.writes = Path(path), skip, keep, writes
+    def __init__(self, path: Path, skip: bool, keep: int = 5, writes: bool = True,
+                 hint: str = "pass --skip-bad to skip and count bad records"):
+        self.path, self.skip, self.keep, self.writes, self.hint = Path(path), skip, keep, writes, hint
         self.count, self.examples = 0, []
 
     def add(self, where: int | None, reason: str, fatal: bool = False) -> None:
@@ -280,7 +281,7 @@ class BadRecords:
         if where is not None:
             place += f": {'row' if self.path.suffix.lower() == '.parquet' else 'line'} {where}"
         if fatal or not self.skip:
-            fix = "" if fatal else "; fix it, or pass --skip-bad to skip and count bad records"
+            fix = "" if fatal else f"; fix it, or {self.hint}"
             raise TunesmithError(f"{place}: {reason}{fix}." + (" Nothing was written." if self.writes else ""))
         self.count += 1
         if len(self.examples) < self.keep:
