@@ -313,7 +313,7 @@ def test_pool_workers_die_at_once_on_sigterm(tmp_path):
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        blocks.init_worker(tmp_path / "x.jsonl", blocks.Layout("lines", 0), make_pipeline, PrepareOptions(), True)
+        blocks.init_pool_worker(tmp_path / "x.jsonl", blocks.Layout("lines", 0), (make_pipeline, PrepareOptions()), None)
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:

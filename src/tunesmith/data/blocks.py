@@ -28,10 +28,8 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import orjson
-
 from tunesmith.data.formats import BadRecord
-from tunesmith.data.streams import UNREADABLE, dumps, loads, not_an_object, unreadable_reason
+from tunesmith.data.streams import UNREADABLE, dumps, loads, not_an_object, parse_json_line
 
 BLOCK_BYTES = 4 << 20
 MAX_BLOCK_BYTES = 64 << 20
@@ -119,14 +117,19 @@ def block_ranges(path: Path, layout: Layout) -> list[tuple[int, int]] | None:
 _worker: dict = {}
 
 
-def init_worker(path: Path, layout: Layout, make_pipeline, options, in_pool: bool = False) -> None:
-    """Build the steps in the worker itself (a tokenizer, for one, is loaded once per process)."""
-    if in_pool:  # signals are the parent's to handle: it stops the pool and removes the temporary output
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Pool.terminate() must kill a worker at once
-    steps, digest = make_pipeline(options)
-    seed = None if options.sample is None else options.seed
+def init_worker(path: Path, layout: Layout, pipeline, seed: int | None) -> None:
+    """What `process_block` uses: `pipeline` is (steps, digest function or None); `seed` None: no sample."""
+    steps, digest = pipeline
     _worker.update(path=path, layout=layout, steps=steps, digest=digest, seed=seed)
+
+
+def init_pool_worker(path: Path, layout: Layout, recipe, seed: int | None) -> None:
+    """A pool worker builds its own steps from `recipe` = (make_pipeline, options): closures do not
+    pickle, and a tokenizer is loaded once per process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # signals are the parent's to handle: it stops the pool
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # and removes the temporary output; terminate() must kill
+    make_pipeline, options = recipe
+    init_worker(path, layout, make_pipeline(options), seed)
 
 
 def process_block(task: tuple[int, int, float]) -> BlockResult:
@@ -174,21 +177,11 @@ def apply_steps(steps: list, record: dict, drops: Counter) -> dict | None:
 def _json_lines(data: bytes, result: BlockResult):
     """(line within the block, record) for each line; unreadable lines and non-objects go to result.bad."""
     for index, raw in enumerate(data.split(b"\n")):
-        try:
-            record = orjson.loads(raw)
-        except (orjson.JSONDecodeError, RecursionError):
-            if not raw.strip():
-                continue
-            try:
-                record = loads(raw)
-            except UNREADABLE as err:
-                result.bad.append((index, unreadable_reason(err) + "; a JSON lines file needs one complete object "
-                                          "per line"))
-                continue
+        record = parse_json_line(raw)
         if type(record) is dict:
             yield index, record
-        else:
-            result.bad.append((index, not_an_object(record)))
+        elif record is not None:
+            result.bad.append((index, record.reason))
 
 
 def _array_records(data: bytes, result: BlockResult):
@@ -196,8 +189,8 @@ def _array_records(data: bytes, result: BlockResult):
     not exactly one record (see the module docstring)."""
     starts = _worker["layout"].record_starts(data)
     if not starts:  # an empty array's "]", or a block that does not start at a record
-        result.broken = data.strip() not in (b"", b"]")
-        result.shape = b"]" if data.strip() == b"]" else b""
+        rest = data.strip()
+        result.broken, result.shape = rest not in (b"", b"]"), rest
         return
     if data[:starts[0]].strip():
         result.broken = True
@@ -212,13 +205,10 @@ def _array_records(data: bytes, result: BlockResult):
             piece = piece[:-1].rstrip()
         comma = piece.endswith(b",")
         try:
-            record = orjson.loads(piece[:-1] if comma else piece)
-        except (orjson.JSONDecodeError, RecursionError):
-            try:
-                record = loads(piece[:-1] if comma else piece)
-            except UNREADABLE:
-                result.broken = True
-                return
+            record = loads(piece[:-1] if comma else piece)
+        except UNREADABLE:
+            result.broken = True
+            return
         shape += (b"e" if comma else b"l") + (b"]" if closing else b"")
         if type(record) is dict:
             yield line, record
@@ -227,24 +217,26 @@ def _array_records(data: bytes, result: BlockResult):
     result.shape = bytes(shape)
 
 
-def run_blocks(path: Path, layout: Layout, make_pipeline, options, workers: int, threshold):
-    """BlockResults in file order, computed by `workers` processes (in this one for a single block); a
-    single None when the file cannot be split into blocks.
+def run_blocks(path: Path, layout: Layout, pipeline, recipe, workers: int, threshold):
+    """BlockResults in file order, computed by `workers` processes (in this one, with `pipeline`, for a
+    single block); a single None when the file cannot be split into blocks.
 
-    `make_pipeline(options)` -> (steps, digest function or None) runs once in each worker; `threshold()`
-    is asked as each block is handed out, after the blocks before it were merged.
+    Pool workers build their own pipeline from `recipe` = (make_pipeline, options). `threshold()` is
+    asked as each block is handed out, after the blocks before it were merged.
     """
     ranges = block_ranges(path, layout)
     if ranges is None:
         yield None
         return
+    options = recipe[1]
+    seed = None if options.sample is None else options.seed
     if workers <= 1 or len(ranges) <= 1:
-        init_worker(path, layout, make_pipeline, options)
+        init_worker(path, layout, pipeline, seed)
         for begin, end in ranges:
             yield process_block((begin, end, threshold()))
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, init_worker, (path, layout, make_pipeline, options, True)) as pool:
+    with multiprocessing.get_context(method).Pool(workers, init_pool_worker, (path, layout, recipe, seed)) as pool:
         pending = deque()
         for begin, end in ranges:
             pending.append(pool.apply_async(process_block, ((begin, end, threshold()),)))

@@ -12,6 +12,7 @@ also trains, and `validate` reports exactly the records training would reject, w
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from tunesmith.data.formats import CONVERTERS, BadRecord, PreferenceExample, check_turns
@@ -102,9 +103,9 @@ def reader_for(spec: DatasetSpec, first_record: dict):
 
 def source_spec(path: Path, source_format: str, first_record: dict) -> DatasetSpec:
     """The spec of a file in a named format (ranking when its first record has chosen and rejected)."""
-    ranking = "chosen" in first_record and "rejected" in first_record
     if source_format == "auto":
         return DatasetSpec(name=str(path), path=path, formatting="auto")
+    ranking = "chosen" in first_record and "rejected" in first_record
     if source_format == "openai":
         entry = {"formatting": "sharegpt", "columns": {"messages": "messages"}, "tags": OPENAI_TAGS}
     else:
@@ -136,7 +137,7 @@ def validate_dataset(name: str, dataset_dir: str | Path, keep: int = 20) -> tupl
     for path in dataset_files(spec):
         bad, read = BadRecords(path, skip=True, keep=keep, writes=False), None
         for where, record in good_records(bad):
-            read = read or reader_for(DatasetSpec(**{**spec.__dict__, "path": path}), record)
+            read = read or reader_for(dataclasses.replace(spec, path=path), record)
             try:
                 read(record)
                 good += 1

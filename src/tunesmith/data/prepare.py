@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import math
 import os
 import random
 from collections import Counter
@@ -145,10 +146,13 @@ def not_text(name: str, value) -> BadRecord:
                      "fix the record or name the text fields with --count-fields")
 
 
+def kept_fields(options: PrepareOptions) -> list[str]:
+    """The fields --rename/--select keep ([] when neither is given: every field stays)."""
+    return options.select or [new for _, new in options.rename]
+
+
 def counted_fields(options: PrepareOptions) -> list[str] | None:
-    if options.count_fields:
-        return options.count_fields
-    return options.select or [new for _, new in options.rename] or None
+    return options.count_fields or kept_fields(options) or None
 
 
 def char_step(options: PrepareOptions) -> Step:
@@ -172,10 +176,14 @@ def token_step(options: PrepareOptions) -> Step:
     tokenizer, fields = load_tokenizer(options.tokenizer), counted_fields(options)
 
     def tokens(record: dict):
-        texts = counted_texts(record, fields)
-        count = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else 0
+        count = token_count(tokenizer, counted_texts(record, fields))
         return _keep_in_range(record, count, options.min_tokens, options.max_tokens, options.token_count)
     return tokens
+
+
+def token_count(tokenizer, texts: list[str]) -> int:
+    """Tokens of the texts together, without special tokens."""
+    return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else 0
 
 
 def _keep_in_range(record: dict, count: int, low: int | None, high: int | None, count_field: str | None):
@@ -228,7 +236,7 @@ class Sample:
     def threshold(self) -> float:
         if self.size == 0:
             return 0.0
-        return -self.heap[0][0] if len(self.heap) == self.size else 2.0
+        return -self.heap[0][0] if len(self.heap) == self.size else math.inf
 
     def offer(self, key: float, position, item) -> None:
         if len(self.heap) < self.size:
@@ -248,7 +256,7 @@ class Sink:
         self.sample = None if options.sample is None else Sample(options.sample)
 
     def threshold(self) -> float:
-        return self.sample.threshold() if self.sample else 2.0
+        return self.sample.threshold() if self.sample else math.inf
 
     def add(self, position, key: float | None, record_json: bytes | None, digest: bytes | None) -> None:
         if digest is not None:
@@ -270,10 +278,10 @@ class Sink:
                 self.writer.write_json(record_json)
 
 
-def run_sequential(options: PrepareOptions, bad: BadRecords, counts: Counter, sink: Sink) -> None:
+def run_sequential(pipeline, seed: int, bad: BadRecords, counts: Counter, sink: Sink) -> None:
     """Any format and layout, one record at a time."""
-    steps, digest = make_pipeline(options)
-    keys = random.Random(f"{options.seed}")
+    steps, digest = pipeline
+    keys = random.Random(f"{seed}")
     for where, record in good_records(bad):
         try:
             record = apply_steps(steps, record, counts)
@@ -283,12 +291,12 @@ def run_sequential(options: PrepareOptions, bad: BadRecords, counts: Counter, si
             bad.add(where, str(err))
 
 
-def run_parallel(options: PrepareOptions, bad: BadRecords, counts: Counter, sink: Sink, layout: Layout,
+def run_parallel(pipeline, options: PrepareOptions, bad: BadRecords, counts: Counter, sink: Sink, layout: Layout,
                  workers: int) -> bool:
     """JSON lines or an array, in blocks on `workers` processes; False if the array's layout breaks (the
     caller then starts over sequentially)."""
     line, shape = layout.first_line, []
-    for block in run_blocks(bad.path, layout, make_pipeline, options, workers, sink.threshold):
+    for block in run_blocks(bad.path, layout, pipeline, (make_pipeline, options), workers, sink.threshold):
         if block is None or block.broken:
             return False
         for index, reason in block.bad:
@@ -311,12 +319,12 @@ def prepare(input_path: str | Path, output_path: str | Path, options: PrepareOpt
     input_path, output_path = Path(input_path), Path(output_path)
     check_paths(input_path, output_path)
     check_options(options)
-    make_pipeline(options)  # a bad option or tokenizer fails here, once, not in every worker
+    pipeline = make_pipeline(options)  # a bad option or tokenizer fails here, before any worker starts
     layout = line_layout(input_path)
     report = None
     if layout:
-        report = _run(input_path, output_path, options, layout, workers or usable_cores())
-    return report or _run(input_path, output_path, options, None, 1)
+        report = _run(input_path, output_path, options, pipeline, layout, workers or usable_cores())
+    return report or _run(input_path, output_path, options, pipeline, None, 1)
 
 
 def check_options(options: PrepareOptions) -> None:
@@ -324,7 +332,7 @@ def check_options(options: PrepareOptions) -> None:
         value = getattr(options, name)
         if value is not None and value < 0:
             raise TunesmithError(f"--{name.replace('_', '-')} {value}: must be 0 or more.")
-    kept = options.select or [new for _, new in options.rename]
+    kept = kept_fields(options)
     gone = [name for name in options.count_fields if kept and name not in kept]
     if gone:  # they would count 0 in every record, and the filter would pass everything
         raise TunesmithError(f"--count-fields {','.join(gone)}: --rename/--select keep only {','.join(kept)}; "
@@ -336,14 +344,15 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _run(input_path: Path, output_path: Path, options: PrepareOptions, layout, workers: int) -> Report | None:
+def _run(input_path: Path, output_path: Path, options: PrepareOptions, pipeline, layout, workers: int
+         ) -> Report | None:
     """One attempt: in parallel when `layout` is given (None if the file breaks it), else sequentially."""
     report = Report(bad=BadRecords(input_path, options.skip_bad))
     with AtomicWriter(output_path) as writer:
         sink = Sink(writer, options, report.counts)
         if layout is None:
-            run_sequential(options, report.bad, report.counts, sink)
-        elif not run_parallel(options, report.bad, report.counts, sink, layout, workers):
+            run_sequential(pipeline, options.seed, report.bad, report.counts, sink)
+        elif not run_parallel(pipeline, options, report.bad, report.counts, sink, layout, workers):
             writer.abandon()
             return None
         sink.close()

@@ -15,7 +15,7 @@ from array import array
 from dataclasses import dataclass
 
 from tunesmith.data.formats import BadRecord
-from tunesmith.data.prepare import counted_texts
+from tunesmith.data.prepare import counted_texts, token_count
 from tunesmith.data.streams import BadRecords, good_records, json_type
 from tunesmith.errors import TunesmithError
 
@@ -103,7 +103,7 @@ def _lengths(record: dict, tokenizer) -> list[int]:
     texts = counted_texts(record, None)
     row = [sum(len(text) for text in texts)]
     if tokenizer:
-        row.append(sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else 0)
+        row.append(token_count(tokenizer, texts))
     return row
 
 

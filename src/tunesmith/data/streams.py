@@ -129,16 +129,22 @@ def json_type(value) -> str:
         type(value), "number")
 
 
+def parse_json_line(raw: bytes) -> dict | Malformed | None:
+    """One line of a JSON lines file: its record, a Malformed, or None for a blank line."""
+    try:
+        return _as_record(loads(raw))
+    except UNREADABLE as err:
+        if not raw.strip():
+            return None
+        return Malformed(unreadable_reason(err) + "; a JSON lines file needs one complete object per line")
+
+
 def _json_line_records(path: Path):
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                yield line_no, _as_record(loads(raw))
-            except UNREADABLE as err:
-                yield line_no, Malformed(unreadable_reason(err) + "; a JSON lines file needs one complete object "
-                                         "per line")
+            record = parse_json_line(raw)
+            if record is not None:
+                yield line_no, record
 
 
 class _TextWindow:
