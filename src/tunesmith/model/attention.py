@@ -57,10 +57,10 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     window = kwargs.get("sliding_window")
+    if any(prefixes):
+        _PrefixUse.count += 1
     if query.device.type != "cpu":
         mask = row_mask(tuple(bounds), tuple(tuple(p) if p else None for p in prefixes), window, query.device)
-        if any(prefixes):
-            _PrefixUse.count += 1
         kwargs.pop("sliding_window", None)
         return sdpa_attention_forward(module, query, key, value, mask[None, None], dropout=dropout, scaling=scaling,
                                       is_causal=False, **kwargs)
@@ -91,8 +91,6 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
             sees = _segment_mask(end - start, width, window, q.device)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=sees, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
         outputs.append(out)
-    if any(prefixes):
-        _PrefixUse.count += 1
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 

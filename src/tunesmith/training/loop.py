@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -140,14 +141,23 @@ def train(model, stage: Stage, data: RunData, config: TrainConfig, output_dir: P
     return final
 
 
+@contextmanager
+def eval_mode(model):
+    """The model in eval mode (no dropout) inside the block, in the mode it had before after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def evaluate(model, stage: Stage, data: RunData, config: TrainConfig) -> dict:
     """Loss and metrics over the whole eval split, averaged per item, named eval_*."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     totals, items = {"loss": 0.0}, 0
-    with autocast_context(device, config):
+    with eval_mode(model), autocast_context(device, config):
         for start in range(0, len(data.eval), config.per_device_eval_batch_size):
             batch = to_device(data.collate(data.eval[start:start + config.per_device_eval_batch_size]), device)
             loss_sum, metrics = stage.loss(model, batch)
@@ -155,7 +165,6 @@ def evaluate(model, stage: Stage, data: RunData, config: TrainConfig) -> dict:
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value
             items += stage.count_items(batch)
-    model.train(was_training)
     return {f"eval_{key}": value / max(items, 1) for key, value in totals.items()}
 
 

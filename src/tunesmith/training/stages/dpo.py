@@ -25,7 +25,7 @@ from tunesmith.config import TrainConfig
 from tunesmith.data.pairs import REFERENCE_KEYS
 from tunesmith.errors import TunesmithError
 from tunesmith.model.lora import disable_lora, lora_modules
-from tunesmith.training.loop import RunData, Stage, autocast_context, autocast_dtype, to_device
+from tunesmith.training.loop import RunData, Stage, autocast_context, autocast_dtype, eval_mode, to_device
 from tunesmith.training.stages.common import sequence_logps
 from tunesmith.training.stages.rm import build_pair_data, count_pairs, count_tokens
 
@@ -73,13 +73,8 @@ def adapter_reference(model, chunk_size: int) -> Reference:
     """
     @torch.no_grad()
     def reference(batch: dict) -> PairLogps:
-        was_training = model.training
-        model.eval()
-        try:
-            with disable_lora(model):
-                return pair_logps(model, batch, chunk_size)
-        finally:
-            model.train(was_training)
+        with eval_mode(model), disable_lora(model):
+            return pair_logps(model, batch, chunk_size)
     return reference
 
 
@@ -122,11 +117,8 @@ def build_dpo(config: TrainConfig, tokenizer, device: torch.device):
             else:
                 reference = frozen_copy_reference(model, chunk, autocast_dtype(config) or torch.float32)
             if config.precompute_ref_logprobs:
-                was_training = model.training
-                model.eval()
-                with autocast_context(device, config):
+                with eval_mode(model), autocast_context(device, config):
                     precompute_reference_logps(reference, data, config.per_device_train_batch_size, device)
-                model.train(was_training)
                 if not has_lora:  # the model itself is about to stop being the reference
                     reference = _all_remembered
         loss = partial(dpo_loss, config=config, reference=reference)
