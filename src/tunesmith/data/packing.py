@@ -99,14 +99,14 @@ def collate(batch: list, pad_token_id: int, pad_to_multiple_of: int = 1, one_row
     Packed rows (with position_ids) are always laid end to end in a single row (`pack_into_row`),
     split back into their samples at each position 0.
     """
-    if one_row and "position_ids" not in batch[0]:
-        return pack_into_row([(row["input_ids"], row["labels"]) for row in batch], pad_token_id, pad_to_multiple_of)
     if "position_ids" in batch[0]:
         samples = []
         for row in batch:
             starts = [i for i, position in enumerate(row["position_ids"]) if position == 0] + [len(row["input_ids"])]
             samples += [(row["input_ids"][a:b], row["labels"][a:b]) for a, b in zip(starts[:-1], starts[1:])]
         return pack_into_row(samples, pad_token_id, pad_to_multiple_of)
+    if one_row:
+        return pack_into_row([(row["input_ids"], row["labels"]) for row in batch], pad_token_id, pad_to_multiple_of)
     longest = max(len(row["input_ids"]) for row in batch)
     longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
     input_ids, labels, mask = [], [], []
