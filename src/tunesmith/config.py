@@ -20,7 +20,10 @@ import yaml
 
 from tunesmith.errors import TunesmithError
 
-STAGES = ("sft", "rm", "dpo")
+STAGES = ("sft", "rm", "dpo", "ppo", "grpo")
+KL_ESTIMATORS = ("k1", "k3")
+RL_STAGES = ("ppo", "grpo")
+REWARD_MODEL_TYPES = ("lora", "full", "api")
 PREF_LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
 FINETUNING_TYPES = ("lora", "full", "freeze")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -50,13 +53,13 @@ class TrainConfig:
     """Hugging Face model folder or hub id (hub ids need network access)."""
     adapter_name_or_path: list[str] | None = None
     """Comma list of PEFT LoRA adapters. sft: all but the last are merged, the last resumes training.
-    rm/dpo: all are merged (for dpo that merged model is the reference) and a fresh adapter is trained."""
+    rm/dpo/ppo/grpo: all are merged (for dpo/ppo/grpo that merged model is the reference) and a fresh adapter is trained."""
     trust_remote_code: bool = False
     """Allow model code shipped inside the model folder to run. Off unless you trust the source."""
 
     # --- method ---
     stage: str = "sft"
-    """Training stage: sft (supervised), rm (reward model) or dpo (direct preference optimisation)."""
+    """Training stage: sft (supervised), rm (reward model), dpo (direct preference optimisation), ppo or grpo."""
     do_train: bool = True
     """Train (LLaMA-Factory compatibility: must be true for `tunesmith train`)."""
     do_eval: bool = False
@@ -91,6 +94,60 @@ class TrainConfig:
     """dpo with pref_loss simpo: the target reward margin gamma."""
     precompute_ref_logprobs: bool = False
     """dpo: compute the reference log-probs once before training, so no reference forward runs during it."""
+
+    # --- reinforcement learning (ppo, grpo) ---
+    reward_model: str | None = None
+    """ppo/grpo: a `stage: rm` output folder (LoRA adapter or full model), or an http(s) URL that scores conversations."""
+    reward_model_type: str | None = None
+    """lora, full or api; read from reward_model when unset (LLaMA-Factory's key)."""
+    reward_function: str | None = None
+    """ppo/grpo: `module:function` or `path/to/file.py:function` giving one reward per completion (instead of reward_model)."""
+    max_new_tokens: int = 128
+    """Most tokens sampled per response."""
+    temperature: float = 1.0
+    """Sampling temperature; PPO's log-probs use the same one."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1: all)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens when sampling (0: all)."""
+    do_sample: bool = True
+    """Sample (true) or decode greedily (false)."""
+    ppo_epochs: int = 4
+    """Passes over each batch of rollouts."""
+    ppo_buffer_size: int = 1
+    """Rollouts per PPO step, in optimizer mini-batches (per_device_train_batch_size x gradient_accumulation_steps prompts each)."""
+    ppo_clip: float = 0.2
+    """Clip range eps of the policy ratio."""
+    ppo_value_clip: float = 0.2
+    """Clip range of the value update (ppo)."""
+    ppo_vf_coef: float = 0.1
+    """ppo: weight c1 of the value loss."""
+    ppo_ent_coef: float = 0.0
+    """Weight c2 of the entropy bonus."""
+    ppo_gamma: float = 1.0
+    """ppo: discount gamma of GAE."""
+    ppo_lambda: float = 0.95
+    """ppo: GAE lambda."""
+    ppo_kl_coef: float | None = None
+    """Weight beta of the KL to the reference (initial value when adaptive). Default: 0.05 for ppo, 0.04 for grpo."""
+    ppo_kl_estimator: str = "k1"
+    """ppo: per-token KL estimator in the reward, k1 (log ratio) or k3 (grpo always uses k3 in its loss)."""
+    ppo_target: float | None = None
+    """ppo: target KL (nats per sequence) of the adaptive KL controller; unset keeps ppo_kl_coef fixed."""
+    ppo_kl_horizon: int = 10000
+    """ppo: horizon of the adaptive KL controller."""
+    ppo_score_norm: bool = False
+    """Normalise scores by their running mean and std."""
+    ppo_score_clip: float | None = None
+    """Clip (normalised) scores to [-clip, clip]."""
+    ppo_whiten_rewards: bool = False
+    """ppo: whiten the per-token rewards before GAE."""
+    ppo_missing_eos_penalty: float | None = None
+    """Subtract this from the score of a response that never produced its end-of-turn token."""
+    num_generations: int = 4
+    """grpo: answers sampled per prompt (the group size G)."""
+    grpo_scale_rewards: bool = True
+    """grpo: divide group-centred rewards by the group's std."""
 
     # --- data ---
     dataset: list[str] | None = None
@@ -317,6 +374,8 @@ def _apply_defaults(config: TrainConfig) -> None:
         config.packing = True
     if config.eval_steps is None:
         config.eval_steps = config.logging_steps
+    if config.ppo_kl_coef is None:
+        config.ppo_kl_coef = 0.04 if config.stage == "grpo" else 0.05
     if config.resume_from_checkpoint in ("false", "False", ""):
         config.resume_from_checkpoint = None
 
@@ -326,7 +385,10 @@ def _check_combinations(config: TrainConfig, source: str) -> None:
     choices = {
         "stage": STAGES, "finetuning_type": FINETUNING_TYPES, "lr_scheduler_type": SCHEDULERS,
         "report_to": REPORT_TO, "eval_strategy": EVAL_STRATEGIES, "pref_loss": PREF_LOSSES,
+        "ppo_kl_estimator": KL_ESTIMATORS,
     }
+    if config.reward_model_type is not None:
+        choices["reward_model_type"] = REWARD_MODEL_TYPES
     for key, allowed in choices.items():
         value = getattr(config, key)
         if value not in allowed:
@@ -371,6 +433,29 @@ def _check_combinations(config: TrainConfig, source: str) -> None:
         (config.packing and config.stage != "sft",
          f"`packing` is for stage sft; stage {config.stage} always packs each batch's pairs into one row "
          "(no padding), so remove `packing`."),
+        (config.stage in RL_STAGES and (config.reward_model is None) == (config.reward_function is None),
+         f"stage {config.stage} needs exactly one of `reward_model` (a `stage: rm` output folder or an http URL) "
+         "and `reward_function` (module:function)."),
+        (config.stage not in RL_STAGES and (config.reward_model or config.reward_function) is not None,
+         f"`reward_model` / `reward_function` are for stage ppo or grpo, not {config.stage}."),
+        (config.stage in RL_STAGES and config.packing, f"`packing` is for stage sft, not {config.stage}."),
+        (config.max_new_tokens < 1, "`max_new_tokens` must be at least 1."),
+        (config.temperature < 0, f"`temperature` must not be negative, got {config.temperature}."),
+        (config.stage in RL_STAGES and config.do_sample and config.temperature == 0,
+         "`temperature: 0` is greedy decoding; ppo/grpo need sampling (e.g. temperature: 1.0)."),
+        (not 0 < config.top_p <= 1, f"`top_p` must be in (0, 1], got {config.top_p}."),
+        (config.top_k < 0, "`top_k` must not be negative (0: no top-k filter)."),
+        (config.ppo_epochs < 1, "`ppo_epochs` must be at least 1."),
+        (config.ppo_buffer_size < 1, "`ppo_buffer_size` must be at least 1."),
+        (config.ppo_clip <= 0 or config.ppo_value_clip <= 0, "`ppo_clip` and `ppo_value_clip` must be positive."),
+        (config.ppo_kl_coef < 0, f"`ppo_kl_coef` must not be negative, got {config.ppo_kl_coef}."),
+        (config.ppo_target is not None and config.ppo_target <= 0, "`ppo_target` (target KL) must be positive."),
+        (not 0 <= config.ppo_gamma <= 1 or not 0 <= config.ppo_lambda <= 1, "`ppo_gamma` and `ppo_lambda` must be in [0, 1]."),
+        (config.ppo_score_clip is not None and config.ppo_score_clip <= 0, "`ppo_score_clip` must be positive."),
+        (config.stage == "grpo" and config.num_generations < 2,
+         f"`num_generations` must be at least 2 for grpo (advantages compare answers within a group), got {config.num_generations}."),
+        (config.stage in RL_STAGES and config.finetuning_type != "lora",
+         f"stage {config.stage} trains a LoRA adapter (the reference is the model with it switched off); set `finetuning_type: lora`."),
         (config.finetuning_type != "lora" and bool(config.adapter_name_or_path),
          "`adapter_name_or_path` needs `finetuning_type: lora`; LoRA adapters cannot be loaded into a full or freeze run."),
     ]

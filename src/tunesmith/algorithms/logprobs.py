@@ -8,8 +8,9 @@ that carry a label are projected, a chunk at a time, and the backward pass recom
 logits instead of storing them, so peak memory is one [chunk x vocab] block.
 
 Entry points:
-- `chunked_logprobs`: per-token log-probs with a general backward (any downstream loss: SFT, DPO, PPO);
+- `chunked_logprobs`: per-token log-probs with a general backward (any downstream loss: SFT, DPO);
   `chunked_logprobs_at` for hidden rows already gathered at the predicting positions.
+- `chunked_logprobs_entropy_at`: log-probs and the distribution's entropy at a sampling temperature (PPO, GRPO).
 - `chunked_nll`: the summed negative log-likelihood, whose gradient is computed during the forward
   pass (the loss is a plain sum, so d loss / d logits is known there); backward only rescales it.
   That saves the recomputation, which is what SFT wants.
@@ -127,6 +128,58 @@ class _ChunkedLogprobs(torch.autograd.Function):
         return grad_hidden, grads["weight"], grads["bias"], None, None
 
 
+def _logps_entropy_inplace(logits: torch.Tensor, labels: torch.Tensor):
+    """(log p[label], entropy, softmax, logits - max, log of the normaliser) for one chunk; `logits` is shifted in place.
+
+    H = -sum p log p = log Z - sum p (z - max), with Z = sum exp(z - max).
+    """
+    label_logits = logits.gather(1, labels[:, None]).squeeze(1)
+    row_max = logits.amax(dim=-1, keepdim=True)
+    shifted = logits.sub_(row_max)
+    probs = shifted.exp()
+    log_total = probs.sum(dim=-1, keepdim=True).log()
+    probs.div_(log_total.exp())
+    entropy = log_total.squeeze(1) - torch.linalg.vecdot(probs, shifted)
+    return label_logits - row_max.squeeze(1) - log_total.squeeze(1), entropy, probs, shifted, log_total
+
+
+class _ChunkedLogprobsEntropy(torch.autograd.Function):
+    """(log p(label), entropy of the whole distribution) per row; backward recomputes each chunk.
+
+    With g the incoming gradients, d/dz of g_lp log p_y + g_H H is
+        g_lp (onehot_y - p) - g_H p (log p + H)
+    (dH/dz_j = -p_j (log p_j + H)), formed in the recomputed chunk's buffers.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size):
+        token_logps = torch.empty(len(labels), dtype=torch.float32, device=hidden.device)
+        entropy = torch.empty_like(token_logps)
+        for rows, logits in _chunk_logits(hidden, weight, bias, chunk_size):
+            token_logps[rows], entropy[rows] = _logps_entropy_inplace(logits, labels[rows])[:2]
+        ctx.save_for_backward(hidden, weight, bias, labels, entropy)
+        ctx.chunk_size = chunk_size
+        return token_logps, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy):
+        hidden, weight, bias, labels, entropy = ctx.saved_tensors
+        grad_logps = torch.zeros_like(entropy) if grad_logps is None else grad_logps
+        grad_entropy = torch.zeros_like(entropy) if grad_entropy is None else grad_entropy
+        grad_hidden = torch.empty_like(hidden)
+        grads = {"weight": torch.zeros_like(weight) if ctx.needs_input_grad[1] else None,
+                 "bias": torch.zeros_like(bias) if ctx.needs_input_grad[2] else None}
+        for rows, logits in _chunk_logits(hidden, weight, bias, ctx.chunk_size):
+            _, _, probs, shifted, log_total = _logps_entropy_inplace(logits, labels[rows])
+            g_lp, g_h = grad_logps[rows, None], grad_entropy[rows, None]
+            # log p + H = shifted - log Z + H; the factor multiplying -p is g_lp + g_H (log p + H)
+            factor = shifted.sub_(log_total).add_(entropy[rows, None]).mul_(g_h).add_(g_lp)
+            grad_logits = probs.mul_(factor).neg_()
+            grad_logits[torch.arange(len(g_lp), device=labels.device), labels[rows]] += g_lp.squeeze(1)
+            _accumulate_grads(ctx, grad_logits, hidden[rows], weight, grad_hidden[rows], grads)
+        return grad_hidden, grads["weight"], grads["bias"], None, None
+
+
 class _ChunkedNLL(torch.autograd.Function):
     """sum_t -log p(label_t); gradients are computed in forward, backward multiplies by the scalar."""
 
@@ -177,6 +230,21 @@ def chunked_logprobs_at(hidden_rows, lm_head: torch.nn.Linear, targets, chunk_si
     inputs = _head_inputs(hidden_rows, lm_head)
     with torch.autocast(hidden_rows.device.type, enabled=False):
         return _ChunkedLogprobs.apply(*inputs, targets, chunk_size)
+
+
+def chunked_logprobs_entropy_at(hidden_rows, lm_head: torch.nn.Linear, targets, chunk_size: int = 1024,
+                                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(targets[i]), entropy) [M] each, of softmax(logits / temperature) at hidden rows [M, H].
+
+    The temperature is the one tokens were sampled with, so PPO's ratios compare the distributions
+    that were actually sampled from: (h W^T + b) / T = (h / T) W^T + b / T.
+    """
+    chunk_size = _rows_per_chunk(chunk_size, lm_head.out_features)
+    rows, weight, bias = _head_inputs(hidden_rows, lm_head)
+    if temperature != 1.0:
+        rows, bias = rows / temperature, None if bias is None else bias / temperature
+    with torch.autocast(hidden_rows.device.type, enabled=False):
+        return _ChunkedLogprobsEntropy.apply(rows, weight, bias, targets, chunk_size)
 
 
 def chunked_nll(hidden, lm_head: torch.nn.Linear, labels, chunk_size: int = 1024) -> tuple[torch.Tensor, int]:

@@ -2,8 +2,8 @@
 
 For SFT, LoRA follows LLaMA-Factory's rule for `adapter_name_or_path`: all listed adapters but the
 last are merged into the base, the last is loaded and its training resumed; without one, a fresh
-adapter is injected. Preference stages (rm, dpo) merge every listed adapter and train a fresh one:
-for DPO the merged model (typically base + SFT adapter) is then exactly the reference, reached by
+adapter is injected. Preference and RL stages (rm, dpo, ppo, grpo) merge every listed adapter and train a fresh one:
+for DPO, PPO and GRPO the merged model (typically base + SFT adapter) is then exactly the reference, reached by
 disabling the new adapter, and both stages start from the model the user finished with. Trainable weights are kept in float32 even when the frozen base is bf16/fp16, so AdamW's
 small updates are not rounded away.
 """
@@ -19,7 +19,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.model.adapters import apply_adapters, merge_adapters
 from tunesmith.model.lora import inject_lora
 
-FRESH_ADAPTER_STAGES = ("rm", "dpo")
+FRESH_ADAPTER_STAGES = ("rm", "dpo", "ppo", "grpo")
 
 
 @dataclass

@@ -112,7 +112,7 @@ def train(model, stage: Stage, data: RunData, config: TrainConfig, output_dir: P
             group["lr"] = lr
         batches = [data.collate([data.train[i] for i in indices]) for indices in next(stream)]
         _accumulate_gradients(model, stage, batches, device, amp, scaler, window)
-        grad_norm = _clip_and_step(model, optimizer, scaler, config.max_grad_norm)
+        grad_norm = clip_and_step(model, optimizer, scaler, config.max_grad_norm)
         state["global_step"] += 1
         state["micro_batches_done"] += len(batches)
         progress.update(1)
@@ -211,7 +211,7 @@ def _eval_due(config: TrainConfig, step: int, done: int, just_done: int, per_epo
     return False
 
 
-def _clip_and_step(model, optimizer, scaler, max_grad_norm: float) -> torch.Tensor:
+def clip_and_step(model, optimizer, scaler, max_grad_norm: float) -> torch.Tensor:
     scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))

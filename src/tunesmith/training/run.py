@@ -19,10 +19,11 @@ from tunesmith.model.finetune import AdapterSettings, prepare_for_training, trai
 from tunesmith.model.loading import load_model, load_tokenizer, resolve_device_and_dtype, with_compute_dtype
 from tunesmith.model.value_head import ATTRIBUTE as VALUE_HEAD_ATTRIBUTE
 from tunesmith.model.value_head import save_value_head, without_value_head
-from tunesmith.training import checkpoint, loop
+from tunesmith.training import checkpoint, loop, rl_loop
 from tunesmith.training.distributed import process_info
 from tunesmith.training.memory import pin_mmap_threshold, reuse_freed_memory
 from tunesmith.training.stages.dpo import build_dpo
+from tunesmith.training.stages.rl import RLStage, build_rl
 from tunesmith.training.stages.rm import build_rm
 from tunesmith.training.stages.sft import build_sft
 from tunesmith.training.tracking import LOG_FILE, plot_metrics, require_reporter
@@ -30,7 +31,7 @@ from tunesmith.training.tracking import LOG_FILE, plot_metrics, require_reporter
 # stage -> builder(config, tokenizer, device) -> (RunData, make_stage(model, data) -> loop.Stage). The data is
 # built before the model loads (cheap errors first); make_stage runs once the model is loaded and prepared
 # (to attach a value head, set up a reference model, cache reference log-probs).
-STAGE_BUILDERS = {"sft": build_sft, "rm": build_rm, "dpo": build_dpo}
+STAGE_BUILDERS = {"sft": build_sft, "rm": build_rm, "dpo": build_dpo, "ppo": build_rl, "grpo": build_rl}
 CONFIG_FILE = "train_config.yaml"
 # plot_loss draws these curves (training_<key>.png, "/" written as "_") when the log has them.
 PLOTTED = {
@@ -38,6 +39,8 @@ PLOTTED = {
     "rm": ("loss", "eval_loss", "accuracy", "eval_accuracy"),
     "dpo": ("loss", "eval_loss", "rewards/accuracies", "rewards/margins", "eval_rewards/accuracies",
             "eval_rewards/margins"),
+    "ppo": ("score", "kl", "loss/policy", "loss/value", "eval_score"),
+    "grpo": ("score", "kl", "loss", "zero_std_share", "eval_score"),
 }
 
 
@@ -51,7 +54,7 @@ class Prepared:
     tokenizer: object
     model: torch.nn.Module
     adapter: AdapterSettings | None
-    stage: loop.Stage
+    stage: loop.Stage | RLStage
     data: loop.RunData
 
 
@@ -97,7 +100,8 @@ def run_training(config: TrainConfig, say=print) -> dict:
     def save_artifact(folder: Path) -> None:
         _save_result(model, tokenizer, adapter, config, folder)
 
-    metrics = loop.train(model, stage, data, config, output_dir, save_artifact, proc, resume_from)
+    train = rl_loop.train if isinstance(stage, RLStage) else loop.train
+    metrics = train(model, stage, data, config, output_dir, save_artifact, proc, resume_from)
     if proc.is_main:
         save_artifact(output_dir)
         (output_dir / "all_results.json").write_text(json.dumps(metrics, indent=2))
@@ -114,7 +118,7 @@ def _save_result(model, tokenizer, adapter: AdapterSettings | None, config: Trai
     else:
         model.save_pretrained(folder, safe_serialization=True, state_dict=without_value_head(model.state_dict()))
     head = getattr(model, VALUE_HEAD_ATTRIBUTE, None)
-    if head is not None:  # a reward model: the head goes beside the adapter or model (value_head.safetensors)
+    if head is not None and config.stage == "rm":  # a reward model: the head goes beside the adapter or model (value_head.safetensors)
         save_value_head(head, folder)
     tokenizer.save_pretrained(folder)
 

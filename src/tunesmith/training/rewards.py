@@ -1,0 +1,121 @@
+"""Where PPO and GRPO rewards come from: a reward model, a Python function, or an HTTP endpoint.
+
+Every source is a callable from a batch of `Scored` items (the prompt conversation, the completion text
+and the dataset's own answer) to one float per item:
+- a reward model folder written by `stage: rm` (`RewardModel`, model/reward_model.py): the value head
+  at the last token of the conversation, encoded with the reward model's own template;
+- `reward_function: module:function` or `path/to/file.py:function`, called as
+  function(prompts=[str], completions=[str], references=[str | None]) -> list of numbers, for
+  verifiable rewards (the reference is the dataset's answer, e.g. the correct result);
+- an http(s) URL: POST {"messages": [[{"role", "content"}, ...], ...]} must answer {"scores": [...]},
+  one number per conversation (the scoring endpoint of `tunesmith api` for a reward model).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunesmith.errors import TunesmithError
+
+
+@dataclass
+class Scored:
+    messages: list[dict]
+    """The prompt conversation, ending with the user turn."""
+    completion: str
+    reference: str | None
+
+
+RewardSource = Callable[[list[Scored]], list[float]]
+
+
+def load_reward_function(spec: str) -> Callable:
+    """The function named by `module:function` or `file.py:function`."""
+    location, sep, name = spec.rpartition(":")
+    if not sep or not location or not name:
+        raise TunesmithError(f"reward_function: {spec!r} must be `module:function` or `path/to/file.py:function`.")
+    try:
+        if location.endswith(".py"):
+            path = Path(location)
+            if not path.is_file():
+                raise TunesmithError(f"reward_function: file {location} does not exist.")
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(location)
+    except ImportError as err:
+        raise TunesmithError(f"reward_function: cannot import {location!r} ({err}). Check the module path, or "
+                             "give a file path ending in .py.") from err
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise TunesmithError(f"reward_function: {location} has no function {name!r}.")
+    return function
+
+
+def function_rewards(function: Callable, spec: str) -> RewardSource:
+    def score(items: list[Scored]) -> list[float]:
+        values = function(prompts=[item.messages[-1]["content"] for item in items],
+                          completions=[item.completion for item in items],
+                          references=[item.reference for item in items])
+        return _checked(values, len(items), f"reward_function {spec}")
+    return score
+
+
+def model_rewards(reward_model) -> RewardSource:
+    def score(items: list[Scored]) -> list[float]:
+        conversations = [item.messages + [{"role": "assistant", "content": item.completion}] for item in items]
+        return reward_model.score(conversations)
+    return score
+
+
+def http_rewards(url: str, timeout: float = 60.0) -> RewardSource:
+    def score(items: list[Scored]) -> list[float]:
+        conversations = [item.messages + [{"role": "assistant", "content": item.completion}] for item in items]
+        request = urllib.request.Request(url, data=json.dumps({"messages": conversations}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                body = json.loads(response.read())
+        except (urllib.error.URLError, TimeoutError, json.JSONDecodeError) as err:
+            raise TunesmithError(f"reward_model {url}: the scoring request failed ({err}). The endpoint must accept "
+                                 'POST {"messages": [[...], ...]} and answer {"scores": [...]}.') from err
+        if not isinstance(body, dict) or "scores" not in body:
+            raise TunesmithError(f'reward_model {url}: the answer has no "scores" list: {str(body)[:200]}')
+        return _checked(body["scores"], len(items), f"reward_model {url}")
+    return score
+
+
+def _checked(values, expected: int, source: str) -> list[float]:
+    """One finite float per item, or an error that says what came back."""
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError) as err:
+        raise TunesmithError(f"{source} must return a list of numbers, got {str(values)[:200]}") from err
+    if len(numbers) != expected:
+        raise TunesmithError(f"{source} returned {len(numbers)} rewards for {expected} completions.")
+    if not all(math.isfinite(n) for n in numbers):
+        raise TunesmithError(f"{source} returned a non-finite reward: {numbers}")
+    return numbers
+
+
+def reward_model_type(reward_model: str, declared: str | None) -> str:
+    """lora, full or api, from the reward_model value; a declared type must agree with it."""
+    if reward_model.startswith(("http://", "https://")):
+        found = "api"
+    elif (Path(reward_model) / "adapter_config.json").is_file():
+        found = "lora"
+    else:
+        found = "full"
+    if declared is not None and declared != found:
+        raise TunesmithError(f"reward_model_type: {declared}, but reward_model {reward_model} is a {found} reward "
+                             f"model; remove reward_model_type or set it to {found}.")
+    return found

@@ -1,0 +1,267 @@
+"""PPO and GRPO stages: prompt data, the rollout (sample, score, advantages) and the loss on a rollout part.
+
+PPO (`stage: ppo`, the book's Algorithm 7.1, as in Ziegler et al. 2019 and TRL's PPO):
+    roles   actor = the LoRA adapter; reference = the same model with the adapter off; critic = a value
+            head on the actor's last hidden state (initialised from the reward model's head when
+            there is one); reward = reward model, function or endpoint
+    rollout sample, then r_t = -beta KL_t (+ score on the last token), GAE -> advantages (whitened), returns
+    update  ppo_epochs passes of clipped policy loss + vf_coef * clipped value loss - ent_coef * entropy
+GRPO (`stage: grpo`): num_generations answers per prompt from one prefilled prompt, group-relative
+advantages, no critic, k3 KL to the reference inside the loss. Scores can be normalised (running mean
+and std), clipped, and penalised when a response never produced its end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from tunesmith.algorithms.gae import gae_advantages
+from tunesmith.algorithms.grpo import group_advantages, grpo_loss
+from tunesmith.algorithms.ppo import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    RunningMoments,
+    masked_mean,
+    masked_whiten,
+    ppo_loss,
+    token_rewards,
+)
+from tunesmith.config import TrainConfig
+from tunesmith.data.dataset import load_conversations, split_train_eval
+from tunesmith.data.templates import get_template
+from tunesmith.errors import TunesmithError
+from tunesmith.inference.generate import SamplingSettings, generate
+from tunesmith.model.lora import disable_lora
+from tunesmith.model.value_head import attach_value_head
+from tunesmith.training import rewards as reward_sources
+from tunesmith.training.loop import RunData, eval_mode
+from tunesmith.training.rollout import Rollout, response_forward, response_mask
+
+
+@dataclass
+class RLStage:
+    """What the RL loop (training/rl_loop.py) needs from PPO or GRPO."""
+
+    rollout: object
+    """rollout(model, prompt rows) -> (Rollout, metrics): sample and score with no gradient."""
+    loss: object
+    """loss(model, Rollout part) -> (loss, metrics): the objective on a mini-batch of the rollout."""
+    samples_per_prompt: int
+    controllers: dict
+    greedy_scores: object
+    """greedy_scores(model, prompt rows) -> raw scores of greedy answers (the held-out evaluation)."""
+    """Objects with state_dict/load_state_dict that a checkpoint must keep (KL coefficient, score moments)."""
+
+
+def build_prompt_rows(config: TrainConfig, tokenizer) -> list[dict]:
+    """Each record's prompt (every turn before the last answer), encoded for generation, with its answer.
+
+    The prompt keeps its last cutoff_len - max_new_tokens tokens, so the generation header survives.
+    """
+    template = get_template(config.template, tokenizer)
+    budget = config.cutoff_len - config.max_new_tokens
+    if budget < 1:
+        raise TunesmithError(f"cutoff_len ({config.cutoff_len}) must exceed max_new_tokens ({config.max_new_tokens}): "
+                             "the prompt and the sampled response share cutoff_len.")
+    rows = []
+    for messages in load_conversations(config.dataset, config.dataset_dir, config.max_samples, config.skip_bad_records):
+        prompt_messages = messages[:-1]
+        ids = template.encode_prompt(tokenizer, prompt_messages)
+        rows.append({"prompt_ids": ids[-budget:], "messages": prompt_messages, "reference": messages[-1]["content"]})
+    return rows
+
+
+def build_reward_source(config: TrainConfig):
+    """(scoring callable, the reward model's value head for the critic or None)."""
+    if config.reward_function:
+        function = reward_sources.load_reward_function(config.reward_function)
+        return reward_sources.function_rewards(function, config.reward_function), None
+    kind = reward_sources.reward_model_type(config.reward_model, config.reward_model_type)
+    if kind == "api":
+        return reward_sources.http_rewards(config.reward_model), None
+    from tunesmith.model.reward_model import RewardModel  # loads torch models; only when one is used
+    reward_model = RewardModel.load(config.reward_model, trust_remote_code=config.trust_remote_code)
+    return reward_sources.model_rewards(reward_model), reward_model.model.v_head
+
+
+class Scorer:
+    """Scores, made into training signals: missing-EOS penalty, running normalisation, clipping."""
+
+    def __init__(self, source, tokenizer, config: TrainConfig):
+        self.source, self.tokenizer, self.config = source, tokenizer, config
+        self.moments = RunningMoments()
+
+    def __call__(self, rows: list[dict], responses: list[list[int]], stopped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(raw scores, training scores), each [samples]; responses are prompt-major (a prompt's group together)."""
+        config = self.config
+        raw = torch.tensor(self.raw(rows, responses), dtype=torch.float32, device=stopped.device)
+        scores = raw.clone()
+        if config.ppo_missing_eos_penalty is not None:
+            scores = scores - config.ppo_missing_eos_penalty * (~stopped).float()
+        if config.ppo_score_norm:
+            self.moments.update(scores)
+            scores = (scores - self.moments.mean) / (self.moments.std + 1e-8)
+        if config.ppo_score_clip is not None:
+            scores = scores.clamp(-config.ppo_score_clip, config.ppo_score_clip)
+        return raw, scores
+
+    def raw(self, rows: list[dict], responses: list[list[int]]) -> list[float]:
+        """The reward source's scores of the responses (a prompt's samples are consecutive)."""
+        per_prompt = len(responses) // len(rows)
+        return self.source([reward_sources.Scored(rows[i // per_prompt]["messages"],
+                                                  self.tokenizer.decode(response, skip_special_tokens=True),
+                                                  rows[i // per_prompt]["reference"])
+                            for i, response in enumerate(responses)])
+
+    def greedy_scores(self, model, rows: list[dict], stop_ids: list[int]) -> list[float]:
+        settings = dataclasses.replace(sampling_settings(self.config), do_sample=False)
+        generation = generate(model, [row["prompt_ids"] for row in rows], settings, stop_ids, self.tokenizer.pad_token_id)
+        return self.raw(rows, generation.response_ids)
+
+    def state_dict(self) -> dict:
+        return self.moments.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.moments.load_state_dict(state)
+
+
+def sampling_settings(config: TrainConfig) -> SamplingSettings:
+    return SamplingSettings(config.max_new_tokens, config.temperature, config.top_p, config.top_k, config.do_sample)
+
+
+def _sample(model, rows, tokenizer, template_stop_ids, config, samples_per_prompt):
+    generation = generate(model, [row["prompt_ids"] for row in rows], sampling_settings(config), template_stop_ids,
+                          tokenizer.pad_token_id, num_samples=samples_per_prompt)
+    prompt_ids = [row["prompt_ids"] for row in rows for _ in range(samples_per_prompt)]
+    return prompt_ids, generation
+
+
+def _rollout_metrics(raw_scores, stopped, mask, entropy) -> dict:
+    return {"score": raw_scores.mean().item(), "score_std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0,
+            "response_length": mask.sum(1).mean().item(), "eos_share": stopped.float().mean().item(),
+            "entropy": masked_mean(entropy, mask).item()}
+
+
+def build_ppo_stage(model, config: TrainConfig, tokenizer) -> RLStage:
+    source, reward_head = build_reward_source(config)
+    critic = attach_value_head(model)
+    if reward_head is not None and reward_head.summary.weight.shape == critic.summary.weight.shape:
+        critic.load_state_dict(reward_head.state_dict())
+    scorer = Scorer(source, tokenizer, config)
+    controller = (AdaptiveKLController(config.ppo_kl_coef, config.ppo_target, config.ppo_kl_horizon)
+                  if config.ppo_target is not None else FixedKLController(config.ppo_kl_coef))
+    stop_ids = get_template(config.template, tokenizer).stop_token_ids(tokenizer)
+    forward = dict(pad_id=tokenizer.pad_token_id, chunk_size=config.logprob_chunk_size, temperature=config.temperature)
+    estimator = KL_ESTIMATORS[config.ppo_kl_estimator]
+
+    @torch.no_grad()
+    def rollout(model, rows: list[dict]) -> tuple[Rollout, dict]:
+        with eval_mode(model):
+            prompt_ids, generation = _sample(model, rows, tokenizer, stop_ids, config, 1)
+            responses = generation.response_ids
+            old_logps, entropy, old_values = response_forward(model, prompt_ids, responses, with_values=True, **forward)
+            with disable_lora(model):
+                ref_logps = response_forward(model, prompt_ids, responses, with_values=False, **forward)[0]
+        mask = response_mask(responses, old_logps.device)
+        stopped = torch.tensor(generation.stopped, device=mask.device)
+        raw, scores = scorer(rows, responses, stopped)
+        kl = estimator(old_logps, ref_logps) * mask  # [samples, T]
+        rewards = token_rewards(scores, kl, mask, controller.value)
+        if config.ppo_whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae_advantages(rewards, old_values, mask, config.ppo_gamma, config.ppo_lambda)
+        advantages = masked_whiten(advantages, mask)
+        sequence_kl = kl.sum(1).mean().item()
+        metrics = {**_rollout_metrics(raw, stopped, mask, entropy), "kl": sequence_kl, "kl_coef": controller.value,
+                   "reward": rewards.sum(1).mean().item(), "value": masked_mean(old_values, mask).item()}
+        controller.update(sequence_kl, len(responses))
+        return Rollout(prompt_ids, responses, mask, old_logps, advantages, ref_logps, old_values, returns), metrics
+
+    def loss(model, part: Rollout) -> tuple[torch.Tensor, dict]:
+        logps, entropy, values = response_forward(model, part.prompt_ids, part.response_ids, with_values=True, **forward)
+        out = ppo_loss(logps, part.old_logps, values, part.old_values, part.advantages, part.returns, entropy,
+                       part.mask, config.ppo_clip, config.ppo_value_clip, config.ppo_vf_coef, config.ppo_ent_coef)
+        stats = {"loss/policy": out.policy.detach(), "loss/value": out.value.detach(), **out.stats}
+        return out.loss, stats
+
+    return RLStage(rollout, loss, 1, {"scores": scorer, "kl": _ControllerState(controller)},
+                   partial(scorer.greedy_scores, stop_ids=stop_ids))
+
+
+def build_grpo_stage(model, config: TrainConfig, tokenizer) -> RLStage:
+    source, _ = build_reward_source(config)
+    scorer = Scorer(source, tokenizer, config)
+    stop_ids = get_template(config.template, tokenizer).stop_token_ids(tokenizer)
+    forward = dict(pad_id=tokenizer.pad_token_id, chunk_size=config.logprob_chunk_size, temperature=config.temperature,
+                   with_values=False)
+    group = config.num_generations
+    use_reference = config.ppo_kl_coef > 0
+
+    @torch.no_grad()
+    def rollout(model, rows: list[dict]) -> tuple[Rollout, dict]:
+        with eval_mode(model):
+            prompt_ids, generation = _sample(model, rows, tokenizer, stop_ids, config, group)
+            responses = generation.response_ids
+            old_logps, entropy, _ = response_forward(model, prompt_ids, responses, **forward)
+            ref_logps = None
+            if use_reference:
+                with disable_lora(model):
+                    ref_logps = response_forward(model, prompt_ids, responses, **forward)[0]
+        mask = response_mask(responses, old_logps.device)
+        stopped = torch.tensor(generation.stopped, device=mask.device)
+        raw, scores = scorer(rows, responses, stopped)
+        advantages, zero_std = group_advantages(scores, group, config.grpo_scale_rewards)
+        metrics = {**_rollout_metrics(raw, stopped, mask, entropy), "reward": scores.mean().item(),
+                   "zero_std_share": zero_std.float().mean().item()}
+        return Rollout(prompt_ids, responses, mask, old_logps, advantages, ref_logps), metrics
+
+    def loss(model, part: Rollout) -> tuple[torch.Tensor, dict]:
+        logps, _, _ = response_forward(model, part.prompt_ids, part.response_ids, **forward)
+        return grpo_loss(logps, part.old_logps, part.ref_logps, part.advantages, part.mask, config.ppo_clip,
+                         config.ppo_kl_coef)
+
+    return RLStage(rollout, loss, group, {"scores": scorer}, partial(scorer.greedy_scores, stop_ids=stop_ids))
+
+
+class _ControllerState:
+    """Checkpoint adapter for a KL controller: its current coefficient."""
+
+    def __init__(self, controller):
+        self.controller = controller
+
+    def state_dict(self) -> dict:
+        return {"value": self.controller.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.controller.value = state["value"]
+
+
+BUILDERS = {"ppo": build_ppo_stage, "grpo": build_grpo_stage}
+
+
+def build_rl(config: TrainConfig, tokenizer, device: torch.device):
+    """Prompt rows (with an optional eval split for held-out rewards), and the stage for the loaded model."""
+    rows = build_prompt_rows(config, tokenizer)
+    evaluation = []
+    if config.eval_dataset:
+        evaluation = build_prompt_rows(_with_dataset(config, config.eval_dataset), tokenizer)
+    elif config.val_size > 0:
+        rows, evaluation = split_train_eval(rows, config.val_size, config.seed)
+    if config.per_device_train_batch_size * config.gradient_accumulation_steps * config.ppo_buffer_size > len(rows):
+        warnings.warn(f"a PPO step asks for more prompts than the {len(rows)} the dataset has; steps will be smaller.",
+                      stacklevel=2)
+
+    def make_stage(model, data: RunData) -> RLStage:
+        return BUILDERS[config.stage](model, config, tokenizer)
+
+    return RunData(train=rows, eval=evaluation, collate=None), make_stage
+
+
+def _with_dataset(config: TrainConfig, dataset: list[str]) -> TrainConfig:
+    return dataclasses.replace(config, dataset=dataset)
