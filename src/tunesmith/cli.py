@@ -4,6 +4,7 @@
     tunesmith score RM_DIR [--prompt --response | --dataset]   score answers with a trained reward model
     tunesmith init-model OUT [--arch --size]   write a small random-init model folder, offline
     tunesmith demo                             build a tiny model, fine-tune it, show before/after
+    tunesmith demo-rlhf                        SFT -> RM -> PPO, GRPO and DPO on a tiny model, held-out scores
     tunesmith data prepare|stats|convert|validate   clean, measure, convert and check data files
     tunesmith env                              versions, device, threads
 """
@@ -66,6 +67,12 @@ def _init_model(args) -> None:
 
     path = init_model(args.output_dir, arch=args.arch, size=args.size, seed=args.seed, tokenizer_dir=args.tokenizer)
     print(f"[tunesmith] wrote a random-init {args.arch} ({args.size}) model to {path}")
+
+
+def _demo_rlhf(args) -> None:
+    from tunesmith.rl_demo import run_rl_demo
+
+    run_rl_demo(args.output_dir, scale=args.scale)
 
 
 def _demo(args) -> None:
@@ -229,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="demo_output")
     demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
     demo.set_defaults(handler=_demo)
+    demo_rlhf = commands.add_parser("demo-rlhf", help="SFT -> reward model -> PPO, plus GRPO and DPO, on a tiny model")
+    demo_rlhf.add_argument("--output-dir", default="demo_rlhf")
+    demo_rlhf.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (default 1)")
+    demo_rlhf.set_defaults(handler=_demo_rlhf)
 
     _add_data_commands(commands)
 

@@ -17,13 +17,19 @@ KIND = ["bright", "warm", "gentle", "lovely", "calm", "friendly", "clean", "plea
 UNKIND = ["dull", "cold", "harsh", "ugly", "noisy", "rude", "dirty", "gloomy", "sad", "cruel", "grey"]
 
 
-def preference_records(n: int, seed: int = 0) -> list[dict]:
-    """`n` alpaca ranking records {instruction, input, chosen, rejected}."""
+def preference_records(n: int, seed: int = 0, things: list[str] = THINGS, degenerate_share: float = 0.0) -> list[dict]:
+    """`n` alpaca ranking records {instruction, input, chosen, rejected} about `things`.
+
+    With `degenerate_share`, that share of rejected answers are broken ones ("The river.", "The river is
+    ."), the kind of output a policy finds when it hacks a reward model that never saw them.
+    """
     rng = random.Random(seed)
     records = []
     for _ in range(n):
-        thing, count = rng.choice(THINGS), rng.randint(2, 4)
+        thing, count = rng.choice(things), rng.randint(2, 4)
         chosen, rejected = (f"The {thing} is " + ", ".join(rng.sample(words, count)) + "." for words in (KIND, UNKIND))
+        if degenerate_share and rng.random() < degenerate_share:
+            rejected = rng.choice([f"The {thing}.", f"The {thing} is.", "The.", f"The {thing} is {thing}."])
         records.append({"instruction": f"Describe the {thing}.", "input": "", "chosen": chosen, "rejected": rejected})
     return records
 
@@ -69,3 +75,28 @@ def messy_text_records(n: int, seed: int = 0, long_share: float = 0.02) -> Itera
         yield record
         if len(earlier) < 1000:
             earlier.append(record)
+
+
+def kindness_score(text: str) -> float:
+    """(kind words - unkind words) / describing words in `text`, in [-1, 1]; -1 when it has none."""
+    words = [word.strip(".,!?").lower() for word in text.split()]
+    kind, unkind = sum(word in KIND for word in words), sum(word in UNKIND for word in words)
+    return (kind - unkind) / (kind + unkind) if kind + unkind else -1.0
+
+
+def kindness_reward(prompts: list[str], completions: list[str], references: list[str | None]) -> list[float]:
+    """A rule-based reward (`reward_function: tunesmith.data.synthetic:kindness_reward`): kindness_score."""
+    return [kindness_score(completion) for completion in completions]
+
+
+def noisy_description_records(things: list[str], n: int, kind_share: float, seed: int = 0) -> list[dict]:
+    """SFT records "Describe the X." whose answers are kind only `kind_share` of the time: poor demonstrations
+    that teach the format, and mostly the wrong manner, so alignment has something to fix."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        thing, count = rng.choice(things), rng.randint(2, 4)
+        words = KIND if rng.random() < kind_share else UNKIND
+        records.append({"instruction": f"Describe the {thing}.", "input": "",
+                        "output": f"The {thing} is " + ", ".join(rng.sample(words, count)) + "."})
+    return records
