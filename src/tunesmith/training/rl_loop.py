@@ -72,7 +72,8 @@ def train(model, stage, data: RunData, config: TrainConfig, output_dir: Path, sa
         metrics.update(_update(model, stage, rollout, config, update_prompts * stage.samples_per_prompt,
                                config.per_device_train_batch_size * stage.samples_per_prompt, optimizer, scaler, amp))
         tokens = sum(len(p) + len(r) for p, r in zip(rollout.prompt_ids, rollout.response_ids))
-        metrics["tokens_per_second"] = tokens / (time.perf_counter() - step_start)
+        metrics["step_seconds"] = time.perf_counter() - step_start
+        metrics["tokens_per_second"] = tokens / metrics["step_seconds"]
         window.append(metrics)
         state["global_step"] += 1
         step = state["global_step"]

@@ -1,0 +1,99 @@
+"""Seconds per PPO (or GRPO) step and peak RSS, on the real training path.
+
+    python benchmarks/bench_rl.py                      # 40M model, 4 prompts, 64 new tokens, 1 PPO epoch
+    python benchmarks/bench_rl.py --stage grpo --prompts 2 --generations 4
+
+It builds a random-init model (`--init`, default the 40M Qwen2 shape), a reward model as a LoRA adapter
+on the same base (random adapter weights and value head, saved the way `stage: rm` saves one), and
+prompts of 10-60 tokens, then runs `tunesmith train`'s `run_training`. Every response runs the full
+`--new-tokens` unless it samples its end-of-turn token, which a random-init model almost never does (the
+output reports the mean response length). The first `--warmup` steps are discarded; the rest are averaged
+from trainer_log.jsonl's step_seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from tunesmith.config import build_config
+from tunesmith.model.adapters import save_adapter
+from tunesmith.model.init_model import init_model
+from tunesmith.model.loading import load_model, load_tokenizer
+from tunesmith.model.lora import inject_lora, lora_modules
+from tunesmith.model.value_head import ValueHead, save_value_head
+from tunesmith.training.run import run_training
+from tunesmith.training.tracking import read_log
+
+
+def make_reward_adapter(model_dir: Path, folder: Path, rank: int) -> None:
+    """A LoRA reward model on `model_dir`: random (non-zero) adapter weights and value head."""
+    model = load_model(str(model_dir), torch.float32, torch.device("cpu"))
+    inject_lora(model, "all", rank, 2 * rank)
+    torch.manual_seed(1)
+    for _, module in lora_modules(model):
+        torch.nn.init.normal_(module.lora_B.weight, std=0.01)
+    folder.mkdir(parents=True)
+    names = sorted({name.rsplit(".", 1)[-1] for name, _ in lora_modules(model)})
+    save_adapter(model, folder, str(model_dir), rank, 2 * rank, 0.0, names, False)
+    save_value_head(ValueHead(model.config.hidden_size), folder)
+    load_tokenizer(str(model_dir)).save_pretrained(folder)
+    (folder / "train_config.yaml").write_text(yaml.safe_dump({"model_name_or_path": str(model_dir), "cutoff_len": 512}))
+
+
+def prompt_records(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    words = "the a model learns data from tokens and rewards over many small steps while values move".split()
+    return [{"instruction": " ".join(rng.choices(words, k=rng.randint(8, 50))), "input": "", "output": "ok"}
+            for _ in range(n)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--init", default="40m")
+    parser.add_argument("--stage", default="ppo", choices=["ppo", "grpo"])
+    parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
+    parser.add_argument("--generations", type=int, default=4, help="grpo: answers per prompt")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="tunesmith_bench_rl_") as tmp:
+        root = Path(tmp)
+        model_dir = init_model(root / "model", arch="qwen2", size=args.init, seed=0)
+        make_reward_adapter(model_dir, root / "rm", rank=8)
+        (root / "prompts.json").write_text(json.dumps(prompt_records(64, seed=0)))
+        settings = {
+            "stage": args.stage, "model_name_or_path": str(model_dir), "dataset": str(root / "prompts.json"),
+            "output_dir": str(root / "out"), "lora_rank": 8, "lora_target": "all", "cutoff_len": 512,
+            "per_device_train_batch_size": args.prompts, "max_steps": args.warmup + args.steps, "logging_steps": 1,
+            "save_steps": 0, "ppo_epochs": 1, "max_new_tokens": args.new_tokens, "learning_rate": 1e-5,
+            "num_generations": args.generations, "bf16": torch.cuda.is_available(),
+        }
+        settings["reward_model" if args.stage == "ppo" else "reward_function"] = (
+            str(root / "rm") if args.stage == "ppo" else "tunesmith.data.synthetic:kindness_reward")
+        run_training(build_config(settings), say=lambda *a: None)
+        timed = [line for line in read_log(root / "out") if "step_seconds" in line][args.warmup:]
+    seconds = sum(line["step_seconds"] for line in timed) / len(timed)
+    print(json.dumps({
+        "stage": args.stage, "model": args.init, "prompts_per_step": args.prompts, "new_tokens": args.new_tokens,
+        "mean_response_length": round(sum(line["response_length"] for line in timed) / len(timed), 1),
+        "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
+        "seconds_per_step": round(seconds, 3),
+        "tokens_per_second": round(sum(line["tokens_per_second"] for line in timed) / len(timed), 1),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
