@@ -2,8 +2,8 @@
 
 import json
 import threading
-from pathlib import Path
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,3 +151,12 @@ def test_bad_rl_configs_stop_before_any_work(rl_settings, change, message):
         return
     with pytest.raises(TunesmithError, match=message):
         build_config(settings)
+
+
+def test_rlhf_demo_every_method_beats_sft_on_held_out_prompts(tmp_path):
+    """The README's SFT -> RM -> PPO (+ GRPO, DPO) flow on the demo's small model (about 100 s on 2 cores)."""
+    from tunesmith.rl_demo import run_rl_demo
+
+    shares = run_rl_demo(str(tmp_path / "demo"), say=lambda *a: None)
+    for method in ("ppo", "grpo", "dpo"):
+        assert shares[method] >= shares["sft"] + 0.3, shares
