@@ -17,6 +17,7 @@ from tunesmith.model.lora import (
     lora_parameters,
     merge_and_unload,
     merge_lora,
+    merged_for_inference,
     unmerge_lora,
 )
 
@@ -67,6 +68,27 @@ def test_merged_equals_unmerged_and_unmerge_restores_the_base_weight():
     layer.unmerge()
     torch.testing.assert_close(layer.base_layer.weight, base_weight, atol=1e-6, rtol=0)
     torch.testing.assert_close(layer(x), unmerged_out, atol=1e-6, rtol=0)
+
+
+def test_merged_for_inference_equals_unmerged_and_leaves_the_base_untouched(make_tiny_model):
+    model = make_tiny_model("qwen2")
+    inject_lora(model, "all", rank=4, alpha=8)
+    randomise_lora_B(model)
+    ids = torch.tensor([[3, 9, 27, 81, 1]])
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with torch.no_grad():
+        unmerged = model(ids).logits
+        with merged_for_inference(model):
+            merged = model(ids).logits
+            with disable_lora(model):
+                base = model(ids).logits
+        after = model(ids).logits
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
+    assert torch.equal(after, unmerged)
+    with torch.no_grad(), disable_lora(model):
+        assert torch.equal(base, model(ids).logits)
+    assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
+    assert all(m.inference_weight is None for _, m in lora_modules(model))
 
 
 def test_disabled_gives_the_base_output():

@@ -160,3 +160,45 @@ def test_rlhf_demo_every_method_beats_sft_on_held_out_prompts(tmp_path):
     shares = run_rl_demo(str(tmp_path / "demo"), say=lambda *a: None)
     for method in ("ppo", "grpo", "dpo"):
         assert shares[method] >= shares["sft"] + 0.3, shares
+
+
+def _random_lora_reward_model(base: str, folder: Path, targets) -> None:
+    """A LoRA reward model folder as `stage: rm` writes one, with random adapter weights and head."""
+    import yaml
+
+    from tunesmith.model.adapters import save_adapter
+    from tunesmith.model.loading import load_model, load_tokenizer
+    from tunesmith.model.lora import inject_lora, lora_modules
+    from tunesmith.model.value_head import ValueHead, save_value_head
+
+    model = load_model(base, torch.float32, torch.device("cpu"))
+    inject_lora(model, targets, 4, 8)
+    torch.manual_seed(3)
+    for _, module in lora_modules(model):
+        torch.nn.init.normal_(module.lora_B.weight, std=0.2)
+    names = sorted({name.rsplit(".", 1)[-1] for name, _ in lora_modules(model)})
+    save_adapter(model, folder, base, 4, 8, 0.0, names, False)
+    save_value_head(ValueHead(model.config.hidden_size), folder)
+    load_tokenizer(base).save_pretrained(folder)
+    (folder / "train_config.yaml").write_text(yaml.safe_dump({"model_name_or_path": base, "cutoff_len": 64}))
+
+
+def test_a_lora_reward_model_shares_the_policy_base_and_scores_the_same(tiny_model, tmp_path):
+    from tunesmith.model.loading import load_model
+    from tunesmith.model.lora import inject_lora
+    from tunesmith.model.reward_model import RewardModel
+
+    _random_lora_reward_model(tiny_model, tmp_path / "rm", "all")
+    conversations = [[{"role": "user", "content": "Describe the river."}, {"role": "assistant", "content": text}]
+                     for text in ("The river is calm.", "The river is cold, grey.", "Rivers.")]
+    alone = RewardModel.load(tmp_path / "rm").score(conversations)
+    policy = load_model(tiny_model, torch.float32, torch.device("cpu"))
+    inject_lora(policy, "all", 4, 8)
+    attach_value_head(policy)  # the critic: the shared reward model must use its own head
+    shared = RewardModel.sharing_base(policy, tmp_path / "rm", tiny_model, None)
+    assert shared is not None and shared.head is not policy.v_head
+    torch.testing.assert_close(torch.tensor(shared.score(conversations)), torch.tensor(alone), atol=1e-5, rtol=0)
+    narrow = load_model(tiny_model, torch.float32, torch.device("cpu"))
+    inject_lora(narrow, ["q_proj", "v_proj"], 4, 8)
+    assert RewardModel.sharing_base(narrow, tmp_path / "rm", tiny_model, None) is None  # adapts more layers
+    assert RewardModel.sharing_base(policy, tmp_path / "rm", tiny_model, [str(tmp_path / "rm")]) is None  # other base

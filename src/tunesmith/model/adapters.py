@@ -17,6 +17,7 @@ Usage:
 """
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -28,6 +29,10 @@ from torch import nn
 
 from tunesmith.errors import TunesmithError
 from tunesmith.model.lora import (
+    OUTPUT_HEAD_NAMES,
+    LoRALinear,
+    is_target,
+    output_heads,
     find_lora_targets,
     inject_lora,
     lora_modules,
@@ -255,3 +260,44 @@ def merge_adapters(model: nn.Module, adapter_dirs: list[str]) -> None:
     for adapter_dir in adapter_dirs:
         load_adapter(model, adapter_dir, trainable=False)
         merge_and_unload(model)
+
+
+def load_side_adapter(model: nn.Module, adapter_dir: str | os.PathLike, name: str) -> bool:
+    """Attach a LoRA adapter as the frozen side adapter `name` of the model's existing LoRA layers.
+
+    This is how a LoRA reward model shares the policy's base weights during PPO. Returns False, leaving
+    the model untouched, when some layer the adapter targets has no LoRA layer of its own here (the
+    policy adapts fewer modules); the caller then loads the adapter on a copy of the base instead.
+    """
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    tensors = _read_lora_tensors(adapter_dir)
+    layers = dict(lora_modules(model))
+    wanted = set(_base_linear_paths(model, config["target_modules"]))
+    if not wanted or not wanted <= layers.keys():
+        return False
+    rank = config["r"]
+    expected = {}
+    for path in wanted:
+        base = layers[path].base_layer
+        expected[f"{PEFT_PREFIX}{path}.lora_A.weight"] = (rank, base.in_features)
+        expected[f"{PEFT_PREFIX}{path}.lora_B.weight"] = (base.out_features, rank)
+    _check_tensors(adapter_dir, tensors, expected)
+    alpha = config["lora_alpha"]
+    scaling = alpha / math.sqrt(rank) if config.get("use_rslora", False) else alpha / rank
+    for path in wanted:
+        device = layers[path].base_layer.weight.device
+        layers[path].side[name] = (tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"].float().to(device),
+                                   tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"].float().to(device), scaling)
+    return True
+
+
+def _base_linear_paths(model: nn.Module, targets) -> list[str]:
+    """Paths of the Linear layers `targets` selects, as the model without LoRA names them."""
+    paths = [name for name, m in model.named_modules()
+             if isinstance(m, LoRALinear) or (isinstance(m, nn.Linear) and not name.endswith((".base_layer", ".lora_A", ".lora_B")))]
+    if targets == "all":
+        heads = output_heads(model)
+        return [p for p in paths if id(model.get_submodule(p)) not in heads
+                and not any(part in OUTPUT_HEAD_NAMES for part in p.split("."))]
+    return [p for p in paths if is_target(p, targets)]

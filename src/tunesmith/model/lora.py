@@ -52,6 +52,11 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disabled = False
         self.merged = False
+        self.inference_weight: torch.Tensor | None = None  # set only inside `merged_for_inference`
+        # Frozen extra adapters on the same base (a LoRA reward model beside the policy): name -> (A, B,
+        # scaling) as plain tensors, outside parameters and state_dict; `side_adapter` switches one on.
+        self.side: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        self.active_side: str | None = None
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -60,6 +65,15 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.active_side is not None:  # another adapter on the same base: base + its update, or the base
+            result = self.base_layer(x)
+            if self.active_side not in self.side:
+                return result
+            lora_A, lora_B, scaling = self.side[self.active_side]
+            update = (x.to(lora_A.dtype) @ lora_A.t() * scaling) @ lora_B.t()
+            return result.add_(update.to(result.dtype))
+        if self.inference_weight is not None and not self.disabled:
+            return nn.functional.linear(x, self.inference_weight, self.base_layer.bias)
         result = self.base_layer(x)  # [..., out]
         if self.disabled or self.merged:
             return result
@@ -106,13 +120,13 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, module in lora_modules(model) for p in (module.lora_A.weight, module.lora_B.weight)]
 
 
-def _is_target(name: str, targets: list[str]) -> bool:
+def is_target(name: str, targets: list[str]) -> bool:
     # PEFT's rule for a list: the full path, or a suffix of it on a "." boundary ("q_proj" matches
     # "model.layers.0.self_attn.q_proj"); full paths let PEFT's expanded "all-linear" lists load too.
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def _output_heads(model: nn.Module) -> set[int]:
+def output_heads(model: nn.Module) -> set[int]:
     """ids of the modules "all" must skip: the output embeddings and anything named like a head."""
     heads = {id(m) for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in OUTPUT_HEAD_NAMES}
     get_output_embeddings = getattr(model, "get_output_embeddings", None)
@@ -132,11 +146,11 @@ def find_lora_targets(model: nn.Module, target_modules: str | list[str]) -> list
         )
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if target_modules == "all":
-        heads = _output_heads(model)
+        heads = output_heads(model)
         found = [name for name, m in linears if id(m) not in heads]
     else:
         targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-        found = [name for name, _ in linears if _is_target(name, targets)]
+        found = [name for name, _ in linears if is_target(name, targets)]
     if not found:
         short_names = sorted({name.rsplit(".", 1)[-1] for name, _ in linears})
         raise TunesmithError(
@@ -189,6 +203,37 @@ def disable_lora(model: nn.Module) -> Iterator[None]:
     finally:
         for m in modules:
             m.disabled = False
+
+
+@contextmanager
+def merged_for_inference(model: nn.Module) -> Iterator[None]:
+    """Inside the block every adapted layer runs one matmul with a temporary W + scaling * B A instead of
+    three (base, A, B): what sampling wants, where each token is a tiny matmul per layer. The base
+    weights are untouched (no merge/unmerge rounding), at the cost of a copy of the adapted weights
+    while the block runs. Gradients do not flow through it: use it under torch.no_grad."""
+    modules = [m for _, m in lora_modules(model) if not m.merged]
+    with torch.no_grad():
+        for m in modules:
+            weight = m.base_layer.weight
+            m.inference_weight = (weight.float() + m.delta_weight()).to(weight.dtype)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.inference_weight = None
+
+
+@contextmanager
+def side_adapter(model: nn.Module, name: str) -> Iterator[None]:
+    """Run the model as base + the side adapter `name` inside the block (layers without it run the base)."""
+    modules = [m for _, m in lora_modules(model)]
+    for m in modules:
+        m.active_side = name
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.active_side = None
 
 
 def merge_lora(model: nn.Module) -> None:

@@ -12,6 +12,8 @@ adapter was trained) to rebuild, which chat template, and the cutoff length used
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,9 +23,9 @@ from tunesmith.data.encode import encode_sft
 from tunesmith.data.packing import pack_into_row
 from tunesmith.data.templates import get_template
 from tunesmith.errors import TunesmithError
-from tunesmith.model.adapters import CONFIG_NAME, load_adapter, merge_adapters, read_adapter_config
+from tunesmith.model.adapters import CONFIG_NAME, load_adapter, load_side_adapter, merge_adapters, read_adapter_config
 from tunesmith.model.loading import load_model, load_tokenizer, resolve_device_and_dtype
-from tunesmith.model.lora import merge_and_unload
+from tunesmith.model.lora import merge_and_unload, side_adapter
 from tunesmith.model.value_head import VALUE_HEAD_FILE, attach_value_head, load_value_head
 from tunesmith.training.loop import to_device
 from tunesmith.training.stages.rm import sequence_scores
@@ -39,15 +41,49 @@ def _training_settings(folder: Path) -> dict:
     return {}
 
 
+SIDE_ADAPTER = "reward"
+
+
+def _same_path(a: str | None, b: str | None) -> bool:
+    """Two model or adapter locations are the same folder (or the same hub id)."""
+    if a is None or b is None:
+        return a == b
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve() if Path(a).exists() else a == b
+
+
 class RewardModel:
     """A causal LM backbone with a value head; `score` gives one number per conversation."""
 
-    def __init__(self, model, tokenizer, template, cutoff_len: int = 2048):
-        self.model = model.eval()
+    def __init__(self, model, tokenizer, template, cutoff_len: int = 2048, head=None, adapter_context=nullcontext):
+        self.model = model
         self.tokenizer = tokenizer
         self.template = template
         self.cutoff_len = cutoff_len
         self.device = next(model.parameters()).device
+        self.head = head if head is not None else model.v_head
+        self.adapter_context = adapter_context  # switches a shared model to the reward adapter
+
+    @classmethod
+    def sharing_base(cls, model, path: str | Path, base_model: str, merged_adapters: list[str] | None,
+                     template: str | None = None) -> RewardModel | None:
+        """The LoRA reward model in `path` as a side adapter of `model` (a LoRA policy on the same base:
+        `base_model` with `merged_adapters` merged), so both share one copy of the base weights. None when
+        it was trained on another base, or adapts layers the policy does not."""
+        folder = Path(path)
+        settings = _training_settings(folder)
+        if not (folder / CONFIG_NAME).is_file() or not (folder / VALUE_HEAD_FILE).is_file():
+            return None
+        same_base = (_same_path(settings.get("model_name_or_path"), base_model)
+                     and len(settings.get("adapter_name_or_path") or []) == len(merged_adapters or [])
+                     and all(map(_same_path, settings.get("adapter_name_or_path") or [], merged_adapters or [])))
+        if not same_base or not load_side_adapter(model, folder, SIDE_ADAPTER):
+            return None
+        head = load_value_head(folder, model.config.hidden_size).to(next(model.parameters()).device)
+        head.requires_grad_(False)
+        tokenizer = load_tokenizer(str(folder))
+        chat_template = get_template(template or settings.get("template"), tokenizer)
+        return cls(model, tokenizer, chat_template, int(settings.get("cutoff_len") or 2048), head,
+                   partial(side_adapter, model, SIDE_ADAPTER))
 
     @classmethod
     def load(cls, path: str | Path, base_model: str | None = None, template: str | None = None,
@@ -69,6 +105,7 @@ class RewardModel:
             merge_and_unload(model)
         else:
             model = load_model(str(folder), dtype, device, trust_remote_code=trust_remote_code)
+        model.eval()
         head = attach_value_head(model, load_value_head(folder, model.config.hidden_size))
         head.requires_grad_(False)
         tokenizer = load_tokenizer(str(folder), trust_remote_code=trust_remote_code)
@@ -89,5 +126,6 @@ class RewardModel:
         for start in range(0, len(conversations), batch_size):
             encoded = [self.encode(messages) for messages in conversations[start:start + batch_size]]
             batch = to_device(pack_into_row([(ids, ids) for ids in encoded], self.tokenizer.pad_token_id), self.device)
-            scores += sequence_scores(self.model, batch).tolist()
+            with self.adapter_context():
+                scores += sequence_scores(self.model, batch, self.head).tolist()
         return scores

@@ -37,7 +37,7 @@ from tunesmith.data.dataset import load_conversations, split_train_eval
 from tunesmith.data.templates import get_template
 from tunesmith.errors import TunesmithError
 from tunesmith.inference.generate import SamplingSettings, generate
-from tunesmith.model.lora import disable_lora
+from tunesmith.model.lora import disable_lora, merged_for_inference
 from tunesmith.model.value_head import attach_value_head
 from tunesmith.training import rewards as reward_sources
 from tunesmith.training.loop import RunData, eval_mode
@@ -77,8 +77,13 @@ def build_prompt_rows(config: TrainConfig, tokenizer) -> list[dict]:
     return rows
 
 
-def build_reward_source(config: TrainConfig):
-    """(scoring callable, the reward model's value head for the critic or None)."""
+def build_reward_source(config: TrainConfig, model=None):
+    """(scoring callable, the reward model's value head for the critic or None).
+
+    A LoRA reward model trained on the policy's own base becomes a side adapter of the policy model
+    (one copy of the base weights for actor, reference, critic and reward); any other reward model
+    is loaded on its own copy of its base.
+    """
     if config.reward_function:
         function = reward_sources.load_reward_function(config.reward_function)
         return reward_sources.function_rewards(function, config.reward_function), None
@@ -86,8 +91,13 @@ def build_reward_source(config: TrainConfig):
     if kind == "api":
         return reward_sources.http_rewards(config.reward_model), None
     from tunesmith.model.reward_model import RewardModel  # loads torch models; only when one is used
-    reward_model = RewardModel.load(config.reward_model, trust_remote_code=config.trust_remote_code)
-    return reward_sources.model_rewards(reward_model), reward_model.model.v_head
+    reward_model = None
+    if kind == "lora" and model is not None:
+        reward_model = RewardModel.sharing_base(model, config.reward_model, config.model_name_or_path,
+                                                config.adapter_name_or_path)
+    if reward_model is None:
+        reward_model = RewardModel.load(config.reward_model, trust_remote_code=config.trust_remote_code)
+    return reward_sources.model_rewards(reward_model), reward_model.head
 
 
 class Scorer:
@@ -121,7 +131,9 @@ class Scorer:
 
     def greedy_scores(self, model, rows: list[dict], stop_ids: list[int]) -> list[float]:
         settings = dataclasses.replace(sampling_settings(self.config), do_sample=False)
-        generation = generate(model, [row["prompt_ids"] for row in rows], settings, stop_ids, self.tokenizer.pad_token_id)
+        with merged_for_inference(model):
+            generation = generate(model, [row["prompt_ids"] for row in rows], settings, stop_ids,
+                                  self.tokenizer.pad_token_id)
         return self.raw(rows, generation.response_ids)
 
     def state_dict(self) -> dict:
@@ -136,8 +148,9 @@ def sampling_settings(config: TrainConfig) -> SamplingSettings:
 
 
 def _sample(model, rows, tokenizer, template_stop_ids, config, samples_per_prompt):
-    generation = generate(model, [row["prompt_ids"] for row in rows], sampling_settings(config), template_stop_ids,
-                          tokenizer.pad_token_id, num_samples=samples_per_prompt)
+    with merged_for_inference(model):
+        generation = generate(model, [row["prompt_ids"] for row in rows], sampling_settings(config),
+                              template_stop_ids, tokenizer.pad_token_id, num_samples=samples_per_prompt)
     prompt_ids = [row["prompt_ids"] for row in rows for _ in range(samples_per_prompt)]
     return prompt_ids, generation
 
@@ -149,7 +162,7 @@ def _rollout_metrics(raw_scores, stopped, mask, entropy) -> dict:
 
 
 def build_ppo_stage(model, config: TrainConfig, tokenizer) -> RLStage:
-    source, reward_head = build_reward_source(config)
+    source, reward_head = build_reward_source(config, model)
     critic = attach_value_head(model)
     if reward_head is not None and reward_head.summary.weight.shape == critic.summary.weight.shape:
         critic.load_state_dict(reward_head.state_dict())
@@ -168,9 +181,9 @@ def build_ppo_stage(model, config: TrainConfig, tokenizer) -> RLStage:
             old_logps, entropy, old_values = response_forward(model, prompt_ids, responses, with_values=True, **forward)
             with disable_lora(model):
                 ref_logps = response_forward(model, prompt_ids, responses, with_values=False, **forward)[0]
+            stopped = torch.tensor(generation.stopped, device=old_logps.device)
+            raw, scores = scorer(rows, responses, stopped)  # in eval mode too: the reward may share this model
         mask = response_mask(responses, old_logps.device)
-        stopped = torch.tensor(generation.stopped, device=mask.device)
-        raw, scores = scorer(rows, responses, stopped)
         kl = estimator(old_logps, ref_logps) * mask  # [samples, T]
         rewards = token_rewards(scores, kl, mask, controller.value)
         if config.ppo_whiten_rewards:
@@ -195,7 +208,7 @@ def build_ppo_stage(model, config: TrainConfig, tokenizer) -> RLStage:
 
 
 def build_grpo_stage(model, config: TrainConfig, tokenizer) -> RLStage:
-    source, _ = build_reward_source(config)
+    source, _ = build_reward_source(config, model)
     scorer = Scorer(source, tokenizer, config)
     stop_ids = get_template(config.template, tokenizer).stop_token_ids(tokenizer)
     forward = dict(pad_id=tokenizer.pad_token_id, chunk_size=config.logprob_chunk_size, temperature=config.temperature,
@@ -213,9 +226,9 @@ def build_grpo_stage(model, config: TrainConfig, tokenizer) -> RLStage:
             if use_reference:
                 with disable_lora(model):
                     ref_logps = response_forward(model, prompt_ids, responses, **forward)[0]
+            stopped = torch.tensor(generation.stopped, device=old_logps.device)
+            raw, scores = scorer(rows, responses, stopped)
         mask = response_mask(responses, old_logps.device)
-        stopped = torch.tensor(generation.stopped, device=mask.device)
-        raw, scores = scorer(rows, responses, stopped)
         advantages, zero_std = group_advantages(scores, group, config.grpo_scale_rewards)
         metrics = {**_rollout_metrics(raw, stopped, mask, entropy), "reward": scores.mean().item(),
                    "zero_std_share": zero_std.float().mean().item()}

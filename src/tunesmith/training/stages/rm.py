@@ -24,10 +24,10 @@ from tunesmith.training.stages.common import (
 )
 
 
-def sequence_scores(model, batch: dict) -> torch.Tensor:
-    """[sequences] value-head score at each sequence's last token (a pair batch or a packed row)."""
+def sequence_scores(model, batch: dict, head=None) -> torch.Tensor:
+    """[sequences] value-head score (model.v_head unless `head` is given) at each sequence's last token."""
     hidden = backbone_hidden(model, batch)
-    return model.v_head(hidden.reshape(-1, hidden.shape[-1])[last_token_positions(batch)])
+    return (head or model.v_head)(hidden.reshape(-1, hidden.shape[-1])[last_token_positions(batch)])
 
 
 def rm_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
