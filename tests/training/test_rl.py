@@ -61,15 +61,6 @@ def test_grpo_metrics_and_resume_is_bit_exact(rl_settings, tmp_path):
            [{k: v for k, v in r.items() if k not in drop} for r in full]
 
 
-def test_grpo_raises_a_rule_reward(rl_settings, tmp_path):
-    """The reward counts the letter a: a few steps of GRPO at a high learning rate must raise it."""
-    settings = {**rl_settings, "stage": "grpo", "num_generations": 4, "per_device_train_batch_size": 4,
-                "max_steps": 15, "learning_rate": 2e-2, "ppo_epochs": 1, "max_new_tokens": 12, "ppo_kl_coef": 0.0}
-    run_training(build_config(settings), say=lambda *a: None)
-    scores = [line["score"] for line in read_log(Path(settings["output_dir"]))]
-    assert sum(scores[-4:]) / 4 > sum(scores[:4]) / 4 + 0.1
-
-
 def test_response_forward_matches_the_plain_model(make_tiny_model):
     model = make_tiny_model("qwen2")
     attach_value_head(model)
@@ -191,7 +182,7 @@ def test_a_lora_reward_model_shares_the_policy_base_and_scores_the_same(tiny_mod
     _random_lora_reward_model(tiny_model, tmp_path / "rm", "all")
     conversations = [[{"role": "user", "content": "Describe the river."}, {"role": "assistant", "content": text}]
                      for text in ("The river is calm.", "The river is cold, grey.", "Rivers.")]
-    alone = RewardModel.load(tmp_path / "rm").score(conversations)
+    alone = RewardModel.load(tmp_path / "rm", dtype=torch.float32).score(conversations)
     policy = load_model(tiny_model, torch.float32, torch.device("cpu"))
     inject_lora(policy, "all", 4, 8)
     attach_value_head(policy)  # the critic: the shared reward model must use its own head

@@ -31,13 +31,13 @@ from tunesmith.errors import TunesmithError
 from tunesmith.model.lora import (
     OUTPUT_HEAD_NAMES,
     LoRALinear,
-    is_target,
-    output_heads,
     find_lora_targets,
     inject_lora,
+    is_target,
     lora_modules,
     lora_parameters,
     merge_and_unload,
+    output_heads,
 )
 
 CONFIG_NAME = "adapter_config.json"

@@ -23,7 +23,13 @@ from tunesmith.data.encode import encode_sft
 from tunesmith.data.packing import pack_into_row
 from tunesmith.data.templates import get_template
 from tunesmith.errors import TunesmithError
-from tunesmith.model.adapters import CONFIG_NAME, load_adapter, load_side_adapter, merge_adapters, read_adapter_config
+from tunesmith.model.adapters import (
+    CONFIG_NAME,
+    load_adapter,
+    load_side_adapter,
+    merge_adapters,
+    read_adapter_config,
+)
 from tunesmith.model.loading import load_model, load_tokenizer, resolve_device_and_dtype
 from tunesmith.model.lora import merge_and_unload, side_adapter
 from tunesmith.model.value_head import VALUE_HEAD_FILE, attach_value_head, load_value_head
