@@ -441,8 +441,9 @@ def _check_combinations(config: TrainConfig, source: str) -> None:
         (config.stage in RL_STAGES and config.packing, f"`packing` is for stage sft, not {config.stage}."),
         (config.max_new_tokens < 1, "`max_new_tokens` must be at least 1."),
         (config.temperature < 0, f"`temperature` must not be negative, got {config.temperature}."),
-        (config.stage in RL_STAGES and config.do_sample and config.temperature == 0,
-         "`temperature: 0` is greedy decoding; ppo/grpo need sampling (e.g. temperature: 1.0)."),
+        (config.stage in RL_STAGES and (not config.do_sample or config.temperature == 0),
+         f"stage {config.stage} learns from sampled answers: set `do_sample: true` and a `temperature` above 0 "
+         "(e.g. 1.0); greedy decoding would give every sample of a prompt the same answer."),
         (not 0 < config.top_p <= 1, f"`top_p` must be in (0, 1], got {config.top_p}."),
         (config.top_k < 0, "`top_k` must not be negative (0: no top-k filter)."),
         (config.ppo_epochs < 1, "`ppo_epochs` must be at least 1."),

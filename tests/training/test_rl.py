@@ -131,7 +131,8 @@ def test_reward_function_errors_are_clear(tmp_path):
     ({"stage": "grpo", "num_generations": 1}, "num_generations"),
     ({"finetuning_type": "full"}, "trains a LoRA adapter"),
     ({"max_new_tokens": 64, "cutoff_len": 64}, None),
-    ({"temperature": 0}, "greedy"),
+    ({"temperature": 0}, "do_sample: true"),
+    ({"do_sample": False}, "do_sample: true"),
     ({"ppo_kl_estimator": "k2"}, "ppo_kl_estimator"),
 ])
 def test_bad_rl_configs_stop_before_any_work(rl_settings, change, message):
@@ -193,3 +194,48 @@ def test_a_lora_reward_model_shares_the_policy_base_and_scores_the_same(tiny_mod
     inject_lora(narrow, ["q_proj", "v_proj"], 4, 8)
     assert RewardModel.sharing_base(narrow, tmp_path / "rm", tiny_model, None) is None  # adapts more layers
     assert RewardModel.sharing_base(policy, tmp_path / "rm", tiny_model, [str(tmp_path / "rm")]) is None  # other base
+
+
+def test_reward_functions_get_only_the_keywords_they_take(tmp_path):
+    (tmp_path / "trl_style.py").write_text(
+        "def by_length(completions, **kwargs):\n    return [len(c) + len(kwargs['references']) for c in completions]\n"
+        "def needs_more(completions, solution):\n    return [0.0] * len(completions)\n"
+        "def boom(completions):\n    raise ValueError('bad answer format')\n")
+    spec = f"{tmp_path / 'trl_style.py'}"
+    items = [rewards.Scored([{"role": "user", "content": "q"}], "abc", "r")]
+    assert rewards.function_rewards(rewards.load_reward_function(f"{spec}:by_length"), "f")(items) == [4.0]
+    with pytest.raises(TunesmithError, match="asks for solution"):
+        rewards.function_rewards(rewards.load_reward_function(f"{spec}:needs_more"), "f")
+    with pytest.raises(TunesmithError, match="raised ValueError: bad answer format"):
+        rewards.function_rewards(rewards.load_reward_function(f"{spec}:boom"), "f")(items)
+    (tmp_path / "broken.py").write_text("def f(:\n")
+    with pytest.raises(TunesmithError, match="loading .* failed: SyntaxError"):
+        rewards.load_reward_function(f"{tmp_path / 'broken.py'}:f")
+
+
+def test_a_missing_reward_model_stops_before_the_model_loads(rl_settings, tmp_path):
+    settings = {**rl_settings, "reward_function": None, "reward_model": str(tmp_path / "no_such_rm")}
+    with pytest.raises(TunesmithError, match="is not a reward model folder"):
+        run_training(build_config(settings), say=lambda *a: None)
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_micro_batches_combine_into_the_big_batch_gradient(rl_settings, stage):
+    from tunesmith.training.run import prepare_training
+
+    config = build_config({**rl_settings, "stage": stage, "num_generations": 2, "per_device_train_batch_size": 2})
+    run = prepare_training(config)
+    model, rl = run.model, run.stage
+    rollout, _ = rl.rollout(model, run.data.train[:2])
+
+    def grads(parts):
+        model.zero_grad()
+        items = [rl.loss_items(part) for part in parts]
+        for part, part_items in zip(parts, items):
+            (rl.loss(model, part)[0] * part_items / sum(items)).backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    whole = grads([rollout.select(list(range(len(rollout))))])
+    split = grads([rollout.select([i]) for i in range(len(rollout))])
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

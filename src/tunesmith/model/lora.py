@@ -210,13 +210,15 @@ def merged_for_inference(model: nn.Module) -> Iterator[None]:
     """Inside the block every adapted layer runs one matmul with a temporary W + scaling * B A instead of
     three (base, A, B): what sampling wants, where each token is a tiny matmul per layer. The base
     weights are untouched (no merge/unmerge rounding), at the cost of a copy of the adapted weights
-    while the block runs. Gradients do not flow through it: use it under torch.no_grad."""
-    modules = [m for _, m in lora_modules(model) if not m.merged]
-    with torch.no_grad():
-        for m in modules:
-            weight = m.base_layer.weight
-            m.inference_weight = (weight.float() + m.delta_weight()).to(weight.dtype)
+    while the block runs; layers with a bf16/fp16 base keep the unmerged path. Gradients do not flow
+    through it: use it under torch.no_grad."""
+    # Only for fp32 bases: rounding W + scaling * B A to bf16/fp16 would swallow the small updates
+    # early in training, so the sampler would not be the policy whose log-probs are computed.
+    modules = [m for _, m in lora_modules(model) if not m.merged and m.base_layer.weight.dtype == torch.float32]
     try:
+        with torch.no_grad():
+            for m in modules:
+                m.inference_weight = m.base_layer.weight + m.delta_weight()
         yield
     finally:
         for m in modules:

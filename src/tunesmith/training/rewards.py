@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import json
 import math
-import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +55,8 @@ def load_reward_function(spec: str) -> Callable:
     except ImportError as err:
         raise TunesmithError(f"reward_function: cannot import {location!r} ({err}). Check the module path, or "
                              "give a file path ending in .py.") from err
+    except Exception as err:  # a syntax error or an exception while the module runs
+        raise TunesmithError(f"reward_function: loading {location} failed: {type(err).__name__}: {err}") from err
     function = getattr(module, name, None)
     if not callable(function):
         raise TunesmithError(f"reward_function: {location} has no function {name!r}.")
@@ -62,10 +64,27 @@ def load_reward_function(spec: str) -> Callable:
 
 
 def function_rewards(function: Callable, spec: str) -> RewardSource:
+    """Call `function` with the keywords it takes among prompts, completions and references (all of
+    them when it has **kwargs), so TRL-style `f(completions, **kwargs)` functions work too."""
+    parameters = inspect.signature(function).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    offered = ("prompts", "completions", "references")
+    wanted = [name for name in offered if takes_all or name in parameters]
+    unknown = [name for name, p in parameters.items() if name not in offered and p.default is inspect.Parameter.empty
+               and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+    if unknown or "completions" not in wanted:
+        raise TunesmithError(f"reward_function {spec} must take keyword arguments among prompts, completions and "
+                             f"references (completions at least), e.g. def {function.__name__}(prompts, completions, "
+                             f"references): ...; it asks for {', '.join(unknown) or 'no completions'}.")
+
     def score(items: list[Scored]) -> list[float]:
-        values = function(prompts=[item.messages[-1]["content"] for item in items],
-                          completions=[item.completion for item in items],
-                          references=[item.reference for item in items])
+        given = {"prompts": [item.messages[-1]["content"] for item in items],
+                 "completions": [item.completion for item in items],
+                 "references": [item.reference for item in items]}
+        try:
+            values = function(**{name: given[name] for name in wanted})
+        except Exception as err:
+            raise TunesmithError(f"reward_function {spec} raised {type(err).__name__}: {err}") from err
         return _checked(values, len(items), f"reward_function {spec}")
     return score
 
@@ -85,7 +104,7 @@ def http_rewards(url: str, timeout: float = 60.0) -> RewardSource:
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 body = json.loads(response.read())
-        except (urllib.error.URLError, TimeoutError, json.JSONDecodeError) as err:
+        except (OSError, ValueError) as err:  # URLError, refused/reset connections, timeouts, bad JSON
             raise TunesmithError(f"reward_model {url}: the scoring request failed ({err}). The endpoint must accept "
                                  'POST {"messages": [[...], ...]} and answer {"scores": [...]}.') from err
         if not isinstance(body, dict) or "scores" not in body:

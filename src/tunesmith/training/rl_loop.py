@@ -107,13 +107,15 @@ def _update(model, stage, rollout, config: TrainConfig, update_size: int, micro_
         order = torch.randperm(len(rollout)).tolist()
         for first in range(0, len(order), update_size):
             update = order[first:first + update_size]
-            for micro_first in range(0, len(update), micro_size):
-                micro = update[micro_first:micro_first + micro_size]
+            parts = [rollout.select(update[i:i + micro_size]) for i in range(0, len(update), micro_size)]
+            items = [stage.loss_items(part) for part in parts]
+            for part, part_items in zip(parts, items):
                 with amp:
-                    loss, stats = stage.loss(model, rollout.select(micro))
-                scaler.scale(loss * len(micro) / len(update)).backward()
+                    loss, stats = stage.loss(model, part)
+                share = part_items / sum(items)  # the part's loss is a mean over its items
+                scaler.scale(loss * share).backward()
                 for key, value in {"loss": loss.detach(), **stats}.items():
-                    sums[key] = sums.get(key, 0.0) + value * len(micro) / len(update)
+                    sums[key] = sums.get(key, 0.0) + value * share
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + clip_and_step(model, optimizer, scaler, config.max_grad_norm)
             updates += 1
     return {key: float(value) / updates for key, value in sums.items()}

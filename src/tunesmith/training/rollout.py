@@ -77,3 +77,14 @@ def response_forward(model, prompt_ids: list[list[int]], response_ids: list[list
     grid = lambda flat: flat.new_zeros(mask.shape).masked_scatter(mask, flat)  # noqa: E731  [samples, T]
     values = grid(model.v_head(rows)) if with_values else None
     return grid(logps), grid(entropy), values
+
+
+def chunked_response_forward(model, prompt_ids: list[list[int]], response_ids: list[list[int]], samples: int,
+                             **kwargs):
+    """`response_forward` over `samples` sequences at a time (a rollout can be far larger than a
+    micro-batch; on a GPU one packed row's attention mask grows with the square of its length)."""
+    parts = [response_forward(model, prompt_ids[i:i + samples], response_ids[i:i + samples], **kwargs)
+             for i in range(0, len(response_ids), samples)]
+    width = max(len(r) for r in response_ids)
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+    return tuple(None if part[0] is None else torch.cat([pad(p) for p in part]) for part in zip(*parts))

@@ -17,6 +17,7 @@ import dataclasses
 import warnings
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -38,10 +39,10 @@ from tunesmith.data.templates import get_template
 from tunesmith.errors import TunesmithError
 from tunesmith.inference.generate import SamplingSettings, generate
 from tunesmith.model.lora import disable_lora, merged_for_inference
-from tunesmith.model.value_head import attach_value_head
+from tunesmith.model.value_head import VALUE_HEAD_FILE, attach_value_head
 from tunesmith.training import rewards as reward_sources
 from tunesmith.training.loop import RunData, eval_mode
-from tunesmith.training.rollout import Rollout, response_forward, response_mask
+from tunesmith.training.rollout import Rollout, chunked_response_forward, response_forward, response_mask
 
 
 @dataclass
@@ -56,6 +57,9 @@ class RLStage:
     controllers: dict
     greedy_scores: object
     """greedy_scores(model, prompt rows) -> raw scores of greedy answers (the held-out evaluation)."""
+    loss_items: object
+    """loss_items(Rollout part) -> what the part's loss is a mean over (tokens for PPO, answers for GRPO), so
+    micro-batches combine into the mean over the whole update, as one big batch would give."""
     """Objects with state_dict/load_state_dict that a checkpoint must keep (KL coefficient, score moments)."""
 
 
@@ -69,11 +73,16 @@ def build_prompt_rows(config: TrainConfig, tokenizer) -> list[dict]:
     if budget < 1:
         raise TunesmithError(f"cutoff_len ({config.cutoff_len}) must exceed max_new_tokens ({config.max_new_tokens}): "
                              "the prompt and the sampled response share cutoff_len.")
-    rows = []
+    rows, cut = [], 0
     for messages in load_conversations(config.dataset, config.dataset_dir, config.max_samples, config.skip_bad_records):
         prompt_messages = messages[:-1]
         ids = template.encode_prompt(tokenizer, prompt_messages)
+        cut += len(ids) > budget
         rows.append({"prompt_ids": ids[-budget:], "messages": prompt_messages, "reference": messages[-1]["content"]})
+    if cut:
+        warnings.warn(f"{cut} of {len(rows)} prompts are longer than cutoff_len - max_new_tokens = {budget} tokens and "
+                      "keep only their last tokens (the start, with any system prompt, is cut); raise cutoff_len.",
+                      stacklevel=2)
     return rows
 
 
@@ -178,9 +187,12 @@ def build_ppo_stage(model, config: TrainConfig, tokenizer) -> RLStage:
         with eval_mode(model):
             prompt_ids, generation = _sample(model, rows, tokenizer, stop_ids, config, 1)
             responses = generation.response_ids
-            old_logps, entropy, old_values = response_forward(model, prompt_ids, responses, with_values=True, **forward)
+            micro = config.per_device_train_batch_size
+            old_logps, entropy, old_values = chunked_response_forward(model, prompt_ids, responses, micro,
+                                                                      with_values=True, **forward)
             with disable_lora(model):
-                ref_logps = response_forward(model, prompt_ids, responses, with_values=False, **forward)[0]
+                ref_logps = chunked_response_forward(model, prompt_ids, responses, micro, with_values=False,
+                                                     **forward)[0]
             stopped = torch.tensor(generation.stopped, device=old_logps.device)
             raw, scores = scorer(rows, responses, stopped)  # in eval mode too: the reward may share this model
         mask = response_mask(responses, old_logps.device)
@@ -204,7 +216,7 @@ def build_ppo_stage(model, config: TrainConfig, tokenizer) -> RLStage:
         return out.loss, stats
 
     return RLStage(rollout, loss, 1, {"scores": scorer, "kl": _ControllerState(controller)},
-                   partial(scorer.greedy_scores, stop_ids=stop_ids))
+                   partial(scorer.greedy_scores, stop_ids=stop_ids), lambda part: float(part.mask.sum()))
 
 
 def build_grpo_stage(model, config: TrainConfig, tokenizer) -> RLStage:
@@ -221,11 +233,12 @@ def build_grpo_stage(model, config: TrainConfig, tokenizer) -> RLStage:
         with eval_mode(model):
             prompt_ids, generation = _sample(model, rows, tokenizer, stop_ids, config, group)
             responses = generation.response_ids
-            old_logps, entropy, _ = response_forward(model, prompt_ids, responses, **forward)
+            micro = config.per_device_train_batch_size * group
+            old_logps, entropy, _ = chunked_response_forward(model, prompt_ids, responses, micro, **forward)
             ref_logps = None
             if use_reference:
                 with disable_lora(model):
-                    ref_logps = response_forward(model, prompt_ids, responses, **forward)[0]
+                    ref_logps = chunked_response_forward(model, prompt_ids, responses, micro, **forward)[0]
             stopped = torch.tensor(generation.stopped, device=old_logps.device)
             raw, scores = scorer(rows, responses, stopped)
         mask = response_mask(responses, old_logps.device)
@@ -239,7 +252,7 @@ def build_grpo_stage(model, config: TrainConfig, tokenizer) -> RLStage:
         return grpo_loss(logps, part.old_logps, part.ref_logps, part.advantages, part.mask, config.ppo_clip,
                          config.ppo_kl_coef)
 
-    return RLStage(rollout, loss, group, {"scores": scorer}, partial(scorer.greedy_scores, stop_ids=stop_ids))
+    return RLStage(rollout, loss, group, {"scores": scorer}, partial(scorer.greedy_scores, stop_ids=stop_ids), len)
 
 
 class _ControllerState:
@@ -258,8 +271,21 @@ class _ControllerState:
 BUILDERS = {"ppo": build_ppo_stage, "grpo": build_grpo_stage}
 
 
+def _check_reward_source(config: TrainConfig) -> None:
+    """A missing reward model folder or function stops the run before the policy model loads."""
+    if config.reward_function:
+        function = reward_sources.load_reward_function(config.reward_function)
+        reward_sources.function_rewards(function, config.reward_function)  # checks its signature
+        return
+    kind = reward_sources.reward_model_type(config.reward_model, config.reward_model_type)
+    if kind != "api" and not (Path(config.reward_model) / VALUE_HEAD_FILE).is_file():
+        raise TunesmithError(f"reward_model: {config.reward_model} is not a reward model folder (no {VALUE_HEAD_FILE}). "
+                             "Point it at the output_dir of a `stage: rm` run, or at an http(s) scoring URL.")
+
+
 def build_rl(config: TrainConfig, tokenizer, device: torch.device):
     """Prompt rows (with an optional eval split for held-out rewards), and the stage for the loaded model."""
+    _check_reward_source(config)
     rows = build_prompt_rows(config, tokenizer)
     evaluation = []
     if config.eval_dataset:
