@@ -90,6 +90,8 @@ def main() -> None:
         "mean_response_length": round(sum(line["response_length"] for line in timed) / len(timed), 1),
         "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
         "seconds_per_step": round(seconds, 3),
+        **{key: round(sum(line[key] for line in timed) / len(timed), 3)
+           for key in ("time/generation", "time/scoring", "time/update")},
         "tokens_per_second": round(sum(line["tokens_per_second"] for line in timed) / len(timed), 1),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
     }, indent=2))

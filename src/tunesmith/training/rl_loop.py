@@ -69,8 +69,10 @@ def train(model, stage, data: RunData, config: TrainConfig, output_dir: Path, sa
         order = micro_batch_indices(len(data.train), step_prompts, config.seed, epoch, proc)[index]
         with amp:
             rollout, metrics = stage.rollout(model, [data.train[i] for i in order])
+        update_start = time.perf_counter()
         metrics.update(_update(model, stage, rollout, config, update_prompts * stage.samples_per_prompt,
                                config.per_device_train_batch_size * stage.samples_per_prompt, optimizer, scaler, amp))
+        metrics["time/update"] = time.perf_counter() - update_start
         tokens = sum(len(p) + len(r) for p, r in zip(rollout.prompt_ids, rollout.response_ids))
         metrics["step_seconds"] = time.perf_counter() - step_start
         metrics["tokens_per_second"] = tokens / metrics["step_seconds"]

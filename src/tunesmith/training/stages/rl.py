@@ -14,6 +14,7 @@ and std), clipped, and penalised when a response never produced its end-of-turn 
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -157,11 +158,12 @@ def sampling_settings(config: TrainConfig) -> SamplingSettings:
 
 
 def _sample(model, rows, tokenizer, template_stop_ids, config, samples_per_prompt):
-    with merged_for_inference(model):
-        generation = generate(model, [row["prompt_ids"] for row in rows], sampling_settings(config),
-                              template_stop_ids, tokenizer.pad_token_id, num_samples=samples_per_prompt)
+    """(prompt ids per sample, the Generation, seconds it took)."""
+    start = time.perf_counter()
+    generation = generate(model, [row["prompt_ids"] for row in rows], sampling_settings(config),
+                          template_stop_ids, tokenizer.pad_token_id, num_samples=samples_per_prompt)
     prompt_ids = [row["prompt_ids"] for row in rows for _ in range(samples_per_prompt)]
-    return prompt_ids, generation
+    return prompt_ids, generation, time.perf_counter() - start
 
 
 def _rollout_metrics(raw_scores, stopped, mask, entropy) -> dict:
@@ -185,16 +187,19 @@ def build_ppo_stage(model, config: TrainConfig, tokenizer) -> RLStage:
     @torch.no_grad()
     def rollout(model, rows: list[dict]) -> tuple[Rollout, dict]:
         with eval_mode(model):
-            prompt_ids, generation = _sample(model, rows, tokenizer, stop_ids, config, 1)
-            responses = generation.response_ids
-            micro = config.per_device_train_batch_size
-            old_logps, entropy, old_values = chunked_response_forward(model, prompt_ids, responses, micro,
-                                                                      with_values=True, **forward)
+            with merged_for_inference(model):  # the policy's no-grad passes: one matmul per adapted layer
+                prompt_ids, generation, sampling_seconds = _sample(model, rows, tokenizer, stop_ids, config, 1)
+                start = time.perf_counter()
+                responses = generation.response_ids
+                micro = config.per_device_train_batch_size
+                old_logps, entropy, old_values = chunked_response_forward(model, prompt_ids, responses, micro,
+                                                                          with_values=True, **forward)
             with disable_lora(model):
                 ref_logps = chunked_response_forward(model, prompt_ids, responses, micro, with_values=False,
                                                      **forward)[0]
             stopped = torch.tensor(generation.stopped, device=old_logps.device)
             raw, scores = scorer(rows, responses, stopped)  # in eval mode too: the reward may share this model
+            timings = {"time/generation": sampling_seconds, "time/scoring": time.perf_counter() - start}
         mask = response_mask(responses, old_logps.device)
         kl = estimator(old_logps, ref_logps) * mask  # [samples, T]
         rewards = token_rewards(scores, kl, mask, controller.value)
@@ -203,7 +208,7 @@ def build_ppo_stage(model, config: TrainConfig, tokenizer) -> RLStage:
         advantages, returns = gae_advantages(rewards, old_values, mask, config.ppo_gamma, config.ppo_lambda)
         advantages = masked_whiten(advantages, mask)
         sequence_kl = kl.sum(1).mean().item()
-        metrics = {**_rollout_metrics(raw, stopped, mask, entropy), "kl": sequence_kl, "kl_coef": controller.value,
+        metrics = {**_rollout_metrics(raw, stopped, mask, entropy), **timings, "kl": sequence_kl, "kl_coef": controller.value,
                    "reward": rewards.sum(1).mean().item(), "value": masked_mean(old_values, mask).item()}
         controller.update(sequence_kl, len(responses))
         return Rollout(prompt_ids, responses, mask, old_logps, advantages, ref_logps, old_values, returns), metrics
@@ -231,19 +236,22 @@ def build_grpo_stage(model, config: TrainConfig, tokenizer) -> RLStage:
     @torch.no_grad()
     def rollout(model, rows: list[dict]) -> tuple[Rollout, dict]:
         with eval_mode(model):
-            prompt_ids, generation = _sample(model, rows, tokenizer, stop_ids, config, group)
-            responses = generation.response_ids
-            micro = config.per_device_train_batch_size * group
-            old_logps, entropy, _ = chunked_response_forward(model, prompt_ids, responses, micro, **forward)
+            with merged_for_inference(model):
+                prompt_ids, generation, sampling_seconds = _sample(model, rows, tokenizer, stop_ids, config, group)
+                start = time.perf_counter()
+                responses = generation.response_ids
+                micro = config.per_device_train_batch_size * group
+                old_logps, entropy, _ = chunked_response_forward(model, prompt_ids, responses, micro, **forward)
             ref_logps = None
             if use_reference:
                 with disable_lora(model):
                     ref_logps = chunked_response_forward(model, prompt_ids, responses, micro, **forward)[0]
             stopped = torch.tensor(generation.stopped, device=old_logps.device)
             raw, scores = scorer(rows, responses, stopped)
+            timings = {"time/generation": sampling_seconds, "time/scoring": time.perf_counter() - start}
         mask = response_mask(responses, old_logps.device)
         advantages, zero_std = group_advantages(scores, group, config.grpo_scale_rewards)
-        metrics = {**_rollout_metrics(raw, stopped, mask, entropy), "reward": scores.mean().item(),
+        metrics = {**_rollout_metrics(raw, stopped, mask, entropy), **timings, "reward": scores.mean().item(),
                    "zero_std_share": zero_std.float().mean().item()}
         return Rollout(prompt_ids, responses, mask, old_logps, advantages, ref_logps), metrics
 
