@@ -2,6 +2,7 @@
 
     python benchmarks/bench_rl.py                      # 40M model, 4 prompts, 64 new tokens, 1 PPO epoch
     python benchmarks/bench_rl.py --stage grpo --prompts 2 --generations 4
+    python benchmarks/bench_rl.py --model saves/lf_ppo/model --reward-model saves/lf_ppo/rm --dataset saves/lf_ppo/data/prompts.json
 
 It builds a random-init model (`--init`, default the 40M Qwen2 shape), a reward model as a LoRA adapter
 on the same base (random adapter weights and value head, saved the way `stage: rm` saves one), and
@@ -57,7 +58,10 @@ def prompt_records(n: int, seed: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--init", default="40m")
+    parser.add_argument("--init", default="40m", help="size preset of the random-init model (without --model)")
+    parser.add_argument("--model", default=None, help="a model folder instead of --init")
+    parser.add_argument("--reward-model", default=None, help="a `stage: rm` folder (default: a random LoRA one)")
+    parser.add_argument("--dataset", default=None, help="a prompts file (default: 64 generated prompts)")
     parser.add_argument("--stage", default="ppo", choices=["ppo", "grpo"])
     parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
     parser.add_argument("--generations", type=int, default=4, help="grpo: answers per prompt")
@@ -70,23 +74,27 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="tunesmith_bench_rl_") as tmp:
         root = Path(tmp)
-        model_dir = init_model(root / "model", arch="qwen2", size=args.init, seed=0)
-        make_reward_adapter(model_dir, root / "rm", rank=8)
-        (root / "prompts.json").write_text(json.dumps(prompt_records(64, seed=0)))
+        model_dir = Path(args.model) if args.model else init_model(root / "model", arch="qwen2", size=args.init, seed=0)
+        reward_dir = Path(args.reward_model) if args.reward_model else root / "rm"
+        if not args.reward_model:
+            make_reward_adapter(model_dir, reward_dir, rank=8)
+        prompts = Path(args.dataset) if args.dataset else root / "prompts.json"
+        if not args.dataset:
+            prompts.write_text(json.dumps(prompt_records(64, seed=0)))
         settings = {
-            "stage": args.stage, "model_name_or_path": str(model_dir), "dataset": str(root / "prompts.json"),
+            "stage": args.stage, "model_name_or_path": str(model_dir), "dataset": str(prompts),
             "output_dir": str(root / "out"), "lora_rank": 8, "lora_target": "all", "cutoff_len": 512,
             "per_device_train_batch_size": args.prompts, "max_steps": args.warmup + args.steps, "logging_steps": 1,
             "save_steps": 0, "ppo_epochs": 1, "max_new_tokens": args.new_tokens, "learning_rate": 1e-5,
             "num_generations": args.generations, "bf16": torch.cuda.is_available(),
         }
         settings["reward_model" if args.stage == "ppo" else "reward_function"] = (
-            str(root / "rm") if args.stage == "ppo" else "tunesmith.data.synthetic:kindness_reward")
+            str(reward_dir) if args.stage == "ppo" else "tunesmith.data.synthetic:kindness_reward")
         run_training(build_config(settings), say=lambda *a: None)
         timed = [line for line in read_log(root / "out") if "step_seconds" in line][args.warmup:]
     seconds = sum(line["step_seconds"] for line in timed) / len(timed)
     print(json.dumps({
-        "stage": args.stage, "model": args.init, "prompts_per_step": args.prompts, "new_tokens": args.new_tokens,
+        "stage": args.stage, "model": args.model or args.init, "prompts_per_step": args.prompts, "new_tokens": args.new_tokens,
         "mean_response_length": round(sum(line["response_length"] for line in timed) / len(timed), 1),
         "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
         "seconds_per_step": round(seconds, 3),
