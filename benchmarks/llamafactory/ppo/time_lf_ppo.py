@@ -49,11 +49,10 @@ def main(argv=None) -> dict:
 
     import torch
     import yaml
-    from transformers import TrainerCallback
-    from trl import PPOTrainer
-
     from llamafactory.train.ppo.trainer import CustomPPOTrainer
     from llamafactory.train.tuner import run_exp
+    from transformers import TrainerCallback
+    from trl import PPOTrainer
 
     if args.threads:
         torch.set_num_threads(args.threads)
