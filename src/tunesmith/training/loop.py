@@ -129,13 +129,20 @@ def train(model, stage: Stage, data: RunData, config: TrainConfig, output_dir: P
             state["elapsed_s"] = time.perf_counter() - start
             if scaler.is_enabled():
                 state["scaler"] = scaler.state_dict()
-            _save(output_dir, step, model, optimizer, state, save_artifact, config)
+            save_step(output_dir, step, model, optimizer, state, save_artifact, config)
     progress.close()
     final = {key: value for key, value in last_record.items() if key in ("loss", "tokens_per_second")}
+    return wrap_up(final, start, data, lambda: evaluate(model, stage, data, config), tracker, state["global_step"],
+                   total_steps)
+
+
+def wrap_up(final: dict, start: float, data: RunData, run_eval: Callable[[], dict], tracker: Tracker, step: int,
+            total_steps: int) -> dict:
+    """The run's final metrics: `final` (from the last log line), the runtime, and a last evaluation."""
     final["train_runtime_s"] = round(time.perf_counter() - start, 2)
     if data.eval:
-        eval_metrics = evaluate(model, stage, data, config)
-        tracker.log({"current_steps": state["global_step"], "total_steps": total_steps, **eval_metrics})
+        eval_metrics = run_eval()
+        tracker.log({"current_steps": step, "total_steps": total_steps, **eval_metrics})
         final.update(eval_metrics)
     tracker.close()
     return final
@@ -239,7 +246,8 @@ def _log_window(window, step, total_steps, per_epoch, state, lr, grad_norm, star
     return record
 
 
-def _save(output_dir, step, model, optimizer, state, save_artifact, config) -> None:
+def save_step(output_dir, step, model, optimizer, state, save_artifact, config) -> None:
+    """checkpoint-{step}: the user-facing result plus what a resume needs, written atomically."""
     def write(folder: Path) -> None:
         save_artifact(folder)
         checkpoint.write_training_state(folder, model, optimizer, state)

@@ -31,6 +31,8 @@ from tunesmith.training.loop import (
     clip_and_step,
     eval_mode,
     micro_batch_indices,
+    save_step,
+    wrap_up,
 )
 from tunesmith.training.schedule import lr_factor, warmup_steps_for
 from tunesmith.training.tracking import Tracker, truncate_log
@@ -90,16 +92,11 @@ def train(model, stage, data: RunData, config: TrainConfig, output_dir: Path, sa
         if config.save_steps and step % config.save_steps == 0 and step < total_steps and proc.is_main:
             state["elapsed_s"] = time.perf_counter() - start
             state["controllers"] = {name: holder.state_dict() for name, holder in stage.controllers.items()}
-            _save(output_dir, step, model, optimizer, state, save_artifact, config)
+            save_step(output_dir, step, model, optimizer, state, save_artifact, config)
     progress.close()
     final = {key: record[key] for key in ("score", "reward", "kl", "tokens_per_second") if key in record}
-    final["train_runtime_s"] = round(time.perf_counter() - start, 2)
-    if data.eval:
-        eval_metrics = evaluate(model, stage, data, config)
-        tracker.log({"current_steps": state["global_step"], "total_steps": total_steps, **eval_metrics})
-        final.update(eval_metrics)
-    tracker.close()
-    return final
+    return wrap_up(final, start, data, lambda: evaluate(model, stage, data, config), tracker, state["global_step"],
+                   total_steps)
 
 
 def _update(model, stage, rollout, config: TrainConfig, update_size: int, micro_size: int, optimizer, scaler, amp) -> dict:
@@ -149,11 +146,3 @@ def _log_record(window: list[dict], step, total_steps, steps_per_epoch, lr, star
             "epoch": round(step / steps_per_epoch, 4), "percentage": round(100 * step / total_steps, 2),
             "elapsed_time": str(timedelta(seconds=int(elapsed))),
             "remaining_time": str(timedelta(seconds=int(elapsed / step * (total_steps - step))))}
-
-
-def _save(output_dir, step, model, optimizer, state, save_artifact, config) -> None:
-    def write(folder: Path) -> None:
-        save_artifact(folder)
-        checkpoint.write_training_state(folder, model, optimizer, state)
-
-    checkpoint.save_checkpoint(output_dir, step, write, config.save_total_limit)
