@@ -55,13 +55,14 @@ class RLStage:
     loss: object
     """loss(model, Rollout part) -> (loss, metrics): the objective on a mini-batch of the rollout."""
     samples_per_prompt: int
+    """Answers sampled per prompt (1 for PPO, num_generations for GRPO)."""
     controllers: dict
+    """Objects with state_dict/load_state_dict that a checkpoint must keep (KL coefficient, score moments)."""
     greedy_scores: object
     """greedy_scores(model, prompt rows) -> raw scores of greedy answers (the held-out evaluation)."""
     loss_items: object
     """loss_items(Rollout part) -> what the part's loss is a mean over (tokens for PPO, answers for GRPO), so
     micro-batches combine into the mean over the whole update, as one big batch would give."""
-    """Objects with state_dict/load_state_dict that a checkpoint must keep (KL coefficient, score moments)."""
 
 
 def build_prompt_rows(config: TrainConfig, tokenizer) -> list[dict]:
