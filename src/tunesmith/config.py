@@ -303,6 +303,11 @@ def _read_yaml(path: Path) -> tuple[dict, dict[str, str]]:
 ALTERNATIVES = {
     "ref_model": "the DPO reference is always the model the run starts from: model_name_or_path with every "
                  "adapter in adapter_name_or_path merged (put an SFT adapter there to make it the reference).",
+    "ref_model_adapters": "the reference is always model_name_or_path with adapter_name_or_path merged.",
+    "reward_model_adapters": "point `reward_model` at the output folder of a `stage: rm` run; its train_config.yaml "
+                             "says which base and adapters it was trained on.",
+    "reward_model_quantization_bit": "tunesmith does not quantize models.",
+    "ref_model_quantization_bit": "tunesmith does not quantize models.",
 }
 
 

@@ -246,3 +246,25 @@ def test_micro_batches_combine_into_the_big_batch_gradient(rl_settings, stage):
     split = grads([rollout.select([i]) for i in range(len(rollout))])
     for a, b in zip(whole, split):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_llama_factory_ppo_example_keys_validate(tmp_path):
+    """LLaMA-Factory's examples/train_lora/llama3_lora_ppo.yaml, paths changed: it validates, its
+    multi-process keys get notices, and its generation keys mean the same here."""
+    raw = {
+        "model_name_or_path": "some/model", "reward_model": "saves/llama3-8b/lora/reward", "trust_remote_code": True,
+        "stage": "ppo", "do_train": True, "finetuning_type": "lora", "lora_rank": 8, "lora_target": "all",
+        "dataset": "identity,alpaca_en_demo", "template": "llama3", "cutoff_len": 2048, "max_samples": 1000,
+        "overwrite_cache": True, "preprocessing_num_workers": 16, "dataloader_num_workers": 4,
+        "output_dir": "saves/llama3-8b/lora/ppo", "logging_steps": 10, "save_steps": 500, "plot_loss": True,
+        "overwrite_output_dir": True, "report_to": "none", "per_device_train_batch_size": 1,
+        "gradient_accumulation_steps": 8, "learning_rate": 1.0e-5, "num_train_epochs": 3.0,
+        "lr_scheduler_type": "cosine", "warmup_ratio": 0.1, "bf16": True, "ddp_timeout": 180000000,
+        "max_new_tokens": 512, "top_k": 0, "top_p": 0.9,
+    }
+    notices = []
+    config = build_config(raw, notices=notices)
+    assert (config.stage, config.max_new_tokens, config.top_p, config.reward_model) == ("ppo", 512, 0.9, raw["reward_model"])
+    assert len(notices) == 4
+    with pytest.raises(TunesmithError, match="reward_model_adapters.*stage: rm"):
+        build_config({**raw, "reward_model_adapters": "x"})
