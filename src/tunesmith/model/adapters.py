@@ -29,15 +29,12 @@ from torch import nn
 
 from tunesmith.errors import TunesmithError
 from tunesmith.model.lora import (
-    OUTPUT_HEAD_NAMES,
-    LoRALinear,
     find_lora_targets,
     inject_lora,
-    is_target,
     lora_modules,
     lora_parameters,
     merge_and_unload,
-    output_heads,
+    select_linears,
 )
 
 CONFIG_NAME = "adapter_config.json"
@@ -273,7 +270,7 @@ def load_side_adapter(model: nn.Module, adapter_dir: str | os.PathLike, name: st
     config = read_adapter_config(adapter_dir)
     tensors = _read_lora_tensors(adapter_dir)
     layers = dict(lora_modules(model))
-    wanted = set(_base_linear_paths(model, config["target_modules"]))
+    wanted = set(select_linears(model, config["target_modules"]))
     if not wanted or not wanted <= layers.keys():
         return False
     rank = config["r"]
@@ -291,13 +288,3 @@ def load_side_adapter(model: nn.Module, adapter_dir: str | os.PathLike, name: st
                                    tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"].float().to(device), scaling)
     return True
 
-
-def _base_linear_paths(model: nn.Module, targets) -> list[str]:
-    """Paths of the Linear layers `targets` selects, as the model without LoRA names them."""
-    paths = [name for name, m in model.named_modules()
-             if isinstance(m, LoRALinear) or (isinstance(m, nn.Linear) and not name.endswith((".base_layer", ".lora_A", ".lora_B")))]
-    if targets == "all":
-        heads = output_heads(model)
-        return [p for p in paths if id(model.get_submodule(p)) not in heads
-                and not any(part in OUTPUT_HEAD_NAMES for part in p.split("."))]
-    return [p for p in paths if is_target(p, targets)]

@@ -136,20 +136,35 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, module in lora_modules(model) for p in (module.lora_A.weight, module.lora_B.weight)]
 
 
-def is_target(name: str, targets: list[str]) -> bool:
+def _is_target(name: str, targets: list[str]) -> bool:
     # PEFT's rule for a list: the full path, or a suffix of it on a "." boundary ("q_proj" matches
     # "model.layers.0.self_attn.q_proj"); full paths let PEFT's expanded "all-linear" lists load too.
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def output_heads(model: nn.Module) -> set[int]:
-    """ids of the modules "all" must skip: the output embeddings and anything named like a head."""
-    heads = {id(m) for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in OUTPUT_HEAD_NAMES}
+def _output_heads(model: nn.Module) -> set[int]:
+    """ids of the modules "all" must skip: the output embeddings, anything named like a head, and the
+    layers inside such a head (a value head's `summary` Linear)."""
+    heads = {id(sub) for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in OUTPUT_HEAD_NAMES
+             for sub in m.modules()}
     get_output_embeddings = getattr(model, "get_output_embeddings", None)
     output_embeddings = get_output_embeddings() if get_output_embeddings is not None else None
     if output_embeddings is not None:
         heads.add(id(output_embeddings))
     return heads
+
+
+def select_linears(model: nn.Module, target_modules: str | list[str]) -> list[str]:
+    """Paths of the Linear layers `target_modules` selects ("all": every one but the output heads). A LoRA
+    layer counts as the Linear it wraps, under its own path, so an adapter's targets can be matched
+    against a model that already carries another adapter."""
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)
+               or (isinstance(m, nn.Linear) and not name.endswith((".base_layer", ".lora_A", ".lora_B")))]
+    if target_modules == "all":
+        heads = _output_heads(model)
+        return [name for name, m in linears if id(m) not in heads]
+    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    return [name for name, _ in linears if _is_target(name, targets)]
 
 
 def find_lora_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]:
@@ -160,15 +175,9 @@ def find_lora_targets(model: nn.Module, target_modules: str | list[str]) -> list
             f"The model already has LoRA layers (e.g. {existing[0]}); merge them with merge_and_unload "
             f"before adding another adapter."
         )
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if target_modules == "all":
-        heads = output_heads(model)
-        found = [name for name, m in linears if id(m) not in heads]
-    else:
-        targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-        found = [name for name, _ in linears if is_target(name, targets)]
+    found = select_linears(model, target_modules)
     if not found:
-        short_names = sorted({name.rsplit(".", 1)[-1] for name, _ in linears})
+        short_names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise TunesmithError(
             f"lora_target {target_modules!r} matches no nn.Linear module of {type(model).__name__}. "
             f"Its Linear modules are named: {', '.join(short_names) or '(none)'}. "
