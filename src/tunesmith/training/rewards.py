@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
+from tunesmith.model.adapters import CONFIG_NAME
 
 
 @dataclass
@@ -89,17 +90,20 @@ def function_rewards(function: Callable, spec: str) -> RewardSource:
     return score
 
 
+def _conversations(items: list[Scored]) -> list[list[dict]]:
+    """Each prompt conversation with its completion as the assistant's answer."""
+    return [item.messages + [{"role": "assistant", "content": item.completion}] for item in items]
+
+
 def model_rewards(reward_model) -> RewardSource:
     def score(items: list[Scored]) -> list[float]:
-        conversations = [item.messages + [{"role": "assistant", "content": item.completion}] for item in items]
-        return reward_model.score(conversations)
+        return reward_model.score(_conversations(items))
     return score
 
 
 def http_rewards(url: str, timeout: float = 60.0) -> RewardSource:
     def score(items: list[Scored]) -> list[float]:
-        conversations = [item.messages + [{"role": "assistant", "content": item.completion}] for item in items]
-        request = urllib.request.Request(url, data=json.dumps({"messages": conversations}).encode(),
+        request = urllib.request.Request(url, data=json.dumps({"messages": _conversations(items)}).encode(),
                                          headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -130,7 +134,7 @@ def reward_model_type(reward_model: str, declared: str | None) -> str:
     """lora, full or api, from the reward_model value; a declared type must agree with it."""
     if reward_model.startswith(("http://", "https://")):
         found = "api"
-    elif (Path(reward_model) / "adapter_config.json").is_file():
+    elif (Path(reward_model) / CONFIG_NAME).is_file():
         found = "lora"
     else:
         found = "full"

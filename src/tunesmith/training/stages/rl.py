@@ -158,19 +158,65 @@ def sampling_settings(config: TrainConfig) -> SamplingSettings:
     return SamplingSettings(config.max_new_tokens, config.temperature, config.top_p, config.top_k, config.do_sample)
 
 
-def _sample(model, rows, tokenizer, template_stop_ids, config, samples_per_prompt):
-    """(prompt ids per sample, the Generation, seconds it took)."""
-    start = time.perf_counter()
-    generation = generate(model, [row["prompt_ids"] for row in rows], sampling_settings(config),
-                          template_stop_ids, tokenizer.pad_token_id, num_samples=samples_per_prompt)
-    prompt_ids = [row["prompt_ids"] for row in rows for _ in range(samples_per_prompt)]
-    return prompt_ids, generation, time.perf_counter() - start
+def _forward_args(config: TrainConfig, tokenizer) -> dict:
+    """The `response_forward` settings every pass of a run shares (log-probs at the sampling temperature)."""
+    return dict(pad_id=tokenizer.pad_token_id, chunk_size=config.logprob_chunk_size, temperature=config.temperature)
 
 
-def _rollout_metrics(raw_scores, stopped, mask, entropy) -> dict:
-    return {"score": raw_scores.mean().item(), "score_std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0,
-            "response_length": mask.sum(1).mean().item(), "eos_share": stopped.float().mean().item(),
-            "entropy": masked_mean(entropy, mask).item()}
+@dataclass
+class Sampled:
+    """What both algorithms take from a batch of prompts before their own maths: the samples and their scores."""
+
+    prompt_ids: list[list[int]]
+    responses: list[list[int]]
+    mask: torch.Tensor
+    old_logps: torch.Tensor
+    entropy: torch.Tensor
+    old_values: torch.Tensor | None
+    ref_logps: torch.Tensor | None
+    stopped: torch.Tensor
+    raw_scores: torch.Tensor
+    scores: torch.Tensor
+    timings: dict
+
+
+@torch.no_grad()
+def sample_and_score(model, rows: list[dict], config: TrainConfig, tokenizer, scorer: Scorer, stop_ids: list[int],
+                     group: int, with_values: bool, with_reference: bool) -> Sampled:
+    """Sample `group` answers per prompt, then the policy's log-probs (and values), the reference's, and scores.
+
+    All in eval mode. The policy's no-grad passes share one set of merged weights (one matmul per adapted
+    layer); the reward model may share this model (a side adapter), so it scores in eval mode too.
+    """
+    forward = _forward_args(config, tokenizer)
+    micro = config.per_device_train_batch_size * group
+    with eval_mode(model):
+        with merged_for_inference(model):
+            start = time.perf_counter()
+            generation = generate(model, [row["prompt_ids"] for row in rows], sampling_settings(config), stop_ids,
+                                  tokenizer.pad_token_id, num_samples=group)
+            generated_at = time.perf_counter()
+            prompt_ids = [row["prompt_ids"] for row in rows for _ in range(group)]
+            responses = generation.response_ids
+            old_logps, entropy, old_values = chunked_response_forward(model, prompt_ids, responses, micro,
+                                                                      with_values=with_values, **forward)
+        ref_logps = None
+        if with_reference:
+            with disable_lora(model):
+                ref_logps = chunked_response_forward(model, prompt_ids, responses, micro, with_values=False,
+                                                     **forward)[0]
+        stopped = torch.tensor(generation.stopped, device=old_logps.device)
+        raw, scores = scorer(rows, responses, stopped)
+        timings = {"time/generation": generated_at - start, "time/scoring": time.perf_counter() - generated_at}
+    return Sampled(prompt_ids, responses, response_mask(responses, old_logps.device), old_logps, entropy, old_values,
+                   ref_logps, stopped, raw, scores, timings)
+
+
+def _rollout_metrics(sampled: Sampled) -> dict:
+    raw, mask = sampled.raw_scores, sampled.mask
+    return {"score": raw.mean().item(), "score_std": raw.std().item() if len(raw) > 1 else 0.0,
+            "response_length": mask.sum(1).mean().item(), "eos_share": sampled.stopped.float().mean().item(),
+            "entropy": masked_mean(sampled.entropy, mask).item(), **sampled.timings}
 
 
 def build_ppo_stage(model, config: TrainConfig, tokenizer) -> RLStage:
@@ -182,37 +228,25 @@ def build_ppo_stage(model, config: TrainConfig, tokenizer) -> RLStage:
     controller = (AdaptiveKLController(config.ppo_kl_coef, config.ppo_target, config.ppo_kl_horizon)
                   if config.ppo_target is not None else FixedKLController(config.ppo_kl_coef))
     stop_ids = get_template(config.template, tokenizer).stop_token_ids(tokenizer)
-    forward = dict(pad_id=tokenizer.pad_token_id, chunk_size=config.logprob_chunk_size, temperature=config.temperature)
+    forward = _forward_args(config, tokenizer)
     estimator = KL_ESTIMATORS[config.ppo_kl_estimator]
 
-    @torch.no_grad()
     def rollout(model, rows: list[dict]) -> tuple[Rollout, dict]:
-        with eval_mode(model):
-            with merged_for_inference(model):  # the policy's no-grad passes: one matmul per adapted layer
-                prompt_ids, generation, sampling_seconds = _sample(model, rows, tokenizer, stop_ids, config, 1)
-                start = time.perf_counter()
-                responses = generation.response_ids
-                micro = config.per_device_train_batch_size
-                old_logps, entropy, old_values = chunked_response_forward(model, prompt_ids, responses, micro,
-                                                                          with_values=True, **forward)
-            with disable_lora(model):
-                ref_logps = chunked_response_forward(model, prompt_ids, responses, micro, with_values=False,
-                                                     **forward)[0]
-            stopped = torch.tensor(generation.stopped, device=old_logps.device)
-            raw, scores = scorer(rows, responses, stopped)  # in eval mode too: the reward may share this model
-            timings = {"time/generation": sampling_seconds, "time/scoring": time.perf_counter() - start}
-        mask = response_mask(responses, old_logps.device)
-        kl = estimator(old_logps, ref_logps) * mask  # [samples, T]
-        rewards = token_rewards(scores, kl, mask, controller.value)
+        sampled = sample_and_score(model, rows, config, tokenizer, scorer, stop_ids, 1, with_values=True,
+                                   with_reference=True)
+        mask, values = sampled.mask, sampled.old_values
+        kl = estimator(sampled.old_logps, sampled.ref_logps) * mask  # [samples, T]
+        rewards = token_rewards(sampled.scores, kl, mask, controller.value)
         if config.ppo_whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
-        advantages, returns = gae_advantages(rewards, old_values, mask, config.ppo_gamma, config.ppo_lambda)
+        advantages, returns = gae_advantages(rewards, values, mask, config.ppo_gamma, config.ppo_lambda)
         advantages = masked_whiten(advantages, mask)
         sequence_kl = kl.sum(1).mean().item()
-        metrics = {**_rollout_metrics(raw, stopped, mask, entropy), **timings, "kl": sequence_kl, "kl_coef": controller.value,
-                   "reward": rewards.sum(1).mean().item(), "value": masked_mean(old_values, mask).item()}
-        controller.update(sequence_kl, len(responses))
-        return Rollout(prompt_ids, responses, mask, old_logps, advantages, ref_logps, old_values, returns), metrics
+        metrics = {**_rollout_metrics(sampled), "kl": sequence_kl, "kl_coef": controller.value,
+                   "reward": rewards.sum(1).mean().item(), "value": masked_mean(values, mask).item()}
+        controller.update(sequence_kl, len(sampled.responses))
+        return Rollout(sampled.prompt_ids, sampled.responses, mask, sampled.old_logps, advantages, sampled.ref_logps,
+                       values, returns), metrics
 
     def loss(model, part: Rollout) -> tuple[torch.Tensor, dict]:
         logps, entropy, values = response_forward(model, part.prompt_ids, part.response_ids, with_values=True, **forward)
@@ -229,32 +263,17 @@ def build_grpo_stage(model, config: TrainConfig, tokenizer) -> RLStage:
     source, _ = build_reward_source(config, model)
     scorer = Scorer(source, tokenizer, config)
     stop_ids = get_template(config.template, tokenizer).stop_token_ids(tokenizer)
-    forward = dict(pad_id=tokenizer.pad_token_id, chunk_size=config.logprob_chunk_size, temperature=config.temperature,
-                   with_values=False)
+    forward = {**_forward_args(config, tokenizer), "with_values": False}
     group = config.num_generations
-    use_reference = config.ppo_kl_coef > 0
 
-    @torch.no_grad()
     def rollout(model, rows: list[dict]) -> tuple[Rollout, dict]:
-        with eval_mode(model):
-            with merged_for_inference(model):
-                prompt_ids, generation, sampling_seconds = _sample(model, rows, tokenizer, stop_ids, config, group)
-                start = time.perf_counter()
-                responses = generation.response_ids
-                micro = config.per_device_train_batch_size * group
-                old_logps, entropy, _ = chunked_response_forward(model, prompt_ids, responses, micro, **forward)
-            ref_logps = None
-            if use_reference:
-                with disable_lora(model):
-                    ref_logps = chunked_response_forward(model, prompt_ids, responses, micro, **forward)[0]
-            stopped = torch.tensor(generation.stopped, device=old_logps.device)
-            raw, scores = scorer(rows, responses, stopped)
-            timings = {"time/generation": sampling_seconds, "time/scoring": time.perf_counter() - start}
-        mask = response_mask(responses, old_logps.device)
-        advantages, zero_std = group_advantages(scores, group, config.grpo_scale_rewards)
-        metrics = {**_rollout_metrics(raw, stopped, mask, entropy), **timings, "reward": scores.mean().item(),
+        sampled = sample_and_score(model, rows, config, tokenizer, scorer, stop_ids, group, with_values=False,
+                                   with_reference=config.ppo_kl_coef > 0)
+        advantages, zero_std = group_advantages(sampled.scores, group, config.grpo_scale_rewards)
+        metrics = {**_rollout_metrics(sampled), "reward": sampled.scores.mean().item(),
                    "zero_std_share": zero_std.float().mean().item()}
-        return Rollout(prompt_ids, responses, mask, old_logps, advantages, ref_logps), metrics
+        return Rollout(sampled.prompt_ids, sampled.responses, sampled.mask, sampled.old_logps, advantages,
+                       sampled.ref_logps), metrics
 
     def loss(model, part: Rollout) -> tuple[torch.Tensor, dict]:
         logps, _, _ = response_forward(model, part.prompt_ids, part.response_ids, **forward)
