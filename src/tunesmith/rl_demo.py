@@ -57,7 +57,8 @@ STAGES = {
 def write_data(data_dir: Path) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     files = {"noisy_descriptions": noisy_description_records(TRAIN_THINGS, 400, kind_share=0.3),
-             "kindness_pairs": preference_records(400, seed=1, things=TRAIN_THINGS, degenerate_share=0.3)}
+             "kindness_pairs": preference_records(400, seed=1, things=TRAIN_THINGS, degenerate_share=0.3,
+                                                 varied_share=0.5)}
     info = {}
     for name, records in files.items():
         (data_dir / f"{name}.json").write_text(json.dumps(records, indent=1))

@@ -38,7 +38,7 @@ def test_ppo_runs_logs_every_metric_and_saves_a_peft_adapter(rl_settings):
     log = read_log(Path(rl_settings["output_dir"]))
     train_lines = [line for line in log if "score" in line]
     assert len(train_lines) == 3 and PPO_METRICS <= set(train_lines[0])
-    assert train_lines[0]["kl"] == 0.0  # a fresh adapter (B = 0) is the reference
+    assert abs(train_lines[0]["kl"]) < 1e-4  # a fresh adapter (B = 0) is the reference, to float rounding
     assert train_lines[1]["kl_coef"] != train_lines[0]["kl_coef"]  # the adaptive controller moved
     assert "eval_score" in metrics
     out = Path(rl_settings["output_dir"])

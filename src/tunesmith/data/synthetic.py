@@ -17,17 +17,25 @@ KIND = ["bright", "warm", "gentle", "lovely", "calm", "friendly", "clean", "plea
 UNKIND = ["dull", "cold", "harsh", "ugly", "noisy", "rude", "dirty", "gloomy", "sad", "cruel", "grey"]
 
 
-def preference_records(n: int, seed: int = 0, things: list[str] = THINGS, degenerate_share: float = 0.0) -> list[dict]:
+def preference_records(n: int, seed: int = 0, things: list[str] = THINGS, degenerate_share: float = 0.0,
+                       varied_share: float = 0.0) -> list[dict]:
     """`n` alpaca ranking records {instruction, input, chosen, rejected} about `things`.
 
-    With `degenerate_share`, that share of rejected answers are broken ones ("The river.", "The river is
-    ."), the kind of output a policy finds when it hacks a reward model that never saw them.
+    Two ways to make a reward model that a policy cannot hack as easily (PPO found both in the demo):
+    with `degenerate_share`, that share of rejected answers are broken ones ("The river.", "The river
+    is ."); with `varied_share`, that share of pairs use 1 to 5 words drawn with replacement ("cold,
+    cold"), as a reward model that only saw 2-4 distinct words may score "The river is cold, cold." or
+    "The river is ugly." high.
     """
     rng = random.Random(seed)
     records = []
     for _ in range(n):
         thing, count = rng.choice(things), rng.randint(2, 4)
-        chosen, rejected = (f"The {thing} is " + ", ".join(rng.sample(words, count)) + "." for words in (KIND, UNKIND))
+        varied = varied_share and rng.random() < varied_share
+        if varied:
+            count = rng.randint(1, 5)
+        draw = (lambda words, k: rng.choices(words, k=k)) if varied else rng.sample
+        chosen, rejected = (f"The {thing} is " + ", ".join(draw(words, count)) + "." for words in (KIND, UNKIND))
         if degenerate_share and rng.random() < degenerate_share:
             rejected = rng.choice([f"The {thing}.", f"The {thing} is.", "The.", f"The {thing} is {thing}."])
         records.append({"instruction": f"Describe the {thing}.", "input": "", "chosen": chosen, "rejected": rejected})

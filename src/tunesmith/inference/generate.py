@@ -4,7 +4,12 @@ Prompts are left-padded so every row's next token sits in the same column; the a
 the pads and position ids count only real tokens, so a padded prompt generates exactly what it would
 alone. The prompt is run once (prefill); each new token then costs one forward of one position per row
 against the cache. With `num_samples` G > 1 (GRPO's group) the prefilled cache is repeated G times
-rather than prefilling G copies of each prompt.
+rather than prefilling G copies of each prompt. Llama-family models run on `CachedDecoder` (a lean
+forward with a preallocated cache); anything else on transformers' own forward and DynamicCache.
+
+With `record=True` the sampler also keeps, for every sampled token, its log-prob and the entropy at
+the sampling temperature and the final hidden state that predicted it: PPO's pi_old, entropy and (via
+the value head) values, without a second forward over the responses.
 
 Sampling: logits / temperature, then top-k and top-p (nucleus) filtering, then a draw; temperature 0
 (or do_sample false) is greedy. Rows stop at any of `stop_ids`; the stop token is part of the response.
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from tunesmith.inference import cached_decoder
 from tunesmith.model.lora import few_row_linear
 
 
@@ -42,6 +48,13 @@ class Generation:
     """Each row's new tokens, ending with its stop token when it produced one."""
     stopped: list[bool]
     """Whether each row ended with a stop token (False: it hit max_new_tokens)."""
+    logps: torch.Tensor | None = None
+    """With `record`: [rows, longest response] float32 log-prob of each response token at the sampling
+    temperature (of the unfiltered distribution, as a forward pass would give it); 0 past a row's end."""
+    entropy: torch.Tensor | None = None
+    """With `record`: [rows, longest response] entropy of the distribution each token was drawn from."""
+    hidden: torch.Tensor | None = None
+    """With `record`: [rows, longest response, hidden] final hidden state that predicted each token."""
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -81,41 +94,82 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], settings: SamplingSettings, stop_ids: list[int], pad_id: int,
-             num_samples: int = 1, generator: torch.Generator | None = None) -> Generation:
+             num_samples: int = 1, generator: torch.Generator | None = None, record: bool = False) -> Generation:
     """Sample `num_samples` responses per prompt (rows prompt-major: p0s0, p0s1, ..., p1s0, ...)."""
     device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(prompts, pad_id, device)
     positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    cache = DynamicCache()
-    cache_kwarg = _cache_keyword(model)
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    output = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                     use_cache=True, **{cache_kwarg: cache})
-    logits = last_logits(head, output.last_hidden_state[:, -1])
+    if cached_decoder.supports(model):
+        decoder = cached_decoder.CachedDecoder(model, len(prompts), input_ids.shape[1] + settings.max_new_tokens)
+    else:
+        decoder = _TransformersDecoder(model, attention_mask)
+    hidden = decoder.prefill(input_ids, attention_mask, positions)  # [prompts, hidden]
     if num_samples > 1:
-        cache.batch_repeat_interleave(num_samples)
-        logits = logits.repeat_interleave(num_samples, dim=0)
-        attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
+        decoder.repeat_interleave(num_samples)
+        hidden = hidden.repeat_interleave(num_samples, dim=0)
         positions = positions.repeat_interleave(num_samples, dim=0)
-    rows = logits.shape[0]
+    head = model.get_output_embeddings()
+    rows = hidden.shape[0]
     next_position = positions[:, -1:] + 1
     stop = torch.tensor(stop_ids, device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     stopped = torch.zeros(rows, dtype=torch.bool, device=device)
-    columns = []
+    columns, records = [], []
     for step in range(settings.max_new_tokens):
+        logits = last_logits(head, hidden)
         tokens = torch.where(done, pad_id, next_tokens(logits, settings, generator))
+        if record:
+            records.append((*_token_statistics(logits, tokens, settings), hidden))
         columns.append(tokens)
         stopped |= ~done & torch.isin(tokens, stop)
         done |= stopped
         if step + 1 == settings.max_new_tokens or bool(done.all()):
             break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, 1)], dim=1)
-        output = decoder(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=next_position,
-                         use_cache=True, **{cache_kwarg: cache})
-        logits = last_logits(head, output.last_hidden_state[:, -1])
+        hidden = decoder.step(tokens, next_position)
         next_position = next_position + 1
-    return _trim(torch.stack(columns, dim=1).tolist(), stopped.tolist(), stop_ids)
+    generation = _trim(torch.stack(columns, dim=1).tolist(), stopped.tolist(), stop_ids)
+    if record:
+        lengths = torch.tensor([len(r) for r in generation.response_ids], device=device)
+        mask = torch.arange(len(columns), device=device)[None, :] < lengths[:, None]  # [rows, steps]
+        logps, entropy, states = (torch.stack(parts, dim=1) for parts in zip(*records))
+        generation.logps, generation.entropy = logps * mask, entropy * mask
+        generation.hidden = states * mask[..., None]
+    return generation
+
+
+def _token_statistics(logits: torch.Tensor, tokens: torch.Tensor, settings: SamplingSettings):
+    """(log-prob of `tokens`, entropy), each [rows], of softmax(logits / temperature)."""
+    temperature = settings.temperature if settings.temperature > 0 else 1.0
+    logp = (logits / temperature).log_softmax(dim=-1)
+    entropy = -(logp.exp() * logp).sum(dim=-1)
+    return logp.gather(1, tokens[:, None]).squeeze(1), entropy
+
+
+class _TransformersDecoder:
+    """`CachedDecoder`'s interface on transformers' own forward and DynamicCache, for other architectures."""
+
+    def __init__(self, model, attention_mask: torch.Tensor):
+        self.decoder = model.get_decoder()
+        self.cache = DynamicCache()
+        self.cache_kwarg = _cache_keyword(model)
+        self.attention_mask = attention_mask
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self._forward(input_ids, positions)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        mask = self.attention_mask
+        self.attention_mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        return self._forward(tokens[:, None], positions)
+
+    def repeat_interleave(self, times: int) -> None:
+        self.cache.batch_repeat_interleave(times)
+        self.attention_mask = self.attention_mask.repeat_interleave(times, dim=0)
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        output = self.decoder(input_ids=input_ids, attention_mask=self.attention_mask, position_ids=positions,
+                              use_cache=True, **{self.cache_kwarg: self.cache})
+        return output.last_hidden_state[:, -1]
 
 
 def last_logits(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:

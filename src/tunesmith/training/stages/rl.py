@@ -190,16 +190,22 @@ def sample_and_score(model, rows: list[dict], config: TrainConfig, tokenizer, sc
     """
     forward = _forward_args(config, tokenizer)
     micro = config.per_device_train_batch_size * group
+    from_sampler = sampler_statistics_are_exact(model)
     with eval_mode(model):
         with merged_for_inference(model):
             start = time.perf_counter()
             generation = generate(model, [row["prompt_ids"] for row in rows], sampling_settings(config), stop_ids,
-                                  tokenizer.pad_token_id, num_samples=group)
+                                  tokenizer.pad_token_id, num_samples=group, record=from_sampler)
             generated_at = time.perf_counter()
             prompt_ids = [row["prompt_ids"] for row in rows for _ in range(group)]
             responses = generation.response_ids
-            old_logps, entropy, old_values = chunked_response_forward(model, prompt_ids, responses, micro,
-                                                                      with_values=with_values, **forward)
+            if from_sampler:
+                old_logps, entropy = generation.logps, generation.entropy
+                mask = response_mask(responses, old_logps.device)
+                old_values = model.v_head(generation.hidden) * mask if with_values else None
+            else:
+                old_logps, entropy, old_values = chunked_response_forward(model, prompt_ids, responses, micro,
+                                                                          with_values=with_values, **forward)
         ref_logps = None
         if with_reference:
             with disable_lora(model):
@@ -210,6 +216,15 @@ def sample_and_score(model, rows: list[dict], config: TrainConfig, tokenizer, sc
         timings = {"time/generation": generated_at - start, "time/scoring": time.perf_counter() - generated_at}
     return Sampled(prompt_ids, responses, response_mask(responses, old_logps.device), old_logps, entropy, old_values,
                    ref_logps, stopped, raw, scores, timings)
+
+
+def sampler_statistics_are_exact(model) -> bool:
+    """Whether pi_old, entropy and values may come from the sampler (`generate(record=True)`) instead of
+    a forward over the responses: in fp32 with no autocast they agree to float rounding (tested), and a
+    forward pass per rollout is saved. In bf16/fp16 the decode's one-row matmuls round differently
+    from the batched forward the update runs, so the forward's own numbers are pi_old there."""
+    weight = model.get_output_embeddings().weight
+    return weight.dtype == torch.float32 and not torch.is_autocast_enabled(weight.device.type)
 
 
 def _rollout_metrics(sampled: Sampled) -> dict:

@@ -1,0 +1,98 @@
+"""The hand-written decoder equals transformers' forward: same tokens, same hidden states, same log-probs,
+for Llama, Qwen2 (biased q/k/v) and Mistral, padded prompts, groups, and LoRA merged or not."""
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from tests.conftest import TINY_SIZES
+from tunesmith.inference import cached_decoder
+from tunesmith.inference.generate import SamplingSettings, generate
+from tunesmith.model.lora import inject_lora, lora_modules, merged_for_inference, side_adapter
+from tunesmith.model.value_head import attach_value_head
+from tunesmith.training.rollout import response_forward, response_mask
+
+PROMPTS = [[5, 9, 17, 3], [40, 2], [7, 7, 7, 7, 7, 7, 8]]
+STOP = [1]
+
+
+def with_lora(model):
+    inject_lora(model, "all", 4, 8)
+    torch.manual_seed(1)
+    for _, module in lora_modules(model):
+        torch.nn.init.normal_(module.lora_B.weight, std=0.1)
+    return model.eval()
+
+
+def transformers_generate(monkeypatch, *args, **kwargs):
+    with monkeypatch.context() as patch:
+        patch.setattr(cached_decoder, "supports", lambda model: False)
+        return generate(*args, **kwargs)
+
+
+def assert_same_generation(cached, reference):
+    assert cached.response_ids == reference.response_ids
+    assert cached.stopped == reference.stopped
+    for name in ("logps", "entropy", "hidden"):
+        torch.testing.assert_close(getattr(cached, name), getattr(reference, name), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("lora", ["none", "merged", "unmerged"])
+def test_cached_decoder_equals_transformers(make_tiny_model, monkeypatch, arch, lora):
+    model = make_tiny_model(arch, seed=3)
+    if lora != "none":
+        with_lora(model)
+    assert cached_decoder.supports(model)
+    settings = SamplingSettings(max_new_tokens=10, temperature=1.3)
+    runs = []
+    for run in (generate, lambda *a, **k: transformers_generate(monkeypatch, *a, **k)):
+        with merged_for_inference(model) if lora == "merged" else torch.no_grad():
+            runs.append(run(model, PROMPTS, settings, STOP, 0, 2, torch.Generator().manual_seed(0), record=True))
+    assert_same_generation(*runs)
+    assert runs[0].logps.shape == (6, max(len(r) for r in runs[0].response_ids))
+
+
+def test_mistral_and_biased_projections(monkeypatch):
+    torch.manual_seed(0)
+    mistral = MistralForCausalLM(MistralConfig(**TINY_SIZES, sliding_window=None)).eval()
+    qwen2 = Qwen2ForCausalLM(Qwen2Config(**TINY_SIZES)).eval()
+    with torch.no_grad():
+        for _, module in qwen2.named_modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                torch.nn.init.normal_(module.bias, std=0.5)  # Qwen2 inits q/k/v biases at 0: make them count
+    settings = SamplingSettings(max_new_tokens=8, do_sample=False)
+    for model in (mistral, qwen2):
+        assert cached_decoder.supports(model)
+        assert_same_generation(generate(model, PROMPTS, settings, STOP, 0, record=True),
+                               transformers_generate(monkeypatch, model, PROMPTS, settings, STOP, 0, record=True))
+
+
+def test_recorded_statistics_equal_the_rollout_forward(make_tiny_model):
+    """PPO may take pi_old, entropy and values from the sampler instead of a second forward."""
+    model = with_lora(make_tiny_model("qwen2", seed=5))
+    critic = attach_value_head(model)
+    settings = SamplingSettings(max_new_tokens=9, temperature=0.7)
+    with torch.no_grad(), merged_for_inference(model):
+        generation = generate(model, PROMPTS, settings, STOP, 0, generator=torch.Generator().manual_seed(2),
+                              record=True)
+    with torch.no_grad():
+        prompts = [list(p) for p in PROMPTS]
+        logps, entropy, values = response_forward(model, prompts, generation.response_ids, pad_id=0,
+                                                  chunk_size=64, temperature=0.7, with_values=True)
+        torch.testing.assert_close(generation.logps, logps, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(generation.entropy, entropy, atol=1e-5, rtol=1e-5)
+        mask = response_mask(generation.response_ids, "cpu").bool()
+        torch.testing.assert_close(critic(generation.hidden)[mask], values[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_unsupported_states_fall_back(make_tiny_model):
+    model = with_lora(make_tiny_model("llama"))
+    with side_adapter(model, "reward"):  # another model on the same base: transformers runs it
+        assert not cached_decoder.supports(model)
+    dropout = make_tiny_model("llama")
+    inject_lora(dropout, "all", 4, 8, dropout=0.1)
+    assert not cached_decoder.supports(dropout.train())  # LoRA dropout active: only the module knows how
+    assert cached_decoder.supports(dropout.eval())
+    sliding = Qwen2ForCausalLM(Qwen2Config(**TINY_SIZES, use_sliding_window=True, sliding_window=4)).eval()
+    assert not cached_decoder.supports(sliding)
