@@ -1,6 +1,9 @@
 """The `tunesmith` command. Subcommands only parse arguments and call library functions.
 
     tunesmith train cfg.yaml [key=value ...]   train as the YAML says (LLaMA-Factory's keys)
+    tunesmith chat cfg.yaml [key=value ...]    talk to the model (base + adapters) in the terminal
+    tunesmith export cfg.yaml [key=value ...]  merge the adapters into a plain Hugging Face model folder
+    tunesmith api cfg.yaml [key=value ...]     serve the model with an OpenAI-compatible HTTP API
     tunesmith score RM_DIR [--prompt --response | --dataset]   score answers with a trained reward model
     tunesmith init-model OUT [--arch --size]   write a small random-init model folder, offline
     tunesmith demo                             build a tiny model, fine-tune it, show before/after
@@ -30,6 +33,45 @@ def _train(args) -> None:
     metrics = run_training(config)
     summary = ", ".join(f"{key}={value:.4g}" for key, value in metrics.items())
     print(f"[tunesmith] done: {summary}; outputs in {config.output_dir}")
+
+
+def _command_config(args, command: str):
+    from tunesmith.config import load_config
+
+    notices: list[str] = []
+    config = load_config(args.config, args.overrides, notices, command=command)
+    for notice in notices:
+        print(notice, file=sys.stderr)
+    return config
+
+
+def _chat(args) -> None:
+    from tunesmith.inference.chat import run_chat
+
+    run_chat(_command_config(args, "chat"))
+
+
+def _export(args) -> None:
+    from tunesmith.inference.export import export_model
+
+    export_model(_command_config(args, "export"))
+
+
+def _api(args) -> None:
+    import os
+
+    from tunesmith.inference.server import run_api
+
+    config = _command_config(args, "api")
+    # LLaMA-Factory's environment variables, overridden by the config's keys
+    host = config.host or os.environ.get("API_HOST") or "0.0.0.0"
+    port = config.port
+    if port is None:
+        text = os.environ.get("API_PORT") or "8000"
+        if not text.isdigit() or not 0 < int(text) < 65536:
+            raise TunesmithError(f"API_PORT={text!r} is not a port number (1-65535); fix it or set `port` in the config.")
+        port = int(text)
+    run_api(config, host, port, os.environ.get("API_KEY") or None)
 
 
 def _score(args) -> None:
@@ -212,6 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML file with LLaMA-Factory-style keys")
     train.add_argument("overrides", nargs="*", help="key=value settings that override the file")
     train.set_defaults(handler=_train)
+
+    for name, handler, text in (("chat", _chat, "chat with the model in the terminal (streams tokens)"),
+                                ("export", _export, "merge adapters into a Hugging Face model folder (export_dir)"),
+                                ("api", _api, "serve an OpenAI-compatible API (API_HOST, API_PORT, API_KEY)")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("config", help="YAML file: model_name_or_path, adapter_name_or_path, template, ...")
+        sub.add_argument("overrides", nargs="*", help="key=value settings that override the file")
+        sub.set_defaults(handler=handler)
 
     score = commands.add_parser("score", help="score answers with a reward model trained by `stage: rm`")
     score.add_argument("reward_model", help="output_dir (or checkpoint-N) of a `stage: rm` run")

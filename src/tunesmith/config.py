@@ -29,6 +29,10 @@ FINETUNING_TYPES = ("lora", "full", "freeze")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 REPORT_TO = ("none", "tensorboard")
 EVAL_STRATEGIES = ("no", "steps", "epoch")
+INFER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+INFER_BACKENDS = ("huggingface",)
+# What each `tunesmith` command needs from the same YAML: train needs data, export a destination.
+COMMANDS = ("train", "chat", "export", "api")
 
 # LLaMA-Factory keys that have no meaning in tunesmith (multi-process data loading, caches, DeepSpeed
 # plumbing, vision towers...). A config that sets them still runs; each gets a one-line notice.
@@ -40,7 +44,7 @@ IGNORED_KEYS = {
     "enable_thinking", "streaming", "buffer_size", "mix_strategy", "disable_gradient_checkpointing",
     "upcast_layernorm", "upcast_lmhead_output", "use_fast_tokenizer", "low_cpu_mem_usage",
     "cache_dir", "hf_hub_token", "ms_hub_token", "run_name", "logging_dir", "save_strategy",
-    "save_safetensors", "optim", "pure_bf16", "plot_loss_keys", "print_param_status",
+    "save_safetensors", "optim", "pure_bf16", "plot_loss_keys", "print_param_status", "export_device",
 }
 
 
@@ -61,9 +65,13 @@ class TrainConfig:
     stage: str = "sft"
     """Training stage: sft (supervised), rm (reward model), dpo (direct preference optimisation), ppo or grpo."""
     do_train: bool = True
-    """Train (LLaMA-Factory compatibility: must be true for `tunesmith train`)."""
+    """Train (LLaMA-Factory compatibility); `do_train: false` with `do_predict: true` only predicts."""
     do_eval: bool = False
     """Require an eval split; with one, the loss on it is computed at the end of training (and per eval_strategy)."""
+    do_predict: bool = False
+    """Generate answers to eval_dataset's prompts: generated_predictions.jsonl and BLEU-4/ROUGE in output_dir."""
+    predict_with_generate: bool = True
+    """LLaMA-Factory's switch for do_predict; tunesmith's predictions are always generated, so it must stay true."""
     finetuning_type: str = "lora"
     """lora (train low-rank adapters), full (every weight) or freeze (only the last layers)."""
     lora_rank: int = 8
@@ -112,6 +120,8 @@ class TrainConfig:
     """Keep only the k most likely tokens when sampling (0: all)."""
     do_sample: bool = True
     """Sample (true) or decode greedily (false)."""
+    repetition_penalty: float = 1.0
+    """chat/api/predict: divide positive logits (multiply negative ones) of tokens already in the context by this (1: off)."""
     ppo_epochs: int = 4
     """Passes over each batch of rollouts."""
     ppo_buffer_size: int = 1
@@ -160,6 +170,8 @@ class TrainConfig:
     """Share (0-1) or number (>=1) of training samples held out for evaluation."""
     template: str | None = None
     """Chat template: the tokenizer's own when unset; or qwen/chatml, llama3, default, empty."""
+    default_system: str | None = None
+    """System prompt used when a conversation has none (chat, api, predict); unset: the template's own."""
     cutoff_len: int = 2048
     """Maximum tokens per sample (prompt + response); the response is kept preferentially."""
     max_samples: int | None = None
@@ -237,13 +249,30 @@ class TrainConfig:
     resume_from_checkpoint: str | None = None
     """A checkpoint folder to continue from, or `true` for the latest in output_dir."""
 
+    # --- chat, export, api ---
+    infer_dtype: str = "auto"
+    """Weights dtype for chat/api/export: float32, bfloat16, float16, or auto (chat/api: bfloat16 on a GPU that supports it, else float32; export: the base model's own dtype)."""
+    infer_backend: str = "huggingface"
+    """Inference engine; tunesmith's own sampler on transformers models (`huggingface`) is the only one."""
+    export_dir: str | None = None
+    """export: folder for the merged Hugging Face model."""
+    export_size: float = 5.0
+    """export: largest safetensors shard, in GB."""
+    export_legacy_format: bool = False
+    """export: LLaMA-Factory's switch for .bin weights; tunesmith writes safetensors only, so it must stay false."""
+    host: str | None = None
+    """api: address to listen on (default: the API_HOST environment variable, else 0.0.0.0)."""
+    port: int | None = None
+    """api: port to listen on (default: the API_PORT environment variable, else 8000)."""
+
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 TYPE_HINTS = typing.get_type_hints(TrainConfig)
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), notices: list[str] | None = None) -> TrainConfig:
-    """Read `path` (YAML), apply `key=value` overrides, validate; notices about ignored keys are appended."""
+def load_config(path: str | Path | None, overrides: list[str] = (), notices: list[str] | None = None,
+                command: str = "train") -> TrainConfig:
+    """Read `path` (YAML), apply `key=value` overrides, validate for `command`; notices about ignored keys are appended."""
     raw, where = _read_yaml(Path(path)) if path else ({}, {})
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -251,11 +280,11 @@ def load_config(path: str | Path | None, overrides: list[str] = (), notices: lis
             raise TunesmithError(f"Override {item!r} is not of the form key=value (e.g. learning_rate=1e-4).")
         raw[key.strip()] = yaml.safe_load(value) if value.strip() else None
         where[key.strip()] = f"command-line override `{item}`"
-    return build_config(raw, str(path) if path else "command line", notices, where)
+    return build_config(raw, str(path) if path else "command line", notices, where, command)
 
 
 def build_config(raw: dict, source: str = "config", notices: list[str] | None = None,
-                 where: dict[str, str] | None = None) -> TrainConfig:
+                 where: dict[str, str] | None = None, command: str = "train") -> TrainConfig:
     """Validate a plain dict of settings into a TrainConfig; `where` maps keys to "file, line N"."""
     where = where or {}
     values = {}
@@ -270,7 +299,7 @@ def build_config(raw: dict, source: str = "config", notices: list[str] | None = 
         values[key] = _convert(key, value, origin)
     config = TrainConfig(**values)
     _apply_defaults(config)
-    _check_combinations(config, source)
+    _check_combinations(config, source, command)
     return config
 
 
@@ -308,6 +337,9 @@ ALTERNATIVES = {
                              "says which base and adapters it was trained on.",
     "reward_model_quantization_bit": "tunesmith does not quantize models.",
     "ref_model_quantization_bit": "tunesmith does not quantize models.",
+    "export_quantization_bit": "tunesmith does not quantize models; export writes the merged weights as they are.",
+    "export_quantization_dataset": "tunesmith does not quantize models.",
+    "export_hub_model_id": "push the export_dir folder yourself (e.g. `huggingface-cli upload`); tunesmith never uploads.",
 }
 
 
@@ -385,12 +417,12 @@ def _apply_defaults(config: TrainConfig) -> None:
         config.resume_from_checkpoint = None
 
 
-def _check_combinations(config: TrainConfig, source: str) -> None:
+def _check_combinations(config: TrainConfig, source: str, command: str = "train") -> None:
     """Impossible settings stop here, before any model or data is loaded."""
     choices = {
         "stage": STAGES, "finetuning_type": FINETUNING_TYPES, "lr_scheduler_type": SCHEDULERS,
         "report_to": REPORT_TO, "eval_strategy": EVAL_STRATEGIES, "pref_loss": PREF_LOSSES,
-        "ppo_kl_estimator": KL_ESTIMATORS,
+        "ppo_kl_estimator": KL_ESTIMATORS, "infer_dtype": INFER_DTYPES, "infer_backend": INFER_BACKENDS,
     }
     if config.reward_model_type is not None:
         choices["reward_model_type"] = REWARD_MODEL_TYPES
@@ -402,8 +434,21 @@ def _check_combinations(config: TrainConfig, source: str) -> None:
             raise TunesmithError(f"{source}: `{key}: {value}` is not supported; choose one of {', '.join(allowed)}.{hint}")
     problems = [
         (not config.model_name_or_path, "`model_name_or_path` is required (a model folder or hub id)."),
-        (not config.dataset, "`dataset` is required (names from dataset_info.json or file paths)."),
-        (not config.do_train, "`do_train: false` leaves `tunesmith train` nothing to do; remove it or set it to true."),
+        (command == "train" and config.do_train and not config.dataset,
+         "`dataset` is required (names from dataset_info.json or file paths)."),
+        (command == "train" and not config.do_train and not config.do_predict,
+         "`do_train: false` leaves `tunesmith train` nothing to do; remove it, or set `do_predict: true` with an `eval_dataset`."),
+        (command == "train" and config.do_predict and not config.eval_dataset,
+         "`do_predict: true` generates answers to `eval_dataset`'s prompts: set `eval_dataset`."),
+        (config.do_predict and not config.predict_with_generate,
+         "`predict_with_generate: false`: tunesmith's predictions are always generated; remove the key or set it to true."),
+        (command == "export" and not config.export_dir, "`export_dir` is required: the folder to write the merged model to."),
+        (config.export_size <= 0, f"`export_size` (GB per shard) must be positive, got {config.export_size}."),
+        (config.export_legacy_format, "`export_legacy_format: true` asks for .bin weights; tunesmith writes safetensors only, so remove it."),
+        (config.repetition_penalty <= 0, f"`repetition_penalty` must be positive (1: off), got {config.repetition_penalty}."),
+        (config.stage in RL_STAGES and command == "train" and config.repetition_penalty != 1,
+         f"stage {config.stage} needs `repetition_penalty: 1`: a penalised sampler is not the policy whose log-probs are trained."),
+        (config.port is not None and not 0 < config.port < 65536, f"`port` must be in 1-65535, got {config.port}."),
         (config.do_eval and config.val_size == 0 and not config.eval_dataset,
          "`do_eval: true` needs an eval split: set `val_size` (e.g. 0.1) or `eval_dataset`."),
         (config.eval_strategy != "no" and config.val_size == 0 and not config.eval_dataset,

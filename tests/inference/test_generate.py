@@ -57,3 +57,30 @@ def test_sampling_draws_from_the_distribution():
     tokens = next_tokens(logits, SamplingSettings(temperature=1.0), torch.Generator().manual_seed(0))
     counts = torch.bincount(tokens, minlength=4).float() / len(tokens)
     torch.testing.assert_close(counts, probs, atol=0.015, rtol=0)
+
+
+def test_repetition_penalty_matches_transformers(make_tiny_model):
+    model = make_tiny_model("llama", seed=2)
+    settings = SamplingSettings(max_new_tokens=10, do_sample=False, repetition_penalty=1.8)
+    ours = generate(model, PROMPTS, settings, STOP, 0)
+    for prompt, response in zip(PROMPTS, ours.response_ids):
+        reference = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=STOP,
+                                   pad_token_id=0, repetition_penalty=1.8)[0, len(prompt):].tolist()
+        cut = reference.index(1) + 1 if 1 in reference else len(reference)
+        assert response == reference[:cut]
+    plain = generate(model, PROMPTS, SamplingSettings(max_new_tokens=10, do_sample=False), STOP, 0)
+    assert plain.response_ids != ours.response_ids  # the penalty changed something
+
+
+def test_on_step_streams_tokens_and_ends_rows(make_tiny_model):
+    model = make_tiny_model("qwen2")
+    seen = []
+
+    def on_step(tokens):
+        seen.append(tokens)
+        return [1] if len(seen) == 3 else None  # row 1 ends after its third token
+
+    out = generate(model, PROMPTS, SamplingSettings(max_new_tokens=8, do_sample=False), [], 0, on_step=on_step)
+    assert [len(r) for r in out.response_ids] == [8, 3, 8] and out.stopped == [False, False, False]
+    assert [step[0] for step in seen] == out.response_ids[0]
+    assert all(step[1] == 0 for step in seen[3:])  # padding once it ended

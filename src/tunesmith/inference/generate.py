@@ -11,13 +11,15 @@ With `record=True` the sampler also keeps, for every sampled token, its log-prob
 the sampling temperature and the final hidden state that predicted it: PPO's pi_old, entropy and (via
 the value head) values, without a second forward over the responses.
 
-Sampling: logits / temperature, then top-k and top-p (nucleus) filtering, then a draw; temperature 0
-(or do_sample false) is greedy. Rows stop at any of `stop_ids`; the stop token is part of the response.
+Sampling: the repetition penalty, logits / temperature, then top-k and top-p (nucleus) filtering, then a
+draw; temperature 0 (or do_sample false) is greedy. Rows stop at any of `stop_ids` (the stop token is
+part of the response), or when the `on_step` callback (streaming, a stop string, a client gone) says so.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +36,7 @@ class SamplingSettings:
     top_p: float = 1.0
     top_k: int = 0
     do_sample: bool = True
+    repetition_penalty: float = 1.0
 
     @property
     def greedy(self) -> bool:
@@ -72,6 +75,14 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty (Keskar et al. 2019), as transformers applies it: the logit of a token
+    already in the context ([rows, vocab] `seen`) is divided by `penalty` when positive, multiplied when
+    negative, so penalty > 1 always makes a repeat less likely."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
 def next_tokens(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None) -> torch.Tensor:
     """[rows] token ids drawn from [rows, vocab] last-position logits."""
     if settings.greedy:
@@ -94,8 +105,13 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], settings: SamplingSettings, stop_ids: list[int], pad_id: int,
-             num_samples: int = 1, generator: torch.Generator | None = None, record: bool = False) -> Generation:
-    """Sample `num_samples` responses per prompt (rows prompt-major: p0s0, p0s1, ..., p1s0, ...)."""
+             num_samples: int = 1, generator: torch.Generator | None = None, record: bool = False,
+             on_step: Callable[[list[int]], Iterable[int] | None] | None = None) -> Generation:
+    """Sample `num_samples` responses per prompt (rows prompt-major: p0s0, p0s1, ..., p1s0, ...).
+
+    `on_step(tokens)` sees each step's token per row (pad_id for finished rows) and may return rows to
+    end there; they count as not stopped.
+    """
     device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(prompts, pad_id, device)
     positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
@@ -110,26 +126,41 @@ def generate(model, prompts: list[list[int]], settings: SamplingSettings, stop_i
         positions = positions.repeat_interleave(num_samples, dim=0)
     head = model.get_output_embeddings()
     rows = hidden.shape[0]
+    seen = None  # [rows, vocab] tokens in each row's context, for the repetition penalty
+    if settings.repetition_penalty != 1.0:
+        seen = torch.zeros(rows, head.weight.shape[0], dtype=torch.bool, device=device)
+        real = attention_mask.repeat_interleave(num_samples, dim=0).bool()
+        row_index = torch.arange(rows, device=device)[:, None].expand_as(real)
+        seen[row_index[real], input_ids.repeat_interleave(num_samples, dim=0)[real]] = True
     next_position = positions[:, -1:] + 1
     stop = torch.tensor(stop_ids, device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     stopped = torch.zeros(rows, dtype=torch.bool, device=device)
+    lengths = torch.zeros(rows, dtype=torch.long, device=device)  # tokens each row produced
     columns, records = [], []
     for step in range(settings.max_new_tokens):
         logits = last_logits(head, hidden)
+        if seen is not None:
+            logits = penalize_repetition(logits, seen, settings.repetition_penalty)
         tokens = torch.where(done, pad_id, next_tokens(logits, settings, generator))
         if record:
             records.append((*_token_statistics(logits, tokens, settings), hidden))
+        if seen is not None:
+            seen[torch.arange(rows, device=device), tokens] = True
         columns.append(tokens)
+        lengths += ~done
         stopped |= ~done & torch.isin(tokens, stop)
         done |= stopped
+        if on_step is not None:
+            for row in on_step(tokens.tolist()) or ():
+                done[row] = True
         if step + 1 == settings.max_new_tokens or bool(done.all()):
             break
         hidden = decoder.step(tokens, next_position)
         next_position = next_position + 1
-    generation = _trim(torch.stack(columns, dim=1).tolist(), stopped.tolist(), stop_ids)
+    generation = Generation([row[:n] for row, n in zip(torch.stack(columns, dim=1).tolist(), lengths.tolist())],
+                            stopped.tolist())
     if record:
-        lengths = torch.tensor([len(r) for r in generation.response_ids], device=device)
         mask = torch.arange(len(columns), device=device)[None, :] < lengths[:, None]  # [rows, steps]
         logps, entropy, states = (torch.stack(parts, dim=1) for parts in zip(*records))
         generation.logps, generation.entropy = logps * mask, entropy * mask
@@ -181,14 +212,3 @@ def last_logits(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
 def _cache_keyword(model) -> str:
     """transformers renamed `past_key_values` to `cache` (5.2x); use whichever this version's model takes."""
     return "cache" if "cache" in inspect.signature(model.get_decoder().forward).parameters else "past_key_values"
-
-
-def _trim(columns: list[list[int]], stopped: list[bool], stop_ids: list[int]) -> Generation:
-    """Cut each row after its first stop token (what follows it is padding)."""
-    stop = set(stop_ids)
-    responses = []
-    for row, row_stopped in zip(columns, stopped):
-        if row_stopped:
-            row = row[:next(i for i, token in enumerate(row) if token in stop) + 1]
-        responses.append(row)
-    return Generation(responses, stopped)

@@ -1,0 +1,145 @@
+"""A trained model ready to answer: what `tunesmith chat`, `tunesmith api` and `do_predict` share.
+
+The base model (model_name_or_path) with every adapter in adapter_name_or_path merged into its weights
+(one matmul per layer while decoding), in eval mode, with its tokenizer, chat template, the config's
+system prompt and generation settings. When the last adapter (or the model itself) is a `stage: rm`
+output, its value head comes along and `score` rates conversations; the same weights still chat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunesmith.config import TrainConfig
+from tunesmith.data.templates import get_template
+from tunesmith.errors import TunesmithError
+from tunesmith.inference.generate import Generation, SamplingSettings, generate
+from tunesmith.model.adapters import merge_adapters
+from tunesmith.model.loading import load_model, load_tokenizer
+from tunesmith.model.reward_model import RewardModel
+from tunesmith.model.value_head import VALUE_HEAD_FILE
+
+ROLES = ("system", "user", "assistant")
+
+
+def inference_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    """`infer_dtype` resolved: auto is bfloat16 on a GPU that supports it, else float32 (CPU bf16 is
+    only fast with AVX512-BF16/AMX, and fp32 is exact)."""
+    if config.infer_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, config.infer_dtype)
+
+
+def sampling_settings(config: TrainConfig, **overrides) -> SamplingSettings:
+    settings = SamplingSettings(config.max_new_tokens, config.temperature, config.top_p, config.top_k,
+                                config.do_sample, config.repetition_penalty)
+    return dataclasses.replace(settings, **overrides)
+
+
+@dataclass
+class Engine:
+    model: torch.nn.Module
+    tokenizer: object
+    template: object
+    config: TrainConfig
+    reward_model: RewardModel | None = None
+    """Set when the model is a reward model: `score` uses its value head."""
+
+    @classmethod
+    def load(cls, config: TrainConfig) -> Engine:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = inference_dtype(config, device)
+        adapters = config.adapter_name_or_path or []
+        reward_folder = _reward_folder(config.model_name_or_path, adapters)
+        reward_model = None
+        if reward_folder is not None:
+            # the reward model's own record says which adapters sit under it; the base may have moved
+            base = config.model_name_or_path if adapters else None
+            reward_model = RewardModel.load(reward_folder, base_model=base, template=config.template, dtype=dtype,
+                                            trust_remote_code=config.trust_remote_code)
+            model, tokenizer = reward_model.model, reward_model.tokenizer
+        else:
+            model = load_model(config.model_name_or_path, dtype, device, trust_remote_code=config.trust_remote_code)
+            merge_adapters(model, adapters)
+            tokenizer = load_tokenizer(adapters[-1] if adapters and _has_tokenizer(adapters[-1])
+                                       else config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+        model.eval()
+        return cls(model, tokenizer, get_template(config.template, tokenizer), config, reward_model)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return self.template.stop_token_ids(self.tokenizer)
+
+    def with_system(self, messages: list[dict]) -> list[dict]:
+        """`messages` checked, with the config's `default_system` in front when they have no system turn."""
+        check_messages(messages)
+        if self.config.default_system and messages[0]["role"] != "system":
+            return [{"role": "system", "content": self.config.default_system}, *messages]
+        return messages
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of the conversation so far plus the assistant's turn opening: what to continue."""
+        messages = self.with_system(messages)
+        if messages[-1]["role"] != "user":
+            raise TunesmithError("the conversation must end with a user message for the model to answer it.")
+        return self.template.encode_prompt(self.tokenizer, messages)
+
+    def generate(self, conversations: list[list[dict]], settings: SamplingSettings, num_samples: int = 1,
+                 on_step=None, generator: torch.Generator | None = None) -> Generation:
+        prompts = [self.prompt_ids(messages) for messages in conversations]
+        return generate(self.model, prompts, settings, self.stop_ids, self.tokenizer.pad_token_id, num_samples,
+                        generator, on_step=on_step)
+
+    def decode(self, ids: list[int]) -> str:
+        """Response text without the stop token and other special tokens."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def score(self, conversations: list[list[dict]]) -> list[float]:
+        if self.reward_model is None:
+            raise TunesmithError("this model is not a reward model: point the config at a `stage: rm` output "
+                                 "(its folder holds value_head.safetensors) to score conversations.")
+        return self.reward_model.score([self.with_system(messages) for messages in conversations])
+
+
+class TextStream:
+    """Turns tokens into text pieces as they arrive. A piece is only released once it decodes to whole
+    characters: a multi-byte character split across tokens would otherwise print as U+FFFD."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.ids: list[int] = []
+        self.sent = 0  # characters already released
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.engine.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.sent = text[self.sent:], len(text)
+        return piece
+
+
+def check_messages(messages: list[dict]) -> None:
+    """A clear error for anything but a list of {role, content} turns with known roles and text content."""
+    if not isinstance(messages, list) or not messages:
+        raise TunesmithError("`messages` must be a non-empty list of {\"role\", \"content\"} objects.")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise TunesmithError(f"messages[{index}] needs a `role` among {', '.join(ROLES)}, got "
+                                 f"{message.get('role') if isinstance(message, dict) else message!r}.")
+        if not isinstance(message.get("content"), str):
+            raise TunesmithError(f"messages[{index}].content must be a string.")
+
+
+def _reward_folder(model_name_or_path: str, adapters: list[str]) -> Path | None:
+    """The folder holding a value head: the last adapter, or the model itself (a full reward model)."""
+    folder = Path(adapters[-1] if adapters else model_name_or_path)
+    return folder if (folder / VALUE_HEAD_FILE).is_file() else None
+
+
+def _has_tokenizer(folder: str) -> bool:
+    return (Path(folder) / "tokenizer_config.json").is_file()

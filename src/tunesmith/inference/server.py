@@ -1,0 +1,320 @@
+"""`tunesmith api cfg.yaml`: an OpenAI-compatible HTTP server (FastAPI), as LLaMA-Factory's `api` command.
+
+    GET  /v1/models             the one model served
+    POST /v1/chat/completions   messages, max_tokens, temperature, top_p, n, stop, stream (server-sent
+                                events in OpenAI's chunk format, ending with `data: [DONE]`), usage
+    POST /v1/score              reward models only: {"messages": [conversation, ...]} -> {"scores": [...]},
+                                the shape `reward_model: http://...` expects in PPO/GRPO training
+
+One worker thread owns the model and runs one request at a time, so requests never mix their outputs;
+the others wait in a bounded queue (HTTP 429 once it is full). A streaming client that disconnects
+cancels its request, which frees the worker at the next token. Errors use OpenAI's JSON shape
+{"error": {"message", "type", "param", "code"}}. With an API key set, requests must carry
+`Authorization: Bearer <key>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tunesmith.errors import TunesmithError
+from tunesmith.inference.engine import Engine, TextStream, sampling_settings
+
+MAX_WAITING = 32  # queued requests beyond the running one
+MAX_CHOICES = 16
+MAX_BODY_BYTES = 4 * 2**20
+
+
+class ChatRequest(BaseModel):
+    """The fields of OpenAI's chat.completions request that change what is generated; others are accepted."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    messages: list
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    seed: int | None = None
+
+
+class ScoreRequest(BaseModel):
+    messages: list
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+
+def error_response(status: int, message: str, kind: str = "invalid_request_error", param=None, code=None):
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+
+
+@dataclass
+class Job:
+    """One request for the worker: run `work(cancelled)`; its result or exception lands in `future`."""
+
+    work: object
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    future: Future = field(default_factory=Future)
+
+
+class Worker:
+    """The one thread that touches the model; jobs run in arrival order."""
+
+    def __init__(self):
+        self.jobs: queue.Queue = queue.Queue(maxsize=MAX_WAITING)
+        self.thread = threading.Thread(target=self._run, name="tunesmith-worker", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> Job:
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise ApiError(429, f"The server is busy ({MAX_WAITING} requests waiting); retry later.",
+                           "rate_limit_error") from None
+        return job
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job.cancelled.is_set():
+                job.future.cancel()
+                continue
+            try:
+                job.future.set_result(job.work(job.cancelled))
+            except BaseException as err:  # noqa: B036 - the request must learn why, the worker must live
+                job.future.set_exception(err)
+
+
+class Choice:
+    """One answer's text as it grows: cut at a stop string, and held back while it could still be the
+    start of one, so a streamed answer never shows text the final answer does not contain."""
+
+    def __init__(self, engine: Engine, stops: list[str]):
+        self.stream, self.stops = TextStream(engine), stops
+        self.hold = max((len(s) - 1 for s in stops), default=0)
+        self.text, self.released, self.stop_hit, self.done = "", 0, False, False
+
+    def push(self, token: int) -> str:
+        self.text += self.stream.push(token)
+        for stop in self.stops:
+            at = self.text.find(stop)
+            if at >= 0:
+                self.text, self.stop_hit, self.done = self.text[:at], True, True
+        end = len(self.text) if self.done else max(self.released, len(self.text) - self.hold)
+        return self.release(end)
+
+    def release(self, end: int | None = None) -> str:
+        end = len(self.text) if end is None else end
+        piece, self.released = self.text[self.released:end], end
+        return piece
+
+
+def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="tunesmith")
+    worker = Worker()
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, err: ApiError):
+        return error_response(err.status, err.message, err.kind, err.param, err.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {}
+        param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
+        return error_response(400, f"Invalid request: {param or 'body'}: {first.get('msg', 'invalid value')}.", param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, err: StarletteHTTPException):
+        return error_response(err.status_code, str(err.detail), "invalid_request_error")
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+            return error_response(401, "Invalid or missing API key: send `Authorization: Bearer <key>`.",
+                                  "authentication_error", code="invalid_api_key")
+        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+            return error_response(413, f"Request body over {MAX_BODY_BYTES // 2**20} MB.")
+        return await call_next(request)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "tunesmith"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest):
+        plan = _plan(engine, body)
+        if body.stream:
+            return StreamingResponse(_stream(engine, worker, plan, model_name), media_type="text/event-stream")
+        job = worker.submit(Job(lambda cancelled: _complete(engine, plan, cancelled)))
+        try:
+            choices, prompt_tokens = await asyncio.wrap_future(job.future)
+        except asyncio.CancelledError:
+            job.cancelled.set()
+            raise
+        completion_tokens = sum(c["tokens"] for c in choices)
+        return {"id": plan["id"], "object": "chat.completion", "created": plan["created"], "model": model_name,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": c["text"]},
+                             "finish_reason": c["finish"]} for i, c in enumerate(choices)],
+                "usage": _usage(prompt_tokens, completion_tokens)}
+
+    @app.post("/v1/score")
+    async def score(body: ScoreRequest):
+        if engine.reward_model is None:
+            raise ApiError(400, "This server's model is not a reward model; start it on a `stage: rm` output "
+                                "(a folder with value_head.safetensors) to score conversations.")
+        conversations = body.messages
+        for index, messages in enumerate(conversations):
+            try:
+                engine.with_system(messages)
+            except TunesmithError as err:
+                raise ApiError(400, f"messages[{index}]: {err}", param="messages") from None
+        job = worker.submit(Job(lambda cancelled: engine.score(conversations)))
+        return {"scores": await asyncio.wrap_future(job.future)}
+
+    return app
+
+
+def _plan(engine: Engine, body: ChatRequest) -> dict:
+    """The request checked and turned into what the worker runs; anything wrong is a 400 here."""
+    config = engine.config
+    try:
+        prompt_ids = engine.prompt_ids(body.messages)
+    except TunesmithError as err:
+        raise ApiError(400, str(err), param="messages") from None
+    max_tokens = body.max_completion_tokens or body.max_tokens or config.max_new_tokens
+    if max_tokens < 1:
+        raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}.", param="max_tokens")
+    if len(prompt_ids) + max_tokens > config.cutoff_len:
+        raise ApiError(400, f"This model's context is {config.cutoff_len} tokens (cutoff_len); the messages take "
+                            f"{len(prompt_ids)} and max_tokens asks for {max_tokens} more. Shorten the messages "
+                            "or lower max_tokens.", param="messages", code="context_length_exceeded")
+    if not 1 <= body.n <= MAX_CHOICES:
+        raise ApiError(400, f"n must be between 1 and {MAX_CHOICES}, got {body.n}.", param="n")
+    temperature = config.temperature if body.temperature is None else body.temperature
+    top_p = config.top_p if body.top_p is None else body.top_p
+    if not 0 <= temperature <= 2:
+        raise ApiError(400, f"temperature must be between 0 and 2, got {temperature}.", param="temperature")
+    if not 0 < top_p <= 1:
+        raise ApiError(400, f"top_p must be in (0, 1], got {top_p}.", param="top_p")
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stops) > 4 or any(not s for s in stops):
+        raise ApiError(400, "stop takes up to 4 non-empty strings.", param="stop")
+    settings = sampling_settings(config, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                 do_sample=config.do_sample and temperature > 0)
+    include_usage = bool((body.stream_options or {}).get("include_usage"))
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "messages": body.messages,
+            "prompt_tokens": len(prompt_ids), "settings": settings, "n": body.n, "stops": stops,
+            "seed": body.seed, "include_usage": include_usage}
+
+
+def _complete(engine: Engine, plan: dict, cancelled: threading.Event, on_piece=None):
+    """Run one request: ([{text, finish, tokens}] per choice, prompt tokens). `on_piece(index, text)`
+    receives streamed text as soon as it is final."""
+    import torch
+
+    choices = [Choice(engine, plan["stops"]) for _ in range(plan["n"])]
+    stop_ids = set(engine.stop_ids)
+
+    def on_step(tokens: list[int]):
+        if cancelled.is_set():
+            return range(len(tokens))
+        ended = []
+        for index, (token, choice) in enumerate(zip(tokens, choices)):
+            if choice.done:
+                continue
+            if token in stop_ids:
+                choice.done = True
+                piece = choice.release()
+            else:
+                piece = choice.push(token)
+                if choice.done:
+                    ended.append(index)
+            if piece and on_piece is not None:
+                on_piece(index, piece)
+        return ended
+
+    generator = torch.Generator().manual_seed(plan["seed"]) if plan["seed"] is not None else None
+    generation = engine.generate([plan["messages"]], plan["settings"], plan["n"], on_step, generator)
+    results = []
+    for index, choice in enumerate(choices):
+        rest = choice.release()
+        if rest and on_piece is not None:
+            on_piece(index, rest)
+        finish = "stop" if generation.stopped[index] or choice.stop_hit else "length"
+        results.append({"text": choice.text, "finish": finish, "tokens": len(generation.response_ids[index])})
+    return results, plan["prompt_tokens"]
+
+
+async def _stream(engine: Engine, worker: Worker, plan: dict, model_name: str):
+    """Server-sent events: a role chunk per choice, content chunks as text is final, a finish chunk per
+    choice, optionally usage, then [DONE]. Leaving early (client gone) cancels the job."""
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue = asyncio.Queue()
+    job = Job(lambda cancelled: _complete(engine, plan, cancelled,
+                                          lambda i, text: loop.call_soon_threadsafe(pieces.put_nowait, (i, text))))
+    job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
+    worker.submit(job)
+
+    def chunk(choices: list, usage: dict | None = None) -> str:
+        payload = {"id": plan["id"], "object": "chat.completion.chunk", "created": plan["created"],
+                   "model": model_name, "choices": choices}
+        if usage is not None:
+            payload["usage"] = usage
+        return f"data: {json.dumps(payload)}\n\n"
+
+    try:
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                     for i in range(plan["n"])])
+        while (item := await pieces.get()) is not None:
+            index, text = item
+            yield chunk([{"index": index, "delta": {"content": text}, "finish_reason": None}])
+        error = job.future.exception() if not job.future.cancelled() else None
+        if error is not None:
+            message = str(error) if isinstance(error, TunesmithError) else f"generation failed: {error!r}"
+            yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+            return
+        choices, prompt_tokens = job.future.result()
+        yield chunk([{"index": i, "delta": {}, "finish_reason": c["finish"]} for i, c in enumerate(choices)])
+        if plan["include_usage"]:
+            yield chunk([], _usage(prompt_tokens, sum(c["tokens"] for c in choices)))
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled.set()  # a no-op when it finished; frees the worker when the client left
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def run_api(config, host: str, port: int, api_key: str | None, say=print) -> None:
+    import uvicorn
+
+    engine = Engine.load(config)
+    name = Path(config.adapter_name_or_path[-1] if config.adapter_name_or_path else config.model_name_or_path).name
+    say(f"[tunesmith] serving {name} on http://{host}:{port}/v1 (OpenAI API; docs at /docs)")
+    uvicorn.run(create_app(engine, name, api_key), host=host, port=port, log_level="info")

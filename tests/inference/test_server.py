@@ -1,0 +1,184 @@
+"""`tunesmith api`: the official openai client against a server started on a free local port."""
+
+import http.client
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+import uvicorn
+
+from tunesmith.config import build_config
+from tunesmith.inference.engine import Engine, sampling_settings
+from tunesmith.inference.server import create_app
+from tunesmith.model.reward_model import RewardModel
+from tunesmith.training.rewards import Scored, http_rewards
+
+KEY = "test-key"
+
+
+def serve(engine: Engine, api_key: str | None):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, "tiny", api_key), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    return server, thread, f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.fixture(scope="module")
+def engine(chat_model):
+    base, adapter = chat_model
+    return Engine.load(build_config({"model_name_or_path": base, "adapter_name_or_path": adapter,
+                                     "max_new_tokens": 16, "cutoff_len": 256}, command="api"))
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    server, thread, url = serve(engine, KEY)
+    yield url
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def greedy_text(engine: Engine, content: str, max_tokens: int = 16) -> str:
+    settings = sampling_settings(engine.config, max_new_tokens=max_tokens, do_sample=False)
+    ids = engine.generate([[{"role": "user", "content": content}]], settings).response_ids[0]
+    return engine.decode([t for t in ids if t not in engine.stop_ids])
+
+
+def post(url: str, body: dict, key: str | None = KEY) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def ask(client, content, **kwargs):
+    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}], **kwargs)
+
+
+def test_models_completion_and_usage(server, engine):
+    client = openai.OpenAI(api_key=KEY, base_url=server)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    reply = ask(client, "hello there", temperature=0, max_tokens=16)
+    assert reply.choices[0].message.content == greedy_text(engine, "hello there")
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    prompt_tokens = len(engine.prompt_ids([{"role": "user", "content": "hello there"}]))
+    assert reply.usage.prompt_tokens == prompt_tokens
+    assert reply.usage.total_tokens == prompt_tokens + reply.usage.completion_tokens > prompt_tokens
+
+
+def test_streaming_equals_the_plain_answer(server, engine):
+    client = openai.OpenAI(api_key=KEY, base_url=server)
+    chunks = list(ask(client, "hello there", temperature=0, max_tokens=16, stream=True,
+                      stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == greedy_text(engine, "hello there")
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finishes) == 1 and chunks[-1].usage.completion_tokens > 0
+
+
+def test_n_choices_seed_and_stop_strings(server, engine):
+    client = openai.OpenAI(api_key=KEY, base_url=server)
+    sampled = ask(client, "tell me", n=3, temperature=1.0, seed=5, max_tokens=8)
+    again = ask(client, "tell me", n=3, temperature=1.0, seed=5, max_tokens=8)
+    assert len(sampled.choices) == 3
+    assert [c.message.content for c in sampled.choices] == [c.message.content for c in again.choices]
+    full = greedy_text(engine, "hello there")
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    cut = ask(client, "hello there", temperature=0, max_tokens=16, stop=[stop])
+    assert cut.choices[0].message.content == full[:full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = ask(client, "hello there", temperature=0, max_tokens=16, stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == full[:full.index(stop)]
+
+
+def test_concurrent_requests_never_mix(server, engine):
+    client = openai.OpenAI(api_key=KEY, base_url=server)
+    prompts = [f"question {i} about the garden" for i in range(6)]
+    results = {}
+
+    def run(prompt):
+        results[prompt] = ask(client, prompt, temperature=0, max_tokens=16).choices[0].message.content
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == {p: greedy_text(engine, p) for p in prompts}
+
+
+def test_errors_use_openai_shape(server, engine):
+    with pytest.raises(openai.AuthenticationError):
+        ask(openai.OpenAI(api_key="wrong", base_url=server), "hi")
+    client = openai.OpenAI(api_key=KEY, base_url=server, max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="role"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "robot", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(client, "word " * 300)
+    assert err.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="n must be"):
+        ask(client, "hi", n=50)
+    status, body = post(f"{server}/chat/completions", {"messages": "not a list"})
+    assert status == 400 and set(body["error"]) == {"message", "type", "param", "code"}
+    status, body = post(f"{server}/score", {"messages": []})
+    assert status == 400 and "not a reward model" in body["error"]["message"]
+
+
+def test_a_client_that_leaves_mid_stream_frees_the_worker(server, engine, monkeypatch):
+    steps = []
+    real_generate = Engine.generate
+
+    def counting_generate(self, conversations, settings, num_samples=1, on_step=None, generator=None):
+        def counted(tokens):
+            steps.append(1)
+            return on_step(tokens)
+        return real_generate(self, conversations, settings, num_samples, counted, generator)
+
+    monkeypatch.setattr(Engine, "generate", counting_generate)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 200,
+            "temperature": 1.0, "stream": True}
+    host, port = server.split("//")[1].split("/")[0].split(":")
+    connection = http.client.HTTPConnection(host, int(port))
+    connection.request("POST", "/v1/chat/completions", json.dumps(body),
+                       {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    response = connection.getresponse()
+    assert response.readline().startswith(b"data: ")
+    connection.close()  # the client leaves after the first event
+    client = openai.OpenAI(api_key=KEY, base_url=server)
+    assert ask(client, "hello there", temperature=0, max_tokens=4).choices[0].message.content is not None
+    # the worker runs one request at a time, so the abandoned one had ended: early, not after 200 steps
+    assert len(steps) < 100
+
+
+def test_reward_model_scores_over_http_as_ppo_expects(reward_adapter, chat_model):
+    engine = Engine.load(build_config({"model_name_or_path": chat_model[0], "adapter_name_or_path": reward_adapter},
+                                      command="api"))
+    server, thread, url = serve(engine, None)
+    try:
+        conversations = [[{"role": "user", "content": "Describe the river."}, {"role": "assistant", "content": a}]
+                         for a in ("The river is calm.", "The river is cold.")]
+        status, body = post(f"{url}/score", {"messages": conversations}, key=None)
+        scores = body["scores"]
+        expected = RewardModel.load(reward_adapter).score(conversations)
+        assert scores == pytest.approx(expected, abs=1e-5)
+        source = http_rewards(f"{url}/score")  # PPO's `reward_model: http://...` source
+        items = [Scored([{"role": "user", "content": "Describe the river."}], a, None)
+                 for a in ("The river is calm.", "The river is cold.")]
+        assert source(items) == pytest.approx(expected, abs=1e-5)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
