@@ -1,11 +1,14 @@
-"""`tunesmith train`: from a validated config to a trained adapter or model folder.
+"""`tunesmith train`: from a validated config to a trained adapter or model folder, then `do_predict`.
 
 Order matters for users: everything that can fail cheaply (config, output folder, data) fails before
 the slow parts (model load, training). The stage table is the one place a new method plugs in.
+With `do_predict`, inference/predict.py answers eval_dataset's prompts after training (with the model
+just written to output_dir), or on its own with `do_train: false`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,13 +17,19 @@ import torch
 
 from tunesmith.config import TrainConfig, save_config
 from tunesmith.errors import TunesmithError
+from tunesmith.inference.predict import run_prediction
 from tunesmith.model.adapters import save_adapter
-from tunesmith.model.finetune import AdapterSettings, prepare_for_training, trainable_summary
+from tunesmith.model.finetune import (
+    FRESH_ADAPTER_STAGES,
+    AdapterSettings,
+    prepare_for_training,
+    trainable_summary,
+)
 from tunesmith.model.loading import load_model, load_tokenizer, resolve_device_and_dtype, with_compute_dtype
 from tunesmith.model.value_head import ATTRIBUTE as VALUE_HEAD_ATTRIBUTE
 from tunesmith.model.value_head import save_value_head, without_value_head
 from tunesmith.training import checkpoint, loop, rl_loop
-from tunesmith.training.distributed import process_info
+from tunesmith.training.distributed import ProcessInfo, process_info
 from tunesmith.training.memory import pin_mmap_threshold, reuse_freed_memory
 from tunesmith.training.stages.dpo import build_dpo
 from tunesmith.training.stages.rl import RLStage, build_rl
@@ -79,11 +88,35 @@ def prepare_training(config: TrainConfig) -> Prepared:
 
 
 def run_training(config: TrainConfig, say=print) -> dict:
-    """Train as `config` says; returns the final metrics (also written to all_results.json)."""
+    """Train and/or predict as `config` says; returns the final metrics (also written to all_results.json)."""
     proc = process_info()
     output_dir = Path(config.output_dir)
-    resume_from = checkpoint.resolve_resume(config.resume_from_checkpoint, output_dir)
+    resume_from = None
+    if config.do_train:
+        resume_from = checkpoint.resolve_resume(config.resume_from_checkpoint, output_dir)
     _check_output_dir(output_dir, config, resume_from)
+    metrics = _train(config, output_dir, resume_from, proc, say) if config.do_train else {}
+    if config.do_predict and proc.is_main:
+        # A fresh load of what training wrote (the training model is dropped when _train returns), so the
+        # predictions equal those of a later `do_train: false` run on the same folder.
+        model_config = trained_model_config(config) if config.do_train else config
+        metrics = {**metrics, **run_prediction(model_config, say)}
+        _write_results(output_dir, metrics)
+    return metrics
+
+
+def trained_model_config(config: TrainConfig) -> TrainConfig:
+    """`config` pointed at what training wrote to output_dir: the new adapter after the ones merged under
+    it (sft trains on its last given adapter, the other stages on a fresh one), or the full model."""
+    if config.finetuning_type != "lora":
+        return dataclasses.replace(config, model_name_or_path=config.output_dir, adapter_name_or_path=None)
+    merged = config.adapter_name_or_path or []
+    if config.stage not in FRESH_ADAPTER_STAGES:
+        merged = merged[:-1]
+    return dataclasses.replace(config, adapter_name_or_path=[*merged, config.output_dir])
+
+
+def _train(config: TrainConfig, output_dir: Path, resume_from: Path | None, proc: ProcessInfo, say) -> dict:
     require_reporter(config.report_to)
     torch.manual_seed(config.seed)
     run = prepare_training(config)
@@ -104,10 +137,14 @@ def run_training(config: TrainConfig, say=print) -> dict:
     metrics = train(model, stage, data, config, output_dir, save_artifact, proc, resume_from)
     if proc.is_main:
         save_artifact(output_dir)
-        (output_dir / "all_results.json").write_text(json.dumps(metrics, indent=2))
+        _write_results(output_dir, metrics)
         if config.plot_loss:
             plot_metrics(output_dir, PLOTTED[config.stage])
     return metrics
+
+
+def _write_results(output_dir: Path, metrics: dict) -> None:
+    (output_dir / "all_results.json").write_text(json.dumps(metrics, indent=2))
 
 
 def _save_result(model, tokenizer, adapter: AdapterSettings | None, config: TrainConfig, folder: Path) -> None:

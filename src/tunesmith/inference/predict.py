@@ -1,0 +1,85 @@
+"""`do_predict`: answer every prompt of eval_dataset and score the answers against the dataset's own.
+
+Each eval record (in file order, at most max_samples per dataset) is a conversation; the model answers
+all of it but the last assistant turn, and that turn is the reference. Two files land in output_dir,
+named and shaped as LLaMA-Factory writes them, so its users' scripts read them unchanged:
+- generated_predictions.jsonl: {"prompt", "predict", "label"} per record. The prompt is the rendered
+  chat prompt decoded without special tokens; predict is the answer without its stop token.
+- predict_results.json: predict_bleu-4, predict_rouge-1, predict_rouge-2, predict_rouge-l (the mean over
+  records of `text_metrics.similarity_scores`, in percent), predict_runtime (seconds, scoring included),
+  predict_samples_per_second, predict_steps_per_second.
+
+Prompts go in batches of per_device_eval_batch_size (left-padded; each row answers as it would alone)
+with the config's generation settings (`do_sample: false` is greedy), sampling seeded by `seed`.
+Left out on purpose: cutting prompts to cutoff_len (LLaMA-Factory keeps a long prompt's head, which can
+drop the question; here a prompt is used whole) and splitting the work over processes (rank 0 predicts).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tunesmith.algorithms.text_metrics import similarity_scores
+from tunesmith.config import TrainConfig
+from tunesmith.data.dataset import load_conversations
+from tunesmith.inference.engine import Engine, sampling_settings
+from tunesmith.inference.generate import SamplingSettings
+
+PREDICTIONS_FILE = "generated_predictions.jsonl"
+RESULTS_FILE = "predict_results.json"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One line of generated_predictions.jsonl (LLaMA-Factory's field names)."""
+
+    prompt: str
+    predict: str
+    label: str
+
+
+def run_prediction(config: TrainConfig, say=print) -> dict:
+    """Predict eval_dataset with the model `config` names; writes both files and returns the metrics."""
+    conversations = load_conversations(config.eval_dataset, config.dataset_dir, config.max_samples,
+                                       config.skip_bad_records)  # data errors before the slow model load
+    engine = Engine.load(config)
+    say(f"[tunesmith] predicting {len(conversations)} eval rows of {','.join(config.eval_dataset)} on "
+        f"{next(engine.model.parameters()).device}")
+    started = time.perf_counter()
+    predictions = predict(engine, conversations, sampling_settings(config), config.per_device_eval_batch_size,
+                          config.seed)
+    scores = [similarity_scores(p.predict, p.label) for p in predictions]
+    runtime = time.perf_counter() - started
+    batches = -(-len(predictions) // config.per_device_eval_batch_size)
+    metrics = {f"predict_{name}": sum(s[name] for s in scores) / len(scores) for name in scores[0]}
+    metrics.update(predict_runtime=round(runtime, 4),
+                   predict_samples_per_second=round(len(predictions) / runtime, 3),
+                   predict_steps_per_second=round(batches / runtime, 3))
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / PREDICTIONS_FILE, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(asdict(p), ensure_ascii=False) + "\n" for p in predictions)
+    (output_dir / RESULTS_FILE).write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def predict(engine: Engine, conversations: list[list[dict]], settings: SamplingSettings, batch_size: int,
+            seed: int) -> list[Prediction]:
+    """The model's answer to each conversation minus its last (assistant) turn, which is the label."""
+    device = next(engine.model.parameters()).device
+    generator = None if settings.greedy else torch.Generator(device).manual_seed(seed)
+    predictions = []
+    for start in tqdm(range(0, len(conversations), batch_size), desc="predict", dynamic_ncols=True):
+        batch = conversations[start:start + batch_size]
+        prompts = [messages[:-1] for messages in batch]
+        generation = engine.generate(prompts, settings, generator=generator)
+        for prompt, messages, response_ids in zip(prompts, batch, generation.response_ids):
+            predictions.append(Prediction(prompt=engine.decode(engine.prompt_ids(prompt)),
+                                          predict=engine.decode(response_ids), label=messages[-1]["content"]))
+    return predictions
