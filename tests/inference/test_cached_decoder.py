@@ -26,7 +26,7 @@ def with_lora(model):
 
 def transformers_generate(monkeypatch, *args, **kwargs):
     with monkeypatch.context() as patch:
-        patch.setattr(cached_decoder, "supports", lambda model: False)
+        patch.setattr(cached_decoder, "supports", lambda model, length: False)
         return generate(*args, **kwargs)
 
 
@@ -43,7 +43,7 @@ def test_cached_decoder_equals_transformers(make_tiny_model, monkeypatch, arch, 
     model = make_tiny_model(arch, seed=3)
     if lora != "none":
         with_lora(model)
-    assert cached_decoder.supports(model)
+    assert cached_decoder.supports(model, 64)
     settings = SamplingSettings(max_new_tokens=10, temperature=1.3)
     runs = []
     for run in (generate, lambda *a, **k: transformers_generate(monkeypatch, *a, **k)):
@@ -63,7 +63,7 @@ def test_mistral_and_biased_projections(monkeypatch):
                 torch.nn.init.normal_(module.bias, std=0.5)  # Qwen2 inits q/k/v biases at 0: make them count
     settings = SamplingSettings(max_new_tokens=8, do_sample=False)
     for model in (mistral, qwen2):
-        assert cached_decoder.supports(model)
+        assert cached_decoder.supports(model, 64)
         assert_same_generation(generate(model, PROMPTS, settings, STOP, 0, record=True),
                                transformers_generate(monkeypatch, model, PROMPTS, settings, STOP, 0, record=True))
 
@@ -89,10 +89,12 @@ def test_recorded_statistics_equal_the_rollout_forward(make_tiny_model):
 def test_unsupported_states_fall_back(make_tiny_model):
     model = with_lora(make_tiny_model("llama"))
     with side_adapter(model, "reward"):  # another model on the same base: transformers runs it
-        assert not cached_decoder.supports(model)
+        assert not cached_decoder.supports(model, 64)
     dropout = make_tiny_model("llama")
     inject_lora(dropout, "all", 4, 8, dropout=0.1)
-    assert not cached_decoder.supports(dropout.train())  # LoRA dropout active: only the module knows how
-    assert cached_decoder.supports(dropout.eval())
+    assert not cached_decoder.supports(dropout.train(), 64)  # LoRA dropout active: only the module knows how
+    assert cached_decoder.supports(dropout.eval(), 64)
     sliding = Qwen2ForCausalLM(Qwen2Config(**TINY_SIZES, use_sliding_window=True, sliding_window=4)).eval()
-    assert not cached_decoder.supports(sliding)
+    assert not cached_decoder.supports(sliding, 64)
+    windowed = MistralForCausalLM(MistralConfig(**TINY_SIZES, sliding_window=8)).eval()
+    assert cached_decoder.supports(windowed, 8) and not cached_decoder.supports(windowed, 9)

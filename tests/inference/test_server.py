@@ -136,6 +136,8 @@ def test_errors_use_openai_shape(server, engine):
     assert status == 400 and set(body["error"]) == {"message", "type", "param", "code"}
     status, body = post(f"{server}/score", {"messages": []})
     assert status == 400 and "not a reward model" in body["error"]["message"]
+    status, body = post(f"{server}/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0})
+    assert status == 400 and body["error"]["param"] == "max_tokens"
 
 
 def test_a_client_that_leaves_mid_stream_frees_the_worker(server, engine, monkeypatch):
@@ -179,6 +181,37 @@ def test_reward_model_scores_over_http_as_ppo_expects(reward_adapter, chat_model
         items = [Scored([{"role": "user", "content": "Describe the river."}], a, None)
                  for a in ("The river is calm.", "The river is cold.")]
         assert source(items) == pytest.approx(expected, abs=1e-5)
+        status, body = post(f"{url}/score", {"messages": [[{"role": "user", "content": "hi"}]]}, key=None)
+        assert status == 400 and "must end with the assistant answer" in body["error"]["message"]
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_a_full_queue_is_a_429_for_streams_too(server, monkeypatch):
+    from tunesmith.inference import server as server_module
+
+    def busy(self, job):
+        raise server_module.ApiError(429, "busy", "rate_limit_error")
+
+    monkeypatch.setattr(server_module.Worker, "submit", busy)
+    client = openai.OpenAI(api_key=KEY, base_url=server, max_retries=0)
+    for stream in (False, True):
+        with pytest.raises(openai.RateLimitError):
+            ask(client, "hi", stream=stream)
+
+
+def test_the_worker_survives_cancelled_and_failing_jobs():
+    from tunesmith.inference.server import Job, Worker
+
+    worker = Worker()
+    gate = threading.Event()
+    blocker = worker.submit(Job(lambda cancelled: gate.wait(5)))
+    abandoned = worker.submit(Job(lambda cancelled: "never"))
+    abandoned.future.cancel()  # what asyncio does to a future whose awaiting task is cancelled
+    failing = worker.submit(Job(lambda cancelled: 1 / 0))
+    gate.set()
+    assert blocker.future.result(timeout=5) is True
+    with pytest.raises(ZeroDivisionError):
+        failing.future.result(timeout=5)
+    assert worker.submit(Job(lambda cancelled: "alive")).future.result(timeout=5) == "alive"

@@ -94,10 +94,13 @@ class _Layer:
     act: nn.Module
 
 
-def supports(model) -> bool:
-    """Whether `CachedDecoder` can run `model` as it is configured now."""
+def supports(model, length: int) -> bool:
+    """Whether `CachedDecoder` can run `model`, as it is configured now, over `length` positions."""
     config = model.config
     if getattr(config, "model_type", None) not in SUPPORTED_TYPES:
+        return False
+    window = getattr(config, "sliding_window", None)  # Mistral's default 4096; Qwen2 sets it only when used
+    if window is not None and length > window:
         return False
     if getattr(config, "use_sliding_window", False) or any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
         return False

@@ -115,8 +115,9 @@ def generate(model, prompts: list[list[int]], settings: SamplingSettings, stop_i
     device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(prompts, pad_id, device)
     positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    if cached_decoder.supports(model):
-        decoder = cached_decoder.CachedDecoder(model, len(prompts), input_ids.shape[1] + settings.max_new_tokens)
+    length = input_ids.shape[1] + settings.max_new_tokens
+    if cached_decoder.supports(model, length):
+        decoder = cached_decoder.CachedDecoder(model, len(prompts), length)
     else:
         decoder = _TransformersDecoder(model, attention_mask)
     hidden = decoder.prefill(input_ids, attention_mask, positions)  # [prompts, hidden]

@@ -99,13 +99,15 @@ class Worker:
     def _run(self) -> None:
         while True:
             job = self.jobs.get()
-            if job.cancelled.is_set():
-                job.future.cancel()
+            # False when the request was cancelled while waiting (asyncio cancels the future it awaited)
+            if job.cancelled.is_set() or not job.future.set_running_or_notify_cancel():
                 continue
             try:
-                job.future.set_result(job.work(job.cancelled))
+                result = job.work(job.cancelled)
             except BaseException as err:  # noqa: B036 - the request must learn why, the worker must live
                 job.future.set_exception(err)
+            else:
+                job.future.set_result(result)
 
 
 class Choice:
@@ -146,6 +148,14 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
         param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
         return error_response(400, f"Invalid request: {param or 'body'}: {first.get('msg', 'invalid value')}.", param=param)
 
+    @app.exception_handler(TunesmithError)
+    async def _user_error(request, err: TunesmithError):
+        return error_response(400, str(err))
+
+    @app.exception_handler(Exception)
+    async def _server_error(request, err: Exception):
+        return error_response(500, f"The server failed: {err!r}", "server_error")
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, err: StarletteHTTPException):
         return error_response(err.status_code, str(err.detail), "invalid_request_error")
@@ -155,7 +165,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
         if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
             return error_response(401, "Invalid or missing API key: send `Authorization: Bearer <key>`.",
                                   "authentication_error", code="invalid_api_key")
-        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+        length = request.headers.get("content-length") or "0"
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
             return error_response(413, f"Request body over {MAX_BODY_BYTES // 2**20} MB.")
         return await call_next(request)
 
@@ -165,16 +176,17 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
                                             "owned_by": "tunesmith"}]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest):
+    async def chat_completions(body: ChatRequest, request: Request):
         plan = _plan(engine, body)
         if body.stream:
-            return StreamingResponse(_stream(engine, worker, plan, model_name), media_type="text/event-stream")
+            loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
+            job = Job(lambda cancelled: _complete(engine, plan, cancelled, lambda i, text: loop.call_soon_threadsafe(
+                pieces.put_nowait, (i, text))))
+            job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
+            worker.submit(job)  # before the response starts, so a full queue is still a 429
+            return StreamingResponse(_events(job, pieces, plan, model_name), media_type="text/event-stream")
         job = worker.submit(Job(lambda cancelled: _complete(engine, plan, cancelled)))
-        try:
-            choices, prompt_tokens = await asyncio.wrap_future(job.future)
-        except asyncio.CancelledError:
-            job.cancelled.set()
-            raise
+        choices, prompt_tokens = await _result(job, request)
         completion_tokens = sum(c["tokens"] for c in choices)
         return {"id": plan["id"], "object": "chat.completion", "created": plan["created"], "model": model_name,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": c["text"]},
@@ -182,7 +194,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
                 "usage": _usage(prompt_tokens, completion_tokens)}
 
     @app.post("/v1/score")
-    async def score(body: ScoreRequest):
+    async def score(body: ScoreRequest, request: Request):
         if engine.reward_model is None:
             raise ApiError(400, "This server's model is not a reward model; start it on a `stage: rm` output "
                                 "(a folder with value_head.safetensors) to score conversations.")
@@ -192,10 +204,27 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
                 engine.with_system(messages)
             except TunesmithError as err:
                 raise ApiError(400, f"messages[{index}]: {err}", param="messages") from None
+            if messages[-1]["role"] != "assistant":
+                raise ApiError(400, f"messages[{index}] must end with the assistant answer to score.", param="messages")
         job = worker.submit(Job(lambda cancelled: engine.score(conversations)))
-        return {"scores": await asyncio.wrap_future(job.future)}
+        return {"scores": await _result(job, request)}
 
     return app
+
+
+async def _result(job: Job, request: Request):
+    """The job's result; a client that disconnects while waiting cancels it (checked twice a second)."""
+    try:
+        while True:
+            done, _ = await asyncio.wait([asyncio.wrap_future(job.future)], timeout=0.5)
+            if done:
+                return done.pop().result()
+            if await request.is_disconnected():
+                job.cancelled.set()
+                raise asyncio.CancelledError
+    finally:
+        if not job.future.done():
+            job.cancelled.set()
 
 
 def _plan(engine: Engine, body: ChatRequest) -> dict:
@@ -205,7 +234,7 @@ def _plan(engine: Engine, body: ChatRequest) -> dict:
         prompt_ids = engine.prompt_ids(body.messages)
     except TunesmithError as err:
         raise ApiError(400, str(err), param="messages") from None
-    max_tokens = body.max_completion_tokens or body.max_tokens or config.max_new_tokens
+    max_tokens = next((v for v in (body.max_completion_tokens, body.max_tokens) if v is not None), config.max_new_tokens)
     if max_tokens < 1:
         raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}.", param="max_tokens")
     if len(prompt_ids) + max_tokens > config.cutoff_len:
@@ -257,7 +286,8 @@ def _complete(engine: Engine, plan: dict, cancelled: threading.Event, on_piece=N
                 on_piece(index, piece)
         return ended
 
-    generator = torch.Generator().manual_seed(plan["seed"]) if plan["seed"] is not None else None
+    device = next(engine.model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(plan["seed"]) if plan["seed"] is not None else None
     generation = engine.generate([plan["messages"]], plan["settings"], plan["n"], on_step, generator)
     results = []
     for index, choice in enumerate(choices):
@@ -269,15 +299,9 @@ def _complete(engine: Engine, plan: dict, cancelled: threading.Event, on_piece=N
     return results, plan["prompt_tokens"]
 
 
-async def _stream(engine: Engine, worker: Worker, plan: dict, model_name: str):
+async def _events(job: Job, pieces: asyncio.Queue, plan: dict, model_name: str):
     """Server-sent events: a role chunk per choice, content chunks as text is final, a finish chunk per
     choice, optionally usage, then [DONE]. Leaving early (client gone) cancels the job."""
-    loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue = asyncio.Queue()
-    job = Job(lambda cancelled: _complete(engine, plan, cancelled,
-                                          lambda i, text: loop.call_soon_threadsafe(pieces.put_nowait, (i, text))))
-    job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
-    worker.submit(job)
 
     def chunk(choices: list, usage: dict | None = None) -> str:
         payload = {"id": plan["id"], "object": "chat.completion.chunk", "created": plan["created"],
