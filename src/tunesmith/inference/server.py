@@ -214,11 +214,12 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
 
 async def _result(job: Job, request: Request):
     """The job's result; a client that disconnects while waiting cancels it (checked twice a second)."""
+    waiter = asyncio.wrap_future(job.future)
     try:
         while True:
-            done, _ = await asyncio.wait([asyncio.wrap_future(job.future)], timeout=0.5)
+            done, _ = await asyncio.wait([waiter], timeout=0.5)
             if done:
-                return done.pop().result()
+                return waiter.result()
             if await request.is_disconnected():
                 job.cancelled.set()
                 raise asyncio.CancelledError
