@@ -8,7 +8,8 @@ import pytest
 from tunesmith.config import build_config
 from tunesmith.errors import TunesmithError
 from tunesmith.inference import chat
-from tunesmith.inference.engine import Engine, TextStream, check_messages, sampling_settings
+from tunesmith.inference.engine import Engine, TextStream, check_messages
+from tunesmith.inference.generate import sampling_settings
 
 
 def chat_config(chat_model, **extra):

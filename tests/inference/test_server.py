@@ -13,7 +13,8 @@ import pytest
 import uvicorn
 
 from tunesmith.config import build_config
-from tunesmith.inference.engine import Engine, sampling_settings
+from tunesmith.inference.engine import Engine
+from tunesmith.inference.generate import sampling_settings
 from tunesmith.inference.server import create_app
 from tunesmith.model.reward_model import RewardModel
 from tunesmith.training.rewards import Scored, http_rewards

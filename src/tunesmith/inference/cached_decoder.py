@@ -107,22 +107,26 @@ def supports(model, length: int) -> bool:
     decoder = model.get_decoder()
     if not hasattr(decoder, "rotary_emb") or _rms_norm(decoder.norm) is None:
         return False
-    return all(layer is not None for layer in (_read_layer(block) for block in decoder.layers))
+    return all(_layer_parts(block) is not None for block in decoder.layers)
 
 
-def _read_layer(block) -> _Layer | None:
+def _layer_parts(block) -> tuple[list, list] | None:
+    """(norms, projections q/k/v/o/gate/up/down) of a decoder block, or None when one is of a kind this
+    decoder does not run; cheap, so `supports` can ask without building the fused q/k/v weights."""
     attention, mlp = block.self_attn, block.mlp
     if getattr(attention, "sliding_window", None):
         return None
     projections = [_projection(m) for m in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj,
                                             mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
-    if any(p is None for p in projections):
-        return None
     norms = [_rms_norm(m) for m in (block.input_layernorm, block.post_attention_layernorm)]
-    if any(n is None for n in norms):
+    if any(part is None for part in projections + norms):
         return None
-    q, k, v, o, gate, up, down = projections
-    return _Layer(norms[0], _joined([q, k, v]), o, norms[1], gate, up, down, mlp.act_fn)
+    return norms, projections
+
+
+def _read_layer(block) -> _Layer:
+    (input_norm, post_norm), (q, k, v, o, gate, up, down) = _layer_parts(block)
+    return _Layer(input_norm, _joined([q, k, v]), o, post_norm, gate, up, down, block.mlp.act_fn)
 
 
 def _rms_norm(module: nn.Module) -> tuple[torch.Tensor, float] | None:

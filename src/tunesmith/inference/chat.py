@@ -13,7 +13,8 @@ from __future__ import annotations
 import sys
 
 from tunesmith.config import TrainConfig
-from tunesmith.inference.engine import Engine, TextStream, sampling_settings
+from tunesmith.inference.engine import Engine, TextStream
+from tunesmith.inference.generate import sampling_settings
 
 WELCOME = "Chat with the model: `clear` forgets the history, `exit` leaves. Ctrl-C stops an answer."
 

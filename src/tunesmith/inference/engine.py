@@ -8,7 +8,6 @@ output, its value head comes along and `score` rates conversations; the same wei
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +33,6 @@ def inference_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
     return getattr(torch, config.infer_dtype)
 
 
-def sampling_settings(config: TrainConfig, **overrides) -> SamplingSettings:
-    settings = SamplingSettings(config.max_new_tokens, config.temperature, config.top_p, config.top_k,
-                                config.do_sample, config.repetition_penalty)
-    return dataclasses.replace(settings, **overrides)
-
-
 @dataclass
 class Engine:
     model: torch.nn.Module
@@ -54,9 +47,9 @@ class Engine:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = inference_dtype(config, device)
         adapters = config.adapter_name_or_path or []
-        reward_folder = _reward_folder(config.model_name_or_path, adapters)
+        reward_folder = trained_folder(config)
         reward_model = None
-        if reward_folder is not None:
+        if (reward_folder / VALUE_HEAD_FILE).is_file():
             # the reward model's own record says which adapters sit under it; the base may have moved
             base = config.model_name_or_path if adapters else None
             reward_model = RewardModel.load(reward_folder, base_model=base, template=config.template, dtype=dtype,
@@ -65,8 +58,7 @@ class Engine:
         else:
             model = load_model(config.model_name_or_path, dtype, device, trust_remote_code=config.trust_remote_code)
             merge_adapters(model, adapters)
-            tokenizer = load_tokenizer(adapters[-1] if adapters and _has_tokenizer(adapters[-1])
-                                       else config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+            tokenizer = load_tokenizer(tokenizer_folder(config), trust_remote_code=config.trust_remote_code)
         model.eval()
         return cls(model, tokenizer, get_template(config.template, tokenizer), config, reward_model)
 
@@ -135,11 +127,13 @@ def check_messages(messages: list[dict]) -> None:
             raise TunesmithError(f"messages[{index}].content must be a string.")
 
 
-def _reward_folder(model_name_or_path: str, adapters: list[str]) -> Path | None:
-    """The folder holding a value head: the last adapter, or the model itself (a full reward model)."""
-    folder = Path(adapters[-1] if adapters else model_name_or_path)
-    return folder if (folder / VALUE_HEAD_FILE).is_file() else None
+def trained_folder(config: TrainConfig) -> Path:
+    """What was trained last: the last adapter, or the model itself. Its tokenizer, recorded settings
+    and value head (a `stage: rm` output) describe the model being served or exported."""
+    return Path(config.adapter_name_or_path[-1] if config.adapter_name_or_path else config.model_name_or_path).expanduser()
 
 
-def _has_tokenizer(folder: str) -> bool:
-    return (Path(folder) / "tokenizer_config.json").is_file()
+def tokenizer_folder(config: TrainConfig) -> str:
+    """The trained folder when training saved a tokenizer there (it always does), else the base model's."""
+    folder = trained_folder(config)
+    return str(folder) if (folder / "tokenizer_config.json").is_file() else config.model_name_or_path

@@ -32,13 +32,13 @@ from transformers import AutoConfig
 from tunesmith.config import TrainConfig
 from tunesmith.data.templates import get_template
 from tunesmith.errors import TunesmithError
+from tunesmith.inference.engine import tokenizer_folder, trained_folder
 from tunesmith.model.adapters import merge_adapters, read_adapter_config
 from tunesmith.model.loading import load_model, load_tokenizer
 from tunesmith.model.reward_model import TRAIN_CONFIG, _training_settings
 from tunesmith.model.value_head import VALUE_HEAD_FILE, load_value_head, save_value_head
 
 GB = 10**9  # Hugging Face's "5GB" shard size is decimal
-TOKENIZER_MARKER = "tokenizer_config.json"  # what tokenizer.save_pretrained always writes
 
 
 def export_model(config: TrainConfig, say=print) -> Path:
@@ -48,11 +48,9 @@ def export_model(config: TrainConfig, say=print) -> Path:
     _check_destination(export_dir, config)
     for adapter in adapters:  # cheap checks before the slow model load
         read_adapter_config(adapter)
-    # The last adapter (or the model folder itself) is what was trained last: its tokenizer, recorded
-    # template and value head describe the model being exported.
-    source = Path(adapters[-1] if adapters else config.model_name_or_path).expanduser()
+    source = trained_folder(config)
     settings = _training_settings(source) if source.is_dir() else {}
-    tokenizer_path = str(source) if (source / TOKENIZER_MARKER).is_file() else config.model_name_or_path
+    tokenizer_path = tokenizer_folder(config)
     tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=config.trust_remote_code)
     template_name = config.template or settings.get("template")
     stop_ids = _stop_token_ids(tokenizer, template_name, say)

@@ -18,6 +18,7 @@ part of the response), or when the `on_step` callback (streaming, a stop string,
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -41,6 +42,13 @@ class SamplingSettings:
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0
+
+
+def sampling_settings(config, **overrides) -> SamplingSettings:
+    """The settings a config's generation keys ask for (RL rollouts, chat, API, predict), with overrides."""
+    settings = SamplingSettings(config.max_new_tokens, config.temperature, config.top_p, config.top_k,
+                                config.do_sample, config.repetition_penalty)
+    return dataclasses.replace(settings, **overrides)
 
 
 @dataclass

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from tunesmith.algorithms.text_metrics import similarity_scores
 from tunesmith.config import TrainConfig
 from tunesmith.data.dataset import load_conversations
-from tunesmith.inference.engine import Engine, sampling_settings
-from tunesmith.inference.generate import SamplingSettings
+from tunesmith.inference.engine import Engine
+from tunesmith.inference.generate import SamplingSettings, sampling_settings
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 RESULTS_FILE = "predict_results.json"

@@ -32,7 +32,8 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunesmith.errors import TunesmithError
-from tunesmith.inference.engine import Engine, TextStream, sampling_settings
+from tunesmith.inference.engine import Engine, TextStream
+from tunesmith.inference.generate import sampling_settings
 
 MAX_WAITING = 32  # queued requests beyond the running one
 MAX_CHOICES = 16

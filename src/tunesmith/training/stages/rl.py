@@ -38,7 +38,7 @@ from tunesmith.config import TrainConfig
 from tunesmith.data.dataset import load_conversations, split_train_eval
 from tunesmith.data.templates import get_template
 from tunesmith.errors import TunesmithError
-from tunesmith.inference.generate import SamplingSettings, generate
+from tunesmith.inference.generate import generate, sampling_settings
 from tunesmith.model.lora import disable_lora, merged_for_inference
 from tunesmith.model.value_head import VALUE_HEAD_FILE, attach_value_head
 from tunesmith.training import rewards as reward_sources
@@ -141,7 +141,7 @@ class Scorer:
                             for i, response in enumerate(responses)])
 
     def greedy_scores(self, model, rows: list[dict], stop_ids: list[int]) -> list[float]:
-        settings = dataclasses.replace(sampling_settings(self.config), do_sample=False)
+        settings = sampling_settings(self.config, do_sample=False)
         with merged_for_inference(model):
             generation = generate(model, [row["prompt_ids"] for row in rows], settings, stop_ids,
                                   self.tokenizer.pad_token_id)
@@ -152,10 +152,6 @@ class Scorer:
 
     def load_state_dict(self, state: dict) -> None:
         self.moments.load_state_dict(state)
-
-
-def sampling_settings(config: TrainConfig) -> SamplingSettings:
-    return SamplingSettings(config.max_new_tokens, config.temperature, config.top_p, config.top_k, config.do_sample)
 
 
 def _forward_args(config: TrainConfig, tokenizer) -> dict:
