@@ -53,6 +53,24 @@ def test_cached_decoder_equals_transformers(make_tiny_model, monkeypatch, arch, 
     assert runs[0].logps.shape == (6, max(len(r) for r in runs[0].response_ids))
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_graphed_step_equals_the_eager_step(make_tiny_model, monkeypatch, arch):
+    """The step a CUDA graph captures (masked attention over the whole cache buffer, keys and values
+    written with index_copy_ at a tensor column) gives the eager step's tokens and statistics; on a CPU
+    it runs eagerly, so this pins its maths; the capture itself is checked on a GPU."""
+    model = with_lora(make_tiny_model(arch, seed=4))
+    settings = SamplingSettings(max_new_tokens=10, temperature=1.3)
+    graphed_steps = []
+    run_graphed = cached_decoder._GraphedStep._run
+    monkeypatch.setattr(cached_decoder._GraphedStep, "_run", lambda self: graphed_steps.append(1) or run_graphed(self))
+    runs = []
+    for graphed in (False, True):
+        monkeypatch.setattr(cached_decoder, "_can_graph", lambda rotary, device, graphed=graphed: graphed)
+        runs.append(generate(model, PROMPTS, settings, STOP, 0, 2, torch.Generator().manual_seed(0), record=True))
+    assert len(graphed_steps) == settings.max_new_tokens - 1  # every step after the prefill, none eager
+    assert_same_generation(*runs)
+
+
 def test_mistral_and_biased_projections(monkeypatch):
     torch.manual_seed(0)
     mistral = MistralForCausalLM(MistralConfig(**TINY_SIZES, sliding_window=None)).eval()

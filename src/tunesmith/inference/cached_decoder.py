@@ -6,6 +6,10 @@ wrapper, every token. This decoder reads the weights once (a LoRA layer contribu
 when `merged_for_inference` set one, else its base weight plus the low-rank path), keeps keys and values
 in buffers sized for the whole generation, and runs one position per row per step with plain tensor ops.
 
+On a GPU a decode step of a small model is bound by kernel launches (hundreds per token), not by the
+GPU: there each step after the first replays a CUDA graph of the whole forward, which attends over the
+full cache buffer with a mask so every step has the same shapes.
+
 It covers the architectures whose layers are exactly: RMSNorm, q/k/v/o projections (optionally biased),
 rotary embeddings from the model's own `rotary_emb` (so scaled RoPE variants come along), grouped-query
 attention, RMSNorm, gate/up/down MLP with the model's activation. `supports(model)` says whether a
@@ -15,6 +19,7 @@ transformers' within float rounding (tested on Llama and Qwen2, with padding and
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -154,7 +159,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class CachedDecoder:
     """Prefill a batch of left-padded prompts, then decode one token per row per `step`."""
 
-    def __init__(self, model, rows: int, max_len: int):
+    def __init__(self, model, rows: int, max_len: int, cuda_graph: bool | None = None):
         decoder = model.get_decoder()
         config = model.config
         self.embed = decoder.embed_tokens
@@ -166,9 +171,13 @@ class CachedDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.scale = self.head_dim ** -0.5
         weight = self.embed.weight
+        self.graph = _GraphedStep(self) if (_can_graph(self.rotary, weight.device) if cuda_graph is None
+                                            else cuda_graph) else None
         shape = (len(self.layers), rows, self.kv_heads, max_len, self.head_dim)
-        self.keys = torch.empty(shape, dtype=weight.dtype, device=weight.device)
-        self.values = torch.empty(shape, dtype=weight.dtype, device=weight.device)
+        # a graphed step attends over every column (masked): unused ones must hold numbers, not garbage
+        make = torch.zeros if self.graph is not None else torch.empty
+        self.keys = make(shape, dtype=weight.dtype, device=weight.device)
+        self.values = make(shape, dtype=weight.dtype, device=weight.device)
         # additive attention bias per cache column: 0 for a real key, -inf for a pad or an unused column
         self.key_bias = torch.full((rows, max_len), float("-inf"), dtype=weight.dtype, device=weight.device)
         self.length = 0  # columns of the cache in use
@@ -188,6 +197,12 @@ class CachedDecoder:
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """[rows, hidden] final hidden state after feeding `tokens` [rows] at `positions` [rows, 1]."""
         column = self.length
+        if self.graph is not None:
+            hidden = self.graph(tokens, positions, column)
+            if hidden is not None:
+                self.length = column + 1
+                return hidden
+            self.graph = None  # capture failed (the warning says why): decode eagerly from here on
         self.key_bias[:, column] = 0.0
         hidden = self._forward(tokens[:, None], positions, self.key_bias[:, None, None, :column + 1], column)
         self.length = column + 1
@@ -195,22 +210,31 @@ class CachedDecoder:
 
     def repeat_interleave(self, times: int) -> None:
         """Repeat every row `times` times in place of it (GRPO's group shares one prefill)."""
+        if self.graph is not None:
+            self.graph = _GraphedStep(self)  # a captured graph would read the old buffers
         self.keys = self.keys.repeat_interleave(times, dim=1)
         self.values = self.values.repeat_interleave(times, dim=1)
         self.key_bias = self.key_bias.repeat_interleave(times, dim=0)
 
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                 start: int | torch.Tensor) -> torch.Tensor:
+        """Final hidden states [rows, length, hidden]; keys and values go to the cache from column `start`,
+        an int, or for the graphed step a one-element tensor (then attention spans the whole buffer)."""
         rows, length = input_ids.shape
         hidden = self.embed(input_ids)  # [rows, length, hidden]
         cos, sin = self.rotary(hidden, positions)
         cos, sin = cos[:, None], sin[:, None]  # [rows, 1, length, head_dim]
-        end = start + length
+        end = start + length if isinstance(start, int) else self.keys.shape[3]
         for index, layer in enumerate(self.layers):
             x = _norm(hidden, layer.input_norm)
             q, k, v = layer.qkv(x).view(rows, length, -1, self.head_dim).transpose(1, 2).split(
                 [self.heads, self.kv_heads, self.kv_heads], dim=1)  # [rows, heads, length, head_dim] each
-            self.keys[index, :, :, start:end] = _rotate(k, cos, sin)
-            self.values[index, :, :, start:end] = v
+            if isinstance(start, int):
+                self.keys[index, :, :, start:end] = _rotate(k, cos, sin)
+                self.values[index, :, :, start:end] = v
+            else:
+                self.keys[index].index_copy_(2, start, _rotate(k, cos, sin))
+                self.values[index].index_copy_(2, start, v)
             attended = self._attend(_rotate(q, cos, sin), index, end, mask)  # [rows, length, heads * head_dim]
             hidden = hidden + layer.o(attended)
             x = _norm(hidden, layer.post_norm)
@@ -230,3 +254,67 @@ class CachedDecoder:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
                                              enable_gqa=self.kv_heads != heads)
         return out.transpose(1, 2).reshape(rows, length, heads * head_dim)
+
+
+def _can_graph(rotary: nn.Module, device: torch.device) -> bool:
+    """CUDA graphs on a GPU, unless the RoPE variant decides on the host per call (dynamic NTK scaling)."""
+    rope_type = getattr(rotary, "rope_type", "default")
+    return device.type == "cuda" and "dynamic" not in str(rope_type)
+
+
+class _GraphedStep:
+    """`CachedDecoder.step` as one CUDA graph: captured at the first step, replayed after.
+
+    The graph reads static buffers (the step's tokens, positions and cache column, copied in before each
+    replay), writes keys and values into the column with `index_copy_` and attends over every cache
+    column with the additive mask, so its shapes never change. Replay launches the whole forward at once.
+    Off CUDA the same static-shape step runs eagerly (how the tests check it on a CPU).
+    """
+
+    def __init__(self, decoder: CachedDecoder):
+        self.decoder = decoder
+        self.graph = None
+        self.column = None
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, column: int) -> torch.Tensor | None:
+        """[rows, hidden] final hidden states (a fresh tensor), or None when capture fails."""
+        if self.column is None:
+            self.tokens, self.positions = tokens.clone(), positions.clone()
+            self.column = torch.tensor([column], device=tokens.device)
+            if tokens.is_cuda and not self._capture():
+                return None
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        self.column.fill_(column)
+        if self.graph is None:
+            return self._run()
+        self.graph.replay()
+        return self.out.clone()  # the next replay overwrites `out`; callers keep each step's states
+
+    def _run(self) -> torch.Tensor:
+        decoder = self.decoder
+        decoder.key_bias.index_fill_(1, self.column, 0.0)
+        hidden = decoder._forward(self.tokens[:, None], self.positions, decoder.key_bias[:, None, None, :], self.column)
+        return hidden[:, -1]
+
+    def _capture(self) -> bool:
+        device = self.tokens.device
+        # under mixed precision, casts must run inside the graph: autocast's weight-cast cache would hand
+        # the graph tensors that die with the cache (PyTorch asks for cache_enabled=False when capturing)
+        amp = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
+                             cache_enabled=False)
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with amp, torch.cuda.stream(side):  # warm-up outside capture (cuBLAS workspaces, lazy inits);
+                self._run()  # a step is idempotent: it rewrites the same cache column from the same inputs
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with amp, torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.out = self._run()
+        except RuntimeError as error:
+            warnings.warn(f"CUDA graph capture of the decode step failed ({error}); decoding without it.",
+                          stacklevel=4)
+            return False
+        self.graph = graph
+        return True
