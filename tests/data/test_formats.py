@@ -3,7 +3,14 @@
 import pytest
 
 from tunesmith.data.dataset import load_conversations, load_preference_examples
-from tunesmith.data.formats import PreferenceExample, alpaca_to_messages, sharegpt_to_messages
+from tunesmith.data.formats import (
+    BadRecord,
+    PreferenceExample,
+    alpaca_to_messages,
+    alpaca_to_prompt,
+    sharegpt_to_messages,
+    sharegpt_to_prompt,
+)
 from tunesmith.data.registry import ALPACA_COLUMNS, OPENAI_TAGS, SHAREGPT_TAGS
 from tunesmith.errors import TunesmithError
 
@@ -53,6 +60,23 @@ def test_sharegpt_system_message_and_column():
         sharegpt_to_messages(record, {"messages": "conversations", "system": "sys"}, SHAREGPT_TAGS)
         == expected
     )
+
+
+def test_rl_prompts_keep_an_answer_when_there_is_one():
+    """PPO/GRPO take prompt-only records too; an SFT record's answer stays, as the reward function's reference."""
+    user = {"role": "user", "content": "Q"}
+    for record in ({"instruction": "Q"}, {"instruction": "Q", "input": "", "output": ""}, {"instruction": "Q", "output": None}):
+        assert alpaca_to_prompt(record, ALPACA_COLUMNS) == [user]
+    assert alpaca_to_prompt({"instruction": "Q", "output": "A"}, ALPACA_COLUMNS) == [user, {"role": "assistant", "content": "A"}]
+    columns = {"messages": "conversations"}
+    asked = {"conversations": [{"from": "human", "value": "Q"}]}
+    assert sharegpt_to_prompt(asked, columns, SHAREGPT_TAGS) == [user]
+    answered = {"conversations": asked["conversations"] + [{"from": "gpt", "value": "A"}]}
+    assert sharegpt_to_prompt(answered, columns, SHAREGPT_TAGS)[-1] == {"role": "assistant", "content": "A"}
+    with pytest.raises(BadRecord, match="must alternate"):
+        sharegpt_to_prompt({"conversations": [{"from": "gpt", "value": "A"}]}, columns, SHAREGPT_TAGS)
+    with pytest.raises(BadRecord, match="missing column 'instruction'"):
+        alpaca_to_prompt({"output": "A"}, ALPACA_COLUMNS)
 
 
 def test_openai_messages_with_tags():

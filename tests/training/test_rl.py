@@ -68,6 +68,23 @@ def test_resume_is_bit_exact(rl_settings, tmp_path, stage, extra):
     assert without_timings(resumed) == without_timings(full)
 
 
+def test_prompt_only_records_train_and_reach_the_reward_function_without_a_reference(rl_settings, tmp_path):
+    data = tmp_path / "prompts"
+    data.mkdir()
+    (data / "asks.json").write_text(json.dumps([{"instruction": "Say a word."}, {"instruction": "Greet me.", "output": ""},
+                                                {"instruction": "Name a color.", "output": "red"}]))
+    (data / "dataset_info.json").write_text(json.dumps({"asks": {"file_name": "asks.json"}}))
+    seen = tmp_path / "seen.jsonl"
+    (tmp_path / "seen.py").write_text(
+        "import json\ndef reward(completions, references):\n"
+        f"    open({str(seen)!r}, 'a').write(json.dumps(references) + '\\n')\n    return [0.0] * len(completions)\n")
+    settings = {**rl_settings, "stage": "grpo", "num_generations": 2, "per_device_train_batch_size": 3, "max_steps": 1,
+                "dataset": "asks", "dataset_dir": str(data), "reward_function": f"{tmp_path / 'seen.py'}:reward"}
+    run_training(build_config(settings), say=lambda *a: None)
+    references = json.loads(seen.read_text().splitlines()[0])
+    assert sorted(references, key=str) == [None, None, None, None, "red", "red"]
+
+
 def test_response_forward_matches_the_plain_model(make_tiny_model):
     model = make_tiny_model("qwen2")
     attach_value_head(model)

@@ -15,7 +15,7 @@ import random
 import warnings
 
 from tunesmith.data.encode import IGNORE_INDEX, encode_sft
-from tunesmith.data.formats import CONVERTERS, BadRecord
+from tunesmith.data.formats import CONVERTERS, PROMPT_CONVERTERS, BadRecord
 from tunesmith.data.packing import pack_examples
 from tunesmith.data.readers import read_located, read_records
 from tunesmith.data.registry import dataset_files, detect_spec, resolve_dataset
@@ -23,8 +23,8 @@ from tunesmith.data.templates import get_template
 from tunesmith.errors import TunesmithError
 
 
-def _convert_file(path, located: list, spec, skip_bad_records: bool) -> list:
-    convert = CONVERTERS[(spec.formatting, spec.ranking)]
+def _convert_file(path, located: list, spec, skip_bad_records: bool, prompts: bool = False) -> list:
+    convert = PROMPT_CONVERTERS[spec.formatting] if prompts else CONVERTERS[(spec.formatting, spec.ranking)]
     converted, bad = [], []
     for index, (line, record) in enumerate(located):
         try:
@@ -45,7 +45,7 @@ def _convert_file(path, located: list, spec, skip_bad_records: bool) -> list:
     return converted
 
 
-def _load(names, dataset_dir, ranking: bool, max_samples, skip_bad_records: bool) -> list:
+def _load(names, dataset_dir, ranking: bool, max_samples, skip_bad_records: bool, prompts: bool = False) -> list:
     loaded = []
     for name in [names] if isinstance(names, str) else names:
         spec = resolve_dataset(name, dataset_dir)
@@ -62,7 +62,7 @@ def _load(names, dataset_dir, ranking: bool, max_samples, skip_bad_records: bool
                 )
                 use = "a preference stage (dpo, rm)" if spec.ranking else 'sft, or mark it "ranking": true'
                 raise TunesmithError(f"dataset '{name}' ({path}) is {kind}; use it with {use}.")
-            items += _convert_file(path, located, spec, skip_bad_records)
+            items += _convert_file(path, located, spec, skip_bad_records, prompts)
         if not items:
             raise TunesmithError(f"dataset '{name}' ({spec.path}) holds no usable record.")
         loaded += items[:max_samples]  # like LLaMA-Factory, max_samples applies to each dataset
@@ -72,6 +72,12 @@ def _load(names, dataset_dir, ranking: bool, max_samples, skip_bad_records: bool
 def load_conversations(names, dataset_dir, max_samples=None, skip_bad_records: bool = False) -> list:
     """Conversations [{"role", "content"}, ...] ending with an assistant turn, from one or more datasets."""
     return _load(names, dataset_dir, False, max_samples, skip_bad_records)
+
+
+def load_prompt_conversations(names, dataset_dir, max_samples=None, skip_bad_records: bool = False) -> list:
+    """Conversations ending with a user turn (prompt-only records) or with an assistant turn (the record's
+    own answer), from one or more SFT datasets: PPO and GRPO prompts."""
+    return _load(names, dataset_dir, False, max_samples, skip_bad_records, prompts=True)
 
 
 def load_preference_examples(names, dataset_dir, max_samples=None, skip_bad_records: bool = False) -> list:

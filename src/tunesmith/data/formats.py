@@ -105,6 +105,16 @@ def alpaca_to_messages(record: dict, columns: dict) -> list:
     )
 
 
+def alpaca_to_prompt(record: dict, columns: dict) -> list:
+    """An alpaca record for RL: the prompt, then the `response` column's answer when it has one (a
+    prompt-only record, with no or an empty output, ends with its user turn)."""
+    messages = _alpaca_prompt(record, columns)
+    response = _text(record, columns.get("response"), required=False)
+    if response.strip():
+        messages.append({"role": "assistant", "content": response})
+    return check_turns(messages, messages[-1]["role"])
+
+
 def alpaca_to_preference(record: dict, columns: dict) -> PreferenceExample:
     """An alpaca ranking record: prompt columns plus `chosen` / `rejected` answer strings."""
     prompt = check_turns(_alpaca_prompt(record, columns), "user")
@@ -165,6 +175,12 @@ def sharegpt_to_messages(record: dict, columns: dict, tags: dict) -> list:
     return check_turns(_sharegpt_prompt(record, columns, tags), "assistant")
 
 
+def sharegpt_to_prompt(record: dict, columns: dict, tags: dict) -> list:
+    """A sharegpt record for RL: a conversation ending with a user turn (prompt only) or an assistant one."""
+    messages = _sharegpt_prompt(record, columns, tags)
+    return check_turns(messages, "assistant" if messages[-1]["role"] == "assistant" else "user")
+
+
 def sharegpt_to_preference(record: dict, columns: dict, tags: dict) -> PreferenceExample:
     """A sharegpt ranking record: messages ending with a user turn, `chosen` / `rejected` assistant messages."""
     prompt = check_turns(_sharegpt_prompt(record, columns, tags), "user")
@@ -195,4 +211,10 @@ CONVERTERS = {
     ("sharegpt", False): lambda record, spec: sharegpt_to_messages(record, spec.columns, spec.tags),
     ("alpaca", True): lambda record, spec: alpaca_to_preference(record, spec.columns),
     ("sharegpt", True): lambda record, spec: sharegpt_to_preference(record, spec.columns, spec.tags),
+}
+
+# formatting -> converter of a record whose answer is optional (PPO/GRPO prompts)
+PROMPT_CONVERTERS = {
+    "alpaca": lambda record, spec: alpaca_to_prompt(record, spec.columns),
+    "sharegpt": lambda record, spec: sharegpt_to_prompt(record, spec.columns, spec.tags),
 }

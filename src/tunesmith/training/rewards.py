@@ -6,7 +6,8 @@ and the dataset's own answer) to one float per item:
   at the last token of the conversation, encoded with the reward model's own template;
 - `reward_function: module:function` or `path/to/file.py:function`, called as
   function(prompts=[str], completions=[str], references=[str | None]) -> list of numbers, for
-  verifiable rewards (the reference is the dataset's answer, e.g. the correct result);
+  verifiable rewards (the reference is the dataset's answer, e.g. the correct result, or None
+  for a prompt-only record);
 - an http(s) URL: POST {"messages": [[{"role", "content"}, ...], ...]} must answer {"scores": [...]},
   one number per conversation (the scoring endpoint of `tunesmith api` for a reward model).
 """

@@ -35,7 +35,7 @@ from tunesmith.algorithms.ppo import (
     token_rewards,
 )
 from tunesmith.config import TrainConfig
-from tunesmith.data.dataset import load_conversations, split_train_eval
+from tunesmith.data.dataset import load_prompt_conversations, split_train_eval
 from tunesmith.data.templates import get_template
 from tunesmith.errors import TunesmithError
 from tunesmith.inference.generate import generate, sampling_settings
@@ -66,7 +66,8 @@ class RLStage:
 
 
 def build_prompt_rows(config: TrainConfig, tokenizer) -> list[dict]:
-    """Each record's prompt (every turn before the last answer), encoded for generation, with its answer.
+    """Each record's prompt (every turn before the last answer, or the whole conversation of a prompt-only
+    record), encoded for generation, with its answer (None without one).
 
     The prompt keeps its last cutoff_len - max_new_tokens tokens, so the generation header survives.
     """
@@ -76,11 +77,14 @@ def build_prompt_rows(config: TrainConfig, tokenizer) -> list[dict]:
         raise TunesmithError(f"cutoff_len ({config.cutoff_len}) must exceed max_new_tokens ({config.max_new_tokens}): "
                              "the prompt and the sampled response share cutoff_len.")
     rows, cut = [], 0
-    for messages in load_conversations(config.dataset, config.dataset_dir, config.max_samples, config.skip_bad_records):
-        prompt_messages = messages[:-1]
+    for messages in load_prompt_conversations(config.dataset, config.dataset_dir, config.max_samples,
+                                              config.skip_bad_records):
+        answered = messages[-1]["role"] == "assistant"
+        prompt_messages = messages[:-1] if answered else messages
         ids = template.encode_prompt(tokenizer, prompt_messages)
         cut += len(ids) > budget
-        rows.append({"prompt_ids": ids[-budget:], "messages": prompt_messages, "reference": messages[-1]["content"]})
+        rows.append({"prompt_ids": ids[-budget:], "messages": prompt_messages,
+                     "reference": messages[-1]["content"] if answered else None})
     if cut:
         warnings.warn(f"{cut} of {len(rows)} prompts are longer than cutoff_len - max_new_tokens = {budget} tokens and "
                       "keep only their last tokens (the start, with any system prompt, is cut); raise cutoff_len.",
