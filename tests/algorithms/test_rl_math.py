@@ -158,3 +158,22 @@ def test_chunked_logprobs_and_entropy_equal_the_plain_computation(temperature):
     torch.testing.assert_close(entropy.double(), plain_entropy)
     for mine, plain in zip(chunked_grads, [hidden.grad, head.weight.grad, head.bias.grad]):
         torch.testing.assert_close(mine, plain)
+
+
+def test_without_an_entropy_gradient_a_frozen_head_keeps_dlogp_dhidden_from_the_forward():
+    """The cheaper path (no entropy term in the loss, LoRA's frozen head): same values, same hidden gradient."""
+    torch.manual_seed(1)
+    head = torch.nn.Linear(16, 50, bias=True).double().requires_grad_(False)
+    hidden = torch.randn(9, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (9,))
+    grad_lp = torch.randn(9, dtype=torch.float64)
+    logps, entropy = chunked_logprobs_entropy_at(hidden, head, targets, chunk_size=4, temperature=0.7, entropy_grad=False)
+    assert not entropy.requires_grad
+    (logps * grad_lp).sum().backward()
+    reference = hidden.detach().requires_grad_()
+    log_probs = torch.log_softmax(head(reference) / 0.7, dim=-1)
+    plain_logps = log_probs.gather(1, targets[:, None]).squeeze(1)
+    (plain_logps * grad_lp).sum().backward()
+    torch.testing.assert_close(logps.double(), plain_logps)
+    torch.testing.assert_close(entropy.double(), -(log_probs.exp() * log_probs).sum(-1))
+    torch.testing.assert_close(hidden.grad, reference.grad)

@@ -149,20 +149,35 @@ class _ChunkedLogprobsEntropy(torch.autograd.Function):
     With g the incoming gradients, d/dz of g_lp log p_y + g_H H is
         g_lp (onehot_y - p) - g_H p (log p + H)
     (dH/dz_j = -p_j (log p_j + H)), formed in the recomputed chunk's buffers.
+
+    Without `entropy_grad` (the loss has no entropy term) and with a frozen head (LoRA), forward keeps
+    d logp / d hidden, as `_ChunkedLogprobs` does, and backward only scales it: one head matmul fewer.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size):
+    def forward(ctx, hidden, weight, bias, labels, chunk_size, entropy_grad):
         token_logps = torch.empty(len(labels), dtype=torch.float32, device=hidden.device)
         entropy = torch.empty_like(token_logps)
+        frozen_head = not entropy_grad and ctx.needs_input_grad[0] and not any(ctx.needs_input_grad[1:3])
+        dlogp_dhidden = torch.empty_like(hidden) if frozen_head else None
         for rows, logits in _chunk_logits(hidden, weight, bias, chunk_size):
-            token_logps[rows], entropy[rows] = _logps_entropy_inplace(logits, labels[rows])[:2]
-        ctx.save_for_backward(hidden, weight, bias, labels, entropy)
-        ctx.chunk_size = chunk_size
+            token_logps[rows], entropy[rows], probs, _, _ = _logps_entropy_inplace(logits, labels[rows])
+            if frozen_head:  # d(-log p)/dz = softmax - onehot; d logp / d hidden = -(that) W
+                probs[torch.arange(len(probs), device=labels.device), labels[rows]] -= 1.0
+                torch.mm(probs.to(weight.dtype), weight, out=dlogp_dhidden[rows]).neg_()
+        if frozen_head:
+            ctx.save_for_backward(dlogp_dhidden)
+            ctx.mark_non_differentiable(entropy)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, labels, entropy)
+        ctx.frozen_head, ctx.chunk_size = frozen_head, chunk_size
         return token_logps, entropy
 
     @staticmethod
     def backward(ctx, grad_logps, grad_entropy):
+        if ctx.frozen_head:
+            (dlogp_dhidden,) = ctx.saved_tensors
+            return dlogp_dhidden * grad_logps[:, None].to(dlogp_dhidden.dtype), None, None, None, None, None
         hidden, weight, bias, labels, entropy = ctx.saved_tensors
         grad_logps = torch.zeros_like(entropy) if grad_logps is None else grad_logps
         grad_entropy = torch.zeros_like(entropy) if grad_entropy is None else grad_entropy
@@ -177,7 +192,7 @@ class _ChunkedLogprobsEntropy(torch.autograd.Function):
             grad_logits = probs.mul_(factor).neg_()
             grad_logits[torch.arange(len(g_lp), device=labels.device), labels[rows]] += g_lp.squeeze(1)
             _accumulate_grads(ctx, grad_logits, hidden[rows], weight, grad_hidden[rows], grads)
-        return grad_hidden, grads["weight"], grads["bias"], None, None
+        return grad_hidden, grads["weight"], grads["bias"], None, None, None
 
 
 class _ChunkedNLL(torch.autograd.Function):
@@ -233,18 +248,19 @@ def chunked_logprobs_at(hidden_rows, lm_head: torch.nn.Linear, targets, chunk_si
 
 
 def chunked_logprobs_entropy_at(hidden_rows, lm_head: torch.nn.Linear, targets, chunk_size: int = 1024,
-                                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                                temperature: float = 1.0, entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(targets[i]), entropy) [M] each, of softmax(logits / temperature) at hidden rows [M, H].
 
     The temperature is the one tokens were sampled with, so PPO's ratios compare the distributions
-    that were actually sampled from: (h W^T + b) / T = (h / T) W^T + b / T.
+    that were actually sampled from: (h W^T + b) / T = (h / T) W^T + b / T. With `entropy_grad=False`
+    the entropy is a statistic only (no gradient flows through it), which a frozen head makes cheaper.
     """
     chunk_size = _rows_per_chunk(chunk_size, lm_head.out_features)
     rows, weight, bias = _head_inputs(hidden_rows, lm_head)
     if temperature != 1.0:
         rows, bias = rows / temperature, None if bias is None else bias / temperature
     with torch.autocast(hidden_rows.device.type, enabled=False):
-        return _ChunkedLogprobsEntropy.apply(rows, weight, bias, targets, chunk_size)
+        return _ChunkedLogprobsEntropy.apply(rows, weight, bias, targets, chunk_size, entropy_grad)
 
 
 def chunked_nll(hidden, lm_head: torch.nn.Linear, labels, chunk_size: int = 1024) -> tuple[torch.Tensor, int]:

@@ -59,8 +59,10 @@ def response_mask(response_ids: list[list[int]], device) -> torch.Tensor:
 
 
 def response_forward(model, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
-                     chunk_size: int, temperature: float, with_values: bool):
+                     chunk_size: int, temperature: float, with_values: bool, entropy_grad: bool = True):
     """(log-probs, entropies, values or None) of every response token, each [samples, longest response].
+
+    `entropy_grad=False` when the loss has no entropy term: the entropies are then statistics only.
 
     The sequences run as one packed row (attention per sequence, no padding computed); only the
     positions that predict a response token are projected through lm_head and the value head.
@@ -72,7 +74,7 @@ def response_forward(model, prompt_ids: list[list[int]], response_ids: list[list
     positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     rows = backbone_hidden(model, batch)[0, positions]  # [response tokens, hidden]
     logps, entropy = chunked_logprobs_entropy_at(rows, model.get_output_embeddings(), targets[positions],
-                                                 chunk_size, temperature)
+                                                 chunk_size, temperature, entropy_grad)
     mask = response_mask(response_ids, device).bool()
     grid = lambda flat: flat.new_zeros(mask.shape).masked_scatter(mask, flat)  # noqa: E731  [samples, T]
     values = grid(model.v_head(rows)) if with_values else None

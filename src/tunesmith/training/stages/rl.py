@@ -264,7 +264,8 @@ def build_ppo_stage(model, config: TrainConfig, tokenizer) -> RLStage:
                        values, returns), metrics
 
     def loss(model, part: Rollout) -> tuple[torch.Tensor, dict]:
-        logps, entropy, values = response_forward(model, part.prompt_ids, part.response_ids, with_values=True, **forward)
+        logps, entropy, values = response_forward(model, part.prompt_ids, part.response_ids, with_values=True,
+                                                  entropy_grad=config.ppo_ent_coef != 0, **forward)
         out = ppo_loss(logps, part.old_logps, values, part.old_values, part.advantages, part.returns, entropy,
                        part.mask, config.ppo_clip, config.ppo_value_clip, config.ppo_vf_coef, config.ppo_ent_coef)
         stats = {"loss/policy": out.policy.detach(), "loss/value": out.value.detach(), **out.stats}
@@ -278,7 +279,7 @@ def build_grpo_stage(model, config: TrainConfig, tokenizer) -> RLStage:
     source, _ = build_reward_source(config, model)
     scorer = Scorer(source, tokenizer, config)
     stop_ids = get_template(config.template, tokenizer).stop_token_ids(tokenizer)
-    forward = {**_forward_args(config, tokenizer), "with_values": False}
+    forward = {**_forward_args(config, tokenizer), "with_values": False, "entropy_grad": False}
     group = config.num_generations
 
     def rollout(model, rows: list[dict]) -> tuple[Rollout, dict]:
