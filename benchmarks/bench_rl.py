@@ -10,6 +10,13 @@ prompts of 10-60 tokens, then runs `tunesmith train`'s `run_training`. Every res
 `--new-tokens` unless it samples its end-of-turn token, which a random-init model almost never does (the
 output reports the mean response length). The first `--warmup` steps are discarded; the rest are averaged
 from trainer_log.jsonl's step_seconds.
+
+MFU counts 2 FLOPs per weight per token for every pass the step runs, over the tokens it runs (prompt
+and response; lm_head only where a log-prob is needed), against this machine's measured matmul peak:
+sampling runs the prompts once and the response tokens one at a time; scoring runs the reference (with
+lm_head over the responses; PPO, or GRPO with a KL term) and, for PPO, the reward model (without);
+the update runs forward and backward (input gradients only: LoRA's own are negligible), so 2x.
+Decoding is memory-bound, so the sampling phase also reports the weight bytes it streamed per second.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import argparse
 import json
 import random
 import resource
+import sys
 import tempfile
 from pathlib import Path
 
@@ -32,6 +40,9 @@ from tunesmith.model.lora import inject_lora, lora_modules
 from tunesmith.model.value_head import ValueHead, save_value_head
 from tunesmith.training.run import run_training
 from tunesmith.training.tracking import read_log
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_train import matmul_peak_flops  # noqa: E402
 
 
 def make_reward_adapter(model_dir: Path, folder: Path, rank: int) -> None:
@@ -54,6 +65,23 @@ def prompt_records(n: int, seed: int) -> list[dict]:
     words = "the a model learns data from tokens and rewards over many small steps while values move".split()
     return [{"instruction": " ".join(rng.choices(words, k=rng.randint(8, 50))), "input": "", "output": "ok"}
             for _ in range(n)]
+
+
+def weight_counts(model_dir: Path) -> tuple[int, int]:
+    """(weights of the decoder layers' matmuls, weights of lm_head)."""
+    model = load_model(str(model_dir), torch.float32, torch.device("meta"))
+    layers = sum(p.numel() for p in model.get_decoder().layers.parameters() if p.dim() == 2)
+    return layers, model.get_output_embeddings().weight.numel()
+
+
+def phase_flops(stage: str, layers: int, head: int, prompt_tokens: float, response_tokens: float,
+                with_reference: bool) -> dict:
+    """FLOPs of one step's phases (see the module docstring)."""
+    sequence = prompt_tokens + response_tokens
+    generation = 2 * layers * sequence + 2 * head * response_tokens
+    policy_pass = 2 * layers * sequence + 2 * head * response_tokens
+    scoring = (policy_pass if with_reference else 0) + (2 * layers * sequence if stage == "ppo" else 0)
+    return {"generation": generation, "scoring": scoring, "update": 2 * policy_pass}
 
 
 def main() -> None:
@@ -92,7 +120,20 @@ def main() -> None:
             str(reward_dir) if args.stage == "ppo" else "tunesmith.data.synthetic:kindness_reward")
         run_training(build_config(settings), say=lambda *a: None)
         timed = [line for line in read_log(root / "out") if "step_seconds" in line][args.warmup:]
-    seconds = sum(line["step_seconds"] for line in timed) / len(timed)
+        layers, head = weight_counts(model_dir)
+    mean = lambda key: sum(line[key] for line in timed) / len(timed)  # noqa: E731
+    seconds = mean("step_seconds")
+    rows = args.prompts * (args.generations if args.stage == "grpo" else 1)
+    response_tokens = mean("response_length") * rows
+    prompt_tokens = mean("tokens_per_second") * seconds - response_tokens
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak = max(matmul_peak_flops(dtype, device, n) for n in ((4096, 8192) if device.type == "cuda" else (1024, 2048)))
+    flops = phase_flops(args.stage, layers, head, prompt_tokens, response_tokens,
+                        with_reference=args.stage == "ppo" or build_config(settings).ppo_kl_coef > 0)
+    mfu = {f"mfu/{phase}": round(flops[phase] / mean(f"time/{phase}") / peak, 3) for phase in flops
+           if mean(f"time/{phase}") > 0}
+    weight_bytes = (layers + head) * torch.tensor([], dtype=dtype).element_size()
     print(json.dumps({
         "stage": args.stage, "model": args.model or args.init, "prompts_per_step": args.prompts, "new_tokens": args.new_tokens,
         "mean_response_length": round(sum(line["response_length"] for line in timed) / len(timed), 1),
@@ -102,6 +143,9 @@ def main() -> None:
            for key in ("time/generation", "time/scoring", "time/update")},
         "tokens_per_second": round(sum(line["tokens_per_second"] for line in timed) / len(timed), 1),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "matmul_peak_gflops": round(peak / 1e9, 1),
+        "mfu": round(sum(flops.values()) / seconds / peak, 3), **mfu,
+        "decode_weight_gb_per_s": round(mean("response_length") * weight_bytes / mean("time/generation") / 1e9, 1),
     }, indent=2))
 
 
