@@ -14,7 +14,8 @@ from trainer_log.jsonl's step_seconds.
 MFU counts 2 FLOPs per weight per token for every pass the step runs, over the tokens it runs (prompt
 and response; lm_head only where a log-prob is needed), against this machine's measured matmul peak:
 sampling runs the prompts once and the response tokens one at a time; scoring runs the reference (with
-lm_head over the responses; PPO, or GRPO with a KL term) and, for PPO, the reward model (without);
+lm_head over the responses; PPO, or GRPO with a KL term), for PPO the reward model (without), and
+in bf16 the policy's own pass for pi_old (in fp32 the sampler's statistics are used);
 the update runs forward and backward (input gradients only: LoRA's own are negligible), so 2x.
 Decoding is memory-bound, so the sampling phase also reports the weight bytes it streamed per second.
 """
@@ -74,13 +75,15 @@ def weight_counts(model_dir: Path) -> tuple[int, int]:
     return layers, model.get_output_embeddings().weight.numel()
 
 
-def phase_flops(stage: str, layers: int, head: int, prompt_tokens: float, response_tokens: float,
-                with_reference: bool) -> dict:
-    """FLOPs of one step's phases (see the module docstring)."""
+def phase_flops(stage: str, layers: int, head: int, prompt_tokens: float, response_tokens: float, group: int,
+                with_reference: bool, policy_rescored: bool) -> dict:
+    """FLOPs of one step's phases (see the module docstring). `prompt_tokens` counts each of a GRPO
+    group's samples (as the passes over whole sequences run them); sampling prefills a prompt once."""
     sequence = prompt_tokens + response_tokens
-    generation = 2 * layers * sequence + 2 * head * response_tokens
+    generation = 2 * layers * (prompt_tokens / group + response_tokens) + 2 * head * response_tokens
     policy_pass = 2 * layers * sequence + 2 * head * response_tokens
-    scoring = (policy_pass if with_reference else 0) + (2 * layers * sequence if stage == "ppo" else 0)
+    passes = int(with_reference) + int(policy_rescored)  # pi_old from a forward unless the sampler's are exact
+    scoring = passes * policy_pass + (2 * layers * sequence if stage == "ppo" else 0)
     return {"generation": generation, "scoring": scoring, "update": 2 * policy_pass}
 
 
@@ -123,16 +126,17 @@ def main() -> None:
         layers, head = weight_counts(model_dir)
     mean = lambda key: sum(line[key] for line in timed) / len(timed)  # noqa: E731
     seconds = mean("step_seconds")
-    rows = args.prompts * (args.generations if args.stage == "grpo" else 1)
-    response_tokens = mean("response_length") * rows
-    prompt_tokens = mean("tokens_per_second") * seconds - response_tokens
+    group = args.generations if args.stage == "grpo" else 1
+    response_tokens = mean("response_length") * args.prompts * group
+    prompt_tokens = sum(line["tokens_per_second"] * line["step_seconds"] for line in timed) / len(timed) - response_tokens
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = max(matmul_peak_flops(dtype, device, n) for n in ((4096, 8192) if device.type == "cuda" else (1024, 2048)))
-    flops = phase_flops(args.stage, layers, head, prompt_tokens, response_tokens,
-                        with_reference=args.stage == "ppo" or build_config(settings).ppo_kl_coef > 0)
-    mfu = {f"mfu/{phase}": round(flops[phase] / mean(f"time/{phase}") / peak, 3) for phase in flops
-           if mean(f"time/{phase}") > 0}
+    flops = phase_flops(args.stage, layers, head, prompt_tokens, response_tokens, group,
+                        with_reference=args.stage == "ppo" or build_config(settings).ppo_kl_coef > 0,
+                        policy_rescored=settings["bf16"])  # sampler statistics are used in fp32 only
+    mfu = {f"mfu/{phase}": float(f"{flops[phase] / mean(f'time/{phase}') / peak:.3g}") for phase in flops
+           if mean(f"time/{phase}") > 0}  # significant digits: a GPU's MFU on a 40M model is ~1e-4
     weight_bytes = (layers + head) * torch.tensor([], dtype=dtype).element_size()
     print(json.dumps({
         "stage": args.stage, "model": args.model or args.init, "prompts_per_step": args.prompts, "new_tokens": args.new_tokens,
@@ -144,8 +148,9 @@ def main() -> None:
         "tokens_per_second": round(sum(line["tokens_per_second"] for line in timed) / len(timed), 1),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
         "matmul_peak_gflops": round(peak / 1e9, 1),
-        "mfu": round(sum(flops.values()) / seconds / peak, 3), **mfu,
-        "decode_weight_gb_per_s": round(mean("response_length") * weight_bytes / mean("time/generation") / 1e9, 1),
+        "mfu": float(f"{sum(flops.values()) / seconds / peak:.3g}"), **mfu,
+        # decode steps: the longest answer's length, max_new_tokens for a random-init model
+        "decode_weight_gb_per_s": round(args.new_tokens * weight_bytes / mean("time/generation") / 1e9, 1),
     }, indent=2))
 
 

@@ -1,6 +1,9 @@
 """The hand-written decoder equals transformers' forward: same tokens, same hidden states, same log-probs,
 for Llama, Qwen2 (biased q/k/v) and Mistral, padded prompts, groups, and LoRA merged or not."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -53,22 +56,42 @@ def test_cached_decoder_equals_transformers(make_tiny_model, monkeypatch, arch, 
     assert runs[0].logps.shape == (6, max(len(r) for r in runs[0].response_ids))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_graphed_step_equals_the_eager_step(make_tiny_model, monkeypatch, arch):
+@pytest.mark.parametrize("arch,autocast", [("llama", False), ("qwen2", False), ("llama", True)])
+def test_graphed_step_equals_the_eager_step(make_tiny_model, monkeypatch, arch, autocast):
     """The step a CUDA graph captures (masked attention over the whole cache buffer, keys and values
     written with index_copy_ at a tensor column) gives the eager step's tokens and statistics; on a CPU
-    it runs eagerly, so this pins its maths; the capture itself is checked on a GPU."""
+    it runs eagerly, so this pins its maths (under mixed precision too: bf16 keys into an fp32 cache);
+    the capture itself is checked on a GPU (benchmarks/bench_decode.py)."""
     model = with_lora(make_tiny_model(arch, seed=4))
     settings = SamplingSettings(max_new_tokens=10, temperature=1.3)
     graphed_steps = []
     run_graphed = cached_decoder._GraphedStep._run
-    monkeypatch.setattr(cached_decoder._GraphedStep, "_run", lambda self: graphed_steps.append(1) or run_graphed(self))
+    monkeypatch.setattr(cached_decoder._GraphedStep, "_run",
+                        lambda self, decoder: graphed_steps.append(1) or run_graphed(self, decoder))
     runs = []
     for graphed in (False, True):
         monkeypatch.setattr(cached_decoder, "_can_graph", lambda rotary, device, graphed=graphed: graphed)
-        runs.append(generate(model, PROMPTS, settings, STOP, 0, 2, torch.Generator().manual_seed(0), record=True))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            runs.append(generate(model, PROMPTS, settings, STOP, 0, 2, torch.Generator().manual_seed(0), record=True))
     assert len(graphed_steps) == settings.max_new_tokens - 1  # every step after the prefill, none eager
     assert_same_generation(*runs)
+
+
+def test_a_finished_decoder_is_freed_at_once(make_tiny_model, monkeypatch):
+    """No reference cycle keeps a decoder (its KV cache, on a GPU its graph's memory) alive after generate."""
+    monkeypatch.setattr(cached_decoder, "_can_graph", lambda rotary, device: True)
+    decoders = []
+    real_init = cached_decoder.CachedDecoder.__init__
+    monkeypatch.setattr(cached_decoder.CachedDecoder, "__init__",
+                        lambda self, *a, **k: decoders.append(weakref.ref(self)) or real_init(self, *a, **k))
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # only reference counting may free it
+    try:
+        generate(make_tiny_model("llama"), PROMPTS, SamplingSettings(max_new_tokens=4), STOP, 0)
+        assert len(decoders) == 1 and decoders[0]() is None
+    finally:
+        if gc_was_enabled:
+            gc.enable()
 
 
 def test_mistral_and_biased_projections(monkeypatch):

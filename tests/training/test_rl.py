@@ -10,10 +10,12 @@ import torch
 
 from tunesmith.config import build_config
 from tunesmith.errors import TunesmithError
+from tunesmith.model.loading import load_tokenizer
 from tunesmith.model.value_head import attach_value_head
 from tunesmith.training import rewards
 from tunesmith.training.rollout import response_forward
 from tunesmith.training.run import run_training
+from tunesmith.training.stages.rl import build_prompt_rows
 from tunesmith.training.tracking import read_log
 
 REWARD_FILE = '''
@@ -83,6 +85,19 @@ def test_prompt_only_records_train_and_reach_the_reward_function_without_a_refer
     run_training(build_config(settings), say=lambda *a: None)
     references = json.loads(seen.read_text().splitlines()[0])
     assert sorted(references, key=str) == [None, None, None, None, "red", "red"]
+
+
+def test_a_reward_function_over_answerless_data_is_warned_about(rl_settings, tmp_path):
+    """All references None with a reward function usually means the answer column is not mapped."""
+    data = tmp_path / "prompts"
+    data.mkdir()
+    (data / "asks.json").write_text(json.dumps([{"question": "2+2?", "answer": "4"}]))
+    (data / "dataset_info.json").write_text(json.dumps(
+        {"asks": {"file_name": "asks.json", "columns": {"prompt": "question"}}}))  # "response": "answer" forgotten
+    config = build_config({**rl_settings, "dataset": "asks", "dataset_dir": str(data)})
+    with pytest.warns(UserWarning, match="references are all None"):
+        rows = build_prompt_rows(config, load_tokenizer(config.model_name_or_path))
+    assert rows[0]["reference"] is None and rows[0]["messages"] == [{"role": "user", "content": "2+2?"}]
 
 
 def test_response_forward_matches_the_plain_model(make_tiny_model):

@@ -89,6 +89,10 @@ def build_prompt_rows(config: TrainConfig, tokenizer) -> list[dict]:
         warnings.warn(f"{cut} of {len(rows)} prompts are longer than cutoff_len - max_new_tokens = {budget} tokens and "
                       "keep only their last tokens (the start, with any system prompt, is cut); raise cutoff_len.",
                       stacklevel=2)
+    if config.reward_function and all(row["reference"] is None for row in rows):
+        warnings.warn(f"No record of {', '.join(config.dataset)} has an answer, so the reward function's references "
+                      "are all None. If the answers are there under another column name, map it as \"response\" "
+                      "(alpaca) under \"columns\" in dataset_info.json.", stacklevel=2)
     return rows
 
 
