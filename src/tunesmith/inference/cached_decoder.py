@@ -159,7 +159,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class CachedDecoder:
     """Prefill a batch of left-padded prompts, then decode one token per row per `step`."""
 
-    def __init__(self, model, rows: int, max_len: int, cuda_graph: bool | None = None):
+    def __init__(self, model, rows: int, max_len: int):
         decoder = model.get_decoder()
         config = model.config
         self.embed = decoder.embed_tokens
@@ -171,8 +171,7 @@ class CachedDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.scale = self.head_dim ** -0.5
         weight = self.embed.weight
-        self.graph = _GraphedStep() if (_can_graph(self.rotary, weight.device) if cuda_graph is None
-                                        else cuda_graph) else None
+        self.graph = _GraphedStep() if _can_graph(self.rotary, weight.device) else None
         shape = (len(self.layers), rows, self.kv_heads, max_len, self.head_dim)
         # a graphed step attends over every column (masked): unused ones must hold numbers, not garbage
         make = torch.zeros if self.graph is not None else torch.empty
