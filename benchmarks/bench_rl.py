@@ -121,7 +121,8 @@ def main() -> None:
         }
         settings["reward_model" if args.stage == "ppo" else "reward_function"] = (
             str(reward_dir) if args.stage == "ppo" else "tunesmith.data.synthetic:kindness_reward")
-        run_training(build_config(settings), say=lambda *a: None)
+        config = build_config(settings)
+        run_training(config, say=lambda *a: None)
         timed = [line for line in read_log(root / "out") if "step_seconds" in line][args.warmup:]
         layers, head = weight_counts(model_dir)
     mean = lambda key: sum(line[key] for line in timed) / len(timed)  # noqa: E731
@@ -133,19 +134,18 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = max(matmul_peak_flops(dtype, device, n) for n in ((4096, 8192) if device.type == "cuda" else (1024, 2048)))
     flops = phase_flops(args.stage, layers, head, prompt_tokens, response_tokens, group,
-                        with_reference=args.stage == "ppo" or build_config(settings).ppo_kl_coef > 0,
+                        with_reference=args.stage == "ppo" or config.ppo_kl_coef > 0,
                         policy_rescored=settings["bf16"])  # sampler statistics are used in fp32 only
     mfu = {f"mfu/{phase}": float(f"{flops[phase] / mean(f'time/{phase}') / peak:.3g}") for phase in flops
            if mean(f"time/{phase}") > 0}  # significant digits: a GPU's MFU on a 40M model is ~1e-4
     weight_bytes = (layers + head) * torch.tensor([], dtype=dtype).element_size()
     print(json.dumps({
         "stage": args.stage, "model": args.model or args.init, "prompts_per_step": args.prompts, "new_tokens": args.new_tokens,
-        "mean_response_length": round(sum(line["response_length"] for line in timed) / len(timed), 1),
+        "mean_response_length": round(mean("response_length"), 1),
         "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
         "seconds_per_step": round(seconds, 3),
-        **{key: round(sum(line[key] for line in timed) / len(timed), 3)
-           for key in ("time/generation", "time/scoring", "time/update")},
-        "tokens_per_second": round(sum(line["tokens_per_second"] for line in timed) / len(timed), 1),
+        **{key: round(mean(key), 3) for key in ("time/generation", "time/scoring", "time/update")},
+        "tokens_per_second": round(mean("tokens_per_second"), 1),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
         "matmul_peak_gflops": round(peak / 1e9, 1),
         "mfu": float(f"{sum(flops.values()) / seconds / peak:.3g}"), **mfu,

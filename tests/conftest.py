@@ -1,4 +1,8 @@
-"""Tiny random-init causal LMs (2 layers, hidden 32) built in-process: no hub, no files, seconds to run."""
+"""Tiny random-init causal LMs (2 layers, hidden 32) built in-process: no hub, no files, seconds to run;
+and a writer for small dataset files."""
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,3 +32,20 @@ def make_tiny_model():
         return model_cls(config_cls(**TINY_SIZES)).eval()
 
     return make
+
+
+def _write_dataset(folder: Path, name: str, records: list, entry: dict | None = None) -> Path:
+    """Write records to <folder>/<name>.json and, with `entry`, register it in dataset_info.json."""
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(records))
+    if entry is not None:
+        info_path = folder / "dataset_info.json"
+        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        info[name] = {"file_name": path.name, **entry}
+        info_path.write_text(json.dumps(info))
+    return path
+
+
+@pytest.fixture
+def write_dataset():
+    return _write_dataset

@@ -1,7 +1,6 @@
 """Fixtures for the data tests: a tiny offline BPE tokenizer with Qwen-style special tokens,
-the shared LLaMA-Factory reference folder, and a writer for small dataset files."""
+and the shared LLaMA-Factory reference folder (the dataset writer is in tests/conftest.py)."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -64,20 +63,3 @@ def reference_dir() -> Path:
     if not (REFERENCE_DIR / "dataset_info.json").is_file():
         pytest.skip(f"reference data not found at {REFERENCE_DIR}")
     return REFERENCE_DIR
-
-
-def _write_dataset(folder: Path, name: str, records: list, entry: dict | None = None) -> Path:
-    """Write records to <folder>/<name>.json and, with `entry`, register it in dataset_info.json."""
-    path = folder / f"{name}.json"
-    path.write_text(json.dumps(records))
-    if entry is not None:
-        info_path = folder / "dataset_info.json"
-        info = json.loads(info_path.read_text()) if info_path.exists() else {}
-        info[name] = {"file_name": path.name, **entry}
-        info_path.write_text(json.dumps(info))
-    return path
-
-
-@pytest.fixture
-def write_dataset():
-    return _write_dataset

@@ -70,31 +70,26 @@ def test_resume_is_bit_exact(rl_settings, tmp_path, stage, extra):
     assert without_timings(resumed) == without_timings(full)
 
 
-def test_prompt_only_records_train_and_reach_the_reward_function_without_a_reference(rl_settings, tmp_path):
-    data = tmp_path / "prompts"
-    data.mkdir()
-    (data / "asks.json").write_text(json.dumps([{"instruction": "Say a word."}, {"instruction": "Greet me.", "output": ""},
-                                                {"instruction": "Name a color.", "output": "red"}]))
-    (data / "dataset_info.json").write_text(json.dumps({"asks": {"file_name": "asks.json"}}))
+def test_prompt_only_records_train_and_reach_the_reward_function_without_a_reference(rl_settings, tmp_path,
+                                                                                       write_dataset):
+    write_dataset(tmp_path, "asks", [{"instruction": "Say a word."}, {"instruction": "Greet me.", "output": ""},
+                                     {"instruction": "Name a color.", "output": "red"}], {})
     seen = tmp_path / "seen.jsonl"
     (tmp_path / "seen.py").write_text(
         "import json\ndef reward(completions, references):\n"
         f"    open({str(seen)!r}, 'a').write(json.dumps(references) + '\\n')\n    return [0.0] * len(completions)\n")
     settings = {**rl_settings, "stage": "grpo", "num_generations": 2, "per_device_train_batch_size": 3, "max_steps": 1,
-                "dataset": "asks", "dataset_dir": str(data), "reward_function": f"{tmp_path / 'seen.py'}:reward"}
+                "dataset": "asks", "dataset_dir": str(tmp_path), "reward_function": f"{tmp_path / 'seen.py'}:reward"}
     run_training(build_config(settings), say=lambda *a: None)
     references = json.loads(seen.read_text().splitlines()[0])
     assert sorted(references, key=str) == [None, None, None, None, "red", "red"]
 
 
-def test_a_reward_function_over_answerless_data_is_warned_about(rl_settings, tmp_path):
+def test_a_reward_function_over_answerless_data_is_warned_about(rl_settings, tmp_path, write_dataset):
     """All references None with a reward function usually means the answer column is not mapped."""
-    data = tmp_path / "prompts"
-    data.mkdir()
-    (data / "asks.json").write_text(json.dumps([{"question": "2+2?", "answer": "4"}]))
-    (data / "dataset_info.json").write_text(json.dumps(
-        {"asks": {"file_name": "asks.json", "columns": {"prompt": "question"}}}))  # "response": "answer" forgotten
-    config = build_config({**rl_settings, "dataset": "asks", "dataset_dir": str(data)})
+    write_dataset(tmp_path, "asks", [{"question": "2+2?", "answer": "4"}],
+                  {"columns": {"prompt": "question"}})  # "response": "answer" forgotten
+    config = build_config({**rl_settings, "dataset": "asks", "dataset_dir": str(tmp_path)})
     with pytest.warns(UserWarning, match="references are all None"):
         rows = build_prompt_rows(config, load_tokenizer(config.model_name_or_path))
     assert rows[0]["reference"] is None and rows[0]["messages"] == [{"role": "user", "content": "2+2?"}]

@@ -2,9 +2,10 @@
 
 A rollout holds, per response token, what the update needs: the log-prob under the policy that sampled
 it (pi_old), under the reference (the policy with its LoRA adapter switched off), the critic's value
-(PPO), and the sequence's score from the reward source. All of them come from one packed forward per
-model over prompt + response (`response_forward`), run in eval mode: the values a rollout remembers
-must not be one dropout sample.
+(PPO), and the sequence's score from the reward source. They come from one packed forward per model
+over prompt + response (`response_forward`), run in eval mode: the values a rollout remembers must not
+be one dropout sample. In fp32, pi_old and the values come from the sampler itself
+(`sampler_statistics_are_exact` in stages/rl.py), which saves the policy's forward.
 """
 
 from __future__ import annotations
@@ -62,10 +63,9 @@ def response_forward(model, prompt_ids: list[list[int]], response_ids: list[list
                      chunk_size: int, temperature: float, with_values: bool, entropy_grad: bool = True):
     """(log-probs, entropies, values or None) of every response token, each [samples, longest response].
 
-    `entropy_grad=False` when the loss has no entropy term: the entropies are then statistics only.
-
     The sequences run as one packed row (attention per sequence, no padding computed); only the
     positions that predict a response token are projected through lm_head and the value head.
+    `entropy_grad=False` when the loss has no entropy term: the entropies are then statistics only.
     """
     device = next(model.parameters()).device
     sequences = [(p + r, [IGNORE_INDEX] * len(p) + r) for p, r in zip(prompt_ids, response_ids)]
