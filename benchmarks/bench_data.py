@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from tunesmith.data.streams import read_stream
-from tunesmith.data.synthetic import messy_text_records
+from tunesmith.demos.synthetic import messy_text_records
 
 PREPARE = ["--require", "input_text,target_text", "--rename", "input_text:prompt,target_text:response",
            "--char-count", "char_cnt", "--max-chars", "4096"]

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.inference import cached_decoder
-from tunesmith.inference.generate import SamplingSettings, generate
 from tunesmith.model.init_model import init_model
 from tunesmith.model.loading import load_model
 from tunesmith.model.lora import inject_lora, lora_modules
+from tunesmith.sampling import cached_decoder
+from tunesmith.sampling.generate import SamplingSettings, generate
 
 PATHS = ("graph", "eager", "transformers")
 

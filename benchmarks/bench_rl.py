@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from tunesmith.config import build_config
 from tunesmith.model.adapters import save_adapter
 from tunesmith.model.init_model import init_model
 from tunesmith.model.loading import load_model, load_tokenizer
 from tunesmith.model.lora import inject_lora, lora_modules
 from tunesmith.model.value_head import ValueHead, save_value_head
+from tunesmith.training.configure import build_config
 from tunesmith.training.run import run_training
 from tunesmith.training.tracking import read_log
 
@@ -120,7 +120,7 @@ def main() -> None:
             "num_generations": args.generations, "bf16": torch.cuda.is_available(),
         }
         settings["reward_model" if args.stage == "ppo" else "reward_function"] = (
-            str(reward_dir) if args.stage == "ppo" else "tunesmith.data.synthetic:kindness_reward")
+            str(reward_dir) if args.stage == "ppo" else "tunesmith.demos.synthetic:kindness_reward")
         config = build_config(settings)
         run_training(config, say=lambda *a: None)
         timed = [line for line in read_log(root / "out") if "step_seconds" in line][args.warmup:]
@@ -134,7 +134,7 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = max(matmul_peak_flops(dtype, device, n) for n in ((4096, 8192) if device.type == "cuda" else (1024, 2048)))
     flops = phase_flops(args.stage, layers, head, prompt_tokens, response_tokens, group,
-                        with_reference=args.stage == "ppo" or config.ppo_kl_coef > 0,
+                        with_reference=args.stage == "ppo" or config.method.ppo_kl_coef > 0,
                         policy_rescored=settings["bf16"])  # sampler statistics are used in fp32 only
     mfu = {f"mfu/{phase}": float(f"{flops[phase] / mean(f'time/{phase}') / peak:.3g}") for phase in flops
            if mean(f"time/{phase}") > 0}  # significant digits: a GPU's MFU on a 40M model is ~1e-4

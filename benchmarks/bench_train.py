@@ -33,10 +33,10 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.config import build_config
 from tunesmith.data.pairs import shared_prefix_length
 from tunesmith.model.loading import load_tokenizer
 from tunesmith.training import loop
+from tunesmith.training.configure import build_config
 from tunesmith.training.distributed import ProcessInfo
 from tunesmith.training.run import prepare_training
 
@@ -127,13 +127,13 @@ def main(argv=None) -> dict:
     config, device, model = run.config, run.device, run.model
     (work / "out").mkdir()
     for steps in (args.warmup, args.steps):  # the first call warms up; the second is timed
-        config.max_steps = config.logging_steps = steps
+        config.train.max_steps = config.output.logging_steps = steps
         if not args.precompute_ref_logprobs:  # DPO remembers reference log-probs; time a first epoch's steps
             for row in run.data.train:
                 row.pop("ref_chosen_logps", None), row.pop("ref_rejected_logps", None)
         metrics = loop.train(model, run.stage, run.data, config, work / "out", lambda folder: None, ProcessInfo())
     params = sum(p.numel() for p in model.parameters())
-    flops = flops_per_token(model, args.stage, config.finetuning_type, args.precompute_ref_logprobs)
+    flops = flops_per_token(model, args.stage, config.adapter.finetuning_type, args.precompute_ref_logprobs)
     computed = 1.0  # share of the counted tokens actually run: a pair's prompt runs once for both answers
     if args.stage != "sft":
         counted = sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in run.data.train)
@@ -142,7 +142,7 @@ def main(argv=None) -> dict:
     peak = max(matmul_peak_flops(torch.bfloat16 if args.bf16 else torch.float32, device, n) for n in sizes)
     result = {
         "stage": args.stage, "model": model_path, "params": params, "device": str(device), "dtype": str(run.compute_dtype),
-        "finetuning_type": config.finetuning_type, "batch_size": args.batch_size, "cutoff_len": args.cutoff_len,
+        "finetuning_type": config.adapter.finetuning_type, "batch_size": args.batch_size, "cutoff_len": args.cutoff_len,
         "packing": args.packing, "threads": torch.get_num_threads(),
         "tokens_per_second": metrics["tokens_per_second"],
         "peak_rss_gb": round(_peak_rss_bytes() / 1e9, 3),

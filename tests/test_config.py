@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith.config import build_config, load_config
 from tunesmith.errors import TunesmithError
+from tunesmith.training.configure import build_config, load_config
 
 BASE = {"model_name_or_path": "m", "dataset": "d"}
 
@@ -17,10 +17,10 @@ def test_llama_factory_example_loads_with_notices(tmp_path):
     path.write_text(EXAMPLE.read_text())
     notices = []
     config = load_config(path, [], notices)
-    assert config.dataset == ["identity"] and config.template == "qwen3_nothink" and config.trust_remote_code
-    assert config.learning_rate == pytest.approx(1e-4)  # YAML 1.1 reads 1.0e-4 as a float, 1e-4 as text
-    assert config.lora_alpha == 16 and config.lora_target == ["all"]
-    assert config.num_train_epochs == 3.0 and config.resume_from_checkpoint is None
+    assert config.data.dataset == ["identity"] and config.data.template == "qwen3_nothink" and config.model.trust_remote_code
+    assert config.train.learning_rate == pytest.approx(1e-4)  # YAML 1.1 reads 1.0e-4 as a float, 1e-4 as text
+    assert config.adapter.lora_alpha == 16 and config.adapter.lora_target == ["all"]
+    assert config.train.num_train_epochs == 3.0 and config.output.resume_from_checkpoint is None
     ignored = {"preprocessing_num_workers", "dataloader_num_workers", "save_only_model", "ddp_timeout"}
     assert len(notices) == len(ignored)
     assert all(any(f"`{key}`" in n for n in notices) for key in ignored)
@@ -31,8 +31,8 @@ def test_overrides_win_and_parse_types(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model_name_or_path: m\ndataset: d\nlearning_rate: 1.0e-3\n")
     config = load_config(path, ["learning_rate=1e-4", "max_steps=7", "packing=true", "lora_target=q_proj,v_proj"])
-    assert config.learning_rate == pytest.approx(1e-4) and config.max_steps == 7 and config.packing is True
-    assert config.lora_target == ["q_proj", "v_proj"]
+    assert config.train.learning_rate == pytest.approx(1e-4) and config.train.max_steps == 7 and config.data.packing is True
+    assert config.adapter.lora_target == ["q_proj", "v_proj"]
 
 
 def test_typo_suggests_closest_key_with_line(tmp_path):

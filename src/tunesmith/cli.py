@@ -23,20 +23,42 @@ from tunesmith.errors import TunesmithError
 
 
 def _train(args) -> None:
-    from tunesmith.config import load_config
-    from tunesmith.training.run import run_training
+    from tunesmith.training.configure import config_help
 
-    notices: list[str] = []
-    config = load_config(args.config, args.overrides, notices)
-    for notice in notices:
-        print(notice, file=sys.stderr)
-    metrics = run_training(config)
+    if args.help is not None or args.config is None:
+        print(config_help(None if args.help in (None, "all") else args.help) if args.help is not None
+              else "usage: tunesmith train cfg.yaml [key=value ...]   (tunesmith train --help [SECTION] lists the keys)")
+        return
+    config = _command_config(args, "train")
+    metrics = train_and_predict(config)
     summary = ", ".join(f"{key}={value:.4g}" for key, value in metrics.items())
-    print(f"[tunesmith] done: {summary}; outputs in {config.output_dir}")
+    print(f"[tunesmith] done: {summary}; outputs in {config.output.output_dir}")
+
+
+def train_and_predict(config, say=print) -> dict:
+    """`tunesmith train`: train (do_train), then, with do_predict, answer eval_dataset's prompts with a fresh
+    load of what training wrote (so the predictions equal a later `do_train: false` run's on that folder)."""
+    from pathlib import Path
+
+    from tunesmith.inference.predict import run_prediction
+    from tunesmith.training.distributed import process_info
+    from tunesmith.training.run import check_output_dir, run_training, trained_model_config, write_results
+
+    output_dir = Path(config.output.output_dir)
+    if config.task.do_train:
+        metrics = run_training(config, say)
+    else:
+        check_output_dir(output_dir, config, None)
+        metrics = {}
+    if config.task.do_predict and process_info().is_main:
+        model_config = trained_model_config(config) if config.task.do_train else config
+        metrics = {**metrics, **run_prediction(model_config, say)}
+        write_results(output_dir, metrics)
+    return metrics
 
 
 def _command_config(args, command: str):
-    from tunesmith.config import load_config
+    from tunesmith.training.configure import load_config
 
     notices: list[str] = []
     config = load_config(args.config, args.overrides, notices, command=command)
@@ -64,8 +86,8 @@ def _api(args) -> None:
 
     config = _command_config(args, "api")
     # LLaMA-Factory's environment variables, overridden by the config's keys
-    host = config.host or os.environ.get("API_HOST") or "0.0.0.0"
-    port = config.port
+    host = config.inference.host or os.environ.get("API_HOST") or "0.0.0.0"
+    port = config.inference.port
     if port is None:
         text = os.environ.get("API_PORT") or "8000"
         if not text.isdigit() or not 0 < int(text) < 65536:
@@ -112,13 +134,13 @@ def _init_model(args) -> None:
 
 
 def _demo_rlhf(args) -> None:
-    from tunesmith.rl_demo import run_rl_demo
+    from tunesmith.demos.rlhf_demo import run_rl_demo
 
     run_rl_demo(args.output_dir, scale=args.scale)
 
 
 def _demo(args) -> None:
-    from tunesmith.demo import run_demo
+    from tunesmith.demos.sft_demo import run_demo
 
     run_demo(args.output_dir, steps=args.steps)
 
@@ -128,14 +150,20 @@ def _names(text: str | None) -> list[str]:
 
 
 def _data_prepare(args) -> None:
-    from tunesmith.data.prepare import PrepareOptions, parse_rename, prepare
+    from tunesmith.datatools.prepare import PrepareOptions, parse_rename, prepare
 
+    tokenizer_loader = None
+    if args.tokenizer:  # lazily: torch and transformers only when a tokenizer is named
+        from tunesmith.model.loading import load_tokenizer
+
+        tokenizer_loader = load_tokenizer
     options = PrepareOptions(
         require=_names(args.require), rename=parse_rename(args.rename or ""), select=_names(args.select),
         char_count=args.char_count, count_fields=_names(args.count_fields), min_chars=args.min_chars,
-        max_chars=args.max_chars, tokenizer=args.tokenizer, token_count=args.token_count, min_tokens=args.min_tokens,
-        max_tokens=args.max_tokens, dedup=None if args.dedup is None else _names(args.dedup), sample=args.sample,
-        seed=args.seed, skip_bad=args.skip_bad)
+        max_chars=args.max_chars, tokenizer=args.tokenizer, load_tokenizer=tokenizer_loader,
+        token_count=args.token_count, min_tokens=args.min_tokens, max_tokens=args.max_tokens,
+        dedup=None if args.dedup is None else _names(args.dedup), sample=args.sample, seed=args.seed,
+        skip_bad=args.skip_bad)
     report = prepare(args.input, args.output, options)
     for example in report.bad.examples:
         print(f"tunesmith: skipped bad record: {example}", file=sys.stderr)
@@ -145,13 +173,18 @@ def _data_prepare(args) -> None:
 def _data_stats(args) -> None:
     import json
 
-    from tunesmith.data.stats import collect, format_report
     from tunesmith.data.streams import BadRecords
+    from tunesmith.datatools.stats import collect, format_report
 
     if args.field and args.tokenizer:
         raise TunesmithError("stats: --tokenizer counts the tokens of text fields; it has no meaning with --field.")
     bad = BadRecords(args.file, args.skip_bad, writes=False)
-    records, columns = collect(bad, args.field, args.tokenizer)
+    tokenizer = None
+    if args.tokenizer:  # lazily: torch and transformers only when tokens are counted
+        from tunesmith.model.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
+    records, columns = collect(bad, args.field, tokenizer)
     if args.json:
         print(json.dumps({"records": records, "bad": bad.count, **{c.name: c.summary() for c in columns}}))
     else:
@@ -159,7 +192,7 @@ def _data_stats(args) -> None:
 
 
 def _data_convert(args) -> None:
-    from tunesmith.data.convert import convert_file
+    from tunesmith.datatools.convert import convert_file
 
     bad = convert_file(args.input, args.output, args.to, args.source_format, args.skip_bad)
     for example in bad.examples:
@@ -169,7 +202,7 @@ def _data_convert(args) -> None:
 
 
 def _data_validate(args) -> int:
-    from tunesmith.data.convert import validate_dataset
+    from tunesmith.datatools.convert import validate_dataset
 
     good, reports = validate_dataset(args.dataset, args.dataset_dir)
     for bad in reports:
@@ -250,9 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune and align language models from one YAML file.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
-    train = commands.add_parser("train", help="train as a YAML config says (stage: sft)")
-    train.add_argument("config", help="YAML file with LLaMA-Factory-style keys")
+    train = commands.add_parser("train", help="train as a YAML config says (stage: sft | rm | dpo | ppo | grpo)",
+                                add_help=False)
+    train.add_argument("config", nargs="?", help="YAML file with LLaMA-Factory-style keys")
     train.add_argument("overrides", nargs="*", help="key=value settings that override the file")
+    train.add_argument("-h", "--help", nargs="?", const="all", metavar="SECTION",
+                       help="list every config key with its type, default and meaning (or one section's)")
     train.set_defaults(handler=_train)
 
     for name, handler, text in (("chat", _chat, "chat with the model in the terminal (streams tokens)"),

@@ -11,6 +11,7 @@ import tunesmith
 
 
 def environment_report() -> str:
+    """A Markdown list of versions, device, bf16 support and threads, to paste into a bug report."""
     import safetensors
     import tokenizers
     import transformers
@@ -43,6 +44,7 @@ def _fast_bf16() -> str:
 
 
 def _device() -> str:
+    """The device training would use, with GPU names and the CUDA version."""
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         return f"cuda ({torch.cuda.device_count()}: {', '.join(names)}; CUDA {torch.version.cuda})"
@@ -50,6 +52,7 @@ def _device() -> str:
 
 
 def _version_of(package: str) -> str:
+    """An optional package's installed version, without importing it."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:

@@ -57,31 +57,31 @@ def test_sample_longer_than_cutoff_is_an_error():
 
 def test_collate_unpacked_pads_to_batch_longest():
     batch = collate(make_examples([3, 5]), pad_token_id=0)
-    assert set(batch) == {"input_ids", "labels", "attention_mask", "num_tokens"}
-    assert batch["num_tokens"] == 8
-    assert batch["input_ids"].shape == (2, 5)
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
-    assert batch["input_ids"][0, 3:].tolist() == [0, 0] and batch["labels"][0, 3:].tolist() == [-100, -100]
+    assert batch.position_ids is None and batch.cu_seqlens is None
+    assert batch.num_tokens == 8
+    assert batch.input_ids.shape == (2, 5)
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert batch.input_ids[0, 3:].tolist() == [0, 0] and batch.labels[0, 3:].tolist() == [-100, -100]
 
 
 def test_collate_packed_rows_become_one_row_with_sample_bounds():
     rows = [{"input_ids": [7, 8, 9, 4], "labels": [-100, 8, 9, -100], "position_ids": [0, 1, 2, 0]}]
     rows.append({"input_ids": [5, 6], "labels": [-100, 6], "position_ids": [0, 1]})
     batch = collate(rows, pad_token_id=0)
-    assert set(batch) == {"input_ids", "labels", "position_ids", "num_tokens", "num_sequences", "cu_seqlens"}
-    assert batch["num_tokens"] == 6 and batch["num_sequences"] == 3
-    assert batch["input_ids"].tolist() == [[7, 8, 9, 4, 5, 6]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 0, 1]]
-    assert batch["cu_seqlens"] == [0, 3, 4, 6]
-    assert batch["labels"].tolist() == [[-100, 8, 9, -100, -100, 6]]
+    assert batch.attention_mask is None
+    assert batch.num_tokens == 6 and batch.num_sequences == 3
+    assert batch.input_ids.tolist() == [[7, 8, 9, 4, 5, 6]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 0, 1]]
+    assert batch.cu_seqlens == [0, 3, 4, 6]
+    assert batch.labels.tolist() == [[-100, 8, 9, -100, -100, 6]]
 
 
 def test_pack_into_row_pads_tail_as_its_own_unlabelled_segment():
     batch = pack_into_row([([1, 2, 3], [1, 2, 3]), ([4, 5], [4, 5])], pad_token_id=0, pad_to_multiple_of=4)
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 0, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, 2, 3, -100, 5, -100, -100, -100]]  # first label of each ignored
-    assert batch["cu_seqlens"] == [0, 3, 5, 8] and batch["num_sequences"] == 2 and batch["num_tokens"] == 5
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5, 0, 0, 0]]
+    assert batch.labels.tolist() == [[-100, 2, 3, -100, 5, -100, -100, -100]]  # first label of each ignored
+    assert batch.cu_seqlens == [0, 3, 5, 8] and batch.num_sequences == 2 and batch.num_tokens == 5
+    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
 
 
 @pytest.mark.parametrize("per_sample_attention", [False, True], ids=["transformers-mask", "varlen"])
@@ -95,10 +95,10 @@ def test_packed_row_logits_equal_each_sample_alone(make_tiny_model, per_sample_a
     extra = {}
     if per_sample_attention:
         model.set_attn_implementation(VARLEN_SDPA)
-        extra["cu_seqlens"] = batch["cu_seqlens"]
+        extra["cu_seqlens"] = batch.cu_seqlens
     with torch.no_grad():
         # use_cache=False: with a cache transformers skips packed-sequence detection
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+        packed = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
                        **extra).logits[0]
         start = 0
         for row in rows:
@@ -110,15 +110,15 @@ def test_packed_row_logits_equal_each_sample_alone(make_tiny_model, per_sample_a
 
 def test_collate_pads_to_a_multiple():
     batch = collate(make_examples([3, 5]), pad_token_id=0, pad_to_multiple_of=4)
-    assert batch["input_ids"].shape == (2, 8) and batch["num_tokens"] == 8
-    assert batch["labels"][1, 5:].tolist() == [-100, -100, -100]
+    assert batch.input_ids.shape == (2, 8) and batch.num_tokens == 8
+    assert batch.labels[1, 5:].tolist() == [-100, -100, -100]
 
 
 def test_collate_one_row_lays_unpacked_samples_end_to_end():
     examples = make_examples([3, 5])
     batch = collate(examples, pad_token_id=0, one_row=True)
-    assert batch["input_ids"].tolist() == [examples[0]["input_ids"] + examples[1]["input_ids"]]
-    assert batch["cu_seqlens"] == [0, 3, 8] and batch["num_tokens"] == 8
+    assert batch.input_ids.tolist() == [examples[0]["input_ids"] + examples[1]["input_ids"]]
+    assert batch.cu_seqlens == [0, 3, 8] and batch.num_tokens == 8
     padded = collate(examples, pad_token_id=0)
     trained = lambda labels: int((labels[:, 1:] != IGNORE_INDEX).sum())  # noqa: E731
-    assert trained(batch["labels"]) == trained(padded["labels"])  # the same tokens are learned
+    assert trained(batch.labels) == trained(padded.labels)  # the same tokens are learned

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from tunesmith.algorithms.logprobs import IGNORE_INDEX
+from tunesmith.data.packing import TokenBatch
 from tunesmith.data.pairs import collate_pairs, shared_prefix_length
 from tunesmith.model.attention import VARLEN_SDPA
-from tunesmith.training.stages.common import backbone_hidden, last_token_positions, sequence_logps
+from tunesmith.model.forward import backbone_hidden, last_token_positions, sequence_logps
 
 # prompt lengths 3, 5, 2; the second pair's answers share their first token, which is labelled, so
 # only the prompt is shared; the third has an empty-prompt edge (one prompt token).
@@ -29,7 +30,8 @@ def model(make_tiny_model):
 
 def alone(model, ids, labels):
     """(summed answer log-probs, last hidden state) of one sequence run by itself, computed plainly."""
-    hidden = backbone_hidden(model, {"input_ids": torch.tensor([ids])})[0]
+    hidden = backbone_hidden(model, TokenBatch(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]),
+                                              num_tokens=len(ids)))[0]
     logps = torch.log_softmax(model.lm_head(hidden).float(), -1)
     total = sum(logps[t - 1, labels[t]] for t in range(1, len(ids)) if labels[t] != IGNORE_INDEX)
     return total, hidden[-1]
@@ -40,8 +42,8 @@ def test_the_prompt_is_stored_once():
     assert [shared_prefix_length(row) for row in rows] == [3, 5, 1]
     batch = collate_pairs(rows, pad_token_id=0)
     full = sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in rows)
-    assert batch["num_tokens"] == full and batch["input_ids"].shape[1] == full - (3 + 5 + 1)
-    assert batch["num_pairs"] == 3 and batch["num_sequences"] == 6
+    assert batch.num_tokens == full and batch.input_ids.shape[1] == full - (3 + 5 + 1)
+    assert batch.num_pairs == 3 and batch.num_sequences == 6
 
 
 @pytest.mark.parametrize("multiple", [1, 16])

@@ -1,12 +1,12 @@
-"""streams.py: record-by-record reading equals whole-file parsing, with the right line numbers; writes are atomic."""
+"""streams.py: record-by-record reading equals whole-file parsing, with the right line numbers."""
 
 import json
 
 import pytest
 
 from tunesmith.data import streams
-from tunesmith.data.streams import AtomicWriter, BadRecords, Malformed, good_records, read_stream
-from tunesmith.data.synthetic import messy_text_records
+from tunesmith.data.streams import BadRecords, Malformed, good_records, read_stream
+from tunesmith.demos.synthetic import messy_text_records
 from tunesmith.errors import TunesmithError
 
 
@@ -56,26 +56,3 @@ def test_non_objects_and_bad_json_lines_are_skippable(tmp_path):
     assert bad.count == 2 and "line 2" in bad.examples[0] and "line 3" in bad.examples[1]
     with pytest.raises(TunesmithError, match=r"x.jsonl: line 2: the record is a JSON array"):
         list(good_records(BadRecords(path, skip=False)))
-
-
-@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
-def test_written_files_read_back(tmp_path, suffix):
-    records = [{"prompt": "héllo 😀", "n": 3}, {"prompt": "a,\"b\"\nc", "n": 4}]
-    path = tmp_path / f"out{suffix}"
-    with AtomicWriter(path) as writer:
-        for record in records:
-            writer.write(record)
-    expected = [{k: str(v) for k, v in r.items()} for r in records] if suffix == ".csv" else records
-    assert records_of(path) == expected
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
-
-
-def test_a_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path):
-    path = tmp_path / "out.jsonl"
-    path.write_text("old\n")
-    with pytest.raises(RuntimeError):
-        with AtomicWriter(path) as writer:
-            writer.write({"a": 1})
-            raise RuntimeError("interrupted")
-    assert path.read_text() == "old\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]

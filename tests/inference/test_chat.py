@@ -5,11 +5,11 @@ import io
 
 import pytest
 
-from tunesmith.config import build_config
 from tunesmith.errors import TunesmithError
 from tunesmith.inference import chat
 from tunesmith.inference.engine import Engine, TextStream, check_messages
-from tunesmith.inference.generate import sampling_settings
+from tunesmith.sampling.generate import sampling_settings
+from tunesmith.training.configure import build_config
 
 
 def chat_config(chat_model, **extra):

@@ -12,7 +12,6 @@ import yaml
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from tunesmith.config import build_config
 from tunesmith.errors import TunesmithError
 from tunesmith.inference.export import export_model
 from tunesmith.model.adapters import apply_adapters, save_adapter
@@ -21,6 +20,7 @@ from tunesmith.model.loading import load_model, load_tokenizer
 from tunesmith.model.lora import inject_lora, lora_modules
 from tunesmith.model.reward_model import RewardModel
 from tunesmith.model.value_head import ValueHead, save_value_head
+from tunesmith.training.configure import build_config
 
 CPU = torch.device("cpu")
 INPUT_IDS = torch.tensor([[5, 9, 17, 3, 250, 1000, 42], [7, 7, 7, 8, 9, 10, 11]])

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith.config import build_config
 from tunesmith.inference.predict import PREDICTIONS_FILE, RESULTS_FILE
 from tunesmith.model.init_model import init_model
+from tunesmith.training.configure import build_config
 from tunesmith.training.run import run_training, trained_model_config
 
 RECORDS = [

@@ -12,11 +12,11 @@ import openai
 import pytest
 import uvicorn
 
-from tunesmith.config import build_config
 from tunesmith.inference.engine import Engine
-from tunesmith.inference.generate import sampling_settings
 from tunesmith.inference.server import create_app
 from tunesmith.model.reward_model import RewardModel
+from tunesmith.sampling.generate import sampling_settings
+from tunesmith.training.configure import build_config
 from tunesmith.training.rewards import Scored, http_rewards
 
 KEY = "test-key"

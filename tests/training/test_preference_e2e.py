@@ -15,13 +15,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tunesmith.cli import main
-from tunesmith.config import build_config
-from tunesmith.data.synthetic import preference_records
+from tunesmith.demos.synthetic import preference_records
 from tunesmith.errors import TunesmithError
 from tunesmith.model.adapters import load_adapter
 from tunesmith.model.loading import load_model
 from tunesmith.model.reward_model import RewardModel
 from tunesmith.training import loop
+from tunesmith.training.configure import build_config
 from tunesmith.training.run import prepare_training, run_training
 from tunesmith.training.stages.dpo import pair_logps
 
@@ -193,8 +193,8 @@ def test_dpo_from_sft_adapter_uses_sft_model_as_reference(base_settings, pref_ba
     load_adapter(sft_model, sft_dir, trainable=False)
     bare_model = load_model(tiny_model, torch.float32, CPU)
     with torch.no_grad():
-        sft = pair_logps(sft_model, batch, config.logprob_chunk_size)
-        bare = pair_logps(bare_model, batch, config.logprob_chunk_size)
+        sft = pair_logps(sft_model, batch, config.train.logprob_chunk_size)
+        bare = pair_logps(bare_model, batch, config.train.logprob_chunk_size)
     torch.testing.assert_close(ref_chosen, sft.chosen, atol=1e-4, rtol=0)
     torch.testing.assert_close(ref_rejected, sft.rejected, atol=1e-4, rtol=0)
     assert (ref_chosen - bare.chosen).abs().max() > 1e-2  # the SFT adapter really changed the reference

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tunesmith.config import build_config
 from tunesmith.errors import TunesmithError
 from tunesmith.model.loading import load_tokenizer
 from tunesmith.model.value_head import attach_value_head
 from tunesmith.training import rewards
+from tunesmith.training.configure import build_config
+from tunesmith.training.rl import build_prompt_rows
 from tunesmith.training.rollout import response_forward
 from tunesmith.training.run import run_training
-from tunesmith.training.stages.rl import build_prompt_rows
 from tunesmith.training.tracking import read_log
 
 REWARD_FILE = '''
@@ -91,7 +91,7 @@ def test_a_reward_function_over_answerless_data_is_warned_about(rl_settings, tmp
                   {"columns": {"prompt": "question"}})  # "response": "answer" forgotten
     config = build_config({**rl_settings, "dataset": "asks", "dataset_dir": str(tmp_path)})
     with pytest.warns(UserWarning, match="references are all None"):
-        rows = build_prompt_rows(config, load_tokenizer(config.model_name_or_path))
+        rows = build_prompt_rows(config, config.data.dataset, load_tokenizer(config.model.model_name_or_path))
     assert rows[0]["reference"] is None and rows[0]["messages"] == [{"role": "user", "content": "2+2?"}]
 
 
@@ -181,7 +181,7 @@ def test_bad_rl_configs_stop_before_any_work(rl_settings, change, message):
 
 def test_rlhf_demo_every_method_beats_sft_on_held_out_prompts(tmp_path):
     """The README's SFT -> RM -> PPO (+ GRPO, DPO) flow on the demo's small model (about 100 s on 2 cores)."""
-    from tunesmith.rl_demo import run_rl_demo
+    from tunesmith.demos.rlhf_demo import run_rl_demo
 
     shares = run_rl_demo(str(tmp_path / "demo"), say=lambda *a: None)
     for method in ("ppo", "grpo", "dpo"):
@@ -291,7 +291,7 @@ def test_llama_factory_ppo_example_keys_validate(tmp_path):
     }
     notices = []
     config = build_config(raw, notices=notices)
-    assert (config.stage, config.max_new_tokens, config.top_p, config.reward_model) == ("ppo", 512, 0.9, raw["reward_model"])
+    assert (config.stage, config.sampling.max_new_tokens, config.sampling.top_p, config.method.reward_model) == ("ppo", 512, 0.9, raw["reward_model"])
     assert len(notices) == 4
     with pytest.raises(TunesmithError, match="reward_model_adapters.*stage: rm"):
         build_config({**raw, "reward_model_adapters": "x"})

@@ -10,12 +10,12 @@ import yaml
 from safetensors.torch import load_file
 
 from tunesmith.cli import main
-from tunesmith.config import build_config
-from tunesmith.demo import greedy_answers
+from tunesmith.demos.sft_demo import greedy_answers
 from tunesmith.errors import TunesmithError
 from tunesmith.model.adapters import load_adapter
 from tunesmith.model.loading import load_model, load_tokenizer
 from tunesmith.training import checkpoint
+from tunesmith.training.configure import build_config
 from tunesmith.training.run import run_training
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 
-def discount_matrix(length: int, factor: float, device=None) -> torch.Tensor:
+def discount_matrix(length: int, factor: float, device: torch.device | str | None = None) -> torch.Tensor:
     """[T, T] with entry [k, t] = factor^(k - t) for k >= t, else 0, so x @ M sums x_k discounted to t."""
     steps = torch.arange(length, device=device, dtype=torch.float64)
     offsets = steps[:, None] - steps[None, :]  # k - t

@@ -18,6 +18,8 @@ Entry points:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 IGNORE_INDEX = -100
@@ -31,7 +33,8 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunk_size: int):
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  chunk_size: int) -> Iterator[tuple[slice, torch.Tensor]]:
     """(rows, [rows x vocab] float32 logits) for each chunk of `hidden`, every chunk in one reused buffer.
 
     float32 because log-softmax in low precision loses too much. One buffer because a chunk is the
@@ -52,7 +55,9 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         yield rows, logits
 
 
-def _accumulate_grads(ctx, grad_logits, hidden_chunk, weight, grad_hidden_chunk, grads):
+def _accumulate_grads(ctx: torch.autograd.function.FunctionCtx, grad_logits: torch.Tensor,
+                      hidden_chunk: torch.Tensor, weight: torch.Tensor, grad_hidden_chunk: torch.Tensor,
+                      grads: dict[str, torch.Tensor]) -> None:
     """grad_hidden = grad_logits W; grad_W += grad_logits^T h; grad_b += sum grad_logits."""
     grad_logits = grad_logits.to(weight.dtype)
     grad_hidden_chunk.copy_(grad_logits @ weight)
@@ -128,7 +133,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
         return grad_hidden, grads["weight"], grads["bias"], None, None
 
 
-def _logps_entropy_inplace(logits: torch.Tensor, labels: torch.Tensor):
+def _logps_entropy_inplace(
+        logits: torch.Tensor, labels: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log p[label], entropy, softmax, logits - max, log of the normaliser) for one chunk; `logits` is shifted in place.
 
     H = -sum p log p = log Z - sum p (z - max), with Z = sum exp(z - max).
@@ -221,14 +228,15 @@ class _ChunkedNLL(torch.autograd.Function):
         return scale(grad_hidden), scale(grad_weight), scale(grad_bias), None, None
 
 
-def _labelled_rows(hidden: torch.Tensor, labels: torch.Tensor):
+def _labelled_rows(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flatten to the positions that predict a label: hidden [M, H], targets [M], mask [batch, seq]."""
     targets = shift_labels(labels)
     mask = targets != IGNORE_INDEX
     return hidden[mask], targets[mask], mask
 
 
-def chunked_logprobs(hidden, lm_head: torch.nn.Linear, labels, chunk_size: int = 1024) -> torch.Tensor:
+def chunked_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor,
+                     chunk_size: int = 1024) -> torch.Tensor:
     """Per-token log p(labels) [batch, seq] (0 where the label is IGNORE_INDEX), from hidden [batch, seq, H].
 
     Position t holds log p(labels[:, t + 1] | ...), i.e. the log-prob of the token that follows it.
@@ -239,7 +247,8 @@ def chunked_logprobs(hidden, lm_head: torch.nn.Linear, labels, chunk_size: int =
     return out.masked_scatter(mask, token_logps)
 
 
-def chunked_logprobs_at(hidden_rows, lm_head: torch.nn.Linear, targets, chunk_size: int = 1024) -> torch.Tensor:
+def chunked_logprobs_at(hidden_rows: torch.Tensor, lm_head: torch.nn.Linear, targets: torch.Tensor,
+                        chunk_size: int = 1024) -> torch.Tensor:
     """log p(targets[i] | hidden_rows[i]) [M] for hidden rows [M, H] already gathered at the predicting positions."""
     chunk_size = _rows_per_chunk(chunk_size, lm_head.out_features)
     inputs = _head_inputs(hidden_rows, lm_head)
@@ -247,7 +256,8 @@ def chunked_logprobs_at(hidden_rows, lm_head: torch.nn.Linear, targets, chunk_si
         return _ChunkedLogprobs.apply(*inputs, targets, chunk_size)
 
 
-def chunked_logprobs_entropy_at(hidden_rows, lm_head: torch.nn.Linear, targets, chunk_size: int = 1024,
+def chunked_logprobs_entropy_at(hidden_rows: torch.Tensor, lm_head: torch.nn.Linear, targets: torch.Tensor,
+                                chunk_size: int = 1024,
                                 temperature: float = 1.0, entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(targets[i]), entropy) [M] each, of softmax(logits / temperature) at hidden rows [M, H].
 
@@ -263,7 +273,8 @@ def chunked_logprobs_entropy_at(hidden_rows, lm_head: torch.nn.Linear, targets, 
         return _ChunkedLogprobsEntropy.apply(rows, weight, bias, targets, chunk_size, entropy_grad)
 
 
-def chunked_nll(hidden, lm_head: torch.nn.Linear, labels, chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
+def chunked_nll(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor,
+                chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
     """(sum of -log p over labelled tokens, number of labelled tokens); divide by the count you choose."""
     rows, targets, _ = _labelled_rows(hidden, labels)
     chunk_size = _rows_per_chunk(chunk_size, lm_head.out_features)
@@ -274,10 +285,12 @@ def chunked_nll(hidden, lm_head: torch.nn.Linear, labels, chunk_size: int = 1024
 
 
 def _rows_per_chunk(chunk_size: int, vocab_size: int) -> int:
+    """Shrink the chunk so one chunk's logits stay under MAX_CHUNK_ELEMENTS, however large the vocab."""
     return max(1, min(chunk_size, MAX_CHUNK_ELEMENTS // vocab_size))
 
 
-def _head_inputs(rows: torch.Tensor, lm_head: torch.nn.Linear):
+def _head_inputs(rows: torch.Tensor,
+                 lm_head: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(rows, weight, bias) in one dtype for the custom functions, which do their own matmuls.
 
     Under autocast that is the autocast dtype (so full fine-tuning's fp32 head still runs its matmuls in

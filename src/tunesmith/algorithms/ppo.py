@@ -83,6 +83,8 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 @dataclass
 class PPOLoss:
+    """The total loss to backpropagate and its parts (detached means are logged), plus the clip statistics."""
+
     loss: torch.Tensor
     policy: torch.Tensor
     value: torch.Tensor
@@ -90,8 +92,9 @@ class PPOLoss:
     stats: dict[str, torch.Tensor]
 
 
-def ppo_loss(logps, old_logps, values, old_values, advantages, returns, entropy, mask, clip: float,
-             value_clip: float, value_coef: float, entropy_coef: float) -> PPOLoss:
+def ppo_loss(logps: torch.Tensor, old_logps: torch.Tensor, values: torch.Tensor, old_values: torch.Tensor,
+             advantages: torch.Tensor, returns: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor,
+             clip: float, value_clip: float, value_coef: float, entropy_coef: float) -> PPOLoss:
     """policy + c1 * value - c2 * entropy, all [batch, T] inputs masked by `mask`."""
     pg, pg_stats = policy_loss(logps, old_logps, advantages, mask, clip)
     vf, vf_stats = value_loss(values, old_values, returns, mask, value_clip)
@@ -107,29 +110,33 @@ class AdaptiveKLController:
     where KL is the batch's mean summed per-sequence KL and n the number of sequences in the batch.
     """
 
-    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+    def __init__(self, init_kl_coef: float, target: float, horizon: int) -> None:
         self.value, self.target, self.horizon = init_kl_coef, target, horizon
 
     def update(self, current_kl: float, n_sequences: int) -> None:
+        """Move beta towards the KL target after a batch of `n_sequences` with mean summed KL `current_kl`."""
         error = min(max(current_kl / self.target - 1, -0.2), 0.2)
         self.value *= 1 + error * n_sequences / self.horizon
 
 
 class FixedKLController:
-    def __init__(self, kl_coef: float):
+    """A constant beta with the adaptive controller's interface, so the loop never asks which one it has."""
+
+    def __init__(self, kl_coef: float) -> None:
         self.value = kl_coef
 
     def update(self, current_kl: float, n_sequences: int) -> None:
-        pass
+        """Ignore the measured KL: beta stays where the config put it."""
 
 
 class RunningMoments:
     """Running mean and std of scores (Chan et al.'s parallel update), for `ppo_score_norm`."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.mean, self.var, self.count = 0.0, 1.0, 1e-24
 
     def update(self, values: torch.Tensor) -> None:
+        """Fold a batch of scores into the running mean and variance (exact, not an exponential average)."""
         values = values.double()
         batch_mean, batch_var, n = values.mean().item(), values.var(unbiased=False).item(), values.numel()
         delta, total = batch_mean - self.mean, self.count + n
@@ -139,10 +146,13 @@ class RunningMoments:
 
     @property
     def std(self) -> float:
+        """The population standard deviation of every score seen so far (0 if rounding made var negative)."""
         return max(self.var, 0.0) ** 0.5
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, float]:
+        """The moments as plain floats, saved with a checkpoint so a resumed run normalises identically."""
         return {"mean": self.mean, "var": self.var, "count": self.count}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """Restore the moments `state_dict` saved."""
         self.mean, self.var, self.count = state["mean"], state["var"], state["count"]

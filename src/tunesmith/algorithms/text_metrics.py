@@ -37,11 +37,12 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text)
 
 
-def ngram_counts(tokens: Sequence, n: int) -> Counter:
+def ngram_counts(tokens: Sequence[str], n: int) -> Counter[tuple[str, ...]]:
+    """How often each run of `n` consecutive tokens occurs: the multiset BLEU clips and ROUGE turns into a set."""
     return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
 
 
-def bleu4(prediction_tokens: Sequence, reference_tokens: Sequence) -> float:
+def bleu4(prediction_tokens: Sequence[str], reference_tokens: Sequence[str]) -> float:
     """Sentence BLEU-4 in [0, 1], as nltk's `sentence_bleu([reference], prediction, smoothing_function=
     SmoothingFunction().method3)`.
 
@@ -78,7 +79,7 @@ def f_score(precision: float, recall: float) -> float:
     return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
 
 
-def rouge_n(prediction_tokens: Sequence, reference_tokens: Sequence, n: int) -> float:
+def rouge_n(prediction_tokens: Sequence[str], reference_tokens: Sequence[str], n: int) -> float:
     """ROUGE-N F-score in [0, 1] over the *sets* of n-grams (repeats count once), as rouge_chinese counts.
 
     Worked example, "the cat sat on the mat" against "the cat is on the mat": unigram sets of 5 and 5
@@ -92,7 +93,7 @@ def rouge_n(prediction_tokens: Sequence, reference_tokens: Sequence, n: int) -> 
     return f_score(precision, recall)
 
 
-def lcs_length(a: Sequence, b: Sequence) -> int:
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
     """Length of the longest common subsequence (dynamic programming, one row of b at a time)."""
     row = [0] * (len(b) + 1)
     for x in a:
@@ -104,7 +105,7 @@ def lcs_length(a: Sequence, b: Sequence) -> int:
     return row[-1]
 
 
-def rouge_l(prediction_tokens: Sequence, reference_tokens: Sequence) -> float:
+def rouge_l(prediction_tokens: Sequence[str], reference_tokens: Sequence[str]) -> float:
     """ROUGE-L F-score in [0, 1]: P = LCS / prediction length, R = LCS / reference length, F = 2PR / (P + R).
 
     Worked example, "the cat sat on the mat" against "the cat is on the mat": LCS "the cat on the mat"

@@ -13,6 +13,7 @@ are dropped and a warning reports how many (and the first reason).
 
 import random
 import warnings
+from collections.abc import Callable
 
 from tunesmith.data.encode import IGNORE_INDEX, encode_sft
 from tunesmith.data.formats import CONVERTERS, PROMPT_CONVERTERS, BadRecord
@@ -146,3 +147,14 @@ def is_ranking_dataset(name: str, dataset_dir) -> bool:
         if records:
             return detect_spec(name, spec.path, records[0]).ranking
     return False
+
+
+def train_and_eval_rows(encode: Callable[[list[str]], list], dataset: list[str], eval_dataset: list[str] | None,
+                        val_size: float, seed: int) -> tuple[list, list]:
+    """Training rows, and eval rows from eval_dataset or a seeded val_size split (none without either)."""
+    examples = encode(dataset)
+    if eval_dataset:
+        return examples, encode(eval_dataset)
+    if val_size > 0:
+        return split_train_eval(examples, val_size, seed)
+    return examples, []

@@ -14,12 +14,38 @@ A batch of packed rows is laid out as a single row with `cu_seqlens`, so attenti
 samples cost (see `pack_into_row`).
 """
 
+from __future__ import annotations
+
 import bisect
+from dataclasses import dataclass, fields, replace
 
 import torch
 
 from tunesmith.data.encode import IGNORE_INDEX
 from tunesmith.errors import TunesmithError
+
+
+@dataclass
+class TokenBatch:
+    """Token tensors for one forward: right-padded rows [B, T], or samples laid end to end in one row [1, T]."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    num_tokens: int
+    """Non-pad tokens, for throughput."""
+    position_ids: torch.Tensor | None = None
+    """Packed rows: positions restarting at 0 for each sample."""
+    cu_seqlens: list[int] | None = None
+    """Packed rows: where each sample starts, plus the end (attention runs per sample)."""
+    num_sequences: int | None = None
+    """Packed rows: how many samples the row holds (a pad tail is one more, unread, segment)."""
+    attention_mask: torch.Tensor | None = None
+    """Padded rows: 1 on real tokens."""
+
+    def to(self, device: torch.device) -> TokenBatch:
+        """The batch with its tensors on `device`."""
+        return replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
 def _knapsack(lengths: list, capacity: int) -> list:
@@ -59,7 +85,8 @@ def pack_examples(examples: list, cutoff_len: int) -> list:
     return rows
 
 
-def pack_into_row(sequences: list[tuple[list[int], list[int]]], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict:
+def pack_into_row(sequences: list[tuple[list[int], list[int]]], pad_token_id: int,
+                  pad_to_multiple_of: int = 1) -> TokenBatch:
     """Every (input_ids, labels) sequence back to back in one row [1, T]: no padding, nothing wasted.
 
     position_ids restart at 0 for each sequence and `cu_seqlens` lists where each starts (plus the end),
@@ -79,17 +106,13 @@ def pack_into_row(sequences: list[tuple[list[int], list[int]]], pad_token_id: in
         labels += [IGNORE_INDEX] * pad
         positions += range(pad)
         cu_seqlens.append(len(input_ids))
-    return {
-        "num_tokens": cu_seqlens[len(sequences)],
-        "num_sequences": len(sequences),
-        "input_ids": torch.tensor([input_ids], dtype=torch.long),
-        "labels": torch.tensor([labels], dtype=torch.long),
-        "position_ids": torch.tensor([positions], dtype=torch.long),
-        "cu_seqlens": cu_seqlens,
-    }
+    return TokenBatch(input_ids=torch.tensor([input_ids], dtype=torch.long),
+                      labels=torch.tensor([labels], dtype=torch.long), num_tokens=cu_seqlens[len(sequences)],
+                      position_ids=torch.tensor([positions], dtype=torch.long), cu_seqlens=cu_seqlens,
+                      num_sequences=len(sequences))
 
 
-def collate(batch: list, pad_token_id: int, pad_to_multiple_of: int = 1, one_row: bool = False) -> dict:
+def collate(batch: list, pad_token_id: int, pad_to_multiple_of: int = 1, one_row: bool = False) -> TokenBatch:
     """Tensors for a list of rows: unpacked rows right-padded to the longest, packed rows as one row.
 
     Unpacked rows get an attention_mask and are padded to their own longest row (rounded up to
@@ -115,9 +138,6 @@ def collate(batch: list, pad_token_id: int, pad_to_multiple_of: int = 1, one_row
         input_ids.append(row["input_ids"] + [pad_token_id] * pad)
         labels.append(row["labels"] + [IGNORE_INDEX] * pad)
         mask.append([1] * len(row["input_ids"]) + [0] * pad)
-    return {
-        "num_tokens": sum(len(row["input_ids"]) for row in batch),  # non-pad tokens, for throughput
-        "input_ids": torch.tensor(input_ids, dtype=torch.long),
-        "labels": torch.tensor(labels, dtype=torch.long),
-        "attention_mask": torch.tensor(mask, dtype=torch.long),
-    }
+    return TokenBatch(input_ids=torch.tensor(input_ids, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long),
+                      num_tokens=sum(len(row["input_ids"]) for row in batch),
+                      attention_mask=torch.tensor(mask, dtype=torch.long))

@@ -13,6 +13,7 @@ Usage:
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -20,7 +21,38 @@ from tunesmith.data.dataset import load_preference_examples
 from tunesmith.data.encode import IGNORE_INDEX, encode_pair
 from tunesmith.data.templates import get_template
 
-REFERENCE_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+
+@dataclass
+class PairBatch:
+    """B preference pairs as one packed row: chosen sequences are 0..B-1, rejected B..2B-1 (`collate_pairs`)."""
+
+    rows: list[dict]
+    """The pairs' encoded rows (read-only: a stage that remembers per-pair results keeps its own cache)."""
+    input_ids: torch.Tensor
+    """[1, T] every pair's prompt, chosen answer and rejected answer back to back."""
+    position_ids: torch.Tensor
+    """[1, T] each token's position within its own sequence."""
+    cu_seqlens: list[int]
+    """Segment boundaries: attention runs per segment."""
+    segment_prefixes: list[tuple[int, int] | None]
+    """Per segment, an earlier span it also attends to (a rejected answer reads its pair's prompt)."""
+    predict_positions: torch.Tensor
+    """[answer tokens] flat positions whose next-token prediction is scored ..."""
+    predict_targets: torch.Tensor
+    """[answer tokens] ... the tokens they should predict ..."""
+    predict_owners: torch.Tensor
+    """[answer tokens] ... and the sequence each belongs to."""
+    last_positions: torch.Tensor
+    """[2B] flat position of each sequence's last token (where a reward model reads its score)."""
+    num_pairs: int
+    num_sequences: int
+    num_tokens: int
+    """Both sequences of every pair counted in full: the work the pairs stand for."""
+
+    def to(self, device: torch.device) -> PairBatch:
+        """The batch with its tensors on `device`."""
+        return replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
 def build_pair_examples(dataset, dataset_dir, tokenizer, template, cutoff_len: int, max_samples=None,
@@ -60,7 +92,7 @@ def _flat_index(j: int, base: int, shared: int, answer_start: int) -> int:
     return base + j if j < shared else answer_start + j - shared
 
 
-def collate_pairs(rows: list[dict], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict:
+def collate_pairs(rows: list[dict], pad_token_id: int, pad_to_multiple_of: int = 1) -> PairBatch:
     """B pairs as one packed row: for each pair its prompt, chosen answer and rejected answer back to back.
 
     The prompt is run once: the chosen answer follows it as usual, and the rejected answer attends to it
@@ -68,9 +100,7 @@ def collate_pairs(rows: list[dict], pad_token_id: int, pad_to_multiple_of: int =
     each answer sees exactly what it would see alone. Sequences are numbered chosen 0..B-1, rejected
     B..2B-1. Because the prompt's last position predicts both answers' first tokens, log-probs are
     gathered at explicit (position, target, sequence) triples instead of by shifting labels.
-    num_tokens counts both sequences in full (the work the pair stands for). The batch also carries
-    the rows (so a stage can remember per-pair results in them) and, when every row has them, the
-    cached reference log-probs [B].
+    num_tokens counts both sequences in full (the work the pair stands for).
     """
     pairs = len(rows)
     input_ids, positions, bounds, prefixes = [], [], [0], []
@@ -99,21 +129,11 @@ def collate_pairs(rows: list[dict], pad_token_id: int, pad_to_multiple_of: int =
         positions += range(pad)
         bounds.append(len(input_ids))
         prefixes.append(None)
-    batch = {
-        "num_tokens": sum(len(row["chosen_input_ids"]) + len(row["rejected_input_ids"]) for row in rows),
-        "num_pairs": pairs,
-        "num_sequences": 2 * pairs,
-        "rows": rows,
-        "input_ids": torch.tensor([input_ids], dtype=torch.long),
-        "position_ids": torch.tensor([positions], dtype=torch.long),
-        "cu_seqlens": bounds,
-        "segment_prefixes": prefixes,
-        "predict_positions": torch.tensor(predict_positions, dtype=torch.long),
-        "predict_targets": torch.tensor(predict_targets, dtype=torch.long),
-        "predict_owners": torch.tensor(owners, dtype=torch.long),
-        "last_positions": torch.tensor(last_positions, dtype=torch.long),
-    }
-    if all(key in row for row in rows for key in REFERENCE_KEYS):
-        for key in REFERENCE_KEYS:
-            batch[key] = torch.tensor([row[key] for row in rows], dtype=torch.float32)
-    return batch
+    return PairBatch(
+        rows=rows, input_ids=torch.tensor([input_ids], dtype=torch.long),
+        position_ids=torch.tensor([positions], dtype=torch.long), cu_seqlens=bounds, segment_prefixes=prefixes,
+        predict_positions=torch.tensor(predict_positions, dtype=torch.long),
+        predict_targets=torch.tensor(predict_targets, dtype=torch.long),
+        predict_owners=torch.tensor(owners, dtype=torch.long),
+        last_positions=torch.tensor(last_positions, dtype=torch.long), num_pairs=pairs, num_sequences=2 * pairs,
+        num_tokens=sum(len(row["chosen_input_ids"]) + len(row["rejected_input_ids"]) for row in rows))

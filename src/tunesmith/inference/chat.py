@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import sys
 
-from tunesmith.config import TrainConfig
+from tunesmith.config import RunConfig
 from tunesmith.inference.engine import Engine, TextStream
-from tunesmith.inference.generate import sampling_settings
 
 WELCOME = "Chat with the model: `clear` forgets the history, `exit` leaves. Ctrl-C stops an answer."
 
 
-def run_chat(config: TrainConfig, stdin=None, stdout=None) -> None:
+def run_chat(config: RunConfig, stdin=None, stdout=None) -> None:
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     engine = Engine.load(config)
     interactive = stdin.isatty()
@@ -56,7 +55,7 @@ def stream_answer(engine: Engine, history: list[dict], stdout) -> str:
             stdout.flush()
 
     try:
-        engine.generate([history], sampling_settings(engine.config), on_step=on_step)
+        engine.generate([history], engine.sampling, on_step=on_step)
     except KeyboardInterrupt:  # this answer ends here; the chat goes on
         stdout.write(" [stopped]")
     return "".join(shown)
@@ -64,7 +63,7 @@ def stream_answer(engine: Engine, history: list[dict], stdout) -> str:
 
 def fit_history(engine: Engine, history: list[dict]) -> list[dict]:
     """Drop the oldest exchanges until the prompt leaves `max_new_tokens` of room within `cutoff_len`."""
-    budget = engine.config.cutoff_len - engine.config.max_new_tokens
+    budget = engine.cutoff_len - engine.sampling.max_new_tokens
     while len(history) > 1 and len(engine.prompt_ids(history)) > budget:
         history = history[2:] if history[0]["role"] == "user" and len(history) > 2 else history[1:]
     return history

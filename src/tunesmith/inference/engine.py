@@ -13,54 +13,50 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.config import TrainConfig
+from tunesmith.config import ModelArgs, RunConfig, SamplingSettings
 from tunesmith.data.templates import get_template
 from tunesmith.errors import TunesmithError
-from tunesmith.inference.generate import Generation, SamplingSettings, generate
 from tunesmith.model.adapters import merge_adapters
 from tunesmith.model.loading import load_model, load_tokenizer
 from tunesmith.model.reward_model import RewardModel
 from tunesmith.model.value_head import VALUE_HEAD_FILE
+from tunesmith.sampling.generate import Generation, generate
 
 ROLES = ("system", "user", "assistant")
 
 
-def inference_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+def inference_dtype(infer_dtype: str, device: torch.device) -> torch.dtype:
     """`infer_dtype` resolved: auto is bfloat16 on a GPU that supports it, else float32 (CPU bf16 is
     only fast with AVX512-BF16/AMX, and fp32 is exact)."""
-    if config.infer_dtype == "auto":
+    if infer_dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return getattr(torch, config.infer_dtype)
+    return getattr(torch, infer_dtype)
 
 
 @dataclass
 class Engine:
+    """A model ready to answer: weights with adapters merged, tokenizer, template, and the run's serving settings."""
+
     model: torch.nn.Module
     tokenizer: object
     template: object
-    config: TrainConfig
+    sampling: SamplingSettings
+    """The config's generation keys: every answer's defaults."""
+    cutoff_len: int
+    """Prompt plus answer must fit in this many tokens."""
+    default_system: str | None = None
     reward_model: RewardModel | None = None
     """Set when the model is a reward model: `score` uses its value head."""
 
     @classmethod
-    def load(cls, config: TrainConfig) -> Engine:
+    def load(cls, config: RunConfig) -> Engine:
+        """The engine for the model, template and generation keys `config` names (its training keys unused)."""
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = inference_dtype(config, device)
-        adapters = config.adapter_name_or_path or []
-        reward_folder = trained_folder(config)
-        reward_model = None
-        if (reward_folder / VALUE_HEAD_FILE).is_file():
-            # the reward model's own record says which adapters sit under it; the base may have moved
-            base = config.model_name_or_path if adapters else None
-            reward_model = RewardModel.load(reward_folder, base_model=base, template=config.template, dtype=dtype,
-                                            trust_remote_code=config.trust_remote_code)
-            model, tokenizer = reward_model.model, reward_model.tokenizer
-        else:
-            model = load_model(config.model_name_or_path, dtype, device, trust_remote_code=config.trust_remote_code)
-            merge_adapters(model, adapters)
-            tokenizer = load_tokenizer(tokenizer_folder(config), trust_remote_code=config.trust_remote_code)
+        dtype = inference_dtype(config.inference.infer_dtype, device)
+        model, tokenizer, reward_model = _load_weights(config.model, config.data.template, dtype, device)
         model.eval()
-        return cls(model, tokenizer, get_template(config.template, tokenizer), config, reward_model)
+        return cls(model, tokenizer, get_template(config.data.template, tokenizer), config.sampling,
+                   config.data.cutoff_len, config.data.default_system, reward_model)
 
     @property
     def stop_ids(self) -> list[int]:
@@ -69,8 +65,8 @@ class Engine:
     def with_system(self, messages: list[dict]) -> list[dict]:
         """`messages` checked, with the config's `default_system` in front when they have no system turn."""
         check_messages(messages)
-        if self.config.default_system and messages[0]["role"] != "system":
-            return [{"role": "system", "content": self.config.default_system}, *messages]
+        if self.default_system and messages[0]["role"] != "system":
+            return [{"role": "system", "content": self.default_system}, *messages]
         return messages
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
@@ -127,13 +123,31 @@ def check_messages(messages: list[dict]) -> None:
             raise TunesmithError(f"messages[{index}].content must be a string.")
 
 
-def trained_folder(config: TrainConfig) -> Path:
+def _load_weights(model_args: ModelArgs, template: str | None, dtype: torch.dtype,
+                  device: torch.device) -> tuple[torch.nn.Module, object, RewardModel | None]:
+    """(model, tokenizer, reward model or None): a `stage: rm` output loads as a reward model."""
+    adapters = model_args.adapter_name_or_path or []
+    reward_folder = trained_folder(model_args)
+    if (reward_folder / VALUE_HEAD_FILE).is_file():
+        # the reward model's own record says which adapters sit under it; the base may have moved
+        base = model_args.model_name_or_path if adapters else None
+        reward_model = RewardModel.load(reward_folder, base_model=base, template=template, dtype=dtype,
+                                        trust_remote_code=model_args.trust_remote_code)
+        return reward_model.model, reward_model.tokenizer, reward_model
+    model = load_model(model_args.model_name_or_path, dtype, device, trust_remote_code=model_args.trust_remote_code)
+    merge_adapters(model, adapters)
+    tokenizer = load_tokenizer(tokenizer_folder(model_args), trust_remote_code=model_args.trust_remote_code)
+    return model, tokenizer, None
+
+
+def trained_folder(model_args: ModelArgs) -> Path:
     """What was trained last: the last adapter, or the model itself. Its tokenizer, recorded settings
     and value head (a `stage: rm` output) describe the model being served or exported."""
-    return Path(config.adapter_name_or_path[-1] if config.adapter_name_or_path else config.model_name_or_path).expanduser()
+    adapters = model_args.adapter_name_or_path
+    return Path(adapters[-1] if adapters else model_args.model_name_or_path).expanduser()
 
 
-def tokenizer_folder(config: TrainConfig) -> str:
+def tokenizer_folder(model_args: ModelArgs) -> str:
     """The trained folder when training saved a tokenizer there (it always does), else the base model's."""
-    folder = trained_folder(config)
-    return str(folder) if (folder / "tokenizer_config.json").is_file() else config.model_name_or_path
+    folder = trained_folder(model_args)
+    return str(folder) if (folder / "tokenizer_config.json").is_file() else model_args.model_name_or_path

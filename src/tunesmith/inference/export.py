@@ -29,7 +29,7 @@ import torch
 import yaml
 from transformers import AutoConfig
 
-from tunesmith.config import TrainConfig
+from tunesmith.config import DataArgs, InferenceArgs, ModelArgs, RunConfig
 from tunesmith.data.templates import get_template
 from tunesmith.errors import TunesmithError
 from tunesmith.inference.engine import tokenizer_folder, trained_folder
@@ -41,28 +41,29 @@ from tunesmith.model.value_head import VALUE_HEAD_FILE, load_value_head, save_va
 GB = 10**9  # Hugging Face's "5GB" shard size is decimal
 
 
-def export_model(config: TrainConfig, say=print) -> Path:
-    """Merge `config.adapter_name_or_path` into `config.model_name_or_path` and save to `config.export_dir`."""
-    export_dir = Path(config.export_dir).expanduser()
-    adapters = config.adapter_name_or_path or []
-    _check_destination(export_dir, config)
+def export_model(config: RunConfig, say=print) -> Path:
+    """Merge adapter_name_or_path into model_name_or_path and save to export_dir."""
+    model_args, inference = config.model, config.inference
+    export_dir = Path(inference.export_dir).expanduser()
+    adapters = model_args.adapter_name_or_path or []
+    _check_destination(export_dir, model_args, config.output.overwrite_output_dir)
     for adapter in adapters:  # cheap checks before the slow model load
         read_adapter_config(adapter)
-    source = trained_folder(config)
+    source = trained_folder(model_args)
     settings = _training_settings(source) if source.is_dir() else {}
-    tokenizer_path = tokenizer_folder(config)
-    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=config.trust_remote_code)
-    template_name = config.template or settings.get("template")
+    tokenizer_path = tokenizer_folder(model_args)
+    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=model_args.trust_remote_code)
+    template_name = config.data.template or settings.get("template")
     stop_ids = _stop_token_ids(tokenizer, template_name, say)
-    model = _merged_model(config, say)
+    model = _merged_model(model_args, inference, say)
     _add_stop_tokens(model.generation_config, stop_ids, tokenizer.pad_token_id)
     export_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=export_dir.parent, prefix=f".{export_dir.name}.partial-"))
     try:
         dtype_name = str(model.dtype).removeprefix("torch.")
-        say(f"[tunesmith] writing {dtype_name} safetensors (shards of at most {config.export_size:g} GB) "
+        say(f"[tunesmith] writing {dtype_name} safetensors (shards of at most {inference.export_size:g} GB) "
             f"and the tokenizer of {tokenizer_path}")
-        model.save_pretrained(staging, max_shard_size=int(config.export_size * GB))
+        model.save_pretrained(staging, max_shard_size=int(inference.export_size * GB))
         tokenizer.save_pretrained(staging)
         if (source / VALUE_HEAD_FILE).is_file():
             say(f"[tunesmith] adding the reward model's value head from {source}")
@@ -75,7 +76,7 @@ def export_model(config: TrainConfig, say=print) -> Path:
     return export_dir
 
 
-def _merged_model(config: TrainConfig, say):
+def _merged_model(config: ModelArgs, inference: InferenceArgs, say) -> torch.nn.Module:
     """The base with every adapter folded in, merged in float32 on the CPU, then cast to the export dtype."""
     say(f"[tunesmith] loading {config.model_name_or_path} in float32 on the CPU")
     # Plain sdpa, not tunesmith's packed-batch attention: config.json must name one vanilla transformers knows.
@@ -85,10 +86,10 @@ def _merged_model(config: TrainConfig, say):
     if adapters:
         say(f"[tunesmith] merging {len(adapters)} adapter(s) in order: {', '.join(adapters)}")
         merge_adapters(model, adapters)
-    return model.to(_export_dtype(config))
+    return model.to(_export_dtype(config, inference.infer_dtype))
 
 
-def _check_destination(export_dir: Path, config: TrainConfig) -> None:
+def _check_destination(export_dir: Path, config: ModelArgs, overwrite: bool) -> None:
     """Refuse to replace a non-empty folder unasked, or one that holds the model or an adapter being read."""
     if export_dir.exists() and not export_dir.is_dir():
         raise TunesmithError(f"export_dir {export_dir} is a file. Set export_dir to a folder path.")
@@ -99,17 +100,17 @@ def _check_destination(export_dir: Path, config: TrainConfig) -> None:
             raise TunesmithError(
                 f"export_dir {export_dir} is or contains {source}, which this export reads; exporting there "
                 "would delete it. Set export_dir to a new folder, e.g. next to it.")
-    if export_dir.is_dir() and any(export_dir.iterdir()) and not config.overwrite_output_dir:
+    if export_dir.is_dir() and any(export_dir.iterdir()) and not overwrite:
         raise TunesmithError(
             f"export_dir {export_dir} already exists and is not empty. Set `overwrite_output_dir: true` to "
             "replace it (its current contents are deleted, so no stale weight shards remain), or choose "
             "another export_dir.")
 
 
-def _export_dtype(config: TrainConfig) -> torch.dtype:
+def _export_dtype(config: ModelArgs, infer_dtype: str) -> torch.dtype:
     """The named infer_dtype; for "auto" the dtype the base model's config.json records, else float32."""
-    if config.infer_dtype != "auto":
-        return getattr(torch, config.infer_dtype)
+    if infer_dtype != "auto":
+        return getattr(torch, infer_dtype)
     recorded = AutoConfig.from_pretrained(config.model_name_or_path, trust_remote_code=config.trust_remote_code).dtype
     if isinstance(recorded, str):
         recorded = getattr(torch, recorded, None)
@@ -142,7 +143,7 @@ def _write_reward_files(staging: Path, source: Path, hidden_size: int, settings:
     save_value_head(load_value_head(source, hidden_size), staging)
     recorded = {
         "stage": "rm", "finetuning_type": "full", "model_name_or_path": str(export_dir.resolve()),
-        "template": template_name, "cutoff_len": settings.get("cutoff_len") or TrainConfig.cutoff_len,
+        "template": template_name, "cutoff_len": settings.get("cutoff_len") or DataArgs.cutoff_len,
     }
     (staging / TRAIN_CONFIG).write_text(yaml.safe_dump(recorded, sort_keys=False))
 

@@ -26,10 +26,9 @@ import torch
 from tqdm.auto import tqdm
 
 from tunesmith.algorithms.text_metrics import similarity_scores
-from tunesmith.config import TrainConfig
+from tunesmith.config import RunConfig, SamplingSettings
 from tunesmith.data.dataset import load_conversations
 from tunesmith.inference.engine import Engine
-from tunesmith.inference.generate import SamplingSettings, sampling_settings
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 RESULTS_FILE = "predict_results.json"
@@ -44,24 +43,24 @@ class Prediction:
     label: str
 
 
-def run_prediction(config: TrainConfig, say=print) -> dict:
+def run_prediction(config: RunConfig, say=print) -> dict:
     """Predict eval_dataset with the model `config` names; writes both files and returns the metrics."""
-    conversations = load_conversations(config.eval_dataset, config.dataset_dir, config.max_samples,
-                                       config.skip_bad_records)  # data errors before the slow model load
+    data, batch_size = config.data, config.train.per_device_eval_batch_size
+    conversations = load_conversations(data.eval_dataset, data.dataset_dir, data.max_samples,
+                                       data.skip_bad_records)  # data errors before the slow model load
     engine = Engine.load(config)
-    say(f"[tunesmith] predicting {len(conversations)} eval rows of {','.join(config.eval_dataset)} on "
+    say(f"[tunesmith] predicting {len(conversations)} eval rows of {','.join(data.eval_dataset)} on "
         f"{next(engine.model.parameters()).device}")
     started = time.perf_counter()
-    predictions = predict(engine, conversations, sampling_settings(config), config.per_device_eval_batch_size,
-                          config.seed)
+    predictions = predict(engine, conversations, engine.sampling, batch_size, config.train.seed)
     scores = [similarity_scores(p.predict, p.label) for p in predictions]
     runtime = time.perf_counter() - started
-    batches = -(-len(predictions) // config.per_device_eval_batch_size)
+    batches = -(-len(predictions) // batch_size)
     metrics = {f"predict_{name}": sum(s[name] for s in scores) / len(scores) for name in scores[0]}
     metrics.update(predict_runtime=round(runtime, 4),
                    predict_samples_per_second=round(len(predictions) / runtime, 3),
                    predict_steps_per_second=round(batches / runtime, 3))
-    output_dir = Path(config.output_dir)
+    output_dir = Path(config.output.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with open(output_dir / PREDICTIONS_FILE, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(asdict(p), ensure_ascii=False) + "\n" for p in predictions)

@@ -16,14 +16,16 @@ cancels its request, which frees the worker at the next token. Errors use OpenAI
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import queue
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,8 +34,10 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunesmith.errors import TunesmithError
-from tunesmith.inference.engine import Engine, TextStream
-from tunesmith.inference.generate import sampling_settings
+from tunesmith.inference.engine import Engine, TextStream, trained_folder
+
+if TYPE_CHECKING:
+    from tunesmith.config import RunConfig
 
 MAX_WAITING = 32  # queued requests beyond the running one
 MAX_CHOICES = 16
@@ -62,13 +66,17 @@ class ScoreRequest(BaseModel):
 
 
 class ApiError(Exception):
+    """A request the server refuses, raised anywhere in a handler and answered as OpenAI's error JSON."""
+
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
 
 
-def error_response(status: int, message: str, kind: str = "invalid_request_error", param=None, code=None):
+def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    """OpenAI's error body {"error": {message, type, param, code}}, which OpenAI clients turn into exceptions."""
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
 
 
@@ -84,12 +92,13 @@ class Job:
 class Worker:
     """The one thread that touches the model; jobs run in arrival order."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.jobs: queue.Queue = queue.Queue(maxsize=MAX_WAITING)
         self.thread = threading.Thread(target=self._run, name="tunesmith-worker", daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> Job:
+        """Queue `job` without waiting; a full queue is the client's 429, not a stalled request."""
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
@@ -115,12 +124,13 @@ class Choice:
     """One answer's text as it grows: cut at a stop string, and held back while it could still be the
     start of one, so a streamed answer never shows text the final answer does not contain."""
 
-    def __init__(self, engine: Engine, stops: list[str]):
+    def __init__(self, engine: Engine, stops: list[str]) -> None:
         self.stream, self.stops = TextStream(engine), stops
         self.hold = max((len(s) - 1 for s in stops), default=0)
         self.text, self.released, self.stop_hit, self.done = "", 0, False, False
 
     def push(self, token: int) -> str:
+        """Add a token; return the text that is now final (none while it may still begin a stop string)."""
         self.text += self.stream.push(token)
         for stop in self.stops:
             at = self.text.find(stop)
@@ -130,12 +140,14 @@ class Choice:
         return self.release(end)
 
     def release(self, end: int | None = None) -> str:
+        """The text not yet handed out, up to `end` (default: all of it, when the answer has ended)."""
         end = len(self.text) if end is None else end
         piece, self.released = self.text[self.released:end], end
         return piece
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving `engine` as `model_name`: routes, OpenAI-shaped errors, and the API-key check."""
     app = FastAPI(title="tunesmith")
     worker = Worker()
 
@@ -213,7 +225,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
     return app
 
 
-async def _result(job: Job, request: Request):
+async def _result(job: Job, request: Request) -> Any:
     """The job's result; a client that disconnects while waiting cancels it (checked twice a second)."""
     waiter = asyncio.wrap_future(job.future)
     try:
@@ -229,24 +241,24 @@ async def _result(job: Job, request: Request):
             job.cancelled.set()
 
 
-def _plan(engine: Engine, body: ChatRequest) -> dict:
+def _plan(engine: Engine, body: ChatRequest) -> dict[str, Any]:
     """The request checked and turned into what the worker runs; anything wrong is a 400 here."""
-    config = engine.config
+    defaults = engine.sampling
     try:
         prompt_ids = engine.prompt_ids(body.messages)
     except TunesmithError as err:
         raise ApiError(400, str(err), param="messages") from None
-    max_tokens = next((v for v in (body.max_completion_tokens, body.max_tokens) if v is not None), config.max_new_tokens)
+    max_tokens = next((v for v in (body.max_completion_tokens, body.max_tokens) if v is not None), defaults.max_new_tokens)
     if max_tokens < 1:
         raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}.", param="max_tokens")
-    if len(prompt_ids) + max_tokens > config.cutoff_len:
-        raise ApiError(400, f"This model's context is {config.cutoff_len} tokens (cutoff_len); the messages take "
+    if len(prompt_ids) + max_tokens > engine.cutoff_len:
+        raise ApiError(400, f"This model's context is {engine.cutoff_len} tokens (cutoff_len); the messages take "
                             f"{len(prompt_ids)} and max_tokens asks for {max_tokens} more. Shorten the messages "
                             "or lower max_tokens.", param="messages", code="context_length_exceeded")
     if not 1 <= body.n <= MAX_CHOICES:
         raise ApiError(400, f"n must be between 1 and {MAX_CHOICES}, got {body.n}.", param="n")
-    temperature = config.temperature if body.temperature is None else body.temperature
-    top_p = config.top_p if body.top_p is None else body.top_p
+    temperature = defaults.temperature if body.temperature is None else body.temperature
+    top_p = defaults.top_p if body.top_p is None else body.top_p
     if not 0 <= temperature <= 2:
         raise ApiError(400, f"temperature must be between 0 and 2, got {temperature}.", param="temperature")
     if not 0 < top_p <= 1:
@@ -254,15 +266,16 @@ def _plan(engine: Engine, body: ChatRequest) -> dict:
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > 4 or any(not s for s in stops):
         raise ApiError(400, "stop takes up to 4 non-empty strings.", param="stop")
-    settings = sampling_settings(config, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                 do_sample=config.do_sample and temperature > 0)
+    settings = dataclasses.replace(defaults, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                   do_sample=defaults.do_sample and temperature > 0)
     include_usage = bool((body.stream_options or {}).get("include_usage"))
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "messages": body.messages,
             "prompt_tokens": len(prompt_ids), "settings": settings, "n": body.n, "stops": stops,
             "seed": body.seed, "include_usage": include_usage}
 
 
-def _complete(engine: Engine, plan: dict, cancelled: threading.Event, on_piece=None):
+def _complete(engine: Engine, plan: dict[str, Any], cancelled: threading.Event,
+              on_piece: Callable[[int, str], None] | None = None) -> tuple[list[dict[str, Any]], int]:
     """Run one request: ([{text, finish, tokens}] per choice, prompt tokens). `on_piece(index, text)`
     receives streamed text as soon as it is final."""
     import torch
@@ -270,7 +283,7 @@ def _complete(engine: Engine, plan: dict, cancelled: threading.Event, on_piece=N
     choices = [Choice(engine, plan["stops"]) for _ in range(plan["n"])]
     stop_ids = set(engine.stop_ids)
 
-    def on_step(tokens: list[int]):
+    def on_step(tokens: list[int]) -> range | list[int]:
         if cancelled.is_set():
             return range(len(tokens))
         ended = []
@@ -301,7 +314,7 @@ def _complete(engine: Engine, plan: dict, cancelled: threading.Event, on_piece=N
     return results, plan["prompt_tokens"]
 
 
-async def _events(job: Job, pieces: asyncio.Queue, plan: dict, model_name: str):
+async def _events(job: Job, pieces: asyncio.Queue, plan: dict[str, Any], model_name: str) -> AsyncIterator[str]:
     """Server-sent events: a role chunk per choice, content chunks as text is final, a finish chunk per
     choice, optionally usage, then [DONE]. Leaving early (client gone) cancels the job."""
 
@@ -332,15 +345,17 @@ async def _events(job: Job, pieces: asyncio.Queue, plan: dict, model_name: str):
         job.cancelled.set()  # a no-op when it finished; frees the worker when the client left
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def run_api(config, host: str, port: int, api_key: str | None, say=print) -> None:
+def run_api(config: RunConfig, host: str, port: int, api_key: str | None,
+            say: Callable[[str], None] = print) -> None:
+    """Load the model the config names and serve it until interrupted (`tunesmith api`)."""
     import uvicorn
 
     engine = Engine.load(config)
-    name = Path(config.adapter_name_or_path[-1] if config.adapter_name_or_path else config.model_name_or_path).name
+    name = trained_folder(config.model).name
     say(f"[tunesmith] serving {name} on http://{host}:{port}/v1 (OpenAI API; docs at /docs)")
     uvicorn.run(create_app(engine, name, api_key), host=host, port=port, log_level="info")

@@ -16,11 +16,15 @@ Usage:
     config = apply_adapters(model, ["out/sft", "out/dpo"], trainable_last=True)
 """
 
+from __future__ import annotations
+
 import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -63,7 +67,7 @@ SUPPORTED_VALUES = {
 }
 
 
-def _write_atomically(path: Path, write) -> None:
+def _write_atomically(path: Path, write: Callable[[str], object]) -> None:
     """Write through a temp file in the same folder and os.replace it, so readers never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
@@ -94,7 +98,22 @@ def save_adapter(
         target_modules = sorted({name.rsplit(".", 1)[-1] for name in modules})
     elif isinstance(target_modules, str):
         target_modules = [target_modules]
-    config = {
+    config = _peft_config(base_model_name_or_path, rank, alpha, dropout, target_modules, use_rslora)
+    tensors = {}
+    for name, m in modules.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().cpu().contiguous()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomically(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _write_atomically(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+
+
+def _peft_config(base_model_name_or_path: str, rank: int, alpha: float, dropout: float,
+                 target_modules: list[str], use_rslora: bool) -> dict[str, object]:
+    """adapter_config.json as PEFT writes it for a plain LoRA, every extra spelled out at its off value."""
+    return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
@@ -115,18 +134,9 @@ def save_adapter(
         "use_dora": False,
         "revision": None,
     }
-    tensors = {}
-    for name, m in modules.items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().cpu().contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().cpu().contiguous()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomically(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _write_atomically(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
 
 
-def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
+def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     """Parse and validate `adapter_config.json`; refuse anything this LoRA cannot reproduce exactly."""
     path = Path(adapter_dir) / CONFIG_NAME
     if not path.is_file():
@@ -166,7 +176,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
     return config
 
 
-def _read_lora_tensors(adapter_dir: Path) -> dict:
+def _read_lora_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     """Load adapter_model.safetensors on CPU; refuse pickle files with instructions to convert them."""
     path = adapter_dir / WEIGHTS_NAME
     if not path.is_file():
@@ -182,7 +192,8 @@ def _read_lora_tensors(adapter_dir: Path) -> dict:
         return {key: f.get_tensor(key) for key in f.keys()}
 
 
-def _check_tensors(adapter_dir: Path, tensors: dict, expected: dict) -> None:
+def _check_tensors(adapter_dir: Path, tensors: dict[str, torch.Tensor],
+                   expected: dict[str, tuple[int, int]]) -> None:
     """Every expected tensor present with its shape, and nothing else: name the first offender."""
     missing = sorted(expected.keys() - tensors.keys())
     extra = sorted(tensors.keys() - expected.keys())
@@ -206,7 +217,7 @@ def _check_tensors(adapter_dir: Path, tensors: dict, expected: dict) -> None:
         )
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, trainable: bool) -> dict:
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, trainable: bool) -> dict[str, Any]:
     """Inject LoRA as the adapter's config says, load its weights, and return the config.
 
     Every tensor's name and shape is checked before the model is touched, so a bad adapter leaves it as it was.
@@ -238,7 +249,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, trainable: bo
     return config
 
 
-def apply_adapters(model: nn.Module, adapter_dirs: list[str], trainable_last: bool) -> dict:
+def apply_adapters(model: nn.Module, adapter_dirs: list[str], trainable_last: bool) -> dict[str, Any]:
     """LLaMA-Factory's rule for several adapters: merge all but the last into the base, keep the last live.
 
     The last adapter stays a LoRA layer (trainable if `trainable_last`, to resume its training);

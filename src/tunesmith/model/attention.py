@@ -20,6 +20,7 @@ segment description: the GPU does the masked-out work, the host does one launch.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,11 +40,13 @@ class _PrefixUse:
 
 
 def prefixes_applied() -> int:
+    """How many forwards so far applied segment_prefixes; unchanged across a forward means the model dropped them."""
     return _PrefixUse.count
 
 
-def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                        is_causal=None, **kwargs):
+def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                        is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """sdpa per packed sample when `cu_seqlens` is given (one row, no cache); transformers' sdpa otherwise.
 
     `segment_prefixes` (optional, one entry per segment) lets a segment also attend to an earlier span
@@ -64,6 +67,13 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
         kwargs.pop("sliding_window", None)
         return sdpa_attention_forward(module, query, key, value, mask[None, None], dropout=dropout, scaling=scaling,
                                       is_causal=False, **kwargs)
+    return _per_segment_sdpa(query, key, value, bounds, prefixes, window, dropout, scaling), None
+
+
+def _per_segment_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[int],
+                      prefixes: list[tuple[int, int] | None], window: int | None, dropout: float,
+                      scaling: float | None) -> torch.Tensor:
+    """[batch, seq, heads, head_dim] attention output of one packed row, one causal sdpa call per segment."""
     # split, not slicing: its backward is one concatenation, where each slice's backward would fill a
     # full-size zero tensor. enable_gqa lets grouped-query kv heads serve their query heads uncopied.
     cuts = sorted(set(bounds).union(*(prefix for prefix in prefixes if prefix)))
@@ -91,10 +101,10 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
             sees = _segment_mask(end - start, width, window, q.device)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=sees, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
         outputs.append(out)
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
 
 
-def _segment_mask(length: int, prefix: int, window: int | None, device) -> torch.Tensor:
+def _segment_mask(length: int, prefix: int, window: int | None, device: torch.device) -> torch.Tensor:
     """[length, prefix + length] bool: query i (at position prefix + i) sees keys at positions <= its own,
     and within the last `window` positions when the layer has a sliding window."""
     query_pos = torch.arange(prefix, prefix + length, device=device)[:, None]
@@ -106,7 +116,8 @@ def _segment_mask(length: int, prefix: int, window: int | None, device) -> torch
 
 
 @functools.lru_cache(maxsize=4)
-def row_mask(bounds: tuple, prefixes: tuple, window: int | None, device) -> torch.Tensor:
+def row_mask(bounds: tuple[int, ...], prefixes: tuple[tuple[int, int] | None, ...], window: int | None,
+             device: torch.device) -> torch.Tensor:
     """[T, T] bool for one packed row: what `varlen_sdpa_forward` computes segment by segment, as one mask.
 
     Query t of segment s sees key u when both are in s and u <= t, or when u is in s's prefix span.

@@ -2,9 +2,9 @@
 
 For SFT, LoRA follows LLaMA-Factory's rule for `adapter_name_or_path`: all listed adapters but the
 last are merged into the base, the last is loaded and its training resumed; without one, a fresh
-adapter is injected. Preference and RL stages (rm, dpo, ppo, grpo) merge every listed adapter and train a fresh one:
-for DPO, PPO and GRPO the merged model (typically base + SFT adapter) is then exactly the reference, reached by
-disabling the new adapter, and both stages start from the model the user finished with. Trainable weights are kept in float32 even when the frozen base is bf16/fp16, so AdamW's
+adapter is injected. Stages that declare `fresh_adapter` (rm, dpo, ppo, grpo) merge every listed adapter
+and train a fresh one: for DPO, PPO and GRPO the merged model (typically base + SFT adapter) is then
+exactly the reference, reached by disabling the new adapter. Trainable weights are kept in float32 even when the frozen base is bf16/fp16, so AdamW's
 small updates are not rounded away.
 """
 
@@ -14,12 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from tunesmith.config import TrainConfig
+from tunesmith.config import AdapterArgs, ModelArgs
 from tunesmith.errors import TunesmithError
 from tunesmith.model.adapters import apply_adapters, merge_adapters
 from tunesmith.model.lora import inject_lora
-
-FRESH_ADAPTER_STAGES = ("rm", "dpo", "ppo", "grpo")
 
 
 @dataclass
@@ -33,19 +31,23 @@ class AdapterSettings:
     use_rslora: bool
 
 
-def prepare_for_training(model: torch.nn.Module, config: TrainConfig) -> AdapterSettings | None:
-    """Set requires_grad per finetuning_type; returns the adapter settings for LoRA runs."""
+def prepare_for_training(model: torch.nn.Module, model_args: ModelArgs, adapter: AdapterArgs, fresh_adapter: bool,
+                         gradient_checkpointing: bool) -> AdapterSettings | None:
+    """Set requires_grad per finetuning_type; returns the adapter settings for LoRA runs.
+
+    `fresh_adapter` (the stage's declaration): merge every given adapter and train a new one, instead
+    of resuming the last given adapter."""
     settings = None
-    if config.finetuning_type == "lora":
-        settings = _prepare_lora(model, config)
-    elif config.finetuning_type == "full":
+    if adapter.finetuning_type == "lora":
+        settings = _prepare_lora(model, model_args.adapter_name_or_path or [], adapter, fresh_adapter)
+    elif adapter.finetuning_type == "full":
         model.requires_grad_(True)
     else:
-        _prepare_freeze(model, config.freeze_trainable_layers, config.freeze_trainable_modules)
+        _prepare_freeze(model, adapter.freeze_trainable_layers, adapter.freeze_trainable_modules)
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
-    if config.gradient_checkpointing:
+    if gradient_checkpointing:
         # transformers >= 5 renamed it; older releases (which we also support) only have the old name.
         enable = getattr(model, "activation_checkpointing_enable", None)
         if enable is not None:
@@ -56,16 +58,17 @@ def prepare_for_training(model: torch.nn.Module, config: TrainConfig) -> Adapter
 
 
 def trainable_summary(model: torch.nn.Module) -> str:
+    """PEFT's one-line count of trainable and total parameters."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
 
 
-def _prepare_lora(model, config: TrainConfig) -> AdapterSettings:
-    if config.adapter_name_or_path and config.stage in FRESH_ADAPTER_STAGES:
-        merge_adapters(model, config.adapter_name_or_path)
-    elif config.adapter_name_or_path:
-        saved = apply_adapters(model, config.adapter_name_or_path, trainable_last=True)
+def _prepare_lora(model: torch.nn.Module, given: list[str], config: AdapterArgs, fresh_adapter: bool) -> AdapterSettings:
+    if given and fresh_adapter:
+        merge_adapters(model, given)
+    elif given:
+        saved = apply_adapters(model, given, trainable_last=True)
         targets = saved["target_modules"]
         return AdapterSettings(saved["r"], saved["lora_alpha"], saved.get("lora_dropout", 0.0),
                                sorted(targets) if isinstance(targets, list) else targets,

@@ -11,6 +11,9 @@ Usage:
     model = AutoModelForCausalLM.from_pretrained(path)
 """
 
+from __future__ import annotations
+
+import os
 from pathlib import Path
 
 import torch
@@ -44,7 +47,7 @@ def build_config(arch: str, size: str, tokenizer: PreTrainedTokenizerBase | None
     return AutoConfig.for_model(arch, **preset)
 
 
-def init_model(out_dir, arch: str = "qwen2", size: str = "tiny", seed: int = 0,
+def init_model(out_dir: str | os.PathLike, arch: str = "qwen2", size: str = "tiny", seed: int = 0,
                tokenizer_dir: str | None = None) -> Path:
     """Write a random-init `arch` model of preset `size` with its tokenizer to `out_dir`; return the path."""
     _check_choices(arch, size)  # before training a tokenizer for nothing

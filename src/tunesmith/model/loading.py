@@ -15,9 +15,11 @@ Usage:
     tokenizer = load_tokenizer("runs/tiny")
 """
 
-import dataclasses
+from __future__ import annotations
+
 import warnings
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -25,15 +27,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from tunesmith.errors import TunesmithError
 from tunesmith.model.attention import VARLEN_SDPA
 
+ConfigT = TypeVar("ConfigT")  # any config dataclass with bf16 and fp16 fields
+
 # Pad-like special tokens of common tokenizers, tried in order before falling back to unk, then eos.
 PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
 
 
-def resolve_device_and_dtype(bf16: bool, fp16: bool) -> tuple[torch.device, torch.dtype]:
-    """CUDA when visible (torch honours CUDA_VISIBLE_DEVICES), else CPU; bf16/fp16 if asked, else fp32."""
+def resolve_device_and_dtype(bf16: bool, fp16: bool, use_cpu: bool = False) -> tuple[torch.device, torch.dtype]:
+    """CUDA when visible (torch honours CUDA_VISIBLE_DEVICES) unless `use_cpu`, else CPU; bf16/fp16 if asked, else fp32."""
     if bf16 and fp16:
         raise TunesmithError("Both bf16 and fp16 are true. Set at most one of them (bf16 where the GPU supports it).")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and not use_cpu else "cpu")
     if fp16:
         if device.type != "cuda":
             raise TunesmithError(
@@ -55,12 +59,6 @@ def resolve_device_and_dtype(bf16: bool, fp16: bool) -> tuple[torch.device, torc
             )
         return device, torch.bfloat16
     return device, torch.float32
-
-
-def with_compute_dtype(config, dtype: torch.dtype):
-    """The config with bf16/fp16 as actually used (a CPU without bf16 units falls back to fp32), so the
-    training loop's autocast and the saved train_config.yaml tell the truth."""
-    return dataclasses.replace(config, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -51,7 +51,7 @@ class LoRALinear(nn.Module):
 
     def __init__(
         self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False
-    ):
+    ) -> None:
         super().__init__()
         if rank < 1:
             raise TunesmithError(
@@ -81,6 +81,7 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Base output plus whichever update is active: a side adapter's, the merged inference weight, or LoRA's."""
         if self.active_side is not None:  # another adapter on the same base: base + its update, or the base
             result = self.base_layer(x)
             if self.active_side not in self.side:
@@ -121,6 +122,7 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def extra_repr(self) -> str:
+        """Rank and scaling in `print(model)`, where the adapter's shape alone would not show them."""
         return f"rank={self.rank}, scaling={self.scaling:g}"
 
 

@@ -30,11 +30,10 @@ from tunesmith.model.adapters import (
     merge_adapters,
     read_adapter_config,
 )
+from tunesmith.model.forward import sequence_scores
 from tunesmith.model.loading import load_model, load_tokenizer, resolve_device_and_dtype
 from tunesmith.model.lora import merge_and_unload, side_adapter
 from tunesmith.model.value_head import VALUE_HEAD_FILE, attach_value_head, load_value_head
-from tunesmith.training.loop import to_device
-from tunesmith.training.stages.rm import sequence_scores
 
 TRAIN_CONFIG = "train_config.yaml"
 
@@ -131,7 +130,7 @@ class RewardModel:
         scores = []
         for start in range(0, len(conversations), batch_size):
             encoded = [self.encode(messages) for messages in conversations[start:start + batch_size]]
-            batch = to_device(pack_into_row([(ids, ids) for ids in encoded], self.tokenizer.pad_token_id), self.device)
+            batch = pack_into_row([(ids, ids) for ids in encoded], self.tokenizer.pad_token_id).to(self.device)
             with self.adapter_context():
                 scores += sequence_scores(self.model, batch, self.head).tolist()
         return scores

@@ -24,7 +24,7 @@ ATTRIBUTE = "v_head"
 class ValueHead(nn.Module):
     """Linear(hidden, 1). Small init (std 1/sqrt(hidden + 1)) so first scores are near 0 and gradients tame."""
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, hidden_size: int) -> None:
         super().__init__()
         self.summary = nn.Linear(hidden_size, 1)
         nn.init.normal_(self.summary.weight, std=1 / math.sqrt(hidden_size + 1))
@@ -46,12 +46,13 @@ def attach_value_head(model: nn.Module, head: ValueHead | None = None) -> ValueH
     return head
 
 
-def without_value_head(state_dict: dict) -> dict:
+def without_value_head(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The model's own weights, for a Hugging Face folder that vanilla transformers loads cleanly."""
     return {key: value for key, value in state_dict.items() if not key.startswith(f"{ATTRIBUTE}.")}
 
 
 def save_value_head(head: ValueHead, folder: str | Path) -> None:
+    """Write value_head.safetensors in fp32 under TRL's tensor names, beside the adapter or model in `folder`."""
     tensors = {f"{ATTRIBUTE}.{name}": tensor.detach().float().cpu().contiguous()
                for name, tensor in head.state_dict().items()}
     save_file(tensors, str(Path(folder) / VALUE_HEAD_FILE), metadata={"format": "pt"})

@@ -14,6 +14,7 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -66,7 +67,8 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: Path) -> Path
     return path
 
 
-def write_training_state(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+def write_training_state(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                         state: dict[str, Any]) -> None:
     """Trainable weights, optimizer moments, RNG and loop counters: what a bit-exact resume needs."""
     trainable = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
     save_file(trainable, str(folder / TRAINABLE_FILE))
@@ -79,7 +81,8 @@ def write_training_state(folder: Path, model: torch.nn.Module, optimizer: torch.
     (folder / STATE_FILE).write_text(json.dumps({**state, "optimizer_layout": layout}, indent=2))
 
 
-def read_training_state(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def read_training_state(folder: Path, model: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Load what write_training_state saved into model and optimizer; return the loop counters."""
     state = json.loads((folder / STATE_FILE).read_text())
     trainable = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
@@ -100,7 +103,7 @@ def read_training_state(folder: Path, model: torch.nn.Module, optimizer: torch.o
     return state
 
 
-def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Optimizer state as flat tensors plus a JSON layout (param groups, non-tensor values)."""
     tensors, scalars = {}, {}
     for index, per_param in state_dict["state"].items():
@@ -112,8 +115,9 @@ def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], layout: dict) -> dict:
-    state: dict[int, dict] = {}
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], layout: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer state_dict that `_flatten_optimizer` took apart, ready for `load_state_dict`."""
+    state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("state."):
             _, index, key = name.split(".", 2)

@@ -12,11 +12,14 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ProcessInfo:
+    """This process's place in the run: `rank` of `world_size` processes."""
+
     rank: int = 0
     world_size: int = 1
 
     @property
     def is_main(self) -> bool:
+        """Whether this process logs and saves: rank 0, so files are written once per run."""
         return self.rank == 0
 
 

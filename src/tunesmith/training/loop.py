@@ -1,16 +1,19 @@
 """The one training loop every stage shares.
 
-It owns the optimizer (AdamW), the learning-rate schedule, gradient accumulation, clipping, mixed
-precision, checkpoints, resume, evaluation, logging and the progress bar. A stage gives it a `Stage`:
-a function from (model, batch) to a loss summed over the batch's items (label tokens for SFT, pairs
-for preference losses) plus summed metrics. The loop divides by the number of items in the whole
-accumulated step, so accumulation gives the same gradient as one big batch.
+It owns the optimizer (AdamW), the learning-rate schedule, mixed precision, checkpoints, resume,
+evaluation cadence, logging and the progress bar. A stage gives it a `Stage`: how many rows one
+training step takes, and a `step` function that turns those rows into gradient updates through the
+loop's `Updates` (sft/rm/dpo: micro-batches accumulated into one update, training/supervised.py;
+ppo/grpo: one rollout, then ppo_epochs of updates, training/rl.py). The loop never asks which stage
+it runs.
 
-Determinism: the data order of epoch e is a permutation seeded by seed + e, and a checkpoint stores
-the trainable weights, optimizer moments, RNG state and the count of micro-batches consumed, so a
-resumed run replays exactly the same batches with the same state (bit for bit on CPU).
+Determinism: the data order of epoch e is a permutation seeded by seed + e; step k of an epoch takes
+rows [k R, (k+1) R) of it (R = rows_per_step), so a step never spans two epochs and the position in the
+data follows from the step count alone. A checkpoint stores the trainable weights, optimizer moments,
+RNG state, the stage's own state (KL coefficient, score moments) and the step, so a resumed run
+replays exactly the same steps with the same state (bit for bit on CPU).
 Data parallelism: each rank takes every world_size-th index of the shared order; only rank 0 logs and
-saves. Process-group setup and gradient all-reduce are what a data-parallel stage would add.
+saves.
 """
 
 from __future__ import annotations
@@ -18,207 +21,260 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from tunesmith.config import TrainConfig
+from tunesmith.config import OptimArgs, OutputArgs
 from tunesmith.training import checkpoint
 from tunesmith.training.distributed import ProcessInfo
 from tunesmith.training.schedule import lr_factor, warmup_steps_for
 from tunesmith.training.tracking import Tracker, truncate_log
 
 
-@dataclass
-class Stage:
-    """What a training stage gives the loop."""
+class Stateful(Protocol):
+    """State a checkpoint must keep beside the weights (a KL controller, running score moments)."""
 
-    loss: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
-    """(loss summed over the batch's items, metrics summed over the same items)."""
-    count_items: Callable[[dict], int]
-    """Number of items the loss sums over (the normaliser)."""
-    count_tokens: Callable[[dict], int]
-    """Non-pad tokens in the batch, for throughput."""
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 @dataclass
 class RunData:
-    """Rows (already tokenised) and how to turn a list of them into a batch of tensors on the device."""
+    """The rows a stage trains and evaluates on (already tokenised; never written to during training)."""
 
     train: list[dict]
     eval: list[dict]
-    collate: Callable[[list[dict]], dict]
 
 
-def micro_batch_indices(n_rows: int, batch_size: int, seed: int, epoch: int, proc: ProcessInfo) -> list[list[int]]:
-    """Row indices of each micro-batch of one epoch on this rank (shuffled, seeded by seed + epoch)."""
+@dataclass
+class StepOutput:
+    """What one training step did: metrics summed over `items`, and the tokens it processed."""
+
+    metrics: dict[str, torch.Tensor | float]
+    """Sums over the step's items (tensors stay on the device: the hot loop never waits for the GPU)."""
+    items: float
+    """What the sums are over (label tokens, pairs; 1 for an RL step, whose metrics are already means)."""
+    tokens: int
+    """Non-pad tokens processed, for throughput."""
+
+
+@dataclass
+class Stage:
+    """What a training stage gives the loop once the model is ready."""
+
+    rows_per_step: int
+    """Rows one training step takes."""
+    step: Callable[[torch.nn.Module, list[dict], Updates], StepOutput]
+    """step(model, rows, updates): compute losses, call updates.backward / updates.step, report."""
+    evaluate: Callable[[torch.nn.Module, list[dict]], dict[str, float]]
+    """evaluate(model, eval rows) -> eval_* metrics (run in eval mode, without gradients)."""
+    headline: tuple[str, ...] = ("loss",)
+    """Metrics shown on the progress bar and returned as the run's final metrics."""
+    state: dict[str, Stateful] = field(default_factory=dict)
+    """Objects whose state a checkpoint keeps and a resume restores."""
+
+
+class Updates:
+    """The loop's optimizer, handed to a stage's step: scaled backward, then clip, step and zero."""
+
+    def __init__(self, model: torch.nn.Module, optim: OptimArgs, device: torch.device):
+        self.model, self.max_grad_norm = model, optim.max_grad_norm
+        self.optimizer = build_optimizer(model, optim)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=optim.fp16)
+        self.autocast = lambda: autocast_context(device, optim)
+        self.grad_norms: list[torch.Tensor] = []
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate d loss / d weights (loss-scaled under fp16)."""
+        self.scaler.scale(loss).backward()
+
+    def step(self) -> torch.Tensor:
+        """Clip the accumulated gradient, take an optimizer step, clear the gradient; returns its norm."""
+        norm = clip_and_step(self.model, self.optimizer, self.scaler, self.max_grad_norm)
+        self.grad_norms.append(norm)
+        return norm
+
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of every parameter group."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+
+@dataclass
+class _Progress:
+    """Counters of a run, and the sums since the last log line."""
+
+    global_step: int = 0
+    elapsed_s: float = 0.0
+    sums: dict = field(default_factory=dict)
+    items: float = 0.0
+    tokens: int = 0
+    window_start: float = field(default_factory=time.perf_counter)
+
+    def add(self, out: StepOutput) -> None:
+        """Fold one step's output into the window."""
+        for key, value in out.metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.items += out.items
+        self.tokens += out.tokens
+
+    def clear(self) -> None:
+        """Start a new window (after a log line)."""
+        self.sums, self.items, self.tokens, self.window_start = {}, 0.0, 0, time.perf_counter()
+
+
+def epoch_order(n_rows: int, seed: int, epoch: int, proc: ProcessInfo) -> list[int]:
+    """This rank's row indices for one epoch (a permutation seeded by seed + epoch)."""
     order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    order = order[proc.rank::proc.world_size]
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return order[proc.rank::proc.world_size]
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def steps_per_epoch(n_rows: int, rows_per_step: int, proc: ProcessInfo) -> int:
+    """Training steps in one epoch on this rank (the last may take fewer rows)."""
+    return max(1, math.ceil(len(range(proc.rank, n_rows, proc.world_size)) / rows_per_step))
+
+
+def total_steps_for(optim: OptimArgs, per_epoch: int) -> int:
+    """max_steps, or num_train_epochs (fractions allowed) worth of steps."""
+    if optim.max_steps > 0:
+        return optim.max_steps
+    return max(1, math.ceil(optim.num_train_epochs * per_epoch))
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimArgs) -> torch.optim.Optimizer:
     """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D tensors)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
-    kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
+    kwargs = dict(lr=optim.learning_rate, betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_epsilon)
     return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
-def total_optimizer_steps(config: TrainConfig, micro_batches_per_epoch: int) -> int:
-    if config.max_steps > 0:
-        return config.max_steps
-    steps_per_epoch = max(1, math.ceil(micro_batches_per_epoch / config.gradient_accumulation_steps))  # see _step_stream
-    return max(1, math.ceil(config.num_train_epochs * steps_per_epoch))
-
-
-def train(model, stage: Stage, data: RunData, config: TrainConfig, output_dir: Path,
+def train(model: torch.nn.Module, stage: Stage, data: RunData, optim: OptimArgs, output: OutputArgs,
           save_artifact: Callable[[Path], None], proc: ProcessInfo, resume_from: Path | None = None) -> dict:
     """Run the optimisation; returns the final metrics. `save_artifact(folder)` writes the user-facing
-    result (a PEFT adapter or a model folder) into a checkpoint or the output folder."""
+    result (a PEFT adapter or a model folder) into a checkpoint."""
     device = next(model.parameters()).device
-    optimizer = build_optimizer(model, config)
-    rows_on_rank = len(range(proc.rank, len(data.train), proc.world_size))
-    per_epoch = math.ceil(rows_on_rank / config.per_device_train_batch_size)  # micro-batches per epoch
-    total_steps = total_optimizer_steps(config, per_epoch)
-    warmup = warmup_steps_for(total_steps, config.warmup_steps, config.warmup_ratio)
-    state = {"global_step": 0, "micro_batches_done": 0, "elapsed_s": 0.0}
-    if resume_from is not None:
-        state = checkpoint.read_training_state(resume_from, model, optimizer)
-        if proc.is_main:
-            truncate_log(output_dir, state["global_step"])
-    tracker = Tracker(output_dir, config.report_to, proc.is_main)
-    amp = autocast_context(device, config)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.fp16)
-    if "scaler" in state:
-        scaler.load_state_dict(state["scaler"])
-    stream = _step_stream(len(data.train), config, per_epoch, state["micro_batches_done"], proc)
-    progress = tqdm(total=total_steps, initial=state["global_step"], disable=not proc.is_main, dynamic_ncols=True)
-    window = _new_window()
-    start = time.perf_counter() - state["elapsed_s"]
-    last_record = {}
+    output_dir = Path(output.output_dir)
+    updates = Updates(model, optim, device)
+    per_epoch = steps_per_epoch(len(data.train), stage.rows_per_step, proc)
+    total = total_steps_for(optim, per_epoch)
+    warmup = warmup_steps_for(total, optim.warmup_steps, optim.warmup_ratio)
+    progress = _resume(resume_from, model, updates, stage, output_dir, proc)
+    tracker = Tracker(output_dir, output.report_to, proc.is_main)
+    bar = tqdm(total=total, initial=progress.global_step, disable=not proc.is_main, dynamic_ncols=True)
+    start, record = time.perf_counter() - progress.elapsed_s, {}
     model.train()
-    while state["global_step"] < total_steps:
-        lr = config.learning_rate * lr_factor(config.lr_scheduler_type, state["global_step"], total_steps, warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batches = [data.collate([data.train[i] for i in indices]) for indices in next(stream)]
-        _accumulate_gradients(model, stage, batches, device, amp, scaler, window)
-        grad_norm = clip_and_step(model, optimizer, scaler, config.max_grad_norm)
-        state["global_step"] += 1
-        state["micro_batches_done"] += len(batches)
-        progress.update(1)
-        step = state["global_step"]
-        if step % config.logging_steps == 0 or step == total_steps:
-            last_record = _log_window(window, step, total_steps, per_epoch, state, lr, grad_norm, start)
-            window = _new_window()
-            tracker.log(last_record)
-            progress.set_postfix(loss=f"{last_record['loss']:.4f}", lr=f"{lr:.2e}",
-                                 tok_s=f"{last_record['tokens_per_second']:.0f}")
-        if data.eval and step < total_steps and _eval_due(config, step, state["micro_batches_done"], len(batches), per_epoch):
-            tracker.log({"current_steps": step, "total_steps": total_steps, **evaluate(model, stage, data, config)})
-        if config.save_steps and step % config.save_steps == 0 and step < total_steps and proc.is_main:
-            state["elapsed_s"] = time.perf_counter() - start
-            if scaler.is_enabled():
-                state["scaler"] = scaler.state_dict()
-            save_step(output_dir, step, model, optimizer, state, save_artifact, config)
-    progress.close()
-    final = {key: value for key, value in last_record.items() if key in ("loss", "tokens_per_second")}
-    return wrap_up(final, start, data, lambda: evaluate(model, stage, data, config), tracker, state["global_step"],
-                   total_steps)
-
-
-def wrap_up(final: dict, start: float, data: RunData, run_eval: Callable[[], dict], tracker: Tracker, step: int,
-            total_steps: int) -> dict:
-    """The run's final metrics: `final` (from the last log line), the runtime, and a last evaluation."""
+    while progress.global_step < total:
+        lr = optim.learning_rate * lr_factor(optim.lr_scheduler_type, progress.global_step, total, warmup)
+        updates.set_lr(lr)
+        epoch, index = divmod(progress.global_step, per_epoch)
+        order = epoch_order(len(data.train), optim.seed, epoch, proc)
+        rows = [data.train[i] for i in order[index * stage.rows_per_step:(index + 1) * stage.rows_per_step]]
+        progress.add(stage.step(model, rows, updates))
+        progress.global_step += 1
+        bar.update(1)
+        step = progress.global_step
+        if step % output.logging_steps == 0 or step == total:
+            record = _log_record(progress, updates, step, total, per_epoch, lr, start)
+            tracker.log(record)
+            bar.set_postfix({key: f"{record[key]:.4f}" for key in stage.headline if key in record}
+                            | {"lr": f"{lr:.2e}", "tok_s": f"{record['tokens_per_second']:.0f}"})
+        if data.eval and step < total and _eval_due(output, step, per_epoch):
+            tracker.log({"current_steps": step, "total_steps": total, **evaluate(model, stage, data, optim)})
+        if output.save_steps and step % output.save_steps == 0 and step < total and proc.is_main:
+            progress.elapsed_s = time.perf_counter() - start
+            save_step(output_dir, step, model, updates, stage, progress, save_artifact, output.save_total_limit)
+    bar.close()
+    final = {key: record[key] for key in (*stage.headline, "tokens_per_second") if key in record}
     final["train_runtime_s"] = round(time.perf_counter() - start, 2)
     if data.eval:
-        eval_metrics = run_eval()
-        tracker.log({"current_steps": step, "total_steps": total_steps, **eval_metrics})
+        eval_metrics = evaluate(model, stage, data, optim)
+        tracker.log({"current_steps": progress.global_step, "total_steps": total, **eval_metrics})
         final.update(eval_metrics)
     tracker.close()
     return final
 
 
-@contextmanager
-def eval_mode(model):
-    """The model in eval mode (no dropout) inside the block, in the mode it had before after it."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
+def _resume(resume_from: Path | None, model: torch.nn.Module, updates: Updates, stage: Stage, output_dir: Path,
+            proc: ProcessInfo) -> _Progress:
+    """A fresh run's counters, or a checkpoint's: weights, optimizer, RNG, loss scale, stage state."""
+    if resume_from is None:
+        return _Progress()
+    state = checkpoint.read_training_state(resume_from, model, updates.optimizer)
+    if "scaler" in state:
+        updates.scaler.load_state_dict(state["scaler"])
+    for name, holder in stage.state.items():
+        holder.load_state_dict(state["controllers"][name])
+    if proc.is_main:
+        truncate_log(output_dir, state["global_step"])
+    return _Progress(global_step=state["global_step"], elapsed_s=state["elapsed_s"])
+
+
+def _eval_due(output: OutputArgs, step: int, per_epoch: int) -> bool:
+    """eval_strategy steps: every eval_steps; epoch: when this step finished an epoch."""
+    if output.eval_strategy == "steps":
+        return step % output.eval_steps == 0
+    return output.eval_strategy == "epoch" and step % per_epoch == 0
 
 
 @torch.no_grad()
-def evaluate(model, stage: Stage, data: RunData, config: TrainConfig) -> dict:
-    """Loss and metrics over the whole eval split, averaged per item, named eval_*."""
+def evaluate(model: torch.nn.Module, stage: Stage, data: RunData, optim: OptimArgs) -> dict[str, float]:
+    """The stage's eval metrics on the eval rows, in eval mode (no dropout) and the run's precision."""
     device = next(model.parameters()).device
-    totals, items = {"loss": 0.0}, 0
-    with eval_mode(model), autocast_context(device, config):
-        for start in range(0, len(data.eval), config.per_device_eval_batch_size):
-            batch = to_device(data.collate(data.eval[start:start + config.per_device_eval_batch_size]), device)
-            loss_sum, metrics = stage.loss(model, batch)
-            totals["loss"] += loss_sum.item()
-            for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + value
-            items += stage.count_items(batch)
-    return {f"eval_{key}": value / max(items, 1) for key, value in totals.items()}
+    with eval_mode(model), autocast_context(device, optim):
+        return stage.evaluate(model, data.eval)
 
 
-def _step_stream(n_rows: int, config: TrainConfig, per_epoch: int, skip: int, proc: ProcessInfo):
-    """Endless lists of micro-batch indices, one list per optimizer step, starting after `skip` micro-batches.
-
-    A step never spans two epochs (an epoch's last step may hold fewer micro-batches; the loss is
-    normalised per item, so that is still a correct step), which keeps num_train_epochs exact.
-    """
-    epoch, index = divmod(skip, per_epoch)
-    accumulation = config.gradient_accumulation_steps
-    while True:
-        batches = micro_batch_indices(n_rows, config.per_device_train_batch_size, config.seed, epoch, proc)
-        for first in range(index, len(batches), accumulation):
-            yield batches[first:first + accumulation]
-        epoch, index = epoch + 1, 0
-
-
-def _new_window() -> dict:
-    """Sums since the last log line; loss stays a device tensor so the hot loop never waits on the GPU."""
-    return {"loss": 0.0, "items": 0, "tokens": 0, "metrics": {}, "start": time.perf_counter()}
-
-
-def _accumulate_gradients(model, stage: Stage, batches: list[dict], device, amp, scaler, window: dict) -> None:
-    """Backward over one step's micro-batches, each loss divided by the step's total item count."""
-    items = sum(stage.count_items(b) for b in batches)  # counted on the CPU, before the copy to the device
-    for batch in batches:
-        window["tokens"] += stage.count_tokens(batch)
-        with amp:
-            loss_sum, metrics = stage.loss(model, to_device(batch, device))
-        scaler.scale(loss_sum / max(items, 1)).backward()
-        window["loss"] = window["loss"] + loss_sum.detach()
-        for key, value in metrics.items():
-            window["metrics"][key] = window["metrics"].get(key, 0.0) + value
-    window["items"] += items
+def _log_record(progress: _Progress, updates: Updates, step: int, total: int, per_epoch: int, lr: float,
+                start: float) -> dict:
+    """One trainer_log.jsonl record (LLaMA-Factory's fields plus throughput); clears the window."""
+    elapsed = time.perf_counter() - start
+    seconds = time.perf_counter() - progress.window_start
+    items = max(progress.items, 1e-12)
+    means = {key: round(float(value) / items, 6) for key, value in progress.sums.items()}
+    norms = updates.grad_norms
+    record = {
+        "current_steps": step, "total_steps": total, **means, "lr": lr,
+        **({"grad_norm": round(float(torch.stack(norms).float().mean()), 6)} if norms else {}),
+        "epoch": round(step / per_epoch, 4), "percentage": round(100 * step / total, 2),
+        "tokens_per_second": round(progress.tokens / max(seconds, 1e-9), 2),
+        "elapsed_time": str(timedelta(seconds=int(elapsed))),
+        "remaining_time": str(timedelta(seconds=int(elapsed / step * (total - step)))),
+    }
+    progress.clear()
+    updates.grad_norms = []
+    return record
 
 
-def _eval_due(config: TrainConfig, step: int, done: int, just_done: int, per_epoch: int) -> bool:
-    """eval_strategy steps: every eval_steps; epoch: when this step finished an epoch."""
-    if config.eval_strategy == "steps":
-        return step % config.eval_steps == 0
-    if config.eval_strategy == "epoch":
-        return done // per_epoch > (done - just_done) // per_epoch
-    return False
+def save_step(output_dir: Path, step: int, model: torch.nn.Module, updates: Updates, stage: Stage,
+              progress: _Progress, save_artifact: Callable[[Path], None], keep: int | None) -> None:
+    """checkpoint-{step}: the user-facing result plus what a resume needs, written atomically."""
+    state = {"global_step": progress.global_step, "elapsed_s": progress.elapsed_s,
+             "controllers": {name: holder.state_dict() for name, holder in stage.state.items()}}
+    if updates.scaler.is_enabled():
+        state["scaler"] = updates.scaler.state_dict()
+
+    def write(folder: Path) -> None:
+        save_artifact(folder)
+        checkpoint.write_training_state(folder, model, updates.optimizer, state)
+
+    checkpoint.save_checkpoint(output_dir, step, write, keep)
 
 
-def clip_and_step(model, optimizer, scaler, max_grad_norm: float) -> torch.Tensor:
+def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                  max_grad_norm: float) -> torch.Tensor:
+    """Unscale, clip the global gradient norm (0: no clipping), step, zero; returns the norm before clipping."""
     scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
@@ -228,45 +284,23 @@ def clip_and_step(model, optimizer, scaler, max_grad_norm: float) -> torch.Tenso
     return norm
 
 
-def _log_window(window, step, total_steps, per_epoch, state, lr, grad_norm, start) -> dict:
-    """One trainer_log.jsonl record (LLaMA-Factory's fields plus throughput)."""
-    elapsed = time.perf_counter() - start
-    seconds = time.perf_counter() - window["start"]
-    items = max(window["items"], 1)
-    record = {
-        "current_steps": step, "total_steps": total_steps, "loss": round(float(window["loss"]) / items, 6),
-        **{key: round(value / items, 6) for key, value in window["metrics"].items()},
-        "lr": lr, "grad_norm": round(float(grad_norm), 6),
-        "epoch": round(state["micro_batches_done"] / per_epoch, 4),
-        "percentage": round(100 * step / total_steps, 2),
-        "tokens_per_second": round(window["tokens"] / max(seconds, 1e-9), 2),
-        "elapsed_time": str(timedelta(seconds=int(elapsed))),
-        "remaining_time": str(timedelta(seconds=int(elapsed / step * (total_steps - step)))),
-    }
-    return record
+@contextmanager
+def eval_mode(model: torch.nn.Module):
+    """The model in eval mode (no dropout) inside the block, in the mode it had before after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
-def save_step(output_dir, step, model, optimizer, state, save_artifact, config) -> None:
-    """checkpoint-{step}: the user-facing result plus what a resume needs, written atomically."""
-    def write(folder: Path) -> None:
-        save_artifact(folder)
-        checkpoint.write_training_state(folder, model, optimizer, state)
-
-    checkpoint.save_checkpoint(output_dir, step, write, config.save_total_limit)
-
-
-def autocast_dtype(config: TrainConfig) -> torch.dtype | None:
+def autocast_dtype(optim: OptimArgs) -> torch.dtype | None:
     """The mixed-precision dtype the config asks for (bf16/fp16), None for fp32."""
-    return torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else None
+    return torch.bfloat16 if optim.bf16 else torch.float16 if optim.fp16 else None
 
 
-def autocast_context(device: torch.device, config: TrainConfig):
+def autocast_context(device: torch.device, optim: OptimArgs) -> AbstractContextManager:
     """Mixed precision as the config asks (bf16/fp16), a no-op context in fp32."""
-    dtype = autocast_dtype(config)
+    dtype = autocast_dtype(optim)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    """The batch's tensors on `device`; other values (lists, ints, the rows) as they are."""
-    return {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-            for key, value in batch.items()}

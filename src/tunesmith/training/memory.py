@@ -39,6 +39,7 @@ def reuse_freed_memory(threshold_bytes: int = 1 << 30) -> bool:
 
 
 def _mallopt(parameter: int, value: int) -> bool:
+    """glibc's mallopt(parameter, value), False off Linux or where libc.so.6 has no mallopt."""
     if not sys.platform.startswith("linux"):
         return False
     try:

@@ -36,6 +36,7 @@ class Scored:
     reference: str | None
 
 
+REWARD_MODEL_TYPES = ("lora", "full", "api")
 RewardSource = Callable[[list[Scored]], list[float]]
 
 

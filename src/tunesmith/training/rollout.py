@@ -1,59 +1,82 @@
 """Rollouts for PPO and GRPO: sample responses to a batch of prompts, then score them token by token.
 
-A rollout holds, per response token, what the update needs: the log-prob under the policy that sampled
-it (pi_old), under the reference (the policy with its LoRA adapter switched off), the critic's value
-(PPO), and the sequence's score from the reward source. They come from one packed forward per model
-over prompt + response (`response_forward`), run in eval mode: the values a rollout remembers must not
-be one dropout sample. In fp32, pi_old and the values come from the sampler itself
-(`sampler_statistics_are_exact` in stages/rl.py), which saves the policy's forward.
+A `Rollout` holds, per response token, what the update needs: the log-prob under the policy that
+sampled it (pi_old), under the reference (training/reference.py), the critic's value (PPO), and the
+sequence's score from the reward source; the algorithm then fills in advantages (and returns). The
+per-token numbers come from one packed forward per model over prompt + response (`response_forward`),
+run in eval mode: the values a rollout remembers must not be one dropout sample. In fp32, pi_old and
+the values come from the sampler itself (`sampler_statistics_are_exact`), which saves the policy's forward.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+import time
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
 from tunesmith.algorithms.logprobs import IGNORE_INDEX, chunked_logprobs_entropy_at, shift_labels
+from tunesmith.config import SamplingSettings
 from tunesmith.data.packing import pack_into_row
-from tunesmith.training.loop import to_device
-from tunesmith.training.stages.common import backbone_hidden, device_multiple
+from tunesmith.model.forward import backbone_hidden, device_multiple
+from tunesmith.model.lora import merged_for_inference
+from tunesmith.sampling.generate import generate
+from tunesmith.training.loop import eval_mode
+from tunesmith.training.reference import Reference
+from tunesmith.training.scoring import Scorer
 
 
 @dataclass
 class Rollout:
-    """A batch of sampled responses; token tensors are [samples, longest response], right-padded."""
+    """A batch of sampled responses; token tensors are [samples, longest response], right-padded.
+
+    Samples are prompt-major: a prompt's group of answers (GRPO) sits together.
+    """
 
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]
     mask: torch.Tensor
     """1.0 on real response tokens."""
     old_logps: torch.Tensor
-    advantages: torch.Tensor
-    """[samples, T] for PPO; [samples] (one per answer) for GRPO."""
+    """log pi_old of each response token, at the sampling temperature."""
+    entropy: torch.Tensor
+    """Entropy of the distribution each token was drawn from (a statistic)."""
+    stopped: torch.Tensor
+    """[samples] whether the response ended with its stop token."""
+    raw_scores: torch.Tensor
+    """[samples] the reward source's scores."""
+    scores: torch.Tensor
+    """[samples] scores as training signals (EOS penalty, normalisation, clipping applied)."""
     ref_logps: torch.Tensor | None = None
     old_values: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    """[samples, T] for PPO; [samples] (one per answer) for GRPO. Set by the algorithm."""
     returns: torch.Tensor | None = None
+    timings: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.response_ids)
+
+    def with_advantages(self, advantages: torch.Tensor, returns: torch.Tensor | None = None) -> Rollout:
+        """The rollout with the algorithm's advantages (and, for PPO, the critic's returns) filled in."""
+        return replace(self, advantages=advantages, returns=returns)
 
     def select(self, indices: list[int]) -> Rollout:
         """The samples at `indices`, token tensors cut to their own longest response."""
         width = max(len(self.response_ids[i]) for i in indices)
         index = torch.tensor(indices, device=self.mask.device)
         picked = {}
-        for field in fields(self):
-            value = getattr(self, field.name)
+        for item in fields(self):
+            value = getattr(self, item.name)
             if isinstance(value, list):
-                picked[field.name] = [value[i] for i in indices]
+                picked[item.name] = [value[i] for i in indices]
             elif isinstance(value, torch.Tensor):
                 value = value[index]
-                picked[field.name] = value[:, :width] if value.ndim == 2 else value
+                picked[item.name] = value[:, :width] if value.ndim == 2 else value
         return replace(self, **picked)
 
-
-def response_mask(response_ids: list[list[int]], device) -> torch.Tensor:
+def response_mask(response_ids: list[list[int]], device: torch.device) -> torch.Tensor:
+    """[samples, longest response] 1.0 on each response's real tokens."""
     width = max(len(r) for r in response_ids)
     lengths = torch.tensor([len(r) for r in response_ids], device=device)
     return (torch.arange(width, device=device)[None, :] < lengths[:, None]).float()
@@ -69,8 +92,8 @@ def response_forward(model, prompt_ids: list[list[int]], response_ids: list[list
     """
     device = next(model.parameters()).device
     sequences = [(p + r, [IGNORE_INDEX] * len(p) + r) for p, r in zip(prompt_ids, response_ids)]
-    batch = to_device(pack_into_row(sequences, pad_id, device_multiple(device)), device)
-    targets = shift_labels(batch["labels"])[0]
+    batch = pack_into_row(sequences, pad_id, device_multiple(device)).to(device)
+    targets = shift_labels(batch.labels)[0]
     positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     rows = backbone_hidden(model, batch)[0, positions]  # [response tokens, hidden]
     logps, entropy = chunked_logprobs_entropy_at(rows, model.get_output_embeddings(), targets[positions],
@@ -90,3 +113,67 @@ def chunked_response_forward(model, prompt_ids: list[list[int]], response_ids: l
     width = max(len(r) for r in response_ids)
     pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
     return tuple(None if part[0] is None else torch.cat([pad(p) for p in part]) for part in zip(*parts))
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """How a stage samples and scores: the sampler's settings and the per-token forward's."""
+
+    sampling: SamplingSettings
+    pad_id: int
+    chunk_size: int
+    micro_samples: int
+    """Samples per forward chunk (a rollout can be far larger than a micro-batch)."""
+
+    @property
+    def forward(self) -> dict:
+        """`response_forward`'s settings: log-probs at the sampling temperature."""
+        return dict(pad_id=self.pad_id, chunk_size=self.chunk_size, temperature=self.sampling.temperature)
+
+
+@torch.no_grad()
+def sample_and_score(model: torch.nn.Module, rows: list[dict], settings: RolloutSettings, scorer: Scorer,
+                     stop_ids: list[int], group: int, with_values: bool, reference: Reference | None) -> Rollout:
+    """Sample `group` answers per prompt, then the policy's log-probs (and values), the reference's, and scores.
+
+    All in eval mode. The policy's no-grad passes share one set of merged weights (one matmul per adapted
+    layer); the reward model may share this model (a side adapter), so it scores in eval mode too.
+    """
+    forward, micro = settings.forward, settings.micro_samples
+    from_sampler = sampler_statistics_are_exact(model)
+    with eval_mode(model):
+        with merged_for_inference(model):
+            start = time.perf_counter()
+            generation = generate(model, [row["prompt_ids"] for row in rows], settings.sampling, stop_ids,
+                                  settings.pad_id, num_samples=group, record=from_sampler)
+            generated_at = time.perf_counter()
+            prompt_ids = [row["prompt_ids"] for row in rows for _ in range(group)]
+            responses = generation.response_ids
+            if from_sampler:
+                old_logps, entropy = generation.logps, generation.entropy
+                mask = response_mask(responses, old_logps.device)
+                old_values = model.v_head(generation.hidden) * mask if with_values else None
+            else:
+                old_logps, entropy, old_values = chunked_response_forward(model, prompt_ids, responses, micro,
+                                                                          with_values=with_values, **forward)
+        ref_logps = None
+        if reference is not None:
+            with reference.use() as ref_model:
+                ref_logps = chunked_response_forward(ref_model, prompt_ids, responses, micro, with_values=False,
+                                                     **forward)[0]
+        stopped = torch.tensor(generation.stopped, device=old_logps.device)
+        raw, scores = scorer(rows, responses, stopped)
+        timings = {"time/generation": generated_at - start, "time/scoring": time.perf_counter() - generated_at}
+    return Rollout(prompt_ids, responses, response_mask(responses, old_logps.device), old_logps, entropy, stopped,
+                   raw, scores, ref_logps=ref_logps, old_values=old_values, timings=timings)
+
+
+def sampler_statistics_are_exact(model: torch.nn.Module) -> bool:
+    """Whether pi_old, entropy and values may come from the sampler (`generate(record=True)`) instead of
+    a forward over the responses: in fp32 with no autocast they agree to float rounding (tested), and a
+    forward pass per rollout is saved. In bf16/fp16 the decode's one-row matmuls round differently
+    from the batched forward the update runs, so the forward's own numbers are pi_old there."""
+    weight = model.get_output_embeddings().weight
+    return weight.dtype == torch.float32 and not torch.is_autocast_enabled(weight.device.type)
+
+

@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tunesmith.errors import TunesmithError
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 LOG_FILE = "trainer_log.jsonl"
 
@@ -17,12 +22,13 @@ LOG_FILE = "trainer_log.jsonl"
 class Tracker:
     """Appends one JSON line per logging step and mirrors scalars to tensorboard when asked."""
 
-    def __init__(self, output_dir: Path, report_to: str, is_main: bool):
+    def __init__(self, output_dir: Path, report_to: str, is_main: bool) -> None:
         self.path = output_dir / LOG_FILE
         self.is_main = is_main
         self.writer = _tensorboard_writer(output_dir) if report_to == "tensorboard" and is_main else None
 
-    def log(self, record: dict) -> None:
+    def log(self, record: dict[str, Any]) -> None:
+        """Append `record` as one JSON line (rank 0 only); its float fields also go to tensorboard at current_steps."""
         if not self.is_main:
             return
         with open(self.path, "a") as handle:
@@ -35,6 +41,7 @@ class Tracker:
             self.writer.flush()
 
     def close(self) -> None:
+        """Flush and close the tensorboard writer, if any; the JSON log is closed after every line already."""
         if self.writer is not None:
             self.writer.close()
 
@@ -49,7 +56,8 @@ def truncate_log(output_dir: Path, after_step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def read_log(output_dir: Path) -> list[dict]:
+def read_log(output_dir: Path) -> list[dict[str, Any]]:
+    """The records of trainer_log.jsonl in order, or [] before the first logging step wrote it."""
     path = output_dir / LOG_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
@@ -82,7 +90,7 @@ def plot_metrics(output_dir: Path, keys: tuple[str, ...] = ("loss", "eval_loss")
     return written
 
 
-def _smooth(values) -> list[float]:
+def _smooth(values: Sequence[float]) -> list[float]:
     """LLaMA-Factory's smoothing: an EMA whose weight grows with the number of points."""
     weight = 1.8 * (1 / (1 + math.exp(-0.05 * len(values))) - 0.5)
     smoothed, last = [], values[0]
@@ -104,7 +112,8 @@ def require_reporter(report_to: str) -> None:
             "(or `pip install tunesmith[tensorboard]`), or set report_to: none.") from None
 
 
-def _tensorboard_writer(output_dir: Path):
+def _tensorboard_writer(output_dir: Path) -> SummaryWriter:
+    """A writer into output_dir/runs, where transformers' Trainer also puts its tensorboard logs."""
     require_reporter("tensorboard")
     from torch.utils.tensorboard import SummaryWriter
 

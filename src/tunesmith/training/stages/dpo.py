@@ -1,127 +1,138 @@
 """DPO and its variants: train the policy directly on preference pairs (the book's Algorithm 3.1).
 
 Each step runs chosen and rejected answers through the policy in one concatenated forward pass and
-sums the log-probs of their answer tokens (prompt tokens are labelled IGNORE_INDEX). The reference
-log-probs of a pair never change, so they are computed once per pair and remembered in its row:
+sums the log-probs of their answer tokens. The reference log-probs of a pair never change, so they are
+computed once per pair by the shared reference model (training/reference.py) and kept in its cache:
 the first epoch pays one reference forward per step, later epochs and evaluations none, and
-`precompute_ref_logprobs` pays it all before training starts. They come from
-- the policy itself with its LoRA adapter disabled: no second copy of the weights. Any adapters in
-  adapter_name_or_path were merged into the base first, so this is the SFT model the run started from;
-- a frozen copy of the starting model, for full and freeze fine-tuning.
-simpo and orpo need no reference. The losses themselves are pure functions in `algorithms/dpo.py`.
+`precompute_ref_logprobs` pays it all before training starts. The losses themselves are pure
+functions in `algorithms/dpo.py`, chosen by `pref_loss` from its PREF_LOSSES.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
+from typing import ClassVar
 
 import torch
-from tqdm.auto import tqdm
 
-from tunesmith.algorithms.dpo import REFERENCE_FREE, PairLogps, preference_loss, preference_metrics
-from tunesmith.config import TrainConfig
-from tunesmith.data.pairs import REFERENCE_KEYS
-from tunesmith.errors import TunesmithError
-from tunesmith.model.lora import disable_lora, lora_modules
-from tunesmith.training.loop import RunData, Stage, autocast_context, autocast_dtype, eval_mode, to_device
-from tunesmith.training.stages.common import sequence_logps
-from tunesmith.training.stages.rm import build_pair_data, count_pairs, count_tokens
+from tunesmith.algorithms.dpo import PREF_LOSSES, PairLogps, preference_loss, preference_metrics
+from tunesmith.config import RunConfig
+from tunesmith.config.schema import choice_message
+from tunesmith.data.pairs import PairBatch
+from tunesmith.model.forward import sequence_logps
+from tunesmith.training.loop import Stage, autocast_context
+from tunesmith.training.pairs import build_pair_data, pair_batcher, pair_objective
+from tunesmith.training.reference import Reference, RowCache
+from tunesmith.training.stages.spec import StageInputs, StageSpec
+from tunesmith.training.supervised import supervised_stage
 
-Reference = Callable[[dict], PairLogps]
+
+@dataclass
+class DPOArgs:
+    """dpo: the preference loss and its reference."""
+
+    section: ClassVar[str] = "dpo"
+    pref_beta: float = 0.1
+    """dpo: beta, how strongly the policy is held to the reference (the implicit reward's scale)."""
+    pref_loss: str = "sigmoid"
+    """dpo: sigmoid (DPO), ipo, hinge, simpo or orpo (simpo and orpo need no reference model)."""
+    pref_ftx: float = 0.0
+    """dpo: weight of an SFT term (mean NLL of the chosen answer) added to the preference loss."""
+    dpo_label_smoothing: float = 0.0
+    """dpo with pref_loss sigmoid: conservative DPO, the assumed chance that a pair's label is flipped, in [0, 0.5)."""
+    simpo_gamma: float = 0.5
+    """dpo with pref_loss simpo: the target reward margin gamma."""
+    precompute_ref_logprobs: bool = False
+    """dpo: compute the reference log-probs once before training, so no reference forward runs during it."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        """The loss must exist and its hyper-parameters be in range."""
+        checks = [
+            ("pref_loss", self.pref_loss not in PREF_LOSSES, choice_message("pref_loss", self.pref_loss, tuple(PREF_LOSSES))),
+            ("pref_beta", self.pref_beta <= 0, f"`pref_beta` must be positive, got {self.pref_beta}."),
+            ("pref_ftx", self.pref_ftx < 0, f"`pref_ftx` must not be negative, got {self.pref_ftx}."),
+            ("dpo_label_smoothing", not 0 <= self.dpo_label_smoothing < 0.5,
+             f"`dpo_label_smoothing` must be in [0, 0.5), got {self.dpo_label_smoothing}."),
+            ("dpo_label_smoothing", self.dpo_label_smoothing > 0 and self.pref_loss != "sigmoid",
+             f"`dpo_label_smoothing` applies to `pref_loss: sigmoid` only, not {self.pref_loss}."),
+        ]
+        return [(key, message) for key, failed, message in checks if failed]
 
 
-def pair_logps(model, batch: dict, chunk_size: int) -> PairLogps:
-    """Summed answer log-probs of the chosen (first half) and rejected (second half) rows."""
+def pair_logps(model: torch.nn.Module, batch: PairBatch, chunk_size: int) -> PairLogps:
+    """Summed answer log-probs of the chosen (first half) and rejected (second half) sequences."""
     sums, lengths = sequence_logps(model, batch, chunk_size)
     chosen, rejected = sums.chunk(2)
     chosen_len, rejected_len = lengths.chunk(2)
     return PairLogps(chosen, rejected, chosen_len, rejected_len)
 
 
-def reference_logps(batch: dict, policy: PairLogps, reference: Reference) -> PairLogps:
-    """The batch's reference log-probs: remembered in its rows, or computed now and remembered there."""
-    if all(key in batch for key in REFERENCE_KEYS):
-        return PairLogps(batch["ref_chosen_logps"], batch["ref_rejected_logps"], policy.chosen_len, policy.rejected_len)
-    ref = reference(batch)
-    remember_reference(batch["rows"], ref)
-    return ref
+class ReferenceLogps:
+    """The reference's summed answer log-probs of each pair: cached, or computed once and cached."""
+
+    def __init__(self, reference: Reference, chunk_size: int):
+        self.reference, self.chunk_size, self.cache = reference, chunk_size, RowCache()
+
+    def compute(self, batch: PairBatch) -> PairLogps:
+        """One reference forward over the batch."""
+        with self.reference.use() as model:
+            return pair_logps(model, batch, self.chunk_size)
+
+    def __call__(self, batch: PairBatch, policy: PairLogps) -> PairLogps:
+        """The batch's reference log-probs (lengths are the policy's: same tokens)."""
+        cached = self.cache.lookup(batch.rows)
+        if cached is not None:
+            cached = cached.to(policy.chosen.device)
+            return PairLogps(cached[:, 0], cached[:, 1], policy.chosen_len, policy.rejected_len)
+        ref = self.compute(batch)
+        self.cache.store(batch.rows, torch.stack([ref.chosen, ref.rejected], dim=1))
+        return ref
 
 
-def remember_reference(rows: list[dict], ref: PairLogps) -> None:
-    for row, chosen, rejected in zip(rows, ref.chosen.tolist(), ref.rejected.tolist()):
-        row["ref_chosen_logps"], row["ref_rejected_logps"] = chosen, rejected
-
-
-def dpo_loss(model, batch: dict, config: TrainConfig, reference: Reference | None) -> tuple[torch.Tensor, dict]:
+def dpo_loss(model: torch.nn.Module, batch: PairBatch, args: DPOArgs, chunk_size: int,
+             reference: ReferenceLogps | None) -> tuple[torch.Tensor, dict]:
     """Summed preference loss over the batch's pairs, and TRL-named metrics summed over them."""
-    policy = pair_logps(model, batch, config.logprob_chunk_size)
-    ref = None
-    if config.pref_loss not in REFERENCE_FREE:
-        ref = reference_logps(batch, policy, reference)
-    output = preference_loss(policy, ref, config.pref_loss, config.pref_beta, config.dpo_label_smoothing,
-                             config.simpo_gamma, config.pref_ftx)
+    policy = pair_logps(model, batch, chunk_size)
+    ref = reference(batch, policy) if reference is not None else None
+    output = preference_loss(policy, ref, args.pref_loss, args.pref_beta, args.dpo_label_smoothing,
+                             args.simpo_gamma, args.pref_ftx)
     return output.losses.sum(), preference_metrics(output)
 
 
-def adapter_reference(model, chunk_size: int) -> Reference:
-    """The policy with its LoRA adapter switched off: the starting model, at the cost of one forward.
+def build_dpo(inputs: StageInputs) -> Stage:
+    """The DPO stage; with precompute_ref_logprobs every pair's reference log-probs are computed first."""
+    args, optim = inputs.config.method, inputs.config.train
+    reference = None
+    if inputs.reference is not None:
+        reference = ReferenceLogps(inputs.reference, optim.logprob_chunk_size)
+        if args.precompute_ref_logprobs:
+            batcher = pair_batcher(inputs.tokenizer, inputs.device)
 
-    Run in eval mode, like a separate reference model would be: a remembered value must not be one
-    dropout sample of a model with dropout.
-    """
-    @torch.no_grad()
-    def reference(batch: dict) -> PairLogps:
-        with eval_mode(model), disable_lora(model):
-            return pair_logps(model, batch, chunk_size)
-    return reference
+            def compute(rows: list[dict]) -> torch.Tensor:
+                ref = reference.compute(batcher(rows).to(inputs.device))
+                return torch.stack([ref.chosen, ref.rejected], dim=1)
 
-
-def frozen_copy_reference(model, chunk_size: int, dtype: torch.dtype) -> Reference:
-    """A frozen copy of the starting model (full/freeze fine-tuning change the weights themselves).
-
-    Only the weights move to the compute dtype: buffers such as RoPE's inverse frequencies stay as
-    loaded, since in bf16 they would turn positions into angles visibly wrong over a long sequence.
-    """
-    frozen = copy.deepcopy(model).eval().requires_grad_(False)
-    for param in frozen.parameters():
-        param.data = param.data.to(dtype)
-    return torch.no_grad()(partial(pair_logps, frozen, chunk_size=chunk_size))
+            with autocast_context(inputs.device, optim):
+                reference.cache.precompute([inputs.data.train, inputs.data.eval], compute,
+                                           optim.per_device_train_batch_size)
+    loss = partial(dpo_loss, args=args, chunk_size=optim.logprob_chunk_size, reference=reference)
+    return supervised_stage(pair_objective(loss, inputs.tokenizer, inputs.device), optim.per_device_train_batch_size,
+                            optim.gradient_accumulation_steps, optim.per_device_eval_batch_size)
 
 
-def _all_remembered(batch: dict) -> PairLogps:
-    raise TunesmithError("internal: a pair's reference log-probs were not precomputed; the live model is no "
-                         "longer the reference.")
+def needs_reference(config: RunConfig) -> bool:
+    """Every pref_loss but the reference-free ones (simpo, orpo)."""
+    return not PREF_LOSSES[config.method.pref_loss].reference_free
 
 
-@torch.no_grad()
-def precompute_reference_logps(reference: Reference, data: RunData, batch_size: int, device) -> None:
-    """Store each row's reference log-probs in the row itself, so training runs no reference forward."""
-    for rows in (data.train, data.eval):
-        for start in tqdm(range(0, len(rows), batch_size), desc="reference log-probs", leave=False):
-            chunk = rows[start:start + batch_size]
-            remember_reference(chunk, reference(to_device(data.collate(chunk), device)))
+def precomputes_reference(config: RunConfig) -> bool:
+    """precompute_ref_logprobs: every pair's reference log-probs before the first update."""
+    return config.method.precompute_ref_logprobs
 
 
-def build_dpo(config: TrainConfig, tokenizer, device: torch.device):
-    """Pair data, and a function that sets up the reference for the loaded model and gives the stage."""
-    def make_stage(model, data: RunData) -> Stage:
-        reference = None
-        if config.pref_loss not in REFERENCE_FREE:
-            chunk, has_lora = config.logprob_chunk_size, any(True for _ in lora_modules(model))
-            if has_lora:
-                reference = adapter_reference(model, chunk)
-            elif config.precompute_ref_logprobs:  # the model has not been trained yet: it is the reference
-                reference = torch.no_grad()(partial(pair_logps, model, chunk_size=chunk))
-            else:
-                reference = frozen_copy_reference(model, chunk, autocast_dtype(config) or torch.float32)
-            if config.precompute_ref_logprobs:
-                with eval_mode(model), autocast_context(device, config):
-                    precompute_reference_logps(reference, data, config.per_device_train_batch_size, device)
-                if not has_lora:  # the model itself is about to stop being the reference
-                    reference = _all_remembered
-        loss = partial(dpo_loss, config=config, reference=reference)
-        return Stage(loss=loss, count_items=count_pairs, count_tokens=count_tokens)
-
-    return build_pair_data(config, tokenizer, device), make_stage
+STAGE = StageSpec(
+    name="dpo", args=DPOArgs, build_data=build_pair_data, build=build_dpo, needs_reference=needs_reference,
+    precomputes_reference=precomputes_reference,
+    plotted=("loss", "eval_loss", "rewards/accuracies", "rewards/margins", "eval_rewards/accuracies",
+             "eval_rewards/margins"))

@@ -7,57 +7,31 @@ backbone alone. Loss and metrics are in `tunesmith.algorithms.reward`.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 
 from tunesmith.algorithms.reward import pairwise_loss, pairwise_metrics
-from tunesmith.config import TrainConfig
-from tunesmith.data.pairs import build_pair_examples, collate_pairs
+from tunesmith.data.pairs import PairBatch
+from tunesmith.model.forward import sequence_scores
 from tunesmith.model.value_head import attach_value_head
-from tunesmith.training.loop import RunData, Stage
-from tunesmith.training.stages.common import (
-    backbone_hidden,
-    device_multiple,
-    last_token_positions,
-    train_and_eval_rows,
-)
+from tunesmith.training.loop import Stage
+from tunesmith.training.pairs import build_pair_data, pair_objective
+from tunesmith.training.stages.spec import StageInputs, StageSpec
+from tunesmith.training.supervised import supervised_stage
 
 
-def sequence_scores(model, batch: dict, head=None) -> torch.Tensor:
-    """[sequences] value-head score (model.v_head unless `head` is given) at each sequence's last token."""
-    hidden = backbone_hidden(model, batch)
-    return (head or model.v_head)(hidden.reshape(-1, hidden.shape[-1])[last_token_positions(batch)])
-
-
-def rm_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+def rm_loss(model: torch.nn.Module, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
     """Summed pairwise loss over the batch's pairs (the loop divides by the pair count)."""
     chosen, rejected = sequence_scores(model, batch).chunk(2)
     return pairwise_loss(chosen, rejected).sum(), pairwise_metrics(chosen, rejected)
 
 
-def count_pairs(batch: dict) -> int:
-    return batch["num_pairs"]
+def build_rm(inputs: StageInputs) -> Stage:
+    """A fresh value head on the loaded model, trained with the pairwise loss."""
+    attach_value_head(inputs.model)
+    optim = inputs.config.train
+    return supervised_stage(pair_objective(rm_loss, inputs.tokenizer, inputs.device), optim.per_device_train_batch_size,
+                            optim.gradient_accumulation_steps, optim.per_device_eval_batch_size)
 
 
-def count_tokens(batch: dict) -> int:
-    return batch["num_tokens"]
-
-
-def build_pair_data(config: TrainConfig, tokenizer, device: torch.device) -> RunData:
-    """Encoded preference pairs split into train/eval; a batch is one packed row (`collate_pairs`)."""
-    encode = partial(build_pair_examples, dataset_dir=config.dataset_dir, tokenizer=tokenizer,
-                     template=config.template, cutoff_len=config.cutoff_len, max_samples=config.max_samples,
-                     skip_bad_records=config.skip_bad_records)
-    train, evaluation = train_and_eval_rows(encode, config)
-    batcher = partial(collate_pairs, pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=device_multiple(device))
-    return RunData(train=train, eval=evaluation, collate=batcher)
-
-
-def build_rm(config: TrainConfig, tokenizer, device: torch.device):
-    """Pair data, and a function that attaches a fresh value head to the loaded model and gives the stage."""
-    def make_stage(model, data: RunData) -> Stage:
-        attach_value_head(model)
-        return Stage(loss=rm_loss, count_items=count_pairs, count_tokens=count_tokens)
-
-    return build_pair_data(config, tokenizer, device), make_stage
+STAGE = StageSpec(name="rm", build_data=build_pair_data, build=build_rm, saves_value_head=True,
+                  plotted=("loss", "eval_loss", "accuracy", "eval_accuracy"))

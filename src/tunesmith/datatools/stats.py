@@ -15,8 +15,8 @@ from array import array
 from dataclasses import dataclass
 
 from tunesmith.data.formats import BadRecord
-from tunesmith.data.prepare import counted_texts, token_count
 from tunesmith.data.streams import BadRecords, good_records, json_type
+from tunesmith.datatools.prepare import counted_texts, token_count
 from tunesmith.errors import TunesmithError
 
 PERCENTILES = (50, 90, 95, 99)
@@ -76,15 +76,10 @@ def field_value(record: dict, name: str, from_csv: bool) -> float:
     return value
 
 
-def collect(bad: BadRecords, field: str | None, tokenizer_path: str | None) -> tuple[int, list[Column]]:
-    """(records, columns): the field's values, or per-record character (and token) counts."""
-    tokenizer = None
-    if tokenizer_path:
-        # lazily: transformers only when tokens are counted
-        from tunesmith.model.loading import load_tokenizer
-
-        tokenizer = load_tokenizer(tokenizer_path)
-    names = [field] if field else ["chars"] + (["tokens"] if tokenizer else [])
+def collect(bad: BadRecords, field: str | None, tokenizer=None) -> tuple[int, list[Column]]:
+    """(records, columns): the field's values, or per-record character counts (and token counts under
+    `tokenizer`, a loaded Hugging Face tokenizer that the caller brings: this layer cannot load one)."""
+    names = [field] if field else ["chars"] + (["tokens"] if tokenizer is not None else [])
     columns = [Column(name, array("d")) for name in names]
     records, from_csv = 0, bad.path.suffix.lower() == ".csv"
     for where, record in good_records(bad):
@@ -102,7 +97,7 @@ def collect(bad: BadRecords, field: str | None, tokenizer_path: str | None) -> t
 def _lengths(record: dict, tokenizer) -> list[int]:
     texts = counted_texts(record, None)
     row = [sum(len(text) for text in texts)]
-    if tokenizer:
+    if tokenizer is not None:
         row.append(token_count(tokenizer, texts))
     return row
 

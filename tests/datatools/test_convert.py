@@ -5,9 +5,9 @@ import json
 import pytest
 
 from tunesmith.cli import main
-from tunesmith.data.convert import convert_file
 from tunesmith.data.dataset import load_conversations, load_preference_examples
 from tunesmith.data.streams import read_stream
+from tunesmith.datatools.convert import convert_file
 
 SFT = [
     {"instruction": "Name a colour.", "input": "", "output": "Blue."},

@@ -24,7 +24,8 @@ from tunesmith.data.registry import (
     make_spec,
     resolve_dataset,
 )
-from tunesmith.data.streams import AtomicWriter, BadRecords, check_paths, good_records
+from tunesmith.data.streams import BadRecords, good_records
+from tunesmith.datatools.writer import AtomicWriter, check_paths
 from tunesmith.errors import TunesmithError
 
 FORMATS = ("alpaca", "sharegpt", "openai")

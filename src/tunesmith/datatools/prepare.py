@@ -13,7 +13,7 @@ function `record -> record or None` (None drops it). Character counts are Unicod
 jq's `length` counts them; a null or missing field counts 0, as in jq. A record a step cannot handle
 (not an object, a renamed field that is missing, a counted field that is not text) is a bad record:
 the run stops at the first one, naming its line, unless `skip_bad` is set, in which case bad records
-are counted and reported. The output is written atomically (see `streams.AtomicWriter`), the input
+are counted and reported. The output is written atomically (see `writer.AtomicWriter`), the input
 is only read. Memory stays flat: the reservoir holds `sample` records, dedup one 16-byte hash each.
 """
 
@@ -28,10 +28,12 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from tunesmith.data.blocks import ARRAY_SHAPE, Layout, apply_steps, line_layout, run_blocks
 from tunesmith.data.formats import BadRecord
-from tunesmith.data.streams import AtomicWriter, BadRecords, check_paths, dumps, good_records, json_type
+from tunesmith.data.streams import BadRecords, good_records, json_type
+from tunesmith.datatools.blocks import ARRAY_SHAPE, Layout, apply_steps, line_layout, run_blocks
+from tunesmith.datatools.writer import AtomicWriter, check_paths, dumps
 from tunesmith.errors import TunesmithError
 
 Step = Callable[[dict], "dict | None"]
@@ -58,6 +60,10 @@ class PrepareOptions:
     """Keep records with fewer than this many characters (jq: select(.char_cnt < N))."""
     tokenizer: str | None = None
     """Tokenizer folder (or hub id) for token counts."""
+    load_tokenizer: Callable[[str], Any] | None = None
+    """Loads `tokenizer` (the CLI passes `load_tokenizer` from the model layer's loading.py: the toolkit
+    sits below that layer, so the caller brings it). Each worker process calls it once; where processes
+    are spawned rather than forked it must pickle, so pass a module-level function."""
     token_count: str | None = None
     """Add this field: the number of tokens of the counted fields (no special tokens)."""
     min_tokens: int | None = None
@@ -171,9 +177,7 @@ def char_step(options: PrepareOptions) -> Step:
 
 
 def token_step(options: PrepareOptions) -> Step:
-    from tunesmith.model.loading import load_tokenizer  # lazily: transformers only when tokens are counted
-
-    tokenizer, fields = load_tokenizer(options.tokenizer), counted_fields(options)
+    tokenizer, fields = options.load_tokenizer(options.tokenizer), counted_fields(options)
 
     def tokens(record: dict):
         count = token_count(tokenizer, counted_texts(record, fields))
@@ -212,6 +216,9 @@ def build_steps(options: PrepareOptions) -> list[tuple[str, Step]]:
     if options.token_count or options.min_tokens is not None or options.max_tokens is not None:
         if not options.tokenizer:
             raise TunesmithError("token counts need a tokenizer: add --tokenizer PATH (a model or tokenizer folder).")
+        if options.load_tokenizer is None:
+            raise TunesmithError("token counts need a way to load the tokenizer: set PrepareOptions.load_tokenizer "
+                                 "(the CLI passes the model layer's load_tokenizer).")
         steps.append(("tokens", token_step(options)))
     return steps
 

@@ -13,7 +13,7 @@ Splitting an array at a line that only looks like a record start (a nested objec
 indentation) cannot go unnoticed: the piece before it then ends inside an unclosed record and does not
 parse. When every piece parses as one value followed by a comma (the last by the closing bracket),
 the pieces are the array's records. If any does not, the caller reads the file sequentially instead
-(`streams.read_stream`), which also gives the precise error when the file is malformed. CSV, parquet
+(`tunesmith.data.streams.read_stream`), which also gives the precise error when the file is malformed. CSV, parquet
 and other layouts are always read sequentially.
 """
 
@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith.data.formats import BadRecord
-from tunesmith.data.streams import UNREADABLE, dumps, loads, not_an_object, parse_json_line
+from tunesmith.data.streams import UNREADABLE, loads, not_an_object, parse_json_line
+from tunesmith.datatools.writer import dumps
 
 BLOCK_BYTES = 4 << 20
 MAX_BLOCK_BYTES = 64 << 20

@@ -21,12 +21,16 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.model.lora import LoRALinear, few_row_linear
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
 
@@ -50,7 +54,7 @@ class _Projection:
 class _Joined:
     """Several projections of one input, side by side: `_joined` uses it when one has an unmerged adapter."""
 
-    def __init__(self, parts: list[_Projection]):
+    def __init__(self, parts: list[_Projection]) -> None:
         self.parts = parts
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +103,7 @@ class _Layer:
     act: nn.Module
 
 
-def supports(model, length: int) -> bool:
+def supports(model: PreTrainedModel, length: int) -> bool:
     """Whether `CachedDecoder` can run `model`, as it is configured now, over `length` positions."""
     config = model.config
     if getattr(config, "model_type", None) not in SUPPORTED_TYPES:
@@ -115,7 +119,7 @@ def supports(model, length: int) -> bool:
     return all(_layer_parts(block) is not None for block in decoder.layers)
 
 
-def _layer_parts(block) -> tuple[list, list] | None:
+def _layer_parts(block: nn.Module) -> tuple[list[tuple[torch.Tensor, float]], list[_Projection]] | None:
     """(norms, projections q/k/v/o/gate/up/down) of a decoder block, or None when one is of a kind this
     decoder does not run; cheap, so `supports` can ask without building the fused q/k/v weights."""
     attention, mlp = block.self_attn, block.mlp
@@ -129,7 +133,8 @@ def _layer_parts(block) -> tuple[list, list] | None:
     return norms, projections
 
 
-def _read_layer(block) -> _Layer:
+def _read_layer(block: nn.Module) -> _Layer:
+    """A decoder block's weights as this decoder runs them, q/k/v fused; only for blocks `supports` accepted."""
     (input_norm, post_norm), (q, k, v, o, gate, up, down) = _layer_parts(block)
     return _Layer(input_norm, _joined([q, k, v]), o, post_norm, gate, up, down, block.mlp.act_fn)
 
@@ -159,7 +164,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class CachedDecoder:
     """Prefill a batch of left-padded prompts, then decode one token per row per `step`."""
 
-    def __init__(self, model, rows: int, max_len: int):
+    def __init__(self, model: PreTrainedModel, rows: int, max_len: int) -> None:
         decoder = model.get_decoder()
         config = model.config
         self.embed = decoder.embed_tokens
@@ -284,7 +289,7 @@ class _GraphedStep:
     Off CUDA the same static-shape step runs eagerly (how the tests check it on a CPU).
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.graph = None  # the decoder is passed in, not kept: a cycle would hold its cache until gc runs
         self.column = None
 

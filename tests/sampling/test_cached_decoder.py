@@ -9,10 +9,10 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from tests.conftest import TINY_SIZES
-from tunesmith.inference import cached_decoder
-from tunesmith.inference.generate import SamplingSettings, generate
 from tunesmith.model.lora import inject_lora, lora_modules, merged_for_inference, side_adapter
 from tunesmith.model.value_head import attach_value_head
+from tunesmith.sampling import cached_decoder
+from tunesmith.sampling.generate import SamplingSettings, generate
 from tunesmith.training.rollout import response_forward, response_mask
 
 PROMPTS = [[5, 9, 17, 3], [40, 2], [7, 7, 7, 7, 7, 7, 8]]

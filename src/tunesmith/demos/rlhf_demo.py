@@ -1,7 +1,7 @@
 """`tunesmith demo-rlhf`: SFT -> reward model -> PPO, plus GRPO and DPO, on a laptop CPU with no download.
 
 The task has a checkable answer: "Describe the X." should be answered with kind words only
-(`kindness_score` in data/synthetic.py checks it). The SFT demonstrations are poor on purpose: only 30%
+(`kindness_score` in synthetic.py checks it). The SFT demonstrations are poor on purpose: only 30%
 of them are kind, so supervised fine-tuning teaches the answer's format and, mostly, the wrong manner.
 Then, each starting from the SFT model (its adapter merged, so it is also the reference):
 - a reward model is trained on pairs (kind answer chosen, unkind rejected), and PPO optimises it;
@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from tunesmith.config import load_config
-from tunesmith.data.synthetic import THINGS, kindness_score, noisy_description_records, preference_records
 from tunesmith.data.templates import get_template
-from tunesmith.inference.generate import SamplingSettings, generate
+from tunesmith.demos.synthetic import THINGS, kindness_score, noisy_description_records, preference_records
 from tunesmith.model.adapters import apply_adapters
 from tunesmith.model.init_model import init_model
 from tunesmith.model.loading import load_model, load_tokenizer
+from tunesmith.sampling.generate import SamplingSettings, generate
+from tunesmith.training.configure import load_config
 from tunesmith.training.run import run_training
 
 HELD_OUT_THINGS = THINGS[-4:]
@@ -46,7 +46,7 @@ STAGES = {
              "per_device_train_batch_size": 8, "learning_rate": 1e-3, "max_new_tokens": 16, "ppo_epochs": 2,
              "ppo_kl_coef": 0.2, "lr_scheduler_type": "constant"}, 40),
     "grpo": ({"stage": "grpo", "dataset": "noisy_descriptions", "adapter_name_or_path": "sft",
-              "reward_function": "tunesmith.data.synthetic:kindness_reward", "per_device_train_batch_size": 4,
+              "reward_function": "tunesmith.demos.synthetic:kindness_reward", "per_device_train_batch_size": 4,
               "num_generations": 4, "learning_rate": 2e-3, "max_new_tokens": 16, "ppo_epochs": 2,
               "lr_scheduler_type": "constant"}, 40),
     "dpo": ({"stage": "dpo", "dataset": "kindness_pairs", "adapter_name_or_path": "sft", "per_device_train_batch_size": 8,

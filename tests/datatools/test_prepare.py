@@ -11,12 +11,13 @@ import signal
 import subprocess
 
 import pytest
+from transformers import AutoTokenizer
 
 from tunesmith.cli import main
-from tunesmith.data import blocks
-from tunesmith.data.prepare import PrepareOptions, Sample, make_pipeline, prepare
 from tunesmith.data.streams import read_stream
-from tunesmith.data.synthetic import messy_text_records
+from tunesmith.datatools import blocks
+from tunesmith.datatools.prepare import PrepareOptions, Sample, make_pipeline, prepare
+from tunesmith.demos.synthetic import messy_text_records
 from tunesmith.errors import TunesmithError
 
 JQ = shutil.which("jq")
@@ -178,7 +179,8 @@ def test_steps_by_hand(tmp_path):
     assert report.counts["read"] == 6 and report.counts["chars"] == 5 and report.counts["written"] == 1
 
 
-def test_token_counts_use_the_tokenizer(tmp_path, tokenizer):
+def test_token_counts_use_the_tokenizer(tmp_path, tokenizer, capsys):
+    """The library takes the tokenizer's loader from its caller; the CLI brings tunesmith's own."""
     tokenizer_dir = tmp_path / "tok"
     tokenizer.save_pretrained(tokenizer_dir)
     source = tmp_path / "in.jsonl"
@@ -186,8 +188,17 @@ def test_token_counts_use_the_tokenizer(tmp_path, tokenizer):
     source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     out = tmp_path / "out.jsonl"
-    prepare(source, out, PrepareOptions(tokenizer=str(tokenizer_dir), token_count="tokens", max_tokens=lengths[1]))
+    prepare(source, out, PrepareOptions(tokenizer=str(tokenizer_dir), load_tokenizer=AutoTokenizer.from_pretrained,
+                                        token_count="tokens", max_tokens=lengths[1]))
     assert read(out) == [{"text": texts[0], "tokens": lengths[0]}]
+    with pytest.raises(TunesmithError, match="a way to load the tokenizer"):
+        prepare(source, out, PrepareOptions(tokenizer=str(tokenizer_dir), token_count="tokens"))
+    cli_out = tmp_path / "cli.jsonl"
+    args = ["data", "prepare", str(source), "-o", str(cli_out), "--tokenizer", str(tokenizer_dir)]
+    assert main(args + ["--token-count", "tokens", "--max-tokens", str(lengths[1])]) == 0
+    assert read(cli_out) == read(out)
+    assert main(["data", "stats", str(source), "--tokenizer", str(tokenizer_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"]["total"] == sum(lengths)
 
 
 def test_bad_records_stop_the_run_by_default_and_are_counted_when_skipped(tmp_path, capsys):

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from tunesmith.config import load_config
 from tunesmith.data.templates import get_template
 from tunesmith.model.adapters import load_adapter
 from tunesmith.model.init_model import init_model
 from tunesmith.model.loading import load_model, load_tokenizer
+from tunesmith.training.configure import load_config
 from tunesmith.training.run import run_training
 
 DEMO_CONFIG = {

@@ -18,37 +18,16 @@ part of the response), or when the `on_step` callback (streaming, a stop string,
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedModel
 
-from tunesmith.inference import cached_decoder
+from tunesmith.config import SamplingSettings
 from tunesmith.model.lora import few_row_linear
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    do_sample: bool = True
-    repetition_penalty: float = 1.0
-
-    @property
-    def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0
-
-
-def sampling_settings(config, **overrides) -> SamplingSettings:
-    """The settings a config's generation keys ask for (RL rollouts, chat, API, predict), with overrides."""
-    settings = SamplingSettings(config.max_new_tokens, config.temperature, config.top_p, config.top_k,
-                                config.do_sample, config.repetition_penalty)
-    return dataclasses.replace(settings, **overrides)
+from tunesmith.sampling import cached_decoder
 
 
 @dataclass
@@ -103,7 +82,7 @@ def next_tokens(logits: torch.Tensor, settings: SamplingSettings, generator: tor
     return torch.searchsorted(cdf, uniform).squeeze(1).clamp(max=cdf.shape[1] - 1)
 
 
-def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), both [rows, longest prompt], pads on the left."""
     longest = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (longest - len(p)) + list(p) for p in prompts], device=device)
@@ -112,8 +91,8 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], settings: SamplingSettings, stop_ids: list[int], pad_id: int,
-             num_samples: int = 1, generator: torch.Generator | None = None, record: bool = False,
+def generate(model: PreTrainedModel, prompts: list[list[int]], settings: SamplingSettings, stop_ids: list[int],
+             pad_id: int, num_samples: int = 1, generator: torch.Generator | None = None, record: bool = False,
              on_step: Callable[[list[int]], Iterable[int] | None] | None = None) -> Generation:
     """Sample `num_samples` responses per prompt (rows prompt-major: p0s0, p0s1, ..., p1s0, ...).
 
@@ -123,11 +102,7 @@ def generate(model, prompts: list[list[int]], settings: SamplingSettings, stop_i
     device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(prompts, pad_id, device)
     positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    length = input_ids.shape[1] + settings.max_new_tokens
-    if cached_decoder.supports(model, length):
-        decoder = cached_decoder.CachedDecoder(model, len(prompts), length)
-    else:
-        decoder = _TransformersDecoder(model, attention_mask)
+    decoder = _decoder(model, attention_mask, input_ids.shape[1] + settings.max_new_tokens)
     hidden = decoder.prefill(input_ids, attention_mask, positions)  # [prompts, hidden]
     if num_samples > 1:
         decoder.repeat_interleave(num_samples)
@@ -137,10 +112,7 @@ def generate(model, prompts: list[list[int]], settings: SamplingSettings, stop_i
     rows = hidden.shape[0]
     seen = None  # [rows, vocab] tokens in each row's context, for the repetition penalty
     if settings.repetition_penalty != 1.0:
-        seen = torch.zeros(rows, head.weight.shape[0], dtype=torch.bool, device=device)
-        real = attention_mask.repeat_interleave(num_samples, dim=0).bool()
-        row_index = torch.arange(rows, device=device)[:, None].expand_as(real)
-        seen[row_index[real], input_ids.repeat_interleave(num_samples, dim=0)[real]] = True
+        seen = _prompt_tokens(input_ids, attention_mask, num_samples, head.weight.shape[0])
     next_position = positions[:, -1:] + 1
     stop = torch.tensor(stop_ids, device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -167,17 +139,42 @@ def generate(model, prompts: list[list[int]], settings: SamplingSettings, stop_i
             break
         hidden = decoder.step(tokens, next_position)
         next_position = next_position + 1
+    return _generation(columns, lengths, stopped, records)
+
+
+def _decoder(model: PreTrainedModel, attention_mask: torch.Tensor,
+             length: int) -> cached_decoder.CachedDecoder | _TransformersDecoder:
+    """The lean Llama-family decoder when it can run this model over `length` positions, else transformers'."""
+    if cached_decoder.supports(model, length):
+        return cached_decoder.CachedDecoder(model, attention_mask.shape[0], length)
+    return _TransformersDecoder(model, attention_mask)
+
+
+def _prompt_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, num_samples: int,
+                   vocab_size: int) -> torch.Tensor:
+    """[rows, vocab] bool: which tokens each sample's prompt holds (pads excluded), the penalty's context."""
+    real = attention_mask.repeat_interleave(num_samples, dim=0).bool()
+    seen = torch.zeros(real.shape[0], vocab_size, dtype=torch.bool, device=input_ids.device)
+    row_index = torch.arange(real.shape[0], device=input_ids.device)[:, None].expand_as(real)
+    seen[row_index[real], input_ids.repeat_interleave(num_samples, dim=0)[real]] = True
+    return seen
+
+
+def _generation(columns: list[torch.Tensor], lengths: torch.Tensor, stopped: torch.Tensor,
+                records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Generation:
+    """Trim each row's [steps] tokens to what it produced; with records, stack them and zero past each end."""
     generation = Generation([row[:n] for row, n in zip(torch.stack(columns, dim=1).tolist(), lengths.tolist())],
                             stopped.tolist())
-    if record:
-        mask = torch.arange(len(columns), device=device)[None, :] < lengths[:, None]  # [rows, steps]
+    if records:
+        mask = torch.arange(len(columns), device=lengths.device)[None, :] < lengths[:, None]  # [rows, steps]
         logps, entropy, states = (torch.stack(parts, dim=1) for parts in zip(*records))
         generation.logps, generation.entropy = logps * mask, entropy * mask
         generation.hidden = states * mask[..., None]
     return generation
 
 
-def _token_statistics(logits: torch.Tensor, tokens: torch.Tensor, settings: SamplingSettings):
+def _token_statistics(logits: torch.Tensor, tokens: torch.Tensor,
+                      settings: SamplingSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-prob of `tokens`, entropy), each [rows], of softmax(logits / temperature)."""
     temperature = settings.temperature if settings.temperature > 0 else 1.0
     logp = (logits / temperature).log_softmax(dim=-1)
@@ -188,7 +185,7 @@ def _token_statistics(logits: torch.Tensor, tokens: torch.Tensor, settings: Samp
 class _TransformersDecoder:
     """`CachedDecoder`'s interface on transformers' own forward and DynamicCache, for other architectures."""
 
-    def __init__(self, model, attention_mask: torch.Tensor):
+    def __init__(self, model: PreTrainedModel, attention_mask: torch.Tensor) -> None:
         self.decoder = model.get_decoder()
         self.cache = DynamicCache()
         self.cache_kwarg = _cache_keyword(model)
@@ -218,6 +215,6 @@ def last_logits(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     return few_row_linear(hidden.to(head.weight.dtype), head.weight, head.bias).float()
 
 
-def _cache_keyword(model) -> str:
+def _cache_keyword(model: PreTrainedModel) -> str:
     """transformers renamed `past_key_values` to `cache` (5.2x); use whichever this version's model takes."""
     return "cache" if "cache" in inspect.signature(model.get_decoder().forward).parameters else "past_key_values"

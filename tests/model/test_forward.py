@@ -1,9 +1,9 @@
-"""The SFT forward: right-padded and packed batches give each sample exactly its own hidden states."""
+"""The shared forward (model/forward.py): padded and packed batches give each sample exactly its own hidden states."""
 
 import torch
 
-from tunesmith.data.packing import collate, pack_examples
-from tunesmith.training.stages.common import backbone_hidden
+from tunesmith.data.packing import TokenBatch, collate, pack_examples
+from tunesmith.model.forward import backbone_hidden
 
 
 def samples():
@@ -14,7 +14,8 @@ def samples():
 
 @torch.no_grad()
 def alone(model, sample):
-    return backbone_hidden(model, {"input_ids": torch.tensor([sample["input_ids"]])})[0]
+    ids = torch.tensor([sample["input_ids"]])
+    return backbone_hidden(model, TokenBatch(input_ids=ids, labels=ids, num_tokens=ids.numel()))[0]
 
 
 @torch.no_grad()

@@ -2,8 +2,8 @@
 
 import torch
 
-from tunesmith.inference.generate import SamplingSettings, filter_logits, generate
 from tunesmith.model.attention import VARLEN_SDPA
+from tunesmith.sampling.generate import SamplingSettings, filter_logits, generate
 
 PROMPTS = [[5, 9, 17, 3], [40, 2], [7, 7, 7, 7, 7, 7, 8]]
 STOP = [1]
@@ -50,7 +50,7 @@ def test_top_k_and_top_p_filters():
 
 
 def test_sampling_draws_from_the_distribution():
-    from tunesmith.inference.generate import next_tokens
+    from tunesmith.sampling.generate import next_tokens
 
     probs = torch.tensor([0.5, 0.0, 0.3, 0.2])
     logits = probs.log().expand(20000, 4).clone()

@@ -93,7 +93,7 @@ def kindness_score(text: str) -> float:
 
 
 def kindness_reward(prompts: list[str], completions: list[str], references: list[str | None]) -> list[float]:
-    """A rule-based reward (`reward_function: tunesmith.data.synthetic:kindness_reward`): kindness_score."""
+    """A rule-based reward (`reward_function: tunesmith.demos.synthetic:kindness_reward`): kindness_score."""
     return [kindness_score(completion) for completion in completions]
 
 

@@ -1,0 +1,43 @@
+"""What the stages that train on preference pairs share (rm, dpo): the pair data and its batching.
+
+A batch of B pairs is one packed row (`data/pairs.collate_pairs`): each pair's prompt is computed once
+for both answers, and no padding is computed on a CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+
+from tunesmith.config import RunConfig
+from tunesmith.data.dataset import train_and_eval_rows
+from tunesmith.data.pairs import PairBatch, build_pair_examples, collate_pairs
+from tunesmith.model.forward import device_multiple
+from tunesmith.training.loop import RunData
+from tunesmith.training.supervised import Objective
+
+
+def count_pairs(batch: PairBatch) -> int:
+    """What a preference loss is summed over."""
+    return batch.num_pairs
+
+
+def build_pair_data(config: RunConfig, tokenizer: object, device: torch.device) -> RunData:
+    """Encoded preference pairs split into train/eval."""
+    data = config.data
+    encode = partial(build_pair_examples, dataset_dir=data.dataset_dir, tokenizer=tokenizer, template=data.template,
+                     cutoff_len=data.cutoff_len, max_samples=data.max_samples, skip_bad_records=data.skip_bad_records)
+    train, evaluation = train_and_eval_rows(encode, data.dataset, data.eval_dataset, data.val_size, config.train.seed)
+    return RunData(train=train, eval=evaluation)
+
+
+def pair_batcher(tokenizer: object, device: torch.device) -> Callable[[list[dict]], PairBatch]:
+    """Rows -> one packed PairBatch, padded to the device's preferred multiple."""
+    return partial(collate_pairs, pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=device_multiple(device))
+
+
+def pair_objective(loss: Callable, tokenizer: object, device: torch.device) -> Objective:
+    """An Objective whose loss is summed over the pairs of a packed pair batch."""
+    return Objective(loss, pair_batcher(tokenizer, device), count_pairs, device)

@@ -1,0 +1,240 @@
+"""What PPO and GRPO share: their config keys, prompt data, and the RL training step.
+
+A step, as in TRL and LLaMA-Factory, is one rollout batch of per_device_train_batch_size x
+gradient_accumulation_steps x ppo_buffer_size prompts (times num_generations answers for GRPO), then
+ppo_epochs passes over it; each optimizer update takes per_device_train_batch_size x
+gradient_accumulation_steps prompts' samples, in micro-batches of per_device_train_batch_size prompts,
+weighted by what each part's loss is a mean over, so accumulation equals one big batch. With an eval
+split, the held-out metric is the mean score of greedy answers to its prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from tunesmith.algorithms.ppo import masked_mean
+from tunesmith.config import RunConfig
+from tunesmith.data.dataset import load_prompt_conversations, split_train_eval
+from tunesmith.data.templates import get_template
+from tunesmith.errors import TunesmithError
+from tunesmith.training.loop import RunData, Stage, StepOutput, Updates
+from tunesmith.training.rewards import REWARD_MODEL_TYPES
+from tunesmith.training.rollout import Rollout, RolloutSettings
+from tunesmith.training.scoring import Scorer, build_reward_source, check_reward_source
+
+
+@dataclass
+class RLArgs:
+    """ppo and grpo: the reward source, the rollout batch and the clipped update."""
+
+    section: ClassVar[str] = "rl"
+    default_kl_coef: ClassVar[float] = 0.05
+    reward_model: str | None = None
+    """ppo/grpo: a `stage: rm` output folder (LoRA adapter or full model), or an http(s) URL that scores conversations."""
+    reward_model_type: str | None = None
+    """lora, full or api; read from reward_model when unset (LLaMA-Factory's key)."""
+    reward_function: str | None = None
+    """ppo/grpo: `module:function` or `path/to/file.py:function` giving one reward per completion (instead of reward_model)."""
+    ppo_epochs: int = 4
+    """Passes over each batch of rollouts."""
+    ppo_buffer_size: int = 1
+    """Rollouts per PPO step, in optimizer mini-batches (per_device_train_batch_size x gradient_accumulation_steps prompts each)."""
+    ppo_clip: float = 0.2
+    """Clip range eps of the policy ratio."""
+    ppo_ent_coef: float = 0.0
+    """Weight c2 of the entropy bonus."""
+    ppo_kl_coef: float | None = None
+    """Weight beta of the KL to the reference (initial value when adaptive). Default: 0.05 for ppo, 0.04 for grpo."""
+    ppo_score_norm: bool = False
+    """Normalise scores by their running mean and std."""
+    ppo_score_clip: float | None = None
+    """Clip (normalised) scores to [-clip, clip]."""
+    ppo_missing_eos_penalty: float | None = None
+    """Subtract this from the score of a response that never produced its end-of-turn token."""
+
+    def resolve(self) -> None:
+        """The KL weight's default depends on the algorithm."""
+        if self.ppo_kl_coef is None:
+            self.ppo_kl_coef = self.default_kl_coef
+
+    def problems(self) -> list[tuple[str, str]]:
+        """One reward source, and update settings in range."""
+        checks = [
+            ("reward_model", (self.reward_model is None) == (self.reward_function is None),
+             "reinforcement learning (stage ppo or grpo) needs exactly one of `reward_model` (a `stage: rm` output "
+             "folder or an http URL) and `reward_function` (module:function)."),
+            ("reward_model_type", self.reward_model_type is not None and self.reward_model_type not in REWARD_MODEL_TYPES,
+             f"`reward_model_type: {self.reward_model_type}` is not supported; choose one of "
+             f"{', '.join(REWARD_MODEL_TYPES)}."),
+            ("ppo_epochs", self.ppo_epochs < 1, "`ppo_epochs` must be at least 1."),
+            ("ppo_buffer_size", self.ppo_buffer_size < 1, "`ppo_buffer_size` must be at least 1."),
+            ("ppo_clip", self.ppo_clip <= 0, "`ppo_clip` and `ppo_value_clip` must be positive."),
+            ("ppo_kl_coef", self.ppo_kl_coef < 0, f"`ppo_kl_coef` must not be negative, got {self.ppo_kl_coef}."),
+            ("ppo_score_clip", self.ppo_score_clip is not None and self.ppo_score_clip <= 0,
+             "`ppo_score_clip` must be positive."),
+        ]
+        return [(key, message) for key, failed, message in checks if failed]
+
+
+def rl_problems(config: RunConfig, command: str) -> list[tuple[str, str]]:
+    """What PPO and GRPO need from the other sections: a LoRA policy and a sampler that is the policy."""
+    stage, sampling = config.stage, config.sampling
+    checks = [
+        ("repetition_penalty", command == "train" and sampling.repetition_penalty != 1,
+         f"stage {stage} needs `repetition_penalty: 1`: a penalised sampler is not the policy whose log-probs are trained."),
+        ("do_sample", not sampling.do_sample or sampling.temperature == 0,
+         f"stage {stage} learns from sampled answers: set `do_sample: true` and a `temperature` above 0 "
+         "(e.g. 1.0); greedy decoding would give every sample of a prompt the same answer."),
+        ("finetuning_type", not config.adapter.is_lora,
+         f"stage {stage} trains a LoRA adapter (the reference is the model with it switched off); set `finetuning_type: lora`."),
+    ]
+    return [(key, message) for key, failed, message in checks if failed]
+
+
+def build_prompt_rows(config: RunConfig, dataset: list[str], tokenizer: object) -> list[dict]:
+    """Each record's prompt (every turn before the last answer, or the whole conversation of a prompt-only
+    record), encoded for generation, with its answer (None without one).
+
+    The prompt keeps its last cutoff_len - max_new_tokens tokens, so the generation header survives.
+    """
+    data, max_new_tokens = config.data, config.sampling.max_new_tokens
+    template = get_template(data.template, tokenizer)
+    budget = data.cutoff_len - max_new_tokens
+    if budget < 1:
+        raise TunesmithError(f"cutoff_len ({data.cutoff_len}) must exceed max_new_tokens ({max_new_tokens}): "
+                             "the prompt and the sampled response share cutoff_len.")
+    rows, cut = [], 0
+    for messages in load_prompt_conversations(dataset, data.dataset_dir, data.max_samples, data.skip_bad_records):
+        answered = messages[-1]["role"] == "assistant"
+        prompt_messages = messages[:-1] if answered else messages
+        ids = template.encode_prompt(tokenizer, prompt_messages)
+        cut += len(ids) > budget
+        rows.append({"prompt_ids": ids[-budget:], "messages": prompt_messages,
+                     "reference": messages[-1]["content"] if answered else None})
+    if cut:
+        warnings.warn(f"{cut} of {len(rows)} prompts are longer than cutoff_len - max_new_tokens = {budget} tokens and "
+                      "keep only their last tokens (the start, with any system prompt, is cut); raise cutoff_len.",
+                      stacklevel=2)
+    if config.method.reward_function and all(row["reference"] is None for row in rows):
+        warnings.warn(f"No record of {', '.join(dataset)} has an answer, so the reward function's references "
+                      "are all None. If the answers are there under another column name, map it as \"response\" "
+                      "(alpaca) under \"columns\" in dataset_info.json.", stacklevel=2)
+    return rows
+
+
+
+def build_rl_data(config: RunConfig, tokenizer: object, device: torch.device) -> RunData:
+    """Prompt rows (with an optional eval split for held-out rewards); the reward source is checked first."""
+    rl, data, optim = config.method, config.data, config.train
+    check_reward_source(rl.reward_model, rl.reward_model_type, rl.reward_function)
+    rows = build_prompt_rows(config, data.dataset, tokenizer)
+    evaluation = []
+    if data.eval_dataset:
+        evaluation = build_prompt_rows(config, data.eval_dataset, tokenizer)
+    elif data.val_size > 0:
+        rows, evaluation = split_train_eval(rows, data.val_size, optim.seed)
+    if optim.batch_rows * rl.ppo_buffer_size > len(rows):
+        warnings.warn(f"a PPO step asks for more prompts than the {len(rows)} the dataset has; steps will be smaller.",
+                      stacklevel=2)
+    return RunData(train=rows, eval=evaluation)
+
+
+@dataclass
+class RLParts:
+    """What one algorithm (PPO, GRPO) adds to the shared RL step."""
+
+    rollout: Callable[[torch.nn.Module, list[dict]], tuple[Rollout, dict]]
+    """rollout(model, prompt rows) -> (Rollout with advantages, metrics): sample and score, no gradient."""
+    loss: Callable[[torch.nn.Module, Rollout], tuple[torch.Tensor, dict]]
+    """loss(model, rollout part) -> (loss, metrics): the objective on a micro-batch of the rollout."""
+    loss_items: Callable[[Rollout], float]
+    """What a part's loss is a mean over (tokens for PPO, answers for GRPO)."""
+    samples_per_prompt: int
+    scorer: Scorer
+    stop_ids: list[int]
+    state: dict
+
+
+def make_scorer(config: RunConfig, tokenizer: object, model: torch.nn.Module):
+    """The run's Scorer, and the reward model's value head (None for functions and endpoints)."""
+    rl = config.method
+    source, reward_head = build_reward_source(rl.reward_model, rl.reward_model_type, rl.reward_function, config.model,
+                                              model)
+    return Scorer(source, tokenizer, rl.ppo_missing_eos_penalty, rl.ppo_score_norm, rl.ppo_score_clip), reward_head
+
+
+def rollout_settings(config: RunConfig, tokenizer: object, group: int) -> RolloutSettings:
+    """Sampling and forward settings of a run's rollouts."""
+    return RolloutSettings(config.sampling, tokenizer.pad_token_id, config.train.logprob_chunk_size,
+                           config.train.per_device_train_batch_size * group)
+
+
+def stop_token_ids(config: RunConfig, tokenizer: object) -> list[int]:
+    """The tokens that end an answer under the run's template."""
+    return get_template(config.data.template, tokenizer).stop_token_ids(tokenizer)
+
+
+def rl_stage(parts: RLParts, config: RunConfig) -> Stage:
+    """The loop's Stage for PPO or GRPO: a step is one rollout, then ppo_epochs of updates on it."""
+    optim, rl = config.train, config.method
+    group = parts.samples_per_prompt
+    greedy = dataclasses.replace(config.sampling, do_sample=False)
+
+    def step(model: torch.nn.Module, rows: list[dict], updates: Updates) -> StepOutput:
+        step_start = time.perf_counter()
+        with updates.autocast():
+            rollout, metrics = parts.rollout(model, rows)
+        update_start = time.perf_counter()
+        metrics.update(update(model, parts, rollout, rl.ppo_epochs, optim.batch_rows * group,
+                              optim.per_device_train_batch_size * group, updates))
+        metrics["time/update"] = time.perf_counter() - update_start
+        metrics["step_seconds"] = time.perf_counter() - step_start
+        tokens = sum(len(p) + len(r) for p, r in zip(rollout.prompt_ids, rollout.response_ids))
+        return StepOutput(metrics, items=1, tokens=tokens)
+
+    def evaluate(model: torch.nn.Module, rows: list[dict]) -> dict[str, float]:
+        scores = []
+        for first in range(0, len(rows), optim.per_device_eval_batch_size):
+            scores += parts.scorer.greedy_scores(model, rows[first:first + optim.per_device_eval_batch_size], greedy,
+                                                 parts.stop_ids)
+        return {"eval_score": sum(scores) / max(len(scores), 1)}
+
+    return Stage(rows_per_step=optim.batch_rows * rl.ppo_buffer_size, step=step, evaluate=evaluate,
+                 headline=("score", "reward", "kl"), state=parts.state)
+
+
+def update(model: torch.nn.Module, parts: RLParts, rollout: Rollout, epochs: int, update_size: int, micro_size: int,
+           updates: Updates) -> dict:
+    """`epochs` passes over the rollout in shuffled mini-batches; returns the mean loss statistics."""
+    sums, count = {}, 0
+    for _ in range(epochs):
+        order = torch.randperm(len(rollout)).tolist()
+        for first in range(0, len(order), update_size):
+            chosen = order[first:first + update_size]
+            pieces = [rollout.select(chosen[i:i + micro_size]) for i in range(0, len(chosen), micro_size)]
+            items = [parts.loss_items(piece) for piece in pieces]
+            for piece, piece_items in zip(pieces, items):
+                with updates.autocast():
+                    loss, stats = parts.loss(model, piece)
+                share = piece_items / sum(items)  # the piece's loss is a mean over its items
+                updates.backward(loss * share)
+                for key, value in {"loss": loss.detach(), **stats}.items():
+                    sums[key] = sums.get(key, 0.0) + value * share
+            updates.step()
+            count += 1
+    return {key: float(value) / count for key, value in sums.items()}
+
+
+def rollout_metrics(rollout: Rollout) -> dict:
+    """The statistics every RL stage logs about its samples."""
+    raw, mask = rollout.raw_scores, rollout.mask
+    return {"score": raw.mean().item(), "score_std": raw.std().item() if len(raw) > 1 else 0.0,
+            "response_length": mask.sum(1).mean().item(), "eos_share": rollout.stopped.float().mean().item(),
+            "entropy": masked_mean(rollout.entropy, mask).item(), **rollout.timings}

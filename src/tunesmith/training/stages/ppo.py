@@ -1,0 +1,145 @@
+"""PPO (`stage: ppo`, the book's Algorithm 7.1, as in Ziegler et al. 2019 and TRL's PPO).
+
+    roles   actor = the LoRA adapter; reference = the same model with the adapter off; critic = a value
+            head on the actor's last hidden state (initialised from the reward model's head when
+            there is one); reward = reward model, function or endpoint
+    rollout sample, then r_t = -beta KL_t (+ score on the last token), GAE -> advantages (whitened), returns
+    update  ppo_epochs passes of clipped policy loss + vf_coef * clipped value loss - ent_coef * entropy
+The shared RL step (rollout, then ppo_epochs of updates) is training/rl.py; the maths is algorithms/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from tunesmith.algorithms.gae import gae_advantages
+from tunesmith.algorithms.ppo import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    masked_mean,
+    masked_whiten,
+    ppo_loss,
+    token_rewards,
+)
+from tunesmith.config import RunConfig
+from tunesmith.config.schema import choice_message
+from tunesmith.model.value_head import attach_value_head
+from tunesmith.training.loop import Stage
+from tunesmith.training.rl import (
+    RLArgs,
+    RLParts,
+    build_rl_data,
+    make_scorer,
+    rl_problems,
+    rl_stage,
+    rollout_metrics,
+    rollout_settings,
+    stop_token_ids,
+)
+from tunesmith.training.rollout import Rollout, response_forward, sample_and_score
+from tunesmith.training.stages.spec import StageInputs, StageSpec
+
+
+@dataclass
+class PPOArgs(RLArgs):
+    """ppo: the critic, GAE, the per-token KL penalty and its controller."""
+
+    section: ClassVar[str] = "ppo"
+    default_kl_coef: ClassVar[float] = 0.05
+    ppo_value_clip: float = 0.2
+    """Clip range of the value update (ppo)."""
+    ppo_vf_coef: float = 0.1
+    """ppo: weight c1 of the value loss."""
+    ppo_gamma: float = 1.0
+    """ppo: discount gamma of GAE."""
+    ppo_lambda: float = 0.95
+    """ppo: GAE lambda."""
+    ppo_kl_estimator: str = "k1"
+    """ppo: per-token KL estimator in the reward, k1 (log ratio) or k3 (grpo always uses k3 in its loss)."""
+    ppo_target: float | None = None
+    """ppo: target KL (nats per sequence) of the adaptive KL controller; unset keeps ppo_kl_coef fixed."""
+    ppo_kl_horizon: int = 10000
+    """ppo: horizon of the adaptive KL controller."""
+    ppo_whiten_rewards: bool = False
+    """ppo: whiten the per-token rewards before GAE."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        """The shared RL checks, plus the critic's and GAE's ranges."""
+        checks = [
+            ("ppo_kl_estimator", self.ppo_kl_estimator not in KL_ESTIMATORS,
+             choice_message("ppo_kl_estimator", self.ppo_kl_estimator, tuple(KL_ESTIMATORS))),
+            ("ppo_value_clip", self.ppo_value_clip <= 0, "`ppo_clip` and `ppo_value_clip` must be positive."),
+            ("ppo_target", self.ppo_target is not None and self.ppo_target <= 0, "`ppo_target` (target KL) must be positive."),
+            ("ppo_gamma", not 0 <= self.ppo_gamma <= 1 or not 0 <= self.ppo_lambda <= 1,
+             "`ppo_gamma` and `ppo_lambda` must be in [0, 1]."),
+        ]
+        return super().problems() + [(key, message) for key, failed, message in checks if failed]
+
+
+class _ControllerState:
+    """Checkpoint adapter for a KL controller: its current coefficient."""
+
+    def __init__(self, controller: FixedKLController | AdaptiveKLController):
+        self.controller = controller
+
+    def state_dict(self) -> dict:
+        """The coefficient now."""
+        return {"value": self.controller.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved coefficient."""
+        self.controller.value = state["value"]
+
+
+def build_ppo(inputs: StageInputs) -> Stage:
+    """Actor, critic (value head, from the reward model's when shapes agree), reward and KL controller."""
+    config, model = inputs.config, inputs.model
+    args: PPOArgs = config.method
+    scorer, reward_head = make_scorer(config, inputs.tokenizer, model)
+    critic = attach_value_head(model)
+    if reward_head is not None and reward_head.summary.weight.shape == critic.summary.weight.shape:
+        critic.load_state_dict(reward_head.state_dict())
+    controller = (AdaptiveKLController(args.ppo_kl_coef, args.ppo_target, args.ppo_kl_horizon)
+                  if args.ppo_target is not None else FixedKLController(args.ppo_kl_coef))
+    settings, stop_ids = rollout_settings(config, inputs.tokenizer, 1), stop_token_ids(config, inputs.tokenizer)
+    estimator = KL_ESTIMATORS[args.ppo_kl_estimator]
+
+    def rollout(model: torch.nn.Module, rows: list[dict]) -> tuple[Rollout, dict]:
+        sampled = sample_and_score(model, rows, settings, scorer, stop_ids, 1, with_values=True,
+                                   reference=inputs.reference)
+        mask, values = sampled.mask, sampled.old_values
+        kl = estimator(sampled.old_logps, sampled.ref_logps) * mask  # [samples, T]
+        rewards = token_rewards(sampled.scores, kl, mask, controller.value)
+        if args.ppo_whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae_advantages(rewards, values, mask, args.ppo_gamma, args.ppo_lambda)
+        advantages = masked_whiten(advantages, mask)
+        sequence_kl = kl.sum(1).mean().item()
+        metrics = {**rollout_metrics(sampled), "kl": sequence_kl, "kl_coef": controller.value,
+                   "reward": rewards.sum(1).mean().item(), "value": masked_mean(values, mask).item()}
+        controller.update(sequence_kl, len(sampled.response_ids))
+        return sampled.with_advantages(advantages, returns), metrics
+
+    def loss(model: torch.nn.Module, part: Rollout) -> tuple[torch.Tensor, dict]:
+        logps, entropy, values = response_forward(model, part.prompt_ids, part.response_ids, with_values=True,
+                                                  entropy_grad=args.ppo_ent_coef != 0, **settings.forward)
+        out = ppo_loss(logps, part.old_logps, values, part.old_values, part.advantages, part.returns, entropy,
+                       part.mask, args.ppo_clip, args.ppo_value_clip, args.ppo_vf_coef, args.ppo_ent_coef)
+        return out.loss, {"loss/policy": out.policy.detach(), "loss/value": out.value.detach(), **out.stats}
+
+    parts = RLParts(rollout, loss, lambda part: float(part.mask.sum()), 1, scorer, stop_ids,
+                    {"scores": scorer, "kl": _ControllerState(controller)})
+    return rl_stage(parts, config)
+
+
+def always(config: RunConfig) -> bool:
+    """PPO's reward always carries the KL to the reference."""
+    return True
+
+
+STAGE = StageSpec(name="ppo", args=PPOArgs, build_data=build_rl_data, build=build_ppo, needs_reference=always,
+                  check=rl_problems, plotted=("score", "kl", "loss/policy", "loss/value", "eval_score"))
