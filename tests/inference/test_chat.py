@@ -8,7 +8,6 @@ import pytest
 from tunesmith.errors import TunesmithError
 from tunesmith.inference import chat
 from tunesmith.inference.engine import Engine, TextStream, check_messages
-from tunesmith.sampling.generate import sampling_settings
 from tunesmith.training.configure import build_config
 
 
@@ -23,7 +22,7 @@ def answers(transcript: str) -> list[str]:
 
 
 def greedy_answer(engine: Engine, history: list[dict]) -> str:
-    generation = engine.generate([history], sampling_settings(engine.config))
+    generation = engine.generate([history], engine.sampling)
     response = [t for t in generation.response_ids[0] if t not in engine.stop_ids]
     return engine.decode(response)
 

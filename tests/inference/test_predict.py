@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from tunesmith.cli import train_and_predict
 from tunesmith.inference.predict import PREDICTIONS_FILE, RESULTS_FILE
 from tunesmith.model.init_model import init_model
 from tunesmith.training.configure import build_config
-from tunesmith.training.run import run_training, trained_model_config
+from tunesmith.training.run import trained_model_config
 
 RECORDS = [
     {"instruction": "Say hello.", "input": "", "output": "Hello there!"},
@@ -38,7 +39,7 @@ def settings(tiny_model, tmp_path):
 
 
 def run(settings: dict) -> tuple[dict, list[dict]]:
-    metrics = run_training(build_config(settings), say=lambda *_: None)
+    metrics = train_and_predict(build_config(settings), say=lambda *_: None)
     lines = (Path(settings["output_dir"]) / PREDICTIONS_FILE).read_text(encoding="utf-8").splitlines()
     return metrics, [json.loads(line) for line in lines]
 
@@ -76,8 +77,8 @@ def test_trained_model_config_points_at_what_training_wrote(tiny_model):
     base = {"model_name_or_path": tiny_model, "dataset": "tiny", "output_dir": "out", "do_predict": True,
             "eval_dataset": "tiny"}
     sft = trained_model_config(build_config({**base, "adapter_name_or_path": "a,b"}))
-    assert sft.adapter_name_or_path == ["a", "out"]  # sft went on training b: out replaces it
+    assert sft.model.adapter_name_or_path == ["a", "out"]  # sft went on training b: out replaces it
     dpo = trained_model_config(build_config({**base, "stage": "dpo", "adapter_name_or_path": "a,b"}))
-    assert dpo.adapter_name_or_path == ["a", "b", "out"]  # a fresh adapter on top of both
+    assert dpo.model.adapter_name_or_path == ["a", "b", "out"]  # a fresh adapter on top of both
     full = trained_model_config(build_config({**base, "finetuning_type": "full"}))
-    assert (full.model_name_or_path, full.adapter_name_or_path) == ("out", None)
+    assert (full.model.model_name_or_path, full.model.adapter_name_or_path) == ("out", None)

@@ -1,5 +1,6 @@
 """`tunesmith api`: the official openai client against a server started on a free local port."""
 
+import dataclasses
 import http.client
 import json
 import socket
@@ -15,7 +16,6 @@ import uvicorn
 from tunesmith.inference.engine import Engine
 from tunesmith.inference.server import create_app
 from tunesmith.model.reward_model import RewardModel
-from tunesmith.sampling.generate import sampling_settings
 from tunesmith.training.configure import build_config
 from tunesmith.training.rewards import Scored, http_rewards
 
@@ -51,7 +51,7 @@ def server(engine):
 
 
 def greedy_text(engine: Engine, content: str, max_tokens: int = 16) -> str:
-    settings = sampling_settings(engine.config, max_new_tokens=max_tokens, do_sample=False)
+    settings = dataclasses.replace(engine.sampling, max_new_tokens=max_tokens, do_sample=False)
     ids = engine.generate([[{"role": "user", "content": content}]], settings).response_ids[0]
     return engine.decode([t for t in ids if t not in engine.stop_ids])
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tunesmith.data.formats import BadRecord
@@ -76,7 +77,7 @@ def field_value(record: dict, name: str, from_csv: bool) -> float:
     return value
 
 
-def collect(bad: BadRecords, field: str | None, tokenizer=None) -> tuple[int, list[Column]]:
+def collect(bad: BadRecords, field: str | None, tokenizer: Callable | None = None) -> tuple[int, list[Column]]:
     """(records, columns): the field's values, or per-record character counts (and token counts under
     `tokenizer`, a loaded Hugging Face tokenizer that the caller brings: this layer cannot load one)."""
     names = [field] if field else ["chars"] + (["tokens"] if tokenizer is not None else [])
