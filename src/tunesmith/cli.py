@@ -18,8 +18,13 @@ import argparse
 import signal
 import sys
 import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from tunesmith.errors import TunesmithError
+
+if TYPE_CHECKING:
+    from tunesmith.config import RunConfig
 
 
 def _train(args) -> None:
@@ -35,7 +40,7 @@ def _train(args) -> None:
     print(f"[tunesmith] done: {summary}; outputs in {config.output.output_dir}")
 
 
-def train_and_predict(config, say=print) -> dict:
+def train_and_predict(config: RunConfig, say: Callable[[str], None] = print) -> dict:
     """`tunesmith train`: train (do_train), then, with do_predict, answer eval_dataset's prompts with a fresh
     load of what training wrote (so the predictions equal a later `do_train: false` run's on that folder)."""
     from pathlib import Path
@@ -278,6 +283,7 @@ def _env(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand; each sets `handler`, the function that runs it."""
     from tunesmith.model.sizes import SIZE_PRESETS
 
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune and align language models from one YAML file.")
@@ -350,6 +356,7 @@ def _terminate(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a TunesmithError prints its message without a traceback. Returns the exit status."""
     warnings.showwarning = _show_warning
     signal.signal(signal.SIGTERM, _terminate)
     args = build_parser().parse_args(argv)

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tunesmith.cli import main
+from tunesmith.data.pairs import collate_pairs
 from tunesmith.demos.synthetic import preference_records
 from tunesmith.errors import TunesmithError
 from tunesmith.model.adapters import load_adapter
@@ -22,8 +23,9 @@ from tunesmith.model.loading import load_model
 from tunesmith.model.reward_model import RewardModel
 from tunesmith.training import loop
 from tunesmith.training.configure import build_config
+from tunesmith.training.reference import Reference
 from tunesmith.training.run import prepare_training, run_training
-from tunesmith.training.stages.dpo import pair_logps
+from tunesmith.training.stages.dpo import ReferenceLogps, pair_logps
 
 LN2 = math.log(2)
 CPU = torch.device("cpu")
@@ -78,16 +80,14 @@ def test_dpo_step0_loss_is_ln2_when_policy_is_reference(pref_base, tmp_path, fin
     config = build_config({**pref_base, "stage": "dpo", "finetuning_type": finetuning_type,
                            "output_dir": str(tmp_path / "out")})
     run = prepare_training(config)
-    batch = loop.to_device(run.data.collate(run.data.train[:4]), run.device)
-    loss_sum, metrics = run.stage.loss(run.model, batch)
-    assert run.stage.count_items(batch) == 4
-    assert abs(loss_sum.item() / 4 - LN2) < 1e-5
+    metrics = loop.evaluate(run.model, run.stage, loop.RunData(train=[], eval=run.data.train[:4]), run.config.train)
+    assert abs(metrics["eval_loss"] - LN2) < 1e-5  # a mean over the 4 pairs
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
-        assert abs(metrics[key]) < 1e-5, key
+        assert abs(metrics[f"eval_{key}"]) < 1e-5, key
     if run.device.type == "cpu":  # bit-identical there, so every pair is a tie, and a tie is not "accurate";
-        assert metrics["rewards/accuracies"] == 0  # GPU kernels leave ~1e-7 of noise that decides the sign
+        assert metrics["eval_rewards/accuracies"] == 0  # GPU kernels leave ~1e-7 of noise that decides the sign
     # rewards are zero because the policy's log-probs equal the reference's, not because both are empty
-    assert metrics["logps/chosen"] < -1 and metrics["logps/rejected"] < -1
+    assert metrics["eval_logps/chosen"] < -1 and metrics["eval_logps/rejected"] < -1
 
 
 def test_reward_model_learns_and_scores_held_out_pairs(trained_rm):
@@ -119,7 +119,7 @@ def test_dpo_learns_preferences(pref_base, tmp_path):
                 "plot_loss": True, "output_dir": str(tmp_path / "out")}
     config = build_config(settings)
     before = prepare_training(config)
-    start = loop.evaluate(before.model, before.stage, before.data, before.config)
+    start = loop.evaluate(before.model, before.stage, before.data, before.config.train)
     assert abs(start["eval_rewards/margins"]) < 1e-6 and abs(start["eval_rewards/chosen"]) < 1e-6
     assert abs(start["eval_loss"] - LN2) < 1e-5
     del before
@@ -182,12 +182,13 @@ def test_dpo_from_sft_adapter_uses_sft_model_as_reference(base_settings, pref_ba
                            "output_dir": str(tmp_path / "dpo")})
     run = prepare_training(config)
     rows = run.data.train[:4]
-    batch = run.data.collate(rows)
-    loss_sum, metrics = run.stage.loss(run.model, loop.to_device(batch, run.device))
-    assert abs(loss_sum.item() / 4 - LN2) < 1e-5
-    assert abs(metrics["rewards/margins"]) < 1e-5
-    ref_chosen = torch.tensor([row["ref_chosen_logps"] for row in rows])
-    ref_rejected = torch.tensor([row["ref_rejected_logps"] for row in rows])
+    metrics = loop.evaluate(run.model, run.stage, loop.RunData(train=[], eval=rows), run.config.train)
+    assert abs(metrics["eval_loss"] - LN2) < 1e-5
+    assert abs(metrics["eval_rewards/margins"]) < 1e-5
+    batch = collate_pairs(rows, run.tokenizer.pad_token_id)
+    reference = ReferenceLogps(Reference.of(run.model, torch.float32), config.train.logprob_chunk_size)
+    ref = reference.compute(batch)
+    ref_chosen, ref_rejected = ref.chosen, ref.rejected
 
     sft_model = load_model(tiny_model, torch.float32, CPU)
     load_adapter(sft_model, sft_dir, trainable=False)

@@ -255,11 +255,15 @@ def test_a_missing_reward_model_stops_before_the_model_loads(rl_settings, tmp_pa
 
 @pytest.mark.parametrize("stage", ["ppo", "grpo"])
 def test_micro_batches_combine_into_the_big_batch_gradient(rl_settings, stage):
+    from tunesmith.training.reference import Reference
     from tunesmith.training.run import prepare_training
+    from tunesmith.training.stages import StageInputs, grpo, ppo
 
     config = build_config({**rl_settings, "stage": stage, "num_generations": 2, "per_device_train_batch_size": 2})
     run = prepare_training(config)
-    model, rl = run.model, run.stage
+    model = run.model
+    inputs = StageInputs(model, run.config, run.tokenizer, run.data, run.device, Reference.of(model, torch.float32))
+    rl = (ppo.ppo_parts if stage == "ppo" else grpo.grpo_parts)(inputs)
     rollout, _ = rl.rollout(model, run.data.train[:2])
 
     def grads(parts):

@@ -11,17 +11,24 @@ Bad records raise a TunesmithError naming file and record index; with `skip_bad_
 are dropped and a warning reports how many (and the first reason).
 """
 
+from __future__ import annotations
+
 import random
 import warnings
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tunesmith.data.encode import IGNORE_INDEX, encode_sft
 from tunesmith.data.formats import CONVERTERS, PROMPT_CONVERTERS, BadRecord
 from tunesmith.data.packing import pack_examples
 from tunesmith.data.readers import read_located, read_records
 from tunesmith.data.registry import dataset_files, detect_spec, resolve_dataset
-from tunesmith.data.templates import get_template
+from tunesmith.data.templates import ChatTemplate, get_template
 from tunesmith.errors import TunesmithError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def _convert_file(path, located: list, spec, skip_bad_records: bool, prompts: bool = False) -> list:
@@ -70,25 +77,33 @@ def _load(names, dataset_dir, ranking: bool, max_samples, skip_bad_records: bool
     return loaded
 
 
-def load_conversations(names, dataset_dir, max_samples=None, skip_bad_records: bool = False) -> list:
+def load_conversations(names: str | list[str], dataset_dir: str | Path, max_samples: int | None = None,
+                       skip_bad_records: bool = False) -> list:
     """Conversations [{"role", "content"}, ...] ending with an assistant turn, from one or more datasets."""
     return _load(names, dataset_dir, False, max_samples, skip_bad_records)
 
 
-def load_prompt_conversations(names, dataset_dir, max_samples=None, skip_bad_records: bool = False) -> list:
+def load_prompt_conversations(names: str | list[str], dataset_dir: str | Path, max_samples: int | None = None,
+                              skip_bad_records: bool = False) -> list:
     """Conversations ending with a user turn (prompt-only records) or with an assistant turn (the record's
     own answer), from one or more SFT datasets: PPO and GRPO prompts."""
     return _load(names, dataset_dir, False, max_samples, skip_bad_records, prompts=True)
 
 
-def load_preference_examples(names, dataset_dir, max_samples=None, skip_bad_records: bool = False) -> list:
+def load_preference_examples(names: str | list[str], dataset_dir: str | Path, max_samples: int | None = None,
+                             skip_bad_records: bool = False) -> list:
     """PreferenceExample(prompt_messages, chosen, rejected) from one or more ranking datasets."""
     return _load(names, dataset_dir, True, max_samples, skip_bad_records)
 
 
 def encode_sft_examples(
-    conversations, template, tokenizer, cutoff_len, train_on_prompt=False, mask_history=False
-):
+    conversations: list[list[dict]],
+    template: ChatTemplate,
+    tokenizer: PreTrainedTokenizerBase,
+    cutoff_len: int,
+    train_on_prompt: bool = False,
+    mask_history: bool = False,
+) -> list[dict]:
     """encode_sft on every conversation, dropping those left without any trained token."""
     examples = [
         encode_sft(messages, template, tokenizer, cutoff_len, train_on_prompt, mask_history)
@@ -104,14 +119,14 @@ def encode_sft_examples(
 
 
 def build_sft_examples(
-    dataset,
-    dataset_dir,
-    tokenizer,
-    template,
+    dataset: str | list[str],
+    dataset_dir: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    template: str | None,
     cutoff_len: int,
     train_on_prompt: bool,
     mask_history: bool,
-    max_samples,
+    max_samples: int | None,
     packing: bool,
     skip_bad_records: bool = False,
 ) -> list:
@@ -124,7 +139,7 @@ def build_sft_examples(
     return pack_examples(examples, cutoff_len) if packing else examples
 
 
-def split_train_eval(examples: list, val_size, seed: int) -> tuple:
+def split_train_eval(examples: list, val_size: float, seed: int) -> tuple:
     """(train, eval) after a seeded shuffle; val_size < 1 is a fraction, >= 1 a number of samples."""
     eval_count = int(round(len(examples) * val_size)) if val_size < 1 else int(val_size)
     if val_size <= 0 or not 0 < eval_count < len(examples):
@@ -137,7 +152,7 @@ def split_train_eval(examples: list, val_size, seed: int) -> tuple:
     return [examples[i] for i in order[eval_count:]], [examples[i] for i in order[:eval_count]]
 
 
-def is_ranking_dataset(name: str, dataset_dir) -> bool:
+def is_ranking_dataset(name: str, dataset_dir: str | Path) -> bool:
     """Whether a dataset holds preference pairs (its dataset_info.json entry, or a plain file's first record)."""
     spec = resolve_dataset(name, dataset_dir)
     if spec.formatting != "auto":

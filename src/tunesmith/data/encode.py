@@ -11,6 +11,15 @@ the response is kept preferentially; turns that no longer fit are dropped.
 Usage: `encode_sft(messages, template, tokenizer, cutoff_len=1024)` -> {"input_ids", "labels"}.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from tunesmith.data.templates import ChatTemplate
+
 IGNORE_INDEX = -100
 
 
@@ -29,8 +38,8 @@ def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int
 
 def encode_sft(
     messages: list,
-    template,
-    tokenizer,
+    template: ChatTemplate,
+    tokenizer: PreTrainedTokenizerBase,
     cutoff_len: int,
     train_on_prompt: bool = False,
     mask_history: bool = False,
@@ -58,7 +67,12 @@ def encode_sft(
 
 
 def encode_pair(
-    prompt_messages: list, chosen: str, rejected: str, template, tokenizer, cutoff_len: int
+    prompt_messages: list,
+    chosen: str,
+    rejected: str,
+    template: ChatTemplate,
+    tokenizer: PreTrainedTokenizerBase,
+    cutoff_len: int,
 ) -> dict:
     """chosen/rejected input_ids and labels sharing one prompt, both truncated to the same lengths.
 

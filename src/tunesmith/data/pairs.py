@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from tunesmith.data.dataset import load_preference_examples
 from tunesmith.data.encode import IGNORE_INDEX, encode_pair
 from tunesmith.data.templates import get_template
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -55,7 +60,8 @@ class PairBatch:
                                 if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
-def build_pair_examples(dataset, dataset_dir, tokenizer, template, cutoff_len: int, max_samples=None,
+def build_pair_examples(dataset: str | list[str], dataset_dir: str | Path, tokenizer: PreTrainedTokenizerBase,
+                        template: str | None, cutoff_len: int, max_samples: int | None = None,
                         skip_bad_records: bool = False) -> list[dict]:
     """Load ranking datasets and encode every pair; pairs left without a response token are dropped."""
     chat_template = get_template(template, tokenizer)

@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -30,7 +31,7 @@ _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
 
 
-def loads(data: bytes | str):
+def loads(data: bytes | str) -> Any:
     """orjson, or the stdlib for what orjson refuses and jq reads (lone surrogate escapes, NaN, huge integers)."""
     try:
         return orjson.loads(data)
@@ -51,6 +52,7 @@ class Malformed:
 
 
 def file_format(path: Path) -> str:
+    """The file's lower-case suffix, after checking that it is a format we can read."""
     suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:
         raise TunesmithError(f"{path}: unsupported file type '{suffix or '(none)'}'. Use one of {', '.join(FORMATS)}.")
@@ -79,6 +81,7 @@ def _as_record(value) -> dict | Malformed:
 
 
 def unreadable_reason(err: Exception) -> str:
+    """A user-facing reason for a decoding error (bad UTF-8, bad JSON, nesting too deep)."""
     if isinstance(err, UnicodeDecodeError):
         return f"not UTF-8 text ({err.reason}); save the file as UTF-8"
     if isinstance(err, json.JSONDecodeError):
@@ -88,11 +91,13 @@ def unreadable_reason(err: Exception) -> str:
     return f"invalid JSON ({err})"
 
 
-def not_an_object(value) -> str:
+def not_an_object(value: Any) -> str:
+    """The reason given for a JSON value that is not an object, so cannot be a record."""
     return f"the record is a JSON {json_type(value)}, not an object; every record must be {{...}}"
 
 
-def json_type(value) -> str:
+def json_type(value: Any) -> str:
+    """JSON's name for the type of a decoded value, for error messages."""
     return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
         type(value), "number")
 
@@ -251,6 +256,7 @@ class BadRecords:
         self.count, self.examples = 0, []
 
     def add(self, where: int | None, reason: str, fatal: bool = False) -> None:
+        """Record one bad record; raise unless skipping (always when `fatal`: reading cannot go on)."""
         place = str(self.path)
         if where is not None:
             place += f": {'row' if self.path.suffix.lower() == '.parquet' else 'line'} {where}"

@@ -13,20 +13,26 @@ ids of a conversation are exactly the concatenation of its segments.
 Usage: `template = get_template("qwen", tokenizer); turns = template.encode_turns(tokenizer, messages)`.
 """
 
+from __future__ import annotations
+
 import difflib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tunesmith.errors import TunesmithError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-def _encode_segments(tokenizer, turns: list) -> list:
+
+def _encode_segments(tokenizer: PreTrainedTokenizerBase, turns: list) -> list:
     def encode(text: str) -> list:
         return tokenizer.encode(text, add_special_tokens=False) if text else []
 
     return [(encode(prompt), encode(response)) for prompt, response in turns]
 
 
-def _encode_prompt(template, tokenizer, messages: list) -> list:
+def _encode_prompt(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase, messages: list) -> list:
     """Ids asking for the next assistant turn, segmented exactly as in training (earlier turns whole)."""
     turns = template.encode_turns(tokenizer, messages + [{"role": "assistant", "content": ""}])
     return [t for prompt, response in turns[:-1] for t in prompt + response] + turns[-1][0]
@@ -57,12 +63,12 @@ class FormatTemplate:
     stop_words: tuple = ()
     """End-of-turn markers; each must be one token of the tokenizer."""
 
-    def _fill(self, slot: str, tokenizer, content: str = "") -> str:
+    def _fill(self, slot: str, tokenizer: PreTrainedTokenizerBase, content: str = "") -> str:
         # content goes in last so that a literal "{eos}" inside a message is left alone
         slot = slot.replace("{bos}", tokenizer.bos_token or "").replace("{eos}", tokenizer.eos_token or "")
         return slot.replace("{content}", content)
 
-    def render_turns(self, tokenizer, messages: list) -> list:
+    def render_turns(self, tokenizer: PreTrainedTokenizerBase, messages: list) -> list:
         """[(prompt_text, response_text)] per user/assistant pair."""
         system, turns = _split_system(messages)
         system = system or self.default_system
@@ -76,14 +82,15 @@ class FormatTemplate:
             pairs.append(((head if index == 0 else "") + prompt, response))
         return pairs
 
-    def encode_turns(self, tokenizer, messages: list) -> list:
+    def encode_turns(self, tokenizer: PreTrainedTokenizerBase, messages: list) -> list:
+        """[(prompt_ids, response_ids)] per user/assistant pair, each segment tokenised on its own."""
         return _encode_segments(tokenizer, self.render_turns(tokenizer, messages))
 
-    def encode_prompt(self, tokenizer, messages: list) -> list:
+    def encode_prompt(self, tokenizer: PreTrainedTokenizerBase, messages: list) -> list:
         """Prompt ids for generation from a conversation ending with a user turn."""
         return _encode_prompt(self, tokenizer, messages)
 
-    def stop_token_ids(self, tokenizer) -> list:
+    def stop_token_ids(self, tokenizer: PreTrainedTokenizerBase) -> list:
         """Token ids that end generation: the stop words and EOS."""
         ids = [tokenizer.convert_tokens_to_ids(word) for word in self.stop_words]
         return list(dict.fromkeys([*ids, tokenizer.eos_token_id]))
@@ -130,17 +137,18 @@ class JinjaTemplate:
 
     name: str = "auto"
 
-    def _render(self, tokenizer, messages: list, generation_prompt: bool) -> str:
+    def _render(self, tokenizer: PreTrainedTokenizerBase, messages: list, generation_prompt: bool) -> str:
         return tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=generation_prompt
         )
 
-    def _turn_end_tokens(self, tokenizer, response: str, content: str) -> list:
+    def _turn_end_tokens(self, tokenizer: PreTrainedTokenizerBase, response: str, content: str) -> list:
         """Special tokens the template puts after the assistant content (its end-of-turn marker)."""
         tail = response[response.rfind(content) + len(content) :] if content in response else response
         return [token for token in tokenizer.all_special_tokens if token in tail]
 
-    def render_turns(self, tokenizer, messages: list) -> list:
+    def render_turns(self, tokenizer: PreTrainedTokenizerBase, messages: list) -> list:
+        """[(prompt_text, response_text)] per assistant message, cut from renders of growing prefixes."""
         pairs, rendered = [], ""
         for index, message in enumerate(messages):
             if message["role"] != "assistant":
@@ -160,14 +168,15 @@ class JinjaTemplate:
             rendered = full
         return pairs
 
-    def encode_turns(self, tokenizer, messages: list) -> list:
+    def encode_turns(self, tokenizer: PreTrainedTokenizerBase, messages: list) -> list:
+        """[(prompt_ids, response_ids)] per assistant message, each segment tokenised on its own."""
         return _encode_segments(tokenizer, self.render_turns(tokenizer, messages))
 
-    def encode_prompt(self, tokenizer, messages: list) -> list:
+    def encode_prompt(self, tokenizer: PreTrainedTokenizerBase, messages: list) -> list:
         """Prompt ids for generation from a conversation ending with a user turn."""
         return _encode_prompt(self, tokenizer, messages)
 
-    def stop_token_ids(self, tokenizer) -> list:
+    def stop_token_ids(self, tokenizer: PreTrainedTokenizerBase) -> list:
         """EOS plus the special tokens the template puts after an assistant message."""
         probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
         _, response = self.render_turns(tokenizer, probe)[0]
@@ -178,7 +187,7 @@ class JinjaTemplate:
 ChatTemplate = FormatTemplate | JinjaTemplate
 
 
-def _check_tokens(template: FormatTemplate, tokenizer) -> None:
+def _check_tokens(template: FormatTemplate, tokenizer: PreTrainedTokenizerBase) -> None:
     vocab = tokenizer.get_vocab()
     missing = [word for word in template.stop_words if word not in vocab]
     needs_eos = "{eos}" in template.user + template.assistant + template.system
@@ -192,7 +201,7 @@ def _check_tokens(template: FormatTemplate, tokenizer) -> None:
         )
 
 
-def get_template(name: str | None, tokenizer) -> ChatTemplate:
+def get_template(name: str | None, tokenizer: PreTrainedTokenizerBase) -> ChatTemplate:
     """The named built-in template, or the tokenizer's own chat_template for None / "auto"."""
     if name in (None, "auto"):
         if getattr(tokenizer, "chat_template", None):

@@ -25,8 +25,10 @@ import random
 import re
 import signal
 from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tunesmith.data.formats import BadRecord
 from tunesmith.data.streams import UNREADABLE, loads, not_an_object, parse_json_line
@@ -35,6 +37,11 @@ from tunesmith.datatools.writer import dumps
 BLOCK_BYTES = 4 << 20
 MAX_BLOCK_BYTES = 64 << 20
 ARRAY_SHAPE = re.compile(rb"e*l\]|\]")  # e: record line ending in ",", l: the last record, ]: the close
+
+Step = Callable[[dict], "dict | None"]
+"""A per-record step: the record (perhaps changed), or None to drop it."""
+Pipeline = tuple[list[tuple[str, Step]], Callable[[dict], bytes] | None]
+"""(steps, digest function or None), as `prepare.make_pipeline` builds it."""
 
 
 @dataclass(frozen=True)
@@ -118,13 +125,14 @@ def block_ranges(path: Path, layout: Layout) -> list[tuple[int, int]] | None:
 _worker: dict = {}
 
 
-def init_worker(path: Path, layout: Layout, pipeline, seed: int | None) -> None:
+def init_worker(path: Path, layout: Layout, pipeline: Pipeline, seed: int | None) -> None:
     """What `process_block` uses: `pipeline` is (steps, digest function or None); `seed` None: no sample."""
     steps, digest = pipeline
     _worker.update(path=path, layout=layout, steps=steps, digest=digest, seed=seed)
 
 
-def init_pool_worker(path: Path, layout: Layout, recipe, seed: int | None) -> None:
+def init_pool_worker(path: Path, layout: Layout, recipe: tuple[Callable[[Any], Pipeline], Any],
+                     seed: int | None) -> None:
     """A pool worker builds its own steps from `recipe` = (make_pipeline, options): closures do not
     pickle, and a tokenizer is loaded once per process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # signals are the parent's to handle: it stops the pool
@@ -218,7 +226,8 @@ def _array_records(data: bytes, result: BlockResult):
     result.shape = bytes(shape)
 
 
-def run_blocks(path: Path, layout: Layout, pipeline, recipe, workers: int, threshold):
+def run_blocks(path: Path, layout: Layout, pipeline: Pipeline, recipe: tuple[Callable[[Any], Pipeline], Any],
+               workers: int, threshold: Callable[[], float]) -> Iterator[BlockResult | None]:
     """BlockResults in file order, computed by `workers` processes (in this one, with `pipeline`, for a
     single block); a single None when the file cannot be split into blocks.
 

@@ -13,6 +13,7 @@ also trains, and `validate` reports exactly the records training would reject, w
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 from tunesmith.data.formats import CONVERTERS, BadRecord, PreferenceExample, check_turns
@@ -46,13 +47,15 @@ def _alpaca_prompt(prompt: list) -> dict:
             **({"history": history} if history else {})}
 
 
-def to_alpaca(example) -> dict:
+def to_alpaca(example: list[dict] | PreferenceExample) -> dict:
+    """An alpaca record: instruction, input, history and system, then output or chosen/rejected."""
     if isinstance(example, PreferenceExample):
         return {**_alpaca_prompt(example.prompt_messages), "chosen": example.chosen, "rejected": example.rejected}
     return {**_alpaca_prompt(example[:-1]), "output": example[-1]["content"]}
 
 
-def to_sharegpt(example) -> dict:
+def to_sharegpt(example: list[dict] | PreferenceExample) -> dict:
+    """A sharegpt record: human/gpt conversations, plus chosen/rejected for a preference pair."""
     prompt = example.prompt_messages if isinstance(example, PreferenceExample) else example
     system, turns = _system_and_turns(prompt)
     record = {"conversations": [{"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]} for m in turns]}
@@ -61,7 +64,8 @@ def to_sharegpt(example) -> dict:
     return {**record, **({"system": system} if system else {})}
 
 
-def to_openai(example) -> dict:
+def to_openai(example: list[dict] | PreferenceExample) -> dict:
+    """An OpenAI record: chat messages, or the preference fine-tuning shape for a pair."""
     if isinstance(example, PreferenceExample):
         return {"input": {"messages": example.prompt_messages},
                 "preferred_output": [{"role": "assistant", "content": example.chosen}],
@@ -89,10 +93,11 @@ def openai_preference(record: dict) -> PreferenceExample:
 
 
 def is_openai_preference(record: dict) -> bool:
+    """Whether the record has OpenAI's preference shape, which no dataset_info.json format describes."""
     return "preferred_output" in record and "non_preferred_output" in record
 
 
-def reader_for(spec: DatasetSpec, first_record: dict):
+def reader_for(spec: DatasetSpec, first_record: dict) -> Callable[[dict], list[dict] | PreferenceExample]:
     """A function record -> conversation or PreferenceExample for `spec` (its format detected when "auto")."""
     if is_openai_preference(first_record):
         return openai_preference
@@ -114,7 +119,8 @@ def source_spec(path: Path, source_format: str, first_record: dict) -> DatasetSp
     return make_spec(str(path), path, {**entry, "ranking": ranking})
 
 
-def convert_file(input_path, output_path, target: str, source_format: str = "auto", skip_bad: bool = False) -> BadRecords:
+def convert_file(input_path: str | Path, output_path: str | Path, target: str, source_format: str = "auto",
+                 skip_bad: bool = False) -> BadRecords:
     """Rewrite every record of `input_path` in `target` format to `output_path` (atomically)."""
     if target not in WRITERS or source_format not in (*FORMATS, "auto"):
         raise TunesmithError(f"unknown format '{target if target not in WRITERS else source_format}'; choose one "

@@ -28,15 +28,18 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunesmith.data.formats import BadRecord
 from tunesmith.data.streams import BadRecords, good_records, json_type
-from tunesmith.datatools.blocks import ARRAY_SHAPE, Layout, apply_steps, line_layout, run_blocks
+from tunesmith.datatools.blocks import ARRAY_SHAPE, Pipeline, Step, apply_steps, line_layout, run_blocks
 from tunesmith.datatools.writer import AtomicWriter, check_paths, dumps
 from tunesmith.errors import TunesmithError
 
-Step = Callable[[dict], "dict | None"]
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from tunesmith.datatools.blocks import Layout
 
 
 @dataclass
@@ -88,6 +91,7 @@ class Report:
     counts: Counter = field(default_factory=Counter)
 
     def summary(self) -> str:
+        """One line for the user: records read, dropped per step, skipped as bad, and written."""
         c = self.counts
         parts = [f"read {c['read']}"] + [f"{label} {c[key]}" for key, label in DROP_LABELS if c[key]]
         parts += [f"bad {self.bad.count} (skipped)"] if self.bad.count else []
@@ -100,6 +104,7 @@ DROP_LABELS = [("require", "dropped by --require"), ("chars", "dropped by charac
 
 # The steps run once per record, millions of times: plain loops, no generators or helper calls.
 def require_step(fields: list[str]) -> Step:
+    """Drop records where any of `fields` is missing, null or ""."""
     def require(record: dict):
         for name in fields:
             value = record.get(name)
@@ -147,7 +152,8 @@ def counted_texts(record: dict, fields: list[str] | None) -> list[str]:
     return texts
 
 
-def not_text(name: str, value) -> BadRecord:
+def not_text(name: str, value: Any) -> BadRecord:
+    """The bad-record error for a counted field whose value is not a string."""
     return BadRecord(f"field '{name}' is a JSON {json_type(value)}, not text, so its characters cannot be counted; "
                      "fix the record or name the text fields with --count-fields")
 
@@ -158,10 +164,12 @@ def kept_fields(options: PrepareOptions) -> list[str]:
 
 
 def counted_fields(options: PrepareOptions) -> list[str] | None:
+    """The fields whose characters and tokens are counted; None means every text field."""
     return options.count_fields or kept_fields(options) or None
 
 
 def char_step(options: PrepareOptions) -> Step:
+    """Count the counted fields' characters, keep the record if in range, and add the count if asked."""
     fields = counted_fields(options)
 
     def chars(record: dict):
@@ -177,6 +185,7 @@ def char_step(options: PrepareOptions) -> Step:
 
 
 def token_step(options: PrepareOptions) -> Step:
+    """Like `char_step` for tokens; loads the tokenizer once, when the step is built."""
     tokenizer, fields = options.load_tokenizer(options.tokenizer), counted_fields(options)
 
     def tokens(record: dict):
@@ -185,7 +194,7 @@ def token_step(options: PrepareOptions) -> Step:
     return tokens
 
 
-def token_count(tokenizer, texts: list[str]) -> int:
+def token_count(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> int:
     """Tokens of the texts together, without special tokens."""
     return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else 0
 
@@ -223,7 +232,7 @@ def build_steps(options: PrepareOptions) -> list[tuple[str, Step]]:
     return steps
 
 
-def make_pipeline(options: PrepareOptions):
+def make_pipeline(options: PrepareOptions) -> Pipeline:
     """(steps, digest function or None): what runs per record wherever records are parsed. De-duplication
     only hashes there; which copy is first is decided in input order by `Sink`."""
     fields = options.dedup
@@ -241,17 +250,20 @@ class Sample:
         self.size, self.heap = size, []  # (-key, position, item): the largest winning key on top
 
     def threshold(self) -> float:
+        """Keys at or above this cannot make the sample (infinite while the reservoir is not full)."""
         if self.size == 0:
             return 0.0
         return -self.heap[0][0] if len(self.heap) == self.size else math.inf
 
-    def offer(self, key: float, position, item) -> None:
+    def offer(self, key: float, position: int | tuple[int, int], item: bytes) -> None:
+        """Put `item` in the sample if its key is among the `size` smallest so far."""
         if len(self.heap) < self.size:
             heapq.heappush(self.heap, (-key, position, item))
         elif key < -self.heap[0][0]:
             heapq.heapreplace(self.heap, (-key, position, item))
 
     def in_order(self) -> list:
+        """The sampled items in input order (by position), not key order."""
         return [item for _, _, item in sorted(self.heap, key=lambda entry: entry[1])]
 
 
@@ -263,9 +275,12 @@ class Sink:
         self.sample = None if options.sample is None else Sample(options.sample)
 
     def threshold(self) -> float:
+        """The sample's key threshold; infinite without a sample (every record is needed)."""
         return self.sample.threshold() if self.sample else math.inf
 
-    def add(self, position, key: float | None, record_json: bytes | None, digest: bytes | None) -> None:
+    def add(self, position: int | tuple[int, int], key: float | None, record_json: bytes | None,
+            digest: bytes | None) -> None:
+        """Take the next surviving record in input order: drop it if a duplicate, else sample or write it."""
         if digest is not None:
             if digest in self.seen:
                 self.counts["dedup"] += 1
@@ -278,6 +293,7 @@ class Sink:
             self.sample.offer(key, position, record_json)
 
     def close(self) -> None:
+        """Write the sample, in input order, and count the records it left out."""
         if self.sample is not None:
             kept = self.sample.in_order()
             self.counts["sample"] = self.survivors - len(kept)
@@ -285,7 +301,7 @@ class Sink:
                 self.writer.write_json(record_json)
 
 
-def run_sequential(pipeline, seed: int, bad: BadRecords, counts: Counter, sink: Sink) -> None:
+def run_sequential(pipeline: Pipeline, seed: int, bad: BadRecords, counts: Counter, sink: Sink) -> None:
     """Any format and layout, one record at a time."""
     steps, digest = pipeline
     keys = random.Random(f"{seed}")
@@ -298,7 +314,7 @@ def run_sequential(pipeline, seed: int, bad: BadRecords, counts: Counter, sink: 
             bad.add(where, str(err))
 
 
-def run_parallel(pipeline, options: PrepareOptions, bad: BadRecords, counts: Counter, sink: Sink, layout: Layout,
+def run_parallel(pipeline: Pipeline, options: PrepareOptions, bad: BadRecords, counts: Counter, sink: Sink, layout: Layout,
                  workers: int) -> bool:
     """JSON lines or an array, in blocks on `workers` processes; False if the array's layout breaks (the
     caller then starts over sequentially)."""
@@ -335,6 +351,7 @@ def prepare(input_path: str | Path, output_path: str | Path, options: PrepareOpt
 
 
 def check_options(options: PrepareOptions) -> None:
+    """Reject negative limits and --count-fields that --rename/--select would drop, before reading anything."""
     for name in ("min_chars", "max_chars", "min_tokens", "max_tokens", "sample"):
         value = getattr(options, name)
         if value is not None and value < 0:
@@ -351,8 +368,8 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _run(input_path: Path, output_path: Path, options: PrepareOptions, pipeline, layout, workers: int
-         ) -> Report | None:
+def _run(input_path: Path, output_path: Path, options: PrepareOptions, pipeline: Pipeline, layout: Layout | None,
+         workers: int) -> Report | None:
     """One attempt: in parallel when `layout` is given (None if the file breaks it), else sequentially."""
     report = Report(bad=BadRecords(input_path, options.skip_bad))
     with AtomicWriter(output_path) as writer:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tunesmith.data.formats import BadRecord
@@ -31,6 +31,7 @@ class Column:
     values: array
 
     def summary(self) -> dict:
+        """total, mean, min, max and the PERCENTILES of the values (just total 0 when there are none)."""
         values = sorted(self.values)
         if not values:
             return {"total": 0}
@@ -41,7 +42,7 @@ class Column:
         return out
 
 
-def percentile(sorted_values, q: float) -> float:
+def percentile(sorted_values: Sequence[float], q: float) -> float:
     """The q-th percentile with linear interpolation between closest ranks (numpy's default)."""
     position = (len(sorted_values) - 1) * q / 100
     low = math.floor(position)
@@ -49,7 +50,7 @@ def percentile(sorted_values, q: float) -> float:
     return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
 
 
-def histogram(values, bins: int) -> list[tuple[float, float, int]]:
+def histogram(values: Sequence[float], bins: int) -> list[tuple[float, float, int]]:
     """(low, high, count) for `bins` equal-width bins over [min, max]; the last bin includes max."""
     if bins < 1:
         raise TunesmithError(f"--bins {bins}: a histogram needs at least 1 bin.")
@@ -64,6 +65,7 @@ def histogram(values, bins: int) -> list[tuple[float, float, int]]:
 
 
 def field_value(record: dict, name: str, from_csv: bool) -> float:
+    """The field as a number, as jq's `.field // 0` reads it (CSV text parsed); other types are bad records."""
     value = record.get(name)
     if value is None or value is False or (from_csv and value == ""):  # jq's `// 0`
         return 0
@@ -104,6 +106,7 @@ def _lengths(record: dict, tokenizer) -> list[int]:
 
 
 def format_report(bad: BadRecords, records: int, columns: list[Column], bins: int) -> str:
+    """The printed report: record count, then each column's summary line and its text histogram."""
     skipped = f" ({bad.count} bad records skipped)" if bad.count else ""
     lines = [f"{bad.path}: {records} records{skipped}"]
     for column in columns:

@@ -14,6 +14,7 @@ import csv
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -21,7 +22,7 @@ from tunesmith.data.streams import file_format, loads
 from tunesmith.errors import TunesmithError
 
 
-def dumps(record, sort_keys: bool = False) -> bytes:
+def dumps(record: Any, sort_keys: bool = False) -> bytes:
     """Compact UTF-8 JSON with non-ASCII text kept as is, like `jq -c`. Values JSON has no type for
     (parquet's bytes, decimals, dates) are written as text."""
     try:
@@ -91,6 +92,7 @@ class AtomicWriter:
             self.write(loads(data))
 
     def write(self, record: dict) -> None:
+        """Write one record in the file's format (JSON records go through `write_json`)."""
         if self.format in (".jsonl", ".json"):
             self.write_json(dumps(record))
             return

@@ -18,6 +18,7 @@ answers (temperature 1) that are entirely kind. Every stage runs through `tunesm
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -55,6 +56,7 @@ STAGES = {
 
 
 def write_data(data_dir: Path) -> None:
+    """Write the noisy SFT demonstrations, the kindness pairs and their dataset_info.json to `data_dir`."""
     data_dir.mkdir(parents=True, exist_ok=True)
     files = {"noisy_descriptions": noisy_description_records(TRAIN_THINGS, 400, kind_share=0.3),
              "kindness_pairs": preference_records(400, seed=1, things=TRAIN_THINGS, degenerate_share=0.3,
@@ -85,7 +87,7 @@ def held_out_kindness(model_dir: Path, adapters: list[str], samples: int = 16, s
     return sum(kind) / len(kind), tokenizer.decode(greedy.response_ids[0], skip_special_tokens=True).strip()
 
 
-def run_rl_demo(output_dir: str = "demo_rlhf", scale: float = 1.0, say=print) -> dict:
+def run_rl_demo(output_dir: str = "demo_rlhf", scale: float = 1.0, say: Callable[[str], None] = print) -> dict:
     """Train every stage, then print and return the held-out kind-answer share of SFT and of each method."""
     root = Path(output_dir)
     model_dir = init_model(root / "model", arch="qwen2", size="small", seed=0)

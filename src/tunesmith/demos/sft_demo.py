@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
@@ -24,6 +26,9 @@ from tunesmith.model.init_model import init_model
 from tunesmith.model.loading import load_model, load_tokenizer
 from tunesmith.training.configure import load_config
 from tunesmith.training.run import run_training
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEMO_CONFIG = {
     "stage": "sft", "finetuning_type": "lora", "lora_rank": 16, "lora_alpha": 32, "lora_target": "all",
@@ -46,6 +51,7 @@ def addition_records(seed: int = 0) -> tuple[list[dict], list[dict]]:
 
 
 def write_dataset(data_dir: Path, records: list[dict]) -> None:
+    """Write the records as the `demo_addition` alpaca dataset, with its dataset_info.json."""
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "demo_addition.json").write_text(json.dumps(records, indent=1))
     info = {"demo_addition": {"file_name": "demo_addition.json", "formatting": "alpaca"}}
@@ -53,7 +59,7 @@ def write_dataset(data_dir: Path, records: list[dict]) -> None:
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 16) -> list[str]:
+def greedy_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int = 16) -> list[str]:
     """Greedy completions of single-turn chats, rendered with the demo's chat template."""
     template = get_template(None, tokenizer)  # the tokenizer's own ChatML template, as in training
     stop = template.stop_token_ids(tokenizer)
@@ -67,12 +73,13 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 1
     return answers
 
 
-def accuracy(model, tokenizer, records: list[dict]) -> float:
+def accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[dict]) -> float:
+    """Share of the records whose greedy answer equals their `output` exactly."""
     answers = greedy_answers(model, tokenizer, [r["instruction"] for r in records])
     return sum(a == r["output"] for a, r in zip(answers, records)) / len(records)
 
 
-def run_demo(output_dir: str = "demo_output", steps: int | None = None, say=print) -> dict:
+def run_demo(output_dir: str = "demo_output", steps: int | None = None, say: Callable[[str], None] = print) -> dict:
     """Build, train, compare. Returns the before/after accuracies."""
     root = Path(output_dir)
     model_dir = init_model(root / "model", arch="qwen2", size="small", seed=0)

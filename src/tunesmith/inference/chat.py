@@ -11,6 +11,7 @@ not a terminal every line is one message, so a chat can be scripted: `printf 'hi
 from __future__ import annotations
 
 import sys
+from typing import TextIO
 
 from tunesmith.config import RunConfig
 from tunesmith.inference.engine import Engine, TextStream
@@ -18,7 +19,8 @@ from tunesmith.inference.engine import Engine, TextStream
 WELCOME = "Chat with the model: `clear` forgets the history, `exit` leaves. Ctrl-C stops an answer."
 
 
-def run_chat(config: RunConfig, stdin=None, stdout=None) -> None:
+def run_chat(config: RunConfig, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
+    """The chat loop: read a message, answer it streaming, keep the history (stdin/stdout by default)."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     engine = Engine.load(config)
     interactive = stdin.isatty()
@@ -43,7 +45,7 @@ def run_chat(config: RunConfig, stdin=None, stdout=None) -> None:
         history.append({"role": "assistant", "content": answer})
 
 
-def stream_answer(engine: Engine, history: list[dict], stdout) -> str:
+def stream_answer(engine: Engine, history: list[dict], stdout: TextIO) -> str:
     """Generate an answer to `history`, printing it piece by piece; the text shown is returned."""
     stream, stop, shown = TextStream(engine), set(engine.stop_ids), []
 
@@ -69,7 +71,7 @@ def fit_history(engine: Engine, history: list[dict]) -> list[dict]:
     return history
 
 
-def _read_message(stdin, stdout, interactive: bool) -> str | None:
+def _read_message(stdin: TextIO, stdout: TextIO, interactive: bool) -> str | None:
     """The next message, stripped; None at end of input (or Ctrl-C at the prompt)."""
     stdout.write("\nUser: ")
     stdout.flush()

@@ -8,6 +8,7 @@ output, its value head comes along and `score` rates conversations; the same wei
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,7 @@ class Engine:
 
     @property
     def stop_ids(self) -> list[int]:
+        """Token ids that end an answer: the template's end-of-turn markers and EOS."""
         return self.template.stop_token_ids(self.tokenizer)
 
     def with_system(self, messages: list[dict]) -> list[dict]:
@@ -77,7 +79,9 @@ class Engine:
         return self.template.encode_prompt(self.tokenizer, messages)
 
     def generate(self, conversations: list[list[dict]], settings: SamplingSettings, num_samples: int = 1,
-                 on_step=None, generator: torch.Generator | None = None) -> Generation:
+                 on_step: Callable[[list[int]], Iterable[int] | None] | None = None,
+                 generator: torch.Generator | None = None) -> Generation:
+        """Answer each conversation (`num_samples` times); `on_step` is `generate`'s per-step callback."""
         prompts = [self.prompt_ids(messages) for messages in conversations]
         return generate(self.model, prompts, settings, self.stop_ids, self.tokenizer.pad_token_id, num_samples,
                         generator, on_step=on_step)
@@ -87,6 +91,7 @@ class Engine:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def score(self, conversations: list[list[dict]]) -> list[float]:
+        """The reward model's score of each conversation (its last turn is the answer being rated)."""
         if self.reward_model is None:
             raise TunesmithError("this model is not a reward model: point the config at a `stage: rm` output "
                                  "(its folder holds value_head.safetensors) to score conversations.")
@@ -103,6 +108,7 @@ class TextStream:
         self.sent = 0  # characters already released
 
     def push(self, token: int) -> str:
+        """Add a token; return the text it completes ("" while a character is still split)."""
         self.ids.append(token)
         text = self.engine.decode(self.ids)
         if text.endswith("\ufffd"):

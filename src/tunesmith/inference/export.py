@@ -23,11 +23,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoConfig
+from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from tunesmith.config import DataArgs, InferenceArgs, ModelArgs, RunConfig
 from tunesmith.data.templates import get_template
@@ -41,7 +42,7 @@ from tunesmith.model.value_head import VALUE_HEAD_FILE, load_value_head, save_va
 GB = 10**9  # Hugging Face's "5GB" shard size is decimal
 
 
-def export_model(config: RunConfig, say=print) -> Path:
+def export_model(config: RunConfig, say: Callable[[str], None] = print) -> Path:
     """Merge adapter_name_or_path into model_name_or_path and save to export_dir."""
     model_args, inference = config.model, config.inference
     export_dir = Path(inference.export_dir).expanduser()
@@ -76,7 +77,7 @@ def export_model(config: RunConfig, say=print) -> Path:
     return export_dir
 
 
-def _merged_model(config: ModelArgs, inference: InferenceArgs, say) -> torch.nn.Module:
+def _merged_model(config: ModelArgs, inference: InferenceArgs, say: Callable[[str], None]) -> torch.nn.Module:
     """The base with every adapter folded in, merged in float32 on the CPU, then cast to the export dtype."""
     say(f"[tunesmith] loading {config.model_name_or_path} in float32 on the CPU")
     # Plain sdpa, not tunesmith's packed-batch attention: config.json must name one vanilla transformers knows.
@@ -117,7 +118,8 @@ def _export_dtype(config: ModelArgs, infer_dtype: str) -> torch.dtype:
     return recorded if isinstance(recorded, torch.dtype) and recorded.is_floating_point else torch.float32
 
 
-def _stop_token_ids(tokenizer, template_name: str | None, say) -> list[int]:
+def _stop_token_ids(tokenizer: PreTrainedTokenizerBase, template_name: str | None,
+                    say: Callable[[str], None]) -> list[int]:
     """The chat template's end-of-turn ids plus eos; none when there is no template to ask."""
     if template_name is None and not getattr(tokenizer, "chat_template", None):
         say("[tunesmith] no template and no tokenizer chat_template: generation_config keeps the base's eos")

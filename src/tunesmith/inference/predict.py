@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,7 +44,7 @@ class Prediction:
     label: str
 
 
-def run_prediction(config: RunConfig, say=print) -> dict:
+def run_prediction(config: RunConfig, say: Callable[[str], None] = print) -> dict:
     """Predict eval_dataset with the model `config` names; writes both files and returns the metrics."""
     data, batch_size = config.data, config.train.per_device_eval_batch_size
     conversations = load_conversations(data.eval_dataset, data.dataset_dir, data.max_samples,

@@ -150,6 +150,15 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
     """The FastAPI app serving `engine` as `model_name`: routes, OpenAI-shaped errors, and the API-key check."""
     app = FastAPI(title="tunesmith")
     worker = Worker()
+    _add_error_handlers(app)
+    _add_guard(app, api_key)
+    _add_chat_routes(app, engine, model_name, worker)
+    _add_score_route(app, engine, worker)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Answer every failure (ours, FastAPI's validation, Starlette's HTTP errors, bugs) as OpenAI's error JSON."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request, err: ApiError):
@@ -173,6 +182,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
     async def _http(request, err: StarletteHTTPException):
         return error_response(err.status_code, str(err.detail), "invalid_request_error")
 
+
+def _add_guard(app: FastAPI, api_key: str | None) -> None:
+    """Refuse, before any route runs, requests without the API key (when one is set) or with a too large body."""
+
     @app.middleware("http")
     async def _guard(request: Request, call_next):
         if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
@@ -182,6 +195,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
         if not length.isdigit() or int(length) > MAX_BODY_BYTES:
             return error_response(413, f"Request body over {MAX_BODY_BYTES // 2**20} MB.")
         return await call_next(request)
+
+
+def _add_chat_routes(app: FastAPI, engine: Engine, model_name: str, worker: Worker) -> None:
+    """GET /v1/models and POST /v1/chat/completions (streamed or not), run on `worker`."""
 
     @app.get("/v1/models")
     async def models():
@@ -206,6 +223,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
                              "finish_reason": c["finish"]} for i, c in enumerate(choices)],
                 "usage": _usage(prompt_tokens, completion_tokens)}
 
+
+def _add_score_route(app: FastAPI, engine: Engine, worker: Worker) -> None:
+    """POST /v1/score: a reward model's scores for whole conversations (a 400 for any other model)."""
+
     @app.post("/v1/score")
     async def score(body: ScoreRequest, request: Request):
         if engine.reward_model is None:
@@ -221,8 +242,6 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
                 raise ApiError(400, f"messages[{index}] must end with the assistant answer to score.", param="messages")
         job = worker.submit(Job(lambda cancelled: engine.score(conversations)))
         return {"scores": await _result(job, request)}
-
-    return app
 
 
 async def _result(job: Job, request: Request) -> Any:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
@@ -34,6 +35,9 @@ from tunesmith.model.forward import sequence_scores
 from tunesmith.model.loading import load_model, load_tokenizer, resolve_device_and_dtype
 from tunesmith.model.lora import merge_and_unload, side_adapter
 from tunesmith.model.value_head import VALUE_HEAD_FILE, attach_value_head, load_value_head
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 TRAIN_CONFIG = "train_config.yaml"
 
@@ -69,7 +73,7 @@ class RewardModel:
         self.adapter_context = adapter_context  # switches a shared model to the reward adapter
 
     @classmethod
-    def sharing_base(cls, model, path: str | Path, base_model: str, merged_adapters: list[str] | None,
+    def sharing_base(cls, model: PreTrainedModel, path: str | Path, base_model: str, merged_adapters: list[str] | None,
                      template: str | None = None) -> RewardModel | None:
         """The LoRA reward model in `path` as a side adapter of `model` (a LoRA policy on the same base:
         `base_model` with `merged_adapters` merged), so both share one copy of the base weights. None when

@@ -186,7 +186,8 @@ def train(model: torch.nn.Module, stage: Stage, data: RunData, optim: OptimArgs,
         bar.update(1)
         step = progress.global_step
         if step % output.logging_steps == 0 or step == total:
-            record = _log_record(progress, updates, step, total, per_epoch, lr, start)
+            epoch = _epochs_done(step, per_epoch, stage.rows_per_step, len(data.train), proc)
+            record = _log_record(progress, updates, step, total, epoch, lr, start)
             tracker.log(record)
             bar.set_postfix({key: f"{record[key]:.4f}" for key in stage.headline if key in record}
                             | {"lr": f"{lr:.2e}", "tok_s": f"{record['tokens_per_second']:.0f}"})
@@ -236,7 +237,14 @@ def evaluate(model: torch.nn.Module, stage: Stage, data: RunData, optim: OptimAr
         return stage.evaluate(model, data.eval)
 
 
-def _log_record(progress: _Progress, updates: Updates, step: int, total: int, per_epoch: int, lr: float,
+def _epochs_done(step: int, per_epoch: int, rows_per_step: int, n_rows: int, proc: ProcessInfo) -> float:
+    """Passes over the data after `step` steps: whole epochs plus the share of this epoch's rows consumed."""
+    whole, index = divmod(step, per_epoch)
+    rows_on_rank = len(range(proc.rank, n_rows, proc.world_size))
+    return whole + min(index * rows_per_step, rows_on_rank) / max(rows_on_rank, 1)
+
+
+def _log_record(progress: _Progress, updates: Updates, step: int, total: int, epoch: float, lr: float,
                 start: float) -> dict:
     """One trainer_log.jsonl record (LLaMA-Factory's fields plus throughput); clears the window."""
     elapsed = time.perf_counter() - start
@@ -247,7 +255,7 @@ def _log_record(progress: _Progress, updates: Updates, step: int, total: int, pe
     record = {
         "current_steps": step, "total_steps": total, **means, "lr": lr,
         **({"grad_norm": round(float(torch.stack(norms).float().mean()), 6)} if norms else {}),
-        "epoch": round(step / per_epoch, 4), "percentage": round(100 * step / total, 2),
+        "epoch": round(epoch, 4), "percentage": round(100 * step / total, 2),
         "tokens_per_second": round(progress.tokens / max(seconds, 1e-9), 2),
         "elapsed_time": str(timedelta(seconds=int(elapsed))),
         "remaining_time": str(timedelta(seconds=int(elapsed / step * (total - step)))),

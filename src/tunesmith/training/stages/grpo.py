@@ -50,6 +50,11 @@ class GRPOArgs(RLArgs):
 
 
 def build_grpo(inputs: StageInputs) -> Stage:
+    """GRPO as the loop's Stage: the shared RL step around GRPO's group advantages and loss."""
+    return rl_stage(grpo_parts(inputs), inputs.config)
+
+
+def grpo_parts(inputs: StageInputs) -> RLParts:
     """Sampling G answers per prompt, their group-relative advantages, and the clipped loss with k3 KL."""
     config = inputs.config
     args: GRPOArgs = config.method
@@ -71,7 +76,7 @@ def build_grpo(inputs: StageInputs) -> Stage:
         return grpo_loss(logps, part.old_logps, part.ref_logps, part.advantages, part.mask, args.ppo_clip,
                          args.ppo_kl_coef)
 
-    return rl_stage(RLParts(rollout, loss, len, group, scorer, stop_ids, {"scores": scorer}), config)
+    return RLParts(rollout, loss, len, group, scorer, stop_ids, {"scores": scorer})
 
 
 def kl_in_loss(config: RunConfig) -> bool:

@@ -96,6 +96,11 @@ class _ControllerState:
 
 
 def build_ppo(inputs: StageInputs) -> Stage:
+    """PPO as the loop's Stage: the shared RL step around PPO's rollout maths and loss."""
+    return rl_stage(ppo_parts(inputs), inputs.config)
+
+
+def ppo_parts(inputs: StageInputs) -> RLParts:
     """Actor, critic (value head, from the reward model's when shapes agree), reward and KL controller."""
     config, model = inputs.config, inputs.model
     args: PPOArgs = config.method
@@ -131,9 +136,8 @@ def build_ppo(inputs: StageInputs) -> Stage:
                        part.mask, args.ppo_clip, args.ppo_value_clip, args.ppo_vf_coef, args.ppo_ent_coef)
         return out.loss, {"loss/policy": out.policy.detach(), "loss/value": out.value.detach(), **out.stats}
 
-    parts = RLParts(rollout, loss, lambda part: float(part.mask.sum()), 1, scorer, stop_ids,
-                    {"scores": scorer, "kl": _ControllerState(controller)})
-    return rl_stage(parts, config)
+    return RLParts(rollout, loss, lambda part: float(part.mask.sum()), 1, scorer, stop_ids,
+                   {"scores": scorer, "kl": _ControllerState(controller)})
 
 
 def always(config: RunConfig) -> bool:
