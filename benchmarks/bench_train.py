@@ -38,7 +38,8 @@ from tunesmith.model.loading import load_tokenizer
 from tunesmith.training import loop
 from tunesmith.training.configure import build_config
 from tunesmith.training.distributed import ProcessInfo
-from tunesmith.training.run import prepare_training
+from tunesmith.training.run import prepare_training, reference_for
+from tunesmith.training.stages import STAGES, StageInputs
 
 
 def matmul_peak_flops(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 15) -> float:
@@ -126,12 +127,14 @@ def main(argv=None) -> dict:
     run = prepare_training(config)  # exactly what `tunesmith train` does before its loop
     config, device, model = run.config, run.device, run.model
     (work / "out").mkdir()
+    spec = STAGES[config.stage]
+    reference = reference_for(spec, config, model)
     for steps in (args.warmup, args.steps):  # the first call warms up; the second is timed
         config.train.max_steps = config.output.logging_steps = steps
-        if not args.precompute_ref_logprobs:  # DPO remembers reference log-probs; time a first epoch's steps
-            for row in run.data.train:
-                row.pop("ref_chosen_logps", None), row.pop("ref_rejected_logps", None)
-        metrics = loop.train(model, run.stage, run.data, config, work / "out", lambda folder: None, ProcessInfo())
+        # a fresh stage each time: DPO caches reference log-probs per pair, and each timed step should be a
+        # first epoch's (with --precompute-ref-logprobs the cache is filled here, before the timed loop)
+        stage = spec.build(StageInputs(model, config, run.tokenizer, run.data, device, reference))
+        metrics = loop.train(model, stage, run.data, config.train, config.output, lambda folder: None, ProcessInfo())
     params = sum(p.numel() for p in model.parameters())
     flops = flops_per_token(model, args.stage, config.adapter.finetuning_type, args.precompute_ref_logprobs)
     computed = 1.0  # share of the counted tokens actually run: a pair's prompt runs once for both answers

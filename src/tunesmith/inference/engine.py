@@ -52,7 +52,7 @@ class Engine:
     @classmethod
     def load(cls, config: RunConfig) -> Engine:
         """The engine for the model, template and generation keys `config` names (its training keys unused)."""
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device("cuda" if torch.cuda.is_available() and not config.train.use_cpu else "cpu")
         dtype = inference_dtype(config.inference.infer_dtype, device)
         model, tokenizer, reward_model = _load_weights(config.model, config.data.template, dtype, device)
         model.eval()

@@ -69,12 +69,12 @@ def prepare_training(config: RunConfig) -> Prepared:
                        trust_remote_code=config.model.trust_remote_code)
     adapter = prepare_for_training(model, config.model, config.adapter, spec.fresh_adapter,
                                    config.train.gradient_checkpointing)
-    reference = _reference(spec, config, model)
+    reference = reference_for(spec, config, model)
     stage = spec.build(StageInputs(model, config, tokenizer, data, device, reference))
     return Prepared(config, device, compute_dtype, tokenizer, model, adapter, stage, data)
 
 
-def _reference(spec: StageSpec, config: RunConfig, model: torch.nn.Module) -> Reference | None:
+def reference_for(spec: StageSpec, config: RunConfig, model: torch.nn.Module) -> Reference | None:
     """The starting model, for stages that need one: a frozen copy only when the weights themselves train
     and their reference results are not all computed before the first update."""
     if not spec.needs_reference(config):
