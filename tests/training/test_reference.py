@@ -63,5 +63,6 @@ def test_dpo_training_never_writes_to_the_dataset_rows(base_settings, tmp_path):
                            "max_steps": 4, "per_device_train_batch_size": 4})
     run = prepare_training(config)
     before = copy.deepcopy(run.data.train)
+    (tmp_path / "out").mkdir()
     loop.train(run.model, run.stage, run.data, run.config.train, run.config.output, lambda folder: None, ProcessInfo())
     assert run.data.train == before
