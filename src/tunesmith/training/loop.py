@@ -85,11 +85,14 @@ class Updates:
     """The loop's optimizer, handed to a stage's step: scaled backward, then clip, step and zero."""
 
     def __init__(self, model: torch.nn.Module, optim: OptimArgs, device: torch.device):
-        self.model, self.max_grad_norm = model, optim.max_grad_norm
+        self.model, self.optim, self.device = model, optim, device
         self.optimizer = build_optimizer(model, optim)
         self.scaler = torch.amp.GradScaler(device.type, enabled=optim.fp16)
-        self.autocast = lambda: autocast_context(device, optim)
         self.grad_norms: list[torch.Tensor] = []
+
+    def autocast(self) -> AbstractContextManager:
+        """The run's mixed precision (bf16/fp16), for a stage's forward passes."""
+        return autocast_context(self.device, self.optim)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate d loss / d weights (loss-scaled under fp16)."""
@@ -97,7 +100,7 @@ class Updates:
 
     def step(self) -> torch.Tensor:
         """Clip the accumulated gradient, take an optimizer step, clear the gradient; returns its norm."""
-        norm = clip_and_step(self.model, self.optimizer, self.scaler, self.max_grad_norm)
+        norm = clip_and_step(self.model, self.optimizer, self.scaler, self.optim.max_grad_norm)
         self.grad_norms.append(norm)
         return norm
 

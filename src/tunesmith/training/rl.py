@@ -24,6 +24,7 @@ from tunesmith.config import RunConfig
 from tunesmith.data.dataset import load_prompt_conversations, split_train_eval
 from tunesmith.data.templates import get_template
 from tunesmith.errors import TunesmithError
+from tunesmith.model.value_head import ValueHead
 from tunesmith.training.loop import RunData, Stage, StepOutput, Updates
 from tunesmith.training.rewards import REWARD_MODEL_TYPES
 from tunesmith.training.rollout import Rollout, RolloutSettings
@@ -162,7 +163,7 @@ class RLParts:
     state: dict
 
 
-def make_scorer(config: RunConfig, tokenizer: object, model: torch.nn.Module):
+def make_scorer(config: RunConfig, tokenizer: object, model: torch.nn.Module) -> tuple[Scorer, ValueHead | None]:
     """The run's Scorer, and the reward model's value head (None for functions and endpoints)."""
     rl = config.method
     source, reward_head = build_reward_source(rl.reward_model, rl.reward_model_type, rl.reward_function, config.model,
