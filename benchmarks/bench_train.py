@@ -38,7 +38,7 @@ from tunesmith.model.loading import load_tokenizer
 from tunesmith.training import loop
 from tunesmith.training.configure import build_config
 from tunesmith.training.distributed import ProcessInfo
-from tunesmith.training.run import prepare_training, reference_for
+from tunesmith.training.run import prepare_training
 from tunesmith.training.stages import STAGES, StageInputs
 
 
@@ -127,13 +127,11 @@ def main(argv=None) -> dict:
     run = prepare_training(config)  # exactly what `tunesmith train` does before its loop
     config, device, model = run.config, run.device, run.model
     (work / "out").mkdir()
-    spec = STAGES[config.stage]
-    reference = reference_for(spec, config, model)
+    spec, stage = STAGES[config.stage], run.stage
     for steps in (args.warmup, args.steps):  # the first call warms up; the second is timed
         config.train.max_steps = config.output.logging_steps = steps
-        # a fresh stage each time: DPO caches reference log-probs per pair, and each timed step should be a
-        # first epoch's (with --precompute-ref-logprobs the cache is filled here, before the timed loop)
-        stage = spec.build(StageInputs(model, config, run.tokenizer, run.data, device, reference))
+        if not args.precompute_ref_logprobs:  # DPO caches reference log-probs: time a first epoch's steps
+            stage = spec.build(StageInputs(model, config, run.tokenizer, run.data, device, run.reference))
         metrics = loop.train(model, stage, run.data, config.train, config.output, lambda folder: None, ProcessInfo())
     params = sum(p.numel() for p in model.parameters())
     flops = flops_per_token(model, args.stage, config.adapter.finetuning_type, args.precompute_ref_logprobs)

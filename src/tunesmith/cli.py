@@ -18,48 +18,30 @@ import argparse
 import signal
 import sys
 import warnings
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tunesmith.errors import TunesmithError
 
 if TYPE_CHECKING:
-    from tunesmith.config import RunConfig
+    pass
 
 
-def _train(args) -> None:
+def _train(args: argparse.Namespace) -> int | None:
     from tunesmith.training.configure import config_help
 
-    if args.help is not None or args.config is None:
-        print(config_help(None if args.help in (None, "all") else args.help) if args.help is not None
-              else "usage: tunesmith train cfg.yaml [key=value ...]   (tunesmith train --help [SECTION] lists the keys)")
-        return
+    if args.help is not None:
+        print(config_help(None if args.help == "all" else args.help))
+        return 0
+    if args.config is None:
+        print("usage: tunesmith train cfg.yaml [key=value ...]   (tunesmith train --help [SECTION] lists the keys)",
+              file=sys.stderr)
+        return 2
+    from tunesmith.inference.predict import train_and_predict
+
     config = _command_config(args, "train")
     metrics = train_and_predict(config)
     summary = ", ".join(f"{key}={value:.4g}" for key, value in metrics.items())
     print(f"[tunesmith] done: {summary}; outputs in {config.output.output_dir}")
-
-
-def train_and_predict(config: RunConfig, say: Callable[[str], None] = print) -> dict:
-    """`tunesmith train`: train (do_train), then, with do_predict, answer eval_dataset's prompts with a fresh
-    load of what training wrote (so the predictions equal a later `do_train: false` run's on that folder)."""
-    from pathlib import Path
-
-    from tunesmith.inference.predict import run_prediction
-    from tunesmith.training.distributed import process_info
-    from tunesmith.training.run import check_output_dir, run_training, trained_model_config, write_results
-
-    output_dir = Path(config.output.output_dir)
-    if config.task.do_train:
-        metrics = run_training(config, say)
-    else:
-        check_output_dir(output_dir, config, None)
-        metrics = {}
-    if config.task.do_predict and process_info().is_main:
-        model_config = trained_model_config(config) if config.task.do_train else config
-        metrics = {**metrics, **run_prediction(model_config, say)}
-        write_results(output_dir, metrics)
-    return metrics
 
 
 def _command_config(args, command: str):

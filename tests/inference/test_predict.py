@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith.cli import train_and_predict
-from tunesmith.inference.predict import PREDICTIONS_FILE, RESULTS_FILE
+from tunesmith.inference.predict import PREDICTIONS_FILE, RESULTS_FILE, train_and_predict
 from tunesmith.model.init_model import init_model
 from tunesmith.training.configure import build_config
 from tunesmith.training.run import trained_model_config

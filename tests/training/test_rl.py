@@ -91,7 +91,8 @@ def test_a_reward_function_over_answerless_data_is_warned_about(rl_settings, tmp
                   {"columns": {"prompt": "question"}})  # "response": "answer" forgotten
     config = build_config({**rl_settings, "dataset": "asks", "dataset_dir": str(tmp_path)})
     with pytest.warns(UserWarning, match="references are all None"):
-        rows = build_prompt_rows(config, config.data.dataset, load_tokenizer(config.model.model_name_or_path))
+        rows = build_prompt_rows(config.data.dataset, config.data, config.sampling.max_new_tokens,
+                                 load_tokenizer(config.model.model_name_or_path), warn_unanswered=True)
     assert rows[0]["reference"] is None and rows[0]["messages"] == [{"role": "user", "content": "2+2?"}]
 
 

@@ -74,3 +74,13 @@ def test_use_cpu_is_accepted_and_forces_the_cpu():
     assert build_config({**BASE, "use_cpu": True}).train.use_cpu
     device, _ = resolve_device_and_dtype(False, False, use_cpu=True)
     assert device.type == "cpu"
+
+
+def test_other_stages_keys_are_accepted_but_type_checked():
+    """A YAML may carry another stage's keys (LLaMA-Factory's do); they are still checked, and a reward
+    source on a stage that samples nothing is refused rather than ignored."""
+    assert build_config({**BASE, "num_generations": 8}).method is None
+    with pytest.raises(TunesmithError, match="`num_generations` must be an integer"):
+        build_config({**BASE, "num_generations": "many"})
+    with pytest.raises(TunesmithError, match="are for stage ppo or grpo, not dpo"):
+        build_config({**BASE, "stage": "dpo", "reward_function": "m:f"})

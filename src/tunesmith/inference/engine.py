@@ -51,10 +51,11 @@ class Engine:
 
     @classmethod
     def load(cls, config: RunConfig) -> Engine:
-        """The engine for the model, template and generation keys `config` names (its training keys unused)."""
+        """The engine for the model, template and generation keys `config` names (and `use_cpu`)."""
         device = torch.device("cuda" if torch.cuda.is_available() and not config.train.use_cpu else "cpu")
         dtype = inference_dtype(config.inference.infer_dtype, device)
-        model, tokenizer, reward_model = _load_weights(config.model, config.data.template, dtype, device)
+        model, tokenizer, reward_model = _load_weights(config.model, config.data.template, dtype, device,
+                                                       config.train.use_cpu)
         model.eval()
         return cls(model, tokenizer, get_template(config.data.template, tokenizer), config.sampling,
                    config.data.cutoff_len, config.data.default_system, reward_model)
@@ -129,8 +130,8 @@ def check_messages(messages: list[dict]) -> None:
             raise TunesmithError(f"messages[{index}].content must be a string.")
 
 
-def _load_weights(model_args: ModelArgs, template: str | None, dtype: torch.dtype,
-                  device: torch.device) -> tuple[torch.nn.Module, object, RewardModel | None]:
+def _load_weights(model_args: ModelArgs, template: str | None, dtype: torch.dtype, device: torch.device,
+                  use_cpu: bool) -> tuple[torch.nn.Module, object, RewardModel | None]:
     """(model, tokenizer, reward model or None): a `stage: rm` output loads as a reward model."""
     adapters = model_args.adapter_name_or_path or []
     reward_folder = trained_folder(model_args)
@@ -138,7 +139,7 @@ def _load_weights(model_args: ModelArgs, template: str | None, dtype: torch.dtyp
         # the reward model's own record says which adapters sit under it; the base may have moved
         base = model_args.model_name_or_path if adapters else None
         reward_model = RewardModel.load(reward_folder, base_model=base, template=template, dtype=dtype,
-                                        trust_remote_code=model_args.trust_remote_code)
+                                        trust_remote_code=model_args.trust_remote_code, use_cpu=use_cpu)
         return reward_model.model, reward_model.tokenizer, reward_model
     model = load_model(model_args.model_name_or_path, dtype, device, trust_remote_code=model_args.trust_remote_code)
     merge_adapters(model, adapters)

@@ -30,6 +30,8 @@ from tunesmith.algorithms.text_metrics import similarity_scores
 from tunesmith.config import RunConfig, SamplingSettings
 from tunesmith.data.dataset import load_conversations
 from tunesmith.inference.engine import Engine
+from tunesmith.training.distributed import process_info
+from tunesmith.training.run import check_output_dir, run_training, trained_model_config, write_results
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 RESULTS_FILE = "predict_results.json"
@@ -42,6 +44,22 @@ class Prediction:
     prompt: str
     predict: str
     label: str
+
+
+def train_and_predict(config: RunConfig, say: Callable[[str], None] = print) -> dict:
+    """`tunesmith train`: train (do_train), then, with do_predict, answer eval_dataset's prompts with a fresh
+    load of what training wrote (so the predictions equal a later `do_train: false` run's on that folder)."""
+    output_dir = Path(config.output.output_dir)
+    if config.task.do_train:
+        metrics = run_training(config, say)
+    else:
+        check_output_dir(output_dir, config, None)
+        metrics = {}
+    if config.task.do_predict and process_info().is_main:
+        model_config = trained_model_config(config) if config.task.do_train else config
+        metrics = {**metrics, **run_prediction(model_config, say)}
+        write_results(output_dir, metrics)
+    return metrics
 
 
 def run_prediction(config: RunConfig, say: Callable[[str], None] = print) -> dict:

@@ -96,15 +96,17 @@ class RewardModel:
 
     @classmethod
     def load(cls, path: str | Path, base_model: str | None = None, template: str | None = None,
-             dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> RewardModel:
-        """Rebuild the reward model in `path`. `base_model` overrides the recorded base (if it moved)."""
+             dtype: torch.dtype | None = None, trust_remote_code: bool = False, use_cpu: bool = False) -> RewardModel:
+        """Rebuild the reward model in `path`. `base_model` overrides the recorded base (if it moved);
+        `use_cpu` keeps it off a GPU."""
         folder = Path(path)
         if not (folder / VALUE_HEAD_FILE).is_file():
             raise TunesmithError(
                 f"{folder} has no {VALUE_HEAD_FILE}, so it is not a reward model. Point at the output_dir (or a "
                 "checkpoint-N) of a `stage: rm` run.")
         settings = _training_settings(folder)
-        device, default_dtype = resolve_device_and_dtype(bf16=torch.cuda.is_available(), fp16=False)
+        device, default_dtype = resolve_device_and_dtype(bf16=torch.cuda.is_available() and not use_cpu, fp16=False,
+                                                         use_cpu=use_cpu)
         dtype = dtype or default_dtype
         if (folder / CONFIG_NAME).is_file():
             base = base_model or settings.get("model_name_or_path") or read_adapter_config(folder)["base_model_name_or_path"]

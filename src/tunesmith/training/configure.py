@@ -35,7 +35,7 @@ def build_config(raw: dict, source: str = "config", notices: list[str] | None = 
     where = where or {}
     spec = stage_spec(raw, where, source)
     config = parse_run_config(raw, where, source, notices, command, spec.args, stage_keys())
-    problems = spec.check(config, command)
+    problems = spec.check(config, command) + _foreign_key_problems(raw, where, source, spec)
     if config.data.packing and not spec.packs_samples:
         problems.append(("packing", f"`packing` is for stage sft; stage {spec.name} batches its rows its own way "
                                     "(pairs share one packed row, RL samples its answers), so remove `packing`."))
@@ -51,6 +51,19 @@ def stage_spec(raw: dict, where: dict[str, str], source: str) -> StageSpec:
     if name not in STAGES:
         raise TunesmithError(f"{origin}: {schema.choice_message('stage', name, tuple(STAGES))}")
     return STAGES[name]
+
+
+def _foreign_key_problems(raw: dict, where: dict[str, str], source: str, spec: StageSpec) -> list[tuple[str, str]]:
+    """Keys of other stages are accepted (LLaMA-Factory YAMLs carry them) but still type-checked; a reward
+    source on a stage that samples nothing is refused, since the run would silently ignore it."""
+    own = {field.name for field in dataclasses.fields(spec.args)} if spec.args else set()
+    types = {key: hint for other in STAGES.values() if other.args for key, hint in schema.key_types(other.args).items()}
+    problems = []
+    for key in sorted(set(raw) & set(types) - own):
+        schema.convert(key, raw[key], types[key], where.get(key, source))
+        if key in ("reward_model", "reward_function") and raw[key] is not None:
+            problems.append((key, f"`reward_model` / `reward_function` are for stage ppo or grpo, not {spec.name}."))
+    return problems
 
 
 def stage_keys() -> set[str]:

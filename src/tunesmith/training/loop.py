@@ -77,6 +77,8 @@ class Stage:
     """evaluate(model, eval rows) -> eval_* metrics (run in eval mode, without gradients)."""
     headline: tuple[str, ...] = ("loss",)
     """Metrics shown on the progress bar and returned as the run's final metrics."""
+    micro_batch_rows: int | None = None
+    """Rows per micro-batch: the logged `epoch` counts micro-batches consumed (None: whole steps)."""
     state: dict[str, Stateful] = field(default_factory=dict)
     """Objects whose state a checkpoint keeps and a resume restores."""
 
@@ -88,7 +90,7 @@ class Updates:
         self.model, self.optim, self.device = model, optim, device
         self.optimizer = build_optimizer(model, optim)
         self.scaler = torch.amp.GradScaler(device.type, enabled=optim.fp16)
-        self.grad_norms: list[torch.Tensor] = []
+        self.last_norm: torch.Tensor | None = None
 
     def autocast(self) -> AbstractContextManager:
         """The run's mixed precision (bf16/fp16), for a stage's forward passes."""
@@ -100,9 +102,8 @@ class Updates:
 
     def step(self) -> torch.Tensor:
         """Clip the accumulated gradient, take an optimizer step, clear the gradient; returns its norm."""
-        norm = clip_and_step(self.model, self.optimizer, self.scaler, self.optim.max_grad_norm)
-        self.grad_norms.append(norm)
-        return norm
+        self.last_norm = clip_and_step(self.model, self.optimizer, self.scaler, self.optim.max_grad_norm)
+        return self.last_norm
 
     def set_lr(self, lr: float) -> None:
         """The learning rate of every parameter group."""
@@ -176,20 +177,21 @@ def train(model: torch.nn.Module, stage: Stage, data: RunData, optim: OptimArgs,
     progress = _resume(resume_from, model, updates, stage, output_dir, proc)
     tracker = Tracker(output_dir, output.report_to, proc.is_main)
     bar = tqdm(total=total, initial=progress.global_step, disable=not proc.is_main, dynamic_ncols=True)
-    start, record = time.perf_counter() - progress.elapsed_s, {}
+    start, record, order = time.perf_counter() - progress.elapsed_s, {}, (-1, [])
     model.train()
     while progress.global_step < total:
         lr = optim.learning_rate * lr_factor(optim.lr_scheduler_type, progress.global_step, total, warmup)
         updates.set_lr(lr)
         epoch, index = divmod(progress.global_step, per_epoch)
-        order = epoch_order(len(data.train), optim.seed, epoch, proc)
-        rows = [data.train[i] for i in order[index * stage.rows_per_step:(index + 1) * stage.rows_per_step]]
+        if order[0] != epoch:
+            order = (epoch, epoch_order(len(data.train), optim.seed, epoch, proc))
+        rows = [data.train[i] for i in order[1][index * stage.rows_per_step:(index + 1) * stage.rows_per_step]]
         progress.add(stage.step(model, rows, updates))
         progress.global_step += 1
         bar.update(1)
         step = progress.global_step
         if step % output.logging_steps == 0 or step == total:
-            epoch = _epochs_done(step, per_epoch, stage.rows_per_step, len(data.train), proc)
+            epoch = _epochs_done(step, per_epoch, stage, len(data.train), proc)
             record = _log_record(progress, updates, step, total, epoch, lr, start)
             tracker.log(record)
             bar.set_postfix({key: f"{record[key]:.4f}" for key in stage.headline if key in record}
@@ -240,11 +242,13 @@ def evaluate(model: torch.nn.Module, stage: Stage, data: RunData, optim: OptimAr
         return stage.evaluate(model, data.eval)
 
 
-def _epochs_done(step: int, per_epoch: int, rows_per_step: int, n_rows: int, proc: ProcessInfo) -> float:
-    """Passes over the data after `step` steps: whole epochs plus the share of this epoch's rows consumed."""
+def _epochs_done(step: int, per_epoch: int, stage: Stage, n_rows: int, proc: ProcessInfo) -> float:
+    """Passes over the data after `step` steps: whole epochs plus the share of this epoch's micro-batches
+    (or steps) consumed, as LLaMA-Factory's trainer_log.jsonl counts them."""
     whole, index = divmod(step, per_epoch)
-    rows_on_rank = len(range(proc.rank, n_rows, proc.world_size))
-    return whole + min(index * rows_per_step, rows_on_rank) / max(rows_on_rank, 1)
+    unit = stage.micro_batch_rows or stage.rows_per_step
+    units = math.ceil(len(range(proc.rank, n_rows, proc.world_size)) / unit)
+    return whole + min(index * (stage.rows_per_step // unit), units) / max(units, 1)
 
 
 def _log_record(progress: _Progress, updates: Updates, step: int, total: int, epoch: float, lr: float,
@@ -254,17 +258,14 @@ def _log_record(progress: _Progress, updates: Updates, step: int, total: int, ep
     seconds = time.perf_counter() - progress.window_start
     items = max(progress.items, 1e-12)
     means = {key: round(float(value) / items, 6) for key, value in progress.sums.items()}
-    norms = updates.grad_norms
-    record = {
-        "current_steps": step, "total_steps": total, **means, "lr": lr,
-        **({"grad_norm": round(float(torch.stack(norms).float().mean()), 6)} if norms else {}),
-        "epoch": round(epoch, 4), "percentage": round(100 * step / total, 2),
-        "tokens_per_second": round(progress.tokens / max(seconds, 1e-9), 2),
-        "elapsed_time": str(timedelta(seconds=int(elapsed))),
-        "remaining_time": str(timedelta(seconds=int(elapsed / step * (total - step)))),
-    }
+    record = {"current_steps": step, "total_steps": total, **means, "lr": lr}
+    if updates.last_norm is not None:  # a stage that averages its own updates' norms reports grad_norm itself
+        record.setdefault("grad_norm", round(float(updates.last_norm), 6))
+    record.update(epoch=round(epoch, 4), percentage=round(100 * step / total, 2))
+    record.setdefault("tokens_per_second", round(progress.tokens / max(seconds, 1e-9), 2))
+    record.update(elapsed_time=str(timedelta(seconds=int(elapsed))),
+                  remaining_time=str(timedelta(seconds=int(elapsed / step * (total - step)))))
     progress.clear()
-    updates.grad_norms = []
     return record
 
 

@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 
 from tunesmith.algorithms.ppo import masked_mean
-from tunesmith.config import RunConfig
+from tunesmith.config import DataArgs, ModelArgs, OptimArgs, RunConfig, SamplingSettings
 from tunesmith.data.dataset import load_prompt_conversations, split_train_eval
 from tunesmith.data.templates import get_template
 from tunesmith.errors import TunesmithError
@@ -99,13 +99,14 @@ def rl_problems(config: RunConfig, command: str) -> list[tuple[str, str]]:
     return [(key, message) for key, failed, message in checks if failed]
 
 
-def build_prompt_rows(config: RunConfig, dataset: list[str], tokenizer: object) -> list[dict]:
+def build_prompt_rows(dataset: list[str], data: DataArgs, max_new_tokens: int, tokenizer: object,
+                      warn_unanswered: bool = False) -> list[dict]:
     """Each record's prompt (every turn before the last answer, or the whole conversation of a prompt-only
     record), encoded for generation, with its answer (None without one).
 
     The prompt keeps its last cutoff_len - max_new_tokens tokens, so the generation header survives.
+    `warn_unanswered` (a reward function reads the answers as references) warns when no record has one.
     """
-    data, max_new_tokens = config.data, config.sampling.max_new_tokens
     template = get_template(data.template, tokenizer)
     budget = data.cutoff_len - max_new_tokens
     if budget < 1:
@@ -123,7 +124,7 @@ def build_prompt_rows(config: RunConfig, dataset: list[str], tokenizer: object) 
         warnings.warn(f"{cut} of {len(rows)} prompts are longer than cutoff_len - max_new_tokens = {budget} tokens and "
                       "keep only their last tokens (the start, with any system prompt, is cut); raise cutoff_len.",
                       stacklevel=2)
-    if config.method.reward_function and all(row["reference"] is None for row in rows):
+    if warn_unanswered and all(row["reference"] is None for row in rows):
         warnings.warn(f"No record of {', '.join(dataset)} has an answer, so the reward function's references "
                       "are all None. If the answers are there under another column name, map it as \"response\" "
                       "(alpaca) under \"columns\" in dataset_info.json.", stacklevel=2)
@@ -135,10 +136,11 @@ def build_rl_data(config: RunConfig, tokenizer: object, device: torch.device) ->
     """Prompt rows (with an optional eval split for held-out rewards); the reward source is checked first."""
     rl, data, optim = config.method, config.data, config.train
     check_reward_source(rl.reward_model, rl.reward_model_type, rl.reward_function)
-    rows = build_prompt_rows(config, data.dataset, tokenizer)
+    max_new_tokens, with_function = config.sampling.max_new_tokens, rl.reward_function is not None
+    rows = build_prompt_rows(data.dataset, data, max_new_tokens, tokenizer, with_function)
     evaluation = []
     if data.eval_dataset:
-        evaluation = build_prompt_rows(config, data.eval_dataset, tokenizer)
+        evaluation = build_prompt_rows(data.eval_dataset, data, max_new_tokens, tokenizer, with_function)
     elif data.val_size > 0:
         rows, evaluation = split_train_eval(rows, data.val_size, optim.seed)
     if optim.batch_rows * rl.ppo_buffer_size > len(rows):
@@ -163,30 +165,29 @@ class RLParts:
     state: dict
 
 
-def make_scorer(config: RunConfig, tokenizer: object, model: torch.nn.Module) -> tuple[Scorer, ValueHead | None]:
+def make_scorer(rl: RLArgs, base: ModelArgs, tokenizer: object, model: torch.nn.Module,
+                use_cpu: bool = False) -> tuple[Scorer, ValueHead | None]:
     """The run's Scorer, and the reward model's value head (None for functions and endpoints)."""
-    rl = config.method
-    source, reward_head = build_reward_source(rl.reward_model, rl.reward_model_type, rl.reward_function, config.model,
-                                              model)
+    source, reward_head = build_reward_source(rl.reward_model, rl.reward_model_type, rl.reward_function, base,
+                                              model, use_cpu)
     return Scorer(source, tokenizer, rl.ppo_missing_eos_penalty, rl.ppo_score_norm, rl.ppo_score_clip), reward_head
 
 
-def rollout_settings(config: RunConfig, tokenizer: object, group: int) -> RolloutSettings:
-    """Sampling and forward settings of a run's rollouts."""
-    return RolloutSettings(config.sampling, tokenizer.pad_token_id, config.train.logprob_chunk_size,
-                           config.train.per_device_train_batch_size * group)
+def rollout_settings(sampling: SamplingSettings, optim: OptimArgs, tokenizer: object, group: int) -> RolloutSettings:
+    """Sampling and forward settings of a run's rollouts (forwards in chunks of one micro-batch's samples)."""
+    return RolloutSettings(sampling, tokenizer.pad_token_id, optim.logprob_chunk_size,
+                           optim.per_device_train_batch_size * group)
 
 
-def stop_token_ids(config: RunConfig, tokenizer: object) -> list[int]:
+def stop_token_ids(template: str | None, tokenizer: object) -> list[int]:
     """The tokens that end an answer under the run's template."""
-    return get_template(config.data.template, tokenizer).stop_token_ids(tokenizer)
+    return get_template(template, tokenizer).stop_token_ids(tokenizer)
 
 
-def rl_stage(parts: RLParts, config: RunConfig) -> Stage:
+def rl_stage(parts: RLParts, optim: OptimArgs, rl: RLArgs, sampling: SamplingSettings) -> Stage:
     """The loop's Stage for PPO or GRPO: a step is one rollout, then ppo_epochs of updates on it."""
-    optim, rl = config.train, config.method
     group = parts.samples_per_prompt
-    greedy = dataclasses.replace(config.sampling, do_sample=False)
+    greedy = dataclasses.replace(sampling, do_sample=False)
 
     def step(model: torch.nn.Module, rows: list[dict], updates: Updates) -> StepOutput:
         step_start = time.perf_counter()
@@ -198,6 +199,7 @@ def rl_stage(parts: RLParts, config: RunConfig) -> Stage:
         metrics["time/update"] = time.perf_counter() - update_start
         metrics["step_seconds"] = time.perf_counter() - step_start
         tokens = sum(len(p) + len(r) for p, r in zip(rollout.prompt_ids, rollout.response_ids))
+        metrics["tokens_per_second"] = tokens / metrics["step_seconds"]  # the step's own rate, not the window's
         return StepOutput(metrics, items=1, tokens=tokens)
 
     def evaluate(model: torch.nn.Module, rows: list[dict]) -> dict[str, float]:
@@ -228,7 +230,7 @@ def update(model: torch.nn.Module, parts: RLParts, rollout: Rollout, epochs: int
                 updates.backward(loss * share)
                 for key, value in {"loss": loss.detach(), **stats}.items():
                     sums[key] = sums.get(key, 0.0) + value * share
-            updates.step()
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + updates.step()
             count += 1
     return {key: float(value) / count for key, value in sums.items()}
 

@@ -45,6 +45,8 @@ class Prepared:
     adapter: AdapterSettings | None
     stage: loop.Stage
     data: loop.RunData
+    reference: Reference | None
+    """The starting model the stage holds the policy to, when it needs one."""
 
 
 def prepare_training(config: RunConfig) -> Prepared:
@@ -71,7 +73,7 @@ def prepare_training(config: RunConfig) -> Prepared:
                                    config.train.gradient_checkpointing)
     reference = reference_for(spec, config, model)
     stage = spec.build(StageInputs(model, config, tokenizer, data, device, reference))
-    return Prepared(config, device, compute_dtype, tokenizer, model, adapter, stage, data)
+    return Prepared(config, device, compute_dtype, tokenizer, model, adapter, stage, data, reference)
 
 
 def reference_for(spec: StageSpec, config: RunConfig, model: torch.nn.Module) -> Reference | None:
@@ -85,6 +87,9 @@ def reference_for(spec: StageSpec, config: RunConfig, model: torch.nn.Module) ->
 
 def run_training(config: RunConfig, say=print) -> dict:
     """Train as `config` says; returns the final metrics (also written to all_results.json)."""
+    if not config.task.do_train:
+        raise TunesmithError("`do_train: false`: run_training trains; use inference.predict.train_and_predict "
+                             "(what `tunesmith train` runs) to only predict.")
     proc = process_info()
     output_dir = Path(config.output.output_dir)
     resume_from = checkpoint.resolve_resume(config.output.resume_from_checkpoint, output_dir)
@@ -130,12 +135,6 @@ def trained_model_config(config: RunConfig) -> RunConfig:
 def write_results(output_dir: Path, metrics: dict) -> None:
     """all_results.json: the run's final metrics."""
     (output_dir / RESULTS_FILE).write_text(json.dumps(metrics, indent=2))
-
-
-def read_results(output_dir: Path) -> dict:
-    """all_results.json, or nothing when the folder has none."""
-    path = output_dir / RESULTS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def save_result(model: torch.nn.Module, tokenizer: object, adapter: AdapterSettings | None, base_model: str,

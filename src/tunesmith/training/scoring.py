@@ -35,7 +35,7 @@ def check_reward_source(reward_model: str | None, reward_model_type: str | None,
 
 
 def build_reward_source(reward_model: str | None, reward_model_type: str | None, reward_function: str | None,
-                        base: ModelArgs, model: torch.nn.Module | None = None
+                        base: ModelArgs, model: torch.nn.Module | None = None, use_cpu: bool = False
                         ) -> tuple[reward_sources.RewardSource, ValueHead | None]:
     """(scoring callable, the reward model's value head for the critic or None).
 
@@ -53,7 +53,7 @@ def build_reward_source(reward_model: str | None, reward_model_type: str | None,
     if kind == "lora" and model is not None:
         loaded = RewardModel.sharing_base(model, reward_model, base.model_name_or_path, base.adapter_name_or_path)
     if loaded is None:
-        loaded = RewardModel.load(reward_model, trust_remote_code=base.trust_remote_code)
+        loaded = RewardModel.load(reward_model, trust_remote_code=base.trust_remote_code, use_cpu=use_cpu)
     return reward_sources.model_rewards(loaded), loaded.head
 
 

@@ -41,7 +41,8 @@ def supervised_stage(objective: Objective, micro_batch_size: int, accumulation: 
     def evaluate(model: torch.nn.Module, rows: list[dict]) -> dict[str, float]:
         return evaluate_loss(model, objective, rows, eval_batch_size)
 
-    return Stage(rows_per_step=micro_batch_size * accumulation, step=step, evaluate=evaluate)
+    return Stage(rows_per_step=micro_batch_size * accumulation, step=step, evaluate=evaluate,
+                 micro_batch_rows=micro_batch_size)
 
 
 def accumulate(model: torch.nn.Module, objective: Objective, batches: list[Batch], updates: Updates) -> StepOutput:

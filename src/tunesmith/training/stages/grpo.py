@@ -51,7 +51,8 @@ class GRPOArgs(RLArgs):
 
 def build_grpo(inputs: StageInputs) -> Stage:
     """GRPO as the loop's Stage: the shared RL step around GRPO's group advantages and loss."""
-    return rl_stage(grpo_parts(inputs), inputs.config)
+    config = inputs.config
+    return rl_stage(grpo_parts(inputs), config.train, config.method, config.sampling)
 
 
 def grpo_parts(inputs: StageInputs) -> RLParts:
@@ -59,8 +60,9 @@ def grpo_parts(inputs: StageInputs) -> RLParts:
     config = inputs.config
     args: GRPOArgs = config.method
     group = args.num_generations
-    scorer, _ = make_scorer(config, inputs.tokenizer, inputs.model)
-    settings, stop_ids = rollout_settings(config, inputs.tokenizer, group), stop_token_ids(config, inputs.tokenizer)
+    scorer, _ = make_scorer(args, config.model, inputs.tokenizer, inputs.model, config.train.use_cpu)
+    settings = rollout_settings(config.sampling, config.train, inputs.tokenizer, group)
+    stop_ids = stop_token_ids(config.data.template, inputs.tokenizer)
     forward = {**settings.forward, "with_values": False, "entropy_grad": False}
 
     def rollout(model: torch.nn.Module, rows: list[dict]) -> tuple[Rollout, dict]:

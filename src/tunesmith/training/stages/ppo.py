@@ -97,20 +97,22 @@ class _ControllerState:
 
 def build_ppo(inputs: StageInputs) -> Stage:
     """PPO as the loop's Stage: the shared RL step around PPO's rollout maths and loss."""
-    return rl_stage(ppo_parts(inputs), inputs.config)
+    config = inputs.config
+    return rl_stage(ppo_parts(inputs), config.train, config.method, config.sampling)
 
 
 def ppo_parts(inputs: StageInputs) -> RLParts:
     """Actor, critic (value head, from the reward model's when shapes agree), reward and KL controller."""
     config, model = inputs.config, inputs.model
     args: PPOArgs = config.method
-    scorer, reward_head = make_scorer(config, inputs.tokenizer, model)
+    scorer, reward_head = make_scorer(args, config.model, inputs.tokenizer, model, config.train.use_cpu)
     critic = attach_value_head(model)
     if reward_head is not None and reward_head.summary.weight.shape == critic.summary.weight.shape:
         critic.load_state_dict(reward_head.state_dict())
     controller = (AdaptiveKLController(args.ppo_kl_coef, args.ppo_target, args.ppo_kl_horizon)
                   if args.ppo_target is not None else FixedKLController(args.ppo_kl_coef))
-    settings, stop_ids = rollout_settings(config, inputs.tokenizer, 1), stop_token_ids(config, inputs.tokenizer)
+    settings = rollout_settings(config.sampling, config.train, inputs.tokenizer, 1)
+    stop_ids = stop_token_ids(config.data.template, inputs.tokenizer)
     estimator = KL_ESTIMATORS[args.ppo_kl_estimator]
 
     def rollout(model: torch.nn.Module, rows: list[dict]) -> tuple[Rollout, dict]:
