@@ -1,4 +1,4 @@
-"""A scalar head on a language model's last hidden state: the reward model's score (and later the critic).
+"""A scalar head on a language model's last hidden state: the reward model's score and PPO's critic.
 
 Stored as `value_head.safetensors` next to the adapter or model, with the tensor names TRL's
 AutoModelForCausalLMWithValueHead and LLaMA-Factory use (`v_head.summary.weight` [1, hidden] and
