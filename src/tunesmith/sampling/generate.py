@@ -1,4 +1,4 @@
-"""Batched sampling with a KV cache: the rollouts of PPO and GRPO , chat, the API server and do_predict.
+"""Batched sampling with a KV cache: the rollouts of PPO and GRPO, chat, the API server and do_predict.
 
 Prompts are left-padded so every row's next token sits in the same column; the attention mask hides
 the pads and position ids count only real tokens, so a padded prompt generates exactly what it would
