@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, fields, replace
+from typing import TypeVar
 
 import torch
 
 from tunesmith.data.encode import IGNORE_INDEX
 from tunesmith.errors import TunesmithError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -44,8 +47,13 @@ class TokenBatch:
 
     def to(self, device: torch.device) -> TokenBatch:
         """The batch with its tensors on `device`."""
-        return replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)
-                                if isinstance(getattr(self, f.name), torch.Tensor)})
+        return tensors_to(self, device)
+
+
+def tensors_to(batch: T, device: torch.device) -> T:
+    """A copy of a batch dataclass with every tensor field on `device` (the other fields as they are)."""
+    return replace(batch, **{f.name: getattr(batch, f.name).to(device, non_blocking=True) for f in fields(batch)
+                             if isinstance(getattr(batch, f.name), torch.Tensor)})
 
 
 def _knapsack(lengths: list, capacity: int) -> list:

@@ -13,7 +13,7 @@ Usage:
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +21,7 @@ import torch
 
 from tunesmith.data.dataset import load_preference_examples
 from tunesmith.data.encode import IGNORE_INDEX, encode_pair
+from tunesmith.data.packing import tensors_to
 from tunesmith.data.templates import get_template
 
 if TYPE_CHECKING:
@@ -56,8 +57,7 @@ class PairBatch:
 
     def to(self, device: torch.device) -> PairBatch:
         """The batch with its tensors on `device`."""
-        return replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)
-                                if isinstance(getattr(self, f.name), torch.Tensor)})
+        return tensors_to(self, device)
 
 
 def build_pair_examples(dataset: str | list[str], dataset_dir: str | Path, tokenizer: PreTrainedTokenizerBase,

@@ -15,13 +15,14 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import torch
 
 from tunesmith.algorithms.ppo import masked_mean
 from tunesmith.config import DataArgs, ModelArgs, OptimArgs, RunConfig, SamplingSettings
-from tunesmith.data.dataset import load_prompt_conversations, split_train_eval
+from tunesmith.data.dataset import load_prompt_conversations, train_and_eval_rows
 from tunesmith.data.templates import get_template
 from tunesmith.errors import TunesmithError
 from tunesmith.model.value_head import ValueHead
@@ -131,18 +132,13 @@ def build_prompt_rows(dataset: list[str], data: DataArgs, max_new_tokens: int, t
     return rows
 
 
-
 def build_rl_data(config: RunConfig, tokenizer: object, device: torch.device) -> RunData:
     """Prompt rows (with an optional eval split for held-out rewards); the reward source is checked first."""
     rl, data, optim = config.method, config.data, config.train
     check_reward_source(rl.reward_model, rl.reward_model_type, rl.reward_function)
-    max_new_tokens, with_function = config.sampling.max_new_tokens, rl.reward_function is not None
-    rows = build_prompt_rows(data.dataset, data, max_new_tokens, tokenizer, with_function)
-    evaluation = []
-    if data.eval_dataset:
-        evaluation = build_prompt_rows(data.eval_dataset, data, max_new_tokens, tokenizer, with_function)
-    elif data.val_size > 0:
-        rows, evaluation = split_train_eval(rows, data.val_size, optim.seed)
+    encode = partial(build_prompt_rows, data=data, max_new_tokens=config.sampling.max_new_tokens, tokenizer=tokenizer,
+                     warn_unanswered=rl.reward_function is not None)
+    rows, evaluation = train_and_eval_rows(encode, data.dataset, data.eval_dataset, data.val_size, optim.seed)
     if optim.batch_rows * rl.ppo_buffer_size > len(rows):
         warnings.warn(f"a PPO step asks for more prompts than the {len(rows)} the dataset has; steps will be smaller.",
                       stacklevel=2)
