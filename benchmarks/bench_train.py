@@ -37,9 +37,9 @@ from tunesmith.data.pairs import shared_prefix_length
 from tunesmith.model.loading import load_tokenizer
 from tunesmith.training import loop
 from tunesmith.training.configure import build_config
-from tunesmith.training.distributed import ProcessInfo
 from tunesmith.training.run import prepare_training
 from tunesmith.training.stages import STAGES, StageInputs
+from tunesmith.training.updates import Updates
 
 
 def matmul_peak_flops(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 15) -> float:
@@ -132,7 +132,8 @@ def main(argv=None) -> dict:
         config.train.max_steps = config.output.logging_steps = steps
         if not args.precompute_ref_logprobs:  # DPO caches reference log-probs: time a first epoch's steps
             stage = spec.build(StageInputs(model, config, run.tokenizer, run.data, device, run.reference))
-        metrics = loop.train(model, stage, run.data, config.train, config.output, lambda folder: None, ProcessInfo())
+        metrics = loop.train(model, stage, run.data, config.train, config.output, lambda folder, state: None,
+                         Updates(model, config.train, device))
     params = sum(p.numel() for p in model.parameters())
     flops = flops_per_token(model, args.stage, config.adapter.finetuning_type, args.precompute_ref_logprobs)
     computed = 1.0  # share of the counted tokens actually run: a pair's prompt runs once for both answers

@@ -21,7 +21,8 @@ def test_llama_factory_example_loads_with_notices(tmp_path):
     assert config.train.learning_rate == pytest.approx(1e-4)  # YAML 1.1 reads 1.0e-4 as a float, 1e-4 as text
     assert config.adapter.lora_alpha == 16 and config.adapter.lora_target == ["all"]
     assert config.train.num_train_epochs == 3.0 and config.output.resume_from_checkpoint is None
-    ignored = {"preprocessing_num_workers", "dataloader_num_workers", "save_only_model", "ddp_timeout"}
+    assert config.distributed.ddp_timeout == 180000000
+    ignored = {"preprocessing_num_workers", "dataloader_num_workers", "save_only_model"}
     assert len(notices) == len(ignored)
     assert all(any(f"`{key}`" in n for n in notices) for key in ignored)
     assert "line 17" in next(n for n in notices if "preprocessing_num_workers" in n)

@@ -36,12 +36,20 @@ def _train(args: argparse.Namespace) -> int | None:
         print("usage: tunesmith train cfg.yaml [key=value ...]   (tunesmith train --help [SECTION] lists the keys)",
               file=sys.stderr)
         return 2
+    from tunesmith.training.launch import relaunch, torchrun_command
+
+    command = torchrun_command(["train", args.config, *args.overrides], args.nproc)
+    if command is not None:  # several processes: torchrun runs this command again on every rank
+        _command_config(args, "train")  # a config error is reported once, before any process starts
+        return relaunch(command)
     from tunesmith.inference.predict import train_and_predict
+    from tunesmith.training.distributed import process_info
 
     config = _command_config(args, "train")
     metrics = train_and_predict(config)
-    summary = ", ".join(f"{key}={value:.4g}" for key, value in metrics.items())
-    print(f"[tunesmith] done: {summary}; outputs in {config.output.output_dir}")
+    if process_info().is_main:
+        summary = ", ".join(f"{key}={value:.4g}" for key, value in metrics.items())
+        print(f"[tunesmith] done: {summary}; outputs in {config.output.output_dir}")
 
 
 def _command_config(args, command: str):
@@ -275,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 add_help=False)
     train.add_argument("config", nargs="?", help="YAML file with LLaMA-Factory-style keys")
     train.add_argument("overrides", nargs="*", help="key=value settings that override the file")
+    train.add_argument("--nproc", type=int, default=None, metavar="N",
+                       help="train on N processes of this machine (torchrun; same as NPROC_PER_NODE=N)")
     train.add_argument("-h", "--help", nargs="?", const="all", metavar="SECTION",
                        help="list every config key with its type, default and meaning (or one section's)")
     train.set_defaults(handler=_train)
@@ -339,18 +349,40 @@ def _terminate(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a TunesmithError prints its message without a traceback. Returns the exit status."""
+    from tunesmith.training.distributed import process_info
+    from tunesmith.training.interrupt import STOPPED_EXIT_CODE, TrainingStopped
+
     warnings.showwarning = _show_warning
     signal.signal(signal.SIGTERM, _terminate)
     args = build_parser().parse_args(argv)
+    proc = process_info()
+    who = f" (rank {proc.rank} of {proc.world_size})" if proc.distributed else ""
     try:
         status = args.handler(args)
+    except TrainingStopped as stopped:
+        if proc.is_main:
+            print(f"tunesmith: {stopped}", file=sys.stderr)
+        return STOPPED_EXIT_CODE
     except TunesmithError as err:
-        print(f"tunesmith: error: {err}", file=sys.stderr)
+        print(f"tunesmith: error{who}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tunesmith: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        if not proc.distributed or not _peer_failure(err):
+            raise
+        print(f"tunesmith: rank {proc.rank} stopped because another rank failed ({type(err).__name__}); "
+              "that rank's error is above.", file=sys.stderr)
+        return 1
     return status or 0
+
+
+def _peer_failure(err: Exception) -> bool:
+    """Whether an exception is a collective failing because another rank went away."""
+    text = f"{type(err).__name__} {err}".lower()
+    return any(word in text for word in ("connection closed", "connection reset", "broken pipe", "distbackend",
+                                         "gloo", "nccl", "timed out", "peer"))
 
 
 if __name__ == "__main__":

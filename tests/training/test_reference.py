@@ -11,9 +11,9 @@ from tunesmith.errors import TunesmithError
 from tunesmith.model.lora import inject_lora
 from tunesmith.training import loop
 from tunesmith.training.configure import build_config
-from tunesmith.training.distributed import ProcessInfo
 from tunesmith.training.reference import Reference, RowCache, row_key
 from tunesmith.training.run import prepare_training
+from tunesmith.training.updates import Updates
 
 
 def test_row_key_follows_the_tokens_only():
@@ -64,5 +64,6 @@ def test_dpo_training_never_writes_to_the_dataset_rows(base_settings, tmp_path):
     run = prepare_training(config)
     before = copy.deepcopy(run.data.train)
     (tmp_path / "out").mkdir()
-    loop.train(run.model, run.stage, run.data, run.config.train, run.config.output, lambda folder: None, ProcessInfo())
+    loop.train(run.model, run.stage, run.data, run.config.train, run.config.output, lambda folder, state: None,
+               Updates(run.model, run.config.train, run.device))
     assert run.data.train == before

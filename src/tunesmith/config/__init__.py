@@ -7,10 +7,11 @@ stage's own (declared in its module under training/stages/). Loading a YAML with
 """
 
 from tunesmith.config.data_args import DataArgs
+from tunesmith.config.distributed_args import DistributedArgs
 from tunesmith.config.model_args import AdapterArgs, ModelArgs
 from tunesmith.config.optim_args import OptimArgs
 from tunesmith.config.run_config import COMMANDS, OutputArgs, RunConfig, TaskArgs, save_config
 from tunesmith.config.sampling_args import InferenceArgs, SamplingSettings
 
-__all__ = ["AdapterArgs", "COMMANDS", "DataArgs", "InferenceArgs", "ModelArgs", "OptimArgs", "OutputArgs",
+__all__ = ["AdapterArgs", "COMMANDS", "DataArgs", "DistributedArgs", "InferenceArgs", "ModelArgs", "OptimArgs", "OutputArgs",
            "RunConfig", "SamplingSettings", "TaskArgs", "save_config"]

@@ -48,6 +48,9 @@ class DataArgs:
         checks = [
             ("cutoff_len", self.cutoff_len < 2, f"`cutoff_len` must be at least 2, got {self.cutoff_len}."),
             ("val_size", self.val_size < 0, f"`val_size` must not be negative, got {self.val_size}."),
+            ("max_samples", self.max_samples is not None and self.max_samples < 1,
+             f"`max_samples` must be a positive number of records per dataset, got {self.max_samples}; "
+             "remove the key to use every record."),
             ("val_size", self.val_size > 0 and self.eval_dataset is not None,
              "set either `val_size` or `eval_dataset`, not both."),
         ]

@@ -7,9 +7,9 @@ import difflib
 # Keys that have no meaning in tunesmith (multi-process data loading, caches, DeepSpeed plumbing, vision
 # towers...). A config that sets them still runs; each gets a one-line notice.
 IGNORED_KEYS = {
-    "preprocessing_num_workers", "dataloader_num_workers", "ddp_timeout", "save_only_model",
+    "preprocessing_num_workers", "dataloader_num_workers", "save_only_model",
     "overwrite_cache", "flash_attn", "ddp_find_unused_parameters", "include_num_input_tokens_seen",
-    "deepspeed", "tokenized_path", "preprocessing_batch_size", "dataloader_pin_memory",
+    "tokenized_path", "preprocessing_batch_size", "dataloader_pin_memory",
     "freeze_vision_tower", "freeze_multi_modal_projector", "image_max_pixels", "video_max_pixels",
     "enable_thinking", "streaming", "buffer_size", "mix_strategy", "disable_gradient_checkpointing",
     "upcast_layernorm", "upcast_lmhead_output", "use_fast_tokenizer", "low_cpu_mem_usage",

@@ -53,6 +53,8 @@ class OptimArgs:
     """Run on the CPU even when a GPU is visible (Hugging Face's key; with bf16: true it computes in bf16 on the CPU)."""
     gradient_checkpointing: bool = False
     """Memory-saving mode: recompute activations in backward (~30% more compute), return freed memory to the OS."""
+    max_bad_steps: int = 5
+    """Stop after this many optimizer steps in a row whose loss or gradient is not finite (each such update is skipped)."""
     logprob_chunk_size: int = 1024
     """Tokens per chunk when projecting hidden states through lm_head (bounds logits memory)."""
 
@@ -70,6 +72,7 @@ class OptimArgs:
             ("warmup_steps", self.warmup_steps < 0, "`warmup_steps` must not be negative."),
             ("max_grad_norm", self.max_grad_norm < 0, "`max_grad_norm` must not be negative (0 disables clipping)."),
             ("weight_decay", self.weight_decay < 0, "`weight_decay` must not be negative."),
+            ("max_bad_steps", self.max_bad_steps < 1, "`max_bad_steps` must be at least 1."),
             ("logprob_chunk_size", self.logprob_chunk_size < 1, "`logprob_chunk_size` must be at least 1."),
         ]
         return [(key, message) for key, failed, message in checks if failed]

@@ -17,6 +17,7 @@ import yaml
 
 from tunesmith.config import schema
 from tunesmith.config.data_args import DataArgs
+from tunesmith.config.distributed_args import DistributedArgs
 from tunesmith.config.llama_factory import IGNORED_KEYS, unknown_key_message
 from tunesmith.config.model_args import AdapterArgs, ModelArgs
 from tunesmith.config.optim_args import OptimArgs
@@ -103,7 +104,8 @@ class OutputArgs:
 
 # The sections every run has, by attribute name of RunConfig, in --help order.
 COMMON_SECTIONS = {"task": TaskArgs, "model": ModelArgs, "adapter": AdapterArgs, "data": DataArgs,
-                   "train": OptimArgs, "output": OutputArgs, "sampling": SamplingSettings, "inference": InferenceArgs}
+                   "train": OptimArgs, "output": OutputArgs, "sampling": SamplingSettings, "inference": InferenceArgs,
+                   "distributed": DistributedArgs}
 
 
 @dataclass
@@ -118,6 +120,7 @@ class RunConfig:
     output: OutputArgs
     sampling: SamplingSettings
     inference: InferenceArgs
+    distributed: DistributedArgs
     method: object | None = None
 
     @property

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunesmith.data.encode import IGNORE_INDEX, encode_sft
+from tunesmith.data.encode import IGNORE_INDEX, clip_messages, encode_sft, text_char_limit
 from tunesmith.data.formats import CONVERTERS, PROMPT_CONVERTERS, BadRecord
 from tunesmith.data.packing import pack_examples
 from tunesmith.data.readers import read_located, read_records
@@ -54,6 +54,9 @@ def _convert_file(path, located: list, spec, skip_bad_records: bool, prompts: bo
 
 
 def _load(names, dataset_dir, ranking: bool, max_samples, skip_bad_records: bool, prompts: bool = False) -> list:
+    if max_samples is not None and max_samples < 1:  # a slice [:-1] would quietly drop the last record
+        raise TunesmithError(f"max_samples must be a positive number of records per dataset, got {max_samples}; "
+                             "leave it unset to use every record.")
     loaded = []
     for name in [names] if isinstance(names, str) else names:
         spec = resolve_dataset(name, dataset_dir)
@@ -104,10 +107,14 @@ def encode_sft_examples(
     train_on_prompt: bool = False,
     mask_history: bool = False,
 ) -> list[dict]:
-    """encode_sft on every conversation, dropping those left without any trained token."""
+    """encode_sft on every conversation (over-long texts cut first, see `clip_messages`), dropping those
+    left without any trained token."""
+    limit = text_char_limit(tokenizer, cutoff_len)
+    clipped = [clip_messages(messages, limit) for messages in conversations]
+    warn_clipped(sum(new is not old for new, old in zip(clipped, conversations)), limit, cutoff_len)
     examples = [
         encode_sft(messages, template, tokenizer, cutoff_len, train_on_prompt, mask_history)
-        for messages in conversations
+        for messages in clipped
     ]
     kept = [example for example in examples if any(label != IGNORE_INDEX for label in example["labels"])]
     if len(kept) < len(examples):
@@ -116,6 +123,14 @@ def encode_sft_examples(
             stacklevel=2,
         )
     return kept
+
+
+def warn_clipped(count: int, limit: int, cutoff_len: int) -> None:
+    """The one-line notice for records whose texts were cut to `limit` characters before tokenizing."""
+    if count:
+        warnings.warn(f"{count} record(s) hold a text longer than {limit} characters, far beyond cutoff_len="
+                      f"{cutoff_len} tokens: cut to {limit} characters before tokenizing, then truncated as usual",
+                      stacklevel=3)
 
 
 def build_sft_examples(

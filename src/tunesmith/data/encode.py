@@ -8,6 +8,11 @@ Truncation to `cutoff_len` follows LLaMA-Factory's `infer_seqlen`: turns are tak
 turn first with `mask_history`), each gets the budget left, split between prompt and response so that
 the response is kept preferentially; turns that no longer fit are dropped.
 
+Tokenizing a text costs time and memory in proportion to its length, so a 50 MB message would cost
+gigabytes to keep cutoff_len tokens of it. The dataset entry points first cut every text to
+`text_char_limit(tokenizer, cutoff_len)` characters (`clip_messages`), a bound no text of a record that
+fits in cutoff_len tokens can reach, so those records encode exactly as before (see `text_char_limit`).
+
 Usage: `encode_sft(messages, template, tokenizer, cutoff_len=1024)` -> {"input_ids", "labels"}.
 """
 
@@ -21,6 +26,31 @@ if TYPE_CHECKING:
     from tunesmith.data.templates import ChatTemplate
 
 IGNORE_INDEX = -100
+TOKEN_CHAR_SLACK = 4
+"""How many characters of input one vocabulary character may stand for. Normalizers such as NFC compose
+up to three code points into one (Hangul jamo into a syllable); 4 leaves a margin on top."""
+
+
+def text_char_limit(tokenizer: PreTrainedTokenizerBase, cutoff_len: int) -> int:
+    """Characters beyond which a text cannot belong to a record that fits in `cutoff_len` tokens.
+
+    A token stands for at most as many characters as its vocabulary entry has (byte-level BPE spells one
+    byte per character, SentencePiece one character per character, byte fallback `<0xNN>` six per byte),
+    times TOKEN_CHAR_SLACK for normalization. A text longer than cutoff_len such tokens is therefore longer
+    than cutoff_len tokens, and the record is truncated anyway; cutting it at this bound changes nothing
+    that fits. (A record that does not fit may keep other tokens than untruncated: when prompt and response
+    are both long, infer_seqlen shares the budget by their lengths after the cut.) Left out on purpose: tokenizers that drop characters (BERT's whitespace splitting) break
+    the bound, and no chat model's tokenizer does that.
+    """
+    longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    return cutoff_len * TOKEN_CHAR_SLACK * longest
+
+
+def clip_messages(messages: list, limit: int) -> list:
+    """The messages with every content cut to `limit` characters; the same list when none is longer."""
+    if all(len(message["content"]) <= limit for message in messages):
+        return messages
+    return [{**message, "content": message["content"][:limit]} for message in messages]
 
 
 def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tunesmith.data.dataset import load_preference_examples
-from tunesmith.data.encode import IGNORE_INDEX, encode_pair
+from tunesmith.data.dataset import load_preference_examples, warn_clipped
+from tunesmith.data.encode import IGNORE_INDEX, clip_messages, encode_pair, text_char_limit
+from tunesmith.data.formats import PreferenceExample
 from tunesmith.data.packing import tensors_to
 from tunesmith.data.templates import get_template
 
@@ -63,15 +64,27 @@ class PairBatch:
 def build_pair_examples(dataset: str | list[str], dataset_dir: str | Path, tokenizer: PreTrainedTokenizerBase,
                         template: str | None, cutoff_len: int, max_samples: int | None = None,
                         skip_bad_records: bool = False) -> list[dict]:
-    """Load ranking datasets and encode every pair; pairs left without a response token are dropped."""
+    """Load ranking datasets and encode every pair (over-long texts cut first, see `clip_messages`); pairs
+    left without a response token are dropped."""
     chat_template = get_template(template, tokenizer)
-    pairs = load_preference_examples(dataset, dataset_dir, max_samples, skip_bad_records)
+    loaded = load_preference_examples(dataset, dataset_dir, max_samples, skip_bad_records)
+    limit = text_char_limit(tokenizer, cutoff_len)
+    pairs = [_clipped(pair, limit) for pair in loaded]
+    warn_clipped(sum(new is not old for new, old in zip(pairs, loaded)), limit, cutoff_len)
     rows = [encode_pair(p.prompt_messages, p.chosen, p.rejected, chat_template, tokenizer, cutoff_len) for p in pairs]
     kept = [row for row in rows if _has_response(row["chosen_labels"]) and _has_response(row["rejected_labels"])]
     if len(kept) < len(rows):
         warnings.warn(f"dropped {len(rows) - len(kept)} pair(s) with no answer token left after cutoff_len={cutoff_len}",
                       stacklevel=2)
     return kept
+
+
+def _clipped(pair: PreferenceExample, limit: int) -> PreferenceExample:
+    """The pair with every text cut to `limit` characters; the same object when none is longer."""
+    prompt = clip_messages(pair.prompt_messages, limit)
+    if prompt is pair.prompt_messages and len(pair.chosen) <= limit and len(pair.rejected) <= limit:
+        return pair
+    return PreferenceExample(prompt, pair.chosen[:limit], pair.rejected[:limit])
 
 
 def _has_response(labels: list[int]) -> bool:

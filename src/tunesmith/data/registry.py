@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith.data.readers import READERS
+from tunesmith.data.streams import json_type
 from tunesmith.errors import TunesmithError
 
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output"}
@@ -36,6 +37,18 @@ OPENAI_TAGS = {
     "observation_tag": "tool",
 }
 HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
+TEXT = "a string"
+# The JSON type each entry key must have, and how to say it. A wrong type would otherwise crash deep in
+# the loader, or worse pass silently: `"ranking": "false"` is a non-empty string, so Python reads it as true.
+ENTRY_TYPES = {
+    "file_name": (str, "a string: the data file's (or folder's) path inside dataset_dir"),
+    "formatting": (str, '"alpaca" or "sharegpt"'),
+    "ranking": (bool, "true or false (a JSON boolean, unquoted)"),
+    "columns": (dict, 'an object mapping columns to the names in the file, e.g. {"prompt": "instruction"}'),
+    "tags": (dict, 'an object mapping tags to keys or role names, e.g. {"role_tag": "role"}'),
+    "num_samples": (int, "a whole number"),
+    **{key: (str, TEXT) for key in ("split", "subset", "folder", *HUB_KEYS)},
+}
 
 
 @dataclass(frozen=True)
@@ -102,9 +115,47 @@ def load_dataset_info(dataset_dir: str | Path) -> dict:
         raise TunesmithError(
             f"{info_path}: invalid JSON at line {err.lineno}, column {err.colno} ({err.msg}); fix the file."
         ) from err
-    if not isinstance(info, dict) or not all(isinstance(v, dict) for v in info.values()):
-        raise TunesmithError(f"{info_path}: must be an object mapping dataset names to objects.")
+    except UnicodeDecodeError as err:
+        raise TunesmithError(f"{info_path}: not UTF-8 text ({err.reason}); save the file as UTF-8.") from err
+    if not isinstance(info, dict):
+        raise TunesmithError(
+            f"{info_path}: the file is a JSON {json_type(info)}, but it must be an object mapping dataset names to "
+            'entries, e.g. {"my_data": {"file_name": "my_data.json"}}.'
+        )
+    for name, entry in info.items():
+        if not isinstance(entry, dict):
+            raise TunesmithError(
+                f'{info_path}: dataset "{name}" is a JSON {json_type(entry)} ({_shown(entry)}), but each dataset '
+                'must be an object, e.g. {"file_name": "my_data.json"}; fix that entry.'
+            )
     return info
+
+
+def _shown(value: object) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_entry(name: str, entry: dict, info_path: Path) -> None:
+    """Refuse a dataset_info.json entry whose known keys have the wrong JSON type (see ENTRY_TYPES)."""
+    for key, (expected, wanted) in ENTRY_TYPES.items():
+        value = entry.get(key)
+        # bool is an int in Python: only a real number passes as int, only true/false as bool
+        if key in entry and not (isinstance(value, expected) and (expected is bool or not isinstance(value, bool))):
+            raise _entry_error(name, key, value, wanted, info_path)
+    if entry.get("formatting", "alpaca") not in ("alpaca", "sharegpt"):
+        raise _entry_error(name, "formatting", entry["formatting"], ENTRY_TYPES["formatting"][1], info_path)
+    for key in ("columns", "tags"):
+        for inner, value in entry.get(key, {}).items():
+            if not isinstance(value, str):
+                raise _entry_error(name, f"{key}.{inner}", value, "a string: a key name in the data file", info_path)
+
+
+def _entry_error(name: str, key: str, value: object, wanted: str, info_path: Path) -> TunesmithError:
+    return TunesmithError(
+        f'{info_path}: dataset "{name}", key "{key}" is the JSON {json_type(value)} {_shown(value)}, but it must be '
+        f"{wanted}. Fix that key of the entry."
+    )
 
 
 def _hub_error(name: str, entry: dict, info_path: Path) -> TunesmithError:
@@ -132,6 +183,7 @@ def resolve_dataset(name: str, dataset_dir: str | Path) -> DatasetSpec:
     info_path = Path(dataset_dir) / "dataset_info.json"
     if name in info:
         entry = info[name]
+        check_entry(name, entry, info_path)
         if "file_name" not in entry:
             if any(key in entry for key in HUB_KEYS):
                 raise _hub_error(name, entry, info_path)

@@ -137,6 +137,9 @@ def init_pool_worker(path: Path, layout: Layout, recipe: tuple[Callable[[Any], P
     pickle, and a tokenizer is loaded once per process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # signals are the parent's to handle: it stops the pool
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # and removes the temporary output; terminate() must kill
+    for name in ("SIGHUP", "SIGPIPE"):  # a closed terminal, or a parent gone (kill -9): die quietly, whereas
+        if hasattr(signal, name):  # Python's default for SIGPIPE prints a BrokenPipeError traceback per worker
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
     make_pipeline, options = recipe
     init_worker(path, layout, make_pipeline(options), seed)
 

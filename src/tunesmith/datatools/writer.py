@@ -1,9 +1,12 @@
 """Write record files atomically, in the format their suffix names: .jsonl, .json (an array), .csv, .parquet.
 
-`AtomicWriter(path)` writes to a hidden temporary file beside `path` and renames it over `path` only
-when the `with` block ends without an error: an interrupted run never leaves a half-written file
-under the final name. `dumps` is the compact JSON every toolkit command writes (as `jq -c` does), and
-`check_paths` refuses an input/output pair before anything is written.
+`AtomicWriter(path)` writes to a hidden temporary file beside `path`, `.<name>.tmp-<pid>`, and renames
+it over `path` only when the `with` block ends without an error: an interrupted run never leaves a
+half-written file under the final name. Ctrl-C, SIGTERM and SIGHUP unwind the `with` block, which
+deletes the temporary file (SIGTERM and SIGHUP only while nobody else handles them: the CLI handles
+SIGTERM the same way). A kill -9 cannot be caught, so each writer first deletes the temporary files
+of `path` whose process is gone. `dumps` is the compact JSON every toolkit command writes (as `jq -c`
+does), and `check_paths` refuses an input/output pair before anything is written.
 
 Usage: `with AtomicWriter("out.jsonl") as writer: writer.write(record)`.
 """
@@ -13,6 +16,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -63,13 +69,16 @@ class AtomicWriter:
         self._rows: list[dict] = []  # parquet buffers rows into row groups
         self._csv = self._parquet = self._fields = None
         self._abandoned = False
+        self._signals: dict = {}
 
     def __enter__(self) -> AtomicWriter:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.path)
             self._open()
         except OSError as err:
             raise TunesmithError(f"{self.path}: cannot write there ({err.strerror}).") from err
+        self._signals = _unwind_on_signals()
         return self
 
     def _open(self) -> None:
@@ -145,6 +154,8 @@ class AtomicWriter:
         self._abandoned = True
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        for sig, handler in self._signals.items():
+            signal.signal(sig, handler)
         try:
             if exc_type is None and not self._abandoned:
                 self._finish()
@@ -172,3 +183,41 @@ class AtomicWriter:
             self.file.flush()
             os.fsync(self.file.fileno())
             self.file.close()
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete the `.<name>.tmp-<pid>` files of `path` that a process now gone left behind (a kill -9)."""
+    pattern = re.compile(re.escape(f".{path.name}.tmp-") + r"(\d+)")
+    removed = []
+    for entry in path.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match and not _alive(int(match[1])) and entry.is_file():
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _unwind_on_signals() -> dict:
+    """Make SIGTERM and SIGHUP raise SystemExit (so `with` blocks clean up) where nothing else handles them;
+    returns the handlers to restore. Only the main thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    saved = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:
+            saved[sig] = signal.signal(sig, _exit_on_signal)
+    return saved
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)

@@ -10,9 +10,14 @@ template's end-of-turn tokens, so plain `model.generate` stops at the end of an 
 (`stage: rm` output) also gets value_head.safetensors and a train_config.yaml, so
 `RewardModel.load(export_dir)` loads it as a full reward model.
 
-Everything is written into a hidden sibling folder first and renamed into place at the end: a run that
-fails midway leaves no folder that looks like a finished export. Left out on purpose: quantization,
-hub upload and .bin weights (LLaMA-Factory's export_legacy_format).
+Everything is written into a hidden staging folder beside export_dir first (`atomic_files.staging_folder`)
+and renamed into place at the end, so a run that fails midway leaves no folder that looks like a finished
+export; a killed run's staging folder is removed by the next export to the same place. The export lists
+what it wrote in `tunesmith_export.json`. Export never deletes a file it did not write: a non-empty
+export_dir is refused unless it holds an earlier export, and with `overwrite_output_dir` only the files
+that export listed are replaced (the list covers old and new files while they are swapped, so a kill
+midway loses track of nothing). Files and folders get the modes the umask asks for. Left out on
+purpose: quantization, hub upload and .bin weights (LLaMA-Factory's export_legacy_format).
 
 Usage:
     path = export_model(load_config("cfg.yaml", command="export"))
@@ -20,9 +25,9 @@ Usage:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,11 +40,19 @@ from tunesmith.data.templates import get_template
 from tunesmith.errors import TunesmithError
 from tunesmith.inference.engine import tokenizer_folder, trained_folder
 from tunesmith.model.adapters import merge_adapters, read_adapter_config
+from tunesmith.model.atomic_files import (
+    follow_umask,
+    remove_interrupted_writes,
+    staging_folder,
+    write_atomically,
+)
 from tunesmith.model.loading import load_model, load_tokenizer
 from tunesmith.model.reward_model import TRAIN_CONFIG, _training_settings
 from tunesmith.model.value_head import VALUE_HEAD_FILE, load_value_head, save_value_head
 
 GB = 10**9  # Hugging Face's "5GB" shard size is decimal
+MARKER = "tunesmith_export.json"
+"""Lists the files an export wrote: the only ones a later export into the same folder may remove."""
 
 
 def export_model(config: RunConfig, say: Callable[[str], None] = print) -> Path:
@@ -48,6 +61,7 @@ def export_model(config: RunConfig, say: Callable[[str], None] = print) -> Path:
     export_dir = Path(inference.export_dir).expanduser()
     adapters = model_args.adapter_name_or_path or []
     _check_destination(export_dir, model_args, config.output.overwrite_output_dir)
+    remove_interrupted_writes(export_dir.parent, target=export_dir.name)  # a killed export's staging folder
     for adapter in adapters:  # cheap checks before the slow model load
         read_adapter_config(adapter)
     source = trained_folder(model_args)
@@ -59,7 +73,7 @@ def export_model(config: RunConfig, say: Callable[[str], None] = print) -> Path:
     model = _merged_model(model_args, inference, say)
     _add_stop_tokens(model.generation_config, stop_ids, tokenizer.pad_token_id)
     export_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=export_dir.parent, prefix=f".{export_dir.name}.partial-"))
+    staging = staging_folder(export_dir)
     try:
         dtype_name = str(model.dtype).removeprefix("torch.")
         say(f"[tunesmith] writing {dtype_name} safetensors (shards of at most {inference.export_size:g} GB) "
@@ -69,10 +83,11 @@ def export_model(config: RunConfig, say: Callable[[str], None] = print) -> Path:
         if (source / VALUE_HEAD_FILE).is_file():
             say(f"[tunesmith] adding the reward model's value head from {source}")
             _write_reward_files(staging, source, model.config.hidden_size, settings, template_name, export_dir)
+        _write_marker(staging, sorted(path.name for path in staging.iterdir()))
+        follow_umask(staging)  # safetensors writes its files 0600
         _move_into_place(staging, export_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already unless something failed
     say(f"[tunesmith] exported to {export_dir}")
     return export_dir
 
@@ -91,7 +106,8 @@ def _merged_model(config: ModelArgs, inference: InferenceArgs, say: Callable[[st
 
 
 def _check_destination(export_dir: Path, config: ModelArgs, overwrite: bool) -> None:
-    """Refuse to replace a non-empty folder unasked, or one that holds the model or an adapter being read."""
+    """Refuse a file, a folder that holds the model or an adapter being read, a non-empty folder that is not
+    an earlier export, and an earlier export unless `overwrite`."""
     if export_dir.exists() and not export_dir.is_dir():
         raise TunesmithError(f"export_dir {export_dir} is a file. Set export_dir to a folder path.")
     target = export_dir.resolve()
@@ -100,12 +116,45 @@ def _check_destination(export_dir: Path, config: ModelArgs, overwrite: bool) -> 
         if path.exists() and (path.resolve() == target or target in path.resolve().parents):
             raise TunesmithError(
                 f"export_dir {export_dir} is or contains {source}, which this export reads; exporting there "
-                "would delete it. Set export_dir to a new folder, e.g. next to it.")
-    if export_dir.is_dir() and any(export_dir.iterdir()) and not overwrite:
+                "would replace what it reads. Set export_dir to a new folder, e.g. next to it.")
+    found = sorted(path.name for path in export_dir.iterdir()) if export_dir.is_dir() else []
+    if not found:
+        return
+    if _written_before(export_dir) is None:
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
         raise TunesmithError(
-            f"export_dir {export_dir} already exists and is not empty. Set `overwrite_output_dir: true` to "
-            "replace it (its current contents are deleted, so no stale weight shards remain), or choose "
+            f"export_dir {export_dir} is not empty ({shown}) and holds no earlier tunesmith export (no {MARKER}). "
+            "Export never deletes files it did not write: choose a new or empty export_dir, or move those files "
+            "away first.")
+    if not overwrite:
+        raise TunesmithError(
+            f"export_dir {export_dir} holds an earlier export. Set `overwrite_output_dir: true` to replace it "
+            f"(only the files listed in its {MARKER} are removed; anything else there stays), or choose "
             "another export_dir.")
+
+
+def _written_before(export_dir: Path) -> list[str] | None:
+    """The names an earlier export listed in export_dir's marker; None when there is no marker."""
+    path = export_dir / MARKER
+    if not path.is_file():
+        return None
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))["files"]
+        valid = isinstance(names, list) and all(
+            isinstance(name, str) and name not in ("", ".", "..", MARKER) and "/" not in name and "\\" not in name
+            for name in names)
+    except (ValueError, KeyError, TypeError):
+        valid = False
+    if not valid:
+        raise TunesmithError(
+            f'{path} is not the list tunesmith writes ({{"files": [file names]}}), so export cannot tell which '
+            f"files of {export_dir} are its own and removes none. Restore the file, or choose another export_dir.")
+    return names
+
+
+def _write_marker(folder: Path, names: list[str]) -> None:
+    text = json.dumps({"written_by": "tunesmith export", "files": names}, indent=2) + "\n"
+    write_atomically(folder / MARKER, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _export_dtype(config: ModelArgs, infer_dtype: str) -> torch.dtype:
@@ -151,11 +200,27 @@ def _write_reward_files(staging: Path, source: Path, hidden_size: int, settings:
 
 
 def _move_into_place(staging: Path, export_dir: Path) -> None:
-    """Rename the finished folder to export_dir; an existing one (already allowed) is swapped out, then deleted."""
+    """A new export_dir is the staging folder renamed (atomic). Into an existing one (empty, or an earlier
+    export) the files move one by one, replacing only what the earlier export listed."""
     if not export_dir.exists():
         os.rename(staging, export_dir)
         return
-    old = staging.with_name(staging.name.replace(".partial-", ".old-"))
-    os.rename(export_dir, old)
-    os.rename(staging, export_dir)
-    shutil.rmtree(old)
+    old = _written_before(export_dir) or []
+    new = sorted(path.name for path in staging.iterdir() if path.name != MARKER)
+    clashes = sorted({path.name for path in export_dir.iterdir()} & set(new) - set(old))
+    if clashes:
+        raise TunesmithError(
+            f"export_dir {export_dir} holds {', '.join(clashes)}, which this export writes but an earlier one did "
+            f"not (not listed in {MARKER}); export does not overwrite files it did not write. Move them away, or "
+            "choose another export_dir.")
+    _write_marker(export_dir, sorted({*old, *new}))  # a kill from here on leaves every file listed
+    # config.json goes first and comes back last: without it the folder does not load as a model halfway
+    for name in sorted(old, key=lambda name: name != "config.json"):
+        path = export_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    for name in sorted(new, key=lambda name: name == "config.json"):
+        os.replace(staging / name, export_dir / name)
+    os.replace(staging / MARKER, export_dir / MARKER)

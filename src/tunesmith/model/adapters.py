@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tunesmith.errors import TunesmithError
+from tunesmith.model.atomic_files import write_atomically
 from tunesmith.model.lora import (
     find_lora_targets,
     inject_lora,
@@ -67,18 +66,6 @@ SUPPORTED_VALUES = {
 }
 
 
-def _write_atomically(path: Path, write: Callable[[str], object]) -> None:
-    """Write through a temp file in the same folder and os.replace it, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_adapter(
     model: nn.Module,
     out_dir: str | os.PathLike,
@@ -105,9 +92,9 @@ def save_adapter(
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().cpu().contiguous()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomically(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomically(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _write_atomically(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    write_atomically(out / CONFIG_NAME, lambda tmp: tmp.write_text(text))
 
 
 def _peft_config(base_model_name_or_path: str, rank: int, alpha: float, dropout: float,

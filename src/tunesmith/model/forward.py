@@ -15,6 +15,8 @@ from tunesmith.data.pairs import PairBatch
 from tunesmith.errors import TunesmithError
 from tunesmith.model.attention import PREFIXES_KWARG, SEGMENTS_KWARG, VARLEN_SDPA, prefixes_applied
 
+SHARDED_DECODER_CALL = "sharded_decoder_call"
+
 
 def backbone_hidden(model: torch.nn.Module, batch: TokenBatch | PairBatch) -> torch.Tensor:
     """Last hidden states [rows, seq, hidden] of a right-padded or packed batch.
@@ -34,10 +36,16 @@ def backbone_hidden(model: torch.nn.Module, batch: TokenBatch | PairBatch) -> to
     elif shares_prompts:
         raise _prompt_sharing_error(model)
     applied = prefixes_applied()
-    output = model.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **extra)
+    output = decoder_call(model)(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **extra)
     if shares_prompts and prefixes_applied() == applied:  # the model did not pass them to attention
         raise _prompt_sharing_error(model)
     return output.last_hidden_state
+
+
+def decoder_call(model: torch.nn.Module):
+    """The decoder as a callable. A model sharded with FSDP (training/parallel.py) sets
+    `sharded_decoder_call`, which runs the decoder through the root's gather-and-reduce hooks."""
+    return getattr(model, SHARDED_DECODER_CALL, None) or model.get_decoder()
 
 
 def _prompt_sharing_error(model: torch.nn.Module) -> TunesmithError:

@@ -51,6 +51,14 @@ def without_value_head(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
     return {key: value for key, value in state_dict.items() if not key.startswith(f"{ATTRIBUTE}.")}
 
 
+def value_head_from_state(head: ValueHead, state_dict: dict[str, torch.Tensor]) -> ValueHead:
+    """A plain copy of `head` holding the value-head tensors of a full (gathered) model state dict."""
+    copy = ValueHead(head.summary.in_features)
+    copy.load_state_dict({key.removeprefix(f"{ATTRIBUTE}."): value for key, value in state_dict.items()
+                          if key.startswith(f"{ATTRIBUTE}.")})
+    return copy
+
+
 def save_value_head(head: ValueHead, folder: str | Path) -> None:
     """Write value_head.safetensors in fp32 under TRL's tensor names, beside the adapter or model in `folder`."""
     tensors = {f"{ATTRIBUTE}.{name}": tensor.detach().float().cpu().contiguous()

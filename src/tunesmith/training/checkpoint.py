@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,19 +28,31 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 
 
-def save_checkpoint(output_dir: Path, step: int, write: Callable[[Path], None], keep: int | None) -> Path:
-    """Call write(folder) into a temporary folder, then publish it as output_dir/checkpoint-{step}."""
-    final = output_dir / f"checkpoint-{step}"
+def begin_checkpoint(output_dir: Path, step: int) -> Path:
+    """A fresh hidden folder to write checkpoint-{step} into (rank 0 creates it; every rank may add files)."""
     tmp = output_dir / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
+    return tmp
+
+
+def publish_checkpoint(tmp: Path, keep: int | None) -> Path:
+    """Flush a written folder to disk and rename it to checkpoint-{step}; prune old checkpoints."""
+    output_dir, step = tmp.parent, tmp.name[len(".checkpoint-"):-len(".tmp")]
+    final = output_dir / f"checkpoint-{step}"
     _fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     _prune(output_dir, keep)
     return final
+
+
+def save_checkpoint(output_dir: Path, step: int, write: Callable[[Path], None], keep: int | None) -> Path:
+    """Call write(folder) into a temporary folder, then publish it as output_dir/checkpoint-{step}."""
+    tmp = begin_checkpoint(output_dir, step)
+    write(tmp)
+    return publish_checkpoint(tmp, keep)
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -67,40 +80,63 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: Path) -> Path
     return path
 
 
-def write_training_state(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def write_training_state(folder: Path, trainable: dict[str, torch.Tensor], optimizer_state: dict,
                          state: dict[str, Any]) -> None:
-    """Trainable weights, optimizer moments, RNG and loop counters: what a bit-exact resume needs."""
-    trainable = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-    save_file(trainable, str(folder / TRAINABLE_FILE))
-    tensors, layout = _flatten_optimizer(optimizer.state_dict())
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, rng in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = rng
+    """Trainable weights, optimizer moments, rank 0's RNG and the loop counters: what a bit-exact resume needs."""
+    save_file({name: t.contiguous() for name, t in trainable.items()}, str(folder / TRAINABLE_FILE))
+    tensors, layout = _flatten_optimizer(optimizer_state)
+    tensors.update(rng_state())
     save_file(tensors, str(folder / OPTIMIZER_FILE))
     (folder / STATE_FILE).write_text(json.dumps({**state, "optimizer_layout": layout}, indent=2))
 
 
-def read_training_state(folder: Path, model: torch.nn.Module,
-                        optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Load what write_training_state saved into model and optimizer; return the loop counters."""
+def write_rank_rng(folder: Path, rank: int) -> None:
+    """A rank's own RNG state beside rank 0's (its dropout masks and samples differ from rank 0's)."""
+    save_file(rng_state(), str(folder / f"rng-rank{rank}.safetensors"))
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's CPU and CUDA generator states."""
+    tensors = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, rng in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = rng
+    return tensors
+
+
+@dataclass
+class SavedTraining:
+    """What a checkpoint holds for a resume, as full (unsharded) tensors."""
+
+    state: dict[str, Any]
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    rng: dict[str, torch.Tensor]
+
+
+def read_training_state(folder: Path, trainable_names: set[str], rank: int = 0) -> SavedTraining:
+    """Load what write_training_state saved; `rank`'s own RNG when the checkpoint has it, else rank 0's."""
     state = json.loads((folder / STATE_FILE).read_text())
-    trainable = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
     saved = load_file(str(folder / TRAINABLE_FILE))
-    if set(saved) != set(trainable):
-        missing, extra = sorted(set(trainable) - set(saved)), sorted(set(saved) - set(trainable))
+    if set(saved) != trainable_names:
+        missing, extra = sorted(trainable_names - set(saved)), sorted(set(saved) - trainable_names)
         raise TunesmithError(
             f"Checkpoint {folder} does not match this run's trainable parameters (missing {missing[:3]}, "
             f"unexpected {extra[:3]}); resume with the same finetuning_type, lora_rank and lora_target.")
-    with torch.no_grad():
-        for name, param in trainable.items():
-            param.copy_(saved[name])
     tensors = load_file(str(folder / OPTIMIZER_FILE))
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, state.pop("optimizer_layout")))
-    torch.set_rng_state(tensors["rng.cpu"])
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")])
-    return state
+    own = folder / f"rng-rank{rank}.safetensors"
+    rng = load_file(str(own)) if rank and own.is_file() else {k: v for k, v in tensors.items() if k.startswith("rng.")}
+    optimizer = _unflatten_optimizer({k: v for k, v in tensors.items() if not k.startswith("rng.")},
+                                     state.pop("optimizer_layout"))
+    return SavedTraining(state, saved, optimizer, rng)
+
+
+def restore_rng(rng: dict[str, torch.Tensor]) -> None:
+    """Put saved generator states back (CUDA ones only where this machine has those devices)."""
+    torch.set_rng_state(rng["rng.cpu"])
+    cuda = [rng[k] for k in sorted(rng) if k.startswith("rng.cuda.")]
+    if torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

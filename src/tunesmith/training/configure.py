@@ -41,6 +41,8 @@ def build_config(raw: dict, source: str = "config", notices: list[str] | None = 
                                     "(pairs share one packed row, RL samples its answers), so remove `packing`."))
     for key, message in problems:
         raise TunesmithError(f"{where.get(key, source)}: {message}")
+    if notices is not None and config.distributed.summary():
+        notices.append(config.distributed.summary())
     return config
 
 

@@ -1,28 +1,162 @@
-"""Who am I in a data-parallel run: rank and world size from torchrun's environment (1 process otherwise).
+"""Who am I in a data-parallel run, and the few collectives the loop needs.
 
-The loop only asks `is_main` (log and save) and shards the data order by rank; a later data-parallel
-stage adds process-group setup and gradient all-reduce without touching the loop's structure.
+torchrun (or `tunesmith train` relaunching itself under torchrun, see training/launch.py) starts one
+process per rank and sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE. `start` joins the process
+group: NCCL with one GPU per rank (cuda:LOCAL_RANK) on CUDA, gloo on the CPU, where each rank gets
+its share of the node's cores as threads (torchrun's OMP_NUM_THREADS=1 would leave cores idle).
+
+Gradients are *summed* across ranks and every loss is divided by the item count of the whole global
+step (`all_sum` of each rank's count), so N ranks compute exactly the gradient of one process with the
+N-times batch, whatever a backend's own averaging does (PyTorch issue 162338: FSDP2 on gloo).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+THREADS_VARIABLE = "TUNESMITH_THREADS_PER_RANK"
 
 
 @dataclass(frozen=True)
 class ProcessInfo:
-    """This process's place in the run: `rank` of `world_size` processes."""
+    """This process's place in the run: `rank` of `world_size` processes, `local_rank` on its node."""
 
     rank: int = 0
     world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
 
     @property
     def is_main(self) -> bool:
         """Whether this process logs and saves: rank 0, so files are written once per run."""
         return self.rank == 0
 
+    @property
+    def distributed(self) -> bool:
+        """More than one rank: gradients and statistics cross processes."""
+        return self.world_size > 1
+
 
 def process_info() -> ProcessInfo:
-    """Read RANK / WORLD_SIZE as torchrun sets them."""
-    return ProcessInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    """Read RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE as torchrun sets them."""
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", 1))
+    return ProcessInfo(int(env.get("RANK", 0)), world, int(env.get("LOCAL_RANK", 0)),
+                       int(env.get("LOCAL_WORLD_SIZE", world)))
+
+
+def threads_per_rank(proc: ProcessInfo, cores: int | None = None) -> int:
+    """TUNESMITH_THREADS_PER_RANK if set, else this node's cores shared evenly between its ranks."""
+    if os.environ.get(THREADS_VARIABLE, "").isdigit() and int(os.environ[THREADS_VARIABLE]) > 0:
+        return int(os.environ[THREADS_VARIABLE])
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(proc.local_world_size, 1))
+
+
+def start(proc: ProcessInfo, device: torch.device, timeout_s: float) -> None:
+    """Join the process group (once): NCCL on CUDA, gloo on the CPU with this rank's share of the cores."""
+    if not proc.distributed or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(proc.local_rank)
+        backend = "nccl"
+    else:
+        torch.set_num_threads(threads_per_rank(proc))
+        backend = "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+
+
+def stop() -> None:
+    """Leave the process group (at the end of a run, or when unwinding after an error)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_device(device: torch.device, proc: ProcessInfo) -> torch.device:
+    """The device this rank computes on: its own GPU (LOCAL_RANK) on CUDA."""
+    if device.type == "cuda" and proc.distributed:
+        return torch.device("cuda", proc.local_rank)
+    return device
+
+
+def active() -> bool:
+    """Whether collectives run (a process group with more than one rank)."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_sum(values: list[float] | torch.Tensor) -> torch.Tensor:
+    """The element-wise sum over ranks, in float64 (item counts, metric sums), on the collective device."""
+    tensor = torch.as_tensor(values, dtype=torch.float64).to(collective_device(), copy=True)
+    if active():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def all_max(value: float) -> float:
+    """The maximum over ranks (a flag any rank may raise, such as 'stop after this step')."""
+    if not active():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor)
+
+
+def sum_gradients(params: list[torch.nn.Parameter], bucket_bytes: int = 64 << 20) -> None:
+    """Sum every parameter's gradient over ranks, in flat buckets (one collective per bucket, not per tensor)."""
+    if not active():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for grad in grads:
+        bucket.append(grad)
+        size += grad.numel() * grad.element_size()
+        if size >= bucket_bytes:
+            _sum_bucket(bucket)
+            bucket, size = [], 0
+    if bucket:
+        _sum_bucket(bucket)
+
+
+def _sum_bucket(grads: list[torch.Tensor]) -> None:
+    """All-reduce one bucket of same-device gradients through one flat buffer per dtype."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for grad in grads:
+        by_dtype.setdefault(grad.dtype, []).append(grad)
+    for group in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in group])
+        dist.all_reduce(flat)
+        offset = 0
+        for grad in group:
+            grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+
+
+def broadcast_trainable(model: torch.nn.Module) -> None:
+    """Rank 0's trainable weights on every rank, so replicas start identical (frozen weights come from
+    the same files on every rank; a fresh LoRA adapter or value head is drawn from each rank's RNG)."""
+    if not active():
+        return
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                dist.broadcast(param.data, src=0)
+
+
+def barrier() -> None:
+    """Wait for every rank (around checkpoint writes)."""
+    if active():
+        dist.barrier()
+
+
+def collective_device() -> torch.device:
+    """Where a collective's tensors live: the rank's GPU under NCCL, the CPU under gloo or alone."""
+    if active() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
-from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -31,10 +31,17 @@ import torch
 from tqdm.auto import tqdm
 
 from tunesmith.config import OptimArgs, OutputArgs
-from tunesmith.training import checkpoint
+from tunesmith.errors import TunesmithError
+from tunesmith.training import distributed, snapshots
 from tunesmith.training.distributed import ProcessInfo
+from tunesmith.training.interrupt import StopRequest, TrainingStopped
 from tunesmith.training.schedule import lr_factor, warmup_steps_for
+from tunesmith.training.snapshots import SaveArtifact
 from tunesmith.training.tracking import Tracker, truncate_log
+from tunesmith.training.updates import Updates, autocast_context, autocast_dtype, build_optimizer, eval_mode
+
+__all__ = ["RunData", "Stage", "StepOutput", "Updates", "autocast_context", "autocast_dtype", "build_optimizer",
+           "eval_mode", "evaluate", "train"]
 
 
 class Stateful(Protocol):
@@ -83,34 +90,6 @@ class Stage:
     """Objects whose state a checkpoint keeps and a resume restores."""
 
 
-class Updates:
-    """The loop's optimizer, handed to a stage's step: scaled backward, then clip, step and zero."""
-
-    def __init__(self, model: torch.nn.Module, optim: OptimArgs, device: torch.device):
-        self.model, self.optim, self.device = model, optim, device
-        self.optimizer = build_optimizer(model, optim)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=optim.fp16)
-        self.last_norm: torch.Tensor | None = None
-
-    def autocast(self) -> AbstractContextManager:
-        """The run's mixed precision (bf16/fp16), for a stage's forward passes."""
-        return autocast_context(self.device, self.optim)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        """Accumulate d loss / d weights (loss-scaled under fp16)."""
-        self.scaler.scale(loss).backward()
-
-    def step(self) -> torch.Tensor:
-        """Clip the accumulated gradient, take an optimizer step, clear the gradient; returns its norm."""
-        self.last_norm = clip_and_step(self.model, self.optimizer, self.scaler, self.optim.max_grad_norm)
-        return self.last_norm
-
-    def set_lr(self, lr: float) -> None:
-        """The learning rate of every parameter group."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
-
 @dataclass
 class _Progress:
     """Counters of a run, and the sums since the last log line."""
@@ -121,6 +100,10 @@ class _Progress:
     items: float = 0.0
     tokens: int = 0
     window_start: float = field(default_factory=time.perf_counter)
+    bad_steps: int = 0
+    """Steps whose update was skipped because a loss or gradient was not finite (whole run)."""
+    bad_in_a_row: int = 0
+    zero_norm_in_a_row: int = 0
 
     def add(self, out: StepOutput) -> None:
         """Fold one step's output into the window."""
@@ -152,25 +135,12 @@ def total_steps_for(optim: OptimArgs, per_epoch: int) -> int:
     return max(1, math.ceil(optim.num_train_epochs * per_epoch))
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimArgs) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D tensors)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    kwargs = dict(lr=optim.learning_rate, betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_epsilon)
-    return torch.optim.AdamW(groups, foreach=True, **kwargs)
-
-
 def train(model: torch.nn.Module, stage: Stage, data: RunData, optim: OptimArgs, output: OutputArgs,
-          save_artifact: Callable[[Path], None], proc: ProcessInfo, resume_from: Path | None = None) -> dict:
-    """Run the optimisation; returns the final metrics. `save_artifact(folder)` writes the user-facing
-    result (a PEFT adapter or a model folder) into a checkpoint."""
-    device = next(model.parameters()).device
-    output_dir = Path(output.output_dir)
-    updates = Updates(model, optim, device)
+          save_artifact: SaveArtifact, updates: Updates, resume_from: Path | None = None,
+          stop: StopRequest | None = None) -> dict:
+    """Run the optimisation; returns the final metrics. `save_artifact(folder, full_state)` writes the
+    user-facing result (a PEFT adapter or a model folder) into a checkpoint; `stop` is set by a signal."""
+    proc, output_dir = updates.parallel.proc, Path(output.output_dir)
     per_epoch = steps_per_epoch(len(data.train), stage.rows_per_step, proc)
     total = total_steps_for(optim, per_epoch)
     warmup = warmup_steps_for(total, optim.warmup_steps, optim.warmup_ratio)
@@ -185,31 +155,78 @@ def train(model: torch.nn.Module, stage: Stage, data: RunData, optim: OptimArgs,
         epoch, index = divmod(progress.global_step, per_epoch)
         if order[0] != epoch:
             order = (epoch, epoch_order(len(data.train), optim.seed, epoch, proc))
-        rows = [data.train[i] for i in order[1][index * stage.rows_per_step:(index + 1) * stage.rows_per_step]]
-        progress.add(stage.step(model, rows, updates))
+        chosen = order[1][index * stage.rows_per_step:(index + 1) * stage.rows_per_step]
+        skipped_before = updates.skipped
+        out = stage.step(model, [data.train[i] for i in chosen], updates)
         progress.global_step += 1
+        _account(progress, out, updates, updates.skipped > skipped_before, chosen, optim.max_bad_steps)
         bar.update(1)
         step = progress.global_step
         if step % output.logging_steps == 0 or step == total:
             epoch = _epochs_done(step, per_epoch, stage, len(data.train), proc)
             record = _log_record(progress, updates, step, total, epoch, lr, start)
             tracker.log(record)
-            bar.set_postfix({key: f"{record[key]:.4f}" for key in stage.headline if key in record}
+            bar.set_postfix({key: f"{record[key]:.4f}" for key in stage.headline if isinstance(record.get(key), float)}
                             | {"lr": f"{lr:.2e}", "tok_s": f"{record['tokens_per_second']:.0f}"})
         if data.eval and step < total and _eval_due(output, step, per_epoch):
             tracker.log({"current_steps": step, "total_steps": total, **evaluate(model, stage, data, optim)})
-        if output.save_steps and step % output.save_steps == 0 and step < total and proc.is_main:
+        stopping = stop is not None and distributed.all_max(float(stop.requested)) > 0
+        if step < total and (stopping or output.save_steps and step % output.save_steps == 0):
             progress.elapsed_s = time.perf_counter() - start
-            save_step(output_dir, step, model, updates, stage, progress, save_artifact, output.save_total_limit)
+            save_step(output_dir, model, updates, stage, progress, save_artifact, output.save_total_limit)
+        if stopping and step < total:
+            tracker.close()
+            bar.close()
+            raise TrainingStopped(
+                f"stopped by {stop.signal_name or 'a signal on another rank'} after step {step} of {total}; "
+                f"{output_dir / f'checkpoint-{step}'} holds it. Run the same command with "
+                "`resume_from_checkpoint: true` to continue exactly where it stopped.")
     bar.close()
+    return _finish(model, stage, data, optim, tracker, progress, record, start)
+
+
+def _finish(model: torch.nn.Module, stage: Stage, data: RunData, optim: OptimArgs, tracker: Tracker,
+            progress: _Progress, record: dict, start: float) -> dict:
+    """The run's final metrics (headline, throughput, runtime, a final evaluation)."""
     final = {key: record[key] for key in (*stage.headline, "tokens_per_second") if key in record}
     final["train_runtime_s"] = round(time.perf_counter() - start, 2)
+    if progress.bad_steps:
+        final["bad_steps"] = progress.bad_steps
     if data.eval:
         eval_metrics = evaluate(model, stage, data, optim)
-        tracker.log({"current_steps": progress.global_step, "total_steps": total, **eval_metrics})
+        tracker.log({"current_steps": progress.global_step, "total_steps": record.get("total_steps"),
+                     **eval_metrics})
         final.update(eval_metrics)
     tracker.close()
     return final
+
+
+def _account(progress: _Progress, out: StepOutput, updates: Updates, skipped: bool, rows: list[int],
+             max_bad_steps: int) -> None:
+    """Count a step: its metrics join the window, unless its update was skipped as non-finite; too many
+    skipped steps in a row stop the run; a gradient that stays exactly zero gets one warning."""
+    if not skipped:
+        progress.add(out)
+        progress.bad_in_a_row = 0
+    else:
+        progress.bad_steps += 1
+        progress.bad_in_a_row += 1
+        if progress.bad_in_a_row >= max_bad_steps:
+            proc = updates.parallel.proc
+            where = f" on rank {proc.rank}" if proc.distributed else ""
+            raise TunesmithError(
+                f"step {progress.global_step}: the loss or gradient was not finite (NaN or inf) for "
+                f"{progress.bad_in_a_row} steps in a row (max_bad_steps), so training stopped; those updates were "
+                f"skipped and no checkpoint holds non-finite weights. The last step's rows{where} were samples "
+                f"{sorted(rows)[:16]} of the training data. Lower learning_rate, check those samples, or resume "
+                "from the last checkpoint.")
+    norm = updates.last_norm
+    progress.zero_norm_in_a_row = progress.zero_norm_in_a_row + 1 if norm is not None and float(norm) == 0 else 0
+    if progress.zero_norm_in_a_row == max(max_bad_steps, 3):
+        warnings.warn(f"step {progress.global_step}: the gradient norm has been exactly 0 for "
+                      f"{progress.zero_norm_in_a_row} steps, so nothing is learning: the learning rate may have "
+                      "driven the model into saturation (try a smaller learning_rate), or no label token trains.",
+                      stacklevel=2)
 
 
 def _resume(resume_from: Path | None, model: torch.nn.Module, updates: Updates, stage: Stage, output_dir: Path,
@@ -217,14 +234,15 @@ def _resume(resume_from: Path | None, model: torch.nn.Module, updates: Updates, 
     """A fresh run's counters, or a checkpoint's: weights, optimizer, RNG, loss scale, stage state."""
     if resume_from is None:
         return _Progress()
-    state = checkpoint.read_training_state(resume_from, model, updates.optimizer)
+    state = snapshots.restore(resume_from, model, updates)
     if "scaler" in state:
         updates.scaler.load_state_dict(state["scaler"])
     for name, holder in stage.state.items():
         holder.load_state_dict(state["controllers"][name])
     if proc.is_main:
         truncate_log(output_dir, state["global_step"])
-    return _Progress(global_step=state["global_step"], elapsed_s=state["elapsed_s"])
+    return _Progress(global_step=state["global_step"], elapsed_s=state["elapsed_s"],
+                     bad_steps=state.get("bad_steps", 0))
 
 
 def _eval_due(output: OutputArgs, step: int, per_epoch: int) -> bool:
@@ -253,66 +271,34 @@ def _epochs_done(step: int, per_epoch: int, stage: Stage, n_rows: int, proc: Pro
 
 def _log_record(progress: _Progress, updates: Updates, step: int, total: int, epoch: float, lr: float,
                 start: float) -> dict:
-    """One trainer_log.jsonl record (LLaMA-Factory's fields plus throughput); clears the window."""
+    """One trainer_log.jsonl record (LLaMA-Factory's fields plus throughput), over every rank; clears the window."""
     elapsed = time.perf_counter() - start
     seconds = time.perf_counter() - progress.window_start
-    items = max(progress.items, 1e-12)
-    means = {key: round(float(value) / items, 6) for key, value in progress.sums.items()}
+    keys = sorted(progress.sums)
+    totals = distributed.all_sum([float(progress.sums[k]) for k in keys] + [progress.items, float(progress.tokens)])
+    totals = totals.tolist()
+    items, tokens = max(totals[-2], 1e-12), totals[-1]
+    means = {key: round(value / items, 6) for key, value in zip(keys, totals)}
+    if "tokens_per_second" in means:  # a stage's own rate is per rank: the run's is the ranks' sum
+        means["tokens_per_second"] = round(means["tokens_per_second"] * updates.parallel.proc.world_size, 2)
     record = {"current_steps": step, "total_steps": total, **means, "lr": lr}
     if updates.last_norm is not None:  # a stage that averages its own updates' norms reports grad_norm itself
         record.setdefault("grad_norm", round(float(updates.last_norm), 6))
     record.update(epoch=round(epoch, 4), percentage=round(100 * step / total, 2))
-    record.setdefault("tokens_per_second", round(progress.tokens / max(seconds, 1e-9), 2))
+    record.setdefault("tokens_per_second", round(tokens / max(seconds, 1e-9), 2))
+    if progress.bad_steps:
+        record["bad_steps"] = progress.bad_steps
     record.update(elapsed_time=str(timedelta(seconds=int(elapsed))),
                   remaining_time=str(timedelta(seconds=int(elapsed / step * (total - step)))))
     progress.clear()
     return record
 
 
-def save_step(output_dir: Path, step: int, model: torch.nn.Module, updates: Updates, stage: Stage,
-              progress: _Progress, save_artifact: Callable[[Path], None], keep: int | None) -> None:
-    """checkpoint-{step}: the user-facing result plus what a resume needs, written atomically."""
-    state = {"global_step": progress.global_step, "elapsed_s": progress.elapsed_s,
+def save_step(output_dir: Path, model: torch.nn.Module, updates: Updates, stage: Stage, progress: _Progress,
+              save_artifact: SaveArtifact, keep: int | None) -> None:
+    """checkpoint-{step}: the user-facing result plus what a resume needs (every rank takes part)."""
+    state = {"global_step": progress.global_step, "elapsed_s": progress.elapsed_s, "bad_steps": progress.bad_steps,
              "controllers": {name: holder.state_dict() for name, holder in stage.state.items()}}
     if updates.scaler.is_enabled():
         state["scaler"] = updates.scaler.state_dict()
-
-    def write(folder: Path) -> None:
-        save_artifact(folder)
-        checkpoint.write_training_state(folder, model, updates.optimizer, state)
-
-    checkpoint.save_checkpoint(output_dir, step, write, keep)
-
-
-def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                  max_grad_norm: float) -> torch.Tensor:
-    """Unscale, clip the global gradient norm (0: no clipping), step, zero; returns the norm before clipping."""
-    scaler.unscale_(optimizer)
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return norm
-
-
-@contextmanager
-def eval_mode(model: torch.nn.Module):
-    """The model in eval mode (no dropout) inside the block, in the mode it had before after it."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def autocast_dtype(optim: OptimArgs) -> torch.dtype | None:
-    """The mixed-precision dtype the config asks for (bf16/fp16), None for fp32."""
-    return torch.bfloat16 if optim.bf16 else torch.float16 if optim.fp16 else None
-
-
-def autocast_context(device: torch.device, optim: OptimArgs) -> AbstractContextManager:
-    """Mixed precision as the config asks (bf16/fp16), a no-op context in fp32."""
-    dtype = autocast_dtype(optim)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    snapshots.save_step(output_dir, progress.global_step, model, updates, state, save_artifact, keep)

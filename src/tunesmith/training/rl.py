@@ -219,13 +219,14 @@ def update(model: torch.nn.Module, parts: RLParts, rollout: Rollout, epochs: int
             chosen = order[first:first + update_size]
             pieces = [rollout.select(chosen[i:i + micro_size]) for i in range(0, len(chosen), micro_size)]
             items = [parts.loss_items(piece) for piece in pieces]
+            global_items = updates.global_count(sum(items))  # over every rank's mini-batch
             for piece, piece_items in zip(pieces, items):
                 with updates.autocast():
                     loss, stats = parts.loss(model, piece)
-                share = piece_items / sum(items)  # the piece's loss is a mean over its items
+                share = piece_items / global_items  # the piece's loss is a mean over its items
                 updates.backward(loss * share)
-                for key, value in {"loss": loss.detach(), **stats}.items():
-                    sums[key] = sums.get(key, 0.0) + value * share
+                for key, value in {"loss": loss.detach(), **stats}.items():  # this rank's share of the mean
+                    sums[key] = sums.get(key, 0.0) + value * share * updates.parallel.proc.world_size
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + updates.step()
             count += 1
     return {key: float(value) / count for key, value in sums.items()}

@@ -21,13 +21,16 @@ from tunesmith.model.adapters import save_adapter
 from tunesmith.model.finetune import AdapterSettings, prepare_for_training, trainable_summary
 from tunesmith.model.loading import load_model, load_tokenizer, resolve_device_and_dtype
 from tunesmith.model.value_head import ATTRIBUTE as VALUE_HEAD_ATTRIBUTE
-from tunesmith.model.value_head import save_value_head, without_value_head
-from tunesmith.training import checkpoint, loop
+from tunesmith.model.value_head import save_value_head, value_head_from_state, without_value_head
+from tunesmith.training import checkpoint, distributed, loop
 from tunesmith.training.distributed import process_info
+from tunesmith.training.interrupt import graceful_stops
 from tunesmith.training.memory import pin_mmap_threshold, reuse_freed_memory
+from tunesmith.training.parallel import Parallel, choose, shard
 from tunesmith.training.reference import Reference
 from tunesmith.training.stages import STAGES, StageInputs, StageSpec
 from tunesmith.training.tracking import LOG_FILE, plot_metrics, require_reporter
+from tunesmith.training.updates import Updates
 
 CONFIG_FILE = "train_config.yaml"
 RESULTS_FILE = "all_results.json"
@@ -49,8 +52,10 @@ class Prepared:
     """The starting model the stage holds the policy to, when it needs one."""
 
 
-def prepare_training(config: RunConfig) -> Prepared:
-    """Device and dtype, tokenizer, data (before the slow model load, so data errors come first), model."""
+def prepare_training(config: RunConfig, parallel: Parallel | None = None) -> Prepared:
+    """Device and dtype, tokenizer, data (before the slow model load, so data errors come first), model;
+    under several ranks, each rank's device, identical starting weights, and fsdp's sharding."""
+    parallel = parallel or Parallel()
     spec = STAGES[config.stage]
     if config.train.gradient_checkpointing:  # the memory-saving mode: also return freed activations to the OS
         pin_mmap_threshold()
@@ -58,6 +63,7 @@ def prepare_training(config: RunConfig) -> Prepared:
         reuse_freed_memory()
     optim = config.train
     device, compute_dtype = resolve_device_and_dtype(optim.bf16, optim.fp16, optim.use_cpu)
+    device = distributed.rank_device(device, parallel.proc)
     # The precision actually used (a CPU without bf16 units falls back to fp32), so the loop's autocast
     # and the saved train_config.yaml tell the truth.
     config = config.replace(bf16=compute_dtype == torch.bfloat16, fp16=compute_dtype == torch.float16)
@@ -71,8 +77,12 @@ def prepare_training(config: RunConfig) -> Prepared:
                        trust_remote_code=config.model.trust_remote_code)
     adapter = prepare_for_training(model, config.model, config.adapter, spec.fresh_adapter,
                                    config.train.gradient_checkpointing)
+    distributed.broadcast_trainable(model)
     reference = reference_for(spec, config, model)
     stage = spec.build(StageInputs(model, config, tokenizer, data, device, reference))
+    distributed.broadcast_trainable(model)  # a value head the stage attached
+    if parallel.sharded:
+        shard(model, config.distributed, device, compute_dtype)
     return Prepared(config, device, compute_dtype, tokenizer, model, adapter, stage, data, reference)
 
 
@@ -86,7 +96,8 @@ def reference_for(spec: StageSpec, config: RunConfig, model: torch.nn.Module) ->
 
 
 def run_training(config: RunConfig, say=print) -> dict:
-    """Train as `config` says; returns the final metrics (also written to all_results.json)."""
+    """Train as `config` says; returns the final metrics (also written to all_results.json). Under torchrun
+    every rank runs this; rank 0 writes the files."""
     if not config.task.do_train:
         raise TunesmithError("`do_train: false`: run_training trains; use inference.predict.train_and_predict "
                              "(what `tunesmith train` runs) to only predict.")
@@ -95,28 +106,47 @@ def run_training(config: RunConfig, say=print) -> dict:
     resume_from = checkpoint.resolve_resume(config.output.resume_from_checkpoint, output_dir)
     check_output_dir(output_dir, config, resume_from)
     require_reporter(config.output.report_to)
+    parallel = choose(config.distributed, proc, config.adapter.finetuning_type)
+    try:
+        return _train_on_this_rank(config, parallel, resume_from, say)
+    finally:
+        distributed.stop()
+
+
+def _train_on_this_rank(config: RunConfig, parallel: Parallel, resume_from: Path | None, say) -> dict:
+    """Join the other ranks, prepare, train, save (rank 0); every rank runs this."""
+    proc, output_dir = parallel.proc, Path(config.output.output_dir)
+    device, _ = resolve_device_and_dtype(config.train.bf16, config.train.fp16, config.train.use_cpu)
+    distributed.start(proc, device, config.distributed.ddp_timeout)
     torch.manual_seed(config.train.seed)
-    run = prepare_training(config)
+    run = prepare_training(config, parallel)
     config, model, tokenizer, adapter = run.config, run.model, run.tokenizer, run.adapter
     spec = STAGES[config.stage]
-    say(f"[tunesmith] {config.stage} on {run.device} ({run.compute_dtype}), {len(run.data.train)} train / "
-        f"{len(run.data.eval)} eval rows; {trainable_summary(model)}")
+    where = f"{proc.world_size} ranks ({parallel.strategy}), " if proc.distributed else ""
     if proc.is_main:
+        say(f"[tunesmith] {config.stage} on {where}{run.device} ({run.compute_dtype}), {len(run.data.train)} train / "
+            f"{len(run.data.eval)} eval rows; {trainable_summary(model)}")
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / CONFIG_FILE)
         if resume_from is None:  # a fresh run in a reused folder: old logs and checkpoints would mislead
             (output_dir / LOG_FILE).unlink(missing_ok=True)
             checkpoint.remove_checkpoints(output_dir)
 
-    def save_artifact(folder: Path) -> None:
-        save_result(model, tokenizer, adapter, config.model.model_name_or_path, spec.saves_value_head, folder)
+    def save_artifact(folder: Path, full_state: dict | None) -> None:
+        save_result(model, tokenizer, adapter, config.model.model_name_or_path, spec.saves_value_head, folder,
+                    full_state)
 
-    metrics = loop.train(model, run.stage, run.data, config.train, config.output, save_artifact, proc, resume_from)
+    updates = Updates(model, config.train, run.device, parallel)
+    with graceful_stops() as stop:
+        metrics = loop.train(model, run.stage, run.data, config.train, config.output, save_artifact, updates,
+                             resume_from, stop)
+    full_state = parallel.full_state(model, trainable_only=False) if parallel.sharded else None
     if proc.is_main:
-        save_artifact(output_dir)
+        save_artifact(output_dir, full_state)
         write_results(output_dir, metrics)
         if config.output.plot_loss:
             plot_metrics(output_dir, spec.plotted)
+    distributed.barrier()
     return metrics
 
 
@@ -138,16 +168,20 @@ def write_results(output_dir: Path, metrics: dict) -> None:
 
 
 def save_result(model: torch.nn.Module, tokenizer: object, adapter: AdapterSettings | None, base_model: str,
-                with_value_head: bool, folder: Path) -> None:
+                with_value_head: bool, folder: Path, full_state: dict | None = None) -> None:
     """A PEFT adapter for LoRA runs, a full Hugging Face model folder otherwise; the tokenizer always;
-    a reward model's value head beside them (value_head.safetensors)."""
+    a reward model's value head beside them (value_head.safetensors). `full_state`: the gathered weights
+    of a model sharded over ranks (fsdp), else the model's own are read."""
     if adapter is not None:
         save_adapter(model, folder, base_model, adapter.rank, adapter.alpha, adapter.dropout,
                      adapter.target_modules, adapter.use_rslora)
     else:
-        model.save_pretrained(folder, safe_serialization=True, state_dict=without_value_head(model.state_dict()))
+        state = full_state if full_state is not None else model.state_dict()
+        model.save_pretrained(folder, safe_serialization=True, state_dict=without_value_head(state))
     head = getattr(model, VALUE_HEAD_ATTRIBUTE, None)
     if head is not None and with_value_head:
+        if full_state is not None:
+            head = value_head_from_state(head, full_state)
         save_value_head(head, folder)
     tokenizer.save_pretrained(folder)
 

@@ -3,8 +3,8 @@
 A stage supplies a `loss(model, batch) -> (loss summed over the batch's items, metrics summed over the
 same items)`, how to count those items (label tokens for SFT, pairs for preference losses), and how to
 collate rows into a batch. A step splits its rows into micro-batches of per_device_train_batch_size,
-backpropagates each loss divided by the item count of the whole step, then takes one optimizer step:
-accumulation gives the same gradient as one big batch.
+backpropagates each loss divided by the item count of the whole step (over every rank), then takes one
+optimizer step: accumulation, and N ranks, give the same gradient as one big batch.
 """
 
 from __future__ import annotations
@@ -48,12 +48,13 @@ def supervised_stage(objective: Objective, micro_batch_size: int, accumulation: 
 def accumulate(model: torch.nn.Module, objective: Objective, batches: list[Batch], updates: Updates) -> StepOutput:
     """Backward over one step's micro-batches, each loss divided by the step's total item count, then step."""
     items = sum(objective.count_items(b) for b in batches)  # counted on the CPU, before the copy to the device
+    global_items = updates.global_count(items)  # the whole step's, over every rank
     sums, tokens = {"loss": 0.0}, 0
     for batch in batches:
         tokens += batch.num_tokens
         with updates.autocast():
             loss_sum, metrics = objective.loss(model, batch.to(objective.device))
-        updates.backward(loss_sum / max(items, 1))
+        updates.backward(loss_sum / max(global_items, 1))
         sums["loss"] = sums["loss"] + loss_sum.detach()
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + value
