@@ -106,6 +106,8 @@ def optimizer_parameter_names(model: torch.nn.Module, optimizer: torch.optim.Opt
 def choose(args: DistributedArgs, proc: ProcessInfo, finetuning_type: str) -> Parallel:
     """The run's strategy; fsdp shards whole weights, so it is for full fine-tuning."""
     strategy = args.strategy(finetuning_type == "full", proc.world_size)
+    if not proc.distributed:  # one process holds everything: nothing to shard or sync (a checkpoint still resumes)
+        return Parallel("ddp", proc)
     if strategy == "fsdp" and finetuning_type != "full":
         raise TunesmithError(
             f"fsdp shards the weights that train, for full fine-tuning; with finetuning_type: {finetuning_type} "

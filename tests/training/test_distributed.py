@@ -1,0 +1,155 @@
+"""Several ranks (torchrun, gloo on the CPU) give the same training as one process with the combined batch.
+
+Each rank takes per_device_train_batch_size rows, one process takes ranks x that many; after 3 optimizer
+steps the trainable weights must agree within 1e-5. This is also the test that catches a backend that
+averages gradients where tunesmith sums them (PyTorch issue 162338, FSDP2 on gloo): the weights would
+then move half as far.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tunesmith.demos.synthetic import preference_records
+from tunesmith.training.configure import build_config
+from tunesmith.training.launch import torchrun_command
+from tunesmith.training.run import run_training
+
+RECORDS = [
+    {"instruction": f"Say {word}.", "input": "", "output": f"{word.title()} to you, friend number {i}!"}
+    for i, word in enumerate(["hello", "bye", "thanks", "sorry", "yes", "no", "maybe", "please"])
+]
+
+
+@pytest.fixture
+def dist_data(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "chat.json").write_text(json.dumps(RECORDS))
+    (folder / "pairs.json").write_text(json.dumps(preference_records(16, seed=0)))
+    (folder / "dataset_info.json").write_text(json.dumps({
+        "chat": {"file_name": "chat.json"}, "pairs": {"file_name": "pairs.json", "ranking": True}}))
+    return folder
+
+
+def settings_for(tiny_model, data, stage: str, finetuning_type: str) -> dict:
+    """A 3-step run. The reward model uses a 10x smaller learning rate: a few of its LoRA gradient entries are
+    at rounding level (the score reads one position), and Adam turns their rounding noise into lr-sized steps."""
+    return {"model_name_or_path": tiny_model, "dataset": "chat" if stage == "sft" else "pairs",
+            "dataset_dir": str(data), "stage": stage, "finetuning_type": finetuning_type, "cutoff_len": 64,
+            "learning_rate": (1e-2 if stage != "rm" else 1e-3) if finetuning_type == "lora" else 1e-3, "max_steps": 3, "logging_steps": 1,
+            "save_steps": 0, "seed": 0, "lora_rank": 4, "lora_target": "all", "lora_dropout": 0.0}
+
+
+def torchrun(settings: dict, folder: Path, nproc: int = 2, extra_env: dict | None = None, check: bool = True):
+    """`tunesmith train` on `nproc` gloo ranks of one thread each (NPROC_PER_NODE, as LLaMA-Factory users do)."""
+    config = folder.parent / f"{folder.name}.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    env = {**os.environ, "NPROC_PER_NODE": str(nproc), "TUNESMITH_THREADS_PER_RANK": "1", **(extra_env or {})}
+    env.pop("LOCAL_RANK", None)
+    done = subprocess.run([sys.executable, "-m", "tunesmith", "train", str(config)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def trained_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    name = "adapter_model.safetensors" if (output_dir / "adapter_model.safetensors").exists() else "model.safetensors"
+    weights = load_file(str(output_dir / name))
+    head = output_dir / "value_head.safetensors"
+    return weights | (load_file(str(head)) if head.exists() else {})
+
+
+def assert_same_weights(one: Path, two: Path, tolerance: float = 1e-5) -> None:
+    a, b = trained_weights(one), trained_weights(two)
+    assert sorted(a) == sorted(b)
+    # A reward model's pairwise loss does not see the value head's bias (it cancels in chosen - rejected), so
+    # its gradient is rounding noise, which Adam scales up to full-size steps: it is not comparable.
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a if k != "v_head.summary.bias")
+    assert worst < tolerance, worst
+
+
+def losses(output_dir: Path) -> list[float]:
+    lines = (output_dir / "trainer_log.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
+
+
+@pytest.mark.parametrize("stage,finetuning_type", [("sft", "lora"), ("rm", "lora"), ("dpo", "lora"),
+                                                   ("sft", "full"), ("dpo", "full")])
+def test_two_ranks_equal_one_process_with_the_combined_batch(tiny_model, dist_data, tmp_path, stage, finetuning_type):
+    settings = settings_for(tiny_model, dist_data, stage, finetuning_type)
+    run_training(build_config({**settings, "per_device_train_batch_size": 4, "output_dir": str(tmp_path / "one")}),
+                 say=lambda *_: None)
+    done = torchrun({**settings, "per_device_train_batch_size": 2, "output_dir": str(tmp_path / "two")},
+                    tmp_path / "two")
+    strategy = "fsdp" if finetuning_type == "full" else "ddp"  # auto: full fine-tuning shards
+    assert f"2 ranks ({strategy})" in done.stdout + done.stderr
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), abs=1e-5)
+
+
+def test_checkpoints_resume_on_another_number_of_ranks(tiny_model, dist_data, tmp_path):
+    """fsdp on 2 ranks -> 1 process, and 1 process -> 2 ranks, both end where an uninterrupted run ends."""
+    settings = {**settings_for(tiny_model, dist_data, "sft", "full"), "max_steps": 4, "save_steps": 2,
+                "distributed_strategy": "fsdp"}
+    uninterrupted = tmp_path / "whole"
+    run_training(build_config({**settings, "per_device_train_batch_size": 4, "output_dir": str(uninterrupted)}),
+                 say=lambda *_: None)
+    two_then_one = tmp_path / "two_then_one"
+    torchrun({**settings, "per_device_train_batch_size": 2, "max_steps": 4, "output_dir": str(two_then_one)},
+             two_then_one)
+    (two_then_one / "model.safetensors").unlink()
+    run_training(build_config({**settings, "per_device_train_batch_size": 4, "output_dir": str(two_then_one),
+                               "resume_from_checkpoint": str(two_then_one / "checkpoint-2")}), say=lambda *_: None)
+    assert_same_weights(uninterrupted, two_then_one)
+    one_then_two = tmp_path / "one_then_two"
+    run_training(build_config({**settings, "per_device_train_batch_size": 4, "output_dir": str(one_then_two)}),
+                 say=lambda *_: None)
+    torchrun({**settings, "per_device_train_batch_size": 2, "output_dir": str(one_then_two),
+              "resume_from_checkpoint": str(one_then_two / "checkpoint-2")}, one_then_two)
+    assert_same_weights(uninterrupted, one_then_two)
+    assert losses(one_then_two) == pytest.approx(losses(uninterrupted), abs=1e-5)
+
+
+def test_two_nodes_on_one_machine(tiny_model, dist_data, tmp_path):
+    """NNODES=2: the same command on each "node" (here two process trees on 127.0.0.1), rendezvous on node 0."""
+    settings = settings_for(tiny_model, dist_data, "sft", "lora")
+    run_training(build_config({**settings, "per_device_train_batch_size": 4, "output_dir": str(tmp_path / "one")}),
+                 say=lambda *_: None)
+    folder = tmp_path / "nodes"
+    folder.mkdir()
+    config = folder / "cfg.yaml"
+    config.write_text(yaml.safe_dump({**settings, "per_device_train_batch_size": 2, "output_dir": str(folder / "out")}))
+    port = str(29_500 + os.getpid() % 1000)
+    nodes = []
+    for node_rank in (0, 1):
+        env = {**os.environ, "NNODES": "2", "NODE_RANK": str(node_rank), "NPROC_PER_NODE": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "TUNESMITH_THREADS_PER_RANK": "1"}
+        nodes.append(subprocess.Popen([sys.executable, "-m", "tunesmith", "train", str(config)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert_same_weights(tmp_path / "one", folder / "out")
+
+
+def test_launch_reads_llama_factory_variables():
+    assert torchrun_command(["train", "c.yaml"], env={}) is None
+    assert torchrun_command(["train", "c.yaml"], env={"LOCAL_RANK": "0", "NPROC_PER_NODE": "2"}) is None
+    command = torchrun_command(["train", "c.yaml", "lr=1"], env={"NPROC_PER_NODE": "4", "MASTER_PORT": "1234"})
+    assert command[1:4] == ["-m", "torch.distributed.run", "--nproc-per-node"] and command[4] == "4"
+    assert command[command.index("--master-port") + 1] == "1234" and command[-3:] == ["train", "c.yaml", "lr=1"]
+    forced = torchrun_command(["train", "c.yaml"], env={"FORCE_TORCHRUN": "1"})
+    assert forced[forced.index("--nproc-per-node") + 1] == "1"
+    assert torchrun_command(["train", "c.yaml"], nproc=2, env={})[4] == "2"
+    with pytest.raises(Exception, match="MASTER_ADDR and MASTER_PORT"):
+        torchrun_command(["train", "c.yaml"], env={"NNODES": "2"})
+    with pytest.raises(Exception, match="NPROC_PER_NODE='two'"):
+        torchrun_command(["train", "c.yaml"], env={"NPROC_PER_NODE": "two"})
