@@ -21,6 +21,7 @@ from tunesmith.demos.synthetic import preference_records
 from tunesmith.training.configure import build_config
 from tunesmith.training.launch import torchrun_command
 from tunesmith.training.run import run_training
+from tunesmith.training.tracking import read_log
 
 RECORDS = [
     {"instruction": f"Say {word}.", "input": "", "output": f"{word.title()} to you, friend number {i}!"}
@@ -94,6 +95,26 @@ def test_two_ranks_equal_one_process_with_the_combined_batch(tiny_model, dist_da
     assert f"2 ranks ({strategy})" in done.stdout + done.stderr
     assert_same_weights(tmp_path / "one", tmp_path / "two")
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), abs=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_rl_on_two_ranks_equals_one_process(tiny_model, dist_data, tmp_path, stage):
+    """Each rank samples its share of the prompts (a GRPO group on one rank), every answer from its own seed;
+    whitening, score normalisation and the adaptive KL controller use statistics over both ranks."""
+    settings = {**settings_for(tiny_model, dist_data, "sft", "lora"), "stage": stage, "max_new_tokens": 6,
+                "reward_function": "tunesmith.demos.synthetic:kindness_reward", "num_generations": 2,
+                "ppo_epochs": 2, "learning_rate": 1e-2, "ppo_score_norm": True}
+    if stage == "ppo":
+        settings["ppo_target"] = 1.0
+    run_training(build_config({**settings, "per_device_train_batch_size": 4, "output_dir": str(tmp_path / "one")}),
+                 say=lambda *_: None)
+    torchrun({**settings, "per_device_train_batch_size": 2, "output_dir": str(tmp_path / "two")}, tmp_path / "two")
+    # PPO's whitened advantages divide by a small std and its critic adds a second loss, so rounding grows
+    # faster there (measured: 2.7e-5 after 3 steps); GRPO stays within 1e-5.
+    assert_same_weights(tmp_path / "one", tmp_path / "two", 1e-5 if stage == "grpo" else 1e-4)
+    one, two = (read_log(tmp_path / name) for name in ("one", "two"))
+    for key in ("score", "score_std", "kl", "reward", "response_length", "loss"):
+        assert [r[key] for r in one] == pytest.approx([r[key] for r in two], abs=1e-5), key
 
 
 def test_checkpoints_resume_on_another_number_of_ranks(tiny_model, dist_data, tmp_path):

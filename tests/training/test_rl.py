@@ -265,7 +265,7 @@ def test_micro_batches_combine_into_the_big_batch_gradient(rl_settings, stage):
     model = run.model
     inputs = StageInputs(model, run.config, run.tokenizer, run.data, run.device, Reference.of(model, torch.float32))
     rl = (ppo.ppo_parts if stage == "ppo" else grpo.grpo_parts)(inputs)
-    rollout, _ = rl.rollout(model, run.data.train[:2])
+    rollout, _ = rl.rollout(model, run.data.train[:2], list(range(2 * rl.samples_per_prompt)))
 
     def grads(parts):
         model.zero_grad()

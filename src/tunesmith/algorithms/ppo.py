@@ -12,21 +12,35 @@ r = ref / pi (unbiased, always >= 0, lower variance; Schulman's "Approximating K
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+Total = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a tensor of partial sums over data-parallel ranks (the identity in one process), so statistics are
+those of the whole global batch."""
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` where `mask` is 1."""
+
+def local_total(sums: torch.Tensor) -> torch.Tensor:
+    """One process: its partial sums are the totals."""
+    return sums
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, total: Total = local_total) -> torch.Tensor:
+    """Mean of `values` where `mask` is 1 (over every rank's values with a cross-rank `total`, as a statistic
+    without gradient)."""
     mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+    sums = torch.stack([(values * mask).sum(), mask.sum()])
+    sums = sums if total is local_total else total(sums.detach())
+    return sums[0] / sums[1].clamp(min=1)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  total: Total = local_total) -> torch.Tensor:
     """(values - mean) / std over the masked entries; 0 outside the mask. Without shift_mean the mean is kept."""
-    mean = masked_mean(values, mask)
-    variance = masked_mean((values - mean) ** 2, mask)
+    mean = masked_mean(values, mask, total)
+    variance = masked_mean((values - mean) ** 2, mask, total)
     whitened = (values - mean) * torch.rsqrt(variance + eps)
     if not shift_mean:
         whitened = whitened + mean
@@ -135,10 +149,16 @@ class RunningMoments:
     def __init__(self) -> None:
         self.mean, self.var, self.count = 0.0, 1.0, 1e-24
 
-    def update(self, values: torch.Tensor) -> None:
-        """Fold a batch of scores into the running mean and variance (exact, not an exponential average)."""
+    def update(self, values: torch.Tensor, total: Total = local_total) -> None:
+        """Fold a batch of scores (every rank's, with a cross-rank `total`) into the running mean and variance
+        (exact, not an exponential average)."""
         values = values.double()
-        batch_mean, batch_var, n = values.mean().item(), values.var(unbiased=False).item(), values.numel()
+        if total is local_total:
+            batch_mean, batch_var, n = values.mean().item(), values.var(unbiased=False).item(), values.numel()
+        else:
+            n, summed = total(torch.stack([values.new_tensor(values.numel()), values.sum()])).tolist()
+            batch_mean = summed / n
+            batch_var = total((values - batch_mean).pow(2).sum().reshape(1)).item() / n
         delta, total = batch_mean - self.mean, self.count + n
         self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
         self.mean += delta * n / total

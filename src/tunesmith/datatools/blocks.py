@@ -19,11 +19,13 @@ and other layouts are always read sequentially.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import random
 import re
 import signal
+import sys
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ from tunesmith.data.formats import BadRecord
 from tunesmith.data.streams import UNREADABLE, loads, not_an_object, parse_json_line
 from tunesmith.datatools.writer import dumps
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 BLOCK_BYTES = 4 << 20
 MAX_BLOCK_BYTES = 64 << 20
 ARRAY_SHAPE = re.compile(rb"e*l\]|\]")  # e: record line ending in ",", l: the last record, ]: the close
@@ -132,16 +135,31 @@ def init_worker(path: Path, layout: Layout, pipeline: Pipeline, seed: int | None
 
 
 def init_pool_worker(path: Path, layout: Layout, recipe: tuple[Callable[[Any], Pipeline], Any],
-                     seed: int | None) -> None:
+                     seed: int | None, parent: int | None = None) -> None:
     """A pool worker builds its own steps from `recipe` = (make_pipeline, options): closures do not
-    pickle, and a tokenizer is loaded once per process."""
+    pickle, and a tokenizer is loaded once per process. `parent`: the pid of the process that owns the pool."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # signals are the parent's to handle: it stops the pool
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # and removes the temporary output; terminate() must kill
-    for name in ("SIGHUP", "SIGPIPE"):  # a closed terminal, or a parent gone (kill -9): die quietly, whereas
-        if hasattr(signal, name):  # Python's default for SIGPIPE prints a BrokenPipeError traceback per worker
-            signal.signal(getattr(signal, name), signal.SIG_DFL)
+    if hasattr(signal, "SIGHUP"):  # a closed terminal: die at once too (not with the handler inherited from
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # the parent's AtomicWriter)
+    if parent is not None:
+        die_with_parent(parent)
     make_pipeline, options = recipe
     init_worker(path, layout, make_pipeline(options), seed)
+
+
+def die_with_parent(parent: int) -> None:
+    """On Linux, have the kernel kill this worker the moment `parent` dies. After a kill -9 of the parent,
+    workers would otherwise print a BrokenPipeError traceback each as they send their result, or block
+    for ever on the pool's queues (whose other ends the other workers hold open)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the request was in place
+        os._exit(1)
 
 
 def process_block(task: tuple[int, int, float]) -> BlockResult:
@@ -249,7 +267,8 @@ def run_blocks(path: Path, layout: Layout, pipeline: Pipeline, recipe: tuple[Cal
             yield process_block((begin, end, threshold()))
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, init_pool_worker, (path, layout, recipe, seed)) as pool:
+    init_args = (path, layout, recipe, seed, os.getpid())
+    with multiprocessing.get_context(method).Pool(workers, init_pool_worker, init_args) as pool:
         pending = deque()
         for begin, end in ranges:
             pending.append(pool.apply_async(process_block, ((begin, end, threshold()),)))

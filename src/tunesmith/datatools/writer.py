@@ -2,9 +2,9 @@
 
 `AtomicWriter(path)` writes to a hidden temporary file beside `path`, `.<name>.tmp-<pid>`, and renames
 it over `path` only when the `with` block ends without an error: an interrupted run never leaves a
-half-written file under the final name. Ctrl-C, SIGTERM and SIGHUP unwind the `with` block, which
-deletes the temporary file (SIGTERM and SIGHUP only while nobody else handles them: the CLI handles
-SIGTERM the same way). A kill -9 cannot be caught, so each writer first deletes the temporary files
+half-written file under the final name. Ctrl-C unwinds the `with` block, which deletes the temporary file;
+SIGTERM and SIGHUP delete it too, unless someone else handles them (the CLI turns SIGTERM into an
+unwinding exit). A kill -9 cannot be caught, so each writer first deletes the temporary files
 of `path` whose process is gone. `dumps` is the compact JSON every toolkit command writes (as `jq -c`
 does), and `check_paths` refuses an input/output pair before anything is written.
 
@@ -26,6 +26,9 @@ import orjson
 
 from tunesmith.data.streams import file_format, loads
 from tunesmith.errors import TunesmithError
+
+_OPEN_TEMPS: dict[Path, int] = {}
+"""Temporary files being written -> the pid that writes them, for the signal handler to delete."""
 
 
 def dumps(record: Any, sort_keys: bool = False) -> bytes:
@@ -78,7 +81,8 @@ class AtomicWriter:
             self._open()
         except OSError as err:
             raise TunesmithError(f"{self.path}: cannot write there ({err.strerror}).") from err
-        self._signals = _unwind_on_signals()
+        _OPEN_TEMPS[self.temp] = os.getpid()
+        self._signals = _clean_up_on_signals()
         return self
 
     def _open(self) -> None:
@@ -156,6 +160,7 @@ class AtomicWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         for sig, handler in self._signals.items():
             signal.signal(sig, handler)
+        _OPEN_TEMPS.pop(self.temp, None)
         try:
             if exc_type is None and not self._abandoned:
                 self._finish()
@@ -207,17 +212,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _unwind_on_signals() -> dict:
-    """Make SIGTERM and SIGHUP raise SystemExit (so `with` blocks clean up) where nothing else handles them;
-    returns the handlers to restore. Only the main thread may set handlers."""
+def _clean_up_on_signals() -> dict:
+    """Where nothing else handles SIGTERM or SIGHUP, handle them by deleting the open temporary files, then
+    dying of the signal as before; returns the handlers to restore. (Raising SystemExit instead would be
+    lost if the signal landed in code that ignores exceptions, such as an at-fork hook.) Only the main
+    thread may set handlers."""
     if threading.current_thread() is not threading.main_thread():
         return {}
     saved = {}
     for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:
-            saved[sig] = signal.signal(sig, _exit_on_signal)
+            saved[sig] = signal.signal(sig, _remove_temps_and_die)
     return saved
 
 
-def _exit_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+def _remove_temps_and_die(signum: int, frame: object) -> None:
+    for temp, owner in list(_OPEN_TEMPS.items()):
+        if owner == os.getpid():  # a forked child inherits the table, not the files' ownership
+            temp.unlink(missing_ok=True)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)

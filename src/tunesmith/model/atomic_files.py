@@ -32,7 +32,7 @@ _PARTIAL = re.compile(rf"\.(?P<target>.+)\.(?P<pid>\d+)-{_RANDOM}{re.escape(PART
 _SAFETENSORS_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # Rust tempfile's default name
 # tunesmith before staging folders: tempfile.mkstemp beside the adapter files, mkdtemp beside an export
 _OLD_ADAPTER_TMP = re.compile(rf"\.(adapter_model\.safetensors|adapter_config\.json)\.{_RANDOM}")
-_OLD_EXPORT_TMP = rf"\.{{target}}\.(partial|old)-{_RANDOM}"
+_OLD_EXPORT_TMP = rf"\.(partial|old)-{_RANDOM}"  # after ".<export folder name>"
 
 
 def umask() -> int:
@@ -100,7 +100,7 @@ def remove_interrupted_writes(folder: Path, target: str | None = None) -> list[P
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    old_export = re.compile(_OLD_EXPORT_TMP.format(target=re.escape(target))) if target else None
+    old_export = re.compile(rf"\.{re.escape(target)}{_OLD_EXPORT_TMP}") if target else None
     removed = []
     for entry in sorted(folder.iterdir()):
         name = entry.name

@@ -70,7 +70,19 @@ def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float
     return torch.where(seen, penalized, logits)
 
 
-def next_tokens(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None) -> torch.Tensor:
+Generators = torch.Generator | list[torch.Generator] | None
+"""One generator for the batch, or one per row: a row with its own seeded generator samples the same answer
+whatever else is in the batch (RL rollouts split over ranks sample what one process would)."""
+
+
+def uniforms(rows: int, generator: Generators, device: torch.device) -> torch.Tensor:
+    """[rows, 1] uniform numbers in [0, 1), from the batch's generator or each row's own."""
+    if isinstance(generator, list):
+        return torch.cat([torch.rand(1, generator=g, device=g.device) for g in generator]).to(device)[:, None]
+    return torch.rand(rows, 1, generator=generator, device=device)
+
+
+def next_tokens(logits: torch.Tensor, settings: SamplingSettings, generator: Generators) -> torch.Tensor:
     """[rows] token ids drawn from [rows, vocab] last-position logits."""
     if settings.greedy:
         return logits.argmax(dim=-1)
@@ -78,7 +90,7 @@ def next_tokens(logits: torch.Tensor, settings: SamplingSettings, generator: tor
     # Inverse-CDF sampling: one uniform number per row, where torch.multinomial or an exponential race
     # draws one per vocabulary entry (4 ms a step for 4 rows x 32k on a CPU, a tenth of a decode step).
     cdf = logits.softmax(dim=-1).cumsum(dim=-1)
-    uniform = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    uniform = uniforms(cdf.shape[0], generator, cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, uniform).squeeze(1).clamp(max=cdf.shape[1] - 1)
 
 
@@ -92,7 +104,7 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
 
 @torch.no_grad()
 def generate(model: PreTrainedModel, prompts: list[list[int]], settings: SamplingSettings, stop_ids: list[int],
-             pad_id: int, num_samples: int = 1, generator: torch.Generator | None = None, record: bool = False,
+             pad_id: int, num_samples: int = 1, generator: Generators = None, record: bool = False,
              on_step: Callable[[list[int]], Iterable[int] | None] | None = None) -> Generation:
     """Sample `num_samples` responses per prompt (rows prompt-major: p0s0, p0s1, ..., p1s0, ...).
 

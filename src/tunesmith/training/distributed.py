@@ -107,6 +107,15 @@ def all_max(value: float) -> float:
     return float(tensor)
 
 
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed element-wise over ranks (itself alone): the statistics RL normalises with."""
+    if not active():
+        return tensor
+    summed = tensor.detach().clone()
+    dist.all_reduce(summed)
+    return summed
+
+
 def sum_gradients(params: list[torch.nn.Parameter], bucket_bytes: int = 64 << 20) -> None:
     """Sum every parameter's gradient over ranks, in flat buckets (one collective per bucket, not per tensor)."""
     if not active():

@@ -238,7 +238,8 @@ def _resume(resume_from: Path | None, model: torch.nn.Module, updates: Updates, 
     if "scaler" in state:
         updates.scaler.load_state_dict(state["scaler"])
     for name, holder in stage.state.items():
-        holder.load_state_dict(state["controllers"][name])
+        if name in state["controllers"]:  # a checkpoint older than a state object starts it fresh
+            holder.load_state_dict(state["controllers"][name])
     if proc.is_main:
         truncate_log(output_dir, state["global_step"])
     return _Progress(global_step=state["global_step"], elapsed_s=state["elapsed_s"],

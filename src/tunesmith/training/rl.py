@@ -11,6 +11,7 @@ split, the held-out metric is the mean score of greedy answers to its prompts.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 import warnings
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from tunesmith.data.dataset import load_prompt_conversations, train_and_eval_row
 from tunesmith.data.templates import get_template
 from tunesmith.errors import TunesmithError
 from tunesmith.model.value_head import ValueHead
+from tunesmith.training.distributed import all_sum, sum_over_ranks
 from tunesmith.training.loop import RunData, Stage, StepOutput, Updates
 from tunesmith.training.rewards import REWARD_MODEL_TYPES
 from tunesmith.training.rollout import Rollout, RolloutSettings
@@ -139,6 +141,8 @@ def build_rl_data(config: RunConfig, tokenizer: object, device: torch.device) ->
     encode = partial(build_prompt_rows, data=data, max_new_tokens=config.sampling.max_new_tokens, tokenizer=tokenizer,
                      warn_unanswered=rl.reward_function is not None)
     rows, evaluation = train_and_eval_rows(encode, data.dataset, data.eval_dataset, data.val_size, optim.seed)
+    for index, row in enumerate(rows):  # names the prompt in its answers' seeds (answer_seed)
+        row["index"] = index
     if optim.batch_rows * rl.ppo_buffer_size > len(rows):
         warnings.warn(f"a PPO step asks for more prompts than the {len(rows)} the dataset has; steps will be smaller.",
                       stacklevel=2)
@@ -149,8 +153,9 @@ def build_rl_data(config: RunConfig, tokenizer: object, device: torch.device) ->
 class RLParts:
     """What one algorithm (PPO, GRPO) adds to the shared RL step."""
 
-    rollout: Callable[[torch.nn.Module, list[dict]], tuple[Rollout, dict]]
-    """rollout(model, prompt rows) -> (Rollout with advantages, metrics): sample and score, no gradient."""
+    rollout: Callable[[torch.nn.Module, list[dict], list[int]], tuple[Rollout, dict]]
+    """rollout(model, prompt rows, seeds) -> (Rollout with advantages, metrics): sample (answer k of the
+    rows, prompt-major, from its own seed) and score, no gradient; statistics over every rank."""
     loss: Callable[[torch.nn.Module, Rollout], tuple[torch.Tensor, dict]]
     """loss(model, rollout part) -> (loss, metrics): the objective on a micro-batch of the rollout."""
     loss_items: Callable[[Rollout], float]
@@ -184,11 +189,14 @@ def rl_stage(parts: RLParts, optim: OptimArgs, rl: RLArgs, sampling: SamplingSet
     """The loop's Stage for PPO or GRPO: a step is one rollout, then ppo_epochs of updates on it."""
     group = parts.samples_per_prompt
     greedy = dataclasses.replace(sampling, do_sample=False)
+    counter = StepCounter()
 
     def step(model: torch.nn.Module, rows: list[dict], updates: Updates) -> StepOutput:
         step_start = time.perf_counter()
+        seeds = [answer_seed(optim.seed, counter.steps, row["index"], k) for row in rows for k in range(group)]
+        counter.steps += 1
         with updates.autocast():
-            rollout, metrics = parts.rollout(model, rows)
+            rollout, metrics = parts.rollout(model, rows, seeds)
         update_start = time.perf_counter()
         metrics.update(update(model, parts, rollout, rl.ppo_epochs, optim.batch_rows * group,
                               optim.per_device_train_batch_size * group, updates))
@@ -206,7 +214,29 @@ def rl_stage(parts: RLParts, optim: OptimArgs, rl: RLArgs, sampling: SamplingSet
         return {"eval_score": sum(scores) / max(len(scores), 1)}
 
     return Stage(rows_per_step=optim.batch_rows * rl.ppo_buffer_size, step=step, evaluate=evaluate,
-                 headline=("score", "reward", "kl"), state=parts.state)
+                 headline=("score", "reward", "kl"), state={**parts.state, "sampling": counter})
+
+
+class StepCounter:
+    """RL steps taken, which seed each step's answers (kept by checkpoints, so a resume samples the same)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def state_dict(self) -> dict:
+        """The step count."""
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the step count."""
+        self.steps = state["steps"]
+
+
+def answer_seed(seed: int, step: int, row_index: int, sample: int) -> int:
+    """The seed of one sampled answer: a hash of the run's seed, the RL step, the prompt and the sample, so
+    an answer is the same whichever rank samples it and whatever else is in its batch."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{row_index}/{sample}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def update(model: torch.nn.Module, parts: RLParts, rollout: Rollout, epochs: int, update_size: int, micro_size: int,
@@ -233,8 +263,22 @@ def update(model: torch.nn.Module, parts: RLParts, rollout: Rollout, epochs: int
 
 
 def rollout_metrics(rollout: Rollout) -> dict:
-    """The statistics every RL stage logs about its samples."""
+    """The statistics every RL stage logs about its samples, over every rank's samples."""
     raw, mask = rollout.raw_scores, rollout.mask
-    return {"score": raw.mean().item(), "score_std": raw.std().item() if len(raw) > 1 else 0.0,
-            "response_length": mask.sum(1).mean().item(), "eos_share": rollout.stopped.float().mean().item(),
-            "entropy": masked_mean(rollout.entropy, mask).item(), **rollout.timings}
+    score = global_mean(raw)
+    spread = global_mean((raw.double() - score) ** 2) * max(global_count(len(raw)), 2) / max(global_count(len(raw)) - 1, 1)
+    return {"score": score, "score_std": spread ** 0.5 if global_count(len(raw)) > 1 else 0.0,
+            "response_length": global_mean(mask.sum(1)), "eos_share": global_mean(rollout.stopped.float()),
+            "entropy": masked_mean(rollout.entropy, mask, sum_over_ranks).item(), **rollout.timings}
+
+
+def global_mean(values: torch.Tensor) -> float:
+    """The mean of `values` over every rank's (a plain mean in one process)."""
+    values = values.detach().double().reshape(-1)
+    sums = sum_over_ranks(torch.stack([values.sum(), values.new_tensor(values.numel())]))
+    return (sums[0] / sums[1].clamp(min=1)).item()
+
+
+def global_count(count: int) -> float:
+    """A count summed over ranks."""
+    return float(all_sum([float(count)])[0])

@@ -133,8 +133,10 @@ class RolloutSettings:
 
 @torch.no_grad()
 def sample_and_score(model: torch.nn.Module, rows: list[dict], settings: RolloutSettings, scorer: Scorer,
-                     stop_ids: list[int], group: int, with_values: bool, reference: Reference | None) -> Rollout:
+                     stop_ids: list[int], group: int, with_values: bool, reference: Reference | None,
+                     seeds: list[int] | None = None) -> Rollout:
     """Sample `group` answers per prompt, then the policy's log-probs (and values), the reference's, and scores.
+    `seeds` (one per answer, prompt-major) give each answer its own random stream.
 
     All in eval mode. The policy's no-grad passes share one set of merged weights (one matmul per adapted
     layer); the reward model may share this model (a side adapter), so it scores in eval mode too.
@@ -144,8 +146,9 @@ def sample_and_score(model: torch.nn.Module, rows: list[dict], settings: Rollout
     with eval_mode(model):
         with merged_for_inference(model):
             start = time.perf_counter()
+            generators = None if seeds is None else [torch.Generator().manual_seed(seed) for seed in seeds]
             generation = generate(model, [row["prompt_ids"] for row in rows], settings.sampling, stop_ids,
-                                  settings.pad_id, num_samples=group, record=from_sampler)
+                                  settings.pad_id, num_samples=group, generator=generators, record=from_sampler)
             generated_at = time.perf_counter()
             prompt_ids = [row["prompt_ids"] for row in rows for _ in range(group)]
             responses = generation.response_ids

@@ -20,6 +20,7 @@ from tunesmith.model.lora import merged_for_inference
 from tunesmith.model.value_head import VALUE_HEAD_FILE, ValueHead
 from tunesmith.sampling.generate import generate
 from tunesmith.training import rewards as reward_sources
+from tunesmith.training.distributed import sum_over_ranks
 
 
 def check_reward_source(reward_model: str | None, reward_model_type: str | None, reward_function: str | None) -> None:
@@ -74,7 +75,7 @@ class Scorer:
         if self.missing_eos_penalty is not None:
             scores = scores - self.missing_eos_penalty * (~stopped).float()
         if self.normalise:
-            self.moments.update(scores)
+            self.moments.update(scores, sum_over_ranks)  # the whole global batch's moments
             scores = (scores - self.moments.mean) / (self.moments.std + 1e-8)
         if self.clip is not None:
             scores = scores.clamp(-self.clip, self.clip)

@@ -19,6 +19,7 @@ from tunesmith.training.rl import (
     RLArgs,
     RLParts,
     build_rl_data,
+    global_mean,
     make_scorer,
     rl_problems,
     rl_stage,
@@ -65,12 +66,12 @@ def grpo_parts(inputs: StageInputs) -> RLParts:
     stop_ids = stop_token_ids(config.data.template, inputs.tokenizer)
     forward = {**settings.forward, "with_values": False, "entropy_grad": False}
 
-    def rollout(model: torch.nn.Module, rows: list[dict]) -> tuple[Rollout, dict]:
+    def rollout(model: torch.nn.Module, rows: list[dict], seeds: list[int]) -> tuple[Rollout, dict]:
         sampled = sample_and_score(model, rows, settings, scorer, stop_ids, group, with_values=False,
-                                   reference=inputs.reference)
+                                   reference=inputs.reference, seeds=seeds)
         advantages, zero_std = group_advantages(sampled.scores, group, args.grpo_scale_rewards)
-        metrics = {**rollout_metrics(sampled), "reward": sampled.scores.mean().item(),
-                   "zero_std_share": zero_std.float().mean().item()}
+        metrics = {**rollout_metrics(sampled), "reward": global_mean(sampled.scores),
+                   "zero_std_share": global_mean(zero_std.float())}
         return sampled.with_advantages(advantages), metrics
 
     def loss(model: torch.nn.Module, part: Rollout) -> tuple[torch.Tensor, dict]:

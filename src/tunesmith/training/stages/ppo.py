@@ -28,11 +28,14 @@ from tunesmith.algorithms.ppo import (
 from tunesmith.config import RunConfig
 from tunesmith.config.schema import choice_message
 from tunesmith.model.value_head import attach_value_head
+from tunesmith.training.distributed import sum_over_ranks as total
 from tunesmith.training.loop import Stage
 from tunesmith.training.rl import (
     RLArgs,
     RLParts,
     build_rl_data,
+    global_count,
+    global_mean,
     make_scorer,
     rl_problems,
     rl_stage,
@@ -115,20 +118,20 @@ def ppo_parts(inputs: StageInputs) -> RLParts:
     stop_ids = stop_token_ids(config.data.template, inputs.tokenizer)
     estimator = KL_ESTIMATORS[args.ppo_kl_estimator]
 
-    def rollout(model: torch.nn.Module, rows: list[dict]) -> tuple[Rollout, dict]:
+    def rollout(model: torch.nn.Module, rows: list[dict], seeds: list[int]) -> tuple[Rollout, dict]:
         sampled = sample_and_score(model, rows, settings, scorer, stop_ids, 1, with_values=True,
-                                   reference=inputs.reference)
+                                   reference=inputs.reference, seeds=seeds)
         mask, values = sampled.mask, sampled.old_values
         kl = estimator(sampled.old_logps, sampled.ref_logps) * mask  # [samples, T]
         rewards = token_rewards(sampled.scores, kl, mask, controller.value)
         if args.ppo_whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
+            rewards = masked_whiten(rewards, mask, shift_mean=False, total=total)
         advantages, returns = gae_advantages(rewards, values, mask, args.ppo_gamma, args.ppo_lambda)
-        advantages = masked_whiten(advantages, mask)
-        sequence_kl = kl.sum(1).mean().item()
+        advantages = masked_whiten(advantages, mask, total=total)
+        sequence_kl = global_mean(kl.sum(1))
         metrics = {**rollout_metrics(sampled), "kl": sequence_kl, "kl_coef": controller.value,
-                   "reward": rewards.sum(1).mean().item(), "value": masked_mean(values, mask).item()}
-        controller.update(sequence_kl, len(sampled.response_ids))
+                   "reward": global_mean(rewards.sum(1)), "value": masked_mean(values, mask, total).item()}
+        controller.update(sequence_kl, int(global_count(len(sampled.response_ids))))
         return sampled.with_advantages(advantages, returns), metrics
 
     def loss(model: torch.nn.Module, part: Rollout) -> tuple[torch.Tensor, dict]:
