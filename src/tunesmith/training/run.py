@@ -9,7 +9,6 @@ it plots; nothing here branches on the stage's name. `do_predict` is driven from
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from tunesmith.training.memory import pin_mmap_threshold, reuse_freed_memory
 from tunesmith.training.parallel import Parallel, choose, shard
 from tunesmith.training.reference import Reference
 from tunesmith.training.stages import STAGES, StageInputs, StageSpec
-from tunesmith.training.tracking import LOG_FILE, plot_metrics, require_reporter
+from tunesmith.training.tracking import LOG_FILE, plot_metrics, require_reporter, strict_json
 from tunesmith.training.updates import Updates
 
 CONFIG_FILE = "train_config.yaml"
@@ -164,7 +163,7 @@ def trained_model_config(config: RunConfig) -> RunConfig:
 
 def write_results(output_dir: Path, metrics: dict) -> None:
     """all_results.json: the run's final metrics."""
-    (output_dir / RESULTS_FILE).write_text(json.dumps(metrics, indent=2))
+    (output_dir / RESULTS_FILE).write_text(strict_json(metrics, indent=2))
 
 
 def save_result(model: torch.nn.Module, tokenizer: object, adapter: AdapterSettings | None, base_model: str,

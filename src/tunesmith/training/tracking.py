@@ -32,7 +32,7 @@ class Tracker:
         if not self.is_main:
             return
         with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(strict_json(record) + "\n")
         if self.writer is not None:
             step = record["current_steps"]
             for key, value in record.items():
@@ -44,6 +44,13 @@ class Tracker:
         """Flush and close the tensorboard writer, if any; the JSON log is closed after every line already."""
         if self.writer is not None:
             self.writer.close()
+
+
+def strict_json(record: dict[str, Any], indent: int | None = None) -> str:
+    """JSON that every parser reads: a NaN or infinite value is written as null (json.dumps would write NaN)."""
+    clean = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+             for key, value in record.items()}
+    return json.dumps(clean, indent=indent, allow_nan=False)
 
 
 def truncate_log(output_dir: Path, after_step: int) -> None:

@@ -1,0 +1,116 @@
+"""What happens to long runs: a pre-emption signal, a learning rate that blows up, a full disk, a crashing rank."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tunesmith.cli import main
+from tunesmith.errors import TunesmithError
+from tunesmith.training import checkpoint, loop
+from tunesmith.training.configure import build_config
+from tunesmith.training.interrupt import STOPPED_EXIT_CODE
+from tunesmith.training.run import run_training
+
+
+def train(settings: dict) -> dict:
+    return run_training(build_config(settings), say=lambda *_: None)
+
+
+def log_lines(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "trainer_log.jsonl").read_text().splitlines()]
+
+
+def test_sigterm_checkpoints_after_the_step_and_resume_is_exact(base_settings, tmp_path, monkeypatch):
+    """A pre-emption signal during step 3 lets the step finish, writes checkpoint-3, exits 75; resuming
+    ends bit-identical to the run that was never interrupted."""
+    settings = {**base_settings, "max_steps": 6, "save_steps": 0, "lora_dropout": 0.1}
+    train({**settings, "output_dir": str(tmp_path / "whole")})
+    real_step = loop.Stage.__init__  # wrap the stage's step so the signal arrives in the middle of step 3
+
+    def with_signal(self, *args, **kwargs):
+        real_step(self, *args, **kwargs)
+        inner, calls = self.step, []
+
+        def step(model, rows, updates):
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return inner(model, rows, updates)
+
+        self.step = step
+
+    monkeypatch.setattr(loop.Stage, "__init__", with_signal)
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump({**settings, "output_dir": str(tmp_path / "stopped")}))
+    assert main(["train", str(config)]) == STOPPED_EXIT_CODE
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "stopped")] == ["checkpoint-3"]
+    monkeypatch.undo()
+    assert main(["train", str(config), "resume_from_checkpoint=true"]) == 0
+    whole, resumed = (load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("whole", "stopped"))
+    assert all(torch.equal(whole[key], resumed[key]) for key in whole)
+    assert [r["loss"] for r in log_lines(tmp_path / "whole")] == [r["loss"] for r in log_lines(tmp_path / "stopped")]
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(base_settings, tmp_path):
+    """learning_rate 1e30: no update with a NaN/inf loss or gradient is applied, the run stops after
+    max_bad_steps of them naming the step and the samples, the log stays strict JSON, no NaN is saved."""
+    settings = {**base_settings, "learning_rate": 1e30, "max_steps": 30, "save_steps": 1, "max_bad_steps": 3,
+                "max_grad_norm": 0}
+    with pytest.raises(TunesmithError, match=r"not finite .* 3 steps in a row .* samples \["):
+        train(settings)
+    out = Path(settings["output_dir"])
+    lines = log_lines(out)  # json.loads rejects nothing here, and the file has no bare NaN
+    assert "NaN" not in (out / "trainer_log.jsonl").read_text() and lines
+    for folder in checkpoint.list_checkpoints(out):
+        weights = load_file(str(folder / "trainable.safetensors"))
+        assert all(bool(torch.isfinite(t).all()) for t in weights.values()), folder.name
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(base_settings, monkeypatch):
+    """A full disk while writing checkpoint-4: a clear error, checkpoint-2 intact, no half-written folder."""
+    settings = {**base_settings, "max_steps": 6, "save_steps": 2}
+    real_write = checkpoint.write_training_state
+
+    def full_disk_at_step_4(folder, trainable, optimizer_state, state):
+        if state["global_step"] == 4:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder / "optimizer.safetensors"))
+        real_write(folder, trainable, optimizer_state, state)
+
+    monkeypatch.setattr(checkpoint, "write_training_state", full_disk_at_step_4)
+    with pytest.raises(TunesmithError, match="Could not write checkpoint-4 .* No space left on device"):
+        train(settings)
+    out = Path(settings["output_dir"])
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-2"]
+    assert not list(out.glob(".checkpoint-*"))
+    checkpoint.read_training_state(out / "checkpoint-2", set(load_file(str(out / "checkpoint-2" / "trainable.safetensors"))))
+
+
+def test_a_crashing_rank_brings_every_rank_down_with_its_error(base_settings, tmp_path):
+    """A reward function that raises on rank 1 only: both ranks exit within seconds, and the message names rank 1."""
+    (tmp_path / "reward.py").write_text(
+        "import os\n"
+        "def reward(prompts, completions, references):\n"
+        "    if os.environ.get('RANK') == '1':\n"
+        "        raise ValueError('this reward cannot score rank one')\n"
+        "    return [1.0 for _ in completions]\n")
+    settings = {**base_settings, "stage": "grpo", "reward_function": f"{tmp_path / 'reward.py'}:reward",
+                "num_generations": 2, "max_new_tokens": 4, "max_steps": 3, "per_device_train_batch_size": 1}
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    env = {**os.environ, "NPROC_PER_NODE": "2", "TUNESMITH_THREADS_PER_RANK": "1"}
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "tunesmith", "train", str(config)], env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode != 0
+    assert "rank 1" in done.stderr and "this reward cannot score rank one" in done.stderr
+    assert time.monotonic() - start < 120
