@@ -114,3 +114,15 @@ def test_a_crashing_rank_brings_every_rank_down_with_its_error(base_settings, tm
     assert done.returncode != 0
     assert "rank 1" in done.stderr and "this reward cannot score rank one" in done.stderr
     assert time.monotonic() - start < 120
+
+
+def test_output_dir_problems_are_reported_before_loading(base_settings, tmp_path):
+    """A file as output_dir, and a non-empty folder without checkpoints: the advice is what works."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(TunesmithError, match="is a file, not a folder"):
+        train({**base_settings, "output_dir": str(tmp_path / "afile")})
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("x")
+    with pytest.raises(TunesmithError, match="not empty") as raised:
+        train({**base_settings, "output_dir": str(tmp_path / "busy")})
+    assert "resume_from_checkpoint" not in str(raised.value)

@@ -186,10 +186,14 @@ def save_result(model: torch.nn.Module, tokenizer: object, adapter: AdapterSetti
 
 
 def check_output_dir(output_dir: Path, config: RunConfig, resume_from: Path | None) -> None:
-    """A non-empty output_dir is refused unless the run resumes or may overwrite it."""
+    """A non-empty output_dir is refused unless the run resumes or may overwrite it; a file is refused always."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise TunesmithError(f"output_dir {output_dir} is a file, not a folder; choose a folder path for `output_dir`.")
     if resume_from is not None or config.output.overwrite_output_dir or not output_dir.exists():
         return
     if any(output_dir.iterdir()):
+        resume = ("`resume_from_checkpoint: true` to continue its latest checkpoint, "
+                  if checkpoint.list_checkpoints(output_dir) else "")
         raise TunesmithError(
             f"output_dir {output_dir} already exists and is not empty. Set `overwrite_output_dir: true` to "
-            "write into it, `resume_from_checkpoint: true` to continue its latest checkpoint, or choose another folder.")
+            f"write into it (a fresh run), {resume}or choose another folder.")
