@@ -83,10 +83,12 @@ def losses(output_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
 
 
-@pytest.mark.parametrize("stage,finetuning_type", [("sft", "lora"), ("rm", "lora"), ("dpo", "lora"),
-                                                   ("sft", "full"), ("dpo", "full")])
-def test_two_ranks_equal_one_process_with_the_combined_batch(tiny_model, dist_data, tmp_path, stage, finetuning_type):
-    settings = settings_for(tiny_model, dist_data, stage, finetuning_type)
+@pytest.mark.parametrize("stage,finetuning_type,extra", [
+    ("sft", "lora", {}), ("rm", "lora", {}), ("dpo", "lora", {}), ("sft", "full", {}),
+    ("dpo", "full", {"precompute_ref_logprobs": True})])  # each rank precomputes its share of the pairs
+def test_two_ranks_equal_one_process_with_the_combined_batch(tiny_model, dist_data, tmp_path, stage, finetuning_type,
+                                                             extra):
+    settings = {**settings_for(tiny_model, dist_data, stage, finetuning_type), **extra}
     run_training(build_config({**settings, "per_device_train_batch_size": 4, "output_dir": str(tmp_path / "one")}),
                  say=lambda *_: None)
     done = torchrun({**settings, "per_device_train_batch_size": 2, "output_dir": str(tmp_path / "two")},

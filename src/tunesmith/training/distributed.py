@@ -12,6 +12,7 @@ N-times batch, whatever a backend's own averaging does (PyTorch issue 162338: FS
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -114,6 +115,23 @@ def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     summed = tensor.detach().clone()
     dist.all_reduce(summed)
     return summed
+
+
+def gather_strided(values: torch.Tensor, total_rows: int) -> torch.Tensor:
+    """Every rank's share of a row-wise result, in row order: rank r computed rows r, r + W, r + 2W, ...
+    as `values` [its rows, ...]; returns [total_rows, ...] on the CPU (values itself alone)."""
+    if not active():
+        return values.cpu()
+    world, device = dist.get_world_size(), collective_device()
+    per_rank = math.ceil(total_rows / world)
+    padded = values.new_zeros((per_rank, *values.shape[1:]), device=device)
+    padded[:len(values)] = values.to(device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    result = values.new_zeros((total_rows, *values.shape[1:]), device="cpu")
+    for rank, part in enumerate(parts):
+        result[rank::world] = part[:len(range(rank, total_rows, world))].cpu()
+    return result
 
 
 def sum_gradients(params: list[torch.nn.Parameter], bucket_bytes: int = 64 << 20) -> None:

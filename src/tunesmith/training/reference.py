@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 
 from tunesmith.errors import TunesmithError
 from tunesmith.model.lora import disable_lora, lora_modules
+from tunesmith.training import distributed
+from tunesmith.training.distributed import ProcessInfo
 from tunesmith.training.loop import eval_mode
 
 
@@ -106,10 +108,17 @@ class RowCache:
             self.values[row_key(row)] = value
 
     def precompute(self, row_sets: list[list[dict]], compute: Callable[[list[dict]], torch.Tensor],
-                   batch_size: int) -> None:
-        """Fill the cache for every row (`compute(rows) -> [rows, k]`), then seal it."""
+                   batch_size: int, proc: ProcessInfo | None = None) -> None:
+        """Fill the cache for every row (`compute(rows) -> [rows, k]`), then seal it. Under several ranks
+        each computes every world_size-th row and all ranks then hold every row's results."""
+        proc = proc or ProcessInfo()
         for rows in row_sets:
-            for start in tqdm(range(0, len(rows), batch_size), desc="reference log-probs", leave=False):
-                chunk = rows[start:start + batch_size]
-                self.store(chunk, compute(chunk))
+            mine = rows[proc.rank::proc.world_size]
+            parts = [compute(mine[start:start + batch_size]).detach().float()
+                     for start in tqdm(range(0, len(mine), batch_size), desc="reference log-probs", leave=False,
+                                       disable=not proc.is_main)]
+            if rows:
+                width = parts[0].shape[1:] if parts else (2,)
+                local = torch.cat(parts) if parts else torch.zeros((0, *width))
+                self.store(rows, distributed.gather_strided(local, len(rows)))
         self.sealed = True

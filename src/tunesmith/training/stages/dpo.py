@@ -21,6 +21,7 @@ from tunesmith.config import RunConfig
 from tunesmith.config.schema import choice_message
 from tunesmith.data.pairs import PairBatch
 from tunesmith.model.forward import sequence_logps
+from tunesmith.training.distributed import process_info
 from tunesmith.training.loop import Stage, autocast_context
 from tunesmith.training.pairs import build_pair_data, pair_batcher, pair_objective
 from tunesmith.training.reference import Reference, RowCache
@@ -115,7 +116,7 @@ def build_dpo(inputs: StageInputs) -> Stage:
 
             with autocast_context(inputs.device, optim):
                 reference.cache.precompute([inputs.data.train, inputs.data.eval], compute,
-                                           optim.per_device_train_batch_size)
+                                           optim.per_device_train_batch_size, process_info())
     loss = partial(dpo_loss, args=args, chunk_size=optim.logprob_chunk_size, reference=reference)
     return supervised_stage(pair_objective(loss, inputs.tokenizer, inputs.device), optim.per_device_train_batch_size,
                             optim.gradient_accumulation_steps, optim.per_device_eval_batch_size)
