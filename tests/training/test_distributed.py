@@ -8,8 +8,10 @@ then move half as far.
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -176,3 +178,29 @@ def test_launch_reads_llama_factory_variables():
         torchrun_command(["train", "c.yaml"], env={"NNODES": "2"})
     with pytest.raises(Exception, match="NPROC_PER_NODE='two'"):
         torchrun_command(["train", "c.yaml"], env={"NPROC_PER_NODE": "two"})
+
+
+def test_sigterm_stops_every_rank_after_one_step_and_resume_matches(tiny_model, dist_data, tmp_path):
+    """SIGTERM to `tunesmith train` (2 ranks): both ranks stop after the same step, checkpoint it, exit 75;
+    resuming ends bit for bit where the uninterrupted 2-rank run ends."""
+    settings = {**settings_for(tiny_model, dist_data, "sft", "lora"), "max_steps": 150, "logging_steps": 10,
+                "per_device_train_batch_size": 2}
+    torchrun({**settings, "output_dir": str(tmp_path / "whole")}, tmp_path / "whole")
+    out = tmp_path / "two"
+    config = tmp_path / "two.yaml"
+    config.write_text(yaml.safe_dump({**settings, "output_dir": str(out)}))
+    env = {**os.environ, "NPROC_PER_NODE": "2", "TUNESMITH_THREADS_PER_RANK": "1"}
+    env.pop("LOCAL_RANK", None)
+    child = subprocess.Popen([sys.executable, "-m", "tunesmith", "train", str(config)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / "trainer_log.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    child.send_signal(signal.SIGTERM)
+    output = child.communicate(timeout=240)[0]
+    assert child.returncode == 75, output[-3000:]
+    saved = [p.name for p in (out).glob("checkpoint-*")]
+    assert len(saved) == 1 and "resume_from_checkpoint: true" in output, output[-3000:]
+    torchrun({**settings, "output_dir": str(out), "resume_from_checkpoint": "true"}, out)
+    whole, resumed = trained_weights(tmp_path / "whole"), trained_weights(out)
+    assert all(torch.equal(whole[key], resumed[key]) for key in whole)  # bit for bit on the CPU

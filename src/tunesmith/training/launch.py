@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 from tunesmith.errors import TunesmithError
+from tunesmith.training.interrupt import STOPPED_EXIT_CODE
 
 
 def torchrun_command(args: list[str], nproc: int | None = None, env: dict[str, str] | None = None) -> list[str] | None:
@@ -41,19 +42,25 @@ def torchrun_command(args: list[str], nproc: int | None = None, env: dict[str, s
 
 
 def relaunch(command: list[str]) -> int:
-    """Run torchrun, passing on SIGTERM/SIGUSR1 (a scheduler's pre-emption notice) to it; its exit status."""
+    """Run torchrun, passing on SIGTERM/SIGUSR1 (a scheduler's pre-emption notice) to it; its exit status,
+    or STOPPED_EXIT_CODE (75) when a stop was asked for. torchrun gives its ranks 30 s to stop."""
     print(f"[tunesmith] launching: {' '.join(command[1:])}", file=sys.stderr)
     child = subprocess.Popen(command)
+    stopping = []
 
     def forward(signum: int, frame: object) -> None:
+        stopping.append(signum)
         child.send_signal(signum)
 
     previous = {number: signal.signal(number, forward) for number in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         while True:
             try:
-                return child.wait()
+                status = child.wait()
+                # torchrun reports ranks that stopped on request as failed; the run stopped as asked
+                return STOPPED_EXIT_CODE if stopping and status != 0 else status
             except KeyboardInterrupt:  # Ctrl-C reached torchrun too (same process group): wait for its stop
+                stopping.append(signal.SIGINT)
                 continue
     finally:
         for number, handler in previous.items():
