@@ -15,12 +15,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import warnings
 from typing import TYPE_CHECKING
 
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import STOPPED_EXIT_CODE, TrainingStopped, TunesmithError
 
 if TYPE_CHECKING:
     pass
@@ -349,18 +350,15 @@ def _terminate(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a TunesmithError prints its message without a traceback. Returns the exit status."""
-    from tunesmith.training.distributed import process_info
-    from tunesmith.training.interrupt import STOPPED_EXIT_CODE, TrainingStopped
-
     warnings.showwarning = _show_warning
     signal.signal(signal.SIGTERM, _terminate)
     args = build_parser().parse_args(argv)
-    proc = process_info()
-    who = f" (rank {proc.rank} of {proc.world_size})" if proc.distributed else ""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun's; no torch import
+    who = f" (rank {rank} of {world})" if world > 1 else ""
     try:
         status = args.handler(args)
     except TrainingStopped as stopped:
-        if proc.is_main:
+        if rank == 0:
             print(f"tunesmith: {stopped}", file=sys.stderr)
         return STOPPED_EXIT_CODE
     except TunesmithError as err:
@@ -370,9 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         print("tunesmith: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        if not proc.distributed or not _peer_failure(err):
+        if world == 1 or not _peer_failure(err):
             raise
-        print(f"tunesmith: rank {proc.rank} stopped because another rank failed ({type(err).__name__}); "
+        print(f"tunesmith: rank {rank} stopped because another rank failed ({type(err).__name__}); "
               "that rank's error is above.", file=sys.stderr)
         return 1
     return status or 0

@@ -321,11 +321,12 @@ def test_csv_long_fields_multiline_records_and_extra_cells(tmp_path, capsys):
 def test_pool_workers_die_at_once_on_sigterm(tmp_path):
     """Pool.terminate() kills workers with SIGTERM; one that kept the CLI's handler (which unwinds to
     remove temporary outputs) could die holding the pool's queue lock and hang the run."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     signal.signal(signal.SIGTERM, lambda *_: None)
+    signal.signal(signal.SIGHUP, lambda *_: None)
     try:
         blocks.init_pool_worker(tmp_path / "x.jsonl", blocks.Layout("lines", 0), (make_pipeline, PrepareOptions()), None)
-        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         for sig, handler in saved.items():

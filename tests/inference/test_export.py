@@ -1,6 +1,6 @@
 """`export_model`: the merged folder loads with vanilla transformers and computes what base + adapters
 computed (one adapter, two stacked, sharded), a reward model scores the same after export, and the
-destination rules (no silent overwrite, nothing half-written) hold."""
+destination rules (no silent overwrite, nothing half-written) hold; test_export_destination.py has the rest."""
 
 import json
 import shutil
@@ -144,19 +144,20 @@ def test_bf16_export_writes_bf16_tensors(base, tmp_path):
     assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
 
 
-def test_a_non_empty_export_dir_is_replaced_only_when_allowed(base, tmp_path):
+def test_a_non_empty_export_dir_is_refused_and_left_alone(base, tmp_path):
+    """Even with overwrite_output_dir: export never deletes files it did not write (see test_export_destination)."""
     (tmp_path / "merged").mkdir()
-    (tmp_path / "merged" / "model.safetensors").write_text("stale")
-    with pytest.raises(TunesmithError, match="overwrite_output_dir"):
-        export(tmp_path, base, [])
-    folder = export(tmp_path, base, [], overwrite_output_dir=True)
-    torch.testing.assert_close(vanilla_logits(folder), reference_logits(base, []), atol=1e-4, rtol=0)
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
+    (tmp_path / "merged" / "model.safetensors").write_text("the user's")
+    with pytest.raises(TunesmithError, match="holds no earlier tunesmith export"):
+        export(tmp_path, base, [], overwrite_output_dir=True)
+    assert [p.name for p in (tmp_path / "merged").iterdir()] == ["model.safetensors"]
+    assert (tmp_path / "merged" / "model.safetensors").read_text() == "the user's"
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no staging folder left
 
 
 def test_an_export_dir_holding_an_input_is_refused(base, tmp_path):
     adapter = random_adapter(base, tmp_path / "merged" / "sft", "all", seed=7)
-    with pytest.raises(TunesmithError, match="would delete it"):
+    with pytest.raises(TunesmithError, match="which this export reads"):
         export(tmp_path, base, [adapter], overwrite_output_dir=True)
 
 

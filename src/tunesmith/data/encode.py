@@ -38,9 +38,10 @@ def text_char_limit(tokenizer: PreTrainedTokenizerBase, cutoff_len: int) -> int:
     byte per character, SentencePiece one character per character, byte fallback `<0xNN>` six per byte),
     times TOKEN_CHAR_SLACK for normalization. A text longer than cutoff_len such tokens is therefore longer
     than cutoff_len tokens, and the record is truncated anyway; cutting it at this bound changes nothing
-    that fits. (A record that does not fit may keep other tokens than untruncated: when prompt and response
-    are both long, infer_seqlen shares the budget by their lengths after the cut.) Left out on purpose: tokenizers that drop characters (BERT's whitespace splitting) break
-    the bound, and no chat model's tokenizer does that.
+    that fits. A record that does not fit may keep other tokens than it would untruncated: when prompt
+    and response are both long, infer_seqlen shares the budget by their lengths, measured after the cut.
+    Left out on purpose: tokenizers that drop characters (BERT's whitespace splitting) break the bound,
+    and no chat model's tokenizer does that.
     """
     longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
     return cutoff_len * TOKEN_CHAR_SLACK * longest

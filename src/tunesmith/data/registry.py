@@ -3,7 +3,8 @@
 An entry looks like `{"file_name": "x.json", "formatting": "alpaca"|"sharegpt", "ranking": bool,
 "columns": {...}, "tags": {...}}`; missing fields take LLaMA-Factory's defaults below. A name may
 also be a path to a local json/jsonl/csv/parquet file; its format is then detected from the records
-(see `detect_spec`). Hub entries (hf_hub_url, ms_hub_url, ...) cannot be used offline.
+(see `detect_spec`). Hub entries (hf_hub_url, ms_hub_url, ...) cannot be used offline. A key of the
+wrong JSON type (`"ranking": "false"`, `"columns": [...]`) is an error naming the file, entry and key.
 
 Usage: `spec = resolve_dataset("alpaca_en_demo", "data")`, then `read_records(spec.path)`.
 """
@@ -37,7 +38,6 @@ OPENAI_TAGS = {
     "observation_tag": "tool",
 }
 HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
-TEXT = "a string"
 # The JSON type each entry key must have, and how to say it. A wrong type would otherwise crash deep in
 # the loader, or worse pass silently: `"ranking": "false"` is a non-empty string, so Python reads it as true.
 ENTRY_TYPES = {
@@ -47,7 +47,7 @@ ENTRY_TYPES = {
     "columns": (dict, 'an object mapping columns to the names in the file, e.g. {"prompt": "instruction"}'),
     "tags": (dict, 'an object mapping tags to keys or role names, e.g. {"role_tag": "role"}'),
     "num_samples": (int, "a whole number"),
-    **{key: (str, TEXT) for key in ("split", "subset", "folder", *HUB_KEYS)},
+    **{key: (str, "a string") for key in ("split", "subset", "folder", *HUB_KEYS)},
 }
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import multiprocessing
+import multiprocessing.pool
 import os
 import random
 import re
@@ -37,6 +38,7 @@ from tunesmith.data.streams import UNREADABLE, loads, not_an_object, parse_json_
 from tunesmith.datatools.writer import dumps
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_WORKER_SIGNALS = {getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)}
 BLOCK_BYTES = 4 << 20
 MAX_BLOCK_BYTES = 64 << 20
 ARRAY_SHAPE = re.compile(rb"e*l\]|\]")  # e: record line ending in ",", l: the last record, ]: the close
@@ -139,9 +141,11 @@ def init_pool_worker(path: Path, layout: Layout, recipe: tuple[Callable[[Any], P
     """A pool worker builds its own steps from `recipe` = (make_pipeline, options): closures do not
     pickle, and a tokenizer is loaded once per process. `parent`: the pid of the process that owns the pool."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # signals are the parent's to handle: it stops the pool
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # and removes the temporary output; terminate() must kill
-    if hasattr(signal, "SIGHUP"):  # a closed terminal: die at once too (not with the handler inherited from
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # the parent's AtomicWriter)
+    for name in ("SIGTERM", "SIGHUP"):  # and removes the temporary output; terminate() must kill, and so
+        if hasattr(signal, name):  # must a closed terminal, not the handler inherited from the parent
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):  # blocked since the fork (`_pool`): what came meanwhile lands now
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)
     if parent is not None:
         die_with_parent(parent)
     make_pipeline, options = recipe
@@ -151,13 +155,17 @@ def init_pool_worker(path: Path, layout: Layout, recipe: tuple[Callable[[Any], P
 def die_with_parent(parent: int) -> None:
     """On Linux, have the kernel kill this worker the moment `parent` dies. After a kill -9 of the parent,
     workers would otherwise print a BrokenPipeError traceback each as they send their result, or block
-    for ever on the pool's queues (whose other ends the other workers hold open)."""
+    for ever on the pool's queues (whose other ends the other workers hold open). The parent's pipes
+    close a moment before that signal comes, so a broken pipe kills quietly too (SIGPIPE's own default):
+    the worker that dies so may hold a queue lock, but every other worker is being killed as well."""
     if not sys.platform.startswith("linux"):
         return
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+            return
     except (OSError, AttributeError):
         return
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if os.getppid() != parent:  # it died before the request was in place
         os._exit(1)
 
@@ -247,6 +255,22 @@ def _array_records(data: bytes, result: BlockResult):
     result.shape = bytes(shape)
 
 
+def _pool(workers: int, init_args: tuple) -> multiprocessing.pool.Pool:
+    """A pool of `init_pool_worker` processes, forked (spawned where fork is missing) with SIGINT, SIGTERM and
+    SIGHUP blocked. A worker inherits the parent's Python-level handlers, and a signal that reaches it before
+    `init_pool_worker` resets them would be lost: Python drops a signal whose handler has meanwhile become
+    SIG_DFL. Pool.terminate() could then wait for ever for a worker that missed its SIGTERM."""
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
+    if not hasattr(signal, "pthread_sigmask"):
+        return context.Pool(workers, init_pool_worker, init_args)
+    saved = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
+    try:  # the pool's own threads start here too, and keep the mask: signals go to the main thread
+        return context.Pool(workers, init_pool_worker, init_args)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, saved)
+
+
 def run_blocks(path: Path, layout: Layout, pipeline: Pipeline, recipe: tuple[Callable[[Any], Pipeline], Any],
                workers: int, threshold: Callable[[], float]) -> Iterator[BlockResult | None]:
     """BlockResults in file order, computed by `workers` processes (in this one, with `pipeline`, for a
@@ -266,9 +290,7 @@ def run_blocks(path: Path, layout: Layout, pipeline: Pipeline, recipe: tuple[Cal
         for begin, end in ranges:
             yield process_block((begin, end, threshold()))
         return
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    init_args = (path, layout, recipe, seed, os.getpid())
-    with multiprocessing.get_context(method).Pool(workers, init_pool_worker, init_args) as pool:
+    with _pool(workers, (path, layout, recipe, seed, os.getpid())) as pool:
         pending = deque()
         for begin, end in ranges:
             pending.append(pool.apply_async(process_block, ((begin, end, threshold()),)))

@@ -75,15 +75,22 @@ class AtomicWriter:
         self._signals: dict = {}
 
     def __enter__(self) -> AtomicWriter:
+        _OPEN_TEMPS[self.temp] = os.getpid()  # before the file exists: a signal may come as soon as it does
+        self._signals = _clean_up_on_signals()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_temps(self.path)
             self._open()
         except OSError as err:
+            self._forget()
             raise TunesmithError(f"{self.path}: cannot write there ({err.strerror}).") from err
-        _OPEN_TEMPS[self.temp] = os.getpid()
-        self._signals = _clean_up_on_signals()
         return self
+
+    def _forget(self) -> None:
+        """Put the signal handlers back and drop the temporary file from the ones a signal deletes."""
+        for sig, handler in self._signals.items():
+            signal.signal(sig, handler)
+        _OPEN_TEMPS.pop(self.temp, None)
 
     def _open(self) -> None:
         if self.format == ".csv":
@@ -158,9 +165,7 @@ class AtomicWriter:
         self._abandoned = True
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        for sig, handler in self._signals.items():
-            signal.signal(sig, handler)
-        _OPEN_TEMPS.pop(self.temp, None)
+        self._forget()
         try:
             if exc_type is None and not self._abandoned:
                 self._finish()

@@ -61,7 +61,8 @@ def export_model(config: RunConfig, say: Callable[[str], None] = print) -> Path:
     export_dir = Path(inference.export_dir).expanduser()
     adapters = model_args.adapter_name_or_path or []
     _check_destination(export_dir, model_args, config.output.overwrite_output_dir)
-    remove_interrupted_writes(export_dir.parent, target=export_dir.name)  # a killed export's staging folder
+    for leftover in remove_interrupted_writes(export_dir.parent, target=export_dir.name):
+        say(f"[tunesmith] removed {leftover}, left by an export that was killed")
     for adapter in adapters:  # cheap checks before the slow model load
         read_adapter_config(adapter)
     source = trained_folder(model_args)

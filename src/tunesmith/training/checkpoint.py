@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunesmith.errors import TunesmithError
+from tunesmith.model.atomic_files import follow_umask
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINABLE_FILE = "trainable.safetensors"
@@ -40,6 +41,7 @@ def publish_checkpoint(tmp: Path, keep: int | None) -> Path:
     """Flush a written folder to disk and rename it to checkpoint-{step}; prune old checkpoints."""
     output_dir, step = tmp.parent, tmp.name[len(".checkpoint-"):-len(".tmp")]
     final = output_dir / f"checkpoint-{step}"
+    follow_umask(tmp)  # safetensors writes 0600 files: a checkpoint reads like the rest of the run's outputs
     _fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)

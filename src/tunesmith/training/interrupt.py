@@ -11,14 +11,10 @@ from __future__ import annotations
 import signal
 from contextlib import contextmanager
 
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import STOPPED_EXIT_CODE, TrainingStopped
 
-STOPPED_EXIT_CODE = 75
+__all__ = ["GRACEFUL_SIGNALS", "STOPPED_EXIT_CODE", "StopRequest", "TrainingStopped", "graceful_stops"]
 GRACEFUL_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
-
-
-class TrainingStopped(TunesmithError):
-    """Training stopped on request after writing a checkpoint; resuming continues it."""
 
 
 class StopRequest:

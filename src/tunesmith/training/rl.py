@@ -24,6 +24,7 @@ import torch
 from tunesmith.algorithms.ppo import masked_mean
 from tunesmith.config import DataArgs, ModelArgs, OptimArgs, RunConfig, SamplingSettings
 from tunesmith.data.dataset import load_prompt_conversations, train_and_eval_rows
+from tunesmith.data.encode import text_char_limit
 from tunesmith.data.templates import get_template
 from tunesmith.errors import TunesmithError
 from tunesmith.model.value_head import ValueHead
@@ -115,10 +116,12 @@ def build_prompt_rows(dataset: list[str], data: DataArgs, max_new_tokens: int, t
     if budget < 1:
         raise TunesmithError(f"cutoff_len ({data.cutoff_len}) must exceed max_new_tokens ({max_new_tokens}): "
                              "the prompt and the sampled response share cutoff_len.")
-    rows, cut = [], 0
+    rows, cut, limit = [], 0, text_char_limit(tokenizer, data.cutoff_len)
     for messages in load_prompt_conversations(dataset, data.dataset_dir, data.max_samples, data.skip_bad_records):
         answered = messages[-1]["role"] == "assistant"
         prompt_messages = messages[:-1] if answered else messages
+        # A prompt keeps its last tokens: a text far beyond cutoff_len keeps its end, so memory follows cutoff_len
+        prompt_messages = [{**m, "content": m["content"][-limit:]} for m in prompt_messages]
         ids = template.encode_prompt(tokenizer, prompt_messages)
         cut += len(ids) > budget
         rows.append({"prompt_ids": ids[-budget:], "messages": prompt_messages,

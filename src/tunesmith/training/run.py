@@ -17,10 +17,16 @@ import torch
 from tunesmith.config import RunConfig, save_config
 from tunesmith.errors import TunesmithError
 from tunesmith.model.adapters import save_adapter
+from tunesmith.model.atomic_files import follow_umask, remove_interrupted_writes
 from tunesmith.model.finetune import AdapterSettings, prepare_for_training, trainable_summary
 from tunesmith.model.loading import load_model, load_tokenizer, resolve_device_and_dtype
 from tunesmith.model.value_head import ATTRIBUTE as VALUE_HEAD_ATTRIBUTE
-from tunesmith.model.value_head import save_value_head, value_head_from_state, without_value_head
+from tunesmith.model.value_head import (
+    VALUE_HEAD_FILE,
+    save_value_head,
+    value_head_from_state,
+    without_value_head,
+)
 from tunesmith.training import checkpoint, distributed, loop
 from tunesmith.training.distributed import process_info
 from tunesmith.training.interrupt import graceful_stops
@@ -115,6 +121,9 @@ def run_training(config: RunConfig, say=print) -> dict:
 def _train_on_this_rank(config: RunConfig, parallel: Parallel, resume_from: Path | None, say) -> dict:
     """Join the other ranks, prepare, train, save (rank 0); every rank runs this."""
     proc, output_dir = parallel.proc, Path(config.output.output_dir)
+    if proc.is_main:
+        for leftover in remove_interrupted_writes(output_dir):  # of a save killed in an earlier run
+            say(f"[tunesmith] removed {leftover.name}, left in {output_dir} by an interrupted save")
     device, _ = resolve_device_and_dtype(config.train.bf16, config.train.fp16, config.train.use_cpu)
     distributed.start(proc, device, config.distributed.ddp_timeout)
     torch.manual_seed(config.train.seed)
@@ -177,11 +186,14 @@ def save_result(model: torch.nn.Module, tokenizer: object, adapter: AdapterSetti
     else:
         state = full_state if full_state is not None else model.state_dict()
         model.save_pretrained(folder, safe_serialization=True, state_dict=without_value_head(state))
+        for weights in folder.glob("model*.safetensors"):  # safetensors writes 0600: follow the umask
+            follow_umask(weights)
     head = getattr(model, VALUE_HEAD_ATTRIBUTE, None)
     if head is not None and with_value_head:
         if full_state is not None:
             head = value_head_from_state(head, full_state)
         save_value_head(head, folder)
+        follow_umask(folder / VALUE_HEAD_FILE)
     tokenizer.save_pretrained(folder)
 
 
