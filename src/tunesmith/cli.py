@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunesmith.errors import STOPPED_EXIT_CODE, TrainingStopped, TunesmithError
@@ -41,8 +42,8 @@ def _train(args: argparse.Namespace) -> int | None:
 
     command = torchrun_command(["train", args.config, *args.overrides], args.nproc)
     if command is not None:  # several processes: torchrun runs this command again on every rank
-        _command_config(args, "train")  # a config error is reported once, before any process starts
-        return relaunch(command)
+        # a config error is reported once, before any process starts (below, with the output folder)
+        return relaunch(command, Path(_command_config(args, "train").output.output_dir))
     from tunesmith.inference.predict import train_and_predict
     from tunesmith.training.distributed import process_info
 
@@ -379,8 +380,8 @@ def main(argv: list[str] | None = None) -> int:
 def _peer_failure(err: Exception) -> bool:
     """Whether an exception is a collective failing because another rank went away."""
     text = f"{type(err).__name__} {err}".lower()
-    return any(word in text for word in ("connection closed", "connection reset", "broken pipe", "distbackend",
-                                         "gloo", "nccl", "timed out", "peer"))
+    return any(words in text for words in ("connection closed", "connection reset", "broken pipe",
+                                           "closed by peer"))
 
 
 if __name__ == "__main__":

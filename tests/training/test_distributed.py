@@ -21,7 +21,9 @@ from safetensors.torch import load_file
 
 from tunesmith.demos.synthetic import preference_records
 from tunesmith.training.configure import build_config
+from tunesmith.training.distributed import ProcessInfo
 from tunesmith.training.launch import torchrun_command
+from tunesmith.training.loop import step_rows, steps_per_epoch
 from tunesmith.training.run import run_training
 from tunesmith.training.tracking import read_log
 
@@ -85,8 +87,12 @@ def losses(output_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
 
 
+SLOW = pytest.mark.slow  # run with `pytest -m slow`; CI runs one case of each kind
+
+
 @pytest.mark.parametrize("stage,finetuning_type,extra", [
-    ("sft", "lora", {}), ("rm", "lora", {}), ("dpo", "lora", {}), ("sft", "full", {}),
+    ("sft", "lora", {}), pytest.param("rm", "lora", {}, marks=SLOW), pytest.param("dpo", "lora", {}, marks=SLOW),
+    pytest.param("sft", "full", {}, marks=SLOW),
     ("dpo", "full", {"precompute_ref_logprobs": True})])  # each rank precomputes its share of the pairs
 def test_two_ranks_equal_one_process_with_the_combined_batch(tiny_model, dist_data, tmp_path, stage, finetuning_type,
                                                              extra):
@@ -101,7 +107,7 @@ def test_two_ranks_equal_one_process_with_the_combined_batch(tiny_model, dist_da
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), abs=1e-5)
 
 
-@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+@pytest.mark.parametrize("stage", ["grpo", pytest.param("ppo", marks=SLOW)])
 def test_rl_on_two_ranks_equals_one_process(tiny_model, dist_data, tmp_path, stage):
     """Each rank samples its share of the prompts (a GRPO group on one rank), every answer from its own seed;
     whitening, score normalisation and the adaptive KL controller use statistics over both ranks."""
@@ -204,3 +210,18 @@ def test_sigterm_stops_every_rank_after_one_step_and_resume_matches(tiny_model, 
     torchrun({**settings, "output_dir": str(out), "resume_from_checkpoint": "true"}, out)
     whole, resumed = trained_weights(tmp_path / "whole"), trained_weights(out)
     assert all(torch.equal(whole[key], resumed[key]) for key in whole)  # bit for bit on the CPU
+
+
+def test_every_rank_runs_the_same_steps_and_rows_per_step():
+    """Steps are counted over all ranks' rows; a short last step is filled from the start of the order, so
+    collectives (fsdp's gathers, gradient sums) always pair up; one process sees exactly the order."""
+    order = list(range(10, 15))  # 5 rows
+    ranks = [ProcessInfo(rank, 2, rank, 2) for rank in (0, 1)]
+    assert [steps_per_epoch(5, 1, proc) for proc in ranks] == [3, 3]
+    assert [step_rows(order, 2, 1, proc) for proc in ranks] == [[14], [10]]
+    assert steps_per_epoch(9, 4, ranks[0]) == steps_per_epoch(9, 4, ranks[1]) == 2
+    assert [len(step_rows(list(range(9)), 1, 4, proc)) for proc in ranks] == [4, 4]
+    one = ProcessInfo()
+    assert steps_per_epoch(5, 2, one) == 3 and step_rows(order, 2, 2, one) == [14]
+    # the union of the ranks' rows of a step is one process's step with the combined batch
+    assert sorted(step_rows(order, 0, 1, ranks[0]) + step_rows(order, 0, 1, ranks[1])) == step_rows(order, 0, 2, one)

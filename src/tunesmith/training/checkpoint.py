@@ -44,7 +44,7 @@ def publish_checkpoint(tmp: Path, keep: int | None) -> Path:
     follow_umask(tmp)  # safetensors writes 0600 files: a checkpoint reads like the rest of the run's outputs
     _fsync_tree(tmp)
     if final.exists():
-        shutil.rmtree(final)
+        _remove(final)
     os.replace(tmp, final)
     _prune(output_dir, keep)
     return final
@@ -75,9 +75,10 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: Path) -> Path
             raise TunesmithError(f"resume_from_checkpoint: true, but {output_dir} holds no checkpoint-N folder.")
         return checkpoints[-1]
     path = Path(resume_from_checkpoint)
-    if not (path / STATE_FILE).is_file():
+    if not all((path / name).is_file() for name in (STATE_FILE, TRAINABLE_FILE, OPTIMIZER_FILE)):
         raise TunesmithError(
-            f"resume_from_checkpoint: {path} is not a complete tunesmith checkpoint (no {STATE_FILE}); "
+            f"resume_from_checkpoint: {path} is not a complete tunesmith checkpoint (it needs {STATE_FILE}, "
+            f"{TRAINABLE_FILE} and {OPTIMIZER_FILE}); "
             "point it at an output_dir/checkpoint-N folder or use `true` for the latest.")
     return path
 
@@ -175,13 +176,22 @@ def _prune(output_dir: Path, keep: int | None) -> None:
     """Delete the oldest checkpoints beyond `keep`, and leftovers of interrupted saves."""
     if not output_dir.is_dir():
         return
-    for leftover in output_dir.glob(".checkpoint-*.tmp"):
+    for leftover in [*output_dir.glob(".checkpoint-*.tmp"), *output_dir.glob(".checkpoint-*.old")]:
         shutil.rmtree(leftover, ignore_errors=True)
     if keep is None:
         return
     checkpoints = list_checkpoints(output_dir)
     for old in checkpoints[:len(checkpoints) - keep]:
-        shutil.rmtree(old)
+        _remove(old)
+
+
+def _remove(folder: Path) -> None:
+    """Delete a checkpoint by first renaming it to a hidden name (atomic), so a kill midway never leaves a
+    `checkpoint-N` with files missing; the hidden remains go at the next prune."""
+    hidden = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(hidden, ignore_errors=True)
+    os.replace(folder, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
 
 
 def _fsync_tree(folder: Path) -> None:

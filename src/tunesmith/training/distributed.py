@@ -12,8 +12,11 @@ N-times batch, whatever a backend's own averaging does (PyTorch issue 162338: FS
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -21,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 THREADS_VARIABLE = "TUNESMITH_THREADS_PER_RANK"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -60,17 +64,35 @@ def threads_per_rank(proc: ProcessInfo, cores: int | None = None) -> int:
     return max(1, cores // max(proc.local_world_size, 1))
 
 
-def start(proc: ProcessInfo, device: torch.device, timeout_s: float) -> None:
-    """Join the process group (once): NCCL on CUDA, gloo on the CPU with this rank's share of the cores."""
+def start(proc: ProcessInfo, device: torch.device, timeout_s: float, cpu_collectives: bool = False) -> None:
+    """Join the process group (once): NCCL on CUDA, gloo on the CPU with this rank's share of the cores.
+    `cpu_collectives`: CUDA ranks also get gloo, for tensors offloaded to the CPU (fsdp offload)."""
     if not proc.distributed or dist.is_initialized():
         return
+    die_with_launcher()
     if device.type == "cuda":
         torch.cuda.set_device(proc.local_rank)
-        backend = "nccl"
+        backend = "cpu:gloo,cuda:nccl" if cpu_collectives else "nccl"
     else:
         torch.set_num_threads(threads_per_rank(proc))
         backend = "gloo"
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+
+
+def die_with_launcher() -> None:
+    """Ask Linux to kill this rank when its launcher (torchrun) dies: torchrun starts ranks in their own
+    sessions, so a kill -9 of the job's process group (or the OOM killer) would otherwise leave them
+    training and writing into output_dir while a resumed run starts."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before the request was in place
+        os._exit(1)
 
 
 def stop() -> None:
@@ -138,7 +160,10 @@ def sum_gradients(params: list[torch.nn.Parameter], bucket_bytes: int = 64 << 20
     """Sum every parameter's gradient over ranks, in flat buckets (one collective per bucket, not per tensor)."""
     if not active():
         return
-    grads = [p.grad for p in params if p.grad is not None]
+    for param in params:  # a weight no token reached on this rank (an unused expert) still takes part
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    grads = [p.grad for p in params]
     bucket: list[torch.Tensor] = []
     size = 0
     for grad in grads:
@@ -184,6 +209,6 @@ def barrier() -> None:
 
 def collective_device() -> torch.device:
     """Where a collective's tensors live: the rank's GPU under NCCL, the CPU under gloo or alone."""
-    if active() and dist.get_backend() == "nccl":
+    if active() and "nccl" in str(dist.get_backend()):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

@@ -13,6 +13,8 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 from tunesmith.errors import TunesmithError
 from tunesmith.training.interrupt import STOPPED_EXIT_CODE
@@ -41,10 +43,11 @@ def torchrun_command(args: list[str], nproc: int | None = None, env: dict[str, s
             "-m", "tunesmith", *args]
 
 
-def relaunch(command: list[str]) -> int:
+def relaunch(command: list[str], output_dir: Path | None = None) -> int:
     """Run torchrun, passing on SIGTERM/SIGUSR1 (a scheduler's pre-emption notice) to it; its exit status,
     or STOPPED_EXIT_CODE (75) when a stop was asked for. torchrun gives its ranks 30 s to stop."""
     print(f"[tunesmith] launching: {' '.join(command[1:])}", file=sys.stderr)
+    started = time.time()
     child = subprocess.Popen(command)
     stopping = []
 
@@ -57,14 +60,22 @@ def relaunch(command: list[str]) -> int:
         while True:
             try:
                 status = child.wait()
-                # torchrun reports ranks that stopped on request as failed; the run stopped as asked
-                return STOPPED_EXIT_CODE if stopping and status != 0 else status
+                # torchrun reports ranks that stopped on request as failed: the run stopped as asked when
+                # the stop's checkpoint was written after the launch
+                return STOPPED_EXIT_CODE if stopping and status != 0 and _checkpoint_since(output_dir, started) else status
             except KeyboardInterrupt:  # Ctrl-C reached torchrun too (same process group): wait for its stop
                 stopping.append(signal.SIGINT)
                 continue
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def _checkpoint_since(output_dir: Path | None, since: float) -> bool:
+    """Whether a checkpoint-N was published in output_dir after `since` (a stop's checkpoint)."""
+    if output_dir is None or not output_dir.is_dir():
+        return False
+    return any(path.name.startswith("checkpoint-") and path.stat().st_mtime >= since for path in output_dir.iterdir())
 
 
 def _positive(env: dict[str, str] | os._Environ, name: str, default: int) -> int:

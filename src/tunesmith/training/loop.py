@@ -18,6 +18,7 @@ saves.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 import warnings
@@ -117,15 +118,26 @@ class _Progress:
         self.sums, self.items, self.tokens, self.window_start = {}, 0.0, 0, time.perf_counter()
 
 
-def epoch_order(n_rows: int, seed: int, epoch: int, proc: ProcessInfo) -> list[int]:
-    """This rank's row indices for one epoch (a permutation seeded by seed + epoch)."""
-    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    return order[proc.rank::proc.world_size]
+def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
+    """Row indices of one epoch: a permutation seeded by seed + epoch (the same on every rank)."""
+    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def step_rows(order: list[int], index: int, rows_per_step: int, proc: ProcessInfo) -> list[int]:
+    """This rank's rows of step `index` of an epoch: the step covers rows_per_step x world_size rows of the
+    order, every world_size-th of them this rank's. Under several ranks a short last step is filled up from
+    the start of the order (as DistributedSampler pads), so every rank runs the same micro-batches and
+    updates, which collectives (fsdp's gathers, gradient sums) need."""
+    width = rows_per_step * proc.world_size
+    chunk = order[index * width:(index + 1) * width]
+    if proc.distributed and len(chunk) < width:
+        chunk = chunk + list(itertools.islice(itertools.cycle(order), width - len(chunk)))
+    return chunk[proc.rank::proc.world_size]
 
 
 def steps_per_epoch(n_rows: int, rows_per_step: int, proc: ProcessInfo) -> int:
-    """Training steps in one epoch on this rank (the last may take fewer rows)."""
-    return max(1, math.ceil(len(range(proc.rank, n_rows, proc.world_size)) / rows_per_step))
+    """Training steps in one epoch, the same on every rank (the last may take fewer rows in one process)."""
+    return max(1, math.ceil(n_rows / (rows_per_step * proc.world_size)))
 
 
 def total_steps_for(optim: OptimArgs, per_epoch: int) -> int:
@@ -154,8 +166,8 @@ def train(model: torch.nn.Module, stage: Stage, data: RunData, optim: OptimArgs,
         updates.set_lr(lr)
         epoch, index = divmod(progress.global_step, per_epoch)
         if order[0] != epoch:
-            order = (epoch, epoch_order(len(data.train), optim.seed, epoch, proc))
-        chosen = order[1][index * stage.rows_per_step:(index + 1) * stage.rows_per_step]
+            order = (epoch, epoch_order(len(data.train), optim.seed, epoch))
+        chosen = step_rows(order[1], index, stage.rows_per_step, proc)
         skipped_before = updates.skipped
         out = stage.step(model, [data.train[i] for i in chosen], updates)
         progress.global_step += 1
@@ -240,6 +252,12 @@ def _resume(resume_from: Path | None, model: torch.nn.Module, updates: Updates, 
     for name, holder in stage.state.items():
         if name in state["controllers"]:  # a checkpoint older than a state object starts it fresh
             holder.load_state_dict(state["controllers"][name])
+    saved_width, width = state.get("rows_per_global_step"), stage.rows_per_step * proc.world_size
+    if saved_width is not None and saved_width != width and proc.is_main:
+        warnings.warn(f"{resume_from.name} was written by a run taking {saved_width} rows per step (all ranks), this one "
+                      f"takes {width}: the step count, schedule and data position follow steps, so the resumed run "
+                      "differs from the original. Keep per_device_train_batch_size x gradient_accumulation_steps x "
+                      "ranks the same to continue it exactly.", stacklevel=2)
     if proc.is_main:
         truncate_log(output_dir, state["global_step"])
     return _Progress(global_step=state["global_step"], elapsed_s=state["elapsed_s"],
@@ -266,7 +284,7 @@ def _epochs_done(step: int, per_epoch: int, stage: Stage, n_rows: int, proc: Pro
     (or steps) consumed, as LLaMA-Factory's trainer_log.jsonl counts them."""
     whole, index = divmod(step, per_epoch)
     unit = stage.micro_batch_rows or stage.rows_per_step
-    units = math.ceil(len(range(proc.rank, n_rows, proc.world_size)) / unit)
+    units = math.ceil(math.ceil(n_rows / proc.world_size) / unit)
     return whole + min(index * (stage.rows_per_step // unit), units) / max(units, 1)
 
 
@@ -299,6 +317,7 @@ def save_step(output_dir: Path, model: torch.nn.Module, updates: Updates, stage:
               save_artifact: SaveArtifact, keep: int | None) -> None:
     """checkpoint-{step}: the user-facing result plus what a resume needs (every rank takes part)."""
     state = {"global_step": progress.global_step, "elapsed_s": progress.elapsed_s, "bad_steps": progress.bad_steps,
+             "rows_per_global_step": stage.rows_per_step * updates.parallel.proc.world_size,
              "controllers": {name: holder.state_dict() for name, holder in stage.state.items()}}
     if updates.scaler.is_enabled():
         state["scaler"] = updates.scaler.state_dict()

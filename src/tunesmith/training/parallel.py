@@ -103,11 +103,14 @@ def optimizer_parameter_names(model: torch.nn.Module, optimizer: torch.optim.Opt
     return [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
-def choose(args: DistributedArgs, proc: ProcessInfo, finetuning_type: str) -> Parallel:
+def choose(args: DistributedArgs, proc: ProcessInfo, finetuning_type: str, fp16: bool = False) -> Parallel:
     """The run's strategy; fsdp shards whole weights, so it is for full fine-tuning."""
     strategy = args.strategy(finetuning_type == "full", proc.world_size)
     if not proc.distributed:  # one process holds everything: nothing to shard or sync (a checkpoint still resumes)
         return Parallel("ddp", proc)
+    if strategy == "fsdp" and fp16:
+        raise TunesmithError("fsdp with fp16: each rank would check only its own shard of the gradient for overflow, "
+                             "and the loss scales would drift apart; use `bf16: true` (or ddp) with fsdp.")
     if strategy == "fsdp" and finetuning_type != "full":
         raise TunesmithError(
             f"fsdp shards the weights that train, for full fine-tuning; with finetuning_type: {finetuning_type} "
@@ -146,7 +149,10 @@ def shard(model: torch.nn.Module, args: DistributedArgs, device: torch.device,
     setattr(model, SHARDED_DECODER_CALL, types.MethodType(_run_decoder, model))
     register_fsdp_forward_method(model, SHARDED_DECODER_CALL)
     for module in model.modules():
-        if hasattr(module, "set_force_sum_reduction_for_comms"):
+        if hasattr(module, "set_gradient_divide_factor"):
+            if not hasattr(module, "set_force_sum_reduction_for_comms"):
+                raise TunesmithError(f"fsdp needs PyTorch's sum-reducing FSDP2 (torch >= 2.8); this is torch "
+                                     f"{torch.__version__}. Upgrade torch or use `distributed_strategy: ddp`.")
             module.set_force_sum_reduction_for_comms(True)
             module.set_gradient_divide_factor(1.0)
 

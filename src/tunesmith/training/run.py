@@ -111,7 +111,7 @@ def run_training(config: RunConfig, say=print) -> dict:
     resume_from = checkpoint.resolve_resume(config.output.resume_from_checkpoint, output_dir)
     check_output_dir(output_dir, config, resume_from)
     require_reporter(config.output.report_to)
-    parallel = choose(config.distributed, proc, config.adapter.finetuning_type)
+    parallel = choose(config.distributed, proc, config.adapter.finetuning_type, config.train.fp16)
     try:
         return _train_on_this_rank(config, parallel, resume_from, say)
     finally:
@@ -125,9 +125,11 @@ def _train_on_this_rank(config: RunConfig, parallel: Parallel, resume_from: Path
         for leftover in remove_interrupted_writes(output_dir):  # of a save killed in an earlier run
             say(f"[tunesmith] removed {leftover.name}, left in {output_dir} by an interrupted save")
     device, _ = resolve_device_and_dtype(config.train.bf16, config.train.fp16, config.train.use_cpu)
-    distributed.start(proc, device, config.distributed.ddp_timeout)
+    distributed.start(proc, device, config.distributed.ddp_timeout, cpu_collectives=config.distributed.offload)
     torch.manual_seed(config.train.seed)
     run = prepare_training(config, parallel)
+    if proc.distributed:  # each rank its own dropout masks (starting weights were broadcast from rank 0)
+        torch.manual_seed(config.train.seed + 1_000_003 * proc.rank)
     config, model, tokenizer, adapter = run.config, run.model, run.tokenizer, run.adapter
     spec = STAGES[config.stage]
     where = f"{proc.world_size} ranks ({parallel.strategy}), " if proc.distributed else ""

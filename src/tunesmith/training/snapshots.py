@@ -32,12 +32,12 @@ def save_step(output_dir: Path, step: int, model: torch.nn.Module, updates: Upda
     trainable = parallel.full_state(model, trainable_only=True)
     optimizer_state = parallel.optimizer_state(model, updates.optimizer)
     artifact_state = parallel.full_state(model, trainable_only=False) if parallel.sharded else None
-    if proc.is_main:
-        _refuse_non_finite(trainable, step)
     tmp = output_dir / f".checkpoint-{step}.tmp"
-    problem = _attempt(lambda: checkpoint.begin_checkpoint(output_dir, step)) if proc.is_main else None
+    problem = None
+    if proc.is_main:
+        problem = _non_finite(trainable, step) or _attempt(lambda: checkpoint.begin_checkpoint(output_dir, step))
     distributed.barrier()
-    if not proc.is_main and tmp.is_dir():  # ranks on another node without shared storage keep theirs
+    if not proc.is_main and tmp.is_dir():  # a node that cannot see rank 0's folder (no shared storage) skips
         problem = _attempt(lambda: checkpoint.write_rank_rng(tmp, proc.rank))
     if proc.is_main and problem is None:
         problem = _attempt(lambda: (save_artifact(tmp, artifact_state),
@@ -46,7 +46,7 @@ def save_step(output_dir: Path, step: int, model: torch.nn.Module, updates: Upda
         if proc.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise TunesmithError(
-            f"Could not write checkpoint-{step} in {output_dir}: {problem or 'another rank failed to write'}. "
+            f"Could not write checkpoint-{step} in {output_dir}: {problem or 'another rank could not write (see its error)'}. "
             "The previous checkpoint is untouched; free space (or fix permissions) and resume with "
             "`resume_from_checkpoint: true`.")
     if proc.is_main:
@@ -63,12 +63,13 @@ def _attempt(write: Callable[[], object]) -> str | None:
     return None
 
 
-def _refuse_non_finite(tensors: dict[str, torch.Tensor], step: int) -> None:
-    """A last guard: weights with NaN or inf never reach a checkpoint."""
+def _non_finite(tensors: dict[str, torch.Tensor], step: int) -> str | None:
+    """A last guard: weights with NaN or inf never reach a checkpoint (the reason, or None)."""
     bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
-        raise TunesmithError(f"step {step}: the weights {bad[:3]} are not finite, so no checkpoint was written; "
-                             "lower learning_rate or max_grad_norm and resume from the last checkpoint.")
+        return (f"the weights {bad[:3]} are not finite at step {step}; lower learning_rate or max_grad_norm and "
+                "resume from the last checkpoint")
+    return None
 
 
 def restore(folder: Path, model: torch.nn.Module, updates: Updates) -> dict:

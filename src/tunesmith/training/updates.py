@@ -49,10 +49,11 @@ class Updates:
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.optim.max_grad_norm or float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        finite = self._finite_loss & torch.isfinite(norm)
+        bad = torch.stack([~self._finite_loss, ~torch.isfinite(norm)]).double()
         if self.parallel.proc.distributed:  # one rank's non-finite loss skips the update on every rank
-            finite = distributed.all_sum([float(~finite)])[0] == 0
-        if bool(finite) or self.optim.fp16 and bool(self._finite_loss):
+            bad = distributed.all_sum(bad)
+        bad_loss, bad_norm = (bool(flag) for flag in bad > 0)
+        if not bad_loss and (not bad_norm or self.optim.fp16):  # fp16's scaler skips an overflow itself
             self.scaler.step(self.optimizer)
         else:
             self.skipped += 1
