@@ -225,3 +225,15 @@ def test_every_rank_runs_the_same_steps_and_rows_per_step():
     assert steps_per_epoch(5, 2, one) == 3 and step_rows(order, 2, 2, one) == [14]
     # the union of the ranks' rows of a step is one process's step with the combined batch
     assert sorted(step_rows(order, 0, 1, ranks[0]) + step_rows(order, 0, 1, ranks[1])) == step_rows(order, 0, 2, one)
+
+
+def test_ranks_get_balanced_shares_of_a_step():
+    """Rows are dealt longest first to the rank with the fewest tokens: equal row counts, close token counts,
+    and together exactly the step's rows."""
+    lengths = [100, 3, 90, 5, 80, 7, 4, 6]
+    order = list(range(8))
+    ranks = [ProcessInfo(rank, 2, rank, 2) for rank in (0, 1)]
+    shares = [step_rows(order, 0, 4, proc, lengths) for proc in ranks]
+    assert sorted(shares[0] + shares[1]) == order and [len(s) for s in shares] == [4, 4]
+    totals = [sum(lengths[i] for i in share) for share in shares]
+    assert totals == [118, 177], totals  # the best split with 4 rows each; strided dealing gives 270 vs 25

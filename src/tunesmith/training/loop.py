@@ -123,16 +123,37 @@ def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
 
 
-def step_rows(order: list[int], index: int, rows_per_step: int, proc: ProcessInfo) -> list[int]:
+def step_rows(order: list[int], index: int, rows_per_step: int, proc: ProcessInfo,
+              lengths: list[int] | None = None) -> list[int]:
     """This rank's rows of step `index` of an epoch: the step covers rows_per_step x world_size rows of the
     order, every world_size-th of them this rank's. Under several ranks a short last step is filled up from
     the start of the order (as DistributedSampler pads), so every rank runs the same micro-batches and
     updates, which collectives (fsdp's gathers, gradient sums) need."""
     width = rows_per_step * proc.world_size
     chunk = order[index * width:(index + 1) * width]
-    if proc.distributed and len(chunk) < width:
+    if not proc.distributed:
+        return chunk
+    if len(chunk) < width:
         chunk = chunk + list(itertools.islice(itertools.cycle(order), width - len(chunk)))
-    return chunk[proc.rank::proc.world_size]
+    return chunk[proc.rank::proc.world_size] if lengths is None else balanced_share(chunk, lengths, proc)
+
+
+def balanced_share(chunk: list[int], lengths: list[int], proc: ProcessInfo) -> list[int]:
+    """This rank's rows of a global step, dealt so every rank gets as many rows and about as many tokens:
+    longest first, each to the rank with the fewest tokens that still has room. Ranks wait for the slowest
+    at each gradient sum, so uneven lengths would idle the others; any split gives the same gradient."""
+    per_rank = len(chunk) // proc.world_size
+    tokens, shares = [0] * proc.world_size, [[] for _ in range(proc.world_size)]
+    for row in sorted(chunk, key=lambda i: -lengths[i]):
+        rank = min((r for r in range(proc.world_size) if len(shares[r]) < per_rank), key=lambda r: tokens[r])
+        shares[rank].append(row)
+        tokens[rank] += lengths[row]
+    return sorted(shares[proc.rank], key=chunk.index)
+
+
+def row_tokens(row: dict) -> int:
+    """A row's size for balancing ranks: the total length of its token lists."""
+    return sum(len(value) for value in row.values() if isinstance(value, list))
 
 
 def steps_per_epoch(n_rows: int, rows_per_step: int, proc: ProcessInfo) -> int:
@@ -160,6 +181,7 @@ def train(model: torch.nn.Module, stage: Stage, data: RunData, optim: OptimArgs,
     tracker = Tracker(output_dir, output.report_to, proc.is_main)
     bar = tqdm(total=total, initial=progress.global_step, disable=not proc.is_main, dynamic_ncols=True)
     start, record, order = time.perf_counter() - progress.elapsed_s, {}, (-1, [])
+    lengths = [row_tokens(row) for row in data.train] if proc.distributed else None
     model.train()
     while progress.global_step < total:
         lr = optim.learning_rate * lr_factor(optim.lr_scheduler_type, progress.global_step, total, warmup)
@@ -167,7 +189,7 @@ def train(model: torch.nn.Module, stage: Stage, data: RunData, optim: OptimArgs,
         epoch, index = divmod(progress.global_step, per_epoch)
         if order[0] != epoch:
             order = (epoch, epoch_order(len(data.train), optim.seed, epoch))
-        chosen = step_rows(order[1], index, stage.rows_per_step, proc)
+        chosen = step_rows(order[1], index, stage.rows_per_step, proc, lengths)
         skipped_before = updates.skipped
         out = stage.step(model, [data.train[i] for i in chosen], updates)
         progress.global_step += 1
