@@ -62,7 +62,9 @@ def prepare_training(config: RunConfig, parallel: Parallel | None = None) -> Pre
     under several ranks, each rank's device, identical starting weights, and fsdp's sharding."""
     parallel = parallel or Parallel()
     spec = STAGES[config.stage]
-    if config.train.gradient_checkpointing:  # the memory-saving mode: also return freed activations to the OS
+    # The memory-saving modes (gradient checkpointing, fsdp, whose per-layer gathers come and go every step)
+    # also return freed memory to the OS
+    if config.train.gradient_checkpointing or parallel.sharded:
         pin_mmap_threshold()
     else:  # the speed mode: reuse freed activation memory, do not fault in fresh pages each step
         reuse_freed_memory()
