@@ -2,7 +2,7 @@
 peak memory of full fine-tuning with fsdp, both measured through `tunesmith train` itself.
 
     .venv/bin/python benchmarks/bench_distributed.py                          # both parts, table + JSON
-    .venv/bin/python benchmarks/bench_distributed.py --skip-memory --steps 30 --out dist.json
+    .venv/bin/python benchmarks/bench_distributed.py --skip-memory --steps 24 --repeats 2 --out dist.json
     .venv/bin/python benchmarks/bench_distributed.py --skip-memory --finetuning-type full    # full FT, ddp
     .venv/bin/python benchmarks/bench_distributed.py --skip-scaling --memory-size qwen2-0.5b
 
@@ -13,14 +13,15 @@ TUNESMITH_THREADS_PER_RANK=1). Every rank has the same micro-batch, so a 2-rank 
 By default (--one-rank-rows same) the 1-rank run takes twice the steps and times exactly the rows the
 2-rank run times, so the two rates are over the same samples (cost per token depends on row lengths).
 The loop logs every step (`logging_steps: 1`); the tokens of each step on each rank are recomputed here
-from the same rows in the same order (tunesmith's own sft data pipeline, `loop.epoch_order` and
-`loop.step_rows`), so tokens/s over the timed steps is exact: sum(tokens_i) / sum(tokens_i /
+from the same rows in the same order and split (tunesmith's own sft data pipeline, `loop.epoch_order`
+and `loop.step_rows` with the loop's balanced shares), so tokens/s over the timed steps is exact: sum(tokens_i) / sum(tokens_i /
 tokens_per_second_i). The first --warmup steps (2 x --warmup for 1 rank with `same`) are left out.
 Target: 2 ranks >= 1.8x the tokens/s of 1 rank (90% scaling efficiency).
 --lengths uniform makes every sample about the same length, so the ranks' work is balanced and what is
 left of the gap is the cost of running data-parallel itself; varied (as bench_train.py) has prompts of
-10-60 and answers of 20-400 tokens, and a step waits for the rank with the longer rows: `balance` says
-how much that alone costs. A hardware baseline (one vs two single-threaded matmul / copy processes) says
+10-60 and answers of 20-400 tokens; the loop deals each global step's rows to the ranks by length
+(`loop.balanced_share`), and a step still waits for the rank with more tokens: `balance` says how much
+that alone costs. A hardware baseline (one vs two single-threaded matmul / copy processes) says
 what the machine itself allows. Each step's window is matched to the machine's CPU counters, and steps
 in which other processes used more than --clean-cores cores are left out of the `clean` rates.
 
@@ -28,9 +29,12 @@ Memory: full fine-tuning of the --memory-size model (qwen2-0.5b: Qwen2-0.5B's sh
 Qwen2 tokenizer from ../shared/assets when present) for --memory-steps steps, batch 1, cutoff_len 128:
 one process against 2 ranks with fsdp. Every 0.1 s the benchmark reads VmHWM / VmRSS / RssAnon / RssFile
 of every process under the command from /proc, and every Python process also writes its own ru_maxrss at
-exit (a sitecustomize on PYTHONPATH), so a peak in the last moments is not missed. "setup" is the peak
-when rank 0 prints its "[tunesmith] sft on ..." line (model loaded, data built, weights sharded); "peak" is
-the whole run's, saving the result included. Target: per-rank peak <= 0.6x the single process's.
+exit (a sitecustomize on PYTHONPATH), so a peak in the last moments is not missed. The high-water mark is
+also read at the end of each phase: setup (until rank 0 prints its "[tunesmith] sft on ..." line: model
+loaded, data built, weights sharded), train (until trainer_log.jsonl holds the last step) and save (the
+result written, exit); "peak" is the whole run's. Target: per-rank peak <= 0.6x the single process's.
+Without --work-dir everything is built in a temporary folder that is removed at the end; with it, the
+models (the 0.5B one is 2 GB) and data are kept and reused.
 
 CPU use is sampled as well: each rank's share of a core, and how many cores everything else on the
 machine took during the run (a benchmark on a shared machine is only as good as that number is small).
@@ -42,6 +46,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -420,13 +425,14 @@ def step_tokens(config: dict, world_size: int, steps: int) -> list[list[int]]:
     from tunesmith.model.loading import load_tokenizer
     from tunesmith.training.configure import build_config
     from tunesmith.training.distributed import ProcessInfo
-    from tunesmith.training.loop import epoch_order, step_rows, steps_per_epoch
+    from tunesmith.training.loop import epoch_order, row_tokens, step_rows, steps_per_epoch
     from tunesmith.training.stages import STAGES
 
     run_config = build_config(dict(config))
     tokenizer = load_tokenizer(config["model_name_or_path"])
     rows = STAGES["sft"].build_data(run_config, tokenizer, torch.device("cpu")).train
     per_row = [len(row["input_ids"]) for row in rows]
+    lengths = [row_tokens(row) for row in rows] if world_size > 1 else None  # how the loop balances ranks
     rows_per_step = config["per_device_train_batch_size"] * config.get("gradient_accumulation_steps", 1)
     totals = [[0] * steps for _ in range(world_size)]
     for rank in range(world_size):
@@ -436,7 +442,7 @@ def step_tokens(config: dict, world_size: int, steps: int) -> list[list[int]]:
         for step in range(steps):
             epoch, index = divmod(step, per_epoch)
             order = orders.setdefault(epoch, epoch_order(len(rows), config.get("seed", 42), epoch))
-            totals[rank][step] = sum(per_row[i] for i in step_rows(order, index, rows_per_step, proc))
+            totals[rank][step] = sum(per_row[i] for i in step_rows(order, index, rows_per_step, proc, lengths))
     return totals
 
 
@@ -719,12 +725,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="40m", help="scaling: model size preset (init_model SIZE_PRESETS)")
     parser.add_argument("--finetuning-type", default="lora", choices=["lora", "full"], help="scaling (ddp)")
-    parser.add_argument("--steps", type=int, default=24, help="scaling: timed steps")
-    parser.add_argument("--warmup", type=int, default=4, help="scaling: leading steps left out")
+    parser.add_argument("--steps", type=int, default=16, help="scaling: timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="scaling: leading steps left out")
     parser.add_argument("--batch-size", type=int, default=4, help="scaling: rows per rank per step")
     parser.add_argument("--cutoff-len", type=int, default=512)
     parser.add_argument("--lengths", nargs="+", default=["varied", "uniform"], choices=["varied", "uniform"])
-    parser.add_argument("--repeats", type=int, default=1, help="scaling: 1-rank/2-rank pairs per length mode")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="scaling: 1-rank/2-rank pairs per length mode, in alternating order")
     parser.add_argument("--one-rank-rows", default="same", choices=["same", "own"],
                         help="scaling: same: the 1-rank run takes twice the steps and times exactly the rows the "
                              "2-rank run times (row lengths then cannot favour either); own: the same step count")
@@ -752,11 +759,15 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="tunesmith_bench_dist_"))
     work.mkdir(parents=True, exist_ok=True)
     results = {"machine": {"cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
-                           "python": sys.version.split()[0]}, "work_dir": str(work)}
-    if not args.skip_scaling:
-        results["scaling"] = scaling(args, work)
-    if not args.skip_memory:
-        results["memory"] = memory(args, work)
+                           "python": sys.version.split()[0]}, "work_dir": str(work) if args.work_dir else None}
+    try:
+        if not args.skip_scaling:
+            results["scaling"] = scaling(args, work)
+        if not args.skip_memory:
+            results["memory"] = memory(args, work)
+    finally:
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
     print_report(results)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
