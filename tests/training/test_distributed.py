@@ -8,6 +8,7 @@ then move half as far.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,8 @@ import yaml
 from safetensors.torch import load_file
 
 from tunesmith.demos.synthetic import preference_records
+from tunesmith.errors import TunesmithError
+from tunesmith.model.loading import load_model
 from tunesmith.training.configure import build_config
 from tunesmith.training.distributed import ProcessInfo
 from tunesmith.training.launch import torchrun_command
@@ -131,7 +134,8 @@ def test_rl_on_two_ranks_equals_one_process(tiny_model, dist_data, tmp_path, sta
 
 
 def test_checkpoints_resume_on_another_number_of_ranks(tiny_model, dist_data, tmp_path):
-    """fsdp on 2 ranks -> 1 process, and 1 process -> 2 ranks, both end where an uninterrupted run ends."""
+    """fsdp on 2 ranks -> 1 process and -> 2 ranks again, and 1 process -> 2 ranks: each ends where an
+    uninterrupted run ends. An fsdp checkpoint holds each rank's shards (safetensors, nothing gathered)."""
     settings = {**settings_for(tiny_model, dist_data, "sft", "full"), "max_steps": 4, "save_steps": 2,
                 "distributed_strategy": "fsdp"}
     uninterrupted = tmp_path / "whole"
@@ -140,6 +144,17 @@ def test_checkpoints_resume_on_another_number_of_ranks(tiny_model, dist_data, tm
     two_then_one = tmp_path / "two_then_one"
     torchrun({**settings, "per_device_train_batch_size": 2, "max_steps": 4, "output_dir": str(two_then_one)},
              two_then_one)
+    saved = two_then_one / "checkpoint-2"
+    assert sorted(p.name for p in (saved / "sharded").iterdir()) == [
+        "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors"]
+    assert not (saved / "model.safetensors").exists() and not (saved / "trainable.safetensors").exists()
+    with pytest.raises(TunesmithError, match="sharded"):
+        load_model(str(saved), torch.float32, torch.device("cpu"))
+    two_then_two = tmp_path / "two_then_two"
+    shutil.copytree(saved, two_then_two / "checkpoint-2")
+    torchrun({**settings, "per_device_train_batch_size": 2, "output_dir": str(two_then_two),
+              "resume_from_checkpoint": "true"}, two_then_two)
+    assert_same_weights(uninterrupted, two_then_two)
     (two_then_one / "model.safetensors").unlink()
     run_training(build_config({**settings, "per_device_train_batch_size": 4, "output_dir": str(two_then_one),
                                "resume_from_checkpoint": str(two_then_one / "checkpoint-2")}), say=lambda *_: None)
@@ -178,7 +193,7 @@ def test_launch_reads_llama_factory_variables():
     assert torchrun_command(["train", "c.yaml"], env={}) is None
     assert torchrun_command(["train", "c.yaml"], env={"LOCAL_RANK": "0", "NPROC_PER_NODE": "2"}) is None
     command = torchrun_command(["train", "c.yaml", "lr=1"], env={"NPROC_PER_NODE": "4", "MASTER_PORT": "1234"})
-    assert command[1:4] == ["-m", "torch.distributed.run", "--nproc-per-node"] and command[4] == "4"
+    assert command[1:4] == ["-m", "tunesmith.training.launch", "--nproc-per-node"] and command[4] == "4"
     assert command[command.index("--master-port") + 1] == "1234" and command[-3:] == ["train", "c.yaml", "lr=1"]
     forced = torchrun_command(["train", "c.yaml"], env={"FORCE_TORCHRUN": "1"})
     assert forced[forced.index("--nproc-per-node") + 1] == "1"

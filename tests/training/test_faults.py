@@ -126,3 +126,42 @@ def test_output_dir_problems_are_reported_before_loading(base_settings, tmp_path
     with pytest.raises(TunesmithError, match="not empty") as raised:
         train({**base_settings, "output_dir": str(tmp_path / "busy")})
     assert "resume_from_checkpoint" not in str(raised.value)
+
+
+FULL_DISK_ON_RANK_1 = """
+import errno, os, sys
+from torch.distributed.checkpoint import HuggingFaceStorageWriter
+from tunesmith.cli import main
+
+real_write = HuggingFaceStorageWriter.write_data
+
+def write_data(self, plan, planner):  # rank 1's disk fills up while it writes its shards of checkpoint-4
+    if os.environ["RANK"] == "1" and "checkpoint-4" in str(self.path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real_write(self, plan, planner)
+
+HuggingFaceStorageWriter.write_data = write_data
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_on_one_rank_of_a_sharded_checkpoint(base_settings, tmp_path):
+    """fsdp: every rank writes its shards; rank 1's failed write stops both ranks with its reason, and
+    checkpoint-2 stays complete and resumable."""
+    settings = {**base_settings, "finetuning_type": "full", "distributed_strategy": "fsdp", "learning_rate": 1e-4,
+                "max_steps": 6, "save_steps": 2, "per_device_train_batch_size": 1,
+                "output_dir": str(tmp_path / "out")}
+    config, script = tmp_path / "cfg.yaml", tmp_path / "full_disk.py"
+    config.write_text(yaml.safe_dump(settings))
+    script.write_text(FULL_DISK_ON_RANK_1)
+    env = {**os.environ, "TUNESMITH_THREADS_PER_RANK": "1"}
+    done = subprocess.run([sys.executable, "-m", "tunesmith.training.launch", "--nproc-per-node", "2",
+                           str(script), "train", str(config)], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    assert "Could not write checkpoint-4" in done.stderr and "rank 1: No space left on device" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    out = Path(settings["output_dir"])
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-2"]
+    assert not list(out.glob(".checkpoint-*"))
+    train({**settings, "per_device_train_batch_size": 2, "resume_from_checkpoint": "true"})
+    assert [line["current_steps"] for line in log_lines(out) if "loss" in line] == [1, 2, 3, 4, 5, 6]

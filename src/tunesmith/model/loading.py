@@ -162,6 +162,12 @@ def _check_local_folder(path: str, what: str) -> bool:
 
 
 def _check_safetensors(folder: Path) -> None:
+    if (folder / "sharded").is_dir() and not (folder / "config.json").exists():
+        raise TunesmithError(
+            f"{str(folder)!r} is a checkpoint of a sharded (fsdp) run: it holds each rank's shards of the weights "
+            "and optimizer, for `resume_from_checkpoint`, not a model folder. Use the run's output_dir once "
+            "training has finished (resume to finish it)."
+        )
     if not (folder / "config.json").exists():
         raise TunesmithError(
             f"The model folder {str(folder)!r} has no config.json. Point model_name_or_path to a folder "

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from tunesmith.errors import TunesmithError
 from tunesmith.model.atomic_files import follow_umask
 
+SHARDED_DIR = "sharded"  # an fsdp run's per-rank shards (training/sharded_state.py)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -75,10 +76,11 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: Path) -> Path
             raise TunesmithError(f"resume_from_checkpoint: true, but {output_dir} holds no checkpoint-N folder.")
         return checkpoints[-1]
     path = Path(resume_from_checkpoint)
-    if not all((path / name).is_file() for name in (STATE_FILE, TRAINABLE_FILE, OPTIMIZER_FILE)):
+    whole = all((path / name).is_file() for name in (TRAINABLE_FILE, OPTIMIZER_FILE))
+    if not (path / STATE_FILE).is_file() or not (whole or (path / SHARDED_DIR).is_dir()):
         raise TunesmithError(
-            f"resume_from_checkpoint: {path} is not a complete tunesmith checkpoint (it needs {STATE_FILE}, "
-            f"{TRAINABLE_FILE} and {OPTIMIZER_FILE}); "
+            f"resume_from_checkpoint: {path} is not a complete tunesmith checkpoint (it needs {STATE_FILE}, and "
+            f"{TRAINABLE_FILE} with {OPTIMIZER_FILE} or an fsdp run's {SHARDED_DIR}/ folder); "
             "point it at an output_dir/checkpoint-N folder or use `true` for the latest.")
     return path
 
@@ -90,7 +92,17 @@ def write_training_state(folder: Path, trainable: dict[str, torch.Tensor], optim
     tensors, layout = _flatten_optimizer(optimizer_state)
     tensors.update(rng_state())
     save_file(tensors, str(folder / OPTIMIZER_FILE))
-    (folder / STATE_FILE).write_text(json.dumps({**state, "optimizer_layout": layout}, indent=2))
+    write_state(folder, state, layout)
+
+
+def write_state(folder: Path, state: dict[str, Any], optimizer_layout: dict[str, Any]) -> None:
+    """The loop counters and the optimizer's JSON part (param groups, non-tensor values)."""
+    (folder / STATE_FILE).write_text(json.dumps({**state, "optimizer_layout": optimizer_layout}, indent=2))
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    """What write_state wrote."""
+    return json.loads((folder / STATE_FILE).read_text())
 
 
 def write_rank_rng(folder: Path, rank: int) -> None:
@@ -119,7 +131,7 @@ class SavedTraining:
 
 def read_training_state(folder: Path, trainable_names: set[str], rank: int = 0) -> SavedTraining:
     """Load what write_training_state saved; `rank`'s own RNG when the checkpoint has it, else rank 0's."""
-    state = json.loads((folder / STATE_FILE).read_text())
+    state = read_state(folder)
     saved = load_file(str(folder / TRAINABLE_FILE))
     if set(saved) != trainable_names:
         missing, extra = sorted(trainable_names - set(saved)), sorted(set(saved) - trainable_names)
@@ -132,6 +144,12 @@ def read_training_state(folder: Path, trainable_names: set[str], rank: int = 0) 
     optimizer = _unflatten_optimizer({k: v for k, v in tensors.items() if not k.startswith("rng.")},
                                      state.pop("optimizer_layout"))
     return SavedTraining(state, saved, optimizer, rng)
+
+
+def read_rank_rng(folder: Path, rank: int) -> dict[str, torch.Tensor]:
+    """A sharded checkpoint's RNG for `rank`: its own, or rank 0's when the checkpoint had fewer ranks."""
+    own = folder / f"rng-rank{rank}.safetensors"
+    return load_file(str(own if own.is_file() else folder / "rng-rank0.safetensors"))
 
 
 def restore_rng(rng: dict[str, torch.Tensor]) -> None:

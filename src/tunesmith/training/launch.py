@@ -38,7 +38,7 @@ def torchrun_command(args: list[str], nproc: int | None = None, env: dict[str, s
         raise TunesmithError("NNODES > 1 needs MASTER_ADDR and MASTER_PORT (node 0's address and a free port), "
                              "the same on every node.")
     port = env.get("MASTER_PORT") or str(_free_port())
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(per_node), "--nnodes", str(nodes),
+    return [sys.executable, "-m", "tunesmith.training.launch", "--nproc-per-node", str(per_node), "--nnodes", str(nodes),
             "--node-rank", str(node_rank), "--master-addr", address, "--master-port", port,
             "-m", "tunesmith", *args]
 
@@ -78,6 +78,25 @@ def _checkpoint_since(output_dir: Path | None, since: float) -> bool:
     return any(path.name.startswith("checkpoint-") and path.stat().st_mtime >= since for path in output_dir.iterdir())
 
 
+def torchrun_main(argv: list[str]) -> int:
+    """torchrun itself, but a failed rank ends it with one line and that rank's exit status (75 for a
+    stop) instead of torchrun's traceback and table; the rank's own error is already above."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, without its banner (ranks set their own)
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as err:  # the first rank that failed by itself (not one torchrun then stopped)
+        own = {r: f for r, f in err.failures.items() if f.exitcode > 0} or err.failures
+        rank, failure = min(own.items(), key=lambda item: (item[1].timestamp, item[0]))
+        if failure.exitcode != STOPPED_EXIT_CODE:
+            print(f"[tunesmith] rank {rank} exited with status {failure.exitcode} (the error is above).",
+                  file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0
+
+
 def _positive(env: dict[str, str] | os._Environ, name: str, default: int) -> int:
     """A positive integer environment variable, or a clear error."""
     text = env.get(name, "") or str(default)
@@ -91,3 +110,7 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+if __name__ == "__main__":  # what torchrun_command runs
+    sys.exit(torchrun_main(sys.argv[1:]))

@@ -1,5 +1,5 @@
 """How the model's weights are spread over ranks: replicated (ddp) or sharded (fsdp), and the full state
-that checkpoints and the saved model are written from.
+the saved model is written from.
 
 ddp: every rank holds every weight; after the last micro-batch of a step the gradients are summed
 across ranks (`distributed.sum_gradients`, one flat all-reduce per bucket). No DistributedDataParallel
@@ -10,10 +10,10 @@ moments are split between ranks and gathered layer by layer for compute. Gradien
 *sum* (`set_force_sum_reduction_for_comms`, divide factor 1), so the result does not depend on how a
 backend averages (PyTorch issue 162338); losses are already divided by the global item count.
 
-Checkpoints hold the *full* trainable state and optimizer state in the same safetensors layout for
-every strategy and rank count (gathered to rank 0 on save, sharded again on load), so a run saved on 2
-ranks resumes on 1 and the other way round. (torch.distributed.checkpoint's sharded format keeps its
-metadata as a pickle, which tunesmith never loads.)
+Checkpoints: ddp (and one process) write the full trainable state and optimizer moments from rank 0;
+fsdp writes each rank's own shards (`sharded_state`, safetensors with offsets, nothing gathered). Either
+kind resumes on any number of ranks and either strategy: a full state is sharded on load
+(`load_full_state`, `load_optimizer_state`), shards are resharded by torch.distributed.checkpoint.
 """
 
 from __future__ import annotations
@@ -68,21 +68,6 @@ class Parallel:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
-
-    def optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """The optimizer's state_dict with full tensors, keyed by parameter index as a plain optimizer's is."""
-        if not self.sharded:
-            return optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                                   cpu_offload=True))
-        index = {name: i for i, name in enumerate(name for g in full.get("param_groups", []) for name in g["params"])}
-        groups, start = [], 0
-        for group in full.get("param_groups", []):
-            groups.append({**group, "params": list(range(start, start + len(group["params"])))})
-            start += len(group["params"])
-        return {"state": {index[name]: value for name, value in full.get("state", {}).items()}, "param_groups": groups}
 
     def load_optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
         """Load an index-keyed full optimizer state (as `optimizer_state` writes it) into this rank's shards."""

@@ -152,6 +152,7 @@ def _train_on_this_rank(config: RunConfig, parallel: Parallel, resume_from: Path
     with graceful_stops() as stop:
         metrics = loop.train(model, run.stage, run.data, config.train, config.output, save_artifact, updates,
                              resume_from, stop)
+    updates.optimizer.state.clear()  # the moments are done with: free them before the model is gathered
     full_state = parallel.full_state(model, trainable_only=False) if parallel.sharded else None
     if proc.is_main:
         save_artifact(output_dir, full_state)
