@@ -106,3 +106,15 @@ def test_name_errors(tokenizer, make_tokenizer):
 def test_encode_prompt_is_the_conversation_up_to_the_assistant_header(tokenizer, name):
     ids = get_template(name, tokenizer).encode_prompt(tokenizer, CONVERSATION[:4])
     assert tokenizer.decode(ids) == EXPECTED[name].rsplit("Ciao", 1)[0]
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+@pytest.mark.parametrize("conversation", [CONVERSATION, NO_SYSTEM], ids=["system", "no-system"])
+def test_a_builtin_as_jinja_renders_its_reference_format(tokenizer, name, conversation):
+    """to_jinja is what a GGUF export carries as its chat_template: the same text as the reference."""
+    template = get_template(name, tokenizer)
+    expected = "".join(p + r for p, r in template.render_turns(tokenizer, conversation))
+    jinja = template.to_jinja(tokenizer)
+    assert tokenizer.apply_chat_template(conversation, chat_template=jinja, tokenize=False) == expected
+    go = template.to_go_template(tokenizer)  # Ollama's: the same slots around {{ .Content }}
+    assert go.count("{{ .Content }}") == 3 and "{{-" not in go

@@ -38,3 +38,9 @@ def chat_model(tmp_path_factory) -> tuple[str, str]:
 @pytest.fixture(scope="session")
 def reward_adapter(chat_model, tmp_path_factory) -> str:
     return write_random_adapter(chat_model[0], tmp_path_factory.mktemp("rm") / "rm", seed=4, reward_head=True)
+
+
+@pytest.fixture(scope="session")
+def adapter_writer():
+    """write_random_adapter(base, folder, seed) for tests that build their own bases."""
+    return write_random_adapter

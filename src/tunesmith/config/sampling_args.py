@@ -9,6 +9,8 @@ from tunesmith.config.schema import choice_message
 
 INFER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 INFER_BACKENDS = ("huggingface",)
+EXPORT_FORMATS = ("safetensors", "gguf")
+EXPORT_GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,10 @@ class InferenceArgs:
     """export: largest safetensors shard, in GB."""
     export_legacy_format: bool = False
     """export: LLaMA-Factory's switch for .bin weights; tunesmith writes safetensors only, so it must stay false."""
+    export_format: str = "safetensors"
+    """export: `safetensors` (a Hugging Face folder) or `gguf` (one GGUF file for llama.cpp / Ollama, with its tokenizer, chat template and an Ollama Modelfile; llama and qwen2 architectures)."""
+    export_gguf_type: str = "f16"
+    """export with export_format gguf: the weights' type, f32, f16, bf16 or q8_0 (norms and biases stay f32)."""
     host: str | None = None
     """api: address to listen on (default: the API_HOST environment variable, else 0.0.0.0)."""
     port: int | None = None
@@ -74,6 +80,10 @@ class InferenceArgs:
             ("infer_backend", self.infer_backend not in INFER_BACKENDS,
              choice_message("infer_backend", self.infer_backend, INFER_BACKENDS)),
             ("export_size", self.export_size <= 0, f"`export_size` (GB per shard) must be positive, got {self.export_size}."),
+            ("export_format", self.export_format not in EXPORT_FORMATS,
+             choice_message("export_format", self.export_format, EXPORT_FORMATS)),
+            ("export_gguf_type", self.export_gguf_type not in EXPORT_GGUF_TYPES,
+             choice_message("export_gguf_type", self.export_gguf_type, EXPORT_GGUF_TYPES)),
             ("export_legacy_format", self.export_legacy_format,
              "`export_legacy_format: true` asks for .bin weights; tunesmith writes safetensors only, so remove it."),
             ("port", self.port is not None and not 0 < self.port < 65536, f"`port` must be in 1-65535, got {self.port}."),

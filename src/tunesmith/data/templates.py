@@ -16,6 +16,7 @@ Usage: `template = get_template("qwen", tokenizer); turns = template.encode_turn
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -94,6 +95,35 @@ class FormatTemplate:
         """Token ids that end generation: the stop words and EOS."""
         ids = [tokenizer.convert_tokens_to_ids(word) for word in self.stop_words]
         return list(dict.fromkeys([*ids, tokenizer.eos_token_id]))
+
+    def to_jinja(self, tokenizer: PreTrainedTokenizerBase) -> str:
+        """The same rendering as a Hugging Face chat_template (for files that carry a template, e.g. GGUF).
+        The user slot already ends with the assistant header, so a prompt ends ready for the answer."""
+        def text(slot: str) -> str:  # a Jinja expression: literal pieces around message['content']
+            before, _, after = self._fill(slot, tokenizer, "\0").partition("\0")
+            return "{{ " + " + ".join(part for part in (json.dumps(before), "message['content']", json.dumps(after))
+                                      if part != '""') + " }}"
+
+        default = self._fill(self.system, tokenizer, self.default_system) if self.default_system else ""
+        return ("{{ " + json.dumps(self._fill(self.prefix, tokenizer)) + " }}"
+                "{%- for message in messages -%}"
+                "{%- if loop.first and message['role'] != 'system' %}{{ " + json.dumps(default) + " }}{% endif -%}"
+                "{%- if message['role'] == 'system' %}" + text(self.system) +
+                "{%- elif message['role'] == 'user' %}" + text(self.user) +
+                "{%- elif message['role'] == 'assistant' %}" + text(self.assistant) +
+                "{%- endif -%}{%- endfor -%}")
+
+    def to_go_template(self, tokenizer: PreTrainedTokenizerBase) -> str:
+        """The same rendering as an Ollama Modelfile TEMPLATE (Go template over .Messages); the default
+        system message goes in the Modelfile's SYSTEM line."""
+        def text(slot: str) -> str:
+            return self._fill(slot, tokenizer, "{{ .Content }}")
+
+        # no `{{-`: it would trim the newline a slot ends with
+        return (self._fill(self.prefix, tokenizer) + "{{ range .Messages }}"
+                '{{ if eq .Role "system" }}' + text(self.system) +
+                '{{ else if eq .Role "user" }}' + text(self.user) +
+                '{{ else if eq .Role "assistant" }}' + text(self.assistant) + "{{ end }}{{ end }}")
 
 
 CHATML = dict(

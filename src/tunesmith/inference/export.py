@@ -36,9 +36,10 @@ import yaml
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from tunesmith.config import DataArgs, InferenceArgs, ModelArgs, RunConfig
-from tunesmith.data.templates import get_template
+from tunesmith.data.templates import FormatTemplate, get_template
 from tunesmith.errors import TunesmithError
 from tunesmith.inference.engine import tokenizer_folder, trained_folder
+from tunesmith.inference.gguf_export import gguf_file_name, gguf_pre_tokenizer, ollama_modelfile, write_gguf
 from tunesmith.model.adapters import merge_adapters, read_adapter_config
 from tunesmith.model.atomic_files import (
     follow_umask,
@@ -46,6 +47,7 @@ from tunesmith.model.atomic_files import (
     staging_folder,
     write_atomically,
 )
+from tunesmith.model.gguf_import import local_model_source
 from tunesmith.model.loading import load_model, load_tokenizer
 from tunesmith.model.reward_model import TRAIN_CONFIG, _training_settings
 from tunesmith.model.value_head import VALUE_HEAD_FILE, load_value_head, save_value_head
@@ -71,16 +73,24 @@ def export_model(config: RunConfig, say: Callable[[str], None] = print) -> Path:
     tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=model_args.trust_remote_code)
     template_name = config.data.template or settings.get("template")
     stop_ids = _stop_token_ids(tokenizer, template_name, say)
-    model = _merged_model(model_args, inference, say)
+    as_gguf = inference.export_format == "gguf"
+    if as_gguf and (source / VALUE_HEAD_FILE).is_file():
+        raise TunesmithError(f"{source} is a reward model (it has {VALUE_HEAD_FILE}); GGUF has no place for its "
+                             "value head. Export it without export_format (a Hugging Face folder).")
+    model = _merged_model(model_args, inference, say, cast=not as_gguf)
     _add_stop_tokens(model.generation_config, stop_ids, tokenizer.pad_token_id)
     export_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_folder(export_dir)
     try:
-        dtype_name = str(model.dtype).removeprefix("torch.")
-        say(f"[tunesmith] writing {dtype_name} safetensors (shards of at most {inference.export_size:g} GB) "
-            f"and the tokenizer of {tokenizer_path}")
-        model.save_pretrained(staging, max_shard_size=int(inference.export_size * GB))
-        tokenizer.save_pretrained(staging)
+        if as_gguf:
+            _write_gguf_files(staging, export_dir, model, tokenizer, model_args, inference.export_gguf_type,
+                              template_name, stop_ids, say)
+        else:
+            dtype_name = str(model.dtype).removeprefix("torch.")
+            say(f"[tunesmith] writing {dtype_name} safetensors (shards of at most {inference.export_size:g} GB) "
+                f"and the tokenizer of {tokenizer_path}")
+            model.save_pretrained(staging, max_shard_size=int(inference.export_size * GB))
+            tokenizer.save_pretrained(staging)
         if (source / VALUE_HEAD_FILE).is_file():
             say(f"[tunesmith] adding the reward model's value head from {source}")
             _write_reward_files(staging, source, model.config.hidden_size, settings, template_name, export_dir)
@@ -93,8 +103,10 @@ def export_model(config: RunConfig, say: Callable[[str], None] = print) -> Path:
     return export_dir
 
 
-def _merged_model(config: ModelArgs, inference: InferenceArgs, say: Callable[[str], None]) -> torch.nn.Module:
-    """The base with every adapter folded in, merged in float32 on the CPU, then cast to the export dtype."""
+def _merged_model(config: ModelArgs, inference: InferenceArgs, say: Callable[[str], None],
+                  cast: bool = True) -> torch.nn.Module:
+    """The base with every adapter folded in, merged in float32 on the CPU, then (`cast`) cast to the export
+    dtype."""
     say(f"[tunesmith] loading {config.model_name_or_path} in float32 on the CPU")
     # Plain sdpa, not tunesmith's packed-batch attention: config.json must name one vanilla transformers knows.
     model = load_model(config.model_name_or_path, torch.float32, torch.device("cpu"),
@@ -103,7 +115,23 @@ def _merged_model(config: ModelArgs, inference: InferenceArgs, say: Callable[[st
     if adapters:
         say(f"[tunesmith] merging {len(adapters)} adapter(s) in order: {', '.join(adapters)}")
         merge_adapters(model, adapters)
-    return model.to(_export_dtype(config, inference.infer_dtype))
+    return model.to(_export_dtype(config, inference.infer_dtype)) if cast else model
+
+
+def _write_gguf_files(staging: Path, export_dir: Path, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                      config: ModelArgs, gguf_type: str, template_name: str | None, stop_ids: list[int],
+                      say: Callable[[str], None]) -> None:
+    """<name>.<TYPE>.gguf with the tokenizer and chat template, and an Ollama Modelfile beside it."""
+    template = get_template(template_name, tokenizer) if template_name or tokenizer.chat_template else None
+    builtin = template if isinstance(template, FormatTemplate) else None
+    chat_template = builtin.to_jinja(tokenizer) if builtin else tokenizer.chat_template
+    name = gguf_file_name(export_dir, gguf_type)
+    say(f"[tunesmith] writing {name} ({gguf_type}) with the tokenizer and "
+        f"{'the ' + builtin.name + ' template' if builtin else 'the tokenizer chat template' if chat_template else 'no chat template'}")
+    write_gguf(model, tokenizer, staging / name, gguf_type, pre_tokenizer=gguf_pre_tokenizer(config.model_name_or_path),
+               chat_template=chat_template)
+    stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_ids]
+    (staging / "Modelfile").write_text(ollama_modelfile(name, builtin, tokenizer, stops), encoding="utf-8")
 
 
 def _check_destination(export_dir: Path, config: ModelArgs, overwrite: bool) -> None:
@@ -162,7 +190,8 @@ def _export_dtype(config: ModelArgs, infer_dtype: str) -> torch.dtype:
     """The named infer_dtype; for "auto" the dtype the base model's config.json records, else float32."""
     if infer_dtype != "auto":
         return getattr(torch, infer_dtype)
-    recorded = AutoConfig.from_pretrained(config.model_name_or_path, trust_remote_code=config.trust_remote_code).dtype
+    recorded = AutoConfig.from_pretrained(local_model_source(config.model_name_or_path),
+                                          trust_remote_code=config.trust_remote_code).dtype
     if isinstance(recorded, str):
         recorded = getattr(torch, recorded, None)
     return recorded if isinstance(recorded, torch.dtype) and recorded.is_floating_point else torch.float32

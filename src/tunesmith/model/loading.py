@@ -1,7 +1,8 @@
 """Load a causal LM and its tokenizer from a local folder or a hub id, on the right device and dtype.
 
 Weights load only from safetensors (`use_safetensors=True`): a folder with only pickle weights
-(`pytorch_model.bin`) is refused, because unpickling runs arbitrary code. `trust_remote_code` is
+(`pytorch_model.bin`) is refused, because unpickling runs arbitrary code. A GGUF file is a source too: it
+is converted once into a cached safetensors folder (model/gguf_import.py). `trust_remote_code` is
 passed through and stays off unless the user sets it. Errors name the path and the fix.
 
 The tokenizer always gets a pad token. Preferred is a special token other than eos (Qwen2-Instruct
@@ -26,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from tunesmith.errors import TunesmithError
 from tunesmith.model.attention import VARLEN_SDPA
+from tunesmith.model.gguf_import import local_model_source
 
 ConfigT = TypeVar("ConfigT")  # any config dataclass with bf16 and fp16 fields
 
@@ -71,8 +73,9 @@ def cpu_has_fast_bf16() -> bool:
 
 def load_model(model_name_or_path: str, dtype: torch.dtype, device: torch.device,
                trust_remote_code: bool = False, attn_implementation: str | None = None) -> PreTrainedModel:
-    """`AutoModelForCausalLM` from safetensors weights, in `dtype` on `device` (sdpa attention by default)."""
-    path = str(model_name_or_path)
+    """`AutoModelForCausalLM` from safetensors weights, in `dtype` on `device` (sdpa attention by default).
+    A GGUF file is converted once into a cached folder (model/gguf_import.py) and loaded from there."""
+    path = local_model_source(str(model_name_or_path), describe=True)
     is_local = _check_local_folder(path, "model")
     if is_local:
         _check_safetensors(Path(path).expanduser())
@@ -103,8 +106,9 @@ MIN_VOCAB = 16  # fewer tokens than this is no real tokenizer (even byte-level o
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """`AutoTokenizer` from `path`, with a pad token guaranteed; padding side left as saved."""
-    path = str(path)
+    """`AutoTokenizer` from `path` (or a GGUF file's converted folder), with a pad token guaranteed;
+    padding side left as saved."""
+    path = local_model_source(str(path))
     is_local = _check_local_folder(path, "tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(
