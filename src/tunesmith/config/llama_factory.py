@@ -24,10 +24,14 @@ ALTERNATIVES = {
     "ref_model_adapters": "the reference is always model_name_or_path with adapter_name_or_path merged.",
     "reward_model_adapters": "point `reward_model` at the output folder of a `stage: rm` run; its train_config.yaml "
                              "says which base and adapters it was trained on.",
-    "reward_model_quantization_bit": "tunesmith does not quantize models.",
-    "ref_model_quantization_bit": "tunesmith does not quantize models.",
-    "export_quantization_bit": "tunesmith does not quantize models; export writes the merged weights as they are.",
-    "export_quantization_dataset": "tunesmith does not quantize models.",
+    "reward_model_quantization_bit": "a LoRA reward model on the policy's base shares its quantized base "
+                                     "(quantization_bit); a separate reward model loads in full precision.",
+    "ref_model_quantization_bit": "the reference is the policy's own base with the adapter off, so it shares "
+                                  "the base's quantization_bit.",
+    "export_quantization_bit": "export writes full-precision weights, or GGUF with `export_format: gguf` and "
+                               "`export_gguf_type: q8_0` for an 8-bit file.",
+    "export_quantization_dataset": "export does not calibrate (GPTQ); use `export_format: gguf` with "
+                                   "`export_gguf_type: q8_0` for an 8-bit file.",
     "export_hub_model_id": "push the export_dir folder yourself (e.g. `huggingface-cli upload`); tunesmith never uploads.",
 }
 

@@ -8,6 +8,9 @@ from typing import ClassVar
 from tunesmith.config.schema import choice_message
 
 FINETUNING_TYPES = ("lora", "full", "freeze")
+QUANTIZATION_BITS = (4, 8)
+QUANTIZATION_METHODS = ("bnb", "bitsandbytes")
+QUANTIZATION_TYPES = ("nf4", "fp4")
 
 
 @dataclass
@@ -22,12 +25,29 @@ class ModelArgs:
     rm/dpo/ppo/grpo: all are merged (for dpo/ppo/grpo that merged model is the reference) and a fresh adapter is trained."""
     trust_remote_code: bool = False
     """Allow model code shipped inside the model folder to run. Off unless you trust the source."""
+    quantization_bit: int | None = None
+    """4 or 8: load the base's linear layers quantized through bitsandbytes and train LoRA on top (QLoRA); the adapter loads on the unquantized base."""
+    quantization_method: str = "bnb"
+    """How to quantize the base: bnb (bitsandbytes), the one tunesmith supports."""
+    quantization_type: str = "nf4"
+    """4-bit data type: nf4 (normal float, QLoRA's) or fp4."""
+    double_quantization: bool = True
+    """4-bit: quantize the block scales too (QLoRA's double quantization, ~0.4 bits per weight less)."""
 
     def problems(self) -> list[tuple[str, str]]:
-        """The model is the one key every command needs."""
-        if not self.model_name_or_path:
-            return [("model_name_or_path", "`model_name_or_path` is required (a model folder or hub id).")]
-        return []
+        """The model is the one key every command needs; quantization choices."""
+        checks = [
+            ("model_name_or_path", not self.model_name_or_path,
+             "`model_name_or_path` is required (a model folder or hub id)."),
+            ("quantization_bit", self.quantization_bit not in (None, *QUANTIZATION_BITS),
+             f"`quantization_bit` must be 4 or 8 (bitsandbytes), got {self.quantization_bit!r}."),
+            ("quantization_method", self.quantization_method not in QUANTIZATION_METHODS,
+             f"`quantization_method: {self.quantization_method}` is not supported; tunesmith quantizes with "
+             "bitsandbytes (`bnb`). For a GPTQ/AWQ/HQQ model, train LoRA on its full-precision original."),
+            ("quantization_type", self.quantization_type not in QUANTIZATION_TYPES,
+             choice_message("quantization_type", self.quantization_type, QUANTIZATION_TYPES)),
+        ]
+        return [(key, message) for key, failed, message in checks if failed]
 
 
 @dataclass

@@ -203,6 +203,12 @@ def run_problems(config: RunConfig, command: str) -> list[tuple[str, str]]:
          "`do_eval: true` needs an eval split: set `val_size` (e.g. 0.1) or `eval_dataset`."),
         ("eval_strategy", output.eval_strategy != "no" and not data.has_eval_split,
          f"`eval_strategy: {output.eval_strategy}` needs an eval split: set `val_size` (e.g. 0.1) or `eval_dataset`."),
+        ("quantization_bit", training and config.model.quantization_bit is not None and not config.adapter.is_lora,
+         f"`quantization_bit` freezes the base in {config.model.quantization_bit}-bit (QLoRA): it trains LoRA adapters, "
+         f"so set `finetuning_type: lora` (or remove quantization_bit to train {config.adapter.finetuning_type})."),
+        ("quantization_bit", command == "export" and config.model.quantization_bit is not None,
+         "`export` merges the adapters into full-precision weights; remove `quantization_bit` (a QLoRA adapter "
+         "merges into the unquantized base)."),
         ("adapter_name_or_path", not config.adapter.is_lora and bool(config.model.adapter_name_or_path),
          "`adapter_name_or_path` needs `finetuning_type: lora`; LoRA adapters cannot be loaded into a full or freeze run."),
     ]

@@ -17,8 +17,9 @@ import torch
 from tunesmith.config import ModelArgs, RunConfig, SamplingSettings
 from tunesmith.data.templates import get_template
 from tunesmith.errors import TunesmithError
-from tunesmith.model.adapters import merge_adapters
+from tunesmith.model.adapters import apply_adapters, merge_adapters
 from tunesmith.model.loading import load_model, load_tokenizer
+from tunesmith.model.quantize import Quantization
 from tunesmith.model.reward_model import RewardModel
 from tunesmith.model.value_head import VALUE_HEAD_FILE
 from tunesmith.sampling.generate import Generation, generate
@@ -141,8 +142,13 @@ def _load_weights(model_args: ModelArgs, template: str | None, dtype: torch.dtyp
         reward_model = RewardModel.load(reward_folder, base_model=base, template=template, dtype=dtype,
                                         trust_remote_code=model_args.trust_remote_code, use_cpu=use_cpu)
         return reward_model.model, reward_model.tokenizer, reward_model
-    model = load_model(model_args.model_name_or_path, dtype, device, trust_remote_code=model_args.trust_remote_code)
-    merge_adapters(model, adapters)
+    quantization = Quantization.from_args(model_args)
+    model = load_model(model_args.model_name_or_path, dtype, device, trust_remote_code=model_args.trust_remote_code,
+                       quantization=quantization)
+    if quantization is not None and adapters:  # a 4/8-bit base takes no merge: the adapter runs beside it
+        apply_adapters(model, adapters, trainable_last=False)
+    else:
+        merge_adapters(model, adapters)
     tokenizer = load_tokenizer(tokenizer_folder(model_args), trust_remote_code=model_args.trust_remote_code)
     return model, tokenizer, None
 

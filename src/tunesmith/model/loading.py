@@ -26,8 +26,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tunesmith.errors import TunesmithError
+from tunesmith.model import quantize
 from tunesmith.model.attention import VARLEN_SDPA
 from tunesmith.model.gguf_import import local_model_source
+from tunesmith.model.quantize import Quantization
 
 ConfigT = TypeVar("ConfigT")  # any config dataclass with bf16 and fp16 fields
 
@@ -72,13 +74,18 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def load_model(model_name_or_path: str, dtype: torch.dtype, device: torch.device,
-               trust_remote_code: bool = False, attn_implementation: str | None = None) -> PreTrainedModel:
+               trust_remote_code: bool = False, attn_implementation: str | None = None,
+               quantization: Quantization | None = None) -> PreTrainedModel:
     """`AutoModelForCausalLM` from safetensors weights, in `dtype` on `device` (sdpa attention by default).
-    A GGUF file is converted once into a cached folder (model/gguf_import.py) and loaded from there."""
+    A GGUF file is converted once into a cached folder (model/gguf_import.py) and loaded from there.
+    `quantization`: the linear layers load 4/8-bit through bitsandbytes (model/quantize.py)."""
     path = local_model_source(str(model_name_or_path), describe=True)
     is_local = _check_local_folder(path, "model")
     if is_local:
         _check_safetensors(Path(path).expanduser())
+    placement = {}
+    if quantization is not None:
+        placement = {"quantization_config": quantization.transformers_config(dtype), "device_map": {"": device}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(Path(path).expanduser()) if is_local else path,
@@ -86,11 +93,22 @@ def load_model(model_name_or_path: str, dtype: torch.dtype, device: torch.device
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation or "sdpa",
+            **placement,
         )
     except OSError as err:
         raise _load_error(path, "model", is_local, err) from err
+    except (RuntimeError, NotImplementedError) as err:
+        if quantization is None:
+            raise
+        raise TunesmithError(
+            f"bitsandbytes could not load {path} in {quantization.bits}-bit on {device.type}: {err}. Its CPU "
+            "backend needs bitsandbytes >= 0.46 (pip install -U bitsandbytes); without it, remove "
+            "quantization_bit and train LoRA on the full-precision base.") from err
     if attn_implementation is None and model.config._attn_implementation == "sdpa":
         use_varlen_attention(model)
+    if quantization is not None:
+        quantize.prepare(model)
+        return model  # already on `device` (device_map); bitsandbytes weights do not move with .to()
     return model.to(device)
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from tunesmith.errors import TunesmithError
+from tunesmith.model.quantize import is_quantized_linear
 
 # Heads that map hidden states to vocabulary / class / value scores: "all" never adapts them (PEFT does
 # the same for "all-linear"), since a low-rank update of the output head is rarely what anyone wants.
@@ -108,6 +109,12 @@ class LoRALinear(nn.Module):
         """W <- W + scaling * B A; forward then runs the base layer alone."""
         if self.merged:
             return
+        if is_quantized_linear(self.base_layer):
+            raise TunesmithError(
+                "A LoRA adapter cannot be merged into a 4/8-bit (quantization_bit) base. With quantization_bit, "
+                "sft can continue training one adapter (adapter_name_or_path with a single folder); to build on "
+                "earlier adapters, merge them first with `tunesmith export` (full precision) and use the export "
+                "as model_name_or_path.")
         weight = self.base_layer.weight
         weight.copy_(weight.float() + self.delta_weight())
         self.merged = True

@@ -78,6 +78,8 @@ def _projection(module: nn.Module) -> _Projection | None:
         if module.active_side is not None:
             return None  # a side adapter is on: the caller wants another model, let transformers run it
         base = module.base_layer
+        if type(base) is not nn.Linear:  # a 4/8-bit base: only bitsandbytes' own layer can compute with it
+            return None
         if module.inference_weight is not None and not module.disabled:
             return _Projection(module.inference_weight, base.bias, None)
         if module.disabled or module.merged:

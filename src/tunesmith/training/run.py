@@ -20,6 +20,7 @@ from tunesmith.model.adapters import save_adapter
 from tunesmith.model.atomic_files import follow_umask, remove_interrupted_writes
 from tunesmith.model.finetune import AdapterSettings, prepare_for_training, trainable_summary
 from tunesmith.model.loading import load_model, load_tokenizer, resolve_device_and_dtype
+from tunesmith.model.quantize import Quantization
 from tunesmith.model.value_head import ATTRIBUTE as VALUE_HEAD_ATTRIBUTE
 from tunesmith.model.value_head import (
     VALUE_HEAD_FILE,
@@ -81,7 +82,8 @@ def prepare_training(config: RunConfig, parallel: Parallel | None = None) -> Pre
     # Frozen weights can live in the compute dtype; full fine-tuning keeps fp32 master weights (autocast).
     load_dtype = torch.float32 if config.adapter.finetuning_type == "full" else compute_dtype
     model = load_model(config.model.model_name_or_path, load_dtype, device,
-                       trust_remote_code=config.model.trust_remote_code)
+                       trust_remote_code=config.model.trust_remote_code,
+                       quantization=Quantization.from_args(config.model))
     adapter = prepare_for_training(model, config.model, config.adapter, spec.fresh_adapter,
                                    config.train.gradient_checkpointing)
     distributed.broadcast_trainable(model)
@@ -136,7 +138,9 @@ def _train_on_this_rank(config: RunConfig, parallel: Parallel, resume_from: Path
     spec = STAGES[config.stage]
     where = f"{proc.world_size} ranks ({parallel.strategy}), " if proc.distributed else ""
     if proc.is_main:
-        say(f"[tunesmith] {config.stage} on {where}{run.device} ({run.compute_dtype}), {len(run.data.train)} train / "
+        quantized = Quantization.from_args(config.model)
+        base = f"base in {quantized.bits}-bit {quantized.describe()} (bitsandbytes), " if quantized else ""
+        say(f"[tunesmith] {config.stage} on {where}{run.device} ({run.compute_dtype}), {base}{len(run.data.train)} train / "
             f"{len(run.data.eval)} eval rows; {trainable_summary(model)}")
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / CONFIG_FILE)
