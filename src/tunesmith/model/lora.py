@@ -59,6 +59,8 @@ class LoRALinear(nn.Module):
                 f"LoRA rank must be a positive integer, got {rank}; set lora_rank to e.g. 8."
             )
         self.base_layer = base
+        # bitsandbytes' 4/8-bit matmul returns a view that autograd forbids changing in place
+        self.add_in_place = not is_quantized_linear(base)
         self.rank = rank
         self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         # LoRA weights stay fp32 whatever the base dtype: their updates are small and bf16 would round them away.
@@ -89,7 +91,7 @@ class LoRALinear(nn.Module):
                 return result
             lora_A, lora_B, scaling = self.side[self.active_side]
             update = (x.to(lora_A.dtype) @ lora_A.t() * scaling) @ lora_B.t()
-            return result.add_(update.to(result.dtype))
+            return self._add(result, update)
         if self.inference_weight is not None and not self.disabled:
             return few_row_linear(x, self.inference_weight, self.base_layer.bias)
         result = self.base_layer(x)  # [..., out]
@@ -98,7 +100,12 @@ class LoRALinear(nn.Module):
         lora_x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
         # Scale the rank-r activations, not the [..., out] update: same product, r/out of the work.
         update = self.lora_B(self.lora_A(lora_x) * self.scaling)  # [..., out]
-        return result.add_(update.to(result.dtype))  # in place: the base output is not saved for backward
+        return self._add(result, update)
+
+    def _add(self, result: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        """result + update, in place where allowed: the base output is not saved for backward."""
+        update = update.to(result.dtype)
+        return result.add_(update) if self.add_in_place else result + update
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A in fp32, shaped like the base weight [out, in]."""

@@ -60,6 +60,8 @@ def require_bitsandbytes() -> None:
     # On CPUs with AVX512-BF16, importing bitsandbytes tries to fetch an inference kernel from the hub
     # (refused: untrusted remote code) and logs a warning. `prepare` keeps that kernel out of use anyway.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # 8-bit layers log "inputs will be cast ... to float16" on every matmul of an fp32/bf16 model.
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as err:
