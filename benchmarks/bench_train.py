@@ -5,6 +5,7 @@
     python benchmarks/bench_train.py --init 40m --stage dpo --precompute-ref-logprobs
     python benchmarks/bench_train.py --init 40m --stage rm            # reward model
     python benchmarks/bench_train.py --init 40m --bf16
+    python benchmarks/bench_train.py --init 40m --quantization-bit 4   # QLoRA (benchmarks/bench_qlora.py compares)
     python benchmarks/bench_train.py --init qwen2-0.5b --tokenizer ../shared/assets/qwen2_tokenizer --steps 3
     python benchmarks/bench_train.py --model path/to/hf_folder --dataset alpaca_en_demo --dataset-dir data
 
@@ -97,6 +98,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--precompute-ref-logprobs", action="store_true", help="dpo: cache reference log-probs first")
     parser.add_argument("--finetuning-type", default="lora", choices=["lora", "full", "freeze"])
     parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--quantization-bit", type=int, choices=[4, 8], help="QLoRA: the base in 4 or 8 bits (bitsandbytes)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--cutoff-len", type=int, default=512)
     parser.add_argument("--packing", action="store_true")
@@ -120,6 +122,7 @@ def main(argv=None) -> dict:
         "stage": args.stage, "precompute_ref_logprobs": args.precompute_ref_logprobs,
         "model_name_or_path": model_path, "dataset": dataset, "dataset_dir": dataset_dir,
         "finetuning_type": args.finetuning_type, "lora_rank": args.lora_rank, "lora_target": "all",
+        "quantization_bit": args.quantization_bit,
         "template": "qwen", "cutoff_len": args.cutoff_len, "packing": args.packing, "bf16": args.bf16,
         "per_device_train_batch_size": args.batch_size, "learning_rate": 1e-4, "save_steps": 0,
         "gradient_checkpointing": args.gradient_checkpointing, "output_dir": str(work / "out"),
@@ -144,7 +147,8 @@ def main(argv=None) -> dict:
     peak = max(matmul_peak_flops(torch.bfloat16 if args.bf16 else torch.float32, device, n) for n in sizes)
     result = {
         "stage": args.stage, "model": model_path, "params": params, "device": str(device), "dtype": str(run.compute_dtype),
-        "finetuning_type": config.adapter.finetuning_type, "batch_size": args.batch_size, "cutoff_len": args.cutoff_len,
+        "finetuning_type": config.adapter.finetuning_type, "quantization_bit": args.quantization_bit,
+        "batch_size": args.batch_size, "cutoff_len": args.cutoff_len,
         "packing": args.packing, "threads": torch.get_num_threads(),
         "tokens_per_second": metrics["tokens_per_second"],
         "peak_rss_gb": round(_peak_rss_bytes() / 1e9, 3),

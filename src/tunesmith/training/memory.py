@@ -38,6 +38,17 @@ def reuse_freed_memory(threshold_bytes: int = 1 << 30) -> bool:
     return mmap_set and trim_set
 
 
+def trim_heap() -> bool:
+    """Return the heap's free pages to the OS now (glibc's malloc_trim): after loading, whose temporaries
+    (a quantized base's fp32 copies) the speed mode would otherwise keep for good."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def _mallopt(parameter: int, value: int) -> bool:
     """glibc's mallopt(parameter, value), False off Linux or where libc.so.6 has no mallopt."""
     if not sys.platform.startswith("linux"):

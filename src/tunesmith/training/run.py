@@ -31,7 +31,7 @@ from tunesmith.model.value_head import (
 from tunesmith.training import checkpoint, distributed, loop
 from tunesmith.training.distributed import process_info
 from tunesmith.training.interrupt import graceful_stops
-from tunesmith.training.memory import pin_mmap_threshold, reuse_freed_memory
+from tunesmith.training.memory import pin_mmap_threshold, reuse_freed_memory, trim_heap
 from tunesmith.training.parallel import Parallel, choose, shard
 from tunesmith.training.reference import Reference
 from tunesmith.training.stages import STAGES, StageInputs, StageSpec
@@ -63,9 +63,9 @@ def prepare_training(config: RunConfig, parallel: Parallel | None = None) -> Pre
     under several ranks, each rank's device, identical starting weights, and fsdp's sharding."""
     parallel = parallel or Parallel()
     spec = STAGES[config.stage]
-    # The memory-saving modes (gradient checkpointing, fsdp, whose per-layer gathers come and go every step)
-    # also return freed memory to the OS
-    if config.train.gradient_checkpointing or parallel.sharded:
+    # The memory-saving modes (gradient checkpointing, fsdp, whose per-layer gathers come and go every step,
+    # a quantized base, whose layers dequantize a weight-sized block per matmul) return freed memory to the OS
+    if config.train.gradient_checkpointing or parallel.sharded or config.model.quantization_bit:
         pin_mmap_threshold()
     else:  # the speed mode: reuse freed activation memory, do not fault in fresh pages each step
         reuse_freed_memory()
@@ -84,6 +84,7 @@ def prepare_training(config: RunConfig, parallel: Parallel | None = None) -> Pre
     model = load_model(config.model.model_name_or_path, load_dtype, device,
                        trust_remote_code=config.model.trust_remote_code,
                        quantization=Quantization.from_args(config.model))
+    trim_heap()  # loading's temporaries go back to the OS before training's own blocks settle in the heap
     adapter = prepare_for_training(model, config.model, config.adapter, spec.fresh_adapter,
                                    config.train.gradient_checkpointing)
     distributed.broadcast_trainable(model)
