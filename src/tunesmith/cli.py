@@ -8,6 +8,7 @@
     tunesmith init-model OUT [--arch --size]   write a small random-init model folder, offline
     tunesmith demo                             build a tiny model, fine-tune it, show before/after
     tunesmith demo-rlhf                        SFT -> RM -> PPO, GRPO and DPO on a tiny model, held-out scores
+    tunesmith demo-real                        LoRA SFT of the real SmolLM2-135M-Instruct: new identity, kept skills
     tunesmith data prepare|stats|convert|validate   clean, measure, convert and check data files
     tunesmith env                              versions, device, threads
 """
@@ -134,6 +135,12 @@ def _demo_rlhf(args) -> None:
     from tunesmith.demos.rlhf_demo import run_rl_demo
 
     run_rl_demo(args.output_dir, scale=args.scale)
+
+
+def _demo_real(args) -> None:
+    from tunesmith.demos.real_demo import run_real_demo
+
+    run_real_demo(args.output_dir, steps=args.steps)
 
 
 def _demo(args) -> None:
@@ -322,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="demo_output")
     demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
     demo.set_defaults(handler=_demo)
+    demo_real = commands.add_parser("demo-real", help="LoRA SFT of the real SmolLM2-135M-Instruct (GGUF): a new "
+                                      "identity, held-out before/after (needs tunesmith[real])")
+    demo_real.add_argument("--output-dir", default="demo_real")
+    demo_real.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
+    demo_real.set_defaults(handler=_demo_real)
     demo_rlhf = commands.add_parser("demo-rlhf", help="SFT -> reward model -> PPO, plus GRPO and DPO, on a tiny model")
     demo_rlhf.add_argument("--output-dir", default="demo_rlhf")
     demo_rlhf.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (default 1)")
