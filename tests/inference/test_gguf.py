@@ -208,3 +208,67 @@ def test_bad_gguf_sources_are_named(tmp_path):
         load_model(str(tmp_path), torch.float32, CPU)
     with pytest.raises(TunesmithError, match="Could not read .*a.gguf"):
         load_model(str(tmp_path / "a.gguf"), torch.float32, CPU)
+
+
+def test_a_llama_with_attention_biases_reads_back_the_same_in_llama_cpp(trained, tmp_path):
+    """llama.cpp rotates q/k rows in interleaved pairs: their biases are permuted with the weights.
+    (transformers' GGUF reader drops llama attention biases, so llama.cpp is the reader here.)"""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base, _ = trained
+    tokenizer = load_tokenizer(base)
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), attention_bias=True)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_()
+    write_gguf(model, tokenizer, tmp_path / "b.gguf", "f32")
+    llm = llama_cpp.Llama(str(tmp_path / "b.gguf"), n_ctx=64, logits_all=True, verbose=False, n_threads=1,
+                          type_k=0, type_v=0)
+    ids = INPUT_IDS[0].tolist()
+    llm.eval(ids)
+    torch.testing.assert_close(torch.tensor(np.array(llm.scores[:len(ids)])), logits(model)[0], atol=2e-3, rtol=0)
+
+
+def test_ranks_converting_at_once_share_one_conversion(trained, tmp_path):
+    import threading
+
+    base, adapter = trained
+    file = export_gguf(tmp_path, base, adapter, "f32")
+    folders, errors = [], []
+
+    def convert():
+        try:
+            folders.append(gguf_import.local_model_source(str(file)))
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=convert) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(set(folders)) == 1
+    leftovers = [p.name for p in Path(folders[0]).parent.iterdir() if ".tmp-" in p.name]
+    assert not leftovers
+
+
+def test_a_conversion_that_cannot_be_written_leaves_nothing_behind(trained, tmp_path, monkeypatch):
+    import errno
+
+    base, adapter = trained
+    file = export_gguf(tmp_path, base, adapter, "f32")
+
+    def full_disk(_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gguf_import, "follow_umask", full_disk)
+    with pytest.raises(TunesmithError, match="No space left on device.*TUNESMITH_CACHE"):
+        gguf_import.local_model_source(str(file))
+    cache = tmp_path / "cache" / "gguf"
+    assert [p.name for p in cache.iterdir() if not p.name.startswith((".", "digests"))] == []
+    assert not [p for p in cache.iterdir() if ".tmp-" in p.name]

@@ -70,6 +70,7 @@ def test_dpo_on_a_4bit_base_uses_that_base_as_its_reference(tiny_model, tmp_path
     ({"quantization_bit": 4, "quantization_method": "gptq"}, "train", "tunesmith quantizes with bitsandbytes"),
     ({"quantization_bit": 4, "quantization_type": "int4"}, "train", "quantization_type"),
     ({"quantization_bit": 4, "export_dir": "x"}, "export", "remove `quantization_bit`"),
+    ({"quantization_bit": 4, "stage": "dpo", "adapter_name_or_path": "sft"}, "train", "cannot take a merge"),
 ])
 def test_quantization_keys_that_cannot_work_are_refused(base_settings, extra, command, message):
     with pytest.raises(TunesmithError, match=message):

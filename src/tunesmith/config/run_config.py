@@ -206,6 +206,11 @@ def run_problems(config: RunConfig, command: str) -> list[tuple[str, str]]:
         ("quantization_bit", training and config.model.quantization_bit is not None and not config.adapter.is_lora,
          f"`quantization_bit` freezes the base in {config.model.quantization_bit}-bit (QLoRA): it trains LoRA adapters, "
          f"so set `finetuning_type: lora` (or remove quantization_bit to train {config.adapter.finetuning_type})."),
+        ("adapter_name_or_path", training and config.model.quantization_bit is not None and config.stage != "sft"
+         and bool(config.model.adapter_name_or_path),
+         f"`stage: {config.stage}` merges adapter_name_or_path into the base and trains a fresh adapter, and a "
+         f"{config.model.quantization_bit}-bit base cannot take a merge. Merge the adapters first with `tunesmith "
+         "export` (full precision) and use that folder as model_name_or_path, or remove quantization_bit."),
         ("quantization_bit", command == "export" and config.model.quantization_bit is not None,
          "`export` merges the adapters into full-precision weights; remove `quantization_bit` (a QLoRA adapter "
          "merges into the unquantized base)."),

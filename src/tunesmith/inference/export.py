@@ -128,8 +128,12 @@ def _write_gguf_files(staging: Path, export_dir: Path, model: torch.nn.Module, t
     name = gguf_file_name(export_dir, gguf_type)
     say(f"[tunesmith] writing {name} ({gguf_type}) with the tokenizer and "
         f"{'the ' + builtin.name + ' template' if builtin else 'the tokenizer chat template' if chat_template else 'no chat template'}")
-    write_gguf(model, tokenizer, staging / name, gguf_type, pre_tokenizer=gguf_pre_tokenizer(config.model_name_or_path),
-               chat_template=chat_template)
+    pre_tokenizer = gguf_pre_tokenizer(config.model_name_or_path)
+    if pre_tokenizer is None and model.config.model_type != "qwen2":
+        say("[tunesmith] note: the base did not come from a GGUF, so the file names llama.cpp's `default` "
+            "pre-tokenizer; if the model's own splits digits or punctuation differently (Llama 3: llama-bpe, "
+            "SmolLM: smollm), llama.cpp will tokenize some text differently than training did.")
+    write_gguf(model, tokenizer, staging / name, gguf_type, pre_tokenizer=pre_tokenizer, chat_template=chat_template)
     stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_ids]
     (staging / "Modelfile").write_text(ollama_modelfile(name, builtin, tokenizer, stops), encoding="utf-8")
 

@@ -70,7 +70,8 @@ def write_gguf(model: torch.nn.Module, tokenizer, path: Path, gguf_type: str, pr
             raise TunesmithError(f"export_format: gguf has no llama.cpp name for the tensor {hf_name!r} of this "
                                  f"{model_type} model; export it as safetensors instead.")
         data = tensor.detach().to(torch.float32).cpu().numpy()
-        if model_type in PERMUTED_ROPE and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+        if model_type in PERMUTED_ROPE and hf_name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias",
+                                                             "k_proj.bias")):
             heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
             data = permute_for_rope(data, heads)
         _add_tensor(writer, name, data, gguf_type, gguf)
@@ -90,7 +91,7 @@ def _add_tensor(writer, name: str, data: np.ndarray, gguf_type: str, gguf) -> No
     """One tensor in the requested type; 1-D tensors (norms, biases) always float32."""
     kind = gguf.GGMLQuantizationType
     if gguf_type == "f32" or data.ndim < 2:
-        writer.add_tensor(name, data.astype(np.float32))
+        writer.add_tensor(name, data.astype(np.float32, copy=False))
     elif gguf_type == "f16" or (gguf_type == "q8_0" and data.shape[-1] % 32):
         writer.add_tensor(name, data.astype(np.float16))
     else:
@@ -173,7 +174,9 @@ def _write_tokenizer(writer, tokenizer, vocab: dict, pre_tokenizer: str, chat_te
                           (tokenizer.pad_token_id, writer.add_pad_token_id)):
         if token_id is not None:
             add(int(token_id))
-    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    # what the tokenizer really does (Llama 3 adds BOS in its post-processor, not through add_bos_token)
+    adds_bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+    writer.add_add_bos_token(bool(adds_bos))
     if chat_template:
         writer.add_chat_template(chat_template)
 

@@ -19,7 +19,9 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
@@ -61,7 +63,9 @@ def local_model_source(path: str, describe: bool = False) -> str:
         return str(path)
     folder = gguf_cache_root() / "gguf" / cached_digest(gguf_file)[:16]
     if not (folder / SOURCE_RECORD).is_file():
-        convert(gguf_file, folder)
+        with _exclusive(folder.with_name(f".{folder.name}.lock")):  # one process converts; the others wait
+            if not (folder / SOURCE_RECORD).is_file():
+                convert(gguf_file, folder)
     if describe:
         record = json.loads((folder / SOURCE_RECORD).read_text(encoding="utf-8"))
         _say(f"[tunesmith] {gguf_file.name}: {_describe(record['tensor_types'])} tensors, dequantized to float32 "
@@ -81,8 +85,6 @@ def convert(gguf_file: Path, folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _say(f"[tunesmith] converting {gguf_file} to a Hugging Face folder (once; cached in {folder})")
-    staging = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
@@ -99,20 +101,36 @@ def convert(gguf_file: Path, folder: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = str(gguf_file)
-    staging.mkdir(parents=True)
-    model.save_pretrained(str(staging), safe_serialization=True)
-    tokenizer.save_pretrained(str(staging))
-    record = {"source": str(gguf_file.resolve()), "sha256": file_digest(gguf_file), **gguf_facts(gguf_file),
-              "dtype": "float32",
-              "note": "dequantized from the GGUF file: a quantized source is lossy"}
-    (staging / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    follow_umask(staging)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
+        model.save_pretrained(str(staging), safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
+        record = {"source": str(gguf_file.resolve()), "sha256": file_digest(gguf_file), **gguf_facts(gguf_file),
+                  "dtype": "float32", "note": "dequantized from the GGUF file: a quantized source is lossy"}
+        (staging / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        follow_umask(staging)
         staging.rename(folder)
-    except OSError:  # another process (another rank) finished the same conversion first
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (folder / SOURCE_RECORD).is_file():
-            raise
+    except OSError as err:
+        raise TunesmithError(
+            f"Could not write the converted model to {folder}: {getattr(err, 'strerror', None) or err}. float32 "
+            "takes about 7x the size of a 4-bit GGUF; free space there, or point TUNESMITH_CACHE at a larger "
+            "disk.") from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already once renamed
+
+
+@contextmanager
+def _exclusive(lock_path: Path):
+    """An exclusive lock on `lock_path` (flock, where the OS has it) for the block."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        try:
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except ImportError:  # no flock (Windows): the atomic rename still keeps the folder whole
+            pass
+        yield
 
 
 def gguf_facts(gguf_file: Path) -> dict:
@@ -139,9 +157,10 @@ def cached_digest(path: Path) -> str:
         memo = memo if isinstance(memo, dict) else {}
         memo[key] = file_digest(path)
         memo_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_file.with_name(f".digests.json.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(memo, indent=1), encoding="utf-8")
-        tmp.replace(memo_file)
+        handle, tmp = tempfile.mkstemp(prefix=".digests.json.tmp-", dir=memo_file.parent)
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(json.dumps(memo, indent=1))
+        os.replace(tmp, memo_file)
     return memo[key]
 
 

@@ -96,12 +96,27 @@ def choose(args: DistributedArgs, proc: ProcessInfo, finetuning_type: str, fp16:
     if strategy == "fsdp" and fp16:
         raise TunesmithError("fsdp with fp16: each rank would check only its own shard of the gradient for overflow, "
                              "and the loss scales would drift apart; use `bf16: true` (or ddp) with fsdp.")
+    if strategy == "fsdp" and not _has_sharded_safetensors():
+        raise TunesmithError(f"fsdp checkpoints are written as sharded safetensors through torch.distributed.checkpoint's "
+                             f"HuggingFaceStorageWriter, which this torch ({torch.__version__}) lacks; upgrade torch "
+                             "(>= 2.8) or use `distributed_strategy: ddp`.")
     if strategy == "fsdp" and finetuning_type != "full":
         raise TunesmithError(
             f"fsdp shards the weights that train, for full fine-tuning; with finetuning_type: {finetuning_type} "
             "the trainable weights are small, so use `distributed_strategy: ddp` (remove `fsdp` / the ZeRO-2/3 "
             "`deepspeed` file), or set `finetuning_type: full`.")
     return Parallel(strategy, proc)
+
+
+def _has_sharded_safetensors() -> bool:
+    """Whether torch.distributed.checkpoint can write per-rank safetensors shards (torch >= 2.8)."""
+    import inspect
+
+    try:
+        from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    except ImportError:
+        return False
+    return "save_distributed" in inspect.signature(HuggingFaceStorageWriter.__init__).parameters
 
 
 def shard(model: torch.nn.Module, args: DistributedArgs, device: torch.device,
