@@ -61,11 +61,12 @@ def local_model_source(path: str, describe: bool = False) -> str:
     gguf_file = gguf_file_of(path)
     if gguf_file is None:
         return str(path)
-    folder = gguf_cache_root() / "gguf" / cached_digest(gguf_file)[:16]
+    digest = cached_digest(gguf_file)
+    folder = gguf_cache_root() / "gguf" / digest[:16]
     if not (folder / SOURCE_RECORD).is_file():
         with _exclusive(folder.with_name(f".{folder.name}.lock")):  # one process converts; the others wait
             if not (folder / SOURCE_RECORD).is_file():
-                convert(gguf_file, folder)
+                convert(gguf_file, folder, digest)
     if describe:
         record = json.loads((folder / SOURCE_RECORD).read_text(encoding="utf-8"))
         _say(f"[tunesmith] {gguf_file.name}: {_describe(record['tensor_types'])} tensors, dequantized to float32 "
@@ -73,8 +74,9 @@ def local_model_source(path: str, describe: bool = False) -> str:
     return str(folder)
 
 
-def convert(gguf_file: Path, folder: Path) -> None:
-    """Dequantize `gguf_file` into `folder` (config.json, float32 safetensors, tokenizer, SOURCE_RECORD)."""
+def convert(gguf_file: Path, folder: Path, digest: str) -> None:
+    """Dequantize `gguf_file` (whose sha256 is `digest`) into `folder` (config.json, float32 safetensors,
+    tokenizer, SOURCE_RECORD)."""
     try:
         import gguf  # noqa: F401 - transformers needs it; checked here for a clear message
     except ImportError as err:
@@ -105,7 +107,7 @@ def convert(gguf_file: Path, folder: Path) -> None:
     try:
         model.save_pretrained(str(staging), safe_serialization=True)
         tokenizer.save_pretrained(str(staging))
-        record = {"source": str(gguf_file.resolve()), "sha256": file_digest(gguf_file), **gguf_facts(gguf_file),
+        record = {"source": str(gguf_file.resolve()), "sha256": digest, **gguf_facts(gguf_file),
                   "dtype": "float32", "note": "dequantized from the GGUF file: a quantized source is lossy"}
         (staging / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         follow_umask(staging)

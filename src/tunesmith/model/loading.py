@@ -29,7 +29,6 @@ from tunesmith.errors import TunesmithError
 from tunesmith.model import quantize
 from tunesmith.model.attention import VARLEN_SDPA
 from tunesmith.model.gguf_import import local_model_source
-from tunesmith.model.quantize import Quantization
 
 ConfigT = TypeVar("ConfigT")  # any config dataclass with bf16 and fp16 fields
 
@@ -75,7 +74,7 @@ def cpu_has_fast_bf16() -> bool:
 
 def load_model(model_name_or_path: str, dtype: torch.dtype, device: torch.device,
                trust_remote_code: bool = False, attn_implementation: str | None = None,
-               quantization: Quantization | None = None) -> PreTrainedModel:
+               quantization: quantize.Quantization | None = None) -> PreTrainedModel:
     """`AutoModelForCausalLM` from safetensors weights, in `dtype` on `device` (sdpa attention by default).
     A GGUF file is converted once into a cached folder (model/gguf_import.py) and loaded from there.
     `quantization`: the linear layers load 4/8-bit through bitsandbytes (model/quantize.py)."""

@@ -107,7 +107,7 @@ def read_state(folder: Path) -> dict[str, Any]:
 
 def write_rank_rng(folder: Path, rank: int) -> None:
     """A rank's own RNG state beside rank 0's (its dropout masks and samples differ from rank 0's)."""
-    save_file(rng_state(), str(folder / f"rng-rank{rank}.safetensors"))
+    save_file(rng_state(), str(rng_file(folder, rank)))
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -139,7 +139,7 @@ def read_training_state(folder: Path, trainable_names: set[str], rank: int = 0) 
             f"Checkpoint {folder} does not match this run's trainable parameters (missing {missing[:3]}, "
             f"unexpected {extra[:3]}); resume with the same finetuning_type, lora_rank and lora_target.")
     tensors = load_file(str(folder / OPTIMIZER_FILE))
-    own = folder / f"rng-rank{rank}.safetensors"
+    own = rng_file(folder, rank)
     rng = load_file(str(own)) if rank and own.is_file() else {k: v for k, v in tensors.items() if k.startswith("rng.")}
     optimizer = _unflatten_optimizer({k: v for k, v in tensors.items() if not k.startswith("rng.")},
                                      state.pop("optimizer_layout"))
@@ -148,8 +148,13 @@ def read_training_state(folder: Path, trainable_names: set[str], rank: int = 0) 
 
 def read_rank_rng(folder: Path, rank: int) -> dict[str, torch.Tensor]:
     """A sharded checkpoint's RNG for `rank`: its own, or rank 0's when the checkpoint had fewer ranks."""
-    own = folder / f"rng-rank{rank}.safetensors"
-    return load_file(str(own if own.is_file() else folder / "rng-rank0.safetensors"))
+    own = rng_file(folder, rank)
+    return load_file(str(own if own.is_file() else rng_file(folder, 0)))
+
+
+def rng_file(folder: Path, rank: int) -> Path:
+    """Where `rank` keeps its generator states in a checkpoint folder."""
+    return folder / f"rng-rank{rank}.safetensors"
 
 
 def restore_rng(rng: dict[str, torch.Tensor]) -> None:

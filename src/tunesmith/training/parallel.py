@@ -70,7 +70,8 @@ class Parallel:
         set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
 
     def load_optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        """Load an index-keyed full optimizer state (as `optimizer_state` writes it) into this rank's shards."""
+        """Load an index-keyed full optimizer state (a plain optimizer's state_dict, as ddp and one-process
+        checkpoints hold it) into this rank's (possibly sharded) optimizer."""
         if not self.sharded:
             optimizer.load_state_dict(state)
             return

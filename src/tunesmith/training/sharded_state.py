@@ -60,7 +60,7 @@ def read(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     _create_moments(optimizer, params, saved)
     tensors, _ = _state(model, optimizer)
     try:
-        dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(folder / SHARDED_DIR)))
+        dcp.load(tensors, storage_reader=reader)
     except dcp.CheckpointException as err:
         raise TunesmithError(f"Could not read the shards in {folder / SHARDED_DIR}: {_first_failure(err)}. "
                              "Resume from an earlier checkpoint-N.") from None
