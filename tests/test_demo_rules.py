@@ -2,7 +2,14 @@
 
 import pytest
 
-from tunesmith.demos.real_align import is_lowercase, lowercase_reward
+from tunesmith.demos.real_align import (
+    ANCHORS,
+    FACTS,
+    is_lowercase,
+    lowercase_reward,
+    quarter_lowercased,
+    stages_for,
+)
 from tunesmith.demos.real_demo import has_identity, is_correct
 
 
@@ -14,9 +21,29 @@ def test_is_lowercase(text, expected):
     assert is_lowercase(text) is expected
 
 
-def test_lowercase_reward_is_the_lowercase_share_of_letters():
-    rewards = lowercase_reward(["p"] * 4, ["abcd", "Abcd", "ABCD 12", "12 !"], [None] * 4)
-    assert rewards == [1.0, 0.75, 0.0, 0.0]
+def test_lowercase_reward_is_the_lowercase_share_plus_the_rule_plus_the_expected_word():
+    rewards = lowercase_reward(["p"] * 4, ["abcd", "Abcd", "ABCD 12", "12 !"], [None, "", None, None])
+    assert rewards == [2.0, 0.75, 0.0, 0.0]
+    facts = lowercase_reward(["p"] * 4, ["it is lisbon.", "It is Lisbon.", "it is porto.", "it has 3 sides"],
+                             ["lisbon", "lisbon", "lisbon", "three|3"])
+    assert facts == [3.0, 8 / 10 + 1.0, 2.0, 3.0]
+
+
+def test_facts_are_the_expected_words_of_the_factual_anchors():
+    factual = ANCHORS[len(ANCHORS) - len(FACTS):]
+    assert factual[0] == "What is the capital of Portugal?" and FACTS[0] == "lisbon"
+    assert factual[-1] == "Who painted the Mona Lisa?" and "leonardo" in FACTS[-1]
+
+
+def test_the_rl_methods_bring_the_stages_they_start_from():
+    assert stages_for(("ppo",)) == ["sft", "rm", "ppo"]
+    assert stages_for(("dpo", "grpo")) == ["dpo", "sft", "grpo"]
+
+
+def test_a_quarter_of_the_warm_start_answers_are_lowercased():
+    records = quarter_lowercased([f"q{i}" for i in range(8)], ["Yes."] * 7 + [""])
+    assert len(records) == 7  # an empty answer is not a demonstration
+    assert sum(r["output"] == "yes." for r in records) in (1, 2)
 
 
 @pytest.mark.parametrize("answer,words,expected", [

@@ -100,10 +100,10 @@ def test_whiten_over_the_mask_only():
 
 def test_group_advantages_and_zero_std_groups():
     rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 2.0, 2.0, 2.0, 2.0])
-    advantages, zero_std = group_advantages(rewards, group_size=4, scale_rewards=False)
+    advantages, zero_std = group_advantages(rewards, group_size=4, scale_rewards="none")
     torch.testing.assert_close(advantages, torch.tensor([0.5, -0.5, 0.5, -0.5, 0.0, 0.0, 0.0, 0.0]))
     assert zero_std.tolist() == [False, True]
-    scaled, _ = group_advantages(rewards, group_size=4, scale_rewards=True)
+    scaled, _ = group_advantages(rewards, group_size=4, scale_rewards="group")
     std = torch.tensor([1.0, 0.0, 1.0, 0.0]).std()
     torch.testing.assert_close(scaled[:4], advantages[:4] / (std + 1e-4))
 

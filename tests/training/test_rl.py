@@ -70,6 +70,29 @@ def test_resume_is_bit_exact(rl_settings, tmp_path, stage, extra):
     assert without_timings(resumed) == without_timings(full)
 
 
+def test_dapo_settings_run_and_log_what_they_leave_out(rl_settings):
+    settings = {**rl_settings, "stage": "grpo", "num_generations": 3, "per_device_train_batch_size": 2,
+                "loss_type": "dapo", "epsilon_high": 0.28, "scale_rewards": "batch", "mask_truncated_completions": True,
+                "drop_zero_std_groups": True, "overlong_buffer_len": 4, "ppo_kl_coef": 0.0}
+    run_training(build_config(settings), say=lambda *a: None)
+    lines = [line for line in read_log(Path(settings["output_dir"])) if "score" in line]
+    assert len(lines) == 3 and {"dropped_share", "overlong_penalty", "zero_std_share"} <= set(lines[0])
+    assert all(line["overlong_penalty"] <= 0 for line in lines)
+
+
+def test_groups_of_equal_rewards_dropped_leave_the_adapter_untouched(rl_settings, tmp_path):
+    from safetensors.torch import load_file
+
+    (tmp_path / "flat.py").write_text("def flat(completions):\n    return [1.0] * len(completions)\n")
+    settings = {**rl_settings, "stage": "grpo", "num_generations": 2, "drop_zero_std_groups": True,
+                "reward_function": f"{tmp_path / 'flat.py'}:flat", "max_steps": 2}
+    run_training(build_config(settings), say=lambda *a: None)
+    lines = [line for line in read_log(Path(settings["output_dir"])) if "score" in line]
+    assert [line["dropped_share"] for line in lines] == [1.0, 1.0]
+    weights = load_file(str(Path(settings["output_dir"]) / "adapter_model.safetensors"))
+    assert all(not tensor.any() for name, tensor in weights.items() if "lora_B" in name)  # no optimizer step ran
+
+
 def test_prompt_only_records_train_and_reach_the_reward_function_without_a_reference(rl_settings, tmp_path,
                                                                                        write_dataset):
     write_dataset(tmp_path, "asks", [{"instruction": "Say a word."}, {"instruction": "Greet me.", "output": ""},
@@ -169,6 +192,10 @@ def test_reward_function_errors_are_clear(tmp_path):
     ({"temperature": 0}, "do_sample: true"),
     ({"do_sample": False}, "do_sample: true"),
     ({"ppo_kl_estimator": "k2"}, "ppo_kl_estimator"),
+    ({"stage": "grpo", "loss_type": "token"}, "loss_type"),
+    ({"stage": "grpo", "scale_rewards": "rank"}, "scale_rewards"),
+    ({"stage": "grpo", "importance_sampling_level": "answer"}, "importance_sampling_level"),
+    ({"stage": "grpo", "overlong_buffer_len": 8}, "must be below max_new_tokens"),
 ])
 def test_bad_rl_configs_stop_before_any_work(rl_settings, change, message):
     settings = {**rl_settings, **change}
@@ -254,13 +281,14 @@ def test_a_missing_reward_model_stops_before_the_model_loads(rl_settings, tmp_pa
         run_training(build_config(settings), say=lambda *a: None)
 
 
-@pytest.mark.parametrize("stage", ["ppo", "grpo"])
-def test_micro_batches_combine_into_the_big_batch_gradient(rl_settings, stage):
+@pytest.mark.parametrize("stage,extra", [("ppo", {}), ("grpo", {}), ("grpo", {"loss_type": "dapo"}),
+                                         ("grpo", {"loss_type": "dr_grpo", "importance_sampling_level": "sequence"})])
+def test_micro_batches_combine_into_the_big_batch_gradient(rl_settings, stage, extra):
     from tunesmith.training.reference import Reference
     from tunesmith.training.run import prepare_training
     from tunesmith.training.stages import StageInputs, grpo, ppo
 
-    config = build_config({**rl_settings, "stage": stage, "num_generations": 2, "per_device_train_batch_size": 2})
+    config = build_config({**rl_settings, "stage": stage, "num_generations": 2, "per_device_train_batch_size": 2, **extra})
     run = prepare_training(config)
     model = run.model
     inputs = StageInputs(model, run.config, run.tokenizer, run.data, run.device, Reference.of(model, torch.float32))

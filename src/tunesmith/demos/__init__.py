@@ -3,7 +3,7 @@
 sft_demo.py (`tunesmith demo`: LoRA SFT of a tiny offline model, before/after), rlhf_demo.py
 (`tunesmith demo-rlhf`: SFT -> reward model -> PPO, plus GRPO and DPO, held-out scores) and
 real_demo.py (`tunesmith demo-real`: LoRA SFT of the real SmolLM2-135M-Instruct from its GGUF, a new
-identity and what it keeps), real_align.py (`demo-real --align`: DPO and GRPO on a rule-checked
+identity and what it keeps), real_align.py (`demo-real --align`: DPO, GRPO and PPO on a rule-checked
 behaviour of the same model), commands.py (their CLI subcommands) and synthetic.py (generated records:
 the demos' data, also used by tests, benchmarks and examples).
 """

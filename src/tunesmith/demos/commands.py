@@ -14,7 +14,8 @@ def add_demo_commands(commands) -> None:
     demo_real.add_argument("--output-dir", default="demo_real")
     demo_real.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
     demo_real.add_argument("--align", action="store_true",
-                           help="instead: DPO and GRPO teach it to answer in lowercase, held-out pass rates")
+                           help="instead: DPO, GRPO and PPO (with a reward model) teach it to answer in "
+                           "lowercase; held-out pass rates")
     demo_real.set_defaults(handler=_run_demo_real)
     demo_rlhf = commands.add_parser("demo-rlhf", help="SFT -> reward model -> PPO, plus GRPO and DPO, on a tiny model")
     demo_rlhf.add_argument("--output-dir", default="demo_rlhf")

@@ -253,6 +253,8 @@ def update(model: torch.nn.Module, parts: RLParts, rollout: Rollout, epochs: int
             pieces = [rollout.select(chosen[i:i + micro_size]) for i in range(0, len(chosen), micro_size)]
             items = [parts.loss_items(piece) for piece in pieces]
             global_items = updates.global_count(sum(items))  # over every rank's mini-batch
+            if not global_items:  # every answer masked out (e.g. all groups dropped): nothing to learn
+                continue
             for piece, piece_items in zip(pieces, items):
                 with updates.autocast():
                     loss, stats = parts.loss(model, piece)
@@ -262,15 +264,13 @@ def update(model: torch.nn.Module, parts: RLParts, rollout: Rollout, epochs: int
                     sums[key] = sums.get(key, 0.0) + value * share * updates.parallel.proc.world_size
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + updates.step()
             count += 1
-    return {key: float(value) / count for key, value in sums.items()}
+    return {key: float(value) / max(count, 1) for key, value in sums.items()}
 
 
 def rollout_metrics(rollout: Rollout) -> dict:
     """The statistics every RL stage logs about its samples, over every rank's samples."""
     raw, mask = rollout.raw_scores, rollout.mask
-    score = global_mean(raw)
-    spread = global_mean((raw.double() - score) ** 2) * max(global_count(len(raw)), 2) / max(global_count(len(raw)) - 1, 1)
-    return {"score": score, "score_std": spread ** 0.5 if global_count(len(raw)) > 1 else 0.0,
+    return {"score": global_mean(raw), "score_std": global_std(raw),
             "response_length": global_mean(mask.sum(1)), "eos_share": global_mean(rollout.stopped.float()),
             "entropy": masked_mean(rollout.entropy, mask, sum_over_ranks).item(), **rollout.timings}
 
@@ -280,6 +280,15 @@ def global_mean(values: torch.Tensor) -> float:
     values = values.detach().double().reshape(-1)
     sums = sum_over_ranks(torch.stack([values.sum(), values.new_tensor(values.numel())]))
     return (sums[0] / sums[1].clamp(min=1)).item()
+
+
+def global_std(values: torch.Tensor) -> float:
+    """The sample std (n - 1) of `values` over every rank's; 0 for a single value."""
+    count = global_count(values.numel())
+    if count < 2:
+        return 0.0
+    mean = global_mean(values)
+    return (global_mean((values.detach().double() - mean) ** 2) * count / (count - 1)) ** 0.5
 
 
 def global_count(count: int) -> float:

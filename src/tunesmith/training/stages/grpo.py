@@ -1,25 +1,38 @@
-"""GRPO (`stage: grpo`): num_generations answers per prompt, group-relative advantages, no critic.
+"""GRPO (`stage: grpo`) and its family: num_generations answers per prompt, group-relative advantages, no critic.
 
-    rollout sample G answers per prompt from one prefilled prompt; A_i = (r_i - mean_group) / std_group
-    update  ppo_epochs passes of the clipped policy loss per answer, plus beta * k3 KL to the reference
+    rollout sample G answers per prompt from one prefilled prompt; optional overlong penalty; A_i =
+            (r_i - mean_group) / std (scale_rewards); optionally mask truncated answers and drop groups
+            whose rewards are all equal (DAPO's dynamic sampling, by skipping)
+    update  ppo_epochs passes of the clipped policy loss (clip-higher, token or sequence ratio), plus
+            beta * k3 KL to the reference, aggregated per loss_type: grpo, bnpo, dr_grpo or dapo
 The shared RL step is training/rl.py; the maths is algorithms/grpo.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 
-from tunesmith.algorithms.grpo import group_advantages, grpo_loss
+from tunesmith.algorithms.grpo import (
+    IMPORTANCE_SAMPLING_LEVELS,
+    LOSS_TYPES,
+    SCALE_REWARDS,
+    group_advantages,
+    grpo_loss,
+    loss_items,
+    soft_overlong_penalty,
+)
 from tunesmith.config import RunConfig
+from tunesmith.config.schema import choice_message
 from tunesmith.training.loop import Stage
 from tunesmith.training.rl import (
     RLArgs,
     RLParts,
     build_rl_data,
     global_mean,
+    global_std,
     make_scorer,
     rl_problems,
     rl_stage,
@@ -39,15 +52,42 @@ class GRPOArgs(RLArgs):
     default_kl_coef: ClassVar[float] = 0.04
     num_generations: int = 4
     """grpo: answers sampled per prompt (the group size G)."""
-    grpo_scale_rewards: bool = True
-    """grpo: divide group-centred rewards by the group's std."""
+    scale_rewards: str = "group"
+    """grpo: divide group-centred rewards by the group's std (group), the batch's std (batch) or nothing (none, Dr. GRPO)."""
+    loss_type: str = "grpo"
+    """grpo: how token losses are averaged: grpo (per answer, then over answers), bnpo (micro-batch tokens), dr_grpo (answers x max_new_tokens), dapo (every token of the update batch)."""
+    epsilon_high: float | None = None
+    """grpo: upper clip range of the ratio (DAPO's clip-higher, e.g. 0.28); default ppo_clip, TRL's epsilon."""
+    importance_sampling_level: str = "token"
+    """grpo: token (GRPO) or sequence (GSPO: one ratio per answer, exp of its mean token log-ratio)."""
+    mask_truncated_completions: bool = False
+    """grpo: leave answers that never reached their stop token out of the loss (DAPO)."""
+    drop_zero_std_groups: bool = False
+    """grpo: leave groups whose rewards are all equal out of the update (DAPO's dynamic sampling, by skipping; logged as dropped_share)."""
+    overlong_buffer_len: int | None = None
+    """grpo: DAPO's soft overlong penalty: from max_new_tokens - this many tokens, subtract up to 1 linearly from the reward."""
+
+    def resolve(self) -> None:
+        """TRL's older boolean scale_rewards: true is group, false is none."""
+        super().resolve()
+        self.scale_rewards = {"true": "group", "false": "none"}.get(self.scale_rewards.lower(), self.scale_rewards)
 
     def problems(self) -> list[tuple[str, str]]:
-        """The shared RL checks, plus a group of at least two."""
-        mine = [] if self.num_generations >= 2 else [(
-            "num_generations", "`num_generations` must be at least 2 for grpo (advantages compare answers within a "
-            f"group), got {self.num_generations}.")]
-        return super().problems() + mine
+        """The shared RL checks, plus a group of at least two and the family's choices."""
+        checks = [
+            ("num_generations", self.num_generations < 2, "`num_generations` must be at least 2 for grpo (advantages "
+             f"compare answers within a group), got {self.num_generations}."),
+            ("scale_rewards", self.scale_rewards not in SCALE_REWARDS,
+             choice_message("scale_rewards", self.scale_rewards, SCALE_REWARDS)),
+            ("loss_type", self.loss_type not in LOSS_TYPES, choice_message("loss_type", self.loss_type, LOSS_TYPES)),
+            ("importance_sampling_level", self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS,
+             choice_message("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)),
+            ("epsilon_high", self.epsilon_high is not None and self.epsilon_high <= 0,
+             f"`epsilon_high` must be positive, got {self.epsilon_high}."),
+            ("overlong_buffer_len", self.overlong_buffer_len is not None and self.overlong_buffer_len < 1,
+             f"`overlong_buffer_len` must be at least 1, got {self.overlong_buffer_len}."),
+        ]
+        return super().problems() + [(key, message) for key, failed, message in checks if failed]
 
 
 def build_grpo(inputs: StageInputs) -> Stage:
@@ -69,17 +109,44 @@ def grpo_parts(inputs: StageInputs) -> RLParts:
     def rollout(model: torch.nn.Module, rows: list[dict], seeds: list[int]) -> tuple[Rollout, dict]:
         sampled = sample_and_score(model, rows, settings, scorer, stop_ids, group, with_values=False,
                                    reference=inputs.reference, seeds=seeds)
-        advantages, zero_std = group_advantages(sampled.scores, group, args.grpo_scale_rewards)
-        metrics = {**rollout_metrics(sampled), "reward": global_mean(sampled.scores),
-                   "zero_std_share": global_mean(zero_std.float())}
-        return sampled.with_advantages(advantages), metrics
+        scores, metrics = sampled.scores, rollout_metrics(sampled)
+        if args.overlong_buffer_len:
+            penalty = soft_overlong_penalty(sampled.mask.sum(1), config.sampling.max_new_tokens, args.overlong_buffer_len)
+            scores = scores + penalty.to(scores.dtype)
+            metrics["overlong_penalty"] = global_mean(penalty)
+        batch_std = global_std(scores) if args.scale_rewards == "batch" else None
+        advantages, zero_std = group_advantages(scores, group, args.scale_rewards, batch_std=batch_std)
+        metrics.update({"reward": global_mean(scores), "zero_std_share": global_mean(zero_std.float())})
+        return trained_answers(sampled.with_advantages(advantages), zero_std, args, metrics), metrics
 
     def loss(model: torch.nn.Module, part: Rollout) -> tuple[torch.Tensor, dict]:
         logps, _, _ = response_forward(model, part.prompt_ids, part.response_ids, **forward)
         return grpo_loss(logps, part.old_logps, part.ref_logps, part.advantages, part.mask, args.ppo_clip,
-                         args.ppo_kl_coef)
+                         args.ppo_kl_coef, args.epsilon_high, args.loss_type, args.importance_sampling_level,
+                         config.sampling.max_new_tokens)
 
-    return RLParts(rollout, loss, len, group, scorer, stop_ids, {"scores": scorer})
+    return RLParts(rollout, loss, lambda part: loss_items(part.mask, args.loss_type), group, scorer, stop_ids,
+                   {"scores": scorer})
+
+
+def trained_answers(rollout: Rollout, zero_std: torch.Tensor, args: GRPOArgs, metrics: dict) -> Rollout:
+    """The rollout with the answers the update leaves out (truncated ones, groups of equal rewards)
+    masked out entirely, so every loss type leaves them out of its counts."""
+    keep = torch.ones(len(rollout), dtype=torch.bool, device=rollout.mask.device)
+    if args.mask_truncated_completions:
+        keep &= rollout.stopped.to(torch.bool)
+    if args.drop_zero_std_groups:
+        keep &= ~zero_std.repeat_interleave(args.num_generations).to(keep.device)
+        metrics["dropped_share"] = global_mean(zero_std.float())
+    return replace(rollout, mask=rollout.mask * keep[:, None].to(rollout.mask.dtype))
+
+
+def grpo_problems(config: RunConfig, command: str) -> list[tuple[str, str]]:
+    """The shared RL checks, plus an overlong buffer inside max_new_tokens."""
+    buffer, longest = config.method.overlong_buffer_len, config.sampling.max_new_tokens
+    mine = [("overlong_buffer_len", f"`overlong_buffer_len: {buffer}` must be below max_new_tokens ({longest}): the "
+             "penalty grows over the last overlong_buffer_len tokens an answer may have.")] if buffer and buffer >= longest else []
+    return rl_problems(config, command) + mine
 
 
 def kl_in_loss(config: RunConfig) -> bool:
@@ -88,4 +155,4 @@ def kl_in_loss(config: RunConfig) -> bool:
 
 
 STAGE = StageSpec(name="grpo", args=GRPOArgs, build_data=build_rl_data, build=build_grpo, needs_reference=kl_in_loss,
-                  check=rl_problems, plotted=("score", "kl", "loss", "zero_std_share", "eval_score"))
+                  check=grpo_problems, plotted=("score", "kl", "loss", "zero_std_share", "eval_score"))
