@@ -70,6 +70,41 @@ def test_resume_is_bit_exact(rl_settings, tmp_path, stage, extra):
     assert without_timings(resumed) == without_timings(full)
 
 
+@pytest.mark.parametrize("estimator", ["rloo", "reinforce_pp", "grpo"])
+def test_critic_free_estimators_train_without_a_value_head(rl_settings, estimator):
+    settings = {**rl_settings, "advantage_estimator": estimator, "per_device_train_batch_size": 2}
+    run_training(build_config(settings), say=lambda *a: None)
+    lines = [line for line in read_log(Path(settings["output_dir"])) if "score" in line]
+    assert len(lines) == 3 and {"loss/policy", "policy/clipfrac", "kl", "reward"} <= set(lines[0])
+    assert "loss/value" not in lines[0] and "value" not in lines[0]
+    out = Path(settings["output_dir"])
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "value_head.safetensors").exists()
+
+
+def test_several_reward_functions_are_summed_with_weights_and_logged_by_name(rl_settings, tmp_path):
+    (tmp_path / "more.py").write_text("def length(completions):\n    return [len(c) / 10 for c in completions]\n"
+                                      "def count_a(completions):\n    return [1.0] * len(completions)\n")
+    functions = f"{tmp_path / 'reward.py'}:count_a, {tmp_path / 'more.py'}:length"
+    settings = {**rl_settings, "stage": "grpo", "num_generations": 2, "reward_function": functions,
+                "reward_weights": "2.0,0.5", "max_steps": 2}
+    run_training(build_config(settings), say=lambda *a: None)
+    lines = [line for line in read_log(Path(settings["output_dir"])) if "score" in line]
+    for line in lines:
+        assert line["score"] == pytest.approx(2.0 * line["rewards/count_a"] + 0.5 * line["rewards/length"], rel=1e-5)
+    # the same function name from two files is logged under each full spec
+    source = rewards.WeightedRewards([f"{tmp_path / 'reward.py'}:count_a", f"{tmp_path / 'more.py'}:count_a"])
+    assert source([rewards.Scored([{"role": "user", "content": "Hi"}], "aaaa", None)]) == [2.0]
+    assert len(source.last) == 2
+
+
+@pytest.mark.parametrize("weights,message", [("1.0", "2 reward functions"), ("1.0,x", "must be numbers")])
+def test_bad_reward_weights_are_named(rl_settings, tmp_path, weights, message):
+    functions = f"{tmp_path / 'reward.py'}:count_a,{tmp_path / 'reward.py'}:count_a"
+    with pytest.raises(TunesmithError, match=message):
+        run_training(build_config({**rl_settings, "reward_function": functions, "reward_weights": weights}),
+                     say=lambda *a: None)
+
+
 def test_dapo_settings_run_and_log_what_they_leave_out(rl_settings):
     settings = {**rl_settings, "stage": "grpo", "num_generations": 3, "per_device_train_batch_size": 2,
                 "loss_type": "dapo", "epsilon_high": 0.28, "scale_rewards": "batch", "mask_truncated_completions": True,
@@ -106,6 +141,24 @@ def test_prompt_only_records_train_and_reach_the_reward_function_without_a_refer
     run_training(build_config(settings), say=lambda *a: None)
     references = json.loads(seen.read_text().splitlines()[0])
     assert sorted(references, key=str) == [None, None, None, None, "red", "red"]
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_preference_data_gives_rl_its_prompts_with_a_notice(rl_settings, tmp_path, write_dataset, stage):
+    """The book's PPO recipe: a dpo_en_demo-style file (ranking: true) as the PPO prompt set."""
+    write_dataset(tmp_path, "pairs", [{"instruction": "Say a word.", "input": "", "chosen": "aaa", "rejected": "b"},
+                                      {"instruction": "Greet me.", "input": "", "chosen": "hi", "rejected": "no"}],
+                  {"ranking": True})
+    seen = tmp_path / "seen.jsonl"
+    (tmp_path / "seen.py").write_text(
+        "import json\ndef reward(prompts, completions, references):\n"
+        f"    open({str(seen)!r}, 'a').write(json.dumps([prompts, references]) + '\\n')\n    return [0.5] * len(prompts)\n")
+    settings = {**rl_settings, "stage": stage, "num_generations": 2, "per_device_train_batch_size": 2, "max_steps": 1,
+                "dataset": "pairs", "dataset_dir": str(tmp_path), "reward_function": f"{tmp_path / 'seen.py'}:reward"}
+    with pytest.warns(UserWarning, match="reads only its prompts; the chosen and rejected answers are ignored"):
+        run_training(build_config(settings), say=lambda *a: None)
+    prompts, references = json.loads(seen.read_text().splitlines()[0])
+    assert set(prompts) == {"Say a word.", "Greet me."} and references == [None] * len(prompts)
 
 
 def test_a_reward_function_over_answerless_data_is_warned_about(rl_settings, tmp_path, write_dataset):
@@ -193,6 +246,8 @@ def test_reward_function_errors_are_clear(tmp_path):
     ({"do_sample": False}, "do_sample: true"),
     ({"ppo_kl_estimator": "k2"}, "ppo_kl_estimator"),
     ({"stage": "grpo", "loss_type": "token"}, "loss_type"),
+    ({"advantage_estimator": "vtrace"}, "advantage_estimator"),
+    ({"advantage_estimator": "rloo", "num_generations": 1}, "needs at least 2 answers"),
     ({"stage": "grpo", "scale_rewards": "rank"}, "scale_rewards"),
     ({"stage": "grpo", "importance_sampling_level": "answer"}, "importance_sampling_level"),
     ({"stage": "grpo", "overlong_buffer_len": 8}, "must be below max_new_tokens"),
@@ -281,7 +336,8 @@ def test_a_missing_reward_model_stops_before_the_model_loads(rl_settings, tmp_pa
         run_training(build_config(settings), say=lambda *a: None)
 
 
-@pytest.mark.parametrize("stage,extra", [("ppo", {}), ("grpo", {}), ("grpo", {"loss_type": "dapo"}),
+@pytest.mark.parametrize("stage,extra", [("ppo", {}), ("ppo", {"advantage_estimator": "rloo"}), ("grpo", {}),
+                                         ("grpo", {"loss_type": "dapo"}),
                                          ("grpo", {"loss_type": "dr_grpo", "importance_sampling_level": "sequence"})])
 def test_micro_batches_combine_into_the_big_batch_gradient(rl_settings, stage, extra):
     from tunesmith.training.reference import Reference

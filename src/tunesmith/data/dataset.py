@@ -53,6 +53,14 @@ def _convert_file(path, located: list, spec, skip_bad_records: bool, prompts: bo
     return converted
 
 
+def _ranking_prompts(name: str, path, located: list, spec, skip_bad_records: bool) -> list:
+    """The prompts of a preference dataset's records (conversations ending with the user turn), with a
+    notice that their answers are not used."""
+    warnings.warn(f"dataset '{name}' ({path}) is a preference (ranking) dataset: reinforcement learning reads only "
+                  "its prompts; the chosen and rejected answers are ignored.", stacklevel=4)
+    return [example.prompt_messages for example in _convert_file(path, located, spec, skip_bad_records)]
+
+
 def _load(names, dataset_dir, ranking: bool, max_samples, skip_bad_records: bool, prompts: bool = False) -> list:
     if max_samples is not None and max_samples < 1:  # a slice [:-1] would quietly drop the last record
         raise TunesmithError(f"max_samples must be a positive number of records per dataset, got {max_samples}; "
@@ -67,6 +75,9 @@ def _load(names, dataset_dir, ranking: bool, max_samples, skip_bad_records: bool
                 continue
             if spec.formatting == "auto":
                 spec = detect_spec(name, spec.path, located[0][1])
+            if prompts and spec.ranking:  # RL prompts may come from preference data (the book's PPO recipe)
+                items += _ranking_prompts(name, path, located, spec, skip_bad_records)
+                continue
             if spec.ranking != ranking:
                 kind = (
                     "a preference (ranking) dataset" if spec.ranking else "not a preference (ranking) dataset"

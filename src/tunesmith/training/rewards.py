@@ -92,6 +92,33 @@ def function_rewards(function: Callable, spec: str) -> RewardSource:
     return score
 
 
+def reward_function_specs(value: str) -> list[str]:
+    """The comma-separated `module:function` / `file.py:function` entries of a reward_function value."""
+    return [spec.strip() for spec in value.split(",") if spec.strip()]
+
+
+class WeightedRewards:
+    """Several reward functions as one source: the weighted sum of their scores. `last` keeps each
+    function's scores of the latest batch, by function name, for the logs."""
+
+    def __init__(self, specs: list[str], weights: list[float] | None = None):
+        if weights is not None and len(weights) != len(specs):
+            raise TunesmithError(f"reward_weights has {len(weights)} weights for {len(specs)} reward functions "
+                                 f"({', '.join(specs)}); give one weight per function, in the same order.")
+        names = [spec.rpartition(":")[2] for spec in specs]
+        names = names if len(set(names)) == len(names) else specs  # the spec itself when two names clash
+        self.parts = [(name, function_rewards(load_reward_function(spec), spec)) for name, spec in zip(names, specs)]
+        self.weights = weights or [1.0] * len(specs)
+        self.last: dict[str, list[float]] = {}
+
+    def __call__(self, items: list[Scored]) -> list[float]:
+        totals = [0.0] * len(items)
+        for (name, source), weight in zip(self.parts, self.weights):
+            self.last[name] = source(items)
+            totals = [total + weight * value for total, value in zip(totals, self.last[name])]
+        return totals
+
+
 def _conversations(items: list[Scored]) -> list[list[dict]]:
     """Each prompt conversation with its completion as the assistant's answer."""
     return [item.messages + [{"role": "assistant", "content": item.completion}] for item in items]

@@ -25,6 +25,7 @@ from tunesmith.algorithms.ppo import masked_mean
 from tunesmith.config import DataArgs, ModelArgs, OptimArgs, RunConfig, SamplingSettings
 from tunesmith.data.dataset import load_prompt_conversations, train_and_eval_rows
 from tunesmith.data.encode import text_char_limit
+from tunesmith.data.registry import resolve_dataset
 from tunesmith.data.templates import get_template
 from tunesmith.errors import TunesmithError
 from tunesmith.model.value_head import ValueHead
@@ -46,7 +47,9 @@ class RLArgs:
     reward_model_type: str | None = None
     """lora, full or api; read from reward_model when unset (LLaMA-Factory's key)."""
     reward_function: str | None = None
-    """ppo/grpo: `module:function` or `path/to/file.py:function` giving one reward per completion (instead of reward_model)."""
+    """ppo/grpo: `module:function` or `path/to/file.py:function` giving one reward per completion (instead of reward_model); several, comma-separated, are summed."""
+    reward_weights: list | None = None
+    """ppo/grpo: one weight per reward_function (comma list, e.g. 1.0,0.5); default 1 each."""
     ppo_epochs: int = 4
     """Passes over each batch of rollouts."""
     ppo_buffer_size: int = 1
@@ -65,9 +68,14 @@ class RLArgs:
     """Subtract this from the score of a response that never produced its end-of-turn token."""
 
     def resolve(self) -> None:
-        """The KL weight's default depends on the algorithm."""
+        """The KL weight's default depends on the algorithm; reward weights are numbers."""
         if self.ppo_kl_coef is None:
             self.ppo_kl_coef = self.default_kl_coef
+        if self.reward_weights is not None:
+            try:
+                self.reward_weights = [float(weight) for weight in self.reward_weights]
+            except ValueError:
+                pass  # problems() names the bad weight
 
     def problems(self) -> list[tuple[str, str]]:
         """One reward source, and update settings in range."""
@@ -78,6 +86,11 @@ class RLArgs:
             ("reward_model_type", self.reward_model_type is not None and self.reward_model_type not in REWARD_MODEL_TYPES,
              f"`reward_model_type: {self.reward_model_type}` is not supported; choose one of "
              f"{', '.join(REWARD_MODEL_TYPES)}."),
+            ("reward_weights", self.reward_weights is not None and not all(
+                isinstance(weight, float) for weight in self.reward_weights),
+             f"`reward_weights` must be numbers, one per reward_function, got {self.reward_weights}."),
+            ("reward_weights", self.reward_weights is not None and self.reward_function is None,
+             "`reward_weights` weighs reward functions; set `reward_function` (comma-separated) too."),
             ("ppo_epochs", self.ppo_epochs < 1, "`ppo_epochs` must be at least 1."),
             ("ppo_buffer_size", self.ppo_buffer_size < 1, "`ppo_buffer_size` must be at least 1."),
             ("ppo_clip", self.ppo_clip <= 0, "`ppo_clip` and `ppo_value_clip` must be positive."),
@@ -130,7 +143,8 @@ def build_prompt_rows(dataset: list[str], data: DataArgs, max_new_tokens: int, t
         warnings.warn(f"{cut} of {len(rows)} prompts are longer than cutoff_len - max_new_tokens = {budget} tokens and "
                       "keep only their last tokens (the start, with any system prompt, is cut); raise cutoff_len.",
                       stacklevel=2)
-    if warn_unanswered and all(row["reference"] is None for row in rows):
+    from_pairs = any(resolve_dataset(name, data.dataset_dir).ranking for name in dataset)  # already told
+    if warn_unanswered and not from_pairs and all(row["reference"] is None for row in rows):
         warnings.warn(f"No record of {', '.join(dataset)} has an answer, so the reward function's references "
                       "are all None. If the answers are there under another column name, map it as \"response\" "
                       "(alpaca) under \"columns\" in dataset_info.json.", stacklevel=2)
@@ -140,7 +154,7 @@ def build_prompt_rows(dataset: list[str], data: DataArgs, max_new_tokens: int, t
 def build_rl_data(config: RunConfig, tokenizer: object, device: torch.device) -> RunData:
     """Prompt rows (with an optional eval split for held-out rewards); the reward source is checked first."""
     rl, data, optim = config.method, config.data, config.train
-    check_reward_source(rl.reward_model, rl.reward_model_type, rl.reward_function)
+    check_reward_source(rl.reward_model, rl.reward_model_type, rl.reward_function, rl.reward_weights)
     encode = partial(build_prompt_rows, data=data, max_new_tokens=config.sampling.max_new_tokens, tokenizer=tokenizer,
                      warn_unanswered=rl.reward_function is not None)
     rows, evaluation = train_and_eval_rows(encode, data.dataset, data.eval_dataset, data.val_size, optim.seed)
@@ -173,7 +187,7 @@ def make_scorer(rl: RLArgs, base: ModelArgs, tokenizer: object, model: torch.nn.
                 use_cpu: bool = False) -> tuple[Scorer, ValueHead | None]:
     """The run's Scorer, and the reward model's value head (None for functions and endpoints)."""
     source, reward_head = build_reward_source(rl.reward_model, rl.reward_model_type, rl.reward_function, base,
-                                              model, use_cpu)
+                                              model, use_cpu, rl.reward_weights)
     return Scorer(source, tokenizer, rl.ppo_missing_eos_penalty, rl.ppo_score_norm, rl.ppo_score_clip), reward_head
 
 
@@ -272,7 +286,8 @@ def rollout_metrics(rollout: Rollout) -> dict:
     raw, mask = rollout.raw_scores, rollout.mask
     return {"score": global_mean(raw), "score_std": global_std(raw),
             "response_length": global_mean(mask.sum(1)), "eos_share": global_mean(rollout.stopped.float()),
-            "entropy": masked_mean(rollout.entropy, mask, sum_over_ranks).item(), **rollout.timings}
+            "entropy": masked_mean(rollout.entropy, mask, sum_over_ranks).item(), **rollout.timings,
+            **{f"rewards/{name}": global_mean(torch.tensor(values)) for name, values in rollout.reward_parts.items()}}
 
 
 def global_mean(values: torch.Tensor) -> float:

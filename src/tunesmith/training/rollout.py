@@ -53,6 +53,8 @@ class Rollout:
     """[samples, T] for PPO; [samples] (one per answer) for GRPO. Set by the algorithm."""
     returns: torch.Tensor | None = None
     timings: dict = field(default_factory=dict)
+    reward_parts: dict = field(default_factory=dict)
+    """With several reward functions, each one's scores of these samples, by name (for the logs)."""
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -168,7 +170,8 @@ def sample_and_score(model: torch.nn.Module, rows: list[dict], settings: Rollout
         raw, scores = scorer(rows, responses, stopped)
         timings = {"time/generation": generated_at - start, "time/scoring": time.perf_counter() - generated_at}
     return Rollout(prompt_ids, responses, response_mask(responses, old_logps.device), old_logps, entropy, stopped,
-                   raw, scores, ref_logps=ref_logps, old_values=old_values, timings=timings)
+                   raw, scores, ref_logps=ref_logps, old_values=old_values, timings=timings,
+                   reward_parts=scorer.parts())
 
 
 def sampler_statistics_are_exact(model: torch.nn.Module) -> bool:

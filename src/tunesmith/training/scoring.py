@@ -23,11 +23,11 @@ from tunesmith.training import rewards as reward_sources
 from tunesmith.training.distributed import sum_over_ranks
 
 
-def check_reward_source(reward_model: str | None, reward_model_type: str | None, reward_function: str | None) -> None:
+def check_reward_source(reward_model: str | None, reward_model_type: str | None, reward_function: str | None,
+                        reward_weights: list[float] | None = None) -> None:
     """A missing reward model folder or function stops the run before the policy model loads."""
     if reward_function:
-        function = reward_sources.load_reward_function(reward_function)
-        reward_sources.function_rewards(function, reward_function)  # checks its signature
+        function_source(reward_function, reward_weights)  # loads each function and checks its signature
         return
     kind = reward_sources.reward_model_type(reward_model, reward_model_type)
     if kind != "api" and not (Path(reward_model) / VALUE_HEAD_FILE).is_file():
@@ -35,8 +35,17 @@ def check_reward_source(reward_model: str | None, reward_model_type: str | None,
                              "Point it at the output_dir of a `stage: rm` run, or at an http(s) scoring URL.")
 
 
+def function_source(reward_function: str, reward_weights: list[float] | None = None) -> reward_sources.RewardSource:
+    """One reward function, or several (comma-separated) summed with their weights."""
+    specs = reward_sources.reward_function_specs(reward_function)
+    if len(specs) == 1 and reward_weights is None:
+        return reward_sources.function_rewards(reward_sources.load_reward_function(specs[0]), specs[0])
+    return reward_sources.WeightedRewards(specs, reward_weights)
+
+
 def build_reward_source(reward_model: str | None, reward_model_type: str | None, reward_function: str | None,
-                        base: ModelArgs, model: torch.nn.Module | None = None, use_cpu: bool = False
+                        base: ModelArgs, model: torch.nn.Module | None = None, use_cpu: bool = False,
+                        reward_weights: list[float] | None = None
                         ) -> tuple[reward_sources.RewardSource, ValueHead | None]:
     """(scoring callable, the reward model's value head for the critic or None).
 
@@ -44,8 +53,7 @@ def build_reward_source(reward_model: str | None, reward_model_type: str | None,
     loaded on its own copy of its base.
     """
     if reward_function:
-        function = reward_sources.load_reward_function(reward_function)
-        return reward_sources.function_rewards(function, reward_function), None
+        return function_source(reward_function, reward_weights), None
     kind = reward_sources.reward_model_type(reward_model, reward_model_type)
     if kind == "api":
         return reward_sources.http_rewards(reward_model), None
@@ -88,6 +96,10 @@ class Scorer:
                                                   self.tokenizer.decode(response, skip_special_tokens=True),
                                                   rows[i // per_prompt]["reference"])
                             for i, response in enumerate(responses)])
+
+    def parts(self) -> dict[str, list[float]]:
+        """Each reward function's scores of the latest batch, by name (empty for a single source)."""
+        return dict(getattr(self.source, "last", {}))
 
     def greedy_scores(self, model: torch.nn.Module, rows: list[dict], sampling: SamplingSettings,
                       stop_ids: list[int]) -> list[float]:

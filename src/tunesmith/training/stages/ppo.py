@@ -5,6 +5,9 @@
             there is one); reward = reward model, function or endpoint
     rollout sample, then r_t = -beta KL_t (+ score on the last token), GAE -> advantages (whitened), returns
     update  ppo_epochs passes of clipped policy loss + vf_coef * clipped value loss - ent_coef * entropy
+With `advantage_estimator` grpo, rloo or reinforce_pp there is no critic: num_generations answers per
+prompt, the score baselined by the other answers (algorithms/critic_free.py), the return as advantage,
+and the policy loss alone.
 The shared RL step (rollout, then ppo_epochs of updates) is training/rl.py; the maths is algorithms/.
 """
 
@@ -15,6 +18,7 @@ from typing import ClassVar
 
 import torch
 
+from tunesmith.algorithms.critic_free import ADVANTAGE_ESTIMATORS, GROUPED, critic_free_advantages
 from tunesmith.algorithms.gae import gae_advantages
 from tunesmith.algorithms.ppo import (
     KL_ESTIMATORS,
@@ -22,6 +26,7 @@ from tunesmith.algorithms.ppo import (
     FixedKLController,
     masked_mean,
     masked_whiten,
+    policy_loss,
     ppo_loss,
     token_rewards,
 )
@@ -69,10 +74,30 @@ class PPOArgs(RLArgs):
     """ppo: horizon of the adaptive KL controller."""
     ppo_whiten_rewards: bool = False
     """ppo: whiten the per-token rewards before GAE."""
+    advantage_estimator: str = "gae"
+    """ppo: gae (with a critic), or critic-free grpo (group-normalised score), rloo (leave-one-out baseline) or reinforce_pp (REINFORCE++: batch-whitened returns)."""
+    num_generations: int | None = None
+    """ppo: answers sampled per prompt; default 4 for advantage_estimator grpo and rloo (which compare them), else 1."""
+
+    def resolve(self) -> None:
+        """The KL default, and a group for the estimators that compare answers."""
+        super().resolve()
+        if self.num_generations is None:
+            self.num_generations = 4 if self.advantage_estimator in GROUPED else 1
+
+    @property
+    def has_critic(self) -> bool:
+        """GAE needs a value head; the critic-free estimators do not create one."""
+        return self.advantage_estimator == "gae"
 
     def problems(self) -> list[tuple[str, str]]:
         """The shared RL checks, plus the critic's and GAE's ranges."""
         checks = [
+            ("advantage_estimator", self.advantage_estimator not in ADVANTAGE_ESTIMATORS,
+             choice_message("advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)),
+            ("num_generations", self.num_generations < 1 or (self.advantage_estimator in GROUPED and self.num_generations < 2),
+             f"`num_generations: {self.num_generations}`: advantage_estimator {self.advantage_estimator} needs at least "
+             f"{2 if self.advantage_estimator in GROUPED else 1} answers per prompt."),
             ("ppo_kl_estimator", self.ppo_kl_estimator not in KL_ESTIMATORS,
              choice_message("ppo_kl_estimator", self.ppo_kl_estimator, tuple(KL_ESTIMATORS))),
             ("ppo_value_clip", self.ppo_value_clip <= 0, "`ppo_clip` and `ppo_value_clip` must be positive."),
@@ -105,44 +130,63 @@ def build_ppo(inputs: StageInputs) -> Stage:
 
 
 def ppo_parts(inputs: StageInputs) -> RLParts:
-    """Actor, critic (value head, from the reward model's when shapes agree), reward and KL controller."""
+    """Actor, critic (value head, from the reward model's when shapes agree; none for the critic-free
+    estimators), reward and KL controller."""
     config, model = inputs.config, inputs.model
     args: PPOArgs = config.method
+    group, critic = args.num_generations, args.has_critic
     scorer, reward_head = make_scorer(args, config.model, inputs.tokenizer, model, config.train.use_cpu)
-    critic = attach_value_head(model)
-    if reward_head is not None and reward_head.summary.weight.shape == critic.summary.weight.shape:
-        critic.load_state_dict(reward_head.state_dict())
+    if critic:
+        value_head = attach_value_head(model)
+        if reward_head is not None and reward_head.summary.weight.shape == value_head.summary.weight.shape:
+            value_head.load_state_dict(reward_head.state_dict())
     controller = (AdaptiveKLController(args.ppo_kl_coef, args.ppo_target, args.ppo_kl_horizon)
                   if args.ppo_target is not None else FixedKLController(args.ppo_kl_coef))
-    settings = rollout_settings(config.sampling, config.train, inputs.tokenizer, 1)
+    settings = rollout_settings(config.sampling, config.train, inputs.tokenizer, group)
     stop_ids = stop_token_ids(config.data.template, inputs.tokenizer)
     estimator = KL_ESTIMATORS[args.ppo_kl_estimator]
 
     def rollout(model: torch.nn.Module, rows: list[dict], seeds: list[int]) -> tuple[Rollout, dict]:
-        sampled = sample_and_score(model, rows, settings, scorer, stop_ids, 1, with_values=True,
+        sampled = sample_and_score(model, rows, settings, scorer, stop_ids, group, with_values=critic,
                                    reference=inputs.reference, seeds=seeds)
-        mask, values = sampled.mask, sampled.old_values
+        mask = sampled.mask
         kl = estimator(sampled.old_logps, sampled.ref_logps) * mask  # [samples, T]
-        rewards = token_rewards(sampled.scores, kl, mask, controller.value)
-        if args.ppo_whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False, total=total)
-        advantages, returns = gae_advantages(rewards, values, mask, args.ppo_gamma, args.ppo_lambda)
-        advantages = masked_whiten(advantages, mask, total=total)
+        if critic:
+            advantages, returns, rewards = gae_rollout(sampled, kl, controller.value, args)
+        else:
+            advantages, rewards = critic_free_advantages(sampled.scores, kl, mask, controller.value, args.ppo_gamma,
+                                                         args.advantage_estimator, group, total, args.ppo_whiten_rewards)
+            returns = None
         sequence_kl = global_mean(kl.sum(1))
         metrics = {**rollout_metrics(sampled), "kl": sequence_kl, "kl_coef": controller.value,
-                   "reward": global_mean(rewards.sum(1)), "value": masked_mean(values, mask, total).item()}
+                   "reward": global_mean(rewards.sum(1))}
+        if critic:
+            metrics["value"] = masked_mean(sampled.old_values, mask, total).item()
         controller.update(sequence_kl, int(global_count(len(sampled.response_ids))))
         return sampled.with_advantages(advantages, returns), metrics
 
     def loss(model: torch.nn.Module, part: Rollout) -> tuple[torch.Tensor, dict]:
-        logps, entropy, values = response_forward(model, part.prompt_ids, part.response_ids, with_values=True,
+        logps, entropy, values = response_forward(model, part.prompt_ids, part.response_ids, with_values=critic,
                                                   entropy_grad=args.ppo_ent_coef != 0, **settings.forward)
+        if not critic:
+            policy, stats = policy_loss(logps, part.old_logps, part.advantages, part.mask, args.ppo_clip)
+            return policy - args.ppo_ent_coef * masked_mean(entropy, part.mask), {"loss/policy": policy.detach(), **stats}
         out = ppo_loss(logps, part.old_logps, values, part.old_values, part.advantages, part.returns, entropy,
                        part.mask, args.ppo_clip, args.ppo_value_clip, args.ppo_vf_coef, args.ppo_ent_coef)
         return out.loss, {"loss/policy": out.policy.detach(), "loss/value": out.value.detach(), **out.stats}
 
-    return RLParts(rollout, loss, lambda part: float(part.mask.sum()), 1, scorer, stop_ids,
+    return RLParts(rollout, loss, lambda part: float(part.mask.sum()), group, scorer, stop_ids,
                    {"scores": scorer, "kl": _ControllerState(controller)})
+
+
+def gae_rollout(sampled: Rollout, kl: torch.Tensor, kl_coef: float, args: PPOArgs):
+    """(advantages whitened, returns, token rewards) of the book's PPO: GAE over the critic's values."""
+    mask, values = sampled.mask, sampled.old_values
+    rewards = token_rewards(sampled.scores, kl, mask, kl_coef)
+    if args.ppo_whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False, total=total)
+    advantages, returns = gae_advantages(rewards, values, mask, args.ppo_gamma, args.ppo_lambda)
+    return masked_whiten(advantages, mask, total=total), returns, rewards
 
 
 def always(config: RunConfig) -> bool:
