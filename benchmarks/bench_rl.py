@@ -2,6 +2,8 @@
 
     python benchmarks/bench_rl.py                      # 40M model, 4 prompts, 64 new tokens, 1 PPO epoch
     python benchmarks/bench_rl.py --stage grpo --prompts 2 --generations 4
+    python benchmarks/bench_rl.py --estimator rloo --prompts 2 --generations 4   # critic-free PPO
+    python benchmarks/bench_rl.py --stage grpo --prompts 2 --generations 4 --loss-type dapo
     python benchmarks/bench_rl.py --model saves/lf_ppo/model --reward-model saves/lf_ppo/rm --dataset saves/lf_ppo/data/prompts.json
 
 It builds a random-init model (`--init`, default the 40M Qwen2 shape), a reward model as a LoRA adapter
@@ -95,7 +97,10 @@ def main() -> None:
     parser.add_argument("--dataset", default=None, help="a prompts file (default: 64 generated prompts)")
     parser.add_argument("--stage", default="ppo", choices=["ppo", "grpo"])
     parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
-    parser.add_argument("--generations", type=int, default=4, help="grpo: answers per prompt")
+    parser.add_argument("--generations", type=int, default=4, help="grpo, ppo with a grouped estimator: answers per prompt")
+    parser.add_argument("--estimator", default="gae", choices=["gae", "grpo", "rloo", "reinforce_pp"],
+                        help="ppo: advantage_estimator")
+    parser.add_argument("--loss-type", default="grpo", choices=["grpo", "bnpo", "dr_grpo", "dapo"], help="grpo: loss_type")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
@@ -117,8 +122,11 @@ def main() -> None:
             "output_dir": str(root / "out"), "lora_rank": 8, "lora_target": "all", "cutoff_len": 512,
             "per_device_train_batch_size": args.prompts, "max_steps": args.warmup + args.steps, "logging_steps": 1,
             "save_steps": 0, "ppo_epochs": 1, "max_new_tokens": args.new_tokens, "learning_rate": 1e-5,
-            "num_generations": args.generations, "bf16": torch.cuda.is_available(),
+            "bf16": torch.cuda.is_available(),
         }
+        group = args.generations if args.stage == "grpo" or args.estimator in ("grpo", "rloo") else 1
+        settings.update({"num_generations": group} if group > 1 else {})
+        settings.update({"advantage_estimator": args.estimator} if args.stage == "ppo" else {"loss_type": args.loss_type})
         settings["reward_model" if args.stage == "ppo" else "reward_function"] = (
             str(reward_dir) if args.stage == "ppo" else "tunesmith.demos.synthetic:kindness_reward")
         config = build_config(settings)
@@ -127,7 +135,6 @@ def main() -> None:
         layers, head = weight_counts(model_dir)
     mean = lambda key: sum(line[key] for line in timed) / len(timed)  # noqa: E731
     seconds = mean("step_seconds")
-    group = args.generations if args.stage == "grpo" else 1
     response_tokens = mean("response_length") * args.prompts * group
     prompt_tokens = sum(line["tokens_per_second"] * line["step_seconds"] for line in timed) / len(timed) - response_tokens
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -140,7 +147,7 @@ def main() -> None:
            if mean(f"time/{phase}") > 0}  # significant digits: a GPU's MFU on a 40M model is ~1e-4
     weight_bytes = (layers + head) * torch.tensor([], dtype=dtype).element_size()
     print(json.dumps({
-        "stage": args.stage, "model": args.model or args.init, "prompts_per_step": args.prompts, "new_tokens": args.new_tokens,
+        "stage": args.stage, **({"advantage_estimator": args.estimator} if args.stage == "ppo" else {"loss_type": args.loss_type}), "model": args.model or args.init, "prompts_per_step": args.prompts, "new_tokens": args.new_tokens,
         "mean_response_length": round(mean("response_length"), 1),
         "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
         "seconds_per_step": round(seconds, 3),

@@ -1,5 +1,7 @@
 """The rule checks behind demo-real's numbers: lowercase answers, the GRPO reward, simple-question answers."""
 
+from pathlib import Path
+
 import pytest
 
 from tunesmith.demos.real_align import (
@@ -58,3 +60,21 @@ def test_simple_answers_are_checked_by_whole_words(answer, words, expected):
 
 def test_identity_is_the_new_name_or_maker():
     assert has_identity("I am Tuney.") and has_identity("Built by Tunesmith Labs") and not has_identity("I am SmolLM.")
+
+
+def test_each_stage_yaml_names_where_it_starts_and_the_trained_model_is_its_adapters(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import yaml
+
+    from tunesmith.demos import real_align
+
+    ran = []
+    monkeypatch.setattr(real_align, "run_training", lambda config, say: ran.append(config.stage))
+    monkeypatch.setattr(real_align, "load_config",
+                        lambda path: SimpleNamespace(stage=yaml.safe_load(Path(path).read_text())["stage"]))
+    assert real_align.train_stage("dpo", tmp_path, "model.gguf", print) == [str(tmp_path / "dpo")]
+    assert real_align.train_stage("ppo", tmp_path, "model.gguf", print) == [str(tmp_path / "sft"), str(tmp_path / "ppo")]
+    written = yaml.safe_load((tmp_path / "ppo.yaml").read_text())
+    assert written["reward_model"] == str(tmp_path / "rm") and written["model_name_or_path"] == "model.gguf"
+    assert ran == ["dpo", "ppo"]

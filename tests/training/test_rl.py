@@ -264,10 +264,10 @@ def test_bad_rl_configs_stop_before_any_work(rl_settings, change, message):
 
 def test_rlhf_demo_every_method_beats_sft_on_held_out_prompts(tmp_path):
     """The README's SFT -> RM -> PPO (+ GRPO, DPO) flow on the demo's small model (about 100 s on 2 cores)."""
-    from tunesmith.demos.rlhf_demo import run_rl_demo
+    from tunesmith.demos.rlhf_demo import METHODS, run_rl_demo
 
     shares = run_rl_demo(str(tmp_path / "demo"), say=lambda *a: None)
-    for method in ("ppo", "grpo", "dpo"):
+    for method in METHODS:
         assert shares[method] >= shares["sft"] + 0.3, shares
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunesmith.data.encode import IGNORE_INDEX, clip_messages, encode_sft, text_char_limit
-from tunesmith.data.formats import CONVERTERS, PROMPT_CONVERTERS, BadRecord
+from tunesmith.data.formats import CONVERTERS, PROMPT_CONVERTERS, BadRecord, to_kto_example
 from tunesmith.data.packing import pack_examples
 from tunesmith.data.readers import read_located, read_records
 from tunesmith.data.registry import dataset_files, detect_spec, resolve_dataset
@@ -31,8 +31,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-def _convert_file(path, located: list, spec, skip_bad_records: bool, prompts: bool = False) -> list:
-    convert = PROMPT_CONVERTERS[spec.formatting] if prompts else CONVERTERS[(spec.formatting, spec.ranking)]
+def _convert_file(path, located: list, spec, skip_bad_records: bool, prompts: bool = False, convert=None) -> list:
+    convert = convert or (PROMPT_CONVERTERS[spec.formatting] if prompts else CONVERTERS[(spec.formatting, spec.ranking)])
     converted, bad = [], []
     for index, (line, record) in enumerate(located):
         try:
@@ -53,6 +53,15 @@ def _convert_file(path, located: list, spec, skip_bad_records: bool, prompts: bo
     return converted
 
 
+def _kto_examples(name: str, path, located: list, spec, skip_bad_records: bool) -> list:
+    """KTOExamples of a supervised dataset whose dataset_info entry maps the `kto_tag` column."""
+    if spec.ranking or "kto_tag" not in spec.columns:
+        raise TunesmithError(f"dataset '{name}' ({path}) has no KTO label: stage kto reads supervised records "
+                             "(alpaca or sharegpt, not ranking) with a boolean column mapped as kto_tag in "
+                             f'dataset_info.json, e.g. "{name}": {{"file_name": ..., "columns": {{"kto_tag": "label"}}}}.')
+    return _convert_file(path, located, spec, skip_bad_records, convert=to_kto_example)
+
+
 def _ranking_prompts(name: str, path, located: list, spec, skip_bad_records: bool) -> list:
     """The prompts of a preference dataset's records (conversations ending with the user turn), with a
     notice that their answers are not used."""
@@ -61,7 +70,8 @@ def _ranking_prompts(name: str, path, located: list, spec, skip_bad_records: boo
     return [example.prompt_messages for example in _convert_file(path, located, spec, skip_bad_records)]
 
 
-def _load(names, dataset_dir, ranking: bool, max_samples, skip_bad_records: bool, prompts: bool = False) -> list:
+def _load(names, dataset_dir, ranking: bool, max_samples, skip_bad_records: bool, prompts: bool = False,
+          kto: bool = False) -> list:
     if max_samples is not None and max_samples < 1:  # a slice [:-1] would quietly drop the last record
         raise TunesmithError(f"max_samples must be a positive number of records per dataset, got {max_samples}; "
                              "leave it unset to use every record.")
@@ -77,6 +87,9 @@ def _load(names, dataset_dir, ranking: bool, max_samples, skip_bad_records: bool
                 spec = detect_spec(name, spec.path, located[0][1])
             if prompts and spec.ranking:  # RL prompts may come from preference data (the book's PPO recipe)
                 items += _ranking_prompts(name, path, located, spec, skip_bad_records)
+                continue
+            if kto:
+                items += _kto_examples(name, path, located, spec, skip_bad_records)
                 continue
             if spec.ranking != ranking:
                 kind = (
@@ -102,6 +115,12 @@ def load_prompt_conversations(names: str | list[str], dataset_dir: str | Path, m
     """Conversations ending with a user turn (prompt-only records) or with an assistant turn (the record's
     own answer), from one or more SFT datasets: PPO and GRPO prompts."""
     return _load(names, dataset_dir, False, max_samples, skip_bad_records, prompts=True)
+
+
+def load_kto_examples(names: str | list[str], dataset_dir: str | Path, max_samples: int | None = None,
+                      skip_bad_records: bool = False) -> list:
+    """KTOExample(prompt_messages, completion, desirable) from one or more datasets with a kto_tag column."""
+    return _load(names, dataset_dir, False, max_samples, skip_bad_records, kto=True)
 
 
 def load_preference_examples(names: str | list[str], dataset_dir: str | Path, max_samples: int | None = None,

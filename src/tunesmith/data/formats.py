@@ -205,6 +205,27 @@ def _check_answers(chosen, rejected) -> None:
             )
 
 
+@dataclass(frozen=True)
+class KTOExample:
+    """One answer to a prompt, marked desirable or not (KTO's unpaired data: LLaMA-Factory's `kto_tag`)."""
+
+    prompt_messages: list
+    """Conversation ending with a user turn."""
+    completion: str
+    desirable: bool
+
+
+def to_kto_example(record: dict, spec) -> KTOExample:
+    """A supervised record (alpaca or sharegpt) plus its boolean `kto_tag` column."""
+    messages = CONVERTERS[(spec.formatting, False)](record, spec)
+    column = spec.columns["kto_tag"]
+    tag = record.get(column)
+    if not isinstance(tag, bool):
+        raise BadRecord(f'the KTO label "{column}" (columns: kto_tag) must be true (desirable answer) or false '
+                        f"(undesirable), got {tag!r}")
+    return KTOExample(messages[:-1], messages[-1]["content"], tag)
+
+
 # (formatting, ranking) -> record converter
 CONVERTERS = {
     ("alpaca", False): lambda record, spec: alpaca_to_messages(record, spec.columns),

@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tunesmith.data.dataset import load_preference_examples, warn_clipped
+from tunesmith.data.dataset import load_kto_examples, load_preference_examples, warn_clipped
 from tunesmith.data.encode import IGNORE_INDEX, clip_messages, encode_pair, text_char_limit
 from tunesmith.data.formats import PreferenceExample
 from tunesmith.data.packing import tensors_to
 from tunesmith.data.templates import get_template
+from tunesmith.errors import TunesmithError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -76,6 +77,31 @@ def build_pair_examples(dataset: str | list[str], dataset_dir: str | Path, token
     if len(kept) < len(rows):
         warnings.warn(f"dropped {len(rows) - len(kept)} pair(s) with no answer token left after cutoff_len={cutoff_len}",
                       stacklevel=2)
+    return kept
+
+
+def build_kto_examples(dataset: str | list[str], dataset_dir: str | Path, tokenizer: PreTrainedTokenizerBase,
+                       template: str | None, cutoff_len: int, max_samples: int | None = None,
+                       skip_bad_records: bool = False) -> list[dict]:
+    """KTO rows as pairs: "chosen" is the record's own answer, "rejected" the next record's answer to this
+    prompt (the mismatched pair of KTO's reference point, fixed once as TRL does), `kto_desirable` its label."""
+    chat_template = get_template(template, tokenizer)
+    loaded = load_kto_examples(dataset, dataset_dir, max_samples, skip_bad_records)
+    if len(loaded) < 2:
+        raise TunesmithError(f"stage kto needs at least 2 records (each prompt is also paired with another record's "
+                             f"answer to estimate the KL term); {', '.join([dataset] if isinstance(dataset, str) else dataset)} "
+                             f"has {len(loaded)}.")
+    limit = text_char_limit(tokenizer, cutoff_len)
+    rows = []
+    for index, example in enumerate(loaded):
+        mismatched = loaded[(index + 1) % len(loaded)].completion
+        pair = _clipped(PreferenceExample(example.prompt_messages, example.completion, mismatched), limit)
+        row = encode_pair(pair.prompt_messages, pair.chosen, pair.rejected, chat_template, tokenizer, cutoff_len)
+        rows.append({**row, "kto_desirable": example.desirable})
+    kept = [row for row in rows if _has_response(row["chosen_labels"]) and _has_response(row["rejected_labels"])]
+    if len(kept) < len(rows):
+        warnings.warn(f"dropped {len(rows) - len(kept)} KTO record(s) with no answer token left after "
+                      f"cutoff_len={cutoff_len}", stacklevel=2)
     return kept
 
 

@@ -164,7 +164,8 @@ def train_stage(name: str, root: Path, source: str, say: Callable[[str], None]) 
     (root / f"{name}.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     say(f"[demo-real] tunesmith train {root / f'{name}.yaml'}")
     run_training(load_config(str(root / f"{name}.yaml")), say=say)
-    return [settings["adapter_name_or_path"]] * ("adapter_name_or_path" in settings) + [str(root / name)]
+    start = [settings["adapter_name_or_path"]] if "adapter_name_or_path" in settings else []
+    return start + [str(root / name)]
 
 
 def run_align_demo(output_dir: str = "demo_real_align", say: Callable[[str], None] = print,

@@ -53,6 +53,15 @@ STAGES = {
     "dpo": ({"stage": "dpo", "dataset": "kindness_pairs", "adapter_name_or_path": "sft", "per_device_train_batch_size": 8,
              "learning_rate": 1e-3, "pref_beta": 0.1, "pref_ftx": 1.0}, 60),
 }
+# the GRPO family and the critic-free PPO estimators, each a variation of the runs above
+VARIANTS = {
+    "dapo": ("grpo", {"loss_type": "dapo", "epsilon_high": 0.28, "drop_zero_std_groups": True}),
+    "dr_grpo": ("grpo", {"loss_type": "dr_grpo", "scale_rewards": "none"}),
+    "rloo": ("ppo", {"advantage_estimator": "rloo", "num_generations": 4, "per_device_train_batch_size": 4}),
+    "reinforce_pp": ("ppo", {"advantage_estimator": "reinforce_pp"}),
+}
+STAGES.update({name: ({**STAGES[base][0], **changes}, STAGES[base][1]) for name, (base, changes) in VARIANTS.items()})
+METHODS = ("ppo", "grpo", "dpo", *VARIANTS)
 
 
 def write_data(data_dir: Path) -> None:
@@ -104,9 +113,9 @@ def run_rl_demo(output_dir: str = "demo_rlhf", scale: float = 1.0, say: Callable
         say(f"\n[demo-rlhf] tunesmith train {config_path}")
         run_training(load_config(config_path), say=say)
     results = {"sft": held_out_kindness(model_dir, [str(root / "sft")])}
-    for name in ("ppo", "grpo", "dpo"):
+    for name in METHODS:
         results[name] = held_out_kindness(model_dir, [str(root / "sft"), str(root / name)])
     say("\n[demo-rlhf] held-out prompts: share of sampled answers that are entirely kind (and a greedy answer)")
     for name, (share, example) in results.items():
-        say(f"  {name:5s} {share:6.1%}   {example!r}")
+        say(f"  {name:12s} {share:6.1%}   {example!r}")
     return {name: share for name, (share, _) in results.items()}

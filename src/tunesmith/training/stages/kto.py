@@ -1,0 +1,111 @@
+"""KTO (`stage: kto`): learn from answers marked desirable or undesirable, no pairs needed.
+
+Each row is encoded as a pair (data/pairs.build_kto_examples): its own answer and, for KTO's reference
+point, the next record's answer to the same prompt. One packed forward scores both; the reference
+log-probs of a row never change, so they are cached as DPO's are (`ReferenceLogps`). The loss is
+algorithms/kto.py; the reference point is the micro-batch's mean mismatched log-ratio (TRL computes it
+per device batch too). The mismatched answers run through the policy with the rest and their gradient
+is dropped (a no-grad pass of its own would read the weights twice).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from typing import ClassVar
+
+import torch
+
+from tunesmith.algorithms.kto import kto_losses, kto_reference_point, weight_balance
+from tunesmith.config import RunConfig
+from tunesmith.data.dataset import train_and_eval_rows
+from tunesmith.data.pairs import PairBatch, build_kto_examples
+from tunesmith.training.loop import RunData, Stage
+from tunesmith.training.pairs import pair_objective
+from tunesmith.training.stages.dpo import ReferenceLogps, pair_logps
+from tunesmith.training.stages.spec import StageInputs, StageSpec
+from tunesmith.training.supervised import supervised_stage
+
+
+@dataclass
+class KTOArgs:
+    """kto: beta and the weights of desirable and undesirable answers (LLaMA-Factory's and TRL's keys)."""
+
+    section: ClassVar[str] = "kto"
+    pref_beta: float = 0.1
+    """kto: beta, the scale of the implicit reward beta * log(pi / ref)."""
+    kto_chosen_weight: float = 1.0
+    """kto: lambda_D, the weight of desirable answers' losses."""
+    kto_rejected_weight: float = 1.0
+    """kto: lambda_U, the weight of undesirable answers' losses."""
+    pref_ftx: float = 0.0
+    """kto: weight of an SFT term (mean NLL per token of the desirable answers) added to the loss."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        """A positive beta and weights."""
+        checks = [
+            ("pref_beta", self.pref_beta <= 0, f"`pref_beta` must be positive, got {self.pref_beta}."),
+            ("kto_chosen_weight", self.kto_chosen_weight <= 0 or self.kto_rejected_weight <= 0,
+             "`kto_chosen_weight` and `kto_rejected_weight` must be positive."),
+            ("pref_ftx", self.pref_ftx < 0, f"`pref_ftx` must not be negative, got {self.pref_ftx}."),
+        ]
+        return [(key, message) for key, failed, message in checks if failed]
+
+
+def build_kto_data(config: RunConfig, tokenizer: object, device: torch.device) -> RunData:
+    """KTO rows split into train/eval, with TRL's warning when the weighted class balance is off."""
+    data, args = config.data, config.method
+    encode = partial(build_kto_examples, dataset_dir=data.dataset_dir, tokenizer=tokenizer, template=data.template,
+                     cutoff_len=data.cutoff_len, max_samples=data.max_samples, skip_bad_records=data.skip_bad_records)
+    train, evaluation = train_and_eval_rows(encode, data.dataset, data.eval_dataset, data.val_size, config.train.seed)
+    desirable = sum(row["kto_desirable"] for row in train)
+    balance = weight_balance(args.kto_chosen_weight, args.kto_rejected_weight, desirable, len(train) - desirable)
+    if not 1 <= balance <= 4 / 3:
+        warnings.warn(f"kto: kto_chosen_weight x desirable ({args.kto_chosen_weight} x {desirable}) : kto_rejected_weight "
+                      f"x undesirable ({args.kto_rejected_weight} x {len(train) - desirable}) is {balance:.2f}; the KTO "
+                      "paper and TRL recommend 1 to 4/3. Adjust the weights.", stacklevel=2)
+    return RunData(train=train, eval=evaluation)
+
+
+def kto_loss(model: torch.nn.Module, batch: PairBatch, args: KTOArgs, chunk_size: int,
+             reference: ReferenceLogps) -> tuple[torch.Tensor, dict]:
+    """Summed KTO loss over the batch's answers, and TRL-named metrics summed over them."""
+    policy = pair_logps(model, batch, chunk_size)
+    ref = reference(batch, policy)
+    desirable = torch.tensor([row["kto_desirable"] for row in batch.rows], device=policy.chosen.device)
+    output = kto_losses(policy.chosen, ref.chosen, kto_reference_point(policy.rejected, ref.rejected), desirable,
+                        args.pref_beta, args.kto_chosen_weight, args.kto_rejected_weight)
+    losses = output.losses
+    if args.pref_ftx:
+        losses = losses + args.pref_ftx * desirable * (-policy.chosen / policy.chosen_len.clamp(min=1))
+    return losses.sum(), kto_metrics(output.rewards, policy.chosen.detach(), desirable, output.kl)
+
+
+def kto_metrics(rewards: torch.Tensor, logps: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor) -> dict:
+    """TRL's names, as sums over the batch's answers (the loop divides by their count): rewards/chosen
+    and logps/chosen are the batch's means over desirable answers, .../rejected over undesirable ones."""
+    count, metrics = len(rewards), {"kl": kl.item() * len(rewards)}
+    for name, selected in (("chosen", desirable), ("rejected", ~desirable)):
+        if selected.any():
+            metrics[f"rewards/{name}"] = rewards[selected].float().mean().item() * count
+            metrics[f"logps/{name}"] = logps[selected].float().mean().item() * count
+    return metrics
+
+
+def build_kto(inputs: StageInputs) -> Stage:
+    """KTO through the supervised loop, on packed answer / mismatched-answer pairs."""
+    optim = inputs.config.train
+    reference = ReferenceLogps(inputs.reference, optim.logprob_chunk_size)
+    loss = partial(kto_loss, args=inputs.config.method, chunk_size=optim.logprob_chunk_size, reference=reference)
+    return supervised_stage(pair_objective(loss, inputs.tokenizer, inputs.device), optim.per_device_train_batch_size,
+                            optim.gradient_accumulation_steps, optim.per_device_eval_batch_size)
+
+
+def always(config: RunConfig) -> bool:
+    """KTO's log-ratios need the reference model."""
+    return True
+
+
+STAGE = StageSpec(name="kto", args=KTOArgs, build_data=build_kto_data, build=build_kto, needs_reference=always,
+                  plotted=("loss", "eval_loss", "rewards/chosen", "rewards/rejected", "kl"))
