@@ -4,6 +4,7 @@
     python benchmarks/bench_train.py --init 40m --stage dpo           # DPO on 4 pairs per batch (chosen + rejected counted)
     python benchmarks/bench_train.py --init 40m --stage dpo --precompute-ref-logprobs
     python benchmarks/bench_train.py --init 40m --stage rm            # reward model
+    python benchmarks/bench_train.py --init 40m --stage kto           # KTO: 4 answers + 4 mismatched per batch
     python benchmarks/bench_train.py --init 40m --bf16
     python benchmarks/bench_train.py --init 40m --quantization-bit 4   # QLoRA (benchmarks/bench_qlora.py compares)
     python benchmarks/bench_train.py --init qwen2-0.5b --tokenizer ../shared/assets/qwen2_tokenizer --steps 3
@@ -57,8 +58,9 @@ def matmul_peak_flops(dtype: torch.dtype, device: torch.device, size: int = 2048
     return 2 * size**3 / best
 
 
-def synthetic_dataset(folder: Path, tokenizer, n_records: int, seed: int, pairs: bool = False) -> None:
-    """Alpaca records, prompts of 10-60 tokens and answers of 20-400 tokens (measured in this tokenizer)."""
+def synthetic_dataset(folder: Path, tokenizer, n_records: int, seed: int, pairs: bool = False, kto: bool = False) -> None:
+    """Alpaca records, prompts of 10-60 tokens and answers of 20-400 tokens (measured in this tokenizer);
+    with `kto`, each labelled desirable or not at random."""
     rng = random.Random(seed)
     corpus = (Path(__file__).resolve().parents[1] / "src/tunesmith/resources/corpus.txt").read_text().split()
 
@@ -70,9 +72,12 @@ def synthetic_dataset(folder: Path, tokenizer, n_records: int, seed: int, pairs:
     answers = ("chosen", "rejected") if pairs else ("output",)
     records = [{"instruction": text_of(rng.randint(10, 60)), "input": "",
                 **{key: text_of(rng.randint(20, 400)) for key in answers}} for _ in range(n_records)]
+    if kto:
+        records = [{**record, "label": rng.random() < 0.5} for record in records]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "bench.json").write_text(json.dumps(records))
-    (folder / "dataset_info.json").write_text(json.dumps({"bench": {"file_name": "bench.json", "ranking": pairs}}))
+    entry = {"file_name": "bench.json", "ranking": pairs, **({"columns": {"kto_tag": "label"}} if kto else {})}
+    (folder / "dataset_info.json").write_text(json.dumps({"bench": entry}))
 
 
 def flops_per_token(model, stage: str, finetuning_type: str, precomputed_reference: bool) -> int:
@@ -82,7 +87,7 @@ def flops_per_token(model, stage: str, finetuning_type: str, precomputed_referen
     if stage == "rm":
         linear -= head.weight.numel()
     passes = 3 if finetuning_type == "full" else 2  # forward + input grads (+ weight grads)
-    if stage == "dpo" and not precomputed_reference:
+    if stage in ("dpo", "kto") and not precomputed_reference:
         passes += 1
     return 2 * passes * linear
 
@@ -94,7 +99,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--tokenizer", help="with --init: copy this tokenizer folder")
     parser.add_argument("--dataset", help="dataset name or file (default: synthetic)")
     parser.add_argument("--dataset-dir", default="data")
-    parser.add_argument("--stage", default="sft", choices=["sft", "rm", "dpo"])
+    parser.add_argument("--stage", default="sft", choices=["sft", "rm", "dpo", "kto"])
     parser.add_argument("--precompute-ref-logprobs", action="store_true", help="dpo: cache reference log-probs first")
     parser.add_argument("--finetuning-type", default="lora", choices=["lora", "full", "freeze"])
     parser.add_argument("--lora-rank", type=int, default=8)
@@ -116,10 +121,11 @@ def main(argv=None) -> dict:
     dataset, dataset_dir = args.dataset, args.dataset_dir
     if dataset is None:
         n_records = args.batch_size * (args.steps + args.warmup) * 2
-        synthetic_dataset(work / "data", tokenizer, n_records, seed=0, pairs=args.stage != "sft")
+        synthetic_dataset(work / "data", tokenizer, n_records, seed=0, pairs=args.stage in ("rm", "dpo"),
+                          kto=args.stage == "kto")
         dataset, dataset_dir = "bench", str(work / "data")
     config = build_config({
-        "stage": args.stage, "precompute_ref_logprobs": args.precompute_ref_logprobs,
+        "stage": args.stage, **({"precompute_ref_logprobs": args.precompute_ref_logprobs} if args.stage == "dpo" else {}),
         "model_name_or_path": model_path, "dataset": dataset, "dataset_dir": dataset_dir,
         "finetuning_type": args.finetuning_type, "lora_rank": args.lora_rank, "lora_target": "all",
         "quantization_bit": args.quantization_bit,

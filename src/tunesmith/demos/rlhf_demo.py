@@ -1,4 +1,4 @@
-"""`tunesmith demo-rlhf`: SFT -> reward model -> PPO, plus GRPO and DPO, on a laptop CPU with no download.
+"""`tunesmith demo-rlhf`: SFT -> reward model -> PPO, plus GRPO, DPO, KTO and variants, on a laptop CPU, no download.
 
 The task has a checkable answer: "Describe the X." should be answered with kind words only
 (`kindness_score` in synthetic.py checks it). The SFT demonstrations are poor on purpose: only 30%
@@ -7,7 +7,9 @@ Then, each starting from the SFT model (its adapter merged, so it is also the re
 - a reward model is trained on pairs (kind answer chosen, unkind rejected), and PPO optimises it;
 - GRPO optimises the rule-based reward directly (`reward_function`);
 - DPO learns from the same pairs (with pref_ftx, an SFT term on the chosen answer that keeps plain DPO
-  from lowering the chosen answers' likelihood along with the rejected ones').
+  from lowering the chosen answers' likelihood along with the rejected ones'), and KTO from them unpaired;
+- the variants: DAPO and Dr. GRPO (GRPO's loss types), RLOO and REINFORCE++ (critic-free PPO on the
+  reward model).
 The pairs' rejected answers include broken ones ("The river."): without them the reward model never
 learns that an answer with no description is bad, and PPO finds exactly that hack.
 Each method is scored on held-out things the training data never mentions: the share of sampled
@@ -18,6 +20,7 @@ answers (temperature 1) that are entirely kind. Every stage runs through `tunesm
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,6 +60,7 @@ STAGES = {
 VARIANTS = {
     "dapo": ("grpo", {"loss_type": "dapo", "epsilon_high": 0.28, "drop_zero_std_groups": True}),
     "dr_grpo": ("grpo", {"loss_type": "dr_grpo", "scale_rewards": "none"}),
+    "kto": ("dpo", {"stage": "kto", "dataset": "kindness_kto"}),  # the same pairs, unpaired
     "rloo": ("ppo", {"advantage_estimator": "rloo", "num_generations": 4, "per_device_train_batch_size": 4}),
     "reinforce_pp": ("ppo", {"advantage_estimator": "reinforce_pp"}),
 }
@@ -65,15 +69,19 @@ METHODS = ("ppo", "grpo", "dpo", *VARIANTS)
 
 
 def write_data(data_dir: Path) -> None:
-    """Write the noisy SFT demonstrations, the kindness pairs and their dataset_info.json to `data_dir`."""
+    """Write the noisy SFT demonstrations, the kindness pairs (also unpaired, for KTO) and their
+    dataset_info.json to `data_dir`."""
     data_dir.mkdir(parents=True, exist_ok=True)
+    pairs = preference_records(400, seed=1, things=TRAIN_THINGS, degenerate_share=0.3, varied_share=0.5)
     files = {"noisy_descriptions": noisy_description_records(TRAIN_THINGS, 400, kind_share=0.3),
-             "kindness_pairs": preference_records(400, seed=1, things=TRAIN_THINGS, degenerate_share=0.3,
-                                                 varied_share=0.5)}
+             "kindness_pairs": pairs,
+             "kindness_kto": [{"instruction": pair["instruction"], "input": "", "output": pair[side], "label": side == "chosen"}
+                              for pair in pairs for side in ("chosen", "rejected")]}
+    extra = {"kindness_pairs": {"ranking": True}, "kindness_kto": {"columns": {"kto_tag": "label"}}}
     info = {}
     for name, records in files.items():
         (data_dir / f"{name}.json").write_text(json.dumps(records, indent=1))
-        info[name] = {"file_name": f"{name}.json", **({"ranking": True} if name == "kindness_pairs" else {})}
+        info[name] = {"file_name": f"{name}.json", **extra.get(name, {})}
     (data_dir / "dataset_info.json").write_text(json.dumps(info, indent=2))
 
 
@@ -102,6 +110,7 @@ def run_rl_demo(output_dir: str = "demo_rlhf", scale: float = 1.0, say: Callable
     model_dir = init_model(root / "model", arch="qwen2", size="small", seed=0)
     write_data(root / "data")
     say(f"[demo-rlhf] model {model_dir}; data in {root / 'data'}; held-out things: {', '.join(HELD_OUT_THINGS)}")
+    seconds = {}
     for name, (settings, steps) in STAGES.items():
         settings = {**COMMON, **settings, "model_name_or_path": str(model_dir), "dataset_dir": str(root / "data"),
                     "output_dir": str(root / name), "max_steps": max(1, round(steps * scale))}
@@ -111,11 +120,14 @@ def run_rl_demo(output_dir: str = "demo_rlhf", scale: float = 1.0, say: Callable
         config_path = root / f"{name}.yaml"
         config_path.write_text(yaml.safe_dump(settings, sort_keys=False))
         say(f"\n[demo-rlhf] tunesmith train {config_path}")
+        start = time.perf_counter()
         run_training(load_config(config_path), say=say)
+        seconds[name] = time.perf_counter() - start
     results = {"sft": held_out_kindness(model_dir, [str(root / "sft")])}
     for name in METHODS:
         results[name] = held_out_kindness(model_dir, [str(root / "sft"), str(root / name)])
-    say("\n[demo-rlhf] held-out prompts: share of sampled answers that are entirely kind (and a greedy answer)")
+    say("\n[demo-rlhf] held-out prompts: share of sampled answers that are entirely kind, training seconds "
+        "(and a greedy answer)")
     for name, (share, example) in results.items():
-        say(f"  {name:12s} {share:6.1%}   {example!r}")
+        say(f"  {name:12s} {share:6.1%} {seconds[name]:6.1f} s   {example!r}")
     return {name: share for name, (share, _) in results.items()}
