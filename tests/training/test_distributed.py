@@ -41,9 +41,13 @@ def dist_data(tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()
     (folder / "chat.json").write_text(json.dumps(RECORDS))
-    (folder / "pairs.json").write_text(json.dumps(preference_records(16, seed=0)))
+    pairs = preference_records(16, seed=0)
+    (folder / "pairs.json").write_text(json.dumps(pairs))
+    (folder / "kto.json").write_text(json.dumps([{"instruction": p["instruction"], "output": p[side], "label": side == "chosen"}
+                                                 for p in pairs[:8] for side in ("chosen", "rejected")]))
     (folder / "dataset_info.json").write_text(json.dumps({
-        "chat": {"file_name": "chat.json"}, "pairs": {"file_name": "pairs.json", "ranking": True}}))
+        "chat": {"file_name": "chat.json"}, "pairs": {"file_name": "pairs.json", "ranking": True},
+        "kto": {"file_name": "kto.json", "columns": {"kto_tag": "label"}}}))
     return folder
 
 
@@ -53,7 +57,7 @@ def settings_for(tiny_model, data, stage: str, finetuning_type: str) -> dict:
     the noise: so the reward model (a few such LoRA entries: the score reads one position) and full
     fine-tuning (every weight trains) use smaller learning rates; measured differences otherwise: 1e-4 and
     1.2e-5 after 3 steps."""
-    return {"model_name_or_path": tiny_model, "dataset": "chat" if stage == "sft" else "pairs",
+    return {"model_name_or_path": tiny_model, "dataset": {"sft": "chat", "kto": "kto"}.get(stage, "pairs"),
             "dataset_dir": str(data), "stage": stage, "finetuning_type": finetuning_type, "cutoff_len": 64,
             "learning_rate": (1e-2 if stage != "rm" else 1e-3) if finetuning_type == "lora" else 1e-4, "max_steps": 3, "logging_steps": 1,
             "save_steps": 0, "seed": 0, "lora_rank": 4, "lora_target": "all", "lora_dropout": 0.0}
@@ -99,6 +103,7 @@ SLOW = pytest.mark.slow  # run with `pytest -m slow`; CI runs one case of each k
 @pytest.mark.parametrize("stage,finetuning_type,extra", [
     ("sft", "lora", {}), pytest.param("rm", "lora", {}, marks=SLOW), pytest.param("dpo", "lora", {}, marks=SLOW),
     pytest.param("sft", "full", {}, marks=SLOW),
+    pytest.param("kto", "lora", {}, marks=SLOW),  # the reference point z is all-reduced: the same z as one batch
     ("dpo", "full", {"precompute_ref_logprobs": True})])  # each rank precomputes its share of the pairs
 def test_two_ranks_equal_one_process_with_the_combined_batch(tiny_model, dist_data, tmp_path, stage, finetuning_type,
                                                              extra):

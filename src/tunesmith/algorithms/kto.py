@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tunesmith.algorithms.ppo import Total, local_total
+
 
 @dataclass
 class KTOOutput:
@@ -25,9 +27,13 @@ class KTOOutput:
     """The reference point z (a scalar, detached)."""
 
 
-def kto_reference_point(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
-    """z: the mean log-ratio of the mismatched answers, clamped at 0, without gradient."""
-    return (policy_kl_logps - ref_kl_logps).detach().mean().clamp(min=0)
+def kto_reference_point(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor,
+                        total: Total = local_total) -> torch.Tensor:
+    """z: the mean log-ratio of the mismatched answers, clamped at 0, without gradient; over every rank's
+    answers with a cross-rank `total` (as TRL gathers it across processes)."""
+    log_ratio = (policy_kl_logps - ref_kl_logps).detach()
+    sums = total(torch.stack([log_ratio.sum(), log_ratio.new_tensor(float(log_ratio.numel()))]))
+    return (sums[0] / sums[1].clamp(min=1)).clamp(min=0)
 
 
 def kto_losses(policy_logps: torch.Tensor, ref_logps: torch.Tensor, kl: torch.Tensor, desirable: torch.Tensor,

@@ -3,8 +3,8 @@
 Each row is encoded as a pair (data/pairs.build_kto_examples): its own answer and, for KTO's reference
 point, the next record's answer to the same prompt. One packed forward scores both; the reference
 log-probs of a row never change, so they are cached as DPO's are (`ReferenceLogps`). The loss is
-algorithms/kto.py; the reference point is the micro-batch's mean mismatched log-ratio (TRL computes it
-per device batch too). The mismatched answers run through the policy with the rest and their gradient
+algorithms/kto.py; the reference point is the mean mismatched log-ratio of the micro-batch on every
+rank (TRL gathers it across processes too). The mismatched answers run through the policy with the rest and their gradient
 is dropped (a no-grad pass of its own would read the weights twice).
 """
 
@@ -21,6 +21,7 @@ from tunesmith.algorithms.kto import kto_losses, kto_reference_point, weight_bal
 from tunesmith.config import RunConfig
 from tunesmith.data.dataset import train_and_eval_rows
 from tunesmith.data.pairs import PairBatch, build_kto_examples
+from tunesmith.training.distributed import sum_over_ranks
 from tunesmith.training.loop import RunData, Stage
 from tunesmith.training.pairs import pair_objective
 from tunesmith.training.stages.dpo import ReferenceLogps, pair_logps
@@ -74,7 +75,7 @@ def kto_loss(model: torch.nn.Module, batch: PairBatch, args: KTOArgs, chunk_size
     policy = pair_logps(model, batch, chunk_size)
     ref = reference(batch, policy)
     desirable = torch.tensor([row["kto_desirable"] for row in batch.rows], device=policy.chosen.device)
-    output = kto_losses(policy.chosen, ref.chosen, kto_reference_point(policy.rejected, ref.rejected), desirable,
+    output = kto_losses(policy.chosen, ref.chosen, kto_reference_point(policy.rejected, ref.rejected, sum_over_ranks), desirable,
                         args.pref_beta, args.kto_chosen_weight, args.kto_rejected_weight)
     losses = output.losses
     if args.pref_ftx:
@@ -84,12 +85,15 @@ def kto_loss(model: torch.nn.Module, batch: PairBatch, args: KTOArgs, chunk_size
 
 def kto_metrics(rewards: torch.Tensor, logps: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor) -> dict:
     """TRL's names, as sums over the batch's answers (the loop divides by their count): rewards/chosen
-    and logps/chosen are the batch's means over desirable answers, .../rejected over undesirable ones."""
+    and logps/chosen are the batch's means over desirable answers, .../rejected over undesirable ones.
+    Every batch reports every key (ranks sum the same list): a batch without desirable (undesirable)
+    answers adds 0 to rewards/chosen (rejected), which pulls the logged mean towards 0 a little when
+    batches are small and one-sided."""
     count, metrics = len(rewards), {"kl": kl.item() * len(rewards)}
     for name, selected in (("chosen", desirable), ("rejected", ~desirable)):
-        if selected.any():
-            metrics[f"rewards/{name}"] = rewards[selected].float().mean().item() * count
-            metrics[f"logps/{name}"] = logps[selected].float().mean().item() * count
+        present = bool(selected.any())
+        metrics[f"rewards/{name}"] = rewards[selected].float().mean().item() * count if present else 0.0
+        metrics[f"logps/{name}"] = logps[selected].float().mean().item() * count if present else 0.0
     return metrics
 
 
