@@ -36,7 +36,7 @@ def plain_grpo_loss(logps, old, ref, advantages, lengths, eps_low, eps_high, bet
         return sum(sum(row) / len(row) for row in answers) / len(answers)
     if loss_type in ("bnpo", "dapo"):
         return sum(map(sum, answers)) / sum(map(len, answers))
-    return sum(map(sum, answers)) / (len(answers) * max_len)
+    return sum(map(sum, answers)) / (len(lengths) * max_len)  # dr_grpo: every answer, a constant
 
 
 def random_batch(seed, answers=5, width=7):

@@ -15,7 +15,7 @@ BASE = {"model_name_or_path": "m", "dataset": "d"}
 
 
 def test_every_stage_is_registered_under_its_own_name():
-    assert list(STAGES) == ["sft", "rm", "dpo", "ppo", "grpo"]
+    assert list(STAGES) == ["sft", "rm", "dpo", "kto", "ppo", "grpo"]
     assert all(name == spec.name for name, spec in STAGES.items())
 
 

@@ -15,7 +15,8 @@ tokens' log-ratios. How the token losses become one number is the loss type (TRL
     dr_grpo  sum over tokens / (answers x max_new_tokens): no length normalisation (Dr. GRPO)
     dapo     mean over every token of the update batch (all micro-batches and ranks; DAPO)
 An answer whose tokens are all masked (a truncated answer under mask_truncated_completions, a group
-dropped for equal rewards) is left out of every count. A group whose rewards are all equal has zero
+dropped for equal rewards) adds nothing, and grpo and bnpo leave it out of their counts too (TRL's grpo
+counts it in its mean over answers); dr_grpo keeps its constant denominator, as TRL. A group whose rewards are all equal has zero
 advantage everywhere and teaches nothing.
 """
 
@@ -43,7 +44,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str 
         centred = centred / ((rewards.std().item() if batch_std is None else batch_std) + eps)
     elif scale_rewards != "none":
         raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
-    return centred.reshape(-1), std.squeeze(1) == 0
+    return centred.reshape(-1), torch.isclose(std.squeeze(1), torch.zeros_like(std.squeeze(1)))
 
 
 def importance_log_ratio(logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor,
@@ -73,15 +74,17 @@ def aggregate_token_losses(per_token: torch.Tensor, mask: torch.Tensor, loss_typ
     if loss_type == "dr_grpo":
         if not max_length:
             raise ValueError("loss_type dr_grpo divides by max_length (max_new_tokens); none was given")
-        return total.sum() / (answers * max_length)
+        return total.sum() / (mask.shape[0] * max_length)  # every answer, masked or not: a constant, as TRL
     raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
 
 def loss_items(mask: torch.Tensor, loss_type: str = "grpo") -> float:
     """What a micro-batch's loss is a mean over, so accumulation weights it right: its tokens for dapo,
-    its answers (those with any token) otherwise."""
+    every answer for dr_grpo, its answers with any token otherwise."""
     lengths = mask.sum(1)
-    return float(lengths.sum() if loss_type == "dapo" else (lengths > 0).sum())
+    if loss_type == "dapo":
+        return float(lengths.sum())
+    return float(mask.shape[0] if loss_type == "dr_grpo" else (lengths > 0).sum())
 
 
 def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor | None,

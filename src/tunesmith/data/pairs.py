@@ -83,7 +83,7 @@ def build_pair_examples(dataset: str | list[str], dataset_dir: str | Path, token
 def build_kto_examples(dataset: str | list[str], dataset_dir: str | Path, tokenizer: PreTrainedTokenizerBase,
                        template: str | None, cutoff_len: int, max_samples: int | None = None,
                        skip_bad_records: bool = False) -> list[dict]:
-    """KTO rows as pairs: "chosen" is the record's own answer, "rejected" the next record's answer to this
+    """KTO rows as pairs: "chosen" is the record's own answer, "rejected" another record's answer to this
     prompt (the mismatched pair of KTO's reference point, fixed once as TRL does), `kto_desirable` its label."""
     chat_template = get_template(template, tokenizer)
     loaded = load_kto_examples(dataset, dataset_dir, max_samples, skip_bad_records)
@@ -94,7 +94,7 @@ def build_kto_examples(dataset: str | list[str], dataset_dir: str | Path, tokeni
     limit = text_char_limit(tokenizer, cutoff_len)
     rows = []
     for index, example in enumerate(loaded):
-        mismatched = loaded[(index + 1) % len(loaded)].completion
+        mismatched = loaded[mismatched_index(loaded, index)].completion
         pair = _clipped(PreferenceExample(example.prompt_messages, example.completion, mismatched), limit)
         row = encode_pair(pair.prompt_messages, pair.chosen, pair.rejected, chat_template, tokenizer, cutoff_len)
         rows.append({**row, "kto_desirable": example.desirable})
@@ -103,6 +103,18 @@ def build_kto_examples(dataset: str | list[str], dataset_dir: str | Path, tokeni
         warnings.warn(f"dropped {len(rows) - len(kept)} KTO record(s) with no answer token left after "
                       f"cutoff_len={cutoff_len}", stacklevel=2)
     return kept
+
+
+def mismatched_index(examples: list, index: int) -> int:
+    """The record whose answer pairs with record `index`'s prompt: half the dataset away, moving on past
+    records with the same prompt (pairs made unpaired sit side by side, and the same prompt's other answer
+    is no mismatch); the next record when every prompt is the same."""
+    count = len(examples)
+    for offset in range(count // 2, count // 2 + count):
+        other = (index + max(offset, 1)) % count
+        if other != index and examples[other].prompt_messages != examples[index].prompt_messages:
+            return other
+    return (index + 1) % count
 
 
 def _clipped(pair: PreferenceExample, limit: int) -> PreferenceExample:

@@ -7,7 +7,9 @@ for both answers, and no padding is computed on a CPU.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
+from typing import ClassVar
 
 import torch
 
@@ -17,6 +19,25 @@ from tunesmith.data.pairs import PairBatch, build_pair_examples, collate_pairs
 from tunesmith.model.forward import device_multiple
 from tunesmith.training.loop import RunData
 from tunesmith.training.supervised import Objective
+
+
+@dataclass
+class PreferenceArgs:
+    """dpo and kto: beta and the SFT term, LLaMA-Factory's keys for both."""
+
+    section: ClassVar[str] = "pref"
+    pref_beta: float = 0.1
+    """dpo/kto: beta, how strongly the policy is held to the reference (the implicit reward's scale)."""
+    pref_ftx: float = 0.0
+    """dpo/kto: weight of an SFT term (mean NLL of the chosen / desirable answers) added to the preference loss."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        """A positive beta, a non-negative SFT weight."""
+        checks = [
+            ("pref_beta", self.pref_beta <= 0, f"`pref_beta` must be positive, got {self.pref_beta}."),
+            ("pref_ftx", self.pref_ftx < 0, f"`pref_ftx` must not be negative, got {self.pref_ftx}."),
+        ]
+        return [(key, message) for key, failed, message in checks if failed]
 
 
 def count_pairs(batch: PairBatch) -> int:

@@ -50,6 +50,8 @@ class RLArgs:
     """ppo/grpo: `module:function` or `path/to/file.py:function` giving one reward per completion (instead of reward_model); several, comma-separated, are summed."""
     reward_weights: list | None = None
     """ppo/grpo: one weight per reward_function (comma list, e.g. 1.0,0.5); default 1 each."""
+    num_generations: int | None = None
+    """Answers sampled per prompt: grpo's group size G (default 4); ppo: default 4 for advantage_estimator grpo and rloo (which compare them), else 1."""
     ppo_epochs: int = 4
     """Passes over each batch of rollouts."""
     ppo_buffer_size: int = 1
@@ -287,7 +289,8 @@ def rollout_metrics(rollout: Rollout) -> dict:
     return {"score": global_mean(raw), "score_std": global_std(raw),
             "response_length": global_mean(mask.sum(1)), "eos_share": global_mean(rollout.stopped.float()),
             "entropy": masked_mean(rollout.entropy, mask, sum_over_ranks).item(), **rollout.timings,
-            **{f"rewards/{name}": global_mean(torch.tensor(values)) for name, values in rollout.reward_parts.items()}}
+            **{f"rewards/{name}": global_mean(torch.tensor(values, dtype=torch.float64, device=raw.device))
+               for name, values in rollout.reward_parts.items()}}
 
 
 def global_mean(values: torch.Tensor) -> float:

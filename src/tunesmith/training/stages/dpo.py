@@ -23,23 +23,19 @@ from tunesmith.data.pairs import PairBatch
 from tunesmith.model.forward import sequence_logps
 from tunesmith.training.distributed import process_info
 from tunesmith.training.loop import Stage, autocast_context
-from tunesmith.training.pairs import build_pair_data, pair_batcher, pair_objective
+from tunesmith.training.pairs import PreferenceArgs, build_pair_data, pair_batcher, pair_objective
 from tunesmith.training.reference import Reference, RowCache
 from tunesmith.training.stages.spec import StageInputs, StageSpec
 from tunesmith.training.supervised import supervised_stage
 
 
 @dataclass
-class DPOArgs:
+class DPOArgs(PreferenceArgs):
     """dpo: the preference loss and its reference."""
 
     section: ClassVar[str] = "dpo"
-    pref_beta: float = 0.1
-    """dpo: beta, how strongly the policy is held to the reference (the implicit reward's scale)."""
     pref_loss: str = "sigmoid"
     """dpo: sigmoid (DPO), ipo, hinge, simpo or orpo (simpo and orpo need no reference model)."""
-    pref_ftx: float = 0.0
-    """dpo: weight of an SFT term (mean NLL of the chosen answer) added to the preference loss."""
     dpo_label_smoothing: float = 0.0
     """dpo with pref_loss sigmoid: conservative DPO, the assumed chance that a pair's label is flipped, in [0, 0.5)."""
     simpo_gamma: float = 0.5
@@ -51,14 +47,12 @@ class DPOArgs:
         """The loss must exist and its hyper-parameters be in range."""
         checks = [
             ("pref_loss", self.pref_loss not in PREF_LOSSES, choice_message("pref_loss", self.pref_loss, tuple(PREF_LOSSES))),
-            ("pref_beta", self.pref_beta <= 0, f"`pref_beta` must be positive, got {self.pref_beta}."),
-            ("pref_ftx", self.pref_ftx < 0, f"`pref_ftx` must not be negative, got {self.pref_ftx}."),
             ("dpo_label_smoothing", not 0 <= self.dpo_label_smoothing < 0.5,
              f"`dpo_label_smoothing` must be in [0, 0.5), got {self.dpo_label_smoothing}."),
             ("dpo_label_smoothing", self.dpo_label_smoothing > 0 and self.pref_loss != "sigmoid",
              f"`dpo_label_smoothing` applies to `pref_loss: sigmoid` only, not {self.pref_loss}."),
         ]
-        return [(key, message) for key, failed, message in checks if failed]
+        return super().problems() + [(key, message) for key, failed, message in checks if failed]
 
 
 def pair_logps(model: torch.nn.Module, batch: PairBatch, chunk_size: int) -> PairLogps:

@@ -10,6 +10,7 @@ The shared RL step is training/rl.py; the maths is algorithms/grpo.py.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -50,8 +51,6 @@ class GRPOArgs(RLArgs):
 
     section: ClassVar[str] = "grpo"
     default_kl_coef: ClassVar[float] = 0.04
-    num_generations: int = 4
-    """grpo: answers sampled per prompt (the group size G)."""
     scale_rewards: str = "group"
     """grpo: divide group-centred rewards by the group's std (group), the batch's std (batch) or nothing (none, Dr. GRPO)."""
     loss_type: str = "grpo"
@@ -67,9 +66,19 @@ class GRPOArgs(RLArgs):
     overlong_buffer_len: int | None = None
     """grpo: DAPO's soft overlong penalty: from max_new_tokens - this many tokens, subtract up to 1 linearly from the reward."""
 
+    grpo_scale_rewards: bool | None = None
+    """grpo: the earlier key of scale_rewards (true: group, false: none); set scale_rewards instead."""
+
     def resolve(self) -> None:
-        """TRL's older boolean scale_rewards: true is group, false is none."""
+        """TRL's older boolean scale_rewards (true is group, false is none), and tunesmith's older key."""
         super().resolve()
+        if self.num_generations is None:
+            self.num_generations = 4
+        if self.grpo_scale_rewards is not None:
+            warnings.warn("grpo_scale_rewards is now scale_rewards (group, batch or none); reading "
+                          f"grpo_scale_rewards: {self.grpo_scale_rewards} as scale_rewards: "
+                          f"{'group' if self.grpo_scale_rewards else 'none'}.", stacklevel=2)
+            self.scale_rewards = "group" if self.grpo_scale_rewards else "none"
         self.scale_rewards = {"true": "group", "false": "none"}.get(self.scale_rewards.lower(), self.scale_rewards)
 
     def problems(self) -> list[tuple[str, str]]:

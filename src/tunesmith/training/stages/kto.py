@@ -23,35 +23,28 @@ from tunesmith.data.dataset import train_and_eval_rows
 from tunesmith.data.pairs import PairBatch, build_kto_examples
 from tunesmith.training.distributed import sum_over_ranks
 from tunesmith.training.loop import RunData, Stage
-from tunesmith.training.pairs import pair_objective
+from tunesmith.training.pairs import PreferenceArgs, pair_objective
 from tunesmith.training.stages.dpo import ReferenceLogps, pair_logps
 from tunesmith.training.stages.spec import StageInputs, StageSpec
 from tunesmith.training.supervised import supervised_stage
 
 
 @dataclass
-class KTOArgs:
-    """kto: beta and the weights of desirable and undesirable answers (LLaMA-Factory's and TRL's keys)."""
+class KTOArgs(PreferenceArgs):
+    """kto: the weights of desirable and undesirable answers (LLaMA-Factory's and TRL's keys), beside
+    pref_beta and pref_ftx (the SFT term on the desirable answers)."""
 
     section: ClassVar[str] = "kto"
-    pref_beta: float = 0.1
-    """kto: beta, the scale of the implicit reward beta * log(pi / ref)."""
     kto_chosen_weight: float = 1.0
     """kto: lambda_D, the weight of desirable answers' losses."""
     kto_rejected_weight: float = 1.0
     """kto: lambda_U, the weight of undesirable answers' losses."""
-    pref_ftx: float = 0.0
-    """kto: weight of an SFT term (mean NLL per token of the desirable answers) added to the loss."""
 
     def problems(self) -> list[tuple[str, str]]:
-        """A positive beta and weights."""
-        checks = [
-            ("pref_beta", self.pref_beta <= 0, f"`pref_beta` must be positive, got {self.pref_beta}."),
-            ("kto_chosen_weight", self.kto_chosen_weight <= 0 or self.kto_rejected_weight <= 0,
-             "`kto_chosen_weight` and `kto_rejected_weight` must be positive."),
-            ("pref_ftx", self.pref_ftx < 0, f"`pref_ftx` must not be negative, got {self.pref_ftx}."),
-        ]
-        return [(key, message) for key, failed, message in checks if failed]
+        """beta and the SFT weight as dpo's, and positive weights."""
+        mine = [] if self.kto_chosen_weight > 0 and self.kto_rejected_weight > 0 else [
+            ("kto_chosen_weight", "`kto_chosen_weight` and `kto_rejected_weight` must be positive.")]
+        return super().problems() + mine
 
 
 def build_kto_data(config: RunConfig, tokenizer: object, device: torch.device) -> RunData:

@@ -76,8 +76,6 @@ class PPOArgs(RLArgs):
     """ppo: whiten the per-token rewards before GAE."""
     advantage_estimator: str = "gae"
     """ppo: gae (with a critic), or critic-free grpo (group-normalised score), rloo (leave-one-out baseline) or reinforce_pp (REINFORCE++: batch-whitened returns)."""
-    num_generations: int | None = None
-    """ppo: answers sampled per prompt; default 4 for advantage_estimator grpo and rloo (which compare them), else 1."""
 
     def resolve(self) -> None:
         """The KL default, and a group for the estimators that compare answers."""
