@@ -40,7 +40,8 @@ def start_prepare(source, output) -> subprocess.Popen:
         import signal
         from tunesmith.datatools import blocks
         from tunesmith.datatools.prepare import PrepareOptions, prepare
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # as in a shell (nohup would leave SIGHUP ignored)
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
         blocks.BLOCK_BYTES = 1 << 16
         prepare({str(source)!r}, {str(output)!r}, PrepareOptions(dedup=[], char_count="n"), workers=2)
     """)

@@ -84,3 +84,10 @@ def test_other_stages_keys_are_accepted_but_type_checked():
         build_config({**BASE, "num_generations": "many"})
     with pytest.raises(TunesmithError, match="are for stage ppo or grpo, not dpo"):
         build_config({**BASE, "stage": "dpo", "reward_function": "m:f"})
+
+
+def test_the_earlier_grpo_scale_rewards_key_is_still_read():
+    with pytest.warns(UserWarning, match="grpo_scale_rewards is now scale_rewards"):
+        config = build_config({**BASE, "stage": "grpo", "reward_function": "m:f", "grpo_scale_rewards": False})
+    assert config.method.scale_rewards == "none"
+    assert build_config({**BASE, "stage": "grpo", "reward_function": "m:f", "scale_rewards": True}).method.scale_rewards == "group"
