@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from tunesmith.algorithms.critic_free import critic_free_advantages, discounted_returns, leave_one_out
+from tunesmith.algorithms.critic_free import (
+    baselined_scores,
+    critic_free_advantages,
+    discounted_returns,
+    leave_one_out,
+)
+from tunesmith.algorithms.ppo import token_rewards
 
 
 def plain_returns(rewards, length, gamma):
@@ -46,7 +52,8 @@ def test_estimators_equal_the_plain_loops(estimator, gamma):
     mask = (torch.arange(5)[None, :] < torch.tensor(lengths)[:, None]).float()
     scores = torch.randn(6, generator=generator, dtype=torch.float64)
     kl = torch.rand(6, 5, generator=generator, dtype=torch.float64) * mask
-    advantages, _ = critic_free_advantages(scores, kl, mask, 0.1, gamma, estimator, k)
+    rewards = token_rewards(baselined_scores(scores, k, estimator), kl, mask, 0.1)
+    advantages = critic_free_advantages(rewards, mask, gamma, estimator)
     expected = plain_advantages(scores.tolist(), kl.tolist(), lengths, 0.1, gamma, estimator, k)
     for i, length in enumerate(lengths):
         assert advantages[i, :length].tolist() == pytest.approx(expected[i], rel=1e-6, abs=1e-9)

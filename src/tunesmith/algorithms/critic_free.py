@@ -1,6 +1,7 @@
 """Critic-free advantage estimators for PPO's loop (`advantage_estimator`, verl's names).
 
-Each one keeps PPO's reward shaping, a per-token KL penalty plus the answer's score on its last token,
+Each one keeps PPO's reward shaping (`token_rewards`: a per-token KL penalty plus the answer's score on
+its last token, the score first baselined by `baselined_scores`),
     r_t = -beta KL_t + [t = last] s'_i,
 and uses the discounted return G_t = sum_{k >= t} gamma^(k - t) r_k as the advantage, with no critic.
 They differ in the baseline s'_i takes from the other answers:
@@ -17,7 +18,7 @@ import torch
 
 from tunesmith.algorithms.gae import gae_advantages
 from tunesmith.algorithms.grpo import group_advantages
-from tunesmith.algorithms.ppo import Total, local_total, masked_whiten, token_rewards
+from tunesmith.algorithms.ppo import Total, local_total, masked_whiten
 
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
 GROUPED = ("grpo", "rloo")  # the estimators whose baseline needs several answers per prompt
@@ -47,15 +48,9 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) 
     return returns
 
 
-def critic_free_advantages(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float, gamma: float,
-                           estimator: str, group_size: int, total: Total = local_total,
-                           whiten_rewards: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages [batch, T], token rewards [batch, T]) of the estimator; `total` sums over ranks for
-    REINFORCE++'s whitening (and `whiten_rewards`, PPO's option, whitens the token rewards first)."""
-    rewards = token_rewards(baselined_scores(scores, group_size, estimator), kl, mask, kl_coef)
-    if whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False, total=total)
+def critic_free_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, estimator: str,
+                           total: Total = local_total) -> torch.Tensor:
+    """[batch, T] advantages of the estimator from token rewards shaped with its `baselined_scores`: the
+    returns, whitened for REINFORCE++ (`total` sums over ranks)."""
     returns = discounted_returns(rewards, mask, gamma)
-    if estimator == "reinforce_pp":
-        returns = masked_whiten(returns, mask, total=total)
-    return returns, rewards
+    return masked_whiten(returns, mask, total=total) if estimator == "reinforce_pp" else returns

@@ -18,7 +18,12 @@ from typing import ClassVar
 
 import torch
 
-from tunesmith.algorithms.critic_free import ADVANTAGE_ESTIMATORS, GROUPED, critic_free_advantages
+from tunesmith.algorithms.critic_free import (
+    ADVANTAGE_ESTIMATORS,
+    GROUPED,
+    baselined_scores,
+    critic_free_advantages,
+)
 from tunesmith.algorithms.gae import gae_advantages
 from tunesmith.algorithms.ppo import (
     KL_ESTIMATORS,
@@ -149,11 +154,15 @@ def ppo_parts(inputs: StageInputs) -> RLParts:
                                    reference=inputs.reference, seeds=seeds)
         mask = sampled.mask
         kl = estimator(sampled.old_logps, sampled.ref_logps) * mask  # [samples, T]
+        scores = sampled.scores if critic else baselined_scores(sampled.scores, group, args.advantage_estimator)
+        rewards = token_rewards(scores, kl, mask, controller.value)
+        if args.ppo_whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False, total=total)
         if critic:
-            advantages, returns, rewards = gae_rollout(sampled, kl, controller.value, args)
+            advantages, returns = gae_advantages(rewards, sampled.old_values, mask, args.ppo_gamma, args.ppo_lambda)
+            advantages = masked_whiten(advantages, mask, total=total)
         else:
-            advantages, rewards = critic_free_advantages(sampled.scores, kl, mask, controller.value, args.ppo_gamma,
-                                                         args.advantage_estimator, group, total, args.ppo_whiten_rewards)
+            advantages = critic_free_advantages(rewards, mask, args.ppo_gamma, args.advantage_estimator, total)
             returns = None
         sequence_kl = global_mean(kl.sum(1))
         metrics = {**rollout_metrics(sampled), "kl": sequence_kl, "kl_coef": controller.value,
@@ -175,16 +184,6 @@ def ppo_parts(inputs: StageInputs) -> RLParts:
 
     return RLParts(rollout, loss, lambda part: float(part.mask.sum()), group, scorer, stop_ids,
                    {"scores": scorer, "kl": _ControllerState(controller)})
-
-
-def gae_rollout(sampled: Rollout, kl: torch.Tensor, kl_coef: float, args: PPOArgs):
-    """(advantages whitened, returns, token rewards) of the book's PPO: GAE over the critic's values."""
-    mask, values = sampled.mask, sampled.old_values
-    rewards = token_rewards(sampled.scores, kl, mask, kl_coef)
-    if args.ppo_whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False, total=total)
-    advantages, returns = gae_advantages(rewards, values, mask, args.ppo_gamma, args.ppo_lambda)
-    return masked_whiten(advantages, mask, total=total), returns, rewards
 
 
 def always(config: RunConfig) -> bool:
