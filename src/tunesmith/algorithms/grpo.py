@@ -16,8 +16,8 @@ tokens' log-ratios. How the token losses become one number is the loss type (TRL
     dapo     mean over every token of the update batch (all micro-batches and ranks; DAPO)
 An answer whose tokens are all masked (a truncated answer under mask_truncated_completions, a group
 dropped for equal rewards) adds nothing, and grpo and bnpo leave it out of their counts too (TRL's grpo
-counts it in its mean over answers); dr_grpo keeps its constant denominator, as TRL. A group whose rewards are all equal has zero
-advantage everywhere and teaches nothing.
+counts it in its mean over answers); dr_grpo keeps its constant denominator, as TRL. A group whose
+rewards are all equal has zero advantage everywhere and teaches nothing.
 """
 
 from __future__ import annotations

@@ -67,16 +67,23 @@ def build_pair_examples(dataset: str | list[str], dataset_dir: str | Path, token
                         skip_bad_records: bool = False) -> list[dict]:
     """Load ranking datasets and encode every pair (over-long texts cut first, see `clip_messages`); pairs
     left without a response token are dropped."""
-    chat_template = get_template(template, tokenizer)
     loaded = load_preference_examples(dataset, dataset_dir, max_samples, skip_bad_records)
+    return encode_pairs(loaded, get_template(template, tokenizer), tokenizer, cutoff_len)
+
+
+def encode_pairs(pairs: list[PreferenceExample], chat_template, tokenizer: PreTrainedTokenizerBase, cutoff_len: int,
+                 extras: list[dict] | None = None, what: str = "pair(s)") -> list[dict]:
+    """Encode every pair (over-long texts cut first, with a warning), each row updated with its `extras`
+    entry; rows left without a response token on either side are dropped, with a warning."""
     limit = text_char_limit(tokenizer, cutoff_len)
-    pairs = [_clipped(pair, limit) for pair in loaded]
-    warn_clipped(sum(new is not old for new, old in zip(pairs, loaded)), limit, cutoff_len)
-    rows = [encode_pair(p.prompt_messages, p.chosen, p.rejected, chat_template, tokenizer, cutoff_len) for p in pairs]
+    clipped = [_clipped(pair, limit) for pair in pairs]
+    warn_clipped(sum(new is not old for new, old in zip(clipped, pairs)), limit, cutoff_len)
+    rows = [encode_pair(p.prompt_messages, p.chosen, p.rejected, chat_template, tokenizer, cutoff_len) for p in clipped]
+    rows = [{**row, **extra} for row, extra in zip(rows, extras)] if extras is not None else rows
     kept = [row for row in rows if _has_response(row["chosen_labels"]) and _has_response(row["rejected_labels"])]
     if len(kept) < len(rows):
-        warnings.warn(f"dropped {len(rows) - len(kept)} pair(s) with no answer token left after cutoff_len={cutoff_len}",
-                      stacklevel=2)
+        warnings.warn(f"dropped {len(rows) - len(kept)} {what} with no answer token left after cutoff_len={cutoff_len}",
+                      stacklevel=3)
     return kept
 
 
@@ -85,24 +92,15 @@ def build_kto_examples(dataset: str | list[str], dataset_dir: str | Path, tokeni
                        skip_bad_records: bool = False) -> list[dict]:
     """KTO rows as pairs: "chosen" is the record's own answer, "rejected" another record's answer to this
     prompt (the mismatched pair of KTO's reference point, fixed once as TRL does), `kto_desirable` its label."""
-    chat_template = get_template(template, tokenizer)
     loaded = load_kto_examples(dataset, dataset_dir, max_samples, skip_bad_records)
     if len(loaded) < 2:
         raise TunesmithError(f"stage kto needs at least 2 records (each prompt is also paired with another record's "
                              f"answer to estimate the KL term); {', '.join([dataset] if isinstance(dataset, str) else dataset)} "
                              f"has {len(loaded)}.")
-    limit = text_char_limit(tokenizer, cutoff_len)
-    rows = []
-    for index, example in enumerate(loaded):
-        mismatched = loaded[mismatched_index(loaded, index)].completion
-        pair = _clipped(PreferenceExample(example.prompt_messages, example.completion, mismatched), limit)
-        row = encode_pair(pair.prompt_messages, pair.chosen, pair.rejected, chat_template, tokenizer, cutoff_len)
-        rows.append({**row, "kto_desirable": example.desirable})
-    kept = [row for row in rows if _has_response(row["chosen_labels"]) and _has_response(row["rejected_labels"])]
-    if len(kept) < len(rows):
-        warnings.warn(f"dropped {len(rows) - len(kept)} KTO record(s) with no answer token left after "
-                      f"cutoff_len={cutoff_len}", stacklevel=2)
-    return kept
+    pairs = [PreferenceExample(example.prompt_messages, example.completion, loaded[mismatched_index(loaded, i)].completion)
+             for i, example in enumerate(loaded)]
+    return encode_pairs(pairs, get_template(template, tokenizer), tokenizer, cutoff_len,
+                        [{"kto_desirable": example.desirable} for example in loaded], "KTO record(s)")
 
 
 def mismatched_index(examples: list, index: int) -> int:

@@ -140,7 +140,8 @@ def grpo_parts(inputs: StageInputs) -> RLParts:
 
 def trained_answers(rollout: Rollout, zero_std: torch.Tensor, args: GRPOArgs, metrics: dict) -> Rollout:
     """The rollout with the answers the update leaves out (truncated ones, groups of equal rewards)
-    masked out entirely, so every loss type leaves them out of its counts."""
+    masked out entirely: they add nothing to the loss (see algorithms/grpo.py for how each loss type
+    counts them)."""
     keep = torch.ones(len(rollout), dtype=torch.bool, device=rollout.mask.device)
     if args.mask_truncated_completions:
         keep &= rollout.stopped.to(torch.bool)

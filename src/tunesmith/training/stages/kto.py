@@ -1,11 +1,11 @@
 """KTO (`stage: kto`): learn from answers marked desirable or undesirable, no pairs needed.
 
 Each row is encoded as a pair (data/pairs.build_kto_examples): its own answer and, for KTO's reference
-point, the next record's answer to the same prompt. One packed forward scores both; the reference
+point, another prompt's answer to this prompt. One packed forward scores both; the reference
 log-probs of a row never change, so they are cached as DPO's are (`ReferenceLogps`). The loss is
 algorithms/kto.py; the reference point is the mean mismatched log-ratio of the micro-batch on every
-rank (TRL gathers it across processes too). The mismatched answers run through the policy with the rest and their gradient
-is dropped (a no-grad pass of its own would read the weights twice).
+rank (TRL gathers it across processes too). The mismatched answers run through the policy with the
+rest and their gradient is dropped (a no-grad pass of its own would read the weights twice).
 """
 
 from __future__ import annotations
