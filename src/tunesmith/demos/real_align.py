@@ -27,11 +27,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from tunesmith.data.templates import get_template
 from tunesmith.demos.real_demo import ANCHORS, SIMPLE_QUESTIONS, answer_prompts, is_correct, smollm2_gguf
 from tunesmith.model.adapters import apply_adapters
 from tunesmith.model.loading import load_model, load_tokenizer
-from tunesmith.sampling.generate import SamplingSettings, generate
+from tunesmith.sampling.generate import SamplingSettings
 from tunesmith.training.configure import load_config
 from tunesmith.training.run import run_training
 
@@ -98,15 +97,10 @@ def lowercase_reward(prompts: list[str], completions: list[str], references: lis
 
 def sampled_pairs(model, tokenizer, prompts: list[str], samples: int = 2, seed: int = 0) -> list[dict]:
     """Alpaca ranking records from the model's own sampled answers: chosen lowercased, rejected as sampled."""
-    template = get_template(None, tokenizer)
-    ids = [template.encode_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     torch.manual_seed(seed)
-    with torch.no_grad():
-        done = generate(model.eval(), ids, SamplingSettings(max_new_tokens=64, temperature=0.8),
-                        template.stop_token_ids(tokenizer), tokenizer.pad_token_id, num_samples=samples)
+    answers = answer_prompts(model, tokenizer, prompts, 64, SamplingSettings(max_new_tokens=64, temperature=0.8), samples)
     records = []
-    for row, response in enumerate(done.response_ids):
-        answer = tokenizer.decode(response, skip_special_tokens=True).strip()
+    for row, answer in enumerate(answers):
         if answer and not is_lowercase(answer):
             records.append({"instruction": prompts[row // samples], "input": "", "chosen": answer.lower(),
                             "rejected": answer})

