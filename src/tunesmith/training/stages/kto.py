@@ -82,12 +82,13 @@ def kto_metrics(rewards: torch.Tensor, logps: torch.Tensor, desirable: torch.Ten
     Every batch reports every key (ranks sum the same list): a batch without desirable (undesirable)
     answers adds 0 to rewards/chosen (rejected), which pulls the logged mean towards 0 a little when
     batches are small and one-sided."""
-    count, metrics = len(rewards), {"kl": kl.item() * len(rewards)}
-    for name, selected in (("chosen", desirable), ("rejected", ~desirable)):
-        present = bool(selected.any())
-        metrics[f"rewards/{name}"] = rewards[selected].float().mean().item() * count if present else 0.0
-        metrics[f"logps/{name}"] = logps[selected].float().mean().item() * count if present else 0.0
-    return metrics
+    count, values = len(rewards), [kl.float()]
+    for selected in (desirable, ~desirable):  # a mean over an empty selection is 0 here, not nan
+        share = selected.float() / selected.sum().clamp(min=1)
+        values += [(rewards.float() * share).sum(), (logps.float() * share).sum()]
+    sums = (torch.stack(values) * count).tolist()  # one device sync for every metric
+    names = ("kl", "rewards/chosen", "logps/chosen", "rewards/rejected", "logps/rejected")
+    return dict(zip(names, sums))
 
 
 def build_kto(inputs: StageInputs) -> Stage:
