@@ -23,9 +23,9 @@ from tunesmith.model.loading import load_model
 from tunesmith.model.reward_model import RewardModel
 from tunesmith.training import loop
 from tunesmith.training.configure import build_config
+from tunesmith.training.pairs import ReferenceLogps, pair_logps
 from tunesmith.training.reference import Reference
 from tunesmith.training.run import prepare_training, run_training
-from tunesmith.training.stages.dpo import ReferenceLogps, pair_logps
 
 LN2 = math.log(2)
 CPU = torch.device("cpu")

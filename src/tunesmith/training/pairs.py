@@ -1,4 +1,5 @@
-"""What the stages that train on preference pairs share (rm, dpo): the pair data and its batching.
+"""What the stages that train on preference pairs share (rm, dpo, kto): the pair data and its batching,
+their config keys, the pair log-probs and the reference's cached log-probs.
 
 A batch of B pairs is one packed row (`data/pairs.collate_pairs`): each pair's prompt is computed once
 for both answers, and no padding is computed on a CPU.
@@ -13,11 +14,13 @@ from typing import ClassVar
 
 import torch
 
+from tunesmith.algorithms.dpo import PairLogps
 from tunesmith.config import RunConfig
 from tunesmith.data.dataset import train_and_eval_rows
 from tunesmith.data.pairs import PairBatch, build_pair_examples, collate_pairs
-from tunesmith.model.forward import device_multiple
+from tunesmith.model.forward import device_multiple, sequence_logps
 from tunesmith.training.loop import RunData
+from tunesmith.training.reference import Reference, RowCache
 from tunesmith.training.supervised import Objective
 
 
@@ -62,3 +65,33 @@ def pair_batcher(tokenizer: object, device: torch.device) -> Callable[[list[dict
 def pair_objective(loss: Callable, tokenizer: object, device: torch.device) -> Objective:
     """An Objective whose loss is summed over the pairs of a packed pair batch."""
     return Objective(loss, pair_batcher(tokenizer, device), count_pairs, device)
+
+
+def pair_logps(model: torch.nn.Module, batch: PairBatch, chunk_size: int) -> PairLogps:
+    """Summed answer log-probs of the chosen (first half) and rejected (second half) sequences."""
+    sums, lengths = sequence_logps(model, batch, chunk_size)
+    chosen, rejected = sums.chunk(2)
+    chosen_len, rejected_len = lengths.chunk(2)
+    return PairLogps(chosen, rejected, chosen_len, rejected_len)
+
+
+class ReferenceLogps:
+    """The reference's summed answer log-probs of each pair: cached, or computed once and cached."""
+
+    def __init__(self, reference: Reference, chunk_size: int):
+        self.reference, self.chunk_size, self.cache = reference, chunk_size, RowCache()
+
+    def compute(self, batch: PairBatch) -> PairLogps:
+        """One reference forward over the batch."""
+        with self.reference.use() as model:
+            return pair_logps(model, batch, self.chunk_size)
+
+    def __call__(self, batch: PairBatch, policy: PairLogps) -> PairLogps:
+        """The batch's reference log-probs (lengths are the policy's: same tokens)."""
+        cached = self.cache.lookup(batch.rows)
+        if cached is not None:
+            cached = cached.to(policy.chosen.device)
+            return PairLogps(cached[:, 0], cached[:, 1], policy.chosen_len, policy.rejected_len)
+        ref = self.compute(batch)
+        self.cache.store(batch.rows, torch.stack([ref.chosen, ref.rejected], dim=1))
+        return ref

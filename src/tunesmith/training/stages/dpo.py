@@ -16,15 +16,20 @@ from typing import ClassVar
 
 import torch
 
-from tunesmith.algorithms.dpo import PREF_LOSSES, PairLogps, preference_loss, preference_metrics
+from tunesmith.algorithms.dpo import PREF_LOSSES, preference_loss, preference_metrics
 from tunesmith.config import RunConfig
 from tunesmith.config.schema import choice_message
 from tunesmith.data.pairs import PairBatch
-from tunesmith.model.forward import sequence_logps
 from tunesmith.training.distributed import process_info
 from tunesmith.training.loop import Stage, autocast_context
-from tunesmith.training.pairs import PreferenceArgs, build_pair_data, pair_batcher, pair_objective
-from tunesmith.training.reference import Reference, RowCache
+from tunesmith.training.pairs import (
+    PreferenceArgs,
+    ReferenceLogps,
+    build_pair_data,
+    pair_batcher,
+    pair_logps,
+    pair_objective,
+)
 from tunesmith.training.stages.spec import StageInputs, StageSpec
 from tunesmith.training.supervised import supervised_stage
 
@@ -53,36 +58,6 @@ class DPOArgs(PreferenceArgs):
              f"`dpo_label_smoothing` applies to `pref_loss: sigmoid` only, not {self.pref_loss}."),
         ]
         return super().problems() + [(key, message) for key, failed, message in checks if failed]
-
-
-def pair_logps(model: torch.nn.Module, batch: PairBatch, chunk_size: int) -> PairLogps:
-    """Summed answer log-probs of the chosen (first half) and rejected (second half) sequences."""
-    sums, lengths = sequence_logps(model, batch, chunk_size)
-    chosen, rejected = sums.chunk(2)
-    chosen_len, rejected_len = lengths.chunk(2)
-    return PairLogps(chosen, rejected, chosen_len, rejected_len)
-
-
-class ReferenceLogps:
-    """The reference's summed answer log-probs of each pair: cached, or computed once and cached."""
-
-    def __init__(self, reference: Reference, chunk_size: int):
-        self.reference, self.chunk_size, self.cache = reference, chunk_size, RowCache()
-
-    def compute(self, batch: PairBatch) -> PairLogps:
-        """One reference forward over the batch."""
-        with self.reference.use() as model:
-            return pair_logps(model, batch, self.chunk_size)
-
-    def __call__(self, batch: PairBatch, policy: PairLogps) -> PairLogps:
-        """The batch's reference log-probs (lengths are the policy's: same tokens)."""
-        cached = self.cache.lookup(batch.rows)
-        if cached is not None:
-            cached = cached.to(policy.chosen.device)
-            return PairLogps(cached[:, 0], cached[:, 1], policy.chosen_len, policy.rejected_len)
-        ref = self.compute(batch)
-        self.cache.store(batch.rows, torch.stack([ref.chosen, ref.rejected], dim=1))
-        return ref
 
 
 def dpo_loss(model: torch.nn.Module, batch: PairBatch, args: DPOArgs, chunk_size: int,

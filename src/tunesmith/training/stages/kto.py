@@ -23,8 +23,7 @@ from tunesmith.data.dataset import train_and_eval_rows
 from tunesmith.data.pairs import PairBatch, build_kto_examples
 from tunesmith.training.distributed import sum_over_ranks
 from tunesmith.training.loop import RunData, Stage
-from tunesmith.training.pairs import PreferenceArgs, pair_objective
-from tunesmith.training.stages.dpo import ReferenceLogps, pair_logps
+from tunesmith.training.pairs import PreferenceArgs, ReferenceLogps, pair_logps, pair_objective
 from tunesmith.training.stages.spec import StageInputs, StageSpec
 from tunesmith.training.supervised import supervised_stage
 
