@@ -6,7 +6,7 @@ import torch
 
 from tunesmith.algorithms.logprobs import IGNORE_INDEX
 from tunesmith.data.packing import TokenBatch
-from tunesmith.data.pairs import collate_pairs, shared_prefix_length
+from tunesmith.data.pairs import collate_kto, collate_pairs, collate_side, shared_prefix_length
 from tunesmith.model.attention import VARLEN_SDPA
 from tunesmith.model.forward import backbone_hidden, last_token_positions, sequence_logps
 
@@ -74,3 +74,29 @@ def test_gradients_match_running_each_sequence_alone(model):
     sequences += [(r["rejected_input_ids"], r["rejected_labels"]) for r in rows]
     sum(w * alone(model, ids, labels)[0] for w, (ids, labels) in zip(weights, sequences)).backward()
     torch.testing.assert_close(packed, model.model.layers[0].self_attn.q_proj.weight.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("multiple", [1, 16])
+def test_one_side_batch_equals_each_sequence_alone(model, multiple):
+    rows = [make_row(*pair) for pair in PAIRS]
+    for side in ("chosen", "rejected"):
+        batch = collate_side(rows, side, pad_token_id=0, pad_to_multiple_of=multiple)
+        assert batch.num_sequences == 3 and batch.num_tokens == sum(len(r[f"{side}_input_ids"]) for r in rows)
+        assert batch.input_ids.shape[1] % multiple == 0
+        with torch.no_grad():
+            sums, counts = sequence_logps(model, batch, chunk_size=4)
+            last = backbone_hidden(model, batch)[0][last_token_positions(batch)]
+        for index, row in enumerate(rows):
+            expected_sum, expected_last = alone(model, row[f"{side}_input_ids"], row[f"{side}_labels"])
+            torch.testing.assert_close(sums[index], expected_sum, atol=1e-4, rtol=0)
+            torch.testing.assert_close(last[index], expected_last, atol=1e-5, rtol=0)
+            assert counts[index] == sum(label != IGNORE_INDEX for label in row[f"{side}_labels"][1:])
+
+
+def test_kto_batch_holds_both_sides_and_counts_both():
+    rows = [make_row(*pair) for pair in PAIRS]
+    batch = collate_kto(rows, pad_token_id=0)
+    assert batch.rows is rows and batch.num_pairs == 3
+    assert batch.answers.input_ids[0].tolist() == sum((r["chosen_input_ids"] for r in rows), [])
+    assert batch.mismatched.input_ids[0].tolist() == sum((r["rejected_input_ids"] for r in rows), [])
+    assert batch.num_tokens == collate_pairs(rows, pad_token_id=0).num_tokens

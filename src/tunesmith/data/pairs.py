@@ -13,7 +13,8 @@ Usage:
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -157,16 +158,15 @@ def collate_pairs(rows: list[dict], pad_token_id: int, pad_to_multiple_of: int =
     gathered at explicit (position, target, sequence) triples instead of by shifting labels.
     num_tokens counts both sequences in full (the work the pair stands for).
     """
-    pairs = len(rows)
-    input_ids, positions, bounds, prefixes = [], [], [0], []
-    predict_positions, predict_targets, owners, last_positions = [], [], [], [0] * (2 * pairs)
+    pairs, packed = len(rows), _Packing()
+    packed.last_positions = [0] * (2 * pairs)
     for i, row in enumerate(rows):
-        base, shared = len(input_ids), shared_prefix_length(row)
+        base, shared = len(packed.input_ids), shared_prefix_length(row)
         chosen, rejected = row["chosen_input_ids"], row["rejected_input_ids"]
-        input_ids += chosen + rejected[shared:]
-        positions += list(range(len(chosen))) + list(range(shared, len(rejected)))
-        bounds += [base + len(chosen), len(input_ids)]
-        prefixes += [None, (base, base + shared) if shared else None]
+        packed.input_ids += chosen + rejected[shared:]
+        packed.positions += list(range(len(chosen))) + list(range(shared, len(rejected)))
+        packed.bounds += [base + len(chosen), len(packed.input_ids)]
+        packed.prefixes += [None, (base, base + shared) if shared else None]
 
         for sequence, (ids, labels, answer_start) in enumerate(
                 [(chosen, row["chosen_labels"], base + shared),
@@ -174,21 +174,91 @@ def collate_pairs(rows: list[dict], pad_token_id: int, pad_to_multiple_of: int =
             owner = i + sequence * pairs
             for t in range(1, len(ids)):
                 if labels[t] != IGNORE_INDEX:
-                    predict_positions.append(_flat_index(t - 1, base, shared, answer_start))
-                    predict_targets.append(labels[t])
-                    owners.append(owner)
-            last_positions[owner] = _flat_index(len(ids) - 1, base, shared, answer_start)
-    pad = -len(input_ids) % pad_to_multiple_of
-    if pad:  # one more, unread, segment
-        input_ids += [pad_token_id] * pad
-        positions += range(pad)
-        bounds.append(len(input_ids))
-        prefixes.append(None)
-    return PairBatch(
-        rows=rows, input_ids=torch.tensor([input_ids], dtype=torch.long),
-        position_ids=torch.tensor([positions], dtype=torch.long), cu_seqlens=bounds, segment_prefixes=prefixes,
-        predict_positions=torch.tensor(predict_positions, dtype=torch.long),
-        predict_targets=torch.tensor(predict_targets, dtype=torch.long),
-        predict_owners=torch.tensor(owners, dtype=torch.long),
-        last_positions=torch.tensor(last_positions, dtype=torch.long), num_pairs=pairs, num_sequences=2 * pairs,
-        num_tokens=sum(len(row["chosen_input_ids"]) + len(row["rejected_input_ids"]) for row in rows))
+                    packed.score(_flat_index(t - 1, base, shared, answer_start), labels[t], owner)
+            packed.last_positions[owner] = _flat_index(len(ids) - 1, base, shared, answer_start)
+    tokens = sum(len(row["chosen_input_ids"]) + len(row["rejected_input_ids"]) for row in rows)
+    return packed.batch(rows, 2 * pairs, tokens, pad_token_id, pad_to_multiple_of)
+
+
+def collate_side(rows: list[dict], side: str, pad_token_id: int, pad_to_multiple_of: int = 1) -> PairBatch:
+    """One side ("chosen" or "rejected") of B pairs as one packed row, sequence i from row i, for a loss
+    that needs the two sides in separate passes (KTO: its mismatched answers need no gradient)."""
+    packed = _Packing()
+    for i, row in enumerate(rows):
+        base, ids, labels = len(packed.input_ids), row[f"{side}_input_ids"], row[f"{side}_labels"]
+        packed.input_ids += ids
+        packed.positions += range(len(ids))
+        packed.bounds.append(len(packed.input_ids))
+        packed.prefixes.append(None)
+        for t in range(1, len(ids)):
+            if labels[t] != IGNORE_INDEX:
+                packed.score(base + t - 1, labels[t], i)
+        packed.last_positions.append(base + len(ids) - 1)
+    tokens = sum(len(row[f"{side}_input_ids"]) for row in rows)
+    return packed.batch(rows, len(rows), tokens, pad_token_id, pad_to_multiple_of)
+
+
+@dataclass
+class KTOBatch:
+    """B KTO rows as two packed rows: their own answers, and the mismatched answers of the reference point,
+    which need no gradient and so run in a pass of their own (`collate_kto`)."""
+
+    answers: PairBatch
+    mismatched: PairBatch
+
+    @property
+    def rows(self) -> list[dict]:
+        return self.answers.rows
+
+    @property
+    def num_pairs(self) -> int:
+        return self.answers.num_pairs
+
+    @property
+    def num_tokens(self) -> int:
+        """Both answers of every row counted in full, as a pair batch counts them."""
+        return self.answers.num_tokens + self.mismatched.num_tokens
+
+    def to(self, device: torch.device) -> KTOBatch:
+        return KTOBatch(self.answers.to(device), self.mismatched.to(device))
+
+
+def collate_kto(rows: list[dict], pad_token_id: int, pad_to_multiple_of: int = 1) -> KTOBatch:
+    """KTO rows (`build_kto_examples`): "chosen" is each row's own answer, "rejected" its mismatched one."""
+    return KTOBatch(*(collate_side(rows, side, pad_token_id, pad_to_multiple_of) for side in ("chosen", "rejected")))
+
+
+@dataclass
+class _Packing:
+    """A packed row being built: its tokens and segments, and the (position, target, owner) triples scored."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    bounds: list[int] = field(default_factory=lambda: [0])
+    prefixes: list[tuple[int, int] | None] = field(default_factory=list)
+    predict_positions: list[int] = field(default_factory=list)
+    predict_targets: list[int] = field(default_factory=list)
+    owners: list[int] = field(default_factory=list)
+    last_positions: list[int] = field(default_factory=list)
+
+    def score(self, position: int, target: int, owner: int) -> None:
+        """Position `position`'s prediction of `target` counts towards sequence `owner`."""
+        self.predict_positions.append(position)
+        self.predict_targets.append(target)
+        self.owners.append(owner)
+
+    def batch(self, rows: list[dict], sequences: int, tokens: int, pad_token_id: int, multiple: int) -> PairBatch:
+        """The finished PairBatch, padded to a multiple of `multiple` tokens by one more, unread, segment."""
+        pad = -len(self.input_ids) % multiple
+        if pad:
+            self.input_ids += [pad_token_id] * pad
+            self.positions += range(pad)
+            self.bounds.append(len(self.input_ids))
+            self.prefixes.append(None)
+        as_tensor = partial(torch.tensor, dtype=torch.long)
+        return PairBatch(
+            rows=rows, input_ids=as_tensor([self.input_ids]), position_ids=as_tensor([self.positions]),
+            cu_seqlens=self.bounds, segment_prefixes=self.prefixes,
+            predict_positions=as_tensor(self.predict_positions), predict_targets=as_tensor(self.predict_targets),
+            predict_owners=as_tensor(self.owners), last_positions=as_tensor(self.last_positions),
+            num_pairs=len(rows), num_sequences=sequences, num_tokens=tokens)

@@ -78,13 +78,13 @@ def pair_logps(model: torch.nn.Module, batch: PairBatch, chunk_size: int) -> Pai
 class ReferenceLogps:
     """The reference's summed answer log-probs of each pair: cached, or computed once and cached."""
 
-    def __init__(self, reference: Reference, chunk_size: int):
-        self.reference, self.chunk_size, self.cache = reference, chunk_size, RowCache()
+    def __init__(self, reference: Reference, chunk_size: int, score: Callable = pair_logps):
+        self.reference, self.chunk_size, self.cache, self.score = reference, chunk_size, RowCache(), score
 
     def compute(self, batch: PairBatch) -> PairLogps:
-        """One reference forward over the batch."""
+        """The reference's forward(s) over the batch, with `score` (the stage's pair_logps)."""
         with self.reference.use() as model:
-            return pair_logps(model, batch, self.chunk_size)
+            return self.score(model, batch, self.chunk_size)
 
     def __call__(self, batch: PairBatch, policy: PairLogps) -> PairLogps:
         """The batch's reference log-probs (lengths are the policy's: same tokens)."""

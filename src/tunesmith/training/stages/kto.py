@@ -1,11 +1,12 @@
 """KTO (`stage: kto`): learn from answers marked desirable or undesirable, no pairs needed.
 
 Each row is encoded as a pair (data/pairs.build_kto_examples): its own answer and, for KTO's reference
-point, another prompt's answer to this prompt. One packed forward scores both; the reference
+point, another prompt's answer to this prompt. The reference point is detached, so the mismatched
+answers run through the policy in a pass of their own without gradient: backward covers half the
+tokens a pair's forward would give it (measured in benchmarks/bench_train.py --stage kto). The reference
 log-probs of a row never change, so they are cached as DPO's are (`ReferenceLogps`). The loss is
 algorithms/kto.py; the reference point is the mean mismatched log-ratio of the micro-batch on every
-rank (TRL gathers it across processes too). The mismatched answers run through the policy with the
-rest and their gradient is dropped (a no-grad pass of its own would read the weights twice).
+rank (TRL gathers it across processes too).
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ from typing import ClassVar
 
 import torch
 
+from tunesmith.algorithms.dpo import PairLogps
 from tunesmith.algorithms.kto import kto_losses, kto_reference_point, weight_balance
 from tunesmith.config import RunConfig
 from tunesmith.data.dataset import train_and_eval_rows
-from tunesmith.data.pairs import PairBatch, build_kto_examples
+from tunesmith.data.pairs import KTOBatch, build_kto_examples, collate_kto
+from tunesmith.model.forward import device_multiple, sequence_logps
 from tunesmith.training.distributed import sum_over_ranks
 from tunesmith.training.loop import RunData, Stage
-from tunesmith.training.pairs import PreferenceArgs, ReferenceLogps, pair_logps, pair_objective
+from tunesmith.training.pairs import PreferenceArgs, ReferenceLogps, count_pairs
 from tunesmith.training.stages.spec import StageInputs, StageSpec
-from tunesmith.training.supervised import supervised_stage
+from tunesmith.training.supervised import Objective, supervised_stage
 
 
 @dataclass
@@ -61,10 +64,18 @@ def build_kto_data(config: RunConfig, tokenizer: object, device: torch.device) -
     return RunData(train=train, eval=evaluation)
 
 
-def kto_loss(model: torch.nn.Module, batch: PairBatch, args: KTOArgs, chunk_size: int,
+def kto_logps(model: torch.nn.Module, batch: KTOBatch, chunk_size: int) -> PairLogps:
+    """Summed log-probs of each row's own answer ("chosen") and, without gradient, of its mismatched one."""
+    answers, answer_lengths = sequence_logps(model, batch.answers, chunk_size)
+    with torch.no_grad():
+        mismatched, mismatched_lengths = sequence_logps(model, batch.mismatched, chunk_size)
+    return PairLogps(answers, mismatched, answer_lengths, mismatched_lengths)
+
+
+def kto_loss(model: torch.nn.Module, batch: KTOBatch, args: KTOArgs, chunk_size: int,
              reference: ReferenceLogps) -> tuple[torch.Tensor, dict]:
     """Summed KTO loss over the batch's answers, and TRL-named metrics summed over them."""
-    policy = pair_logps(model, batch, chunk_size)
+    policy = kto_logps(model, batch, chunk_size)
     ref = reference(batch, policy)
     desirable = torch.tensor([row["kto_desirable"] for row in batch.rows], device=policy.chosen.device)
     output = kto_losses(policy.chosen, ref.chosen, kto_reference_point(policy.rejected, ref.rejected, sum_over_ranks), desirable,
@@ -91,11 +102,13 @@ def kto_metrics(rewards: torch.Tensor, logps: torch.Tensor, desirable: torch.Ten
 
 
 def build_kto(inputs: StageInputs) -> Stage:
-    """KTO through the supervised loop, on packed answer / mismatched-answer pairs."""
+    """KTO through the supervised loop, on packed answers and packed mismatched answers."""
     optim = inputs.config.train
-    reference = ReferenceLogps(inputs.reference, optim.logprob_chunk_size)
+    reference = ReferenceLogps(inputs.reference, optim.logprob_chunk_size, score=kto_logps)
     loss = partial(kto_loss, args=inputs.config.method, chunk_size=optim.logprob_chunk_size, reference=reference)
-    return supervised_stage(pair_objective(loss, inputs.tokenizer, inputs.device), optim.per_device_train_batch_size,
+    collate = partial(collate_kto, pad_token_id=inputs.tokenizer.pad_token_id,
+                      pad_to_multiple_of=device_multiple(inputs.device))
+    return supervised_stage(Objective(loss, collate, count_pairs, inputs.device), optim.per_device_train_batch_size,
                             optim.gradient_accumulation_steps, optim.per_device_eval_batch_size)
 
 
