@@ -4,7 +4,7 @@ Rules, one test each, every failure listing all offenders as `path:line: what is
 
 - layers: every module belongs to a layer and imports only its own layer or lower ones (STYLE.md, "Layout
   shows the architecture"): errors < config < data = datatools < model < sampling < training < inference
-  < top (cli, demos, env, __main__, the package itself); `algorithms` may be imported by anyone and imports
+  < board < top (cli, demos, env, __main__, the package itself); `algorithms` may be imported by anyone and imports
   nothing of ours but `errors` and other `algorithms` modules; `data` must not import `datatools`.
 - no import cycles between modules.
 - functions are at most 60 lines, files at most 400 lines.
@@ -47,13 +47,14 @@ LAYER_PREFIXES = (
     ("tunesmith.sampling", "sampling"),
     ("tunesmith.training", "training"),
     ("tunesmith.inference", "inference"),
+    ("tunesmith.board", "board"),
     ("tunesmith.cli", "top"),
     ("tunesmith.demos", "top"),
     ("tunesmith.env", "top"),
     ("tunesmith.__main__", "top"),
 )
 RANK = {"errors": 0, "config": 1, "data": 2, "datatools": 2, "model": 3, "sampling": 4, "training": 5,
-        "inference": 6, "top": 7}
+        "inference": 6, "board": 7, "top": 8}
 FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
 
 

@@ -10,6 +10,8 @@
     tunesmith demo-rlhf                        SFT -> RM -> PPO, GRPO and DPO on a tiny model, held-out scores
     tunesmith demo-real                        LoRA SFT of the real SmolLM2-135M-Instruct: new identity, kept skills
     tunesmith data prepare|stats|convert|validate   clean, measure, convert and check data files
+    tunesmith board [--root saves]             watch, compare, inspect and launch runs in the browser
+    tunesmith report RUN_DIR                   one run as a self-contained report.html
     tunesmith env                              versions, device, threads
 """
 
@@ -23,6 +25,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tunesmith.board.commands import add_board_commands
 from tunesmith.demos.commands import add_demo_commands
 from tunesmith.errors import STOPPED_EXIT_CODE, TrainingStopped, TunesmithError
 
@@ -309,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(handler=_init_model)
 
     add_demo_commands(commands)
+    add_board_commands(commands)
     _add_data_commands(commands)
 
     env = commands.add_parser("env", help="print versions, device and threads")

@@ -30,6 +30,8 @@ from tunesmith.model.value_head import (
 )
 from tunesmith.training import checkpoint, distributed, loop
 from tunesmith.training.distributed import process_info
+from tunesmith.training.heartbeat import console_echo, run_status
+from tunesmith.training.run_files import CONFIG_FILE, CONSOLE_FILE, RESULTS_FILE
 from tunesmith.training.interrupt import graceful_stops
 from tunesmith.training.memory import pin_mmap_threshold, reuse_freed_memory, trim_heap
 from tunesmith.training.parallel import Parallel, choose, shard
@@ -38,8 +40,6 @@ from tunesmith.training.stages import STAGES, StageInputs, StageSpec
 from tunesmith.training.tracking import LOG_FILE, plot_metrics, require_reporter, strict_json
 from tunesmith.training.updates import Updates
 
-CONFIG_FILE = "train_config.yaml"
-RESULTS_FILE = "all_results.json"
 
 
 @dataclass
@@ -117,8 +117,12 @@ def run_training(config: RunConfig, say=print) -> dict:
     check_output_dir(output_dir, config, resume_from)
     require_reporter(config.output.report_to)
     parallel = choose(config.distributed, proc, config.adapter.finetuning_type, config.train.fp16)
+    if proc.is_main and resume_from is None:  # a fresh run: an old console log would read as this run's
+        (output_dir / CONSOLE_FILE).unlink(missing_ok=True)
+    say = console_echo(output_dir, say, proc.is_main)
     try:
-        return _train_on_this_rank(config, parallel, resume_from, say)
+        with run_status(output_dir, proc.is_main):
+            return _train_on_this_rank(config, parallel, resume_from, say)
     finally:
         distributed.stop()
 
