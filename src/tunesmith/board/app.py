@@ -16,10 +16,22 @@ from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
+from pydantic import BaseModel
 
-from tunesmith.board.logs import chart_groups, chart_series, read_json, thin
+from tunesmith.board.chat import Chats
+from tunesmith.board.launch import Launcher, form_schema
+from tunesmith.board.logs import LogFile, chart_groups, read_json
 from tunesmith.board.runs import NotARun, RunFolders, checkpoints, read_config, tail
+from tunesmith.board.samples import sample_payload
+from tunesmith.errors import TunesmithError
 from tunesmith.training.run_files import CONFIG_FILE, CONSOLE_FILE, RESULTS_FILE
 
 TOKEN_COOKIE = "tunesmith_board_token"
@@ -34,7 +46,9 @@ def create_app(root: Path, auth_token: str | None = None) -> FastAPI:
     if auth_token:
         _require_token(app, auth_token)
     _page_routes(app)
-    _run_routes(app, folders)
+    launcher = Launcher(folders)
+    _run_routes(app, folders, launcher)
+    _action_routes(app, launcher, Chats(folders))
     return app
 
 
@@ -72,7 +86,7 @@ def static_text(name: str) -> str:
     return resources.files("tunesmith.board.static").joinpath(name).read_text(encoding="utf-8")
 
 
-def _run_routes(app: FastAPI, folders: RunFolders) -> None:
+def _run_routes(app: FastAPI, folders: RunFolders, launcher: Launcher) -> None:
     def folder_of(name: str) -> Path:
         try:
             return folders.resolve(name)
@@ -91,25 +105,91 @@ def _run_routes(app: FastAPI, folders: RunFolders) -> None:
 
     @app.get("/api/run")
     def run(name: str) -> dict:
-        folder = folder_of(name)
-        return {**folders.summary(name), "config": _text(folder / CONFIG_FILE), "config_values": read_config(folder),
-                "checkpoints": checkpoints(folder), "results": read_json(folder / RESULTS_FILE),
-                "console": tail(folder / CONSOLE_FILE)}
+        early = launcher.early_failure(name)  # launched here, ended before writing its folder
+        if early is not None:
+            return early
+        folder_of(name)
+        return run_details(folders, name)
+
+    @app.get("/api/rollouts")
+    def rollouts(name: str, step: int | None = None) -> dict:
+        return sample_payload(folders, folder_of(name), "rollouts", step=step)
+
+    @app.get("/api/pairs")
+    def pairs(name: str, step: int | None = None) -> dict:
+        return sample_payload(folders, folder_of(name), "pairs", step=step)
 
     @app.get("/api/metrics")
     def metrics(name: str, since: int = -1, max_points: int = DEFAULT_MAX_POINTS) -> JSONResponse:
+        if launcher.early_failure(name) is not None:
+            return JSONResponse({"version": 0, "charts": {}, "series": {}})
         log = folders.records(folder_of(name))
         if since == log.version:
             return JSONResponse({"version": log.version, "unchanged": True})
-        return JSONResponse(metric_payload(log.records, log.version, max_points))
+        return JSONResponse(metric_payload(log, max_points))
 
 
-def metric_payload(records: list[dict], version: int, max_points: int = DEFAULT_MAX_POINTS) -> dict:
+class LaunchRequest(BaseModel):
+    config: str
+    """The run's YAML text."""
+
+
+class ChatRequest(BaseModel):
+    name: str
+    messages: list[dict]
+
+
+def _action_routes(app: FastAPI, launcher: Launcher, chats: Chats) -> None:
+    """What changes anything: start and stop runs, chat with finished ones. Errors are the CLI's messages
+    (400), a name that is no run is 404."""
+    @app.exception_handler(TunesmithError)
+    async def user_error(request: Request, error: TunesmithError) -> JSONResponse:
+        return JSONResponse({"error": str(error)}, status_code=400)
+
+    @app.exception_handler(NotARun)
+    async def no_run(request: Request, error: NotARun) -> JSONResponse:
+        return JSONResponse({"error": "no such run"}, status_code=404)
+
+    @app.get("/api/schema")
+    def schema() -> dict:
+        return form_schema()
+
+    @app.post("/api/check")
+    def check(request: LaunchRequest) -> dict:
+        raw, _ = launcher.check(request.config)
+        return {"ok": True, "output_dir": raw["output_dir"]}
+
+    @app.post("/api/launch")
+    def launch(request: LaunchRequest) -> dict:
+        return {"run": launcher.start(request.config)}
+
+    @app.post("/api/stop")
+    def stop(name: str) -> dict:
+        launcher.stop(name)
+        return {"stopping": name}
+
+    @app.get("/api/launched")
+    def launched() -> dict:
+        return {"running": [name for name in launcher.children if launcher.running(name)]}
+
+    @app.post("/api/chat")
+    def chat(request: ChatRequest) -> StreamingResponse:
+        return StreamingResponse(chats.stream(request.name, request.messages), media_type="text/plain; charset=utf-8")
+
+
+def run_details(folders: RunFolders, name: str) -> dict:
+    """The run page's facts: its summary, config (text and values), checkpoints, final metrics, console tail."""
+    folder = folders.resolve(name)
+    return {**folders.summary(name), "config": _text(folder / CONFIG_FILE), "config_values": read_config(folder),
+            "checkpoints": checkpoints(folder), "results": read_json(folder / RESULTS_FILE),
+            "console": tail(folder / CONSOLE_FILE)}
+
+
+def metric_payload(log: LogFile, max_points: int = DEFAULT_MAX_POINTS) -> dict:
     """Every metric's series (thinned for drawing, with its full count) and the charts they form."""
-    series = chart_series(records)
-    return {"version": version, "charts": chart_groups(list(series)),
-            "series": {name: {"count": len(points), "points": thin(points, max(max_points, 8))}
-                       for name, points in series.items()}}
+    return {"version": log.version, "charts": chart_groups(list(log.series)),
+            "series": {name: {"count": len(column), "points": column.points(max(max_points, 8))}
+                       for name, column in log.series.items()}}
 
 
 def _text(path: Path) -> str | None:

@@ -3,10 +3,10 @@
 A run appends one JSON line per logging step (LLaMA-Factory's fields, so LLaMA-Factory's own output
 folders read the same). `LogFile` parses only the bytes appended since its last read, so a board that
 polls a training run every second does a small read each time; a file that shrank (a resumed run
-truncates its log) is read again from the start. `chart_series` turns the records into one series per
-metric with x = step and x = seconds since the start, and pairs each `eval_<m>` with `<m>` so train
-and eval share a chart. `thin` keeps a long series drawable: per bucket its first, lowest, highest and
-last points, so spikes survive (100k lines become a few thousand points).
+truncates its log) is read again from the start. Each metric is kept as a `Series` (x = step and
+x = seconds since the start), extended as lines arrive; `chart_groups` pairs each `eval_<m>` with `<m>`
+so train and eval share a chart. `thin_indices` keeps a long series drawable: per bucket its first,
+lowest, highest and last points, so spikes survive (100k lines become a few thousand points).
 """
 
 from __future__ import annotations
@@ -15,14 +15,23 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+import orjson
+
 NOT_METRICS = frozenset({"current_steps", "total_steps", "epoch", "percentage", "elapsed_time", "remaining_time"})
 
 
 class LogFile:
-    """A JSONL file's records, re-read from where the last read stopped."""
+    """A JSONL file's records, re-read from where the last read stopped; with `charted`, its metric
+    series too, extended with each new record (so a poll of a 100k-line log costs only the new lines)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path, self.offset, self.records, self.partial = path, 0, [], b""
+    def __init__(self, path: Path, charted: bool = False) -> None:
+        self.path, self.charted = path, charted
+        self._start_over()
+
+    def _start_over(self) -> None:
+        self.offset, self.records, self.partial = 0, [], b""
+        self.series: dict[str, Series] = {}
 
     def refresh(self) -> list[dict]:
         """Every complete record so far (a line still being written waits for its newline)."""
@@ -31,14 +40,17 @@ class LogFile:
         except FileNotFoundError:
             size = 0
         if size < self.offset:  # truncated or replaced: start over
-            self.offset, self.records, self.partial = 0, [], b""
+            self._start_over()
         if size > self.offset:
             with open(self.path, "rb") as handle:
                 handle.seek(self.offset)
                 chunk = self.partial + handle.read(size - self.offset)
             self.offset = size
             *lines, self.partial = chunk.split(b"\n")
-            self.records.extend(record for record in map(_parse, lines) if record is not None)
+            new = [record for record in map(_parse, lines) if record is not None]
+            self.records.extend(new)
+            if self.charted:
+                add_to_series(self.series, new)
         return self.records
 
     @property
@@ -50,10 +62,71 @@ class LogFile:
 def _parse(line: bytes) -> dict | None:
     """One record, or None for a blank or damaged line (a log is never worth refusing to show)."""
     try:
-        record = json.loads(line)
-    except ValueError:
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError:
         return None
     return record if isinstance(record, dict) else None
+
+
+class Series:
+    """One metric's points as columns: step, seconds since the start (None when unknown), value."""
+
+    def __init__(self) -> None:
+        self.steps, self.seconds, self.values = [], [], []
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def points(self, max_points: int | None = None) -> list[list]:
+        """[[step, seconds, value], ...], thinned to about `max_points` when longer."""
+        kept = range(len(self)) if max_points is None else thin_indices(self.values, max_points)
+        return [[self.steps[i], self.seconds[i], self.values[i]] for i in kept]
+
+
+def add_to_series(series: dict[str, Series], records: list[dict]) -> None:
+    """Append every numeric field of `records` (log order) to its metric's series."""
+    for record in records:
+        step = record.get("current_steps")
+        if not isinstance(step, (int, float)):
+            continue
+        seconds = elapsed_seconds(record.get("elapsed_time"))
+        for key, value in record.items():
+            if key not in NOT_METRICS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                column = series.get(key) or series.setdefault(key, Series())
+                column.steps.append(step)
+                column.seconds.append(seconds)
+                column.values.append(value)
+
+
+def chart_series(records: list[dict]) -> dict[str, list[list]]:
+    """{metric: [[step, seconds, value], ...]} for every numeric field, in log order."""
+    series: dict[str, Series] = {}
+    add_to_series(series, records)
+    return {name: column.points() for name, column in series.items()}
+
+
+def thin_indices(values: list[float], max_points: int) -> list[int]:
+    """The indices of at most about `max_points` of `values` to draw: per bucket its first, lowest, highest
+    and last, so spikes survive; all of them when there are few."""
+    count = len(values)
+    if count <= max_points:
+        return list(range(count))
+    buckets = max(max_points // 4, 1)
+    size = -(-count // buckets)  # ceil: equal buckets, the last one padded
+    padded = np.full(buckets * size, np.nan)
+    padded[:count] = values
+    grid = padded.reshape(buckets, size)
+    starts = np.arange(buckets) * size
+    live = starts < count
+    lows = starts[live] + np.nanargmin(grid[live], axis=1)
+    highs = starts[live] + np.nanargmax(grid[live], axis=1)
+    lasts = np.minimum(starts[live] + size, count) - 1
+    return np.unique(np.concatenate([starts[live], lows, highs, lasts])).tolist()
+
+
+def thin(points: list[list], max_points: int) -> list[list]:
+    """At most about `max_points` of [step, seconds, value] points (see `thin_indices`), in order."""
+    return [points[i] for i in thin_indices([p[2] for p in points], max_points)]
 
 
 def elapsed_seconds(text: object) -> float | None:
@@ -71,20 +144,6 @@ def elapsed_seconds(text: object) -> float | None:
     return days * 86400 + hours * 3600 + minutes * 60 + seconds
 
 
-def chart_series(records: list[dict]) -> dict[str, list[list[float | None]]]:
-    """{metric: [[step, seconds, value], ...]} for every numeric field, in log order."""
-    series: dict[str, list[list[float | None]]] = {}
-    for record in records:
-        step = record.get("current_steps")
-        if not isinstance(step, (int, float)):
-            continue
-        seconds = elapsed_seconds(record.get("elapsed_time"))
-        for key, value in record.items():
-            if key not in NOT_METRICS and isinstance(value, (int, float)) and not isinstance(value, bool):
-                series.setdefault(key, []).append([step, seconds, value])
-    return series
-
-
 FIRST_CHARTS = ("loss", "reward", "score", "kl", "rewards/chosen", "rewards/margins", "rewards/accuracies", "lr",
                 "grad_norm", "tokens_per_second")
 
@@ -98,24 +157,6 @@ def chart_groups(names: list[str]) -> dict[str, list[str]]:
         groups.setdefault(base if base in names else name, []).append(name)
     rank = {name: i for i, name in enumerate(FIRST_CHARTS)}
     return dict(sorted(groups.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])))
-
-
-def thin(points: list[list], max_points: int) -> list[list]:
-    """At most about `max_points` points: per bucket its first, lowest, highest and last (in order)."""
-    if len(points) <= max_points:
-        return points
-    buckets = max(max_points // 4, 1)
-    size = len(points) / buckets
-    kept: list[list] = []
-    for b in range(buckets):
-        bucket = points[int(b * size):int((b + 1) * size)]
-        if not bucket:
-            continue
-        lowest = min(bucket, key=lambda p: p[2])
-        highest = max(bucket, key=lambda p: p[2])
-        chosen = {id(p): p for p in (bucket[0], lowest, highest, bucket[-1])}
-        kept.extend(sorted(chosen.values(), key=lambda p: (p[0], p[1] or 0)))
-    return kept
 
 
 def last_value(records: list[dict], *keys: str) -> float | None:

@@ -19,6 +19,7 @@ import yaml
 from tunesmith.board.logs import LogFile, last_value, read_json
 from tunesmith.training.run_files import CONFIG_FILE, RESULTS_FILE, STATUS_FILE
 from tunesmith.training.tracking import LOG_FILE
+
 SKIPPED = {"runs", "node_modules", "__pycache__", ".git"}  # tensorboard's folder and others no run lives in
 MISSED_BEATS = 4  # a running status this many heartbeats old belongs to a dead process
 MAX_DEPTH = 6
@@ -61,9 +62,10 @@ class RunFolders:
             raise NotARun(name)
         return folder
 
-    def records(self, folder: Path) -> LogFile:
-        """The run's trainer_log.jsonl, refreshed."""
-        log = self.logs.setdefault(folder, LogFile(folder / LOG_FILE))
+    def records(self, folder: Path, file_name: str = LOG_FILE) -> LogFile:
+        """One of the run's JSONL files (trainer_log.jsonl unless named), refreshed."""
+        log = self.logs.get(folder / file_name) or self.logs.setdefault(
+            folder / file_name, LogFile(folder / file_name, charted=file_name == LOG_FILE))
         log.refresh()
         return log
 
@@ -72,7 +74,6 @@ class RunFolders:
         folder = self.resolve(name)
         config = read_config(folder)
         records = self.records(folder).records
-        last = records[-1] if records else {}
         status = run_status(folder)
         return {
             "name": name, "stage": config.get("stage", "sft"), "model": config.get("model_name_or_path"),

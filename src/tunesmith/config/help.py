@@ -24,8 +24,11 @@ def format_help(groups: list[tuple[type, str]], only: str | None = None, width: 
     return "\n\n".join(_group_text(cls, note, width) for cls, note in groups)
 
 
-def _shown(default: object) -> str:
-    """A default as users write it in YAML."""
+def _shown(field: dataclasses.Field) -> str:
+    """A key's default as users write it in YAML (a list as a comma list)."""
+    default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+    if isinstance(default, list):
+        return ", ".join(default)
     return "unset" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
 
 
@@ -35,7 +38,7 @@ def _group_text(cls: type, note: str, width: int) -> str:
     docs, hints = schema.key_docs(cls), schema.key_types(cls)
     fields = {field.name: field for field in dataclasses.fields(cls)}
     for key in schema.own_keys(cls):
-        lines.append(f"  {key}: {schema.describe(hints[key])}, default {_shown(fields[key].default)}")
+        lines.append(f"  {key}: {schema.describe(hints[key])}, default {_shown(fields[key])}")
         lines.append(textwrap.indent(textwrap.fill(docs.get(key, ""), width - 6), "      "))
     return "\n".join(lines)
 
@@ -45,7 +48,7 @@ def reference_table(groups: list[tuple[type, str]]) -> str:
     parts = []
     for cls, note in groups:
         docs, fields = schema.key_docs(cls), {field.name: field for field in dataclasses.fields(cls)}
-        rows = [f"| `{key}` | {_shown(fields[key].default)} | {docs.get(key, '').replace('|', '/')} |"
+        rows = [f"| `{key}` | {_shown(fields[key])} | {docs.get(key, '').replace('|', '/')} |"
                 for key in schema.own_keys(cls)]
         heading = f"**{schema.section_name(cls)}**" + (f" ({note})" if note else "")
         parts.append("\n".join([heading, "", "| key | default | what |", "|---|---|---|", *rows]))

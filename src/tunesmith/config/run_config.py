@@ -26,7 +26,8 @@ from tunesmith.errors import TunesmithError
 
 # What each `tunesmith` command needs from the same YAML: train needs data, export a destination.
 COMMANDS = ("train", "chat", "export", "api")
-REPORT_TO = ("none", "tensorboard")
+# report_to values: the trackers of training/trackers.py (TRACKERS), plus none and all.
+REPORT_TO = ("none", "all", "tensorboard", "wandb", "mlflow", "swanlab", "trackio")
 EVAL_STRATEGIES = ("no", "steps", "epoch")
 
 
@@ -65,14 +66,16 @@ class OutputArgs:
     """Allow writing into a non-empty output_dir."""
     logging_steps: int = 10
     """Log loss, learning rate and throughput every N optimizer steps."""
+    log_rollouts_steps: int | None = None
+    """Every N optimizer steps, ppo/grpo write a few sampled answers token by token (log-probs, KL, values, advantages) to rollouts.jsonl, dpo/kto their first 4 pairs' per-token log-ratios to pairs.jsonl (default: logging_steps; 0: off)."""
     save_steps: int = 500
     """Write a checkpoint every N optimizer steps (0: only at the end)."""
     save_total_limit: int | None = None
     """Keep at most this many checkpoints (oldest deleted first)."""
     plot_loss: bool = False
     """Write training_loss.png (and training_eval_loss.png) into output_dir."""
-    report_to: str = "none"
-    """none or tensorboard (needs the tensorboard package)."""
+    report_to: list[str] = dataclasses.field(default_factory=lambda: ["none"])
+    """Where metrics go besides trainer_log.jsonl: none, tensorboard, wandb, mlflow, swanlab, trackio, a comma list of them, or all (every one installed); each needs its package (`pip install 'tunesmith[trackers]'`) and reads its own env vars (WANDB_MODE, MLFLOW_TRACKING_URI, SWANLAB_MODE, ...)."""
     eval_strategy: str = "no"
     """When to evaluate during training: no, steps or epoch."""
     eval_steps: int | None = None
@@ -81,20 +84,28 @@ class OutputArgs:
     """A checkpoint folder to continue from, or `true` for the latest in output_dir."""
 
     def resolve(self) -> None:
-        """eval_steps follows logging_steps unless set; `false` means no resume."""
+        """eval_steps and log_rollouts_steps follow logging_steps unless set; `false` means no resume."""
         if self.eval_steps is None:
             self.eval_steps = self.logging_steps
+        if self.log_rollouts_steps is None:
+            self.log_rollouts_steps = self.logging_steps
         if self.resume_from_checkpoint in ("false", "False", ""):
             self.resume_from_checkpoint = None
 
     def problems(self) -> list[tuple[str, str]]:
         """Cadences and choices the loop can follow."""
+        unknown = [name for name in self.report_to if name not in REPORT_TO]
         checks = [
-            ("report_to", self.report_to not in REPORT_TO, schema.choice_message("report_to", self.report_to, REPORT_TO)),
+            ("report_to", bool(unknown), schema.choice_message("report_to", unknown[0] if unknown else "", REPORT_TO)),
+            ("report_to", len(self.report_to) > 1 and not {"none", "all"}.isdisjoint(self.report_to),
+             f"`report_to: {', '.join(self.report_to)}`: none and all stand alone; list the trackers, or write one of them."),
             ("eval_strategy", self.eval_strategy not in EVAL_STRATEGIES,
              schema.choice_message("eval_strategy", self.eval_strategy, EVAL_STRATEGIES)),
             ("logging_steps", self.logging_steps < 1, "`logging_steps` must be at least 1."),
             ("eval_steps", self.eval_steps < 1, "`eval_steps` must be at least 1."),
+            ("log_rollouts_steps", self.log_rollouts_steps < 0,
+             f"`log_rollouts_steps: {self.log_rollouts_steps}` must be a number of steps, or 0 to write no "
+             "rollouts.jsonl / pairs.jsonl."),
             ("save_steps", self.save_steps < 0, "`save_steps` must not be negative."),
             ("save_total_limit", self.save_total_limit is not None and self.save_total_limit < 1,
              "`save_total_limit` must be at least 1."),

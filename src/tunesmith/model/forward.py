@@ -65,9 +65,19 @@ def last_token_positions(batch: TokenBatch | PairBatch) -> torch.Tensor:
 
 def sequence_logps(model: torch.nn.Module, batch: PairBatch, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log p of each sequence's answer tokens [sequences], number of those tokens [sequences])."""
+    return summed_by_sequence(answer_token_logps(model, batch, chunk_size), batch)
+
+
+def answer_token_logps(model: torch.nn.Module, batch: PairBatch, chunk_size: int) -> torch.Tensor:
+    """[answer tokens] log p of every answer token, in `batch.predict_targets` order (`predict_owners` names
+    each one's sequence); the per-token terms of `sequence_logps`, which the pair logs show one by one."""
     hidden = backbone_hidden(model, batch)
     rows = hidden.reshape(-1, hidden.shape[-1])[batch.predict_positions]
-    token_logps = chunked_logprobs_at(rows, model.get_output_embeddings(), batch.predict_targets, chunk_size)
+    return chunked_logprobs_at(rows, model.get_output_embeddings(), batch.predict_targets, chunk_size)
+
+
+def summed_by_sequence(token_logps: torch.Tensor, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums [sequences], token counts [sequences]) of `answer_token_logps`' per-token values."""
     owners, count = batch.predict_owners, batch.num_sequences
     sums = token_logps.new_zeros(count).index_add(0, owners, token_logps)
     return sums, torch.bincount(owners, minlength=count).to(token_logps.dtype)

@@ -81,13 +81,13 @@ def run_status(output_dir: Path, enabled: bool) -> Iterator[None]:
 
 
 def console_echo(output_dir: Path, say: Callable[[str], object], enabled: bool) -> Callable[[str], None]:
-    """`say` that also appends each line, time-stamped, to running_log.txt (rank 0 only)."""
+    """`say` that also appends each line, time-stamped, to running_log.txt (rank 0 only) once the run's
+    folder exists (echoing never creates it: a run that fails early leaves no folder to refuse next time)."""
     path = output_dir / CONSOLE_FILE
 
     def echo(line: str) -> None:
         say(line)
-        if enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
+        if enabled and output_dir.is_dir():
             with open(path, "a") as handle:
                 handle.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {line}\n")
     return echo

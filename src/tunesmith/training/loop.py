@@ -36,6 +36,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.training import distributed, snapshots
 from tunesmith.training.distributed import ProcessInfo
 from tunesmith.training.interrupt import StopRequest, TrainingStopped
+from tunesmith.training.sample_logs import reset_sample_logs
 from tunesmith.training.schedule import lr_factor, warmup_steps_for
 from tunesmith.training.snapshots import SaveArtifact
 from tunesmith.training.tracking import Tracker, truncate_log
@@ -89,6 +90,10 @@ class Stage:
     """Rows per micro-batch: the logged `epoch` counts micro-batches consumed (None: whole steps)."""
     state: dict[str, Stateful] = field(default_factory=dict)
     """Objects whose state a checkpoint keeps and a resume restores."""
+    log_samples: Callable[[torch.nn.Module, int], None] | None = None
+    """log_samples(model, step): append what the stage shows of its samples after `step` steps
+    (rollouts.jsonl, pairs.jsonl). Called on every rank every log_rollouts_steps steps, at the last step,
+    and before the first step of a fresh run (step 0)."""
 
 
 @dataclass
@@ -182,6 +187,8 @@ def train(model: torch.nn.Module, stage: Stage, data: RunData, optim: OptimArgs,
     bar = tqdm(total=total, initial=progress.global_step, disable=not proc.is_main, dynamic_ncols=True)
     start, record, order = time.perf_counter() - progress.elapsed_s, {}, (-1, [])
     lengths = [row_tokens(row) for row in data.train] if proc.distributed else None
+    if progress.global_step == 0 and _samples_due(stage, output, 0, total):
+        stage.log_samples(model, 0)
     model.train()
     while progress.global_step < total:
         lr = optim.learning_rate * lr_factor(optim.lr_scheduler_type, progress.global_step, total, warmup)
@@ -202,6 +209,8 @@ def train(model: torch.nn.Module, stage: Stage, data: RunData, optim: OptimArgs,
             tracker.log(record)
             bar.set_postfix({key: f"{record[key]:.4f}" for key in stage.headline if isinstance(record.get(key), float)}
                             | {"lr": f"{lr:.2e}", "tok_s": f"{record['tokens_per_second']:.0f}"})
+        if _samples_due(stage, output, step, total):
+            stage.log_samples(model, step)
         if data.eval and step < total and _eval_due(output, step, per_epoch):
             tracker.log({"current_steps": step, "total_steps": total, **evaluate(model, stage, data, optim)})
         stopping = stop is not None and distributed.all_max(float(stop.requested)) > 0
@@ -267,6 +276,8 @@ def _resume(resume_from: Path | None, model: torch.nn.Module, updates: Updates, 
             proc: ProcessInfo) -> _Progress:
     """A fresh run's counters, or a checkpoint's: weights, optimizer, RNG, loss scale, stage state."""
     if resume_from is None:
+        if proc.is_main:
+            reset_sample_logs(output_dir, None)
         return _Progress()
     state = snapshots.restore(resume_from, model, updates)
     if "scaler" in state:
@@ -282,8 +293,15 @@ def _resume(resume_from: Path | None, model: torch.nn.Module, updates: Updates, 
                       "ranks the same to continue it exactly.", stacklevel=2)
     if proc.is_main:
         truncate_log(output_dir, state["global_step"])
+        reset_sample_logs(output_dir, state["global_step"])
     return _Progress(global_step=state["global_step"], elapsed_s=state["elapsed_s"],
                      bad_steps=state.get("bad_steps", 0))
+
+
+def _samples_due(stage: Stage, output: OutputArgs, step: int, total: int) -> bool:
+    """Whether the stage logs its samples after `step` steps: every log_rollouts_steps, and at the last."""
+    every = output.log_rollouts_steps
+    return stage.log_samples is not None and bool(every) and (step % every == 0 or step == total)
 
 
 def _eval_due(output: OutputArgs, step: int, per_epoch: int) -> bool:

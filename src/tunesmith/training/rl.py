@@ -33,6 +33,7 @@ from tunesmith.training.distributed import all_sum, sum_over_ranks
 from tunesmith.training.loop import RunData, Stage, StepOutput, Updates
 from tunesmith.training.rewards import REWARD_MODEL_TYPES
 from tunesmith.training.rollout import Rollout, RolloutSettings
+from tunesmith.training.rollout_log import RolloutLog
 from tunesmith.training.scoring import Scorer, build_reward_source, check_reward_source
 
 
@@ -204,8 +205,10 @@ def stop_token_ids(template: str | None, tokenizer: object) -> list[int]:
     return get_template(template, tokenizer).stop_token_ids(tokenizer)
 
 
-def rl_stage(parts: RLParts, optim: OptimArgs, rl: RLArgs, sampling: SamplingSettings) -> Stage:
-    """The loop's Stage for PPO or GRPO: a step is one rollout, then ppo_epochs of updates on it."""
+def rl_stage(parts: RLParts, optim: OptimArgs, rl: RLArgs, sampling: SamplingSettings,
+             log: RolloutLog | None = None) -> Stage:
+    """The loop's Stage for PPO or GRPO: a step is one rollout, then ppo_epochs of updates on it; `log` keeps
+    each step's first answers for rollouts.jsonl (written when the loop calls `log_samples`)."""
     group = parts.samples_per_prompt
     greedy = dataclasses.replace(sampling, do_sample=False)
     counter = StepCounter()
@@ -216,6 +219,8 @@ def rl_stage(parts: RLParts, optim: OptimArgs, rl: RLArgs, sampling: SamplingSet
         counter.steps += 1
         with updates.autocast():
             rollout, metrics = parts.rollout(model, rows, seeds)
+        if log is not None:
+            log.keep(rollout, group)
         update_start = time.perf_counter()
         metrics.update(update(model, parts, rollout, rl.ppo_epochs, optim.batch_rows * group,
                               optim.per_device_train_batch_size * group, updates))
@@ -233,7 +238,8 @@ def rl_stage(parts: RLParts, optim: OptimArgs, rl: RLArgs, sampling: SamplingSet
         return {"eval_score": sum(scores) / max(len(scores), 1)}
 
     return Stage(rows_per_step=optim.batch_rows * rl.ppo_buffer_size, step=step, evaluate=evaluate,
-                 headline=("score", "reward", "kl"), state={**parts.state, "sampling": counter})
+                 headline=("score", "reward", "kl"), state={**parts.state, "sampling": counter},
+                 log_samples=None if log is None else log.write)
 
 
 class StepCounter:

@@ -46,12 +46,15 @@ class Rollout:
     raw_scores: torch.Tensor
     """[samples] the reward source's scores."""
     scores: torch.Tensor
-    """[samples] scores as training signals (EOS penalty, normalisation, clipping applied)."""
+    """[samples] scores as training signals (EOS penalty, normalisation, clipping applied; GRPO adds its
+    overlong penalty)."""
     ref_logps: torch.Tensor | None = None
     old_values: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     """[samples, T] for PPO; [samples] (one per answer) for GRPO. Set by the algorithm."""
     returns: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    """[samples, T] the per-token KL estimate the algorithm used (for rollouts.jsonl). Set by the algorithm."""
     timings: dict = field(default_factory=dict)
     reward_parts: dict = field(default_factory=dict)
     """With several reward functions, each one's scores of these samples, by name (for the logs)."""
@@ -59,9 +62,10 @@ class Rollout:
     def __len__(self) -> int:
         return len(self.response_ids)
 
-    def with_advantages(self, advantages: torch.Tensor, returns: torch.Tensor | None = None) -> Rollout:
-        """The rollout with the algorithm's advantages (and, for PPO, the critic's returns) filled in."""
-        return replace(self, advantages=advantages, returns=returns)
+    def with_advantages(self, advantages: torch.Tensor, returns: torch.Tensor | None = None,
+                        kl: torch.Tensor | None = None) -> Rollout:
+        """The rollout with the algorithm's advantages (and, for PPO, the critic's returns and its KL) filled in."""
+        return replace(self, advantages=advantages, returns=returns, kl=kl)
 
     def select(self, indices: list[int]) -> Rollout:
         """The samples at `indices`, token tensors cut to their own longest response."""

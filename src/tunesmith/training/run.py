@@ -31,15 +31,14 @@ from tunesmith.model.value_head import (
 from tunesmith.training import checkpoint, distributed, loop
 from tunesmith.training.distributed import process_info
 from tunesmith.training.heartbeat import console_echo, run_status
-from tunesmith.training.run_files import CONFIG_FILE, CONSOLE_FILE, RESULTS_FILE
 from tunesmith.training.interrupt import graceful_stops
 from tunesmith.training.memory import pin_mmap_threshold, reuse_freed_memory, trim_heap
 from tunesmith.training.parallel import Parallel, choose, shard
 from tunesmith.training.reference import Reference
+from tunesmith.training.run_files import CONFIG_FILE, CONSOLE_FILE, RESULTS_FILE
 from tunesmith.training.stages import STAGES, StageInputs, StageSpec
 from tunesmith.training.tracking import LOG_FILE, plot_metrics, require_reporter, strict_json
 from tunesmith.training.updates import Updates
-
 
 
 @dataclass
@@ -117,18 +116,18 @@ def run_training(config: RunConfig, say=print) -> dict:
     check_output_dir(output_dir, config, resume_from)
     require_reporter(config.output.report_to)
     parallel = choose(config.distributed, proc, config.adapter.finetuning_type, config.train.fp16)
-    if proc.is_main and resume_from is None:  # a fresh run: an old console log would read as this run's
-        (output_dir / CONSOLE_FILE).unlink(missing_ok=True)
     say = console_echo(output_dir, say, proc.is_main)
     try:
-        with run_status(output_dir, proc.is_main):
-            return _train_on_this_rank(config, parallel, resume_from, say)
+        run = _prepare_on_this_rank(config, parallel, resume_from, say)
+        with run_status(output_dir, proc.is_main):  # from here a watcher sees the run: its folder exists
+            return _train_and_save(run, parallel, resume_from)
     finally:
         distributed.stop()
 
 
-def _train_on_this_rank(config: RunConfig, parallel: Parallel, resume_from: Path | None, say) -> dict:
-    """Join the other ranks, prepare, train, save (rank 0); every rank runs this."""
+def _prepare_on_this_rank(config: RunConfig, parallel: Parallel, resume_from: Path | None, say) -> Prepared:
+    """Join the other ranks and prepare; rank 0 then writes the run folder's config (a run that fails
+    before this point leaves no folder behind). Every rank runs this."""
     proc, output_dir = parallel.proc, Path(config.output.output_dir)
     if proc.is_main:
         for leftover in remove_interrupted_writes(output_dir):  # of a save killed in an earlier run
@@ -139,19 +138,25 @@ def _train_on_this_rank(config: RunConfig, parallel: Parallel, resume_from: Path
     run = prepare_training(config, parallel)
     if proc.distributed:  # each rank its own dropout masks (starting weights were broadcast from rank 0)
         torch.manual_seed(config.train.seed + 1_000_003 * proc.rank)
-    config, model, tokenizer, adapter = run.config, run.model, run.tokenizer, run.adapter
-    spec = STAGES[config.stage]
-    where = f"{proc.world_size} ranks ({parallel.strategy}), " if proc.distributed else ""
     if proc.is_main:
-        quantized = Quantization.from_args(config.model)
-        base = f"base in {quantized.bits}-bit {quantized.describe()} (bitsandbytes), " if quantized else ""
-        say(f"[tunesmith] {config.stage} on {where}{run.device} ({run.compute_dtype}), {base}{len(run.data.train)} train / "
-            f"{len(run.data.eval)} eval rows; {trainable_summary(model)}")
         output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, output_dir / CONFIG_FILE)
+        save_config(run.config, output_dir / CONFIG_FILE)
         if resume_from is None:  # a fresh run in a reused folder: old logs and checkpoints would mislead
-            (output_dir / LOG_FILE).unlink(missing_ok=True)
+            for old in (LOG_FILE, CONSOLE_FILE):
+                (output_dir / old).unlink(missing_ok=True)
             checkpoint.remove_checkpoints(output_dir)
+        quantized = Quantization.from_args(run.config.model)
+        base = f"base in {quantized.bits}-bit {quantized.describe()} (bitsandbytes), " if quantized else ""
+        where = f"{proc.world_size} ranks ({parallel.strategy}), " if proc.distributed else ""
+        say(f"[tunesmith] {run.config.stage} on {where}{run.device} ({run.compute_dtype}), {base}"
+            f"{len(run.data.train)} train / {len(run.data.eval)} eval rows; {trainable_summary(run.model)}")
+    return run
+
+
+def _train_and_save(run: Prepared, parallel: Parallel, resume_from: Path | None) -> dict:
+    """Train, then save the result (rank 0); every rank runs this."""
+    config, model, tokenizer, adapter = run.config, run.model, run.tokenizer, run.adapter
+    proc, output_dir, spec = parallel.proc, Path(config.output.output_dir), STAGES[config.stage]
 
     def save_artifact(folder: Path, full_state: dict | None) -> None:
         save_result(model, tokenizer, adapter, config.model.model_name_or_path, spec.saves_value_head, folder,

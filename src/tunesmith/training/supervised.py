@@ -32,8 +32,10 @@ class Objective:
     device: torch.device
 
 
-def supervised_stage(objective: Objective, micro_batch_size: int, accumulation: int, eval_batch_size: int) -> Stage:
-    """The loop's Stage for a loss: each step is `accumulation` micro-batches and one optimizer update."""
+def supervised_stage(objective: Objective, micro_batch_size: int, accumulation: int, eval_batch_size: int,
+                     log_samples: Callable[[torch.nn.Module, int], None] | None = None) -> Stage:
+    """The loop's Stage for a loss: each step is `accumulation` micro-batches and one optimizer update
+    (`log_samples`: the stage's per-step sample log, see `Stage`)."""
     def step(model: torch.nn.Module, rows: list[dict], updates: Updates) -> StepOutput:
         batches = [objective.collate(rows[i:i + micro_batch_size]) for i in range(0, len(rows), micro_batch_size)]
         return accumulate(model, objective, batches, updates)
@@ -42,7 +44,7 @@ def supervised_stage(objective: Objective, micro_batch_size: int, accumulation: 
         return evaluate_loss(model, objective, rows, eval_batch_size)
 
     return Stage(rows_per_step=micro_batch_size * accumulation, step=step, evaluate=evaluate,
-                 micro_batch_rows=micro_batch_size)
+                 micro_batch_rows=micro_batch_size, log_samples=log_samples)
 
 
 def accumulate(model: torch.nn.Module, objective: Objective, batches: list[Batch], updates: Updates) -> StepOutput:

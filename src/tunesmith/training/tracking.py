@@ -1,4 +1,4 @@
-"""Where training progress goes: trainer_log.jsonl (LLaMA-Factory's fields), tensorboard, the loss plot.
+"""Where training progress goes: trainer_log.jsonl (LLaMA-Factory's fields), the report_to trackers, the loss plot.
 
 Only rank 0 writes, so the same code runs unchanged under torchrun.
 """
@@ -9,41 +9,56 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from tunesmith.errors import TunesmithError
+import yaml
 
-if TYPE_CHECKING:
-    from torch.utils.tensorboard import SummaryWriter
+from tunesmith.training.run_files import CONFIG_FILE
+from tunesmith.training.trackers import TrackedRun, chosen_trackers, start_trackers
 
 LOG_FILE = "trainer_log.jsonl"
+COUNTERS = ("current_steps", "total_steps", "percentage")
+"""Fields of a log line that are not metrics: current_steps is the trackers' step (x axis), the others follow."""
 
 
 class Tracker:
-    """Appends one JSON line per logging step and mirrors scalars to tensorboard when asked."""
+    """Appends one JSON line per logging step and sends its numbers to the report_to trackers (rank 0 only)."""
 
-    def __init__(self, output_dir: Path, report_to: str, is_main: bool) -> None:
+    def __init__(self, output_dir: Path, report_to: list[str], is_main: bool) -> None:
         self.path = output_dir / LOG_FILE
         self.is_main = is_main
-        self.writer = _tensorboard_writer(output_dir) if report_to == "tensorboard" and is_main else None
+        self.trackers = start_trackers(report_to, _tracked_run(output_dir)) if is_main else []
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append `record` as one JSON line (rank 0 only); its float fields also go to tensorboard at current_steps."""
+        """Append `record` as one JSON line (rank 0 only); its numbers also go to each tracker at current_steps."""
         if not self.is_main:
             return
         with open(self.path, "a") as handle:
             handle.write(strict_json(record) + "\n")
-        if self.writer is not None:
-            step = record["current_steps"]
-            for key, value in record.items():
-                if isinstance(value, float) and key not in ("epoch", "percentage"):
-                    self.writer.add_scalar(f"train/{key}" if "eval" not in key else key.replace("_", "/", 1), value, step)
-            self.writer.flush()
+        metrics = scalars(record)
+        for tracker in self.trackers:
+            tracker.log(metrics, record["current_steps"])
 
     def close(self) -> None:
-        """Flush and close the tensorboard writer, if any; the JSON log is closed after every line already."""
-        if self.writer is not None:
-            self.writer.close()
+        """Finish every tracker (once); the JSON log is closed after every line already."""
+        for tracker in self.trackers:
+            tracker.finish()
+        self.trackers = []
+
+
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """What trackers plot of a log line: its numbers under their own names, less the COUNTERS, the time
+    strings and non-finite values (which trainer_log.jsonl writes as null)."""
+    return {key: value for key, value in record.items()
+            if key not in COUNTERS and isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value)}
+
+
+def _tracked_run(output_dir: Path) -> TrackedRun:
+    """The run as trackers see it: named after output_dir, its params the train_config.yaml run.py wrote."""
+    config_path = output_dir / CONFIG_FILE
+    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
+    return TrackedRun(name=output_dir.resolve().name, output_dir=output_dir, config=config or {})
 
 
 def strict_json(record: dict[str, Any], indent: int | None = None) -> str:
@@ -107,21 +122,6 @@ def _smooth(values: Sequence[float]) -> list[float]:
     return smoothed
 
 
-def require_reporter(report_to: str) -> None:
-    """Fail before any work when report_to names a package that is not installed."""
-    if report_to != "tensorboard":
-        return
-    try:
-        import torch.utils.tensorboard  # noqa: F401
-    except ImportError:
-        raise TunesmithError(
-            "report_to: tensorboard needs the tensorboard package: `pip install tensorboard` "
-            "(or `pip install tunesmith[tensorboard]`), or set report_to: none.") from None
-
-
-def _tensorboard_writer(output_dir: Path) -> SummaryWriter:
-    """A writer into output_dir/runs, where transformers' Trainer also puts its tensorboard logs."""
-    require_reporter("tensorboard")
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=str(output_dir / "runs"))
+def require_reporter(report_to: list[str]) -> None:
+    """Fail before any work when report_to names a tracker whose package is not installed."""
+    chosen_trackers(report_to)

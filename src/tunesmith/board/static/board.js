@@ -38,10 +38,22 @@ function statusBadge(run) {
   return el("span", {class: `status status-${run.status}`, title: run.error || ""}, run.status);
 }
 
+// Run `work` now and every `milliseconds` (once in a report); a failure is shown on the page and retried,
+// since a run launched a moment ago may not have written its folder yet.
 function every(milliseconds, work) {
   clearInterval(state.timer);
-  work();
-  state.timer = REPORT ? null : setInterval(work, milliseconds);
+  const guarded = async () => {
+    const notice = document.getElementById("notice");
+    try {
+      await work();
+      notice.hidden = true;
+    } catch (error) {
+      notice.textContent = String(error.message).startsWith("404") ? "waiting for the run's folder to appear…" : String(error);
+      notice.hidden = false;
+    }
+  };
+  guarded();
+  state.timer = REPORT ? null : setInterval(guarded, milliseconds);
 }
 
 // ---- runs list -------------------------------------------------------------------------------------
@@ -176,7 +188,7 @@ async function showCompare(main, params) {
 async function route() {
   clearInterval(state.timer);
   const main = document.getElementById("main");
-  main.replaceChildren();
+  main.replaceChildren(el("div", {id: "notice", class: "message", hidden: true}));
   const [path, query] = location.hash.slice(1).split("?");
   const params = new URLSearchParams(query || "");
   try {

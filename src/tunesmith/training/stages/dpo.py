@@ -16,12 +16,13 @@ from typing import ClassVar
 
 import torch
 
-from tunesmith.algorithms.dpo import PREF_LOSSES, preference_loss, preference_metrics
+from tunesmith.algorithms.dpo import PREF_LOSSES, PairLogps, preference_loss, preference_metrics
 from tunesmith.config import RunConfig
 from tunesmith.config.schema import choice_message
 from tunesmith.data.pairs import PairBatch
 from tunesmith.training.distributed import process_info
 from tunesmith.training.loop import Stage, autocast_context
+from tunesmith.training.pair_log import PairScoring, pair_log
 from tunesmith.training.pairs import (
     PreferenceArgs,
     ReferenceLogps,
@@ -87,8 +88,22 @@ def build_dpo(inputs: StageInputs) -> Stage:
                 reference.cache.precompute([inputs.data.train, inputs.data.eval], compute,
                                            optim.per_device_train_batch_size, process_info())
     loss = partial(dpo_loss, args=args, chunk_size=optim.logprob_chunk_size, reference=reference)
+    scoring = PairScoring(pair_batcher(inputs.tokenizer, inputs.device), ("chosen", "rejected"),
+                          partial(implicit_rewards, args=args))
+    log = pair_log(inputs.config, inputs.data.train, scoring, inputs.reference, inputs.tokenizer, inputs.device)
     return supervised_stage(pair_objective(loss, inputs.tokenizer, inputs.device), optim.per_device_train_batch_size,
-                            optim.gradient_accumulation_steps, optim.per_device_eval_batch_size)
+                            optim.gradient_accumulation_steps, optim.per_device_eval_batch_size,
+                            None if log is None else log.write)
+
+
+def implicit_rewards(policy: torch.Tensor, reference: torch.Tensor | None, lengths: torch.Tensor,
+                     args: DPOArgs) -> torch.Tensor:
+    """[2 pairs] the rewards dpo logs (rewards/chosen, then rewards/rejected) from summed log-probs of chosen
+    then rejected answers, for pairs.jsonl."""
+    to_pairs = lambda sums: PairLogps(*sums.chunk(2), *lengths.chunk(2))  # noqa: E731
+    output = preference_loss(to_pairs(policy), None if reference is None else to_pairs(reference), args.pref_loss,
+                             args.pref_beta, args.dpo_label_smoothing, args.simpo_gamma)
+    return torch.cat([output.chosen_rewards, output.rejected_rewards])
 
 
 def needs_reference(config: RunConfig) -> bool:

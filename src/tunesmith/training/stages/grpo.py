@@ -25,6 +25,7 @@ from tunesmith.algorithms.grpo import (
     loss_items,
     soft_overlong_penalty,
 )
+from tunesmith.algorithms.ppo import kl_k3
 from tunesmith.config import RunConfig
 from tunesmith.config.schema import choice_message
 from tunesmith.training.loop import Stage
@@ -42,6 +43,7 @@ from tunesmith.training.rl import (
     stop_token_ids,
 )
 from tunesmith.training.rollout import Rollout, response_forward, sample_and_score
+from tunesmith.training.rollout_log import rollout_log
 from tunesmith.training.stages.spec import StageInputs, StageSpec
 
 
@@ -102,7 +104,8 @@ class GRPOArgs(RLArgs):
 def build_grpo(inputs: StageInputs) -> Stage:
     """GRPO as the loop's Stage: the shared RL step around GRPO's group advantages and loss."""
     config = inputs.config
-    return rl_stage(grpo_parts(inputs), config.train, config.method, config.sampling)
+    return rl_stage(grpo_parts(inputs), config.train, config.method, config.sampling,
+                    rollout_log(config.output, inputs.tokenizer))
 
 
 def grpo_parts(inputs: StageInputs) -> RLParts:
@@ -126,7 +129,9 @@ def grpo_parts(inputs: StageInputs) -> RLParts:
         batch_std = global_std(scores) if args.scale_rewards == "batch" else None
         advantages, zero_std = group_advantages(scores, group, args.scale_rewards, batch_std=batch_std)
         metrics.update({"reward": global_mean(scores), "zero_std_share": global_mean(zero_std.float())})
-        return trained_answers(sampled.with_advantages(advantages), zero_std, args, metrics), metrics
+        kl = None if sampled.ref_logps is None else kl_k3(sampled.old_logps, sampled.ref_logps) * sampled.mask
+        scored = replace(sampled, scores=scores, advantages=advantages, kl=kl)  # kl: what the loss starts from
+        return trained_answers(scored, zero_std, args, metrics), metrics
 
     def loss(model: torch.nn.Module, part: Rollout) -> tuple[torch.Tensor, dict]:
         logps, _, _ = response_forward(model, part.prompt_ids, part.response_ids, **forward)

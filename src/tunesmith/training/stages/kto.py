@@ -26,6 +26,7 @@ from tunesmith.data.pairs import KTOBatch, build_kto_examples, collate_kto
 from tunesmith.model.forward import device_multiple, sequence_logps
 from tunesmith.training.distributed import sum_over_ranks
 from tunesmith.training.loop import RunData, Stage
+from tunesmith.training.pair_log import PairScoring, pair_log
 from tunesmith.training.pairs import PreferenceArgs, ReferenceLogps, count_pairs
 from tunesmith.training.stages.spec import StageInputs, StageSpec
 from tunesmith.training.supervised import Objective, supervised_stage
@@ -108,8 +109,13 @@ def build_kto(inputs: StageInputs) -> Stage:
     loss = partial(kto_loss, args=inputs.config.method, chunk_size=optim.logprob_chunk_size, reference=reference)
     collate = partial(collate_kto, pad_token_id=inputs.tokenizer.pad_token_id,
                       pad_to_multiple_of=device_multiple(inputs.device))
+    beta = inputs.config.method.pref_beta
+    scoring = PairScoring(lambda rows: collate(rows).answers, ("chosen",),
+                          lambda policy, reference, lengths: beta * (policy - reference))  # KTO's implicit reward
+    log = pair_log(inputs.config, inputs.data.train, scoring, inputs.reference, inputs.tokenizer, inputs.device)
     return supervised_stage(Objective(loss, collate, count_pairs, inputs.device), optim.per_device_train_batch_size,
-                            optim.gradient_accumulation_steps, optim.per_device_eval_batch_size)
+                            optim.gradient_accumulation_steps, optim.per_device_eval_batch_size,
+                            None if log is None else log.write)
 
 
 def always(config: RunConfig) -> bool:

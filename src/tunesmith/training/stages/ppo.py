@@ -54,6 +54,7 @@ from tunesmith.training.rl import (
     stop_token_ids,
 )
 from tunesmith.training.rollout import Rollout, response_forward, sample_and_score
+from tunesmith.training.rollout_log import rollout_log
 from tunesmith.training.stages.spec import StageInputs, StageSpec
 
 
@@ -129,7 +130,8 @@ class _ControllerState:
 def build_ppo(inputs: StageInputs) -> Stage:
     """PPO as the loop's Stage: the shared RL step around PPO's rollout maths and loss."""
     config = inputs.config
-    return rl_stage(ppo_parts(inputs), config.train, config.method, config.sampling)
+    return rl_stage(ppo_parts(inputs), config.train, config.method, config.sampling,
+                    rollout_log(config.output, inputs.tokenizer))
 
 
 def ppo_parts(inputs: StageInputs) -> RLParts:
@@ -170,7 +172,7 @@ def ppo_parts(inputs: StageInputs) -> RLParts:
         if critic:
             metrics["value"] = masked_mean(sampled.old_values, mask, total).item()
         controller.update(sequence_kl, int(global_count(len(sampled.response_ids))))
-        return sampled.with_advantages(advantages, returns), metrics
+        return sampled.with_advantages(advantages, returns, kl), metrics
 
     def loss(model: torch.nn.Module, part: Rollout) -> tuple[torch.Tensor, dict]:
         logps, entropy, values = response_forward(model, part.prompt_ids, part.response_ids, with_values=critic,
