@@ -128,7 +128,8 @@ def board_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def runs_root(tmp_path_factory, board_model):
-    """A root holding finished tiny runs: `sft` (LoRA SFT) and `grpo` (rollouts logged every step)."""
+    """A root holding finished tiny runs: `sft` (LoRA SFT), `dpo` (pairs logged every step) and `grpo`
+    (rollouts logged every step)."""
     from tunesmith.training.configure import build_config
     from tunesmith.training.run import run_training
 
@@ -143,6 +144,13 @@ def runs_root(tmp_path_factory, board_model):
             "lora_rank": 4, "lora_target": "all", "max_new_tokens": 12, "seed": 0}
     run_training(build_config({**base, "max_steps": 8, "save_steps": 4, "output_dir": str(root / "sft")}),
                  say=lambda *_: None)
+    pairs = [{"instruction": f"Describe thing {i}.", "input": "", "chosen": f"Thing {i} is kind.",
+              "rejected": f"Thing {i} is rude."} for i in range(8)]
+    (data / "pairs.json").write_text(json.dumps(pairs))
+    (data / "dataset_info.json").write_text(json.dumps({"tiny": {"file_name": "tiny.json"},
+                                                        "pairs": {"file_name": "pairs.json", "ranking": True}}))
+    run_training(build_config({**base, "stage": "dpo", "dataset": "pairs", "max_steps": 3, "log_rollouts_steps": 1,
+                               "output_dir": str(root / "dpo")}), say=lambda *_: None)
     run_training(build_config({**base, "stage": "grpo", "max_steps": 3, "num_generations": 2, "log_rollouts_steps": 1,
                                "reward_function": "tunesmith.demos.synthetic:kindness_reward",
                                "adapter_name_or_path": str(root / "sft"), "output_dir": str(root / "grpo")}),

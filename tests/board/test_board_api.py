@@ -186,3 +186,12 @@ def test_a_launched_run_that_dies_before_its_folder_shows_why(client, board_root
     assert "no_such_model" in details["console"] and "output_dir" in details["config"]
     assert client.get("/api/metrics", params={"name": "early"}).json()["series"] == {}
     assert not (board_root / "early").exists()
+
+
+def test_examples_beside_the_board_prefill_the_form(board_root, tmp_path, monkeypatch):
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "sft_lora.yaml").write_text("stage: sft\nlearning_rate: 1.0e-4\n")
+    (tmp_path / "examples" / "broken.yaml").write_text("stage: [\n")
+    monkeypatch.chdir(tmp_path)
+    examples = TestClient(create_app(board_root)).get("/api/examples").json()["examples"]
+    assert examples == {"sft_lora.yaml": {"stage": "sft", "learning_rate": 1.0e-4}}

@@ -57,32 +57,47 @@ def test_compare_overlays_one_metric_across_runs(page, serve, runs_root, screens
     screenshot(page, "compare")
 
 
-def test_launch_from_the_form_trains_while_the_chart_grows(page, serve, runs_root, tmp_path, screenshot):
+def test_a_run_launched_from_the_form_finishes_and_is_listed(page, serve, runs_root, tmp_path, screenshot):
     root = tmp_path / "root"
     shutil.copytree(runs_root / "sft", root / "sft")
     server = serve(root)
     page.goto(server.url + "#/launch?from=sft")
-    page.locator("#key-output_dir").wait_for()
-    page.wait_for_function("document.querySelector('#key-output_dir').value === 'sft-again'")
-    page.fill("#key-max_steps", "300")
+    page.wait_for_function("document.querySelector('#key-output_dir')?.value === 'sft-again'")
+    page.fill("#key-max_steps", "30")
     page.fill("#key-save_steps", "0")
     screenshot(page, "launch")
     page.click("#start-run")
     page.wait_for_url("**#/run/sft-again")
-    legend = page.locator(".chart-box[data-chart='loss'] .legend-item[data-series='loss']")
-    legend.wait_for(timeout=WAIT)
-    seen = set()
-    while page.locator(".run-header .status").inner_text() != "finished":
-        seen.add(int(legend.get_attribute("data-count")))
-        page.wait_for_timeout(200)
-        assert page.locator(".run-header .status").inner_text() in ("running", "finished")
-    assert len(seen) >= 2, f"the chart never grew while the run trained: {seen}"
-    page.wait_for_function("document.querySelector(\".legend-item[data-series='loss']\").dataset.count === '300'",
-                           timeout=WAIT)
+    page.wait_for_function("document.querySelector('.run-header .status')?.textContent === 'finished'", timeout=WAIT)
+    assert page.locator(".legend-item[data-series='loss']").get_attribute("data-count") == "30"
     page.goto(server.url)
     row = page.locator("tr.run-row[data-run='sft-again']")
     row.wait_for()
-    assert row.locator(".status").inner_text() == "finished" and row.locator("td.steps").inner_text() == "300 / 300"
+    assert row.locator(".status").inner_text() == "finished" and row.locator("td.steps").inner_text() == "30 / 30"
+
+
+def test_a_training_runs_chart_grows_and_stop_ends_it_gracefully(page, serve, runs_root, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(runs_root / "sft", root / "sft")
+    server = serve(root)
+    page.goto(server.url + "#/launch?from=sft")
+    page.wait_for_function("document.querySelector('#key-output_dir')?.value === 'sft-again'")
+    page.fill("#key-max_steps", "1000000")
+    page.fill("#key-save_steps", "0")
+    page.click("#start-run")
+    page.wait_for_url("**#/run/sft-again")
+    legend = page.locator(".chart-box[data-chart='loss'] .legend-item[data-series='loss']")
+    legend.wait_for(timeout=WAIT)
+    seen = {int(legend.get_attribute("data-count"))}
+    for _ in range(3):  # the page polls once a second: each new poll draws the lines logged since
+        page.wait_for_function(f"+document.querySelector(\".legend-item[data-series='loss']\").dataset.count > {max(seen)}",
+                               timeout=WAIT)
+        seen.add(int(legend.get_attribute("data-count")))
+    assert page.locator(".run-header .status").inner_text() == "running"
+    page.click("#stop-run")
+    page.wait_for_function("document.querySelector('.run-header .status').textContent === 'stopped'", timeout=WAIT)
+    assert json.loads((root / "sft-again" / "run_status.json").read_text())["status"] == "stopped"
+    assert "checkpoint-" in page.locator("#checkpoints").inner_text()  # the graceful stop's checkpoint
 
 
 def test_a_typo_in_the_form_gets_the_clis_did_you_mean(page, serve, runs_root):
@@ -155,3 +170,21 @@ def test_the_report_opens_from_disk_with_the_same_chart(page, runs_root, screens
     assert legend.get_attribute("data-count") == str(loss_lines(runs_root / "grpo"))
     page.locator(".rollout .token").first.wait_for()
     screenshot(page, "report")
+
+
+def test_a_dpo_runs_fixed_pairs_show_rewards_over_steps_and_log_ratios(page, serve, runs_root, screenshot):
+    logged = [json.loads(line) for line in (runs_root / "dpo" / "pairs.jsonl").read_text().splitlines()]
+    steps = sorted({record["step"] for record in logged})
+    server = serve(runs_root)
+    page.goto(server.url + "#/run/dpo")
+    chosen = page.locator("#pair-rewards .legend-item[data-series='chosen reward']")
+    chosen.wait_for()
+    assert chosen.get_attribute("data-count") == str(len(steps))
+    last = next(r for r in logged if r["step"] == steps[-1] and r["pair"] == 0)
+    tokens = page.locator("[data-side='rejected'] .token")
+    assert tokens.count() == len(last["rejected_tokens"])
+    tokens.nth(1).hover()
+    shown = dict(line.split(": ", 1) for line in page.locator("#token-tip").inner_text().splitlines()[1:])
+    assert float(shown["logratio"]) == last["rejected_logratio"][1]
+    assert float(shown["logps"]) == last["rejected_logps"][1]
+    screenshot(page, "pairs")

@@ -196,6 +196,14 @@ def test_tracker_fans_out_on_rank_zero_only(monkeypatch, tmp_path):
     assert recorder.finished and read_log(tmp_path) == [line]
 
 
+def test_run_name_names_the_tracker_run(monkeypatch, tmp_path):
+    monkeypatch.setitem(TRACKERS, "wandb", Recorder)
+    monkeypatch.setattr(Recorder, "started", [])
+    (tmp_path / "train_config.yaml").write_text("run_name: llama3-lora-sft\n")  # LLaMA-Factory's key
+    Tracker(tmp_path, ["wandb"], is_main=True).close()
+    assert Recorder.started[0].run.name == "llama3-lora-sft"
+
+
 def test_all_with_no_tracker_installed_keeps_the_json_log(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(trackers, "installed", lambda name: False)
     tracker = Tracker(tmp_path, ["all"], is_main=True)

@@ -154,6 +154,10 @@ def _action_routes(app: FastAPI, launcher: Launcher, chats: Chats) -> None:
     def schema() -> dict:
         return form_schema()
 
+    @app.get("/api/examples")
+    def examples() -> dict:
+        return {"examples": launcher.examples()}
+
     @app.post("/api/check")
     def check(request: LaunchRequest) -> dict:
         raw, _ = launcher.check(request.config)

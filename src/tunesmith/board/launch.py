@@ -93,6 +93,19 @@ class Launcher:
         child = self.children.get(name)
         return child is not None and child.poll() is None
 
+    def examples(self) -> dict[str, dict]:
+        """The example configs beside the board (`examples/*.yaml` of its working folder, as in this
+        repository) by file name, to prefill the form; a file that does not parse is left out."""
+        found = {}
+        for path in sorted((self.workdir / "examples").glob("*.yaml")):
+            try:
+                values = yaml.safe_load(path.read_text())
+            except (OSError, yaml.YAMLError):
+                continue
+            if isinstance(values, dict):
+                found[path.name] = values
+        return found
+
     def early_failure(self, name: str) -> dict | None:
         """For a run this board started that exited before writing its folder (its config's model or data
         failed to load): the run page's facts, with the child's output as the error and console."""

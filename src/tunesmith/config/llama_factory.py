@@ -13,7 +13,7 @@ IGNORED_KEYS = {
     "freeze_vision_tower", "freeze_multi_modal_projector", "image_max_pixels", "video_max_pixels",
     "enable_thinking", "streaming", "buffer_size", "mix_strategy", "disable_gradient_checkpointing",
     "upcast_layernorm", "upcast_lmhead_output", "use_fast_tokenizer", "low_cpu_mem_usage",
-    "cache_dir", "hf_hub_token", "ms_hub_token", "run_name", "logging_dir", "save_strategy",
+    "cache_dir", "hf_hub_token", "ms_hub_token", "logging_dir", "save_strategy",
     "save_safetensors", "optim", "pure_bf16", "plot_loss_keys", "print_param_status", "export_device",
 }
 

@@ -76,6 +76,8 @@ class OutputArgs:
     """Write training_loss.png (and training_eval_loss.png) into output_dir."""
     report_to: list[str] = dataclasses.field(default_factory=lambda: ["none"])
     """Where metrics go besides trainer_log.jsonl: none, tensorboard, wandb, mlflow, swanlab, trackio, a comma list of them, or all (every one installed); each needs its package (`pip install 'tunesmith[trackers]'`) and reads its own env vars (WANDB_MODE, MLFLOW_TRACKING_URI, SWANLAB_MODE, ...)."""
+    run_name: str | None = None
+    """The run's name in experiment trackers (default: output_dir's folder name)."""
     eval_strategy: str = "no"
     """When to evaluate during training: no, steps or epoch."""
     eval_steps: int | None = None

@@ -55,10 +55,11 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
 
 
 def _tracked_run(output_dir: Path) -> TrackedRun:
-    """The run as trackers see it: named after output_dir, its params the train_config.yaml run.py wrote."""
+    """The run as trackers see it: named `run_name` (LLaMA-Factory's key) or after output_dir, its params the
+    train_config.yaml run.py wrote."""
     config_path = output_dir / CONFIG_FILE
-    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
-    return TrackedRun(name=output_dir.resolve().name, output_dir=output_dir, config=config or {})
+    config = (yaml.safe_load(config_path.read_text()) if config_path.exists() else {}) or {}
+    return TrackedRun(name=config.get("run_name") or output_dir.resolve().name, output_dir=output_dir, config=config)
 
 
 def strict_json(record: dict[str, Any], indent: int | None = None) -> str:

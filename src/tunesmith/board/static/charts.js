@@ -90,7 +90,7 @@ function drawChart(element, series, options) {
     label.textContent = formatNumber(t);
     svg.append(label);
   }
-  for (const t of niceTicks(x0, x1, 6)) {
+  for (const t of niceTicks(x0, x1, 6).filter((t) => xIndex || Number.isInteger(t))) {  // steps are whole
     const label = svgElement("text", {x: sx(t), y: height - 8, class: "tick", "text-anchor": "middle"});
     label.textContent = xIndex ? formatSeconds(t) : formatNumber(t);
     svg.append(label);

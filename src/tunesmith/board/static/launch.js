@@ -36,11 +36,12 @@ function keyField(entry) {
 
 async function showLaunch(main, params) {
   const {el, api} = board();
-  const [schema, runs] = await Promise.all([api("/api/schema"), api("/api/runs")]);
+  const [schema, runs, examples] = await Promise.all([api("/api/schema"), api("/api/runs"), api("/api/examples")]);
   const message = el("div", {id: "launch-message", class: "message", hidden: true});
   const preview = el("pre", {id: "launch-yaml"});
   const form = el("form", {class: "launch", id: "launch-form"});
   const source = el("select", {id: "launch-from"}, el("option", {value: ""}, "an empty config"),
+    Object.keys(examples.examples).map((e) => el("option", {value: "example:" + e}, `example ${e}`)),
     runs.runs.map((r) => el("option", {value: r.name}, `the config of ${r.name}`)));
   for (const section of schema.sections) {
     const details = el("details", {open: OPEN_SECTIONS.has(section.name)},
@@ -65,7 +66,9 @@ async function showLaunch(main, params) {
   }}, "Start");
   form.oninput = () => { preview.textContent = composeYaml(form); };
   source.onchange = async () => {
-    if (source.value) fill(form, (await api("/api/run?name=" + encodeURIComponent(source.value))).config_values, source.value);
+    const example = source.value.startsWith("example:") ? source.value.slice(8) : null;
+    if (example) fill(form, examples.examples[example], example.replace(/\.yaml$/, ""));
+    else if (source.value) fill(form, (await api("/api/run?name=" + encodeURIComponent(source.value))).config_values, source.value + "-again");
     preview.textContent = composeYaml(form);
   };
   main.append(el("h2", {}, "launch a run"), el("div", {class: "toolbar"}, el("label", {}, "start from ", source), check, start),
@@ -73,13 +76,19 @@ async function showLaunch(main, params) {
   if (params.get("from")) { source.value = params.get("from"); await source.onchange(); }
 }
 
-function fill(form, values, name) {
+// The form's fields set to `values` (a key at its default stays empty), extra keys in "other keys", and
+// output_dir a fresh folder under the root.
+function fill(form, values, outputDir) {
   for (const input of form.querySelectorAll("input[data-key]")) {
     const value = values[input.dataset.key];
-    const shown = Array.isArray(value) ? value.join(",") : value === null || value === undefined ? "" : String(value);
+    const shown = Array.isArray(value) ? value.join(",") : value === null || value === undefined ? "" :
+      typeof value === "object" ? JSON.stringify(value) : String(value);
     input.value = shown === input.placeholder ? "" : shown;
   }
-  form.querySelector("#key-output_dir").value = name + "-again";
+  const known = new Set([...form.querySelectorAll("input[data-key]")].map((input) => input.dataset.key));
+  form.querySelector("#extra-keys").value = Object.entries(values).filter(([k]) => !known.has(k))
+    .map(([k, v]) => `${k}: ${JSON.stringify(v)}`).join("\n");
+  form.querySelector("#key-output_dir").value = outputDir;
 }
 
 function runActions(run) {
