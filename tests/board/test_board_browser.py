@@ -7,6 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from tunesmith.board.report import write_report
 
 WAIT = 60_000  # ms: a launched run starts a Python process and imports torch
@@ -57,17 +59,27 @@ def test_compare_overlays_one_metric_across_runs(page, serve, runs_root, screens
     screenshot(page, "compare")
 
 
-def test_a_run_launched_from_the_form_finishes_and_is_listed(page, serve, runs_root, tmp_path, screenshot):
-    root = tmp_path / "root"
-    shutil.copytree(runs_root / "sft", root / "sft")
-    server = serve(root)
+def launch_from_sft(page, server, max_steps: int, before_start=lambda: None) -> None:
+    """Open the form prefilled from the `sft` run, set max_steps, Start, and land on the new run's page."""
     page.goto(server.url + "#/launch?from=sft")
     page.wait_for_function("document.querySelector('#key-output_dir')?.value === 'sft-again'")
-    page.fill("#key-max_steps", "30")
+    page.fill("#key-max_steps", str(max_steps))
     page.fill("#key-save_steps", "0")
-    screenshot(page, "launch")
+    before_start()
     page.click("#start-run")
     page.wait_for_url("**#/run/sft-again")
+
+
+@pytest.fixture
+def root_with_sft(runs_root, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(runs_root / "sft", root / "sft")
+    return root
+
+
+def test_a_run_launched_from_the_form_finishes_and_is_listed(page, serve, root_with_sft, screenshot):
+    server = serve(root_with_sft)
+    launch_from_sft(page, server, 30, before_start=lambda: screenshot(page, "launch"))
     page.wait_for_function("document.querySelector('.run-header .status')?.textContent === 'finished'", timeout=WAIT)
     assert page.locator(".legend-item[data-series='loss']").get_attribute("data-count") == "30"
     page.goto(server.url)
@@ -76,16 +88,9 @@ def test_a_run_launched_from_the_form_finishes_and_is_listed(page, serve, runs_r
     assert row.locator(".status").inner_text() == "finished" and row.locator("td.steps").inner_text() == "30 / 30"
 
 
-def test_a_training_runs_chart_grows_and_stop_ends_it_gracefully(page, serve, runs_root, tmp_path):
-    root = tmp_path / "root"
-    shutil.copytree(runs_root / "sft", root / "sft")
-    server = serve(root)
-    page.goto(server.url + "#/launch?from=sft")
-    page.wait_for_function("document.querySelector('#key-output_dir')?.value === 'sft-again'")
-    page.fill("#key-max_steps", "1000000")
-    page.fill("#key-save_steps", "0")
-    page.click("#start-run")
-    page.wait_for_url("**#/run/sft-again")
+def test_a_training_runs_chart_grows_and_stop_ends_it_gracefully(page, serve, root_with_sft):
+    root = root_with_sft
+    launch_from_sft(page, serve(root), 1_000_000)
     legend = page.locator(".chart-box[data-chart='loss'] .legend-item[data-series='loss']")
     legend.wait_for(timeout=WAIT)
     seen = {int(legend.get_attribute("data-count"))}
