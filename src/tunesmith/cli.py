@@ -88,7 +88,7 @@ def _api(args) -> None:
 
     config = _command_config(args, "api")
     # LLaMA-Factory's environment variables, overridden by the config's keys
-    host = config.inference.host or os.environ.get("API_HOST") or "0.0.0.0"
+    host = config.inference.host or os.environ.get("API_HOST") or "127.0.0.1"
     port = config.inference.port
     if port is None:
         text = os.environ.get("API_PORT") or "8000"

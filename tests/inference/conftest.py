@@ -1,4 +1,9 @@
-"""A tiny model folder with a LoRA adapter (random, non-zero), and a LoRA reward model on the same base."""
+"""A tiny model folder with a LoRA adapter (random, non-zero), a LoRA reward model on the same base, and
+`serve_api`, which starts `tunesmith api`'s app under uvicorn on a free local port."""
+
+import socket
+import threading
+import time
 
 import pytest
 import torch
@@ -44,3 +49,27 @@ def reward_adapter(chat_model, tmp_path_factory) -> str:
 def adapter_writer():
     """write_random_adapter(base, folder, seed) for tests that build their own bases."""
     return write_random_adapter
+
+
+def serve(engine, api_key: str | None):
+    """(uvicorn server, its thread, base URL) for `create_app(engine, "tiny", api_key)`."""
+    import uvicorn
+
+    from tunesmith.inference.server import create_app
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, "tiny", api_key), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    return server, thread, f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.fixture(scope="session")
+def serve_api():
+    """serve(engine, api_key) -> (server, thread, url); stop with server.should_exit = True."""
+    return serve

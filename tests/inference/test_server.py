@@ -3,7 +3,6 @@
 import dataclasses
 import http.client
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -11,28 +10,13 @@ import urllib.request
 
 import openai
 import pytest
-import uvicorn
 
 from tunesmith.inference.engine import Engine
-from tunesmith.inference.server import create_app
 from tunesmith.model.reward_model import RewardModel
 from tunesmith.training.configure import build_config
 from tunesmith.training.rewards import Scored, http_rewards
 
 KEY = "test-key"
-
-
-def serve(engine: Engine, api_key: str | None):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, "tiny", api_key), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    return server, thread, f"http://127.0.0.1:{port}/v1"
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +27,8 @@ def engine(chat_model):
 
 
 @pytest.fixture(scope="module")
-def server(engine):
-    server, thread, url = serve(engine, KEY)
+def server(engine, serve_api):
+    server, thread, url = serve_api(engine, KEY)
     yield url
     server.should_exit = True
     thread.join(timeout=10)
@@ -167,10 +151,10 @@ def test_a_client_that_leaves_mid_stream_frees_the_worker(server, engine, monkey
     assert len(steps) < 100
 
 
-def test_reward_model_scores_over_http_as_ppo_expects(reward_adapter, chat_model):
+def test_reward_model_scores_over_http_as_ppo_expects(reward_adapter, chat_model, serve_api):
     engine = Engine.load(build_config({"model_name_or_path": chat_model[0], "adapter_name_or_path": reward_adapter},
                                       command="api"))
-    server, thread, url = serve(engine, None)
+    server, thread, url = serve_api(engine, None)
     try:
         conversations = [[{"role": "user", "content": "Describe the river."}, {"role": "assistant", "content": a}]
                          for a in ("The river is calm.", "The river is cold.")]
@@ -216,3 +200,98 @@ def test_the_worker_survives_cancelled_and_failing_jobs():
     with pytest.raises(ZeroDivisionError):
         failing.future.result(timeout=5)
     assert worker.submit(Job(lambda cancelled: "alive")).future.result(timeout=5) == "alive"
+
+
+def test_openai_forms_clients_send(server, engine):
+    client = openai.OpenAI(api_key=KEY, base_url=server, max_retries=0)
+    parts = client.chat.completions.create(model="tiny", temperature=0, max_tokens=16, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "there"}]}])
+    assert parts.choices[0].message.content == greedy_text(engine, "hello\nthere")
+    developer = client.chat.completions.create(model="tiny", temperature=0, max_tokens=4, messages=[
+        {"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+    system = client.chat.completions.create(model="tiny", temperature=0, max_tokens=4, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+    assert developer.choices[0].message.content == system.choices[0].message.content
+    assert developer.usage.prompt_tokens == system.usage.prompt_tokens
+    image = [{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
+    status, body = post(f"{server}/chat/completions", {"messages": [{"role": "user", "content": image}]})
+    assert status == 400 and body["error"]["param"] == "messages[0].content[1]" and "image_url" in body["error"]["message"]
+    request = urllib.request.Request(f"{server}/chat/completions", data=json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"bearer {KEY}"})
+    with urllib.request.urlopen(request) as response:
+        assert response.status == 200
+
+
+def test_roles_that_do_not_alternate_reach_the_model_whole(server, engine):
+    messages = [{"role": "assistant", "content": "Bravo"}, {"role": "user", "content": "Alpha"},
+                {"role": "user", "content": "Charlie"}]
+    status, body = post(f"{server}/chat/completions", {"messages": messages, "max_tokens": 2})
+    assert status == 200 and body["usage"]["prompt_tokens"] == len(engine.prompt_ids(messages))
+    text = engine.tokenizer.decode(engine.prompt_ids(messages))
+    assert [text.count(word) for word in ("Bravo", "Alpha", "Charlie")] == [1, 1, 1]
+    assert text.index("Bravo") < text.index("Alpha") < text.index("Charlie")
+    misplaced = [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "c"}]
+    status, body = post(f"{server}/chat/completions", {"messages": misplaced})
+    assert status == 400 and "messages[1]" in body["error"]["message"]
+
+
+def test_client_errors_are_400s_without_internals(server):
+    for body in ({"messages": [{"role": "user", "content": "hi"}], "seed": 2**80},
+                 {"messages": [{"role": "user", "content": "\ud800"}]}):
+        status, answer = post(f"{server}/chat/completions", body)
+        assert status == 400 and answer["error"]["type"] == "invalid_request_error", answer
+        assert "Error(" not in answer["error"]["message"] and "Traceback" not in answer["error"]["message"]
+
+
+def test_a_chunked_body_over_the_limit_is_refused_while_it_is_read(server):
+    host, port = server.split("//")[1].split("/")[0].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.putrequest("POST", "/v1/chat/completions")
+    for name, value in (("Content-Type", "application/json"), ("Authorization", f"Bearer {KEY}"),
+                        ("Transfer-Encoding", "chunked")):
+        connection.putheader(name, value)
+    connection.endheaders()
+    chunk = b'{"messages": "' + b"x" * 2**20
+    try:
+        for _ in range(5):  # 5 MB and no final chunk: the server must answer without the end of the body
+            connection.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    response = connection.getresponse()
+    assert response.status == 413 and set(json.loads(response.read())["error"]) == {"message", "type", "param", "code"}
+    connection.close()
+
+
+def test_a_waiting_client_that_leaves_frees_the_worker(server, engine, monkeypatch):
+    steps = []
+    real_generate = Engine.generate
+
+    def counting_generate(self, conversations, settings, num_samples=1, on_step=None, generator=None):
+        def counted(tokens):
+            steps.append(1)
+            return on_step(tokens)
+        return real_generate(self, conversations, settings, num_samples, counted, generator)
+
+    monkeypatch.setattr(Engine, "generate", counting_generate)
+    # every token is sampled and none ends the answer: only a cancel stops it before 200 steps
+    monkeypatch.setattr(Engine, "stop_ids", property(lambda self: []))
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 200}
+    host, port = server.split("//")[1].split("/")[0].split(":")
+    connection = http.client.HTTPConnection(host, int(port))
+    connection.request("POST", "/v1/chat/completions", json.dumps(body),
+                       {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    while not steps:  # the job has started
+        time.sleep(0.01)
+    connection.close()
+    client = openai.OpenAI(api_key=KEY, base_url=server)
+    assert ask(client, "hello there", temperature=0, max_tokens=4).choices[0].message.content is not None
+    assert len(steps) < 100 + 4
+
+
+def test_listening_beyond_loopback_without_a_key_warns():
+    from tunesmith.inference.server import exposure_warning
+
+    assert exposure_warning("127.0.0.1", None) is None and exposure_warning("localhost", None) is None
+    assert exposure_warning("::1", None) is None and exposure_warning("0.0.0.0", "secret") is None
+    assert "WARNING" in exposure_warning("0.0.0.0", None) and "WARNING" in exposure_warning("192.168.1.5", None)

@@ -69,7 +69,7 @@ class InferenceArgs:
     export_gguf_type: str = "f16"
     """export with export_format gguf: the weights' type, f32, f16, bf16 or q8_0 (norms and biases stay f32)."""
     host: str | None = None
-    """api: address to listen on (default: the API_HOST environment variable, else 0.0.0.0)."""
+    """api: address to listen on (default: the API_HOST environment variable, else 127.0.0.1: this machine only; 0.0.0.0 listens on every interface)."""
     port: int | None = None
     """api: port to listen on (default: the API_PORT environment variable, else 8000)."""
 

@@ -9,7 +9,9 @@ the end-of-turn marker, so the model learns to stop. Two kinds of template:
   rendering growing prefixes of the conversation and checking each is a prefix of the next.
 
 Every segment is tokenised on its own with `add_special_tokens=False`, like LLaMA-Factory, so the
-ids of a conversation are exactly the concatenation of its segments.
+ids of a conversation are exactly the concatenation of its segments. A prompt (`encode_prompt`) is first
+shaped for the template by conversation.py (roles that do not alternate) and keeps special-token text in
+messages as text (plain_text.py).
 Usage: `template = get_template("qwen", tokenizer); turns = template.encode_turns(tokenizer, messages)`.
 """
 
@@ -20,6 +22,8 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tunesmith.data.conversation import check_rendered, prompt_conversation
+from tunesmith.data.plain_text import PlainText
 from tunesmith.errors import TunesmithError
 
 if TYPE_CHECKING:
@@ -33,10 +37,18 @@ def _encode_segments(tokenizer: PreTrainedTokenizerBase, turns: list) -> list:
     return [(encode(prompt), encode(response)) for prompt, response in turns]
 
 
-def _encode_prompt(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase, messages: list) -> list:
-    """Ids asking for the next assistant turn, segmented exactly as in training (earlier turns whole)."""
-    turns = template.encode_turns(tokenizer, messages + [{"role": "assistant", "content": ""}])
-    return [t for prompt, response in turns[:-1] for t in prompt + response] + turns[-1][0]
+def _encode_prompt(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase, messages: list,
+                   default_system: str | None) -> list:
+    """Ids asking for the next assistant turn, segmented as in training (each segment tokenised on its own).
+    The conversation is first shaped for the template (conversation.py) and its special-token text kept
+    as text (plain_text.py); a message the template would not render is an error, never dropped."""
+    turns, origins = prompt_conversation(messages, default_system)
+    plain = PlainText(tokenizer)
+    turns = [{"role": turn["role"], "content": plain.protect(turn["content"])} for turn in turns]
+    segments = template.render_turns(tokenizer, turns + [{"role": "assistant", "content": ""}])
+    check_rendered("".join(prompt + response for prompt, response in segments), turns, origins)
+    texts = [text for pair in segments[:-1] for text in pair] + [segments[-1][0]]
+    return [t for text in texts for t in plain.encode(text)]
 
 
 def _split_system(messages: list) -> tuple:
@@ -70,26 +82,32 @@ class FormatTemplate:
         return slot.replace("{content}", content)
 
     def render_turns(self, tokenizer: PreTrainedTokenizerBase, messages: list) -> list:
-        """[(prompt_text, response_text)] per user/assistant pair."""
+        """[(prompt_text, response_text)] per assistant message with the user message before it."""
         system, turns = _split_system(messages)
         system = system or self.default_system
         head = self._fill(self.prefix, tokenizer)
         if system:
             head += self._fill(self.system, tokenizer, system)
-        pairs = []
-        for index in range(0, len(turns) - 1, 2):
-            prompt = self._fill(self.user, tokenizer, turns[index]["content"])
-            response = self._fill(self.assistant, tokenizer, turns[index + 1]["content"])
-            pairs.append(((head if index == 0 else "") + prompt, response))
+        pairs, user = [], ""
+        for message in turns:
+            if message["role"] == "system":  # a later one, after an answer (conversation.py places it)
+                head += self._fill(self.system, tokenizer, message["content"])
+            elif message["role"] == "user":
+                user = message["content"]
+            else:
+                prompt = self._fill(self.user, tokenizer, user)
+                pairs.append((head + prompt, self._fill(self.assistant, tokenizer, message["content"])))
+                head, user = "", ""
         return pairs
 
     def encode_turns(self, tokenizer: PreTrainedTokenizerBase, messages: list) -> list:
         """[(prompt_ids, response_ids)] per user/assistant pair, each segment tokenised on its own."""
         return _encode_segments(tokenizer, self.render_turns(tokenizer, messages))
 
-    def encode_prompt(self, tokenizer: PreTrainedTokenizerBase, messages: list) -> list:
+    def encode_prompt(self, tokenizer: PreTrainedTokenizerBase, messages: list, default_system: str | None = None
+                      ) -> list:
         """Prompt ids for generation from a conversation ending with a user turn."""
-        return _encode_prompt(self, tokenizer, messages)
+        return _encode_prompt(self, tokenizer, messages, default_system)
 
     def stop_token_ids(self, tokenizer: PreTrainedTokenizerBase) -> list:
         """Token ids that end generation: the stop words and EOS."""
@@ -202,9 +220,10 @@ class JinjaTemplate:
         """[(prompt_ids, response_ids)] per assistant message, each segment tokenised on its own."""
         return _encode_segments(tokenizer, self.render_turns(tokenizer, messages))
 
-    def encode_prompt(self, tokenizer: PreTrainedTokenizerBase, messages: list) -> list:
+    def encode_prompt(self, tokenizer: PreTrainedTokenizerBase, messages: list, default_system: str | None = None
+                      ) -> list:
         """Prompt ids for generation from a conversation ending with a user turn."""
-        return _encode_prompt(self, tokenizer, messages)
+        return _encode_prompt(self, tokenizer, messages, default_system)
 
     def stop_token_ids(self, tokenizer: PreTrainedTokenizerBase) -> list:
         """EOS plus the special tokens the template puts after an assistant message."""

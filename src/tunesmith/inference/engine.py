@@ -75,10 +75,10 @@ class Engine:
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """Token ids of the conversation so far plus the assistant's turn opening: what to continue."""
-        messages = self.with_system(messages)
+        check_messages(messages)
         if messages[-1]["role"] != "user":
             raise TunesmithError("the conversation must end with a user message for the model to answer it.")
-        return self.template.encode_prompt(self.tokenizer, messages)
+        return self.template.encode_prompt(self.tokenizer, messages, self.default_system)
 
     def generate(self, conversations: list[list[dict]], settings: SamplingSettings, num_samples: int = 1,
                  on_step: Callable[[list[int]], Iterable[int] | None] | None = None,
@@ -129,6 +129,12 @@ def check_messages(messages: list[dict]) -> None:
                                  f"{message.get('role') if isinstance(message, dict) else message!r}.")
         if not isinstance(message.get("content"), str):
             raise TunesmithError(f"messages[{index}].content must be a string.")
+        if not message["content"].isascii():
+            try:
+                message["content"].encode("utf-8")
+            except UnicodeEncodeError as err:  # a lone surrogate (\ud800): JSON allows it, a tokenizer does not
+                raise TunesmithError(f"messages[{index}].content is not valid Unicode text (character "
+                                     f"{err.start}).") from None
 
 
 def _load_weights(model_args: ModelArgs, template: str | None, dtype: torch.dtype, device: torch.device,

@@ -8,17 +8,21 @@
 
 One worker thread owns the model and runs one request at a time, so requests never mix their outputs;
 the others wait in a bounded queue (HTTP 429 once it is full). A streaming client that disconnects
-cancels its request, which frees the worker at the next token. Errors use OpenAI's JSON shape
-{"error": {"message", "type", "param", "code"}}. With an API key set, requests must carry
-`Authorization: Bearer <key>`.
+cancels its request, which frees the worker at the next token; so does a non-streaming client that
+disconnects while it waits. Checking a request and tokenising its prompt run in a thread pool, never on
+the event loop. Errors use OpenAI's JSON shape (api_errors.py); the API key and the body limit are
+checked before any route (api_guard.py); OpenAI's content-part lists and `developer` role are read as
+text and `system` (api_messages.py); roles that do not alternate are shaped in data/conversation.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import json
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -28,12 +32,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.concurrency import run_in_threadpool
 
 from tunesmith.errors import TunesmithError
+from tunesmith.inference.api_errors import ApiError, add_error_handlers, error_body, server_failure
+from tunesmith.inference.api_guard import Guard
+from tunesmith.inference.api_messages import plain_messages
 from tunesmith.inference.engine import Engine, TextStream, trained_folder
 
 if TYPE_CHECKING:
@@ -41,7 +47,8 @@ if TYPE_CHECKING:
 
 MAX_WAITING = 32  # queued requests beyond the running one
 MAX_CHOICES = 16
-MAX_BODY_BYTES = 4 * 2**20
+MAX_MESSAGES = 1024  # a tokenizer template renders growing prefixes: cost grows with the square of the count
+SEED_RANGE = range(-(2**63), 2**64)  # what torch.Generator.manual_seed takes
 
 
 class ChatRequest(BaseModel):
@@ -63,21 +70,6 @@ class ChatRequest(BaseModel):
 
 class ScoreRequest(BaseModel):
     messages: list
-
-
-class ApiError(Exception):
-    """A request the server refuses, raised anywhere in a handler and answered as OpenAI's error JSON."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
-
-
-def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None) -> JSONResponse:
-    """OpenAI's error body {"error": {message, type, param, code}}, which OpenAI clients turn into exceptions."""
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
 
 
 @dataclass
@@ -150,51 +142,11 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
     """The FastAPI app serving `engine` as `model_name`: routes, OpenAI-shaped errors, and the API-key check."""
     app = FastAPI(title="tunesmith")
     worker = Worker()
-    _add_error_handlers(app)
-    _add_guard(app, api_key)
+    add_error_handlers(app)
+    app.add_middleware(Guard, api_key=api_key)
     _add_chat_routes(app, engine, model_name, worker)
     _add_score_route(app, engine, worker)
     return app
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    """Answer every failure (ours, FastAPI's validation, Starlette's HTTP errors, bugs) as OpenAI's error JSON."""
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request, err: ApiError):
-        return error_response(err.status, err.message, err.kind, err.param, err.code)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request, err: RequestValidationError):
-        first = err.errors()[0] if err.errors() else {}
-        param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
-        return error_response(400, f"Invalid request: {param or 'body'}: {first.get('msg', 'invalid value')}.", param=param)
-
-    @app.exception_handler(TunesmithError)
-    async def _user_error(request, err: TunesmithError):
-        return error_response(400, str(err))
-
-    @app.exception_handler(Exception)
-    async def _server_error(request, err: Exception):
-        return error_response(500, f"The server failed: {err!r}", "server_error")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request, err: StarletteHTTPException):
-        return error_response(err.status_code, str(err.detail), "invalid_request_error")
-
-
-def _add_guard(app: FastAPI, api_key: str | None) -> None:
-    """Refuse, before any route runs, requests without the API key (when one is set) or with a too large body."""
-
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
-            return error_response(401, "Invalid or missing API key: send `Authorization: Bearer <key>`.",
-                                  "authentication_error", code="invalid_api_key")
-        length = request.headers.get("content-length") or "0"
-        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-            return error_response(413, f"Request body over {MAX_BODY_BYTES // 2**20} MB.")
-        return await call_next(request)
 
 
 def _add_chat_routes(app: FastAPI, engine: Engine, model_name: str, worker: Worker) -> None:
@@ -207,7 +159,7 @@ def _add_chat_routes(app: FastAPI, engine: Engine, model_name: str, worker: Work
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        plan = _plan(engine, body)
+        plan = await run_in_threadpool(_plan, engine, body)
         if body.stream:
             loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
             job = Job(lambda cancelled: _complete(engine, plan, cancelled, lambda i, text: loop.call_soon_threadsafe(
@@ -232,7 +184,7 @@ def _add_score_route(app: FastAPI, engine: Engine, worker: Worker) -> None:
         if engine.reward_model is None:
             raise ApiError(400, "This server's model is not a reward model; start it on a `stage: rm` output "
                                 "(a folder with value_head.safetensors) to score conversations.")
-        conversations = body.messages
+        conversations = [plain_messages(messages) for messages in body.messages]
         for index, messages in enumerate(conversations):
             try:
                 engine.with_system(messages)
@@ -245,28 +197,39 @@ def _add_score_route(app: FastAPI, engine: Engine, worker: Worker) -> None:
 
 
 async def _result(job: Job, request: Request) -> Any:
-    """The job's result; a client that disconnects while waiting cancels it (checked twice a second)."""
+    """The job's result; a client that disconnects while waiting cancels it, as a stream's does."""
     waiter = asyncio.wrap_future(job.future)
+    gone = asyncio.ensure_future(_disconnect(request))
     try:
-        while True:
-            done, _ = await asyncio.wait([waiter], timeout=0.5)
-            if done:
-                return waiter.result()
-            if await request.is_disconnected():
-                job.cancelled.set()
-                raise asyncio.CancelledError
+        done, _ = await asyncio.wait([waiter, gone], return_when=asyncio.FIRST_COMPLETED)
+        if waiter in done:
+            return waiter.result()
+        raise ApiError(499, "The client closed the request.")  # nobody reads it; the job stops below
     finally:
+        gone.cancel()
         if not job.future.done():
             job.cancelled.set()
+
+
+async def _disconnect(request: Request) -> None:
+    """Return when the client goes: the body was read, so the server's next message is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _plan(engine: Engine, body: ChatRequest) -> dict[str, Any]:
     """The request checked and turned into what the worker runs; anything wrong is a 400 here."""
     defaults = engine.sampling
+    messages = plain_messages(body.messages)
+    if len(messages) > MAX_MESSAGES:
+        raise ApiError(400, f"messages holds {len(messages)} messages; this server takes up to {MAX_MESSAGES}.",
+                       param="messages")
     try:
-        prompt_ids = engine.prompt_ids(body.messages)
+        prompt_ids = engine.prompt_ids(messages)
     except TunesmithError as err:
         raise ApiError(400, str(err), param="messages") from None
+    if body.seed is not None and body.seed not in SEED_RANGE:
+        raise ApiError(400, f"seed must be between {SEED_RANGE.start} and {SEED_RANGE.stop - 1}.", param="seed")
     max_tokens = next((v for v in (body.max_completion_tokens, body.max_tokens) if v is not None), defaults.max_new_tokens)
     if max_tokens < 1:
         raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}.", param="max_tokens")
@@ -288,7 +251,7 @@ def _plan(engine: Engine, body: ChatRequest) -> dict[str, Any]:
     settings = dataclasses.replace(defaults, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                    do_sample=defaults.do_sample and temperature > 0)
     include_usage = bool((body.stream_options or {}).get("include_usage"))
-    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "messages": body.messages,
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "messages": messages,
             "prompt_tokens": len(prompt_ids), "settings": settings, "n": body.n, "stops": stops,
             "seed": body.seed, "include_usage": include_usage}
 
@@ -352,8 +315,8 @@ async def _events(job: Job, pieces: asyncio.Queue, plan: dict[str, Any], model_n
             yield chunk([{"index": index, "delta": {"content": text}, "finish_reason": None}])
         error = job.future.exception() if not job.future.cancelled() else None
         if error is not None:
-            message = str(error) if isinstance(error, TunesmithError) else f"generation failed: {error!r}"
-            yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+            message = str(error) if isinstance(error, TunesmithError) else server_failure(error)
+            yield f"data: {json.dumps(error_body(message, 'server_error'))}\n\n"
             return
         choices, prompt_tokens = job.future.result()
         yield chunk([{"index": i, "delta": {}, "finish_reason": c["finish"]} for i, c in enumerate(choices)])
@@ -374,7 +337,25 @@ def run_api(config: RunConfig, host: str, port: int, api_key: str | None,
     """Load the model the config names and serve it until interrupted (`tunesmith api`)."""
     import uvicorn
 
+    warning = exposure_warning(host, api_key)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     engine = Engine.load(config)
     name = trained_folder(config.model).name
     say(f"[tunesmith] serving {name} on http://{host}:{port}/v1 (OpenAI API; docs at /docs)")
     uvicorn.run(create_app(engine, name, api_key), host=host, port=port, log_level="info")
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """A loud warning when the server listens beyond this machine with no API key: anyone who can reach
+    the port can then use the model (and its GPU)."""
+    if api_key:
+        return None
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return None
+    return (f"[tunesmith] WARNING: listening on {host} without API_KEY: anyone who can reach this port can use "
+            "the model. Set API_KEY, or serve on 127.0.0.1 (the default) behind your own proxy.")
