@@ -46,7 +46,7 @@ def board_token(host: str, auth_token: str | None) -> str | None:
         return secrets.token_urlsafe(24)
     if auth_token is None and not is_loopback(host):
         raise TunesmithError(
-            f"tunesmith board: --host {host} would let other machines read your runs, launch training and chat with "
+            f"--host {host} would let other machines read your runs, launch training and chat with "
             "your models. Pass --auth-token SECRET (or --auth-token random) to require a token, or keep the default "
             "--host 127.0.0.1.")
     return auth_token

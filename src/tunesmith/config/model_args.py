@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from tunesmith.config.schema import choice_message
@@ -23,6 +24,8 @@ class ModelArgs:
     adapter_name_or_path: list[str] | None = None
     """Comma list of PEFT LoRA adapters. sft: all but the last are merged, the last resumes training.
     rm/dpo/ppo/grpo: all are merged (for dpo/ppo/grpo that merged model is the reference) and a fresh adapter is trained."""
+    served_adapters: dict[str, str] | None = None
+    """api: more LoRA adapters trained on model_name_or_path, served beside the default model and chosen by a request's `model`: name: folder (name=folder,name=folder on the command line)."""
     trust_remote_code: bool = False
     """Allow model code shipped inside the model folder to run. Off unless you trust the source."""
     quantization_bit: int | None = None
@@ -47,7 +50,21 @@ class ModelArgs:
             ("quantization_type", self.quantization_type not in QUANTIZATION_TYPES,
              choice_message("quantization_type", self.quantization_type, QUANTIZATION_TYPES)),
         ]
-        return [(key, message) for key, failed, message in checks if failed]
+        return [(key, message) for key, failed, message in checks if failed] + self._served_problems()
+
+    def _served_problems(self) -> list[tuple[str, str]]:
+        """Served adapter names a request can use (not the default's or the base's id) and folders that exist."""
+        default = Path((self.adapter_name_or_path or [self.model_name_or_path])[-1]).name
+        taken = {default, self.model_name_or_path, Path(self.model_name_or_path).name}
+        for name, folder in (self.served_adapters or {}).items():
+            if not name:
+                return [("served_adapters", f"`served_adapters` has an adapter with no name ({folder}); write name: folder.")]
+            if name in taken:
+                return [("served_adapters", f"served adapter `{name}` has the name of the default model or the base "
+                                            "model, which requests already use; rename it.")]
+            if not Path(folder).expanduser().is_dir():
+                return [("served_adapters", f"served adapter `{name}`: folder {folder} does not exist.")]
+        return []
 
 
 @dataclass

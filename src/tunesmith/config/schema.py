@@ -102,12 +102,13 @@ def choice_message(key: str, value: object, allowed: tuple[str, ...]) -> str:
 def describe(hint: object) -> str:
     """A key's type in words, for errors and --help."""
     kind, optional = _kind(hint)
-    words = {list: "a comma list", bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
-    return f"{words} (or empty)" if optional and kind is not list else words
+    words = {list: "a comma list", dict: "a mapping name: value (name=value,name=value on the command line)",
+             bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+    return f"{words} (or empty)" if optional and kind not in (list, dict) else words
 
 
 def _kind(hint: object) -> tuple[type, bool]:
-    """(list | bool | int | float | str, whether None is allowed) for a field's annotation."""
+    """(list | dict | bool | int | float | str, whether None is allowed) for a field's annotation."""
     args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     kinds = [a for a in args if a is not type(None)]
     return typing.get_origin(kinds[0]) or kinds[0], len(kinds) < len(args)
@@ -118,6 +119,18 @@ def _to_list(key: str, value: object) -> list[str]:
     if items is None:
         raise ValueError
     return [str(item).strip() for item in items if str(item).strip()]
+
+
+def _to_mapping(key: str, value: object) -> dict[str, str]:
+    """A YAML mapping, or `name=value,name=value` (the command line's form); names keep their spelling."""
+    if isinstance(value, str):
+        pairs = [item.partition("=") for item in value.split(",") if item.strip()]
+        if any(not sep for _, sep, _ in pairs):
+            raise ValueError
+        value = {name: text for name, _, text in pairs}
+    if not isinstance(value, dict) or any(v is None or isinstance(v, (dict, list)) for v in value.values()):
+        raise ValueError
+    return {str(name).strip(): str(text).strip() for name, text in value.items()}
 
 
 def _to_bool(key: str, value: object) -> bool:
@@ -147,7 +160,7 @@ def _to_str(key: str, value: object) -> str | None:
     return str(value)
 
 
-_CONVERTERS = {list: _to_list, bool: _to_bool, int: _to_number(int), float: _to_number(float), str: _to_str}
+_CONVERTERS = {list: _to_list, dict: _to_mapping, bool: _to_bool, int: _to_number(int), float: _to_number(float), str: _to_str}
 
 
 def read_yaml(path: Path) -> tuple[dict, dict[str, str]]:

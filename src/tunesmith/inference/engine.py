@@ -4,6 +4,8 @@ The base model (model_name_or_path) with every adapter in adapter_name_or_path m
 (one matmul per layer while decoding), in eval mode, with its tokenizer, chat template, the config's
 system prompt and generation settings. When the last adapter (or the model itself) is a `stage: rm`
 output, its value head comes along and `score` rates conversations; the same weights still chat.
+With `served_adapters` (api) the base stays unmerged and the default's adapters are one switchable
+adapter set beside it (served_models.py, model/adapter_sets.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from tunesmith.config import ModelArgs, RunConfig, SamplingSettings
 from tunesmith.data.templates import get_template
 from tunesmith.errors import TunesmithError
+from tunesmith.model.adapter_sets import add_adapter_set, select_adapter_set
 from tunesmith.model.adapters import apply_adapters, merge_adapters
 from tunesmith.model.loading import load_model, load_tokenizer
 from tunesmith.model.quantize import Quantization
@@ -25,6 +28,7 @@ from tunesmith.model.value_head import VALUE_HEAD_FILE
 from tunesmith.sampling.generate import Generation, generate
 
 ROLES = ("system", "user", "assistant")
+DEFAULT_SET = ""  # the default model's adapter set (served adapter names are never empty)
 
 
 def inference_dtype(infer_dtype: str, device: torch.device) -> torch.dtype:
@@ -82,11 +86,18 @@ class Engine:
 
     def generate(self, conversations: list[list[dict]], settings: SamplingSettings, num_samples: int = 1,
                  on_step: Callable[[list[int]], Iterable[int] | None] | None = None,
-                 generator: torch.Generator | None = None) -> Generation:
+                 generator: torch.Generator | None = None, **observers: Callable) -> Generation:
         """Answer each conversation (`num_samples` times); `on_step` is `generate`'s per-step callback."""
         prompts = [self.prompt_ids(messages) for messages in conversations]
+        return self.continue_ids(prompts, settings, num_samples, on_step, generator, **observers)
+
+    def continue_ids(self, prompts: list[list[int]], settings: SamplingSettings, num_samples: int = 1,
+                     on_step: Callable[[list[int]], Iterable[int] | None] | None = None,
+                     generator: torch.Generator | None = None, **observers: Callable) -> Generation:
+        """Continue token ids as they are (raw text, no template: /v1/completions); `observers` are
+        `generate`'s `on_logits` and `on_prompt` (log-probs)."""
         return generate(self.model, prompts, settings, self.stop_ids, self.tokenizer.pad_token_id, num_samples,
-                        generator, on_step=on_step)
+                        generator, on_step=on_step, **observers)
 
     def decode(self, ids: list[int]) -> str:
         """Response text without the stop token and other special tokens."""
@@ -151,7 +162,10 @@ def _load_weights(model_args: ModelArgs, template: str | None, dtype: torch.dtyp
     quantization = Quantization.from_args(model_args)
     model = load_model(model_args.model_name_or_path, dtype, device, trust_remote_code=model_args.trust_remote_code,
                        quantization=quantization)
-    if quantization is not None and adapters:  # a 4/8-bit base takes no merge: the adapter runs beside it
+    if model_args.served_adapters:  # the base stays unmerged; the default is one adapter set (served_models.py)
+        add_adapter_set(model, DEFAULT_SET, adapters)
+        select_adapter_set(model, DEFAULT_SET)
+    elif quantization is not None and adapters:  # a 4/8-bit base takes no merge: the adapter runs beside it
         apply_adapters(model, adapters, trainable_last=False)
     else:
         merge_adapters(model, adapters)

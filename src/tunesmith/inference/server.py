@@ -1,15 +1,18 @@
 """`tunesmith api cfg.yaml`: an OpenAI-compatible HTTP server (FastAPI), as LLaMA-Factory's `api` command.
 
-    GET  /v1/models             the one model served
+    GET  /v1/models             the default model and each of `served_adapters` (served_models.py)
     POST /v1/chat/completions   messages, max_tokens, temperature, top_p, n, stop, stream (server-sent
-                                events in OpenAI's chunk format, ending with `data: [DONE]`), usage
+                                events in OpenAI's chunk format, ending with `data: [DONE]`), logprobs
+                                and top_logprobs (api_logprobs.py), usage
+    POST /v1/completions        raw text (no template), echo, legacy logprobs (completions.py)
     POST /v1/score              reward models only: {"messages": [conversation, ...]} -> {"scores": [...]},
                                 the shape `reward_model: http://...` expects in PPO/GRPO training
 
 One worker thread owns the model and runs one request at a time, so requests never mix their outputs;
 the others wait in a bounded queue (HTTP 429 once it is full). A streaming client that disconnects
 cancels its request, which frees the worker at the next token; so does a non-streaming client that
-disconnects while it waits. Checking a request and tokenising its prompt run in a thread pool, never on
+disconnects while it waits (api_worker.py). Answers grow, stop at stop strings and carry their
+log-probs in api_choices.py; the generation fields are checked in api_sampling.py. Checking a request and tokenising its prompt run in a thread pool, never on
 the event loop. Errors use OpenAI's JSON shape (api_errors.py); the API key and the body limit are
 checked before any route (api_guard.py); OpenAI's content-part lists and `developer` role are read as
 text and `system` (api_messages.py); roles that do not alternate are shaped in data/conversation.py.
@@ -18,17 +21,13 @@ text and `system` (api_messages.py); roles that do not alternate are shaped in d
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import ipaddress
 import json
-import queue
 import sys
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -37,18 +36,21 @@ from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
 from tunesmith.errors import TunesmithError
+from tunesmith.inference.api_choices import Choice, Emit, finish, step_callback
 from tunesmith.inference.api_errors import ApiError, add_error_handlers, error_body, server_failure
 from tunesmith.inference.api_guard import Guard
+from tunesmith.inference.api_logprobs import StepLogprobs, TokenNames, chat_logprobs
 from tunesmith.inference.api_messages import plain_messages
-from tunesmith.inference.engine import Engine, TextStream, trained_folder
+from tunesmith.inference.api_sampling import chat_top_logprobs, request_settings, seeded_generator
+from tunesmith.inference.api_worker import Job, Worker, job_result, submit_streamed
+from tunesmith.inference.completions import add_completions_route
+from tunesmith.inference.engine import Engine
+from tunesmith.inference.served_models import ServedModels, load_served
 
 if TYPE_CHECKING:
     from tunesmith.config import RunConfig
 
-MAX_WAITING = 32  # queued requests beyond the running one
-MAX_CHOICES = 16
 MAX_MESSAGES = 1024  # a tokenizer template renders growing prefixes: cost grows with the square of the count
-SEED_RANGE = range(-(2**63), 2**64)  # what torch.Generator.manual_seed takes
 
 
 class ChatRequest(BaseModel):
@@ -66,113 +68,53 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     seed: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
 class ScoreRequest(BaseModel):
     messages: list
 
 
-@dataclass
-class Job:
-    """One request for the worker: run `work(cancelled)`; its result or exception lands in `future`."""
-
-    work: object
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    future: Future = field(default_factory=Future)
-
-
-class Worker:
-    """The one thread that touches the model; jobs run in arrival order."""
-
-    def __init__(self) -> None:
-        self.jobs: queue.Queue = queue.Queue(maxsize=MAX_WAITING)
-        self.thread = threading.Thread(target=self._run, name="tunesmith-worker", daemon=True)
-        self.thread.start()
-
-    def submit(self, job: Job) -> Job:
-        """Queue `job` without waiting; a full queue is the client's 429, not a stalled request."""
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise ApiError(429, f"The server is busy ({MAX_WAITING} requests waiting); retry later.",
-                           "rate_limit_error") from None
-        return job
-
-    def _run(self) -> None:
-        while True:
-            job = self.jobs.get()
-            # False when the request was cancelled while waiting (asyncio cancels the future it awaited)
-            if job.cancelled.is_set() or not job.future.set_running_or_notify_cancel():
-                continue
-            try:
-                result = job.work(job.cancelled)
-            except BaseException as err:  # noqa: B036 - the request must learn why, the worker must live
-                job.future.set_exception(err)
-            else:
-                job.future.set_result(result)
-
-
-class Choice:
-    """One answer's text as it grows: cut at a stop string, and held back while it could still be the
-    start of one, so a streamed answer never shows text the final answer does not contain."""
-
-    def __init__(self, engine: Engine, stops: list[str]) -> None:
-        self.stream, self.stops = TextStream(engine), stops
-        self.hold = max((len(s) - 1 for s in stops), default=0)
-        self.text, self.released, self.stop_hit, self.done = "", 0, False, False
-
-    def push(self, token: int) -> str:
-        """Add a token; return the text that is now final (none while it may still begin a stop string)."""
-        self.text += self.stream.push(token)
-        for stop in self.stops:
-            at = self.text.find(stop)
-            if at >= 0:
-                self.text, self.stop_hit, self.done = self.text[:at], True, True
-        end = len(self.text) if self.done else max(self.released, len(self.text) - self.hold)
-        return self.release(end)
-
-    def release(self, end: int | None = None) -> str:
-        """The text not yet handed out, up to `end` (default: all of it, when the answer has ended)."""
-        end = len(self.text) if end is None else end
-        piece, self.released = self.text[self.released:end], end
-        return piece
-
-
-def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving `engine` as `model_name`: routes, OpenAI-shaped errors, and the API-key check."""
+def create_app(engine: Engine, model_name: str, api_key: str | None = None,
+               served: ServedModels | None = None) -> FastAPI:
+    """The FastAPI app serving `engine` as `model_name` (and `served`'s adapters, served_models.py): routes,
+    OpenAI-shaped errors, and the API-key check."""
     app = FastAPI(title="tunesmith")
     worker = Worker()
     add_error_handlers(app)
     app.add_middleware(Guard, api_key=api_key)
-    _add_chat_routes(app, engine, model_name, worker)
+    served = served or ServedModels.single(engine, model_name)
+    _add_chat_routes(app, served, worker)
+    add_completions_route(app, served, worker)
     _add_score_route(app, engine, worker)
     return app
 
 
-def _add_chat_routes(app: FastAPI, engine: Engine, model_name: str, worker: Worker) -> None:
-    """GET /v1/models and POST /v1/chat/completions (streamed or not), run on `worker`."""
+def _add_chat_routes(app: FastAPI, served: ServedModels, worker: Worker) -> None:
+    """GET /v1/models and POST /v1/chat/completions (streamed or not), run on `worker` with the weights
+    of the model the request names."""
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "tunesmith"}]}
+        return served.listing()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
+        chosen = served.pick(body.model)
+        engine, model_name = chosen.engine, chosen.name
         plan = await run_in_threadpool(_plan, engine, body)
         if body.stream:
-            loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
-            job = Job(lambda cancelled: _complete(engine, plan, cancelled, lambda i, text: loop.call_soon_threadsafe(
-                pieces.put_nowait, (i, text))))
-            job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
-            worker.submit(job)  # before the response starts, so a full queue is still a 429
+            job, pieces = submit_streamed(worker, chosen.bound(lambda cancelled, emit: _complete(engine, plan,
+                                                                                                 cancelled, emit)))
             return StreamingResponse(_events(job, pieces, plan, model_name), media_type="text/event-stream")
-        job = worker.submit(Job(lambda cancelled: _complete(engine, plan, cancelled)))
-        choices, prompt_tokens = await _result(job, request)
+        job = worker.submit(Job(chosen.bound(lambda cancelled: _complete(engine, plan, cancelled))))
+        choices, prompt_tokens = await job_result(job, request)
         completion_tokens = sum(c["tokens"] for c in choices)
         return {"id": plan["id"], "object": "chat.completion", "created": plan["created"], "model": model_name,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": c["text"]},
-                             "finish_reason": c["finish"]} for i, c in enumerate(choices)],
+                             "logprobs": chat_logprobs(c["entries"], plan["names"]), "finish_reason": c["finish"]}
+                            for i, c in enumerate(choices)],
                 "usage": _usage(prompt_tokens, completion_tokens)}
 
 
@@ -193,33 +135,11 @@ def _add_score_route(app: FastAPI, engine: Engine, worker: Worker) -> None:
             if messages[-1]["role"] != "assistant":
                 raise ApiError(400, f"messages[{index}] must end with the assistant answer to score.", param="messages")
         job = worker.submit(Job(lambda cancelled: engine.score(conversations)))
-        return {"scores": await _result(job, request)}
-
-
-async def _result(job: Job, request: Request) -> Any:
-    """The job's result; a client that disconnects while waiting cancels it, as a stream's does."""
-    waiter = asyncio.wrap_future(job.future)
-    gone = asyncio.ensure_future(_disconnect(request))
-    try:
-        done, _ = await asyncio.wait([waiter, gone], return_when=asyncio.FIRST_COMPLETED)
-        if waiter in done:
-            return waiter.result()
-        raise ApiError(499, "The client closed the request.")  # nobody reads it; the job stops below
-    finally:
-        gone.cancel()
-        if not job.future.done():
-            job.cancelled.set()
-
-
-async def _disconnect(request: Request) -> None:
-    """Return when the client goes: the body was read, so the server's next message is the disconnect."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+        return {"scores": await job_result(job, request)}
 
 
 def _plan(engine: Engine, body: ChatRequest) -> dict[str, Any]:
     """The request checked and turned into what the worker runs; anything wrong is a 400 here."""
-    defaults = engine.sampling
     messages = plain_messages(body.messages)
     if len(messages) > MAX_MESSAGES:
         raise ApiError(400, f"messages holds {len(messages)} messages; this server takes up to {MAX_MESSAGES}.",
@@ -228,72 +148,25 @@ def _plan(engine: Engine, body: ChatRequest) -> dict[str, Any]:
         prompt_ids = engine.prompt_ids(messages)
     except TunesmithError as err:
         raise ApiError(400, str(err), param="messages") from None
-    if body.seed is not None and body.seed not in SEED_RANGE:
-        raise ApiError(400, f"seed must be between {SEED_RANGE.start} and {SEED_RANGE.stop - 1}.", param="seed")
-    max_tokens = next((v for v in (body.max_completion_tokens, body.max_tokens) if v is not None), defaults.max_new_tokens)
-    if max_tokens < 1:
-        raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}.", param="max_tokens")
-    if len(prompt_ids) + max_tokens > engine.cutoff_len:
-        raise ApiError(400, f"This model's context is {engine.cutoff_len} tokens (cutoff_len); the messages take "
-                            f"{len(prompt_ids)} and max_tokens asks for {max_tokens} more. Shorten the messages "
-                            "or lower max_tokens.", param="messages", code="context_length_exceeded")
-    if not 1 <= body.n <= MAX_CHOICES:
-        raise ApiError(400, f"n must be between 1 and {MAX_CHOICES}, got {body.n}.", param="n")
-    temperature = defaults.temperature if body.temperature is None else body.temperature
-    top_p = defaults.top_p if body.top_p is None else body.top_p
-    if not 0 <= temperature <= 2:
-        raise ApiError(400, f"temperature must be between 0 and 2, got {temperature}.", param="temperature")
-    if not 0 < top_p <= 1:
-        raise ApiError(400, f"top_p must be in (0, 1], got {top_p}.", param="top_p")
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stops) > 4 or any(not s for s in stops):
-        raise ApiError(400, "stop takes up to 4 non-empty strings.", param="stop")
-    settings = dataclasses.replace(defaults, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                   do_sample=defaults.do_sample and temperature > 0)
+    settings, stops = request_settings(engine, body, len(prompt_ids), body.n)
+    top = chat_top_logprobs(body.logprobs, body.top_logprobs)
     include_usage = bool((body.stream_options or {}).get("include_usage"))
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "messages": messages,
             "prompt_tokens": len(prompt_ids), "settings": settings, "n": body.n, "stops": stops,
-            "seed": body.seed, "include_usage": include_usage}
+            "seed": body.seed, "include_usage": include_usage, "top_logprobs": top,
+            "names": TokenNames(engine.tokenizer) if top is not None else None}
 
 
 def _complete(engine: Engine, plan: dict[str, Any], cancelled: threading.Event,
-              on_piece: Callable[[int, str], None] | None = None) -> tuple[list[dict[str, Any]], int]:
-    """Run one request: ([{text, finish, tokens}] per choice, prompt tokens). `on_piece(index, text)`
-    receives streamed text as soon as it is final."""
-    import torch
-
+              on_piece: Emit | None = None) -> tuple[list[dict[str, Any]], int]:
+    """Run one request: ([{text, finish, tokens, entries}] per choice, prompt tokens). `on_piece(index,
+    text, entries)` receives streamed text (and its tokens' log-probs) as soon as it is final."""
     choices = [Choice(engine, plan["stops"]) for _ in range(plan["n"])]
-    stop_ids = set(engine.stop_ids)
-
-    def on_step(tokens: list[int]) -> range | list[int]:
-        if cancelled.is_set():
-            return range(len(tokens))
-        ended = []
-        for index, (token, choice) in enumerate(zip(tokens, choices)):
-            if choice.done:
-                continue
-            if token in stop_ids:
-                choice.done = True
-                piece = choice.release()
-            else:
-                piece = choice.push(token)
-                if choice.done:
-                    ended.append(index)
-            if piece and on_piece is not None:
-                on_piece(index, piece)
-        return ended
-
-    device = next(engine.model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(plan["seed"]) if plan["seed"] is not None else None
-    generation = engine.generate([plan["messages"]], plan["settings"], plan["n"], on_step, generator)
-    results = []
-    for index, choice in enumerate(choices):
-        rest = choice.release()
-        if rest and on_piece is not None:
-            on_piece(index, rest)
-        finish = "stop" if generation.stopped[index] or choice.stop_hit else "length"
-        results.append({"text": choice.text, "finish": finish, "tokens": len(generation.response_ids[index])})
-    return results, plan["prompt_tokens"]
+    steps = StepLogprobs(plan["top_logprobs"]) if plan["top_logprobs"] is not None else None
+    on_step = step_callback(choices, engine.stop_ids, cancelled, on_piece, steps)
+    generation = engine.generate([plan["messages"]], plan["settings"], plan["n"], on_step,
+                                 seeded_generator(engine, plan["seed"]), **({"on_logits": steps} if steps else {}))
+    return finish(choices, generation, on_piece), plan["prompt_tokens"]
 
 
 async def _events(job: Job, pieces: asyncio.Queue, plan: dict[str, Any], model_name: str) -> AsyncIterator[str]:
@@ -311,8 +184,9 @@ async def _events(job: Job, pieces: asyncio.Queue, plan: dict[str, Any], model_n
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                      for i in range(plan["n"])])
         while (item := await pieces.get()) is not None:
-            index, text = item
-            yield chunk([{"index": index, "delta": {"content": text}, "finish_reason": None}])
+            index, text, entries = item
+            yield chunk([{"index": index, "delta": {"content": text}, "logprobs": chat_logprobs(entries, plan["names"]),
+                          "finish_reason": None}])
         error = job.future.exception() if not job.future.cancelled() else None
         if error is not None:
             message = str(error) if isinstance(error, TunesmithError) else server_failure(error)
@@ -340,10 +214,11 @@ def run_api(config: RunConfig, host: str, port: int, api_key: str | None,
     warning = exposure_warning(host, api_key)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    engine = Engine.load(config)
-    name = trained_folder(config.model).name
-    say(f"[tunesmith] serving {name} on http://{host}:{port}/v1 (OpenAI API; docs at /docs)")
-    uvicorn.run(create_app(engine, name, api_key), host=host, port=port, log_level="info")
+    served = load_served(config)
+    name = served.default.name
+    say(f"[tunesmith] serving {', '.join([name, *served.adapters])} on http://{host}:{port}/v1 (OpenAI API; "
+        "docs at /docs)")
+    uvicorn.run(create_app(served.default.engine, name, api_key, served), host=host, port=port, log_level="info")
 
 
 def exposure_warning(host: str, api_key: str | None) -> str | None:

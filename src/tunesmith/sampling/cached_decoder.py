@@ -3,8 +3,9 @@
 Decoding a small model on a CPU is dominated by per-token overhead, not arithmetic: transformers' forward
 rebuilds the attention mask, concatenates each layer's cache and dispatches every Linear through its
 wrapper, every token. This decoder reads the weights once (a LoRA layer contributes its merged weight
-when `merged_for_inference` set one, else its base weight plus the low-rank path), keeps keys and values
-in buffers sized for the whole generation, and runs one position per row per step with plain tensor ops.
+when `merged_for_inference` set one, else its base weight plus the low-rank path: its own, or the active
+side adapter's), keeps keys and values in buffers sized for the whole generation, and runs one position
+per row per step with plain tensor ops.
 
 On a GPU a decode step of a small model is bound by kernel launches (hundreds per token), not by the
 GPU: there each step after the first replays a CUDA graph of the whole forward, which attends over the
@@ -75,11 +76,11 @@ def _joined(parts: list[_Projection]) -> _Projection | _Joined:
 def _projection(module: nn.Module) -> _Projection | None:
     """The weights `module` computes with right now, or None when its state is one this decoder skips."""
     if isinstance(module, LoRALinear):
-        if module.active_side is not None:
-            return None  # a side adapter is on: the caller wants another model, let transformers run it
         base = module.base_layer
         if type(base) is not nn.Linear:  # a 4/8-bit base: only bitsandbytes' own layer can compute with it
             return None
+        if module.active_side is not None:  # a side adapter (or, where it has no update here, the base)
+            return _Projection(base.weight, base.bias, module.side.get(module.active_side))
         if module.inference_weight is not None and not module.disabled:
             return _Projection(module.inference_weight, base.bias, None)
         if module.disabled or module.merged:
@@ -189,7 +190,7 @@ class CachedDecoder:
         self.length = 0  # columns of the cache in use
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """[rows, hidden] final hidden state of each row's last position (the prompts are left-padded)."""
+        """[rows, length, hidden] final hidden states of every position (the prompts are left-padded)."""
         rows, length = input_ids.shape
         self.key_bias[:, :length].masked_fill_(attention_mask.bool(), 0.0)
         causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
@@ -198,7 +199,7 @@ class CachedDecoder:
                                                                                device=input_ids.device)
         hidden = self._forward(input_ids, positions, mask, 0)
         self.length = length
-        return hidden[:, -1]
+        return hidden
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """[rows, hidden] final hidden state after feeding `tokens` [rows] at `positions` [rows, 1]."""

@@ -9,7 +9,9 @@ forward with a preallocated cache); anything else on transformers' own forward a
 
 With `record=True` the sampler also keeps, for every sampled token, its log-prob and the entropy at
 the sampling temperature and the final hidden state that predicted it: PPO's pi_old, entropy and (via
-the value head) values, without a second forward over the responses.
+the value head) values, without a second forward over the responses. The `on_logits` and `on_prompt`
+observers see the model's own logits of each step and the prefill's hidden states of every prompt
+position: the API's log-probs, again without a second forward.
 
 Sampling: the repetition penalty, logits / temperature, then top-k and top-p (nucleus) filtering, then a
 draw; temperature 0 (or do_sample false) is greedy. Rows stop at any of `stop_ids` (the stop token is
@@ -105,17 +107,24 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
 @torch.no_grad()
 def generate(model: PreTrainedModel, prompts: list[list[int]], settings: SamplingSettings, stop_ids: list[int],
              pad_id: int, num_samples: int = 1, generator: Generators = None, record: bool = False,
-             on_step: Callable[[list[int]], Iterable[int] | None] | None = None) -> Generation:
+             on_step: Callable[[list[int]], Iterable[int] | None] | None = None,
+             on_logits: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+             on_prompt: Callable[[torch.Tensor], None] | None = None) -> Generation:
     """Sample `num_samples` responses per prompt (rows prompt-major: p0s0, p0s1, ..., p1s0, ...).
 
     `on_step(tokens)` sees each step's token per row (pad_id for finished rows) and may return rows to
-    end there; they count as not stopped.
+    end there; they count as not stopped. `on_logits(logits, tokens)` sees, before it, the step's float32
+    [rows, vocab] model logits (before the repetition penalty and temperature) and [rows] tokens;
+    `on_prompt(states)` the prefill's [prompts, longest prompt, hidden] final hidden states (left-padded).
     """
     device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(prompts, pad_id, device)
     positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     decoder = _decoder(model, attention_mask, input_ids.shape[1] + settings.max_new_tokens)
-    hidden = decoder.prefill(input_ids, attention_mask, positions)  # [prompts, hidden]
+    states = decoder.prefill(input_ids, attention_mask, positions)  # [prompts, longest prompt, hidden]
+    if on_prompt is not None:
+        on_prompt(states)
+    hidden = states[:, -1]  # [prompts, hidden]
     if num_samples > 1:
         decoder.repeat_interleave(num_samples)
         hidden = hidden.repeat_interleave(num_samples, dim=0)
@@ -132,10 +141,12 @@ def generate(model: PreTrainedModel, prompts: list[list[int]], settings: Samplin
     lengths = torch.zeros(rows, dtype=torch.long, device=device)  # tokens each row produced
     columns, records = [], []
     for step in range(settings.max_new_tokens):
-        logits = last_logits(head, hidden)
+        model_logits = logits = last_logits(head, hidden)
         if seen is not None:
             logits = penalize_repetition(logits, seen, settings.repetition_penalty)
         tokens = torch.where(done, pad_id, next_tokens(logits, settings, generator))
+        if on_logits is not None:
+            on_logits(model_logits, tokens)
         if record:
             records.append((*_token_statistics(logits, tokens, settings), hidden))
         if seen is not None:
@@ -209,7 +220,7 @@ class _TransformersDecoder:
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         mask = self.attention_mask
         self.attention_mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        return self._forward(tokens[:, None], positions)
+        return self._forward(tokens[:, None], positions)[:, -1]
 
     def repeat_interleave(self, times: int) -> None:
         self.cache.batch_repeat_interleave(times)
@@ -218,7 +229,7 @@ class _TransformersDecoder:
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         output = self.decoder(input_ids=input_ids, attention_mask=self.attention_mask, position_ids=positions,
                               use_cache=True, **{self.cache_kwarg: self.cache})
-        return output.last_hidden_state[:, -1]
+        return output.last_hidden_state  # [rows, length, hidden]
 
 
 def last_logits(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
