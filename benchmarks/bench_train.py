@@ -139,6 +139,7 @@ def main(argv=None) -> dict:
     spec, stage = STAGES[config.stage], run.stage
     for steps in (args.warmup, args.steps):  # the first call warms up; the second is timed
         config.train.max_steps = config.output.logging_steps = steps
+        config.output.log_rollouts_steps = 0  # the training step alone, without the board's sample logs
         if not args.precompute_ref_logprobs:  # DPO caches reference log-probs: time a first epoch's steps
             stage = spec.build(StageInputs(model, config, run.tokenizer, run.data, device, run.reference))
         metrics = loop.train(model, stage, run.data, config.train, config.output, lambda folder, state: None,
