@@ -170,3 +170,20 @@ def test_completions_use_the_named_adapter(server, served, adapters):
     assert len(set(texts.values())) == 3, texts  # each adapter's own weights
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="rude", prompt=prompt, max_tokens=2)
+
+
+def test_chat_and_predict_use_the_recorded_template(chat_model, adapter_writer, tmp_path, monkeypatch):
+    """`tunesmith chat` on an adapter trained with `template: qwen` and a config naming none chats in qwen
+    (the issue's "7 plus 10 is 17." turned "3 4 said iron." when the template silently differed)."""
+    import io
+
+    from tunesmith.inference import chat
+
+    base = chat_model[0]
+    folder = adapter_writer(base, tmp_path / "qwen_trained", 23)
+    (tmp_path / "qwen_trained" / "train_config.yaml").write_text(yaml.safe_dump({"template": "qwen"}))
+    used = []
+    monkeypatch.setattr(chat, "stream_answer", lambda engine, history, out: used.append(engine.template.name) or "")
+    chat_config = build_config({"model_name_or_path": base, "adapter_name_or_path": folder}, command="chat")
+    chat.run_chat(chat_config, stdin=io.StringIO("hi\nexit\n"), stdout=io.StringIO())
+    assert used == ["qwen"]

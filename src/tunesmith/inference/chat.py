@@ -14,7 +14,8 @@ import sys
 from typing import TextIO
 
 from tunesmith.config import RunConfig
-from tunesmith.inference.engine import Engine, TextStream
+from tunesmith.inference.engine import Engine, TextStream, trained_folder
+from tunesmith.inference.served_models import with_recorded_template
 
 WELCOME = "Chat with the model: `clear` forgets the history, `exit` leaves. Ctrl-C stops an answer."
 
@@ -22,7 +23,9 @@ WELCOME = "Chat with the model: `clear` forgets the history, `exit` leaves. Ctrl
 def run_chat(config: RunConfig, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
     """The chat loop: read a message, answer it streaming, keep the history (stdin/stdout by default)."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    engine = Engine.load(config)
+    folder = trained_folder(config.model)
+    engine = with_recorded_template(Engine.load(config), config.data.template, folder, folder.name,
+                                    lambda line: print(line, file=sys.stderr))
     interactive = stdin.isatty()
     print(WELCOME, file=stdout)
     history: list[dict] = []

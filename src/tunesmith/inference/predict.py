@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from tunesmith.algorithms.text_metrics import similarity_scores
 from tunesmith.config import RunConfig, SamplingSettings
 from tunesmith.data.dataset import load_conversations
-from tunesmith.inference.engine import Engine
+from tunesmith.inference.engine import Engine, trained_folder
+from tunesmith.inference.served_models import with_recorded_template
 from tunesmith.training.distributed import process_info
 from tunesmith.training.run import check_output_dir, run_training, trained_model_config, write_results
 
@@ -67,7 +68,8 @@ def run_prediction(config: RunConfig, say: Callable[[str], None] = print) -> dic
     data, batch_size = config.data, config.train.per_device_eval_batch_size
     conversations = load_conversations(data.eval_dataset, data.dataset_dir, data.max_samples,
                                        data.skip_bad_records)  # data errors before the slow model load
-    engine = Engine.load(config)
+    folder = trained_folder(config.model)
+    engine = with_recorded_template(Engine.load(config), config.data.template, folder, folder.name, say)
     say(f"[tunesmith] predicting {len(conversations)} eval rows of {','.join(data.eval_dataset)} on "
         f"{next(engine.model.parameters()).device}")
     started = time.perf_counter()

@@ -102,13 +102,13 @@ def load_served(config: RunConfig, say: Callable[[str], None] | None = None) -> 
     for name, folder in served.items():
         _named(name, folder, _check_base, folder, config.model.model_name_or_path)
     engine = Engine.load(config)
-    default = ServedModel(default_folder.name, _with_template(engine, config.data.template, default_folder,
+    default = ServedModel(default_folder.name, with_recorded_template(engine, config.data.template, default_folder,
                                                               default_folder.name, say),
                           DEFAULT_SET if served else None)
     adapters = {}
     for name, folder in served.items():
         _named(name, folder, add_adapter_set, engine.model, name, [folder])
-        adapters[name] = ServedModel(name, _with_template(engine, config.data.template, Path(folder), name, say), name)
+        adapters[name] = ServedModel(name, with_recorded_template(engine, config.data.template, Path(folder), name, say), name)
     base = config.model.model_name_or_path
     return ServedModels(default, {base, Path(base).name}, adapters)
 
@@ -155,9 +155,10 @@ def recorded_settings(folder: Path) -> dict:
     return {}
 
 
-def _with_template(engine: Engine, configured: str | None, folder: Path, name: str,
-                   say: Callable[[str], None]) -> Engine:
-    """The engine with the model's template: the config's, else the one recorded at training."""
+def with_recorded_template(engine: Engine, configured: str | None, folder: Path, name: str,
+                           say: Callable[[str], None]) -> Engine:
+    """The engine with the model's template: the config's, else the one recorded at training (`tunesmith
+    api`, `chat` and `do_predict` all follow this rule)."""
     recorded = recorded_settings(folder).get("template") if folder.is_dir() else None
     if configured and recorded and configured != recorded:
         say(f"[tunesmith] warning: {name} was trained with template {recorded}, but the config sets template "
