@@ -29,7 +29,7 @@ def log_records(n: int, start: int = 1) -> list[dict]:
 def client(board_root, write_log):
     write_log(board_root / "exp" / "sft", log_records(5))
     (board_root / "exp" / "sft" / "train_config.yaml").write_text("stage: sft\nmodel_name_or_path: m\ndataset: a,b\n")
-    return TestClient(create_app(board_root))
+    return TestClient(create_app(board_root), base_url="http://127.0.0.1")
 
 
 def test_runs_are_listed_with_their_progress(client):
@@ -140,7 +140,7 @@ def test_other_addresses_need_a_token():
 
 
 def test_the_token_is_required_on_every_request(board_root):
-    client = TestClient(create_app(board_root, auth_token="s3cret"))
+    client = TestClient(create_app(board_root, auth_token="s3cret"), base_url="http://127.0.0.1")
     assert client.get("/api/runs").status_code == 401 and client.get("/").status_code == 401
     assert client.get("/api/runs", headers={"authorization": "Bearer s3cret"}).status_code == 200
     assert client.get("/api/runs", headers={"authorization": "Bearer nope"}).status_code == 401
@@ -164,7 +164,7 @@ def test_launch_checks_with_the_cli_messages(client, board_root):
 
 
 def test_stop_refuses_runs_this_board_did_not_start(client):
-    response = client.post("/api/stop", params={"name": "exp/sft"})
+    response = client.post("/api/stop", params={"name": "exp/sft"}, json={})
     assert response.status_code == 400 and "not started by this board" in response.json()["error"]
 
 
@@ -193,5 +193,59 @@ def test_examples_beside_the_board_prefill_the_form(board_root, tmp_path, monkey
     (tmp_path / "examples" / "sft_lora.yaml").write_text("stage: sft\nlearning_rate: 1.0e-4\n")
     (tmp_path / "examples" / "broken.yaml").write_text("stage: [\n")
     monkeypatch.chdir(tmp_path)
-    examples = TestClient(create_app(board_root)).get("/api/examples").json()["examples"]
+    examples = TestClient(create_app(board_root), base_url="http://127.0.0.1").get("/api/examples").json()["examples"]
     assert examples == {"sft_lora.yaml": {"stage": "sft", "learning_rate": 1.0e-4}}
+
+
+def test_requests_another_site_could_forge_are_refused(client):
+    assert client.get("/api/runs", headers={"host": "evil.example:7860"}).status_code == 421  # DNS rebinding
+    assert client.get("/api/runs", headers={"host": "localhost:7860"}).status_code == 200
+    form = client.post("/api/stop", params={"name": "exp/sft"}, content=b"x", headers={"content-type": "text/plain"})
+    assert form.status_code == 415  # a cross-site page can send text/plain without asking; JSON it cannot
+
+
+def test_a_run_whose_files_link_out_of_the_root_is_not_shown(client, board_root, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private key")
+    (board_root / "exp" / "sft" / "running_log.txt").symlink_to(secret)
+    assert client.get("/api/run", params={"name": "exp/sft"}).status_code == 404
+    assert "private key" not in client.get("/api/runs").text
+
+
+def test_concurrent_reads_of_one_log_count_each_line_once(board_root, write_log):
+    from concurrent.futures import ThreadPoolExecutor
+
+    write_log(board_root / "big", log_records(20_000))
+    folders = RunFolders(board_root)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: folders.records(folders.resolve("big")), range(8)))
+    assert len(folders.records(folders.resolve("big")).series["loss"]) == 20_000
+
+
+def test_one_damaged_run_does_not_hide_the_others(client, board_root, write_log):
+    write_log(board_root / "bad", log_records(2))
+    (board_root / "bad" / "train_config.yaml").write_bytes(b"dataset: caf\xe9\n")  # not UTF-8
+    (board_root / "bad" / "run_status.json").write_text('{"status": "running", "updated": null}')
+    names = [run["name"] for run in client.get("/api/runs").json()["runs"]]
+    assert names == ["bad", "exp/sft"]
+
+
+def test_empty_tokens_and_odd_output_dirs_are_refused(client, board_root, tmp_path):
+    with pytest.raises(TunesmithError, match="empty"):
+        board_token("0.0.0.0", "  ")
+    (board_root / "out").symlink_to(tmp_path)
+    for output_dir in (".", "./", "out/run"):
+        response = client.post("/api/check", json={"config": f"stage: sft\noutput_dir: '{output_dir}'\n"})
+        assert response.status_code == 400, output_dir
+
+
+def test_the_report_keeps_markup_in_its_data_inert(board_root, write_log):
+    from tunesmith.board.report import render_report, report_data
+
+    write_log(board_root / "run(1) 50%", log_records(3))
+    data = report_data(board_root / "run(1) 50%")
+    assert "/api/metrics?name=run(1)%2050%25" in data["api"]  # as encodeURIComponent writes the name
+    data["api"]["x"] = "<!--<script></script>"
+    page = render_report(data)
+    embedded = page.split("window.TUNESMITH_REPORT = ", 1)[1].split(";</script>", 1)[0]
+    assert "<" not in embedded and json.loads(embedded)["api"]["x"] == "<!--<script></script>"

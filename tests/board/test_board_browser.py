@@ -38,6 +38,12 @@ def test_a_runs_loss_chart_has_a_point_per_logged_loss(page, serve, runs_root, s
     legend.wait_for()
     assert legend.get_attribute("data-count") == str(loss_lines(runs_root / "sft")) == "8"
     assert page.locator(".chart-box[data-chart='loss'] path.line[data-series='loss']").get_attribute("data-count") == "8"
+    chart = page.locator(".chart-box[data-chart='loss'] svg.chart")
+    box = chart.bounding_box()
+    chart.hover(position={"x": box["width"] - 16, "y": box["height"] / 2})  # nearest point: the last step
+    tip = page.locator(".chart-box[data-chart='loss'] .chart-tip").inner_text().splitlines()
+    last = json.loads((runs_root / "sft" / "trainer_log.jsonl").read_text().splitlines()[-1])
+    assert tip[0] == "step 8" and float(tip[1].split(": ")[1]) == last["loss"]  # the logged number, unrounded
     assert "checkpoint-4" in page.locator("#checkpoints").inner_text()
     assert "stage: sft" in page.locator("#config").inner_text()
     assert page.locator("#final-metrics").is_visible()
@@ -134,7 +140,7 @@ def test_the_chat_endpoint_sends_the_answer_piece_by_piece(serve, runs_root):
 
     from tunesmith.board.app import create_app
 
-    client = TestClient(create_app(runs_root))
+    client = TestClient(create_app(runs_root), base_url="http://127.0.0.1")
     request = {"name": "sft", "messages": [{"role": "user", "content": "Say word 3."}]}
     with client.stream("POST", "/api/chat", json=request) as response:
         pieces = list(response.iter_text())

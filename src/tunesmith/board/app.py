@@ -37,6 +37,7 @@ from tunesmith.training.run_files import CONFIG_FILE, CONSOLE_FILE, RESULTS_FILE
 TOKEN_COOKIE = "tunesmith_board_token"
 STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html", ".txt": "text/plain"}
 DEFAULT_MAX_POINTS = 2000
+LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 
 
 def create_app(root: Path, auth_token: str | None = None) -> FastAPI:
@@ -45,6 +46,7 @@ def create_app(root: Path, auth_token: str | None = None) -> FastAPI:
     folders = RunFolders(root)
     if auth_token:
         _require_token(app, auth_token)
+    _refuse_other_sites(app, check_host=not auth_token)
     _page_routes(app)
     launcher = Launcher(folders)
     _run_routes(app, folders, launcher)
@@ -56,15 +58,29 @@ def _require_token(app: FastAPI, token: str) -> None:
     @app.middleware("http")
     async def check(request: Request, call_next):
         given = request.query_params.get("token")
-        if given is not None and hmac.compare_digest(given, token):  # the link printed at start: remember it
+        if given is not None and hmac.compare_digest(given.encode(), token.encode()):  # the link printed at start: remember it
             response = RedirectResponse(request.url.remove_query_params("token"), status_code=303)
             response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
             return response
         header = request.headers.get("authorization", "")
         sent = header[len("Bearer "):] if header.startswith("Bearer ") else request.cookies.get(TOKEN_COOKIE, "")
-        if not hmac.compare_digest(sent, token):
+        if not hmac.compare_digest(sent.encode(), token.encode()):
             return PlainTextResponse("tunesmith board: this board needs its auth token (open the link it printed).",
                                      status_code=401)
+        return await call_next(request)
+
+
+def _refuse_other_sites(app: FastAPI, check_host: bool) -> None:
+    """What a web page of another site could make the user's browser send: a POST of a form or of text
+    (no CORS preflight; every real POST here is JSON, so others get 415), and, on a board without a
+    token, requests under another host name that resolves to this machine (DNS rebinding: 421)."""
+    @app.middleware("http")
+    async def check(request: Request, call_next):
+        host = request.headers.get("host", "").rsplit(":", 1)[0].strip("[]").lower()
+        if check_host and host not in LOCAL_HOSTS:
+            return PlainTextResponse(f"tunesmith board answers to localhost only, not {host!r}.", status_code=421)
+        if request.method == "POST" and not request.headers.get("content-type", "").startswith("application/json"):
+            return PlainTextResponse("tunesmith board: POST bodies are JSON.", status_code=415)
         return await call_next(request)
 
 
@@ -99,7 +115,7 @@ def _run_routes(app: FastAPI, folders: RunFolders, launcher: Launcher) -> None:
         for name in folders.names():
             try:
                 listed.append(folders.summary(name))
-            except NotARun:  # removed while listing
+            except (NotARun, OSError):  # removed while listing, or refused
                 continue
         return {"root": str(folders.root), "runs": listed}
 
@@ -191,9 +207,10 @@ def run_details(folders: RunFolders, name: str) -> dict:
 
 def metric_payload(log: LogFile, max_points: int = DEFAULT_MAX_POINTS) -> dict:
     """Every metric's series (thinned for drawing, with its full count) and the charts they form."""
-    return {"version": log.version, "charts": chart_groups(list(log.series)),
-            "series": {name: {"count": len(column), "points": column.points(max(max_points, 8))}
-                       for name, column in log.series.items()}}
+    with log.lock:
+        return {"version": log.version, "charts": chart_groups(list(log.series)),
+                "series": {name: {"count": len(column), "points": column.points(max(max_points, 8))}
+                           for name, column in log.series.items()}}
 
 
 def _text(path: Path) -> str | None:

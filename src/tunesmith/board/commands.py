@@ -44,6 +44,8 @@ def board_token(host: str, auth_token: str | None) -> str | None:
     """The token to require: none on loopback unless asked; elsewhere one is required (refused without)."""
     if auth_token == "random":
         return secrets.token_urlsafe(24)
+    if auth_token is not None and not auth_token.strip():
+        raise TunesmithError("--auth-token is empty: give a secret (or `random`), or leave the option out.")
     if auth_token is None and not is_loopback(host):
         raise TunesmithError(
             f"--host {host} would let other machines read your runs, launch training and chat with "

@@ -82,10 +82,10 @@ class Launcher:
         name = Path(raw["output_dir"]).relative_to(self.folders.root).as_posix()
         if name in self.children and self.children[name].poll() is None:
             raise TunesmithError(f"run {name} is already running from this board; stop it or choose another output_dir.")
-        log = open(path.with_suffix(".log"), "w")  # everything the child prints, tracebacks included
-        self.children[name] = subprocess.Popen([sys.executable, "-m", "tunesmith", "train", str(path)], cwd=self.workdir,
-                                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        with open(path.with_suffix(".log"), "w") as log:  # everything the child prints, tracebacks included
+            self.children[name] = subprocess.Popen([sys.executable, "-m", "tunesmith", "train", str(path)],
+                                                   cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
+                                                   start_new_session=True)
         return name
 
     def running(self, name: str) -> bool:
@@ -138,7 +138,8 @@ class Launcher:
         """output_dir as a folder under the root; anything else is refused."""
         name = str(value or "").strip()
         parts = PurePosixPath(name).parts
-        if not name or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name or parts[0].startswith("."):
+        inside = bool(parts) and (self.folders.root / name).resolve().is_relative_to(self.folders.root)  # no symlink out
+        if not inside or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name or parts[0].startswith("."):
             raise TunesmithError(f"output_dir: {name or '(empty)'} — from the board, output_dir is a folder name under "
                                  f"the board's root {self.folders.root} (for example saves_name/sft_lora), without "
                                  "`..`, a leading dot or an absolute path.")

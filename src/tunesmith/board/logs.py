@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ class LogFile:
 
     def __init__(self, path: Path, charted: bool = False) -> None:
         self.path, self.charted = path, charted
+        self.lock = threading.Lock()  # requests run on a thread pool: one reads new bytes at a time
         self._start_over()
 
     def _start_over(self) -> None:
@@ -34,7 +36,12 @@ class LogFile:
         self.series: dict[str, Series] = {}
 
     def refresh(self) -> list[dict]:
-        """Every complete record so far (a line still being written waits for its newline)."""
+        """Every complete record so far (a line still being written waits for its newline). Hold `lock`
+        while reading `records` or `series` if other threads may refresh meanwhile."""
+        with self.lock:
+            return self._read_new()
+
+    def _read_new(self) -> list[dict]:
         try:
             size = os.stat(self.path).st_size
         except FileNotFoundError:
@@ -133,13 +140,13 @@ def elapsed_seconds(text: object) -> float | None:
     """transformers' "H:MM:SS" (or "2 days, H:MM:SS") elapsed_time in seconds."""
     if not isinstance(text, str):
         return None
-    days = 0
-    if "day" in text:
-        head, _, text = text.partition(", ")
-        days = int(head.split()[0])
     try:
+        days = 0
+        if "day" in text:
+            head, _, text = text.partition(", ")
+            days = int(head.split()[0])
         hours, minutes, seconds = (float(part) for part in text.split(":"))
-    except ValueError:
+    except (ValueError, IndexError):
         return None
     return days * 86400 + hours * 3600 + minutes * 60 + seconds
 

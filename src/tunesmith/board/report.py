@@ -32,7 +32,7 @@ def report_data(run_dir: Path) -> dict:
     except NotARun:
         raise TunesmithError(f"{run_dir} is not a run folder (no train_config.yaml or trainer_log.jsonl in it); "
                              "point `tunesmith report` at a run's output_dir.") from None
-    query = "?name=" + quote(name, safe="")
+    query = "?name=" + quote(name, safe="!'()*")  # as the page's encodeURIComponent writes it
     log = folders.records(folder)
     api = {"/api/run" + query: run_details(folders, name),
            "/api/metrics" + query: metric_payload(log)}
@@ -45,7 +45,8 @@ def report_data(run_dir: Path) -> dict:
 
 def render_report(data: dict) -> str:
     """The page with its styles, scripts and data inline."""
-    safe = json.dumps(data).replace("</", "<\\/")  # a "</script>" inside a string must not end the script
+    # no "<", ">" or "&" may reach the HTML parser from inside the script ("</script>", "<!--<script")
+    safe = json.dumps(data).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     scripts = "\n".join(f"<script>\n{static_text(name)}\n</script>" for name in SCRIPTS)
     return (f"<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>tunesmith report: {_escape(data['name'])}</title>\n<style>\n{static_text('board.css')}\n</style>\n"

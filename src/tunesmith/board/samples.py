@@ -19,17 +19,19 @@ def sample_payload(folders: RunFolders, folder: Path, kind: str, step: int | Non
                    max_steps: int | None = None) -> dict:
     """The index of logged steps (with each step's prompts), or the samples of one `step`."""
     log = folders.records(folder, FILES[kind])
+    with log.lock:
+        records, version = list(log.records), log.version
     if step is not None:
-        return {"step": step, "records": [record for record in log.records if record.get("step") == step]}
+        return {"step": step, "records": [record for record in records if record.get("step") == step]}
     prompts: dict[int, list[str]] = {}
-    for record in log.records:
+    for record in records:
         if isinstance(record.get("step"), int):
             shown = prompts.setdefault(record["step"], [])
             if record.get("prompt") not in shown:
                 shown.append(record.get("prompt"))
     steps = spread(sorted(prompts), max_steps) if max_steps else sorted(prompts)
-    return {"version": log.version, "steps": steps, "prompts": {str(s): prompts[s] for s in steps},
-            "series": reward_series(log.records)}
+    return {"version": version, "steps": steps, "prompts": {str(s): prompts[s] for s in steps},
+            "series": reward_series(records)}
 
 
 def reward_series(records: list[dict]) -> dict[str, list[list]]:

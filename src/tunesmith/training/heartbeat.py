@@ -54,11 +54,15 @@ class Heartbeat:
             self._write()
 
     def _write(self) -> None:
+        """Rewrite the file; a failed write (disk full, folder removed) is skipped, never the run's end."""
         with self.lock:
             self.status["updated"] = time.time()
             temporary = self.path.with_name(f".{STATUS_FILE}.{os.getpid()}.tmp")
-            temporary.write_text(json.dumps(self.status))
-            os.replace(temporary, self.path)  # a reader never sees half a file
+            try:
+                temporary.write_text(json.dumps(self.status))
+                os.replace(temporary, self.path)  # a reader never sees half a file
+            except OSError:
+                temporary.unlink(missing_ok=True)
 
 
 @contextmanager

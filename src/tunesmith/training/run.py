@@ -142,7 +142,7 @@ def _prepare_on_this_rank(config: RunConfig, parallel: Parallel, resume_from: Pa
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(run.config, output_dir / CONFIG_FILE)
         if resume_from is None:  # a fresh run in a reused folder: old logs and checkpoints would mislead
-            for old in (LOG_FILE, CONSOLE_FILE):
+            for old in (LOG_FILE, CONSOLE_FILE, RESULTS_FILE):
                 (output_dir / old).unlink(missing_ok=True)
             checkpoint.remove_checkpoints(output_dir)
         quantized = Quantization.from_args(run.config.model)

@@ -1,4 +1,4 @@
-// tunesmith board: the page. Hash routes: #/ runs, #/run/NAME, #/compare?runs=A,B&metric=M, #/launch, #/chat.
+// tunesmith board: the page. Hash routes: #/ runs, #/run/NAME, #/compare?run=A&run=B&metric=M, #/launch, #/chat.
 // Data comes from the board's JSON API, or, in a report.html opened from disk, from window.TUNESMITH_REPORT
 // (the same run page, with the data written into the file).
 (() => {
@@ -66,7 +66,7 @@ function showRuns(main) {
   const statusFilter = el("select", {id: "status-filter"}, ["all", "running", "finished", "failed", "stopped", "unknown"]
     .map((s) => el("option", {value: s}, s)));
   const compare = el("button", {id: "compare-selected", onclick: () => {
-    location.hash = `#/compare?runs=${[...state.selected].map(encodeURIComponent).join(",")}`;
+    location.hash = "#/compare?" + new URLSearchParams([...state.selected].map((name) => ["run", name]));
   }}, "Compare selected");
   const table = el("table", {id: "runs", class: "runs"});
   main.append(el("div", {class: "toolbar"}, filter, statusFilter, compare), table);
@@ -164,7 +164,7 @@ function renderDetails(details, run) {
 
 // ---- compare ---------------------------------------------------------------------------------------
 async function showCompare(main, params) {
-  const names = (params.get("runs") || "").split(",").filter(Boolean).map(decodeURIComponent);
+  const names = params.getAll("run");  // one parameter per run: names may hold commas or percent signs
   const picker = el("select", {id: "compare-metric"});
   const box = el("div", {class: "chart-box", id: "compare-chart"});
   main.append(el("h2", {}, "compare ", names.length, " runs"), chartControls(() => draw()),

@@ -26,12 +26,14 @@ function smooth(values, weight) {
 }
 
 function niceTicks(low, high, count) {
-  if (!(high > low)) { high = low + 1; low = low - 1; }
+  // a range of a few float steps (0.3 and 0.30000000000000004) would give a step that cannot move t
+  const floor = Math.max(Math.abs(low), Math.abs(high), 1e-12) * 1e-9;
+  if (!(high - low > floor)) { high = high + floor * 1e3 + 1e-12; low = low - floor * 1e3 - 1e-12; }
   const raw = (high - low) / count;
   const magnitude = Math.pow(10, Math.floor(Math.log10(raw)));
   const step = [1, 2, 2.5, 5, 10].map((m) => m * magnitude).find((s) => s >= raw);
-  const ticks = [];
-  for (let t = Math.ceil(low / step) * step; t <= high + step * 1e-9; t += step) ticks.push(+t.toPrecision(12));
+  const first = Math.ceil(low / step), ticks = [];
+  for (let i = 0; i <= count * 3 && (first + i) * step <= high + step * 1e-9; i++) ticks.push(+((first + i) * step).toPrecision(12));
   return ticks;
 }
 
@@ -136,7 +138,7 @@ function attachHover(svg, element, series, geometry) {
     cursor.setAttribute("visibility", "visible");
     const rows = series.map((s) => {
       const hit = s.points.find((p) => p[geometry.xIndex] === best.x);
-      return hit ? `${s.label}: ${formatNumber(hit[2])}` : null;
+      return hit ? `${s.label}: ${hit[2]}` : null;  // the logged number itself, not rounded
     }).filter(Boolean);
     const xLabel = geometry.xIndex ? formatSeconds(best.x) : `step ${best.x}`;
     tip.textContent = [xLabel, ...rows].join("\n");

@@ -121,15 +121,25 @@ async function showChat(main, params) {
     log.append(el("div", {class: "bubble user"}, text));
     const answer = el("div", {class: "bubble assistant"});
     log.append(answer);
-    const response = await fetch("/api/chat", {method: "POST", headers: {"content-type": "application/json"},
-      body: JSON.stringify({name: picker.value, messages: history})});
-    if (!response.ok) { answer.textContent = (await response.json()).error; answer.classList.add("error"); return; }
-    const reader = response.body.getReader(), decoder = new TextDecoder();
-    for (;;) {
-      const {done, value} = await reader.read();
-      if (done) break;
-      answer.textContent += decoder.decode(value, {stream: true});
-      answer.dataset.chunks = String(+(answer.dataset.chunks || 0) + 1);
+    try {
+      const response = await fetch("/api/chat", {method: "POST", headers: {"content-type": "application/json"},
+        body: JSON.stringify({name: picker.value, messages: history})});
+      if (!response.ok) {
+        const text = await response.text();
+        answer.textContent = (() => { try { return JSON.parse(text).error; } catch { return text; } })();
+        answer.classList.add("error");
+        return;
+      }
+      const reader = response.body.getReader(), decoder = new TextDecoder();
+      for (;;) {
+        const {done, value} = await reader.read();
+        if (done) break;
+        answer.textContent += decoder.decode(value, {stream: true});
+        answer.dataset.chunks = String(+(answer.dataset.chunks || 0) + 1);
+      }
+    } catch (error) {
+      answer.textContent += ` [${error.message}]`;
+      answer.classList.add("error");
     }
     answer.dataset.done = "true";
     history.push({role: "assistant", content: answer.textContent});

@@ -78,6 +78,7 @@ function fieldPicker(fields, refresh) {
 
 function renderRollouts(box, records, refresh) {
   const {el} = window.tunesmithBoard;
+  records = records.filter((r) => Array.isArray(r.tokens));
   const fields = ROLLOUT_FIELDS.filter((f) => records.some((r) => Array.isArray(r[f])));
   if (!fields.includes(view.field)) view.field = fields[0];
   const scale = scaleOf(records.map((r) => r[view.field] || []));
@@ -106,6 +107,7 @@ function renderPairs(box, records, refresh) {
   pairPicker.value = view.pair;
   pairPicker.onchange = () => { view.pair = +pairPicker.value; refresh(); };
   const record = records.find((r) => r.pair === view.pair) || records[0];
+  if (!record) { box.replaceChildren(el("p", {class: "empty"}, `nothing logged at step ${view.step}`)); return; }
   const chart = el("div", {class: "chart-box", id: "pair-rewards"});
   const scale = scaleOf(sides.map((s) => record[`${s}_${view.field}`] || []));
   const answers = sides.map((s) => el("div", {class: "card", dataset: {side: s}},
@@ -128,7 +130,8 @@ async function refresh(box, run, query) {
     box.replaceChildren(el("p", {class: "empty"}, `no ${kind} logged yet (log_rollouts_steps)`));
     return;
   }
-  const fresh = view.name !== run.name || !view.index || view.index.version !== index.version;
+  const fresh = view.name !== run.name || !view.index || view.index.version !== index.version ||
+    !box.querySelector("#samples");  // a page opened again starts with an empty box
   if (view.name !== run.name) Object.assign(view, {name: run.name, step: index.steps[index.steps.length - 1], prompt: null, pair: 0});
   if (!fresh) return;
   view.index = index;
