@@ -4,6 +4,7 @@
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -51,8 +52,9 @@ def adapter_writer():
     return write_random_adapter
 
 
-def serve(engine, api_key: str | None):
-    """(uvicorn server, its thread, base URL) for `create_app(engine, "tiny", api_key)`."""
+@contextmanager
+def serving(engine, api_key: str | None):
+    """The base URL of `create_app(engine, "tiny", api_key)` served by uvicorn on a thread, inside the block."""
     import uvicorn
 
     from tunesmith.inference.server import create_app
@@ -66,10 +68,14 @@ def serve(engine, api_key: str | None):
     thread.start()
     while not server.started:
         time.sleep(0.01)
-    return server, thread, f"http://127.0.0.1:{port}/v1"
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="session")
 def serve_api():
-    """serve(engine, api_key) -> (server, thread, url); stop with server.should_exit = True."""
-    return serve
+    """`with serve_api(engine, api_key) as url:` a server for the block."""
+    return serving

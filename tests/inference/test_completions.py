@@ -26,10 +26,8 @@ def engine(chat_model):
 
 @pytest.fixture(scope="module")
 def server(engine, serve_api):
-    server, thread, url = serve_api(engine, KEY)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_api(engine, KEY) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

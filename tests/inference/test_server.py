@@ -28,10 +28,8 @@ def engine(chat_model):
 
 @pytest.fixture(scope="module")
 def server(engine, serve_api):
-    server, thread, url = serve_api(engine, KEY)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_api(engine, KEY) as url:
+        yield url
 
 
 def greedy_text(engine: Engine, content: str, max_tokens: int = 16) -> str:
@@ -154,8 +152,7 @@ def test_a_client_that_leaves_mid_stream_frees_the_worker(server, engine, monkey
 def test_reward_model_scores_over_http_as_ppo_expects(reward_adapter, chat_model, serve_api):
     engine = Engine.load(build_config({"model_name_or_path": chat_model[0], "adapter_name_or_path": reward_adapter},
                                       command="api"))
-    server, thread, url = serve_api(engine, None)
-    try:
+    with serve_api(engine, None) as url:
         conversations = [[{"role": "user", "content": "Describe the river."}, {"role": "assistant", "content": a}]
                          for a in ("The river is calm.", "The river is cold.")]
         status, body = post(f"{url}/score", {"messages": conversations}, key=None)
@@ -168,9 +165,6 @@ def test_reward_model_scores_over_http_as_ppo_expects(reward_adapter, chat_model
         assert source(items) == pytest.approx(expected, abs=1e-5)
         status, body = post(f"{url}/score", {"messages": [[{"role": "user", "content": "hi"}]]}, key=None)
         assert status == 400 and "must end with the assistant answer" in body["error"]["message"]
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_a_full_queue_is_a_429_for_streams_too(server, monkeypatch):

@@ -73,10 +73,8 @@ def server(chat_model, serve_api):
     base, adapter = chat_model
     engine = Engine.load(build_config({"model_name_or_path": base, "adapter_name_or_path": adapter,
                                        "max_new_tokens": 4, "cutoff_len": 128}, command="api"))
-    server, thread, url = serve_api(engine, KEY)
-    yield url.split("//")[1].split("/")[0]
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_api(engine, KEY) as url:
+        yield url.split("//")[1].split("/")[0]
 
 
 def send(address: str, path: str, data: bytes, content_type: str = "application/json") -> tuple[int, bytes]:

@@ -6,10 +6,28 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from tunesmith.config import SamplingSettings
 from tunesmith.inference.api_errors import ApiError
 from tunesmith.inference.engine import Engine
+
+
+class SamplingRequest(BaseModel):
+    """The generation fields /v1/chat/completions and /v1/completions share; fields not listed are accepted
+    and ignored, as OpenAI's clients send more than a server uses."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    seed: int | None = None
+
 
 MAX_CHOICES = 16  # answers per request: n, times the prompts of /v1/completions
 SEED_RANGE = range(-(2**63), 2**64)  # what torch.Generator.manual_seed takes

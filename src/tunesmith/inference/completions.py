@@ -20,7 +20,6 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
 from tunesmith.data.plain_text import PlainText
@@ -28,26 +27,16 @@ from tunesmith.errors import TunesmithError
 from tunesmith.inference.api_choices import Choice, Emit, finish, step_callback
 from tunesmith.inference.api_errors import ApiError, error_body, server_failure
 from tunesmith.inference.api_logprobs import PromptLogprobs, StepLogprobs, TokenNames, legacy_logprobs
-from tunesmith.inference.api_sampling import request_settings, seeded_generator, top_logprobs
+from tunesmith.inference.api_sampling import SamplingRequest, request_settings, seeded_generator, top_logprobs
 from tunesmith.inference.api_worker import Job, Worker, job_result, submit_streamed
 from tunesmith.inference.engine import Engine
 from tunesmith.inference.served_models import ServedModels
 
 
-class CompletionRequest(BaseModel):
-    """The fields of OpenAI's completions request that change what is generated; others are accepted."""
+class CompletionRequest(SamplingRequest):
+    """OpenAI's legacy completions request: the shared generation fields, the prompt, echo and log-probs."""
 
-    model_config = ConfigDict(extra="allow")
-    model: str | None = None
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int = 1
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: dict | None = None
-    seed: int | None = None
     echo: bool = False
     logprobs: int | None = None
 

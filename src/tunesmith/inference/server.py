@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from tunesmith.errors import TunesmithError
@@ -41,7 +41,12 @@ from tunesmith.inference.api_errors import ApiError, add_error_handlers, error_b
 from tunesmith.inference.api_guard import Guard
 from tunesmith.inference.api_logprobs import StepLogprobs, TokenNames, chat_logprobs
 from tunesmith.inference.api_messages import plain_messages
-from tunesmith.inference.api_sampling import chat_top_logprobs, request_settings, seeded_generator
+from tunesmith.inference.api_sampling import (
+    SamplingRequest,
+    chat_top_logprobs,
+    request_settings,
+    seeded_generator,
+)
 from tunesmith.inference.api_worker import Job, Worker, job_result, submit_streamed
 from tunesmith.inference.completions import add_completions_route
 from tunesmith.inference.engine import Engine
@@ -53,21 +58,11 @@ if TYPE_CHECKING:
 MAX_MESSAGES = 1024  # a tokenizer template renders growing prefixes: cost grows with the square of the count
 
 
-class ChatRequest(BaseModel):
-    """The fields of OpenAI's chat.completions request that change what is generated; others are accepted."""
+class ChatRequest(SamplingRequest):
+    """OpenAI's chat.completions request: the shared generation fields, the messages and chat's log-probs."""
 
-    model_config = ConfigDict(extra="allow")
-    model: str | None = None
     messages: list
-    max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int = 1
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: dict | None = None
-    seed: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
 
