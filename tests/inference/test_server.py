@@ -123,17 +123,23 @@ def test_errors_use_openai_shape(server, engine):
     assert status == 400 and body["error"]["param"] == "max_tokens"
 
 
-def test_a_client_that_leaves_mid_stream_frees_the_worker(server, engine, monkeypatch):
-    steps = []
+@pytest.fixture
+def steps(monkeypatch):
+    """One entry per decoding step the worker runs from here on (Engine.generate counted)."""
+    counted_steps = []
     real_generate = Engine.generate
 
     def counting_generate(self, conversations, settings, num_samples=1, on_step=None, generator=None):
         def counted(tokens):
-            steps.append(1)
+            counted_steps.append(1)
             return on_step(tokens)
         return real_generate(self, conversations, settings, num_samples, counted, generator)
 
     monkeypatch.setattr(Engine, "generate", counting_generate)
+    return counted_steps
+
+
+def test_a_client_that_leaves_mid_stream_frees_the_worker(server, engine, steps):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 200,
             "temperature": 1.0, "stream": True}
     host, port = server.split("//")[1].split("/")[0].split(":")
@@ -257,17 +263,7 @@ def test_a_chunked_body_over_the_limit_is_refused_while_it_is_read(server):
     connection.close()
 
 
-def test_a_waiting_client_that_leaves_frees_the_worker(server, engine, monkeypatch):
-    steps = []
-    real_generate = Engine.generate
-
-    def counting_generate(self, conversations, settings, num_samples=1, on_step=None, generator=None):
-        def counted(tokens):
-            steps.append(1)
-            return on_step(tokens)
-        return real_generate(self, conversations, settings, num_samples, counted, generator)
-
-    monkeypatch.setattr(Engine, "generate", counting_generate)
+def test_a_waiting_client_that_leaves_frees_the_worker(server, engine, steps, monkeypatch):
     # every token is sampled and none ends the answer: only a cancel stops it before 200 steps
     monkeypatch.setattr(Engine, "stop_ids", property(lambda self: []))
     body = {"model": "tiny", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 200}

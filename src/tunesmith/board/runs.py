@@ -82,9 +82,9 @@ class RunFolders:
         folder = self.resolve(name)
         config = read_config(folder)
         log = self.records(folder)
-        with log.lock:
+        status = run_status(folder)
+        with log.lock:  # another request may be extending the records
             records = log.records
-            status = run_status(folder)
             return {
                 "name": name, "stage": config.get("stage", "sft"), "model": config.get("model_name_or_path"),
                 "dataset": _as_text(config.get("dataset")), "finetuning_type": config.get("finetuning_type"),

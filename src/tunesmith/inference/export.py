@@ -49,7 +49,7 @@ from tunesmith.model.atomic_files import (
 )
 from tunesmith.model.gguf_import import local_model_source
 from tunesmith.model.loading import load_model, load_tokenizer
-from tunesmith.model.reward_model import TRAIN_CONFIG, _training_settings
+from tunesmith.model.reward_model import TRAIN_CONFIG, training_settings
 from tunesmith.model.value_head import VALUE_HEAD_FILE, load_value_head, save_value_head
 
 GB = 10**9  # Hugging Face's "5GB" shard size is decimal
@@ -68,7 +68,7 @@ def export_model(config: RunConfig, say: Callable[[str], None] = print) -> Path:
     for adapter in adapters:  # cheap checks before the slow model load
         read_adapter_config(adapter)
     source = trained_folder(model_args)
-    settings = _training_settings(source) if source.is_dir() else {}
+    settings = training_settings(source) if source.is_dir() else {}
     tokenizer_path = tokenizer_folder(model_args)
     tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=model_args.trust_remote_code)
     template_name = config.data.template or settings.get("template")

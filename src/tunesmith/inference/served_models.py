@@ -22,20 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import yaml
-
 from tunesmith.data.templates import get_template
 from tunesmith.errors import TunesmithError
 from tunesmith.inference.api_errors import ApiError
 from tunesmith.inference.engine import DEFAULT_SET, Engine, trained_folder
 from tunesmith.model.adapter_sets import adapter_set, add_adapter_set
 from tunesmith.model.adapters import read_adapter_config
+from tunesmith.model.reward_model import training_settings
 from tunesmith.model.value_head import VALUE_HEAD_FILE
 
 if TYPE_CHECKING:
     from tunesmith.config import RunConfig
 
-TRAIN_CONFIG = "train_config.yaml"
 R = TypeVar("R")
 
 
@@ -124,7 +122,7 @@ def _named(name: str, folder: str, step: Callable, *args: object) -> None:
 def _check_base(folder: str, base: str) -> None:
     """A served adapter must be one LoRA adapter trained on `base` itself (its tensor shapes are checked
     when it loads; this catches a same-shaped model of another training)."""
-    settings = recorded_settings(Path(folder))
+    settings = training_settings(Path(folder))
     recorded = settings.get("model_name_or_path") or read_adapter_config(folder).get("base_model_name_or_path")
     if recorded and not _same_model(str(recorded), base):
         raise TunesmithError(f"it was trained on {recorded}, not on this config's model_name_or_path {base}; "
@@ -147,19 +145,11 @@ def _same_model(recorded: str, base: str) -> bool:
     return here.name == there.name
 
 
-def recorded_settings(folder: Path) -> dict:
-    """The train_config.yaml training wrote beside the weights (in the folder, or its parent for a checkpoint)."""
-    for candidate in (folder / TRAIN_CONFIG, folder.parent / TRAIN_CONFIG):
-        if candidate.is_file():
-            return yaml.safe_load(candidate.read_text()) or {}
-    return {}
-
-
 def with_recorded_template(engine: Engine, configured: str | None, folder: Path, name: str,
                            say: Callable[[str], None]) -> Engine:
     """The engine with the model's template: the config's, else the one recorded at training (`tunesmith
     api`, `chat` and `do_predict` all follow this rule)."""
-    recorded = recorded_settings(folder).get("template") if folder.is_dir() else None
+    recorded = training_settings(folder).get("template") if folder.is_dir() else None
     if configured and recorded and configured != recorded:
         say(f"[tunesmith] warning: {name} was trained with template {recorded}, but the config sets template "
             f"{configured}; serving it with {configured}.")

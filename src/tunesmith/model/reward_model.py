@@ -42,8 +42,9 @@ if TYPE_CHECKING:
 TRAIN_CONFIG = "train_config.yaml"
 
 
-def _training_settings(folder: Path) -> dict:
-    """The train_config.yaml written with the reward model (folder or, for a checkpoint, its parent)."""
+def training_settings(folder: Path) -> dict:
+    """The train_config.yaml training wrote beside the weights (in the folder or, for a checkpoint, its
+    parent): a reward model's base and adapters, an adapter's template."""
     for candidate in (folder / TRAIN_CONFIG, folder.parent / TRAIN_CONFIG):
         if candidate.is_file():
             return yaml.safe_load(candidate.read_text()) or {}
@@ -79,7 +80,7 @@ class RewardModel:
         `base_model` with `merged_adapters` merged), so both share one copy of the base weights. None when
         it was trained on another base, or adapts layers the policy does not."""
         folder = Path(path)
-        settings = _training_settings(folder)
+        settings = training_settings(folder)
         if not (folder / CONFIG_NAME).is_file() or not (folder / VALUE_HEAD_FILE).is_file():
             return None
         same_base = (_same_path(settings.get("model_name_or_path"), base_model)
@@ -104,7 +105,7 @@ class RewardModel:
             raise TunesmithError(
                 f"{folder} has no {VALUE_HEAD_FILE}, so it is not a reward model. Point at the output_dir (or a "
                 "checkpoint-N) of a `stage: rm` run.")
-        settings = _training_settings(folder)
+        settings = training_settings(folder)
         device, default_dtype = resolve_device_and_dtype(bf16=torch.cuda.is_available() and not use_cpu, fp16=False,
                                                          use_cpu=use_cpu)
         dtype = dtype or default_dtype
