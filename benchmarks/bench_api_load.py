@@ -3,6 +3,8 @@
     python benchmarks/bench_api_load.py                              # 'small' random model, 1,4,16,64 clients
     python benchmarks/bench_api_load.py --clients 1,4,16 --requests 32
     python benchmarks/bench_api_load.py --model saves/lf_bench_real/model --clients 1,4   # a folder you have
+    python benchmarks/bench_api_load.py --peer llamafactory          # the same load on `llamafactory-cli api`
+    python benchmarks/bench_api_load.py --peer llamafactory --lf-venv ../lf_venv --clients 1,4 --requests 8
 
 It writes a model folder (`tunesmith init-model --size small` into a temp dir) unless --model names one,
 starts `tunesmith api` on it as a user does (a small YAML in a temp dir, a free port on 127.0.0.1) and
@@ -18,6 +20,19 @@ gaps between content chunks) at p50/p99, 429s and retries, errors, and the serve
 (VmHWM). Correctness: the 1-client level runs first (added if --clients lacks it) and its answers are
 the reference; every answer at every level must equal its request's reference, else the script lists
 the mismatches and exits 1. The client runs on the same machine and takes some of its CPU.
+
+--peer llamafactory also starts LLaMA-Factory's `llamafactory-cli api` from --lf-venv (default ../lf_venv
+beside the repository, built by benchmarks/llamafactory/setup.sh) on the same folder, template and dtype
+(`infer_backend: huggingface`, API_HOST/API_PORT; API_VERBOSE=0 so it does not log every request). Both
+servers stay up; each level runs on tunesmith, then on LLaMA-Factory (close in time, as this machine's
+load drifts), and a third line gives tunesmith / LLaMA-Factory for tokens/s and TTFT p99. Its stream
+carries no usage (`usage_tokens` 0), so in this mode `generated_tokens` of both servers counts the tokens
+of the answer text re-encoded by the model's tokenizer; tunesmith's `usage_tokens` shows how far that is
+from the count generated (on the random model, whose text re-encodes poorly, 10-25% more). LLaMA-Factory's
+hf engine runs one request at a time (`MAX_CONCURRENT`, default 1) and queues the rest without limit, so it
+never answers 429; its streamer sends whole words, so its chunk gaps span several tokens. Each of its
+answers must equal its own 1-client reference; how many differ from tunesmith's is reported, not failed
+(on a random model near-tied logits flip under different kernels; stop tokens differ too).
 """
 
 from __future__ import annotations
@@ -25,8 +40,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -36,9 +53,11 @@ import urllib.request
 from pathlib import Path
 
 import openai
+import torch
 import yaml
 from transformers import AutoTokenizer
 
+from tunesmith.inference.engine import inference_dtype
 from tunesmith.model.init_model import init_model
 from tunesmith.model.tokenizer_build import corpus_texts
 
@@ -58,34 +77,73 @@ def make_requests(tokenizer, count: int, seed: int) -> list[dict]:
     return requests
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports on 127.0.0.1 (held open together, so no two are the same)."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
 
 
-def start_server(model: str, template: str | None, folder: Path, port: int) -> subprocess.Popen:
+def start_server(model: str, template: str | None, dtype: str, folder: Path, port: int) -> subprocess.Popen:
     """`tunesmith api` on `model` at 127.0.0.1:`port`; the caller waits for it to answer."""
-    config = {"model_name_or_path": model, "cutoff_len": 1024, "max_new_tokens": 128,
+    config = {"model_name_or_path": model, "cutoff_len": 1024, "max_new_tokens": 128, "infer_dtype": dtype,
               "host": "127.0.0.1", "port": port}
     if template:
         config["template"] = template
     (folder / "api.yaml").write_text(yaml.safe_dump(config))
     return subprocess.Popen([sys.executable, "-m", "tunesmith", "api", str(folder / "api.yaml")],
-                            stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "w"))
+                            stdout=subprocess.DEVNULL, stderr=open(folder / "tunesmith.log", "w"))
 
 
-def wait_ready(url: str, server: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+def start_llamafactory(lf_venv: Path, model: str, template: str | None, dtype: str, folder: Path,
+                       port: int) -> subprocess.Popen:
+    """`llamafactory-cli api` (huggingface backend) on `model` at 127.0.0.1:`port`, from its own venv."""
+    cli = lf_venv / "bin" / "llamafactory-cli"
+    if not cli.exists():
+        sys.exit(f"{cli} not found: build LLaMA-Factory's venv with benchmarks/llamafactory/setup.sh, or pass --lf-venv")
+    config = {"model_name_or_path": model, "infer_backend": "huggingface", "infer_dtype": dtype}
+    if template:
+        config["template"] = template
+    (folder / "lf_api.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "API_HOST": "127.0.0.1", "API_PORT": str(port), "API_MODEL_NAME": MODEL_NAME,
+           "API_VERBOSE": "0"}
+    return subprocess.Popen([str(cli), "api", str(folder / "lf_api.yaml")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=open(folder / "llamafactory.log", "w"))
+
+
+def wait_ready(name: str, url: str, server: subprocess.Popen, log: Path, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            sys.exit(f"tunesmith api exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+            sys.exit(f"{name} api exited with {server.returncode}:\n{log.read_text()[-3000:]}")
         try:
             urllib.request.urlopen(url + "/models", timeout=5).read()
             return
         except OSError:
             time.sleep(0.2)
-    sys.exit(f"tunesmith api did not answer within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+    sys.exit(f"{name} api did not answer within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def stop_server(name: str, server: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM, as a user would stop it. uvicorn shuts down gracefully, then re-raises the signal: LLaMA-Factory
+    dies of it (-15), tunesmith turns it into exit status 143. Anything else is reported."""
+    if server.poll() is not None:  # it died earlier, and that was reported then
+        return
+    server.terminate()
+    try:
+        code = server.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+        print(f"{name} api did not stop within {timeout:.0f} s of SIGTERM and was killed", file=sys.stderr)
+        return
+    if code not in (0, -signal.SIGTERM, 128 + signal.SIGTERM):
+        print(f"{name} api exited with {code} after SIGTERM", file=sys.stderr)
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -124,7 +182,7 @@ async def stream_once(client: openai.AsyncOpenAI, request: dict, rng: random.Ran
             if choice.delta.content:
                 pieces.append(choice.delta.content)
                 stamps.append(time.perf_counter())
-    return {"text": "".join(pieces), "tokens": tokens, "retries": retries,
+    return {"text": "".join(pieces), "tokens": tokens, "usage_tokens": tokens, "retries": retries,
             "ttft": (stamps[0] - began) if stamps else None,
             "gaps": [later - earlier for earlier, later in zip(stamps, stamps[1:])]}
 
@@ -156,12 +214,13 @@ async def run_level(base_url: str, requests: list[dict], clients: int, total: in
     return wall, results, len(errors)
 
 
-def summarize(clients: int, total: int, wall: float, results: dict, errors: int, mismatches: int,
+def summarize(server: str, clients: int, total: int, wall: float, results: dict, errors: int, mismatches: int,
               rss_mb: float) -> dict:
     ttfts = [r["ttft"] for r in results.values() if r["ttft"] is not None]
     gaps = [gap for r in results.values() for gap in r["gaps"]]
     tokens = sum(r["tokens"] for r in results.values())
-    return {"clients": clients, "requests": total, "seconds": round(wall, 2), "generated_tokens": tokens,
+    return {"server": server, "clients": clients, "requests": total, "seconds": round(wall, 2),
+            "generated_tokens": tokens, "usage_tokens": sum(r["usage_tokens"] for r in results.values()),
             "tokens_per_second": round(tokens / wall, 1), "requests_per_second": round(len(results) / wall, 3),
             "ttft_p50_ms": round(1e3 * percentile(ttfts, 50), 1), "ttft_p99_ms": round(1e3 * percentile(ttfts, 99), 1),
             "itl_p50_ms": round(1e3 * percentile(gaps, 50), 2), "itl_p99_ms": round(1e3 * percentile(gaps, 99), 2),
@@ -170,7 +229,66 @@ def summarize(clients: int, total: int, wall: float, results: dict, errors: int,
             "errors": errors, "mismatches": mismatches, "server_peak_rss_mb": round(rss_mb, 1)}
 
 
-def main() -> None:
+def compare(clients: int, summaries: dict, texts: dict) -> dict:
+    """tunesmith / LLaMA-Factory at one level, and how many of their answers differ (reported, not failed)."""
+    ours, peer = summaries["tunesmith"], summaries["llamafactory"]
+
+    def ratio(a: float, b: float) -> float:
+        return round(a / b, 2) if b else float("nan")
+
+    return {"ratio": "tunesmith/llamafactory", "clients": clients,
+            "tokens_per_second": ratio(ours["tokens_per_second"], peer["tokens_per_second"]),
+            "ttft_p99": ratio(ours["ttft_p99_ms"], peer["ttft_p99_ms"]),
+            "answers_differing_from_tunesmith": sum(text != texts["tunesmith"].get(index)
+                                                    for index, text in texts["llamafactory"].items())}
+
+
+def run_levels(servers: dict, requests: list[dict], levels: list[int], min_total: int, tokenizer) -> int:
+    """Every level on each server in turn, one JSON line each (and a ratio line with a peer). With
+    `tokenizer`, tokens are counted from the answer text. 1 when a request failed or an answer differs
+    from the same server's answer to the same request sent alone."""
+    references, failed = {}, 0
+    for clients in levels:
+        total, summaries, texts = max(min_total, clients), {}, {}
+        for name, (server, base_url) in servers.items():
+            wall, results, errors = asyncio.run(run_level(base_url, requests, clients, total))
+            if tokenizer is not None:  # after the clock stopped: the client's CPU is the servers' too
+                for result in results.values():
+                    result["tokens"] = len(tokenizer.encode(result["text"], add_special_tokens=False))
+            texts[name] = {index: r["text"] for index, r in results.items()}
+            if clients == 1:
+                references[name] = texts[name]
+            mismatches = sorted(index for index, text in texts[name].items()
+                                if text != references[name].get(index % len(requests)))
+            summaries[name] = summarize(name, clients, total, wall, results, errors, len(mismatches),
+                                        peak_rss_mb(server.pid))
+            print(json.dumps(summaries[name]), flush=True)
+            if mismatches or errors:
+                print(f"FAIL: {name} at {clients} clients: {errors} errors; answers that differ from the same "
+                      f"request sent alone: {mismatches[:20]}", file=sys.stderr)
+                failed = 1
+        if len(servers) > 1:
+            print(json.dumps(compare(clients, summaries, texts)), flush=True)
+    return failed
+
+
+def launch_servers(servers: dict, args: argparse.Namespace, model: str, template: str | None, folder: Path,
+                   requests: list[dict]) -> None:
+    """Start `tunesmith api` (and the peer's) into `servers` as {name: (process, base url)}, in the
+    dtype tunesmith picks; wait for each to answer, then warm each up with one unmeasured request."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = str(inference_dtype("auto", device)).removeprefix("torch.")
+    ports = free_ports(2)
+    servers["tunesmith"] = (start_server(model, template, dtype, folder, ports[0]), f"http://127.0.0.1:{ports[0]}/v1")
+    if args.peer == "llamafactory":
+        process = start_llamafactory(Path(args.lf_venv), model, template, dtype, folder, ports[1])
+        servers["llamafactory"] = (process, f"http://127.0.0.1:{ports[1]}/v1")
+    for name, (server, base_url) in servers.items():
+        wait_ready(name, base_url, server, folder / f"{name}.log")
+        asyncio.run(run_level(base_url, requests[:1], 1, 1))  # first-call set-up costs, not measured
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a model folder to serve (default: a random-init 'small' model)")
     parser.add_argument("--template", help="chat template (default: chatml for the built model, else the tokenizer's own)")
@@ -178,39 +296,28 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32, help="distinct requests in the mix, and per level "
                         "at least this many (a level sends max(requests, clients))")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--peer", choices=["llamafactory"], help="also serve the model with this server and compare")
+    parser.add_argument("--lf-venv", default=str(Path(__file__).resolve().parents[2] / "lf_venv"),
+                        help="LLaMA-Factory's venv (default: ../lf_venv beside the repository)")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     levels = sorted({1, *(int(c) for c in args.clients.split(","))})
     folder = Path(tempfile.mkdtemp(prefix="tunesmith_bench_api_"))
-    server = None
+    servers = {}
     try:
         model, template = args.model, args.template
         if model is None:
             model, template = str(init_model(folder / "model", size="small", seed=args.seed)), template or "chatml"
-        requests = make_requests(AutoTokenizer.from_pretrained(model), args.requests, args.seed)
-        port = free_port()
-        server = start_server(model, template, folder, port)
-        base_url = f"http://127.0.0.1:{port}/v1"
-        wait_ready(base_url, server, folder / "server.log")
-        asyncio.run(run_level(base_url, requests[:1], 1, 1))  # warm-up, not measured: first-call set-up costs
-        reference, failed = {}, 0
-        for clients in levels:
-            total = max(args.requests, clients)
-            wall, results, errors = asyncio.run(run_level(base_url, requests, clients, total))
-            if clients == 1:
-                reference = {index: r["text"] for index, r in results.items()}
-            mismatches = sorted(index for index, r in results.items()
-                                if r["text"] != reference.get(index % len(requests)))
-            print(json.dumps(summarize(clients, total, wall, results, errors, len(mismatches),
-                                       peak_rss_mb(server.pid))), flush=True)
-            if mismatches or errors:
-                print(f"FAIL at {clients} clients: {errors} errors; answers that differ from the same request "
-                      f"sent alone: {mismatches[:20]}", file=sys.stderr)
-                failed = 1
-        sys.exit(failed)
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        requests = make_requests(tokenizer, args.requests, args.seed)
+        launch_servers(servers, args, model, template, folder, requests)
+        sys.exit(run_levels(servers, requests, levels, args.requests, tokenizer if args.peer else None))
     finally:
-        if server is not None:
-            server.terminate()
-            server.wait()
+        for name, (server, _) in servers.items():
+            stop_server(name, server)
         shutil.rmtree(folder, ignore_errors=True)
 
 

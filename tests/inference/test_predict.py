@@ -81,3 +81,44 @@ def test_trained_model_config_points_at_what_training_wrote(tiny_model):
     assert dpo.model.adapter_name_or_path == ["a", "b", "out"]  # a fresh adapter on top of both
     full = trained_model_config(build_config({**base, "finetuning_type": "full"}))
     assert (full.model.model_name_or_path, full.model.adapter_name_or_path) == ("out", None)
+
+
+LONG = " ".join(f"word{i}" for i in range(40))
+CUT_RECORDS = [
+    {"instruction": f"Repeat: {LONG}", "input": "", "output": "Done."},  # long prompt, short label
+    {"instruction": "Say hello.", "input": "", "output": "Hello there!"},  # fits: unchanged
+    {"instruction": f"Copy: {LONG}", "input": "", "output": LONG},  # both long: the budget is shared
+    {"instruction": "Copy.", "input": "", "output": LONG},  # short prompt, long label: the prompt stays whole
+]
+
+
+def test_long_prompts_are_cut_as_training_cuts_them(settings, tmp_path):
+    """With cutoff_len 40, each prompt keeps what encode_sft (training) keeps of its record, the answers are
+    the model's continuations of exactly those ids, and one line says how many prompts were cut."""
+    from tunesmith.data.dataset import load_conversations
+    from tunesmith.data.encode import IGNORE_INDEX, encode_sft
+    from tunesmith.inference.engine import Engine
+
+    (Path(settings["dataset_dir"]) / "tiny.json").write_text(json.dumps(CUT_RECORDS))
+    cut = {**settings, "cutoff_len": 40}
+    said = []
+    train_and_predict(build_config(cut), say=said.append)
+    lines = [json.loads(line) for line in (Path(cut["output_dir"]) / PREDICTIONS_FILE).read_text().splitlines()]
+    engine = Engine.load(build_config(cut))
+    conversations = load_conversations("tiny", cut["dataset_dir"])
+    kept, whole = [], []
+    for messages in conversations:  # training's encoding of the same record: its prompt part is what is kept
+        encoded = encode_sft(messages, engine.template, engine.tokenizer, cutoff_len=40)
+        kept.append(encoded["input_ids"][:encoded["labels"].count(IGNORE_INDEX)])
+        whole.append(engine.prompt_ids(messages[:-1]))
+    assert [len(ids) < len(full) for ids, full in zip(kept, whole)] == [True, False, True, False]
+    assert all(ids == full[:len(ids)] for ids, full in zip(kept, whole))  # the head is kept
+    assert [line["prompt"] for line in lines] == [engine.decode(ids) for ids in kept]
+    assert lines[1]["prompt"] == engine.decode(whole[1]) and lines[3]["prompt"] == engine.decode(whole[3])
+    assert [line["label"] for line in lines] == [r["output"] for r in CUT_RECORDS]
+    alone = [engine.decode(engine.continue_ids([ids], engine.sampling).response_ids[0]) for ids in kept]
+    assert [line["predict"] for line in lines] == alone
+    notices = [line for line in said if "cutoff_len" in line]
+    lengths = sorted({len(kept[0]), len(kept[2])})
+    assert notices == [f"[tunesmith] 2 of 4 eval prompts do not fit cutoff_len=40 with their label: each keeps "
+                       f"its first {'-'.join(map(str, lengths))} tokens, as training cuts them (infer_seqlen)"]

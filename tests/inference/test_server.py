@@ -125,21 +125,29 @@ def test_errors_use_openai_shape(server, engine):
 
 @pytest.fixture
 def steps(monkeypatch):
-    """One entry per decoding step the worker runs from here on (Engine.generate counted)."""
+    """One entry per token any row draws from here on (Engine.submit's rows counted)."""
     counted_steps = []
-    real_generate = Engine.generate
+    real_submit = Engine.submit
 
-    def counting_generate(self, conversations, settings, num_samples=1, on_step=None, generator=None):
-        def counted(tokens):
+    def counting_submit(self, prompts, settings, num_samples=1, seed=None, on_token=None, **options):
+        def counted(row, token):
             counted_steps.append(1)
-            return on_step(tokens)
-        return real_generate(self, conversations, settings, num_samples, counted, generator)
+            return on_token(row, token) if on_token is not None else None
+        return real_submit(self, prompts, settings, num_samples, seed, on_token=counted, **options)
 
-    monkeypatch.setattr(Engine, "generate", counting_generate)
+    monkeypatch.setattr(Engine, "submit", counting_submit)
     return counted_steps
 
 
-def test_a_client_that_leaves_mid_stream_frees_the_worker(server, engine, steps):
+def wait_idle(engine, timeout=20.0):
+    """Until the decode scheduler runs no row (every request ended, cancelled or not)."""
+    deadline = time.monotonic() + timeout
+    while engine.scheduler.rows or engine.scheduler.waiting:
+        assert time.monotonic() < deadline, "rows still decoding"
+        time.sleep(0.02)
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_row(server, engine, steps):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 200,
             "temperature": 1.0, "stream": True}
     host, port = server.split("//")[1].split("/")[0].split(":")
@@ -151,7 +159,7 @@ def test_a_client_that_leaves_mid_stream_frees_the_worker(server, engine, steps)
     connection.close()  # the client leaves after the first event
     client = openai.OpenAI(api_key=KEY, base_url=server)
     assert ask(client, "hello there", temperature=0, max_tokens=4).choices[0].message.content is not None
-    # the worker runs one request at a time, so the abandoned one had ended: early, not after 200 steps
+    wait_idle(engine)  # the abandoned answer ended early, not after its 200 tokens
     assert len(steps) < 100
 
 
@@ -186,17 +194,21 @@ def test_a_full_queue_is_a_429_for_streams_too(server, monkeypatch):
             ask(client, "hi", stream=stream)
 
 
-def test_the_worker_survives_cancelled_and_failing_jobs():
-    from tunesmith.inference.server import Job, Worker
+def test_the_worker_bounds_jobs_and_survives_cancelled_and_failing_ones():
+    from tunesmith.inference.server import ApiError, Job, Worker
 
-    worker = Worker()
+    worker = Worker(limit=3)
     gate = threading.Event()
-    blocker = worker.submit(Job(lambda cancelled: gate.wait(5)))
-    abandoned = worker.submit(Job(lambda cancelled: "never"))
-    abandoned.future.cancel()  # what asyncio does to a future whose awaiting task is cancelled
-    failing = worker.submit(Job(lambda cancelled: 1 / 0))
+    blockers = [worker.submit(Job(lambda cancelled: gate.wait(5))) for _ in range(3)]
+    with pytest.raises(ApiError) as busy:  # three run or wait: a fourth is refused at once
+        worker.submit(Job(lambda cancelled: "refused"))
+    assert busy.value.status == 429
     gate.set()
-    assert blocker.future.result(timeout=5) is True
+    assert [job.future.result(timeout=5) for job in blockers] == [True] * 3
+    abandoned = Job(lambda cancelled: "never")
+    abandoned.future.cancel()  # what asyncio does to a future whose awaiting task is cancelled
+    worker.submit(abandoned)
+    failing = worker.submit(Job(lambda cancelled: 1 / 0))
     with pytest.raises(ZeroDivisionError):
         failing.future.result(timeout=5)
     assert worker.submit(Job(lambda cancelled: "alive")).future.result(timeout=5) == "alive"
@@ -263,7 +275,7 @@ def test_a_chunked_body_over_the_limit_is_refused_while_it_is_read(server):
     connection.close()
 
 
-def test_a_waiting_client_that_leaves_frees_the_worker(server, engine, steps, monkeypatch):
+def test_a_waiting_client_that_leaves_frees_its_row(server, engine, steps, monkeypatch):
     # every token is sampled and none ends the answer: only a cancel stops it before 200 steps
     monkeypatch.setattr(Engine, "stop_ids", property(lambda self: []))
     body = {"model": "tiny", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 200}
@@ -276,6 +288,7 @@ def test_a_waiting_client_that_leaves_frees_the_worker(server, engine, steps, mo
     connection.close()
     client = openai.OpenAI(api_key=KEY, base_url=server)
     assert ask(client, "hello there", temperature=0, max_tokens=4).choices[0].message.content is not None
+    wait_idle(engine)
     assert len(steps) < 100 + 4
 
 

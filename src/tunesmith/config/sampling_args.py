@@ -68,6 +68,12 @@ class InferenceArgs:
     """export: `safetensors` (a Hugging Face folder) or `gguf` (one GGUF file for llama.cpp / Ollama, with its tokenizer, chat template and an Ollama Modelfile; llama and qwen2 architectures)."""
     export_gguf_type: str = "f16"
     """export with export_format gguf: the weights' type, f32, f16, bf16 or q8_0 (norms and biases stay f32)."""
+    max_num_seqs: int = 16
+    """chat/api/predict: most answers decoded together (vLLM's name); more requests wait for a free row."""
+    max_num_batched_tokens: int = 512
+    """chat/api/predict: most prompt tokens read per decode step, shared by the requests joining (longer prompts are read in chunks, so running answers keep streaming)."""
+    max_cached_tokens: int = 32768
+    """chat/api/predict: the KV cache's size in tokens, rows x the longest row's prompt + max_tokens; a request that does not fit waits (one alone always runs)."""
     host: str | None = None
     """api: address to listen on (default: the API_HOST environment variable, else 127.0.0.1: this machine only; 0.0.0.0 listens on every interface)."""
     port: int | None = None
@@ -86,6 +92,11 @@ class InferenceArgs:
              choice_message("export_gguf_type", self.export_gguf_type, EXPORT_GGUF_TYPES)),
             ("export_legacy_format", self.export_legacy_format,
              "`export_legacy_format: true` asks for .bin weights; tunesmith writes safetensors only, so remove it."),
+            ("max_num_seqs", self.max_num_seqs < 1, f"`max_num_seqs` must be at least 1, got {self.max_num_seqs}."),
+            ("max_num_batched_tokens", self.max_num_batched_tokens < 1,
+             f"`max_num_batched_tokens` must be at least 1, got {self.max_num_batched_tokens}."),
+            ("max_cached_tokens", self.max_cached_tokens < 1,
+             f"`max_cached_tokens` must be at least 1, got {self.max_cached_tokens}."),
             ("port", self.port is not None and not 0 < self.port < 65536, f"`port` must be in 1-65535, got {self.port}."),
         ]
         return [(key, message) for key, failed, message in checks if failed]

@@ -9,7 +9,6 @@ starts before its end (a stop token, which has no text, is counted in usage but 
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 from tunesmith.inference.api_logprobs import StepLogprobs, TokenLogprob
@@ -55,31 +54,26 @@ class Choice:
         return [(offset, entry) for offset, entry in self.tokens[start:self.listed] if entry is not None]
 
 
-def step_callback(choices: list[Choice], stop_ids: list[int], cancelled: threading.Event, emit: Emit | None,
-                  logprobs: StepLogprobs | None) -> Callable[[list[int]], list[int] | range]:
-    """`generate`'s `on_step`: feed each row's token to its choice, emit final pieces, and end the rows
-    that hit a stop string (all of them once the request is cancelled)."""
+def token_callback(choices: list[Choice], stop_ids: list[int], emit: Emit | None,
+                   logprobs: StepLogprobs | None) -> Callable[[int, int], bool]:
+    """The engine's per-row `on_token(row, token)`: feed the token to its choice, emit final pieces, and
+    end the row at a stop string (True). Runs on the decode thread; a cancelled request ends its rows there."""
     stop_ids = set(stop_ids)
 
-    def on_step(tokens: list[int]) -> range | list[int]:
-        if cancelled.is_set():
-            return range(len(tokens))
-        ended = []
-        for index, (token, choice) in enumerate(zip(tokens, choices)):
-            if choice.done:
-                continue
-            if token in stop_ids:
-                choice.done = True
-                piece = choice.release()
-            else:
-                piece = choice.push(token, logprobs.last[index] if logprobs is not None else None)
-                if choice.done:
-                    ended.append(index)
-            if piece and emit is not None:
-                emit(index, piece, choice.entries())
-        return ended
+    def on_token(index: int, token: int) -> bool:
+        choice = choices[index]
+        if choice.done:
+            return True
+        if token in stop_ids:
+            choice.done = True
+            piece = choice.release()
+        else:
+            piece = choice.push(token, logprobs.last[index] if logprobs is not None else None)
+        if piece and emit is not None:
+            emit(index, piece, choice.entries())
+        return choice.done
 
-    return on_step
+    return on_token
 
 
 def finish(choices: list[Choice], generation: Generation, emit: Emit | None) -> list[dict]:

@@ -4,7 +4,7 @@ completions object {tokens, token_logprobs, top_logprobs, text_offset}.
 The rule, as OpenAI and vLLM report them: log-probs of the model's own distribution, log_softmax of its
 raw logits, before the repetition penalty, temperature, top-k and top-p. So they do not change with the
 sampling settings and equal a plain forward over prompt + answer. They come out of generation itself
-(`generate`'s `on_logits` per step, `on_prompt` for echo's prompt tokens from the prefill), not from a
+(the engine's `on_logits` per step, `on_prompt` for echo's prompt tokens as the prompt is read), not from a
 second forward.
 """
 
@@ -40,34 +40,34 @@ def ranked(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLo
 
 
 class StepLogprobs:
-    """`generate`'s `on_logits` observer: `last` holds each row's entry for the step just drawn."""
+    """The engine's per-row `on_logits` observer: `last[row]` holds the row's entry for the token just drawn."""
 
     def __init__(self, top: int) -> None:
         self.top = top
-        self.last: list[TokenLogprob] = []
+        self.last: dict[int, TokenLogprob] = {}
 
-    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor) -> None:
-        self.last = ranked(logits, tokens, self.top)
+    def __call__(self, row: int, logits: torch.Tensor, token: int) -> None:
+        self.last[row] = ranked(logits[None], torch.tensor([token], device=logits.device), self.top)[0]
 
 
 class PromptLogprobs:
-    """`generate`'s `on_prompt` observer for echo: each prompt token's entry, from the prefill's states."""
+    """The engine's per-row `on_prompt` observer for echo: each prompt token's entry, from the states the
+    prompt's reading computes (chunk by chunk); the first of each prompt's `samples` rows records them."""
 
-    def __init__(self, head: torch.nn.Module, prompts: list[list[int]], top: int) -> None:
-        self.head, self.prompts, self.top = head, prompts, top
-        self.entries: list[list[TokenLogprob]] = []
+    def __init__(self, head: torch.nn.Module, prompts: list[list[int]], top: int, samples: int) -> None:
+        self.head, self.prompts, self.top, self.samples = head, prompts, top, samples
+        self.entries: list[list[TokenLogprob]] = [[TokenLogprob(prompt[0], None, [])] for prompt in prompts]
 
-    def __call__(self, states: torch.Tensor) -> None:
-        longest = states.shape[1]
-        for row, prompt in enumerate(self.prompts):
-            entries = [TokenLogprob(prompt[0], None, [])]
-            start = longest - len(prompt)  # left padding: the prompt fills the last len(prompt) columns
-            targets = torch.tensor(prompt, device=states.device)
-            for at in range(1, len(prompt), PROMPT_CHUNK):  # position at - 1 predicts token at
-                end = min(at + PROMPT_CHUNK, len(prompt))
-                logits = last_logits(self.head, states[row, start + at - 1:start + end - 1])
-                entries += ranked(logits, targets[at:end], self.top)
-            self.entries.append(entries)
+    def __call__(self, row: int, states: torch.Tensor, start: int) -> None:
+        if row % self.samples:
+            return
+        prompt = self.prompts[row // self.samples]
+        targets = torch.tensor(prompt, device=states.device)
+        end = min(start + states.shape[0], len(prompt) - 1)  # position p predicts token p + 1
+        for at in range(start, end, PROMPT_CHUNK):
+            stop = min(at + PROMPT_CHUNK, end)
+            logits = last_logits(self.head, states[at - start:stop - start])
+            self.entries[row // self.samples] += ranked(logits, targets[at + 1:stop + 1], self.top)
 
 
 class TokenNames:

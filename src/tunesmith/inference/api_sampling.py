@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from pydantic import BaseModel, ConfigDict
 
 from tunesmith.config import SamplingSettings
@@ -78,10 +77,3 @@ def chat_top_logprobs(logprobs: bool | None, top: int | None) -> int | None:
     if top is not None and not logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true.", param="top_logprobs")
     return top_logprobs(top or 0, "top_logprobs", "chat") if logprobs else None
-
-
-def seeded_generator(engine: Engine, seed: int | None) -> torch.Generator | None:
-    """A generator on the model's device seeded with the request's `seed` (None: torch's global one)."""
-    if seed is None:
-        return None
-    return torch.Generator(device=next(engine.model.parameters()).device).manual_seed(seed)

@@ -1,17 +1,17 @@
-"""The one thread that runs `tunesmith api`'s model work, and how a route waits on it.
+"""How `tunesmith api` runs a request's work, and how a route waits on it.
 
-One worker thread owns the model and runs one job at a time, so requests never mix their outputs; the
-others wait in a bounded queue (HTTP 429 once it is full). A client that disconnects cancels its job,
-which frees the worker at the next token. Every route that generates (chat, completions) goes through here.
+Each request's job runs on a thread of its own; the jobs meet in the engine's decode scheduler, which
+decodes every running answer together (sampling/scheduler.py). At most `limit` jobs run or wait at once
+(the scheduler's rows plus MAX_WAITING): beyond that a request is HTTP 429 at once, before a stream
+starts. A client that disconnects cancels its job, which frees its rows at the next token.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,12 +19,12 @@ from fastapi import Request
 
 from tunesmith.inference.api_errors import ApiError
 
-MAX_WAITING = 32  # queued requests beyond the running one
+MAX_WAITING = 32  # requests waiting beyond the rows the scheduler decodes
 
 
 @dataclass
 class Job:
-    """One request for the worker: run `work(cancelled)`; its result or exception lands in `future`."""
+    """One request's work: run `work(cancelled)`; its result or exception lands in `future`."""
 
     work: object
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -32,34 +32,34 @@ class Job:
 
 
 class Worker:
-    """The one thread that touches the model; jobs run in arrival order."""
+    """Runs jobs on threads, at most `limit` at once."""
 
-    def __init__(self) -> None:
-        self.jobs: queue.Queue = queue.Queue(maxsize=MAX_WAITING)
-        self.thread = threading.Thread(target=self._run, name="tunesmith-worker", daemon=True)
-        self.thread.start()
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.free = threading.BoundedSemaphore(limit)
+        self.pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="tunesmith-request")
 
     def submit(self, job: Job) -> Job:
-        """Queue `job` without waiting; a full queue is the client's 429, not a stalled request."""
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise ApiError(429, f"The server is busy ({MAX_WAITING} requests waiting); retry later.",
-                           "rate_limit_error") from None
+        """Start `job` without waiting; when `limit` jobs already run or wait, the client's 429."""
+        if not self.free.acquire(blocking=False):
+            raise ApiError(429, f"The server is busy ({self.limit} requests running or waiting); retry later.",
+                           "rate_limit_error")
+        self.pool.submit(self._run, job)
         return job
 
-    def _run(self) -> None:
-        while True:
-            job = self.jobs.get()
+    def _run(self, job: Job) -> None:
+        try:
             # False when the request was cancelled while waiting (asyncio cancels the future it awaited)
             if job.cancelled.is_set() or not job.future.set_running_or_notify_cancel():
-                continue
+                return
             try:
                 result = job.work(job.cancelled)
-            except BaseException as err:  # noqa: B036 - the request must learn why, the worker must live
+            except BaseException as err:  # noqa: B036 - the request must learn why, the thread must live
                 job.future.set_exception(err)
             else:
                 job.future.set_result(result)
+        finally:
+            self.free.release()
 
 
 def submit_streamed(worker: Worker, work: Callable[..., Any]) -> tuple[Job, asyncio.Queue]:

@@ -52,15 +52,15 @@ def stream_answer(engine: Engine, history: list[dict], stdout: TextIO) -> str:
     """Generate an answer to `history`, printing it piece by piece; the text shown is returned."""
     stream, stop, shown = TextStream(engine), set(engine.stop_ids), []
 
-    def on_step(tokens: list[int]) -> None:
-        if tokens[0] not in stop:
-            piece = stream.push(tokens[0])
+    def on_token(row: int, token: int) -> None:
+        if token not in stop:
+            piece = stream.push(token)
             shown.append(piece)
             stdout.write(piece)
             stdout.flush()
 
     try:
-        engine.generate([history], engine.sampling, on_step=on_step)
+        engine.generate([history], engine.sampling, on_token=on_token)
     except KeyboardInterrupt:  # this answer ends here; the chat goes on
         stdout.write(" [stopped]")
     return "".join(shown)

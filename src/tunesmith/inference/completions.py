@@ -6,7 +6,7 @@ special-token strings in it stay characters (data/plain_text.py), and the tokeni
 it adds one. `echo` puts the prompt in front of each answer; `logprobs: N` (0-5) adds OpenAI's legacy
 object {tokens, token_logprobs, top_logprobs, text_offset}, with echo from the prompt's first token
 (whose log-prob is null). Streaming sends OpenAI's `text_completion` chunks, then `data: [DONE]`; echo
-cannot stream (OpenAI refuses it too). Generation runs on the server's one worker (api_worker.py).
+cannot stream (OpenAI refuses it too). Generation runs on the engine's decode scheduler (api_worker.py).
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from starlette.concurrency import run_in_threadpool
 
 from tunesmith.data.plain_text import PlainText
 from tunesmith.errors import TunesmithError
-from tunesmith.inference.api_choices import Choice, Emit, finish, step_callback
+from tunesmith.inference.api_choices import Choice, Emit, finish, token_callback
 from tunesmith.inference.api_errors import ApiError, error_body, server_failure
 from tunesmith.inference.api_logprobs import PromptLogprobs, StepLogprobs, TokenNames, legacy_logprobs
-from tunesmith.inference.api_sampling import SamplingRequest, request_settings, seeded_generator, top_logprobs
+from tunesmith.inference.api_sampling import SamplingRequest, request_settings, top_logprobs
 from tunesmith.inference.api_worker import Job, Worker, job_result, submit_streamed
 from tunesmith.inference.engine import Engine
-from tunesmith.inference.served_models import ServedModels
+from tunesmith.inference.served_models import ServedModel, ServedModels
 
 
 class CompletionRequest(SamplingRequest):
@@ -47,13 +47,12 @@ def add_completions_route(app: FastAPI, served: ServedModels, worker: Worker) ->
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         chosen = served.pick(body.model)
-        engine, model_name = chosen.engine, chosen.name
-        plan = await run_in_threadpool(plan_completion, engine, body)
+        model_name = chosen.name
+        plan = await run_in_threadpool(plan_completion, chosen.engine, body)
         if body.stream:
-            job, pieces = submit_streamed(worker, chosen.bound(
-                lambda cancelled, emit: run_completion(engine, plan, cancelled, emit)))
+            job, pieces = submit_streamed(worker, lambda cancelled, emit: run_completion(chosen, plan, cancelled, emit))
             return StreamingResponse(_events(job, pieces, plan, model_name), media_type="text/event-stream")
-        job = worker.submit(Job(chosen.bound(lambda cancelled: run_completion(engine, plan, cancelled))))
+        job = worker.submit(Job(lambda cancelled: run_completion(chosen, plan, cancelled)))
         return completion_body(plan, await job_result(job, request), model_name)
 
 
@@ -98,19 +97,19 @@ def plan_completion(engine: Engine, body: CompletionRequest) -> dict[str, Any]:
             "include_usage": bool((body.stream_options or {}).get("include_usage"))}
 
 
-def run_completion(engine: Engine, plan: dict[str, Any], cancelled: threading.Event,
+def run_completion(chosen: ServedModel, plan: dict[str, Any], cancelled: threading.Event,
                    emit: Emit | None = None) -> list[dict[str, Any]]:
-    """The worker's job: every choice's {text, finish, tokens, entries} (with echo and log-probs, the
+    """The request's job: every choice's {text, finish, tokens, entries} (with echo and log-probs, the
     prompt's entries first, their offsets into the prompt text)."""
-    top = plan["logprobs"]
+    engine, top = chosen.engine, plan["logprobs"]
     choices = [Choice(engine, plan["stops"]) for _ in range(len(plan["prompts"]) * plan["n"])]
     steps = StepLogprobs(top) if top is not None else None
-    echoed = PromptLogprobs(engine.model.get_output_embeddings(), plan["prompts"], top) \
+    echoed = PromptLogprobs(engine.model.get_output_embeddings(), plan["prompts"], top, plan["n"]) \
         if top is not None and plan["echoes"] is not None else None
-    observers = {name: o for name, o in (("on_logits", steps), ("on_prompt", echoed)) if o is not None}
-    on_step = step_callback(choices, engine.stop_ids, cancelled, emit, steps)
-    generation = engine.continue_ids(plan["prompts"], plan["settings"], plan["n"], on_step,
-                                     seeded_generator(engine, plan["seed"]), **observers)
+    generation = engine.continue_ids(plan["prompts"], plan["settings"], plan["n"], plan["seed"],
+                                     adapter=chosen.adapter_set, on_logits=steps, on_prompt=echoed,
+                                     on_token=token_callback(choices, engine.stop_ids, emit, steps),
+                                     cancelled=cancelled)
     results = finish(choices, generation, emit)
     for row, result in enumerate(results):
         prompt = row // plan["n"]

@@ -10,7 +10,9 @@ adapter set beside it (served_models.py, model/adapter_sets.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import functools
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +27,9 @@ from tunesmith.model.loading import load_model, load_tokenizer
 from tunesmith.model.quantize import Quantization
 from tunesmith.model.reward_model import RewardModel
 from tunesmith.model.value_head import VALUE_HEAD_FILE
-from tunesmith.sampling.generate import Generation, generate
+from tunesmith.sampling.generate import Generation
+from tunesmith.sampling.rows import RowGroup, RowRequest
+from tunesmith.sampling.scheduler import DecodeScheduler
 
 ROLES = ("system", "user", "assistant")
 DEFAULT_SET = ""  # the default model's adapter set (served adapter names are never empty)
@@ -53,6 +57,12 @@ class Engine:
     default_system: str | None = None
     reward_model: RewardModel | None = None
     """Set when the model is a reward model: `score` uses its value head."""
+    scheduler: DecodeScheduler | None = None
+    """The one decode loop every answer runs on (shared by copies of this engine with other templates)."""
+
+    def __post_init__(self) -> None:
+        if self.scheduler is None:
+            self.scheduler = DecodeScheduler(self.model)
 
     @classmethod
     def load(cls, config: RunConfig) -> Engine:
@@ -62,8 +72,11 @@ class Engine:
         model, tokenizer, reward_model = _load_weights(config.model, config.data.template, dtype, device,
                                                        config.train.use_cpu)
         model.eval()
+        inference = config.inference
+        scheduler = DecodeScheduler(model, inference.max_num_seqs, inference.max_cached_tokens,
+                                    inference.max_num_batched_tokens)
         return cls(model, tokenizer, get_template(config.data.template, tokenizer), config.sampling,
-                   config.data.cutoff_len, config.data.default_system, reward_model)
+                   config.data.cutoff_len, config.data.default_system, reward_model, scheduler)
 
     @property
     def stop_ids(self) -> list[int]:
@@ -85,19 +98,42 @@ class Engine:
         return self.template.encode_prompt(self.tokenizer, messages, self.default_system)
 
     def generate(self, conversations: list[list[dict]], settings: SamplingSettings, num_samples: int = 1,
-                 on_step: Callable[[list[int]], Iterable[int] | None] | None = None,
-                 generator: torch.Generator | None = None, **observers: Callable) -> Generation:
-        """Answer each conversation (`num_samples` times); `on_step` is `generate`'s per-step callback."""
+                 seed: int | None = None, **row_options: object) -> Generation:
+        """Answer each conversation (`num_samples` times); see `submit` for the options."""
         prompts = [self.prompt_ids(messages) for messages in conversations]
-        return self.continue_ids(prompts, settings, num_samples, on_step, generator, **observers)
+        return self.continue_ids(prompts, settings, num_samples, seed, **row_options)
 
     def continue_ids(self, prompts: list[list[int]], settings: SamplingSettings, num_samples: int = 1,
-                     on_step: Callable[[list[int]], Iterable[int] | None] | None = None,
-                     generator: torch.Generator | None = None, **observers: Callable) -> Generation:
-        """Continue token ids as they are (raw text, no template: /v1/completions); `observers` are
-        `generate`'s `on_logits` and `on_prompt` (log-probs)."""
-        return generate(self.model, prompts, settings, self.stop_ids, self.tokenizer.pad_token_id, num_samples,
-                        generator, on_step=on_step, **observers)
+                     seed: int | None = None, **row_options: object) -> Generation:
+        """Continue token ids as they are (no template: /v1/completions), waiting for the answers; an
+        interrupt (Ctrl-C in chat) ends them."""
+        group = self.submit(prompts, settings, num_samples, seed, **row_options)
+        try:
+            return group.result()
+        except BaseException:
+            group.cancel()
+            raise
+
+    def submit(self, prompts: list[list[int]], settings: SamplingSettings, num_samples: int = 1,
+               seed: int | None = None, adapter: str | None = None,
+               on_token: Callable[[int, int], bool | None] | None = None,
+               on_logits: Callable[[int, torch.Tensor, int], None] | None = None,
+               on_prompt: Callable[[int, torch.Tensor, int], None] | None = None,
+               cancelled: threading.Event | None = None) -> RowGroup:
+        """Queue `num_samples` answers per prompt (rows prompt-major) on the shared decode scheduler.
+        Row i samples from its own generator seeded `seed + i` (None: unseeded) and runs `adapter` (a
+        served adapter set; None: the weights as loaded). The callbacks get the row index first, then
+        what `RowRequest`'s get; `cancelled` set ends every row."""
+        device = next(self.model.parameters()).device
+        requests = []
+        for index, prompt in enumerate(row for row in prompts for _ in range(num_samples)):
+            generator = None if seed is None else torch.Generator(device).manual_seed((seed + index) % 2**64)
+            requests.append(RowRequest(
+                prompt, settings, self.stop_ids, generator, adapter,
+                on_token=None if on_token is None else functools.partial(on_token, index),
+                on_logits=None if on_logits is None else functools.partial(on_logits, index),
+                on_prompt=None if on_prompt is None else functools.partial(on_prompt, index)))
+        return self.scheduler.submit(requests, cancelled)
 
     def decode(self, ids: list[int]) -> str:
         """Response text without the stop token and other special tokens."""
@@ -108,7 +144,8 @@ class Engine:
         if self.reward_model is None:
             raise TunesmithError("this model is not a reward model: point the config at a `stage: rm` output "
                                  "(its folder holds value_head.safetensors) to score conversations.")
-        return self.reward_model.score([self.with_system(messages) for messages in conversations])
+        conversations = [self.with_system(messages) for messages in conversations]
+        return self.scheduler.call(lambda: self.reward_model.score(conversations))
 
 
 class TextStream:

@@ -9,10 +9,19 @@ named and shaped as LLaMA-Factory writes them, so its users' scripts read them u
   records of `text_metrics.similarity_scores`, in percent), predict_runtime (seconds, scoring included),
   predict_samples_per_second, predict_steps_per_second.
 
-Prompts go in batches of per_device_eval_batch_size (left-padded; each row answers as it would alone)
-with the config's generation settings (`do_sample: false` is greedy), sampling seeded by `seed`.
-Left out on purpose: cutting prompts to cutoff_len (LLaMA-Factory keeps a long prompt's head, which can
-drop the question; here a prompt is used whole) and splitting the work over processes (rank 0 predicts).
+Every prompt goes to the engine's decode scheduler at once, which answers max_num_seqs of them together
+and starts the next as one ends (continuous batching; each row answers as it would alone), with the
+config's generation settings (`do_sample: false` is greedy); record i samples from a generator seeded
+`seed + i`. per_device_eval_batch_size only counts predict_steps_per_second, as LLaMA-Factory counts it.
+A prompt is cut to cutoff_len as training cuts it (`cut_prompts`), and as LLaMA-Factory's predict does:
+its texts are first clipped as `encode_sft_examples` clips them (`clip_messages`), then `infer_seqlen`
+splits cutoff_len between the prompt (every turn before the label, rendered as in chat) and the target,
+the label as training encodes it (its ids with the end-of-turn marker), and the prompt keeps its first
+`source_len` tokens. A prompt that fits with its label is used whole. The head is kept, so a cut prompt
+can lose the question and the assistant turn's opening: the model continues what training would have
+seen, and generated_predictions.jsonl holds that cut prompt. One line says how many prompts were cut.
+The answer is still bounded by max_new_tokens alone. Left out on purpose: splitting the work over
+processes (rank 0 predicts).
 """
 
 from __future__ import annotations
@@ -23,12 +32,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from tunesmith.algorithms.text_metrics import similarity_scores
 from tunesmith.config import RunConfig, SamplingSettings
 from tunesmith.data.dataset import load_conversations
+from tunesmith.data.encode import clip_messages, infer_seqlen, text_char_limit
 from tunesmith.inference.engine import Engine, trained_folder
 from tunesmith.inference.served_models import with_recorded_template
 from tunesmith.training.distributed import process_info
@@ -73,7 +82,7 @@ def run_prediction(config: RunConfig, say: Callable[[str], None] = print) -> dic
     say(f"[tunesmith] predicting {len(conversations)} eval rows of {','.join(data.eval_dataset)} on "
         f"{next(engine.model.parameters()).device}")
     started = time.perf_counter()
-    predictions = predict(engine, conversations, engine.sampling, batch_size, config.train.seed)
+    predictions = predict(engine, conversations, engine.sampling, config.train.seed, say)
     scores = [similarity_scores(p.predict, p.label) for p in predictions]
     runtime = time.perf_counter() - started
     batches = -(-len(predictions) // batch_size)
@@ -89,17 +98,52 @@ def run_prediction(config: RunConfig, say: Callable[[str], None] = print) -> dic
     return metrics
 
 
-def predict(engine: Engine, conversations: list[list[dict]], settings: SamplingSettings, batch_size: int,
-            seed: int) -> list[Prediction]:
-    """The model's answer to each conversation minus its last (assistant) turn, which is the label."""
-    device = next(engine.model.parameters()).device
-    generator = None if settings.greedy else torch.Generator(device).manual_seed(seed)
+def cut_prompts(engine: Engine, conversations: list[list[dict]]) -> tuple[list[list[int]], list[int]]:
+    """(each conversation's prompt ids cut as training cuts them, each prompt's length before the cut).
+
+    The prompt is all of the conversation but its last (assistant) turn; the target that `infer_seqlen`
+    weighs it against is that turn as training encodes it. Texts are clipped first as training clips them.
+    """
+    limit = text_char_limit(engine.tokenizer, engine.cutoff_len)
+    prompts, lengths = [], []
+    for messages in conversations:
+        messages = clip_messages(messages, limit)
+        prompt_ids = engine.prompt_ids(messages[:-1])
+        target_ids = engine.template.encode_turns(engine.tokenizer, messages)[-1][1]
+        source_len, _ = infer_seqlen(len(prompt_ids), len(target_ids), engine.cutoff_len)
+        prompts.append(prompt_ids[:source_len])
+        lengths.append(len(prompt_ids))
+    return prompts, lengths
+
+
+def cut_notice(prompts: list[list[int]], lengths: list[int], cutoff_len: int) -> str | None:
+    """The one line saying how many prompts were cut and to how many tokens; None when none was."""
+    kept = sorted(len(ids) for ids, length in zip(prompts, lengths) if len(ids) < length)
+    if not kept:
+        return None
+    to = f"{kept[0]}" if kept[0] == kept[-1] else f"{kept[0]}-{kept[-1]}"
+    return (f"[tunesmith] {len(kept)} of {len(prompts)} eval prompts do not fit cutoff_len={cutoff_len} with "
+            f"their label: each keeps its first {to} tokens, as training cuts them (infer_seqlen)")
+
+
+def predict(engine: Engine, conversations: list[list[dict]], settings: SamplingSettings,
+            seed: int, say: Callable[[str], None] = print) -> list[Prediction]:
+    """The model's answer to each conversation minus its last (assistant) turn, which is the label; a prompt
+    longer than training would keep is cut (`cut_prompts`) and the model continues the cut ids."""
+    prompts, lengths = cut_prompts(engine, conversations)
+    notice = cut_notice(prompts, lengths, engine.cutoff_len)
+    if notice:
+        say(notice)
+    # every prompt goes to the decode scheduler at once; it runs max_num_seqs of them together, starting
+    # the next as soon as one ends (sampled rows are seeded seed + record index, whatever runs beside them)
+    groups = [engine.submit([ids], settings, seed=seed + index) for index, ids in enumerate(prompts)]
     predictions = []
-    for start in tqdm(range(0, len(conversations), batch_size), desc="predict", dynamic_ncols=True):
-        batch = conversations[start:start + batch_size]
-        prompts = [messages[:-1] for messages in batch]
-        generation = engine.generate(prompts, settings, generator=generator)
-        for prompt, messages, response_ids in zip(prompts, batch, generation.response_ids):
-            predictions.append(Prediction(prompt=engine.decode(engine.prompt_ids(prompt)),
-                                          predict=engine.decode(response_ids), label=messages[-1]["content"]))
+    try:
+        for ids, messages, group in tqdm(list(zip(prompts, conversations, groups)), desc="predict", dynamic_ncols=True):
+            response_ids = group.result().response_ids[0]
+            predictions.append(Prediction(prompt=engine.decode(ids), predict=engine.decode(response_ids),
+                                          label=messages[-1]["content"]))
+    finally:
+        for group in groups:
+            group.cancel()  # no-op for answered ones; an interrupt leaves nothing decoding
     return predictions

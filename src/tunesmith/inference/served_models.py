@@ -3,9 +3,9 @@
 The rule: a served adapter is one adapter on the bare base (model_name_or_path), as it was trained; the
 default model stays what `adapter_name_or_path` makes it (its adapters added in order, as merging does),
 and a request naming the default's id, the base's, or no model gets it. With served adapters the base
-stays unmerged and each model is a set of low-rank updates beside it (model/adapter_sets.py); the worker
-thread switches to the request's set before it runs and back to the default after, so a request never
-sees another's weights. A server without served adapters answers any `model` as before.
+stays unmerged and each model is a set of low-rank updates beside it (model/adapter_sets.py); each row
+of the decode scheduler adds its own request's set (sampling/slot_decoder.py), so rows of different
+models share a batch and a request never sees another's weights. A server without served adapters answers any `model` as before.
 
 Each model keeps the chat template it was trained with: the config's `template`, else the one its
 folder's train_config.yaml records; when both are set and differ, a one-line warning names both.
@@ -17,25 +17,21 @@ import dataclasses
 import sys
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from tunesmith.data.templates import get_template
 from tunesmith.errors import TunesmithError
 from tunesmith.inference.api_errors import ApiError
 from tunesmith.inference.engine import DEFAULT_SET, Engine, trained_folder
-from tunesmith.model.adapter_sets import adapter_set, add_adapter_set
+from tunesmith.model.adapter_sets import add_adapter_set
 from tunesmith.model.adapters import read_adapter_config
 from tunesmith.model.reward_model import training_settings
 from tunesmith.model.value_head import VALUE_HEAD_FILE
 
 if TYPE_CHECKING:
     from tunesmith.config import RunConfig
-
-R = TypeVar("R")
-
 
 @dataclass
 class ServedModel:
@@ -44,18 +40,7 @@ class ServedModel:
     name: str
     engine: Engine
     adapter_set: str | None = None
-    """None: the engine's weights as loaded (a server without served adapters)."""
-
-    def active(self) -> AbstractContextManager[None]:
-        """Run the block with this model's weights (on the worker thread, the only one using the model)."""
-        return nullcontext() if self.adapter_set is None else adapter_set(self.engine.model, self.adapter_set)
-
-    def bound(self, work: Callable[..., R]) -> Callable[..., R]:
-        """`work` (a worker job's function) run with this model's weights."""
-        def run(*args: object) -> R:
-            with self.active():
-                return work(*args)
-        return run
+    """The adapter its requests' rows run; None: the engine's weights as loaded (no served adapters)."""
 
 
 @dataclass

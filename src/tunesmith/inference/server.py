@@ -8,10 +8,11 @@
     POST /v1/score              reward models only: {"messages": [conversation, ...]} -> {"scores": [...]},
                                 the shape `reward_model: http://...` expects in PPO/GRPO training
 
-One worker thread owns the model and runs one request at a time, so requests never mix their outputs;
-the others wait in a bounded queue (HTTP 429 once it is full). A streaming client that disconnects
-cancels its request, which frees the worker at the next token; so does a non-streaming client that
-disconnects while it waits (api_worker.py). Answers grow, stop at stop strings and carry their
+Every request's answers are rows of the engine's decode scheduler (sampling/scheduler.py), which decodes
+all running rows together (continuous batching: rows join and leave at token boundaries), each with its
+own adapter and sampling settings, and each answering as it would alone. At most max_num_seqs rows run;
+32 more requests may wait, and beyond that a request is HTTP 429 (api_worker.py). A client that
+disconnects, streaming or not, cancels its request, which frees its rows at the next token. Answers grow, stop at stop strings and carry their
 log-probs in api_choices.py; the generation fields are checked in api_sampling.py. Checking a request and tokenising its prompt run in a thread pool, never on
 the event loop. Errors use OpenAI's JSON shape (api_errors.py); the API key and the body limit are
 checked before any route (api_guard.py); OpenAI's content-part lists and `developer` role are read as
@@ -36,21 +37,16 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from tunesmith.errors import TunesmithError
-from tunesmith.inference.api_choices import Choice, Emit, finish, step_callback
+from tunesmith.inference.api_choices import Choice, Emit, finish, token_callback
 from tunesmith.inference.api_errors import ApiError, add_error_handlers, error_body, server_failure
 from tunesmith.inference.api_guard import Guard
 from tunesmith.inference.api_logprobs import StepLogprobs, TokenNames, chat_logprobs
 from tunesmith.inference.api_messages import plain_messages
-from tunesmith.inference.api_sampling import (
-    SamplingRequest,
-    chat_top_logprobs,
-    request_settings,
-    seeded_generator,
-)
-from tunesmith.inference.api_worker import Job, Worker, job_result, submit_streamed
+from tunesmith.inference.api_sampling import SamplingRequest, chat_top_logprobs, request_settings
+from tunesmith.inference.api_worker import MAX_WAITING, Job, Worker, job_result, submit_streamed
 from tunesmith.inference.completions import add_completions_route
 from tunesmith.inference.engine import Engine
-from tunesmith.inference.served_models import ServedModels, load_served
+from tunesmith.inference.served_models import ServedModel, ServedModels, load_served
 
 if TYPE_CHECKING:
     from tunesmith.config import RunConfig
@@ -76,7 +72,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     """The FastAPI app serving `engine` as `model_name` (and `served`'s adapters, served_models.py): routes,
     OpenAI-shaped errors, and the API-key check."""
     app = FastAPI(title="tunesmith")
-    worker = Worker()
+    worker = Worker(engine.scheduler.max_rows + MAX_WAITING)
     add_error_handlers(app)
     app.add_middleware(Guard, api_key=api_key)
     served = served or ServedModels.single(engine, model_name)
@@ -97,13 +93,12 @@ def _add_chat_routes(app: FastAPI, served: ServedModels, worker: Worker) -> None
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         chosen = served.pick(body.model)
-        engine, model_name = chosen.engine, chosen.name
-        plan = await run_in_threadpool(_plan, engine, body)
+        model_name = chosen.name
+        plan = await run_in_threadpool(_plan, chosen.engine, body)
         if body.stream:
-            job, pieces = submit_streamed(worker, chosen.bound(lambda cancelled, emit: _complete(engine, plan,
-                                                                                                 cancelled, emit)))
+            job, pieces = submit_streamed(worker, lambda cancelled, emit: _complete(chosen, plan, cancelled, emit))
             return StreamingResponse(_events(job, pieces, plan, model_name), media_type="text/event-stream")
-        job = worker.submit(Job(chosen.bound(lambda cancelled: _complete(engine, plan, cancelled))))
+        job = worker.submit(Job(lambda cancelled: _complete(chosen, plan, cancelled)))
         choices, prompt_tokens = await job_result(job, request)
         completion_tokens = sum(c["tokens"] for c in choices)
         return {"id": plan["id"], "object": "chat.completion", "created": plan["created"], "model": model_name,
@@ -152,15 +147,16 @@ def _plan(engine: Engine, body: ChatRequest) -> dict[str, Any]:
             "names": TokenNames(engine.tokenizer) if top is not None else None}
 
 
-def _complete(engine: Engine, plan: dict[str, Any], cancelled: threading.Event,
+def _complete(chosen: ServedModel, plan: dict[str, Any], cancelled: threading.Event,
               on_piece: Emit | None = None) -> tuple[list[dict[str, Any]], int]:
     """Run one request: ([{text, finish, tokens, entries}] per choice, prompt tokens). `on_piece(index,
     text, entries)` receives streamed text (and its tokens' log-probs) as soon as it is final."""
+    engine = chosen.engine
     choices = [Choice(engine, plan["stops"]) for _ in range(plan["n"])]
     steps = StepLogprobs(plan["top_logprobs"]) if plan["top_logprobs"] is not None else None
-    on_step = step_callback(choices, engine.stop_ids, cancelled, on_piece, steps)
-    generation = engine.generate([plan["messages"]], plan["settings"], plan["n"], on_step,
-                                 seeded_generator(engine, plan["seed"]), **({"on_logits": steps} if steps else {}))
+    generation = engine.generate([plan["messages"]], plan["settings"], plan["n"], plan["seed"],
+                                 adapter=chosen.adapter_set, on_logits=steps, cancelled=cancelled,
+                                 on_token=token_callback(choices, engine.stop_ids, on_piece, steps))
     return finish(choices, generation, on_piece), plan["prompt_tokens"]
 
 

@@ -117,12 +117,12 @@ def supports(model: PreTrainedModel, length: int) -> bool:
     if getattr(config, "use_sliding_window", False) or any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
         return False
     decoder = model.get_decoder()
-    if not hasattr(decoder, "rotary_emb") or _rms_norm(decoder.norm) is None:
+    if not hasattr(decoder, "rotary_emb") or rms_norm_weights(decoder.norm) is None:
         return False
-    return all(_layer_parts(block) is not None for block in decoder.layers)
+    return all(layer_parts(block) is not None for block in decoder.layers)
 
 
-def _layer_parts(block: nn.Module) -> tuple[list[tuple[torch.Tensor, float]], list[_Projection]] | None:
+def layer_parts(block: nn.Module) -> tuple[list[tuple[torch.Tensor, float]], list[_Projection]] | None:
     """(norms, projections q/k/v/o/gate/up/down) of a decoder block, or None when one is of a kind this
     decoder does not run; cheap, so `supports` can ask without building the fused q/k/v weights."""
     attention, mlp = block.self_attn, block.mlp
@@ -130,7 +130,7 @@ def _layer_parts(block: nn.Module) -> tuple[list[tuple[torch.Tensor, float]], li
         return None
     projections = [_projection(m) for m in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj,
                                             mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
-    norms = [_rms_norm(m) for m in (block.input_layernorm, block.post_attention_layernorm)]
+    norms = [rms_norm_weights(m) for m in (block.input_layernorm, block.post_attention_layernorm)]
     if any(part is None for part in projections + norms):
         return None
     return norms, projections
@@ -138,11 +138,11 @@ def _layer_parts(block: nn.Module) -> tuple[list[tuple[torch.Tensor, float]], li
 
 def _read_layer(block: nn.Module) -> _Layer:
     """A decoder block's weights as this decoder runs them, q/k/v fused; only for blocks `supports` accepted."""
-    (input_norm, post_norm), (q, k, v, o, gate, up, down) = _layer_parts(block)
+    (input_norm, post_norm), (q, k, v, o, gate, up, down) = layer_parts(block)
     return _Layer(input_norm, _joined([q, k, v]), o, post_norm, gate, up, down, block.mlp.act_fn)
 
 
-def _rms_norm(module: nn.Module) -> tuple[torch.Tensor, float] | None:
+def rms_norm_weights(module: nn.Module) -> tuple[torch.Tensor, float] | None:
     """(weight, eps) of a Llama-style RMSNorm (weight * x / rms(x)), None for any other norm."""
     eps = getattr(module, "variance_epsilon", None)
     weight = getattr(module, "weight", None)
@@ -151,13 +151,13 @@ def _rms_norm(module: nn.Module) -> tuple[torch.Tensor, float] | None:
     return weight, eps
 
 
-def _norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
     weight, eps = norm  # transformers' order of operations: normalise in fp32, cast back, then scale
     x32 = x.float()
     return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE in transformers' half-split layout: x cos + rotate_half(x) sin."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -171,7 +171,7 @@ class CachedDecoder:
         decoder = model.get_decoder()
         config = model.config
         self.embed = decoder.embed_tokens
-        self.norm = _rms_norm(decoder.norm)
+        self.norm = rms_norm_weights(decoder.norm)
         self.rotary = decoder.rotary_emb
         self.layers = [_read_layer(block) for block in decoder.layers]
         self.heads = config.num_attention_heads
@@ -233,21 +233,21 @@ class CachedDecoder:
         cos, sin = cos[:, None], sin[:, None]  # [rows, 1, length, head_dim]
         end = start + length if isinstance(start, int) else self.keys.shape[3]
         for index, layer in enumerate(self.layers):
-            x = _norm(hidden, layer.input_norm)
+            x = rms_norm(hidden, layer.input_norm)
             q, k, v = layer.qkv(x).view(rows, length, -1, self.head_dim).transpose(1, 2).split(
                 [self.heads, self.kv_heads, self.kv_heads], dim=1)  # [rows, heads, length, head_dim] each
             if isinstance(start, int):
-                self.keys[index, :, :, start:end] = _rotate(k, cos, sin)
+                self.keys[index, :, :, start:end] = rope(k, cos, sin)
                 self.values[index, :, :, start:end] = v
             else:
                 # index_copy_ does not cast as slice assignment does (autocast hands bf16 to an fp32 cache)
-                self.keys[index].index_copy_(2, start, _rotate(k, cos, sin).to(self.keys.dtype))
+                self.keys[index].index_copy_(2, start, rope(k, cos, sin).to(self.keys.dtype))
                 self.values[index].index_copy_(2, start, v.to(self.values.dtype))
-            attended = self._attend(_rotate(q, cos, sin), index, end, mask)  # [rows, length, heads * head_dim]
+            attended = self._attend(rope(q, cos, sin), index, end, mask)  # [rows, length, heads * head_dim]
             hidden = hidden + layer.o(attended)
-            x = _norm(hidden, layer.post_norm)
+            x = rms_norm(hidden, layer.post_norm)
             hidden = hidden + layer.down(layer.act(layer.gate(x)) * layer.up(x))
-        return _norm(hidden, self.norm)
+        return rms_norm(hidden, self.norm)
 
     def _attend(self, q: torch.Tensor, index: int, end: int, mask: torch.Tensor) -> torch.Tensor:
         rows, heads, length, head_dim = q.shape

@@ -1,0 +1,294 @@
+"""Continuous batching: one thread decodes every running answer together, rows joining and leaving at
+token boundaries. What `tunesmith api`, `chat` and `do_predict` generate with.
+
+Decoding a step streams every weight of the model once; extra rows through the same weights cost little
+(more so on a CPU, where a small model's step is mostly per-call overhead). So rather than answering
+requests one after another, each iteration of the loop
+1. admits waiting groups (one request's rows) while rows and cache tokens allow (`max_rows`,
+   `max_cached_tokens`; an empty batch always takes the next group), in arrival order;
+2. reads prompts: every row still reading its prompt advances by a chunk, all in one forward, the chunks
+   together at most `prefill_tokens` (so a long prompt never stalls the rows that stream); a row whose
+   prompt is read draws its first token;
+3. decodes: one forward feeds every other row its last token and draws the next;
+4. releases the rows that ended (stop token, max_new_tokens, their callback, a cancelled group).
+Rows carry their own adapter and sampling settings (slot_decoder.py, row_sampling.py), and a row's tokens
+do not depend on its neighbours: a greedy row answers as it does alone, a sampled row with its own seeded
+generator too. A model the slot decoder cannot run (not Llama-family, a 4/8-bit base) runs each group on
+its own through `generate`, one after another.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tunesmith.errors import TunesmithError
+from tunesmith.model.adapter_sets import adapter_set
+from tunesmith.sampling import cached_decoder
+from tunesmith.sampling.generate import generate, last_logits
+from tunesmith.sampling.row_sampling import RowSettings, sample_rows
+from tunesmith.sampling.rows import Row, RowGroup, RowRequest
+from tunesmith.sampling.slot_decoder import SlotDecoder, adapter_groups
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+MIN_CHUNK = 16  # prompt tokens a reading row gets per iteration however many rows read
+
+
+class Busy(TunesmithError):
+    """Too many groups already wait; the API answers 429."""
+
+
+class DecodeScheduler:
+    """The decode loop over `model`, on its own thread; `submit` queues a group of rows."""
+
+    def __init__(self, model: PreTrainedModel, max_rows: int = 16, max_cached_tokens: int = 65536,
+                 prefill_tokens: int = 512, max_waiting: int | None = None) -> None:
+        self.model = model
+        self.head = model.get_output_embeddings()
+        self.device = self.head.weight.device
+        self.max_rows, self.max_cached_tokens, self.prefill_tokens = max_rows, max_cached_tokens, prefill_tokens
+        self.max_waiting = max_waiting
+        self.waiting: collections.deque[RowGroup] = collections.deque()
+        self.calls: list[tuple[Callable[[], Any], Future]] = []
+        self.wake = threading.Condition()
+        self.rows: list[Row] = []  # rows[i] lives in cache slot i: decoding rows first, then reading rows
+        self.decoding = 0  # how many of rows decode
+        self.decoder: SlotDecoder | None = None
+        self.thread: threading.Thread | None = None
+
+    def submit(self, requests: list[RowRequest], cancelled: threading.Event | None = None) -> RowGroup:
+        """Queue a group of rows without waiting for them (`cancelled`, when given, is the group's cancel
+        flag); `Busy` when max_waiting groups already wait."""
+        if not requests:
+            raise TunesmithError("a group needs at least one row.")
+        if len(requests) > self.max_rows:
+            raise TunesmithError(f"{len(requests)} answers at once exceed the {self.max_rows} rows the decoder "
+                                 "runs together (max_num_seqs); ask for fewer.")
+        group = RowGroup(requests, cancelled)
+        with self.wake:
+            if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
+                raise Busy(f"the server is busy ({self.max_waiting} requests waiting); retry later.")
+            self.waiting.append(group)
+            self._start()
+            self.wake.notify()
+        return group
+
+    def run(self, requests: list[RowRequest]) -> Any:
+        """Submit the rows and wait for their `Generation`."""
+        return self.submit(requests).result()
+
+    def call(self, work: Callable[[], Any]) -> Any:
+        """Run `work` on the decode thread between steps (other work on the same model, e.g. scoring)."""
+        future: Future = Future()
+        with self.wake:
+            self.calls.append((work, future))
+            self._start()
+            self.wake.notify()
+        return future.result()
+
+    def _start(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._loop, name="tunesmith-decode", daemon=True)
+            self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self.wake:
+                while not (self.waiting or self.rows or self.calls):
+                    self.wake.wait()
+                calls, self.calls = self.calls, []
+                admitted = self._admit()
+            for work, future in calls:
+                _settle(future, work)
+            if isinstance(admitted, RowGroup):  # a model the slot decoder cannot run: this group alone
+                _settle(admitted.future, lambda group=admitted: _run_alone(self.model, group))
+                continue
+            try:
+                with torch.no_grad():
+                    self._iterate()
+            except BaseException as err:  # noqa: B036 - every running request must learn why; the loop lives
+                self._fail(err)
+
+    def _admit(self) -> RowGroup | None:
+        """Move waiting groups into the batch while they fit; returns a group to run alone (see module)."""
+        while self.waiting:
+            group = self.waiting[0]
+            if group.cancelled.is_set() or group.future.done():
+                self.waiting.popleft()
+                group.future.cancel()
+                continue
+            capacity = max(r.reserved for r in group.requests) + max(self.prefill_tokens, MIN_CHUNK)
+            if not self.rows:
+                if not cached_decoder.supports(self.model, capacity):
+                    return self.waiting.popleft()
+            elif not (self._fits(group, capacity) and cached_decoder.supports(self.model, capacity)):
+                return None
+            self.waiting.popleft()
+            self._place(group, capacity)
+        return None
+
+    def _fits(self, group: RowGroup, capacity: int) -> bool:
+        """Whether the running batch has rows and cache room for `group` (the cache is slots x capacity)."""
+        slots = len(self.rows) + len(group.requests)
+        held_slots, held_capacity = self.decoder.keys.shape[1], self.decoder.keys.shape[3]
+        cached = max(slots, held_slots) * max(capacity, held_capacity)
+        return slots <= self.max_rows and cached <= self.max_cached_tokens
+
+    def _place(self, group: RowGroup, capacity: int) -> None:
+        """Give each row of `group` a slot after the running rows (they read their prompt first)."""
+        if group.future.set_running_or_notify_cancel() is False:
+            return
+        slots = len(self.rows) + len(group.requests)
+        if self.decoder is None:  # a fresh batch reads the weights as they are now (adapters added, training)
+            self.decoder = SlotDecoder(self.model, slots, capacity)
+        self.decoder.grow(slots, capacity)
+        vocab = self.head.weight.shape[0]
+        group.rows = [Row(request, group, vocab, self.device) for request in group.requests]
+        self.rows.extend(group.rows)
+
+    def _iterate(self) -> None:
+        for row in self.rows:
+            if row.group.cancelled.is_set():
+                row.end()
+        self._release()
+        if self.decoding < len(self.rows):
+            self._read_prompts()
+            self._release()  # rows whose first token ended them
+        if self.decoding:
+            self._decode()
+            self._release()
+
+    def _read_prompts(self) -> None:
+        """Advance every reading row by a chunk of its prompt in one forward; a row whose prompt is read
+        draws its first token and moves to the decoding rows."""
+        rows = self.rows[self.decoding:]
+        share = max(MIN_CHUNK, self.prefill_tokens // len(rows))
+        takes = [min(len(row.request.prompt) - row.length, share) for row in rows]
+        width = max(takes)
+        ids = torch.tensor([row.request.prompt[row.length:row.length + take] + [0] * (width - take)
+                            for row, take in zip(rows, takes)], device=self.device)
+        starts = torch.tensor([row.length for row in rows], device=self.device)
+        states = self.decoder.forward(slice(self.decoding, len(self.rows)), ids, starts,
+                                      torch.tensor(takes, device=self.device),
+                                      adapter_groups([row.request.adapter for row in rows], self.device))
+        read = []
+        for index, (row, take) in enumerate(zip(rows, takes)):
+            if row.request.on_prompt is not None:
+                row.request.on_prompt(states[index, :take], row.length)
+            row.length += take
+            if not row.prefilling:
+                read.append((row, states[index, take - 1]))
+        if read:
+            self._draw([row for row, _ in read], torch.stack([state for _, state in read]))
+            for row, _ in read:
+                self._swap(self.rows.index(row), self.decoding)
+                self.decoding += 1
+
+    def _decode(self) -> None:
+        """Feed every decoding row its last token and draw the next."""
+        rows = self.rows[:self.decoding]
+        ids = torch.tensor([[row.tokens[-1]] for row in rows], device=self.device)
+        starts = torch.tensor([row.length for row in rows], device=self.device)
+        hidden = self.decoder.forward(slice(0, self.decoding), ids, starts, torch.ones_like(starts),
+                                      adapter_groups([row.request.adapter for row in rows], self.device))
+        for row in rows:
+            row.length += 1
+        self._draw(rows, hidden[:, -1])
+
+    def _draw(self, rows: list[Row], hidden: torch.Tensor) -> None:
+        """Each row's next token from its final hidden state [rows, hidden]."""
+        logits = last_logits(self.head, hidden)  # [rows, vocab] float32
+        settings = RowSettings.of([row.request.settings for row in rows], self.device)
+        seen = torch.stack([row.seen if row.seen is not None else logits.new_zeros(logits.shape[1], dtype=torch.bool)
+                            for row in rows]) if settings.penalised else None
+        tokens = sample_rows(logits, settings, [row.generator for row in rows], seen).tolist()
+        for index, row in enumerate(rows):
+            row.accept(tokens[index], logits[index])
+
+    def _release(self) -> None:
+        """Take ended rows out of the batch, keeping decoding rows first and the slots contiguous."""
+        while True:
+            ended = next((index for index, row in enumerate(self.rows) if row.done), None)
+            if ended is None:
+                break
+            if ended < self.decoding:
+                self._move(self.decoding - 1, ended)
+                ended = self.decoding - 1
+                self.decoding -= 1
+            self._move(len(self.rows) - 1, ended)
+            row = self.rows.pop()
+            row.group.finish_if_done()
+        if not self.rows:
+            self.decoder = None  # the next batch reads the weights afresh and starts with a small cache
+
+    def _move(self, source: int, target: int) -> None:
+        """Row `source` takes slot `target` (whose row is leaving: it goes to `source`'s place)."""
+        if source != target:
+            self.decoder.move(source, target, self.rows[source].length)
+            self.rows[source], self.rows[target] = self.rows[target], self.rows[source]
+
+    def _swap(self, first: int, second: int) -> None:
+        if first != second:
+            self.decoder.swap(first, second, max(self.rows[first].length, self.rows[second].length))
+            self.rows[first], self.rows[second] = self.rows[second], self.rows[first]
+
+    def _fail(self, error: BaseException) -> None:
+        """A step failed: every running group gets the error, and the batch starts over."""
+        for row in self.rows:
+            if not row.group.future.done():
+                row.group.future.set_exception(error)
+        self.rows, self.decoding, self.decoder = [], 0, None
+
+
+def _settle(future: Future, work: Callable[[], Any]) -> None:
+    """Run `work`, its result or exception into `future`."""
+    if future.done() or (not future.running() and not future.set_running_or_notify_cancel()):
+        return
+    try:
+        future.set_result(work())
+    except BaseException as err:  # noqa: B036 - the caller must learn why, the loop must live
+        future.set_exception(err)
+
+
+def _run_alone(model: PreTrainedModel, group: RowGroup) -> Any:
+    """A group through `generate` (rows decoded together, one prompt each), for models the slot decoder
+    cannot run; the per-row callbacks see what they would see in the batch."""
+    requests = group.requests
+    first = requests[0]
+    device = next(model.parameters()).device
+    done = [False] * len(requests)
+
+    def on_step(tokens: list[int]) -> list[int]:
+        ended = []
+        for index, (token, request) in enumerate(zip(tokens, requests)):
+            if done[index]:
+                continue
+            done[index] = token in request.stop_ids or group.cancelled.is_set() or bool(
+                request.on_token is not None and request.on_token(token))
+            if done[index]:
+                ended.append(index)
+        return ended
+
+    def on_logits(logits: torch.Tensor, tokens: torch.Tensor) -> None:
+        for index, request in enumerate(requests):
+            if not done[index] and request.on_logits is not None:
+                request.on_logits(logits[index], int(tokens[index]))
+
+    def on_prompt(states: torch.Tensor) -> None:
+        for index, request in enumerate(requests):
+            if request.on_prompt is not None:
+                request.on_prompt(states[index, states.shape[1] - len(request.prompt):], 0)
+
+    generators = [r.generator or torch.Generator(device).manual_seed(int(torch.randint(2**62, ()))) for r in requests]
+    with adapter_set(model, first.adapter) if first.adapter is not None else contextlib.nullcontext():
+        return generate(model, [r.prompt for r in requests], first.settings, first.stop_ids, 0, 1, generators,
+                        on_step=on_step, on_logits=on_logits, on_prompt=on_prompt)
+

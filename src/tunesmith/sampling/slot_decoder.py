@@ -1,0 +1,213 @@
+"""The decode scheduler's forward: a Llama-family model over a KV cache with one slot per row, where every
+row has its own length and its own LoRA adapter (or none).
+
+`CachedDecoder` decodes rows that start together (left-padded, one shared cache column per step). Here
+rows join and leave at any step, so each slot keeps its own columns 0..length-1 with no padding, a step
+writes each row's key at its own column, and attention masks each row to its own length. The scheduler
+keeps the rows that decode in slots 0..D-1 and the rows still reading their prompt after them, so both
+passes read one contiguous slice of the cache (moving a slot when a row leaves costs one copy of its keys).
+
+Per-row adapters, as S-LoRA and Punica batch them: the base matmul runs once for every row, and each
+group of rows that share an adapter adds its low-rank update, h = W x + B_a (A_a x) for rows of adapter a.
+The adapters are the layer's side sets (`served_adapters`, a LoRA reward model beside the policy), the
+layer's own LoRA (`OWN`), and None: whatever the layer's forward runs now, so a row of adapter None
+computes what the model does. A row whose adapter a layer lacks (`BASE`) runs that layer's base (adapter
+off: the reference model of RL). A layer whose adapter is merged (`merged_for_inference`, a merged chat model)
+runs its merged weight for every row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunesmith.model.lora import LoRALinear, few_row_linear
+from tunesmith.sampling.cached_decoder import rms_norm, rms_norm_weights, rope
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+OWN = "\0own"
+"""The adapter name of a LoRA layer's own (trainable) weights, beside its side sets."""
+BASE = "\0base"
+"""An adapter name no layer holds: rows of it run the base weights alone."""
+
+Groups = list[tuple[str | None, torch.Tensor | None]]
+"""(adapter, rows) for each adapter some row uses; rows None means every row of the pass."""
+
+
+@dataclass
+class _Projection:
+    """y = x W^T + b, plus B_a A_a x for each row of adapter a (B pre-scaled)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    adapters: dict[str | None, tuple[torch.Tensor, torch.Tensor]]
+
+    def __call__(self, x: torch.Tensor, groups: Groups) -> torch.Tensor:
+        out = few_row_linear(x, self.weight, self.bias)  # [rows, length, out]
+        for name, rows in groups:
+            if name not in self.adapters:
+                continue
+            lora_A, lora_B = self.adapters[name]
+            part = x if rows is None else x[rows]
+            update = ((part.to(lora_A.dtype) @ lora_A.t()) @ lora_B.t()).to(out.dtype)
+            if rows is None:
+                out += update
+            else:
+                out.index_add_(0, rows, update)
+        return out
+
+
+def _projection(module: nn.Module) -> _Projection:
+    """The base weight of a Linear or LoRA layer with every adapter it holds (only for `supports`ed models):
+    its side sets by name, its own LoRA as OWN, and under None whatever its forward adds right now."""
+    if not isinstance(module, LoRALinear):
+        return _Projection(module.weight, module.bias, {})
+    base = module.base_layer
+    if module.inference_weight is not None and not module.disabled:
+        return _Projection(module.inference_weight, base.bias, {})
+    adapters = {name: (lora_A, lora_B * scaling) for name, (lora_A, lora_B, scaling) in module.side.items()}
+    if not (module.merged or module.disabled):
+        adapters[OWN] = (module.lora_A.weight, module.lora_B.weight * module.scaling)
+    current = module.active_side if module.active_side is not None else OWN
+    if current in adapters:
+        adapters[None] = adapters[current]
+    return _Projection(base.weight, base.bias, adapters)
+
+
+def _joined(parts: list[_Projection]) -> _Projection:
+    """q, k and v as one projection: one matmul over the stacked base weights, and per adapter one low-rank
+    pair, A stacked over the parts that have it and B block-diagonal, so the update is each part's own."""
+    biases = [part.bias for part in parts]
+    bias = None if all(b is None for b in biases) else torch.cat(
+        [b if b is not None else part.weight.new_zeros(part.weight.shape[0]) for b, part in zip(biases, parts)])
+    outs = [part.weight.shape[0] for part in parts]
+    adapters = {}
+    for name in dict.fromkeys(name for part in parts for name in part.adapters):
+        present = [(index, part.adapters[name]) for index, part in enumerate(parts) if name in part.adapters]
+        lora_A = torch.cat([a for _, (a, _) in present])
+        lora_B = lora_A.new_zeros(sum(outs), lora_A.shape[0])
+        rank_at = 0
+        for index, (a, b) in present:
+            row_at = sum(outs[:index])
+            lora_B[row_at:row_at + outs[index], rank_at:rank_at + a.shape[0]] = b
+            rank_at += a.shape[0]
+        adapters[name] = (lora_A, lora_B)
+    return _Projection(torch.cat([part.weight for part in parts]), bias, adapters)
+
+
+@dataclass
+class _Layer:
+    input_norm: tuple[torch.Tensor, float]
+    qkv: _Projection
+    o: _Projection
+    post_norm: tuple[torch.Tensor, float]
+    gate: _Projection
+    up: _Projection
+    down: _Projection
+    act: nn.Module
+
+
+def _read_layer(block: nn.Module) -> _Layer:
+    attention, mlp = block.self_attn, block.mlp
+    q, k, v, o, gate, up, down = (_projection(m) for m in (attention.q_proj, attention.k_proj, attention.v_proj,
+                                                          attention.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    return _Layer(rms_norm_weights(block.input_layernorm), _joined([q, k, v]), o,
+                  rms_norm_weights(block.post_attention_layernorm), gate, up, down, mlp.act_fn)
+
+
+def adapter_groups(adapters: list[str | None], device: torch.device) -> Groups:
+    """The `Groups` of rows whose adapters are `adapters` (None: the weights as the model runs them now)."""
+    names = list(dict.fromkeys(adapters))
+    if len(names) == 1:
+        return [(names[0], None)]
+    return [(name, torch.tensor([i for i, a in enumerate(adapters) if a == name], device=device)) for name in names]
+
+
+class SlotDecoder:
+    """Keys and values for `slots` rows of up to `capacity` positions each, and the forward that fills them."""
+
+    def __init__(self, model: PreTrainedModel, slots: int, capacity: int) -> None:
+        decoder, config = model.get_decoder(), model.config
+        self.embed, self.rotary = decoder.embed_tokens, decoder.rotary_emb
+        self.norm = rms_norm_weights(decoder.norm)
+        self.layers = [_read_layer(block) for block in decoder.layers]
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.scale = self.head_dim ** -0.5
+        weight = self.embed.weight
+        shape = (len(self.layers), slots, self.kv_heads, capacity, self.head_dim)
+        self.keys = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        self.values = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+
+    def grow(self, slots: int, capacity: int) -> None:
+        """Hold at least `slots` rows of `capacity` positions, keeping what is cached."""
+        _, held_slots, _, held_capacity, _ = self.keys.shape
+        if slots <= held_slots and capacity <= held_capacity:
+            return
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_zeros(old.shape[0], max(slots, held_slots), old.shape[2], max(capacity, held_capacity),
+                                old.shape[4])
+            new[:, :held_slots, :, :held_capacity] = old
+            setattr(self, name, new)
+
+    def move(self, source: int, target: int, length: int) -> None:
+        """Copy slot `source`'s first `length` positions to slot `target` (a row changing slots)."""
+        self.keys[:, target, :, :length] = self.keys[:, source, :, :length]
+        self.values[:, target, :, :length] = self.values[:, source, :, :length]
+
+    def swap(self, first: int, second: int, length: int) -> None:
+        """Exchange two slots' first `length` positions."""
+        for cache in (self.keys, self.values):
+            held = cache[:, first, :, :length].clone()
+            cache[:, first, :, :length] = cache[:, second, :, :length]
+            cache[:, second, :, :length] = held
+
+    def forward(self, slots: slice, input_ids: torch.Tensor, starts: torch.Tensor, real: torch.Tensor,
+                groups: Groups) -> torch.Tensor:
+        """Final hidden states [rows, length, hidden] of the rows in `slots`, each fed `input_ids[i]` from
+        position `starts[i]`; only its first `real[i]` tokens are real (the rest pad a shorter chunk, and
+        their keys, written past the row's end, are overwritten before anything attends to them)."""
+        rows, length = input_ids.shape
+        positions = starts[:, None] + torch.arange(length, device=input_ids.device)  # [rows, length]
+        end = int(positions[:, -1].max()) + 1
+        # a query sees the keys at or before its position, up to the row's last real token
+        columns = torch.arange(end, device=input_ids.device)
+        visible = (columns <= positions[..., None]) & (columns < (starts + real)[:, None, None])  # [rows, length, end]
+        mask = torch.zeros(visible.shape, dtype=self.keys.dtype, device=input_ids.device)
+        mask = mask.masked_fill_(~visible, float("-inf"))[:, None]  # [rows, 1, length, end]
+        hidden = self.embed(input_ids)
+        cos, sin = self.rotary(hidden, positions)
+        cos, sin = cos[:, None], sin[:, None]  # [rows, 1, length, head_dim]
+        row_index = torch.arange(rows, device=input_ids.device)[:, None]
+        for index, layer in enumerate(self.layers):
+            x = rms_norm(hidden, layer.input_norm)
+            q, k, v = layer.qkv(x, groups).view(rows, length, -1, self.head_dim).transpose(1, 2).split(
+                [self.heads, self.kv_heads, self.kv_heads], dim=1)  # [rows, heads, length, head_dim] each
+            keys, values = self.keys[index, slots], self.values[index, slots]  # [rows, kv heads, capacity, dim]
+            # keys[r, :, positions[r, j]] = k[r, :, j]: the indexed dims come first, [rows, length, kv, dim]
+            keys[row_index, :, positions] = rope(k, cos, sin).transpose(1, 2).to(keys.dtype)
+            values[row_index, :, positions] = v.transpose(1, 2).to(values.dtype)
+            attended = self._attend(rope(q, cos, sin), keys[:, :, :end], values[:, :, :end], mask)
+            hidden = hidden + layer.o(attended, groups)
+            x = rms_norm(hidden, layer.post_norm)
+            hidden = hidden + layer.down(layer.act(layer.gate(x, groups)) * layer.up(x, groups), groups)
+        return rms_norm(hidden, self.norm)
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[rows, length, heads * head_dim] attention of q [rows, heads, length, dim] over the rows' caches."""
+        rows, heads, length, head_dim = q.shape
+        if length == 1:  # one query per head: GQA on the cache as stored (see CachedDecoder._attend)
+            group = q.view(rows, self.kv_heads, heads // self.kv_heads, head_dim)
+            scores = (group @ keys.transpose(2, 3)).mul_(self.scale).add_(mask)  # [rows, kv heads, group, keys]
+            return (scores.softmax(dim=-1) @ values).view(rows, 1, heads * head_dim)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
+                                             enable_gqa=self.kv_heads != heads)
+        return out.transpose(1, 2).reshape(rows, length, heads * head_dim)
