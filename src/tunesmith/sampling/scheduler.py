@@ -34,12 +34,10 @@ from tunesmith.sampling import cached_decoder
 from tunesmith.sampling.generate import generate, last_logits
 from tunesmith.sampling.row_sampling import RowSettings, sample_rows
 from tunesmith.sampling.rows import Row, RowGroup, RowRequest
-from tunesmith.sampling.slot_decoder import SlotDecoder, adapter_groups
+from tunesmith.sampling.slot_decoder import Chunk, SlotDecoder
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
-
-MIN_CHUNK = 16  # prompt tokens a reading row gets per iteration however many rows read
 
 
 class Busy(TunesmithError):
@@ -125,7 +123,7 @@ class DecodeScheduler:
                 self.waiting.popleft()
                 group.future.cancel()
                 continue
-            capacity = max(r.reserved for r in group.requests) + max(self.prefill_tokens, MIN_CHUNK)
+            capacity = max(r.reserved for r in group.requests) + 1
             if not self.rows:
                 if not cached_decoder.supports(self.model, capacity):
                     return self.waiting.popleft()
@@ -147,64 +145,59 @@ class DecodeScheduler:
         if group.future.set_running_or_notify_cancel() is False:
             return
         slots = len(self.rows) + len(group.requests)
-        if self.decoder is None:  # a fresh batch reads the weights as they are now (adapters added, training)
+        if self.decoder is None:
             self.decoder = SlotDecoder(self.model, slots, capacity)
+        elif not self.rows:  # a fresh batch reads the weights as they are now (adapters added, training)
+            self.decoder.read_weights(self.model)
         self.decoder.grow(slots, capacity)
         vocab = self.head.weight.shape[0]
         group.rows = [Row(request, group, vocab, self.device) for request in group.requests]
         self.rows.extend(group.rows)
 
     def _iterate(self) -> None:
+        """One pass: every decoding row's next token, and the next chunks of the prompts being read."""
         for row in self.rows:
             if row.group.cancelled.is_set():
                 row.end()
         self._release()
-        if self.decoding < len(self.rows):
-            self._read_prompts()
-            self._release()  # rows whose first token ended them
-        if self.decoding:
-            self._decode()
-            self._release()
-
-    def _read_prompts(self) -> None:
-        """Advance every reading row by a chunk of its prompt in one forward; a row whose prompt is read
-        draws its first token and moves to the decoding rows."""
-        rows = self.rows[self.decoding:]
-        share = max(MIN_CHUNK, self.prefill_tokens // len(rows))
-        takes = [min(len(row.request.prompt) - row.length, share) for row in rows]
-        width = max(takes)
-        ids = torch.tensor([row.request.prompt[row.length:row.length + take] + [0] * (width - take)
-                            for row, take in zip(rows, takes)], device=self.device)
-        starts = torch.tensor([row.length for row in rows], device=self.device)
-        states = self.decoder.forward(slice(self.decoding, len(self.rows)), ids, starts,
-                                      torch.tensor(takes, device=self.device),
-                                      adapter_groups([row.request.adapter for row in rows], self.device))
-        read = []
-        for index, (row, take) in enumerate(zip(rows, takes)):
+        if not self.rows:
+            return
+        decoding, chunks, readers = self.rows[:self.decoding], [], []
+        budget = self.prefill_tokens
+        for slot in range(self.decoding, len(self.rows)):  # first come, first read
+            row = self.rows[slot]
+            take = min(len(row.request.prompt) - row.length, budget)
+            if take <= 0:
+                break
+            chunks.append(Chunk(slot, row.length, row.request.prompt[row.length:row.length + take]))
+            readers.append(row)
+            budget -= take
+        states = self.decoder.forward(
+            torch.tensor([row.tokens[-1] for row in decoding], dtype=torch.long, device=self.device),
+            torch.tensor([row.length for row in decoding], dtype=torch.long, device=self.device),
+            chunks, [row.request.adapter for row in decoding + readers])
+        drawing, last = list(decoding), list(range(len(decoding)))
+        at = len(decoding)
+        for row, chunk in zip(readers, chunks):
             if row.request.on_prompt is not None:
-                row.request.on_prompt(states[index, :take], row.length)
-            row.length += take
+                row.request.on_prompt(states[at:at + len(chunk.ids)], row.length)
+            row.length += len(chunk.ids)
+            at += len(chunk.ids)
             if not row.prefilling:
-                read.append((row, states[index, take - 1]))
-        if read:
-            self._draw([row for row, _ in read], torch.stack([state for _, state in read]))
-            for row, _ in read:
-                self._swap(self.rows.index(row), self.decoding)
-                self.decoding += 1
-
-    def _decode(self) -> None:
-        """Feed every decoding row its last token and draw the next."""
-        rows = self.rows[:self.decoding]
-        ids = torch.tensor([[row.tokens[-1]] for row in rows], device=self.device)
-        starts = torch.tensor([row.length for row in rows], device=self.device)
-        hidden = self.decoder.forward(slice(0, self.decoding), ids, starts, torch.ones_like(starts),
-                                      adapter_groups([row.request.adapter for row in rows], self.device))
-        for row in rows:
+                drawing.append(row)
+                last.append(at - 1)
+        for row in decoding:
             row.length += 1
-        self._draw(rows, hidden[:, -1])
+        self._draw(drawing, states[torch.tensor(last, dtype=torch.long, device=self.device)])
+        for row in drawing[len(decoding):]:  # prompt read: the row decodes from the next pass on
+            self._swap(self.rows.index(row), self.decoding)
+            self.decoding += 1
+        self._release()
 
     def _draw(self, rows: list[Row], hidden: torch.Tensor) -> None:
         """Each row's next token from its final hidden state [rows, hidden]."""
+        if not rows:
+            return
         logits = last_logits(self.head, hidden)  # [rows, vocab] float32
         settings = RowSettings.of([row.request.settings for row in rows], self.device)
         seen = torch.stack([row.seen if row.seen is not None else logits.new_zeros(logits.shape[1], dtype=torch.bool)
@@ -226,8 +219,6 @@ class DecodeScheduler:
             self._move(len(self.rows) - 1, ended)
             row = self.rows.pop()
             row.group.finish_if_done()
-        if not self.rows:
-            self.decoder = None  # the next batch reads the weights afresh and starts with a small cache
 
     def _move(self, source: int, target: int) -> None:
         """Row `source` takes slot `target` (whose row is leaving: it goes to `source`'s place)."""
@@ -245,7 +236,7 @@ class DecodeScheduler:
         for row in self.rows:
             if not row.group.future.done():
                 row.group.future.set_exception(error)
-        self.rows, self.decoding, self.decoder = [], 0, None
+        self.rows, self.decoding, self.decoder = [], 0, None  # the next batch starts from a fresh cache
 
 
 def _settle(future: Future, work: Callable[[], Any]) -> None:

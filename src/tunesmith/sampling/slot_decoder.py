@@ -129,22 +129,37 @@ def adapter_groups(adapters: list[str | None], device: torch.device) -> Groups:
     return [(name, torch.tensor([i for i, a in enumerate(adapters) if a == name], device=device)) for name in names]
 
 
+@dataclass
+class Chunk:
+    """Part of a row's prompt read in a pass: its slot, the position of its first token, the token ids."""
+
+    slot: int
+    start: int
+    ids: list[int]
+
+
 class SlotDecoder:
-    """Keys and values for `slots` rows of up to `capacity` positions each, and the forward that fills them."""
+    """Keys and values for `slots` rows of up to `capacity` positions each, and the pass that fills them."""
 
     def __init__(self, model: PreTrainedModel, slots: int, capacity: int) -> None:
-        decoder, config = model.get_decoder(), model.config
-        self.embed, self.rotary = decoder.embed_tokens, decoder.rotary_emb
-        self.norm = rms_norm_weights(decoder.norm)
-        self.layers = [_read_layer(block) for block in decoder.layers]
+        config = model.config
+        self.read_weights(model)
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.scale = self.head_dim ** -0.5
         weight = self.embed.weight
+        # zeros, not empty: masked positions get no weight, but 0 x NaN is still NaN
         shape = (len(self.layers), slots, self.kv_heads, capacity, self.head_dim)
         self.keys = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
         self.values = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+
+    def read_weights(self, model: PreTrainedModel) -> None:
+        """Take the model's weights and adapters as they are now (a new batch after training or loading)."""
+        decoder = model.get_decoder()
+        self.embed, self.rotary = decoder.embed_tokens, decoder.rotary_emb
+        self.norm = rms_norm_weights(decoder.norm)
+        self.layers = [_read_layer(block) for block in decoder.layers]
 
     def grow(self, slots: int, capacity: int) -> None:
         """Hold at least `slots` rows of `capacity` positions, keeping what is cached."""
@@ -170,44 +185,68 @@ class SlotDecoder:
             cache[:, first, :, :length] = cache[:, second, :, :length]
             cache[:, second, :, :length] = held
 
-    def forward(self, slots: slice, input_ids: torch.Tensor, starts: torch.Tensor, real: torch.Tensor,
-                groups: Groups) -> torch.Tensor:
-        """Final hidden states [rows, length, hidden] of the rows in `slots`, each fed `input_ids[i]` from
-        position `starts[i]`; only its first `real[i]` tokens are real (the rest pad a shorter chunk, and
-        their keys, written past the row's end, are overwritten before anything attends to them)."""
-        rows, length = input_ids.shape
-        positions = starts[:, None] + torch.arange(length, device=input_ids.device)  # [rows, length]
-        end = int(positions[:, -1].max()) + 1
-        # a query sees the keys at or before its position, up to the row's last real token
-        columns = torch.arange(end, device=input_ids.device)
-        visible = (columns <= positions[..., None]) & (columns < (starts + real)[:, None, None])  # [rows, length, end]
-        mask = torch.zeros(visible.shape, dtype=self.keys.dtype, device=input_ids.device)
-        mask = mask.masked_fill_(~visible, float("-inf"))[:, None]  # [rows, 1, length, end]
-        hidden = self.embed(input_ids)
-        cos, sin = self.rotary(hidden, positions)
-        cos, sin = cos[:, None], sin[:, None]  # [rows, 1, length, head_dim]
-        row_index = torch.arange(rows, device=input_ids.device)[:, None]
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, chunks: list[Chunk],
+                adapters: list[str | None]) -> torch.Tensor:
+        """Final hidden states [decoding rows + chunk tokens, hidden] of one pass: rows 0..D-1 (slots 0..D-1)
+        each fed `tokens[i]` [D] at `positions[i]`, then every chunk's tokens, packed without padding (the
+        weights' matmuls see one [tokens, hidden] batch; attention runs per chunk). `adapters` names each
+        decoding row's adapter, then each chunk's."""
+        device = self.embed.weight.device
+        decoding = tokens.shape[0]
+        ids = torch.cat([tokens, torch.tensor([t for c in chunks for t in c.ids], dtype=torch.long, device=device)])
+        where = torch.cat([positions, torch.tensor([c.start + i for c in chunks for i in range(len(c.ids))],
+                                                   dtype=torch.long, device=device)])
+        per_token = adapters[:decoding] + [a for c, a in zip(chunks, adapters[decoding:]) for _ in c.ids]
+        groups = adapter_groups(per_token, device)
+        hidden = self.embed(ids)[:, None]  # [tokens, 1, hidden]: each token a row of one position
+        cos, sin = self.rotary(hidden, where[:, None])
+        cos, sin = cos[:, None], sin[:, None]  # [tokens, 1, 1, head_dim]
         for index, layer in enumerate(self.layers):
             x = rms_norm(hidden, layer.input_norm)
-            q, k, v = layer.qkv(x, groups).view(rows, length, -1, self.head_dim).transpose(1, 2).split(
-                [self.heads, self.kv_heads, self.kv_heads], dim=1)  # [rows, heads, length, head_dim] each
-            keys, values = self.keys[index, slots], self.values[index, slots]  # [rows, kv heads, capacity, dim]
-            # keys[r, :, positions[r, j]] = k[r, :, j]: the indexed dims come first, [rows, length, kv, dim]
-            keys[row_index, :, positions] = rope(k, cos, sin).transpose(1, 2).to(keys.dtype)
-            values[row_index, :, positions] = v.transpose(1, 2).to(values.dtype)
-            attended = self._attend(rope(q, cos, sin), keys[:, :, :end], values[:, :, :end], mask)
+            q, k, v = layer.qkv(x, groups).view(-1, 1, self.heads + 2 * self.kv_heads, self.head_dim).transpose(
+                1, 2).split([self.heads, self.kv_heads, self.kv_heads], dim=1)  # [tokens, heads, 1, head_dim]
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
+            attended = torch.cat([self._decode_attention(index, q[:decoding], k[:decoding], v[:decoding],
+                                                         positions)] +
+                                 self._chunk_attention(index, q[decoding:], k[decoding:], v[decoding:], chunks))
             hidden = hidden + layer.o(attended, groups)
             x = rms_norm(hidden, layer.post_norm)
             hidden = hidden + layer.down(layer.act(layer.gate(x, groups)) * layer.up(x, groups), groups)
-        return rms_norm(hidden, self.norm)
+        return rms_norm(hidden, self.norm)[:, 0]
 
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """[rows, length, heads * head_dim] attention of q [rows, heads, length, dim] over the rows' caches."""
-        rows, heads, length, head_dim = q.shape
-        if length == 1:  # one query per head: GQA on the cache as stored (see CachedDecoder._attend)
-            group = q.view(rows, self.kv_heads, heads // self.kv_heads, head_dim)
-            scores = (group @ keys.transpose(2, 3)).mul_(self.scale).add_(mask)  # [rows, kv heads, group, keys]
-            return (scores.softmax(dim=-1) @ values).view(rows, 1, heads * head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
-                                             enable_gqa=self.kv_heads != heads)
-        return out.transpose(1, 2).reshape(rows, length, heads * head_dim)
+    def _decode_attention(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          positions: torch.Tensor) -> torch.Tensor:
+        """[rows, 1, heads * head_dim]: rows 0..D-1 each write their key at their own position and attend
+        to their own cache up to it (one query per head: GQA on the cache as stored, see CachedDecoder)."""
+        rows, heads, _, head_dim = q.shape
+        if rows == 0:
+            return q.new_zeros(0, 1, heads * head_dim)
+        keys, values = self.keys[index, :rows], self.values[index, :rows]  # [rows, kv heads, capacity, dim]
+        row_index = torch.arange(rows, device=q.device)
+        keys[row_index, :, positions] = k[:, :, 0].to(keys.dtype)  # the indexed dims come first: [rows, kv, dim]
+        values[row_index, :, positions] = v[:, :, 0].to(values.dtype)
+        end = int(positions.max()) + 1
+        visible = torch.arange(end, device=q.device) <= positions[:, None]  # [rows, keys]
+        group = q.view(rows, self.kv_heads, heads // self.kv_heads, head_dim)
+        scores = (group @ keys[:, :, :end].transpose(2, 3)).mul_(self.scale)  # [rows, kv heads, group, keys]
+        scores = scores.masked_fill_(~visible[:, None, None], float("-inf"))
+        return (scores.softmax(dim=-1) @ values[:, :, :end]).view(rows, 1, heads * head_dim)
+
+    def _chunk_attention(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         chunks: list[Chunk]) -> list[torch.Tensor]:
+        """[chunk tokens, 1, heads * head_dim] per chunk: its keys go to its slot, its queries attend
+        causally to the slot's earlier positions and to each other."""
+        out, at = [], 0
+        for chunk in chunks:
+            count, end = len(chunk.ids), chunk.start + len(chunk.ids)
+            keys, values = self.keys[index, chunk.slot], self.values[index, chunk.slot]  # [kv heads, capacity, dim]
+            keys[:, chunk.start:end] = k[at:at + count, :, 0].transpose(0, 1).to(keys.dtype)
+            values[:, chunk.start:end] = v[at:at + count, :, 0].transpose(0, 1).to(values.dtype)
+            query = q[at:at + count, :, 0].transpose(0, 1)[None]  # [1, heads, count, dim]
+            causal = torch.arange(end, device=q.device) <= torch.arange(chunk.start, end, device=q.device)[:, None]
+            attended = F.scaled_dot_product_attention(query, keys[None, :, :end], values[None, :, :end],
+                                                      attn_mask=causal, scale=self.scale,
+                                                      enable_gqa=self.kv_heads != self.heads)
+            out.append(attended[0].transpose(0, 1).reshape(count, 1, -1))
+            at += count
+        return out
