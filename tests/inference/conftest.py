@@ -52,9 +52,19 @@ def adapter_writer():
     return write_random_adapter
 
 
+class ServedUrl(str):
+    """A served base URL; `.server` is the uvicorn server behind it, for tests that count its open requests."""
+
+    def __new__(cls, url: str, server) -> "ServedUrl":
+        served = super().__new__(cls, url)
+        served.server = server
+        return served
+
+
 @contextmanager
 def serving(engine, api_key: str | None):
-    """The base URL of `create_app(engine, "tiny", api_key)` served by uvicorn on a thread, inside the block."""
+    """The base URL (a ServedUrl) of `create_app(engine, "tiny", api_key)` served by uvicorn on a thread,
+    inside the block."""
     import uvicorn
 
     from tunesmith.inference.server import create_app
@@ -69,7 +79,7 @@ def serving(engine, api_key: str | None):
     while not server.started:
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{port}/v1"
+        yield ServedUrl(f"http://127.0.0.1:{port}/v1", server)
     finally:
         server.should_exit = True
         thread.join(timeout=10)

@@ -61,6 +61,7 @@ class DecodeScheduler:
         self.decoding = 0  # how many of rows decode
         self.decoder: SlotDecoder | None = None
         self.thread: threading.Thread | None = None
+        self.row_settings: tuple[tuple[int, ...], RowSettings] | None = None  # of the rows drawn last
 
     def submit(self, requests: list[RowRequest], cancelled: threading.Event | None = None) -> RowGroup:
         """Queue a group of rows without waiting for them (`cancelled`, when given, is the group's cancel
@@ -199,7 +200,10 @@ class DecodeScheduler:
         if not rows:
             return
         logits = last_logits(self.head, hidden)  # [rows, vocab] float32
-        settings = RowSettings.of([row.request.settings for row in rows], self.device)
+        key = tuple(map(id, rows))
+        if self.row_settings is None or self.row_settings[0] != key:  # the batch changed: new settings
+            self.row_settings = key, RowSettings.of([row.request.settings for row in rows], self.device)
+        settings = self.row_settings[1]
         seen = torch.stack([row.seen if row.seen is not None else logits.new_zeros(logits.shape[1], dtype=torch.bool)
                             for row in rows]) if settings.penalised else None
         tokens = sample_rows(logits, settings, [row.generator for row in rows], seen).tolist()

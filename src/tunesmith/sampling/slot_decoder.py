@@ -193,11 +193,17 @@ class SlotDecoder:
         decoding row's adapter, then each chunk's."""
         device = self.embed.weight.device
         decoding = tokens.shape[0]
-        ids = torch.cat([tokens, torch.tensor([t for c in chunks for t in c.ids], dtype=torch.long, device=device)])
-        where = torch.cat([positions, torch.tensor([c.start + i for c in chunks for i in range(len(c.ids))],
-                                                   dtype=torch.long, device=device)])
+        ids, where = tokens, positions
+        if chunks:
+            ids = torch.cat([tokens, torch.tensor([t for c in chunks for t in c.ids], dtype=torch.long, device=device)])
+            where = torch.cat([positions, torch.tensor([c.start + i for c in chunks for i in range(len(c.ids))],
+                                                       dtype=torch.long, device=device)])
         per_token = adapters[:decoding] + [a for c, a in zip(chunks, adapters[decoding:]) for _ in c.ids]
         groups = adapter_groups(per_token, device)
+        # what every layer's decode attention shares: each row's own position, and the keys it may see
+        hidden_rows = torch.arange(decoding, device=device)
+        end = int(positions.max()) + 1 if decoding else 0
+        hidden_keys = torch.arange(end, device=device) > positions[:, None]  # [rows, keys]: masked
         hidden = self.embed(ids)[:, None]  # [tokens, 1, hidden]: each token a row of one position
         cos, sin = self.rotary(hidden, where[:, None])
         cos, sin = cos[:, None], sin[:, None]  # [tokens, 1, 1, head_dim]
@@ -206,30 +212,31 @@ class SlotDecoder:
             q, k, v = layer.qkv(x, groups).view(-1, 1, self.heads + 2 * self.kv_heads, self.head_dim).transpose(
                 1, 2).split([self.heads, self.kv_heads, self.kv_heads], dim=1)  # [tokens, heads, 1, head_dim]
             q, k = rope(q, cos, sin), rope(k, cos, sin)
-            attended = torch.cat([self._decode_attention(index, q[:decoding], k[:decoding], v[:decoding],
-                                                         positions)] +
-                                 self._chunk_attention(index, q[decoding:], k[decoding:], v[decoding:], chunks))
+            parts = []
+            if decoding:
+                parts.append(self._decode_attention(index, q[:decoding], k[:decoding], v[:decoding],
+                                                    (hidden_rows, positions, hidden_keys)))
+            parts += self._chunk_attention(index, q[decoding:], k[decoding:], v[decoding:], chunks)
+            attended = parts[0] if len(parts) == 1 else torch.cat(parts)
             hidden = hidden + layer.o(attended, groups)
             x = rms_norm(hidden, layer.post_norm)
             hidden = hidden + layer.down(layer.act(layer.gate(x, groups)) * layer.up(x, groups), groups)
         return rms_norm(hidden, self.norm)[:, 0]
 
     def _decode_attention(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          positions: torch.Tensor) -> torch.Tensor:
+                          where: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """[rows, 1, heads * head_dim]: rows 0..D-1 each write their key at their own position and attend
-        to their own cache up to it (one query per head: GQA on the cache as stored, see CachedDecoder)."""
+        to their own cache up to it (one query per head: GQA on the cache as stored, see CachedDecoder).
+        `where` is (row indices, positions, [rows, keys] mask of the keys past each row's position)."""
         rows, heads, _, head_dim = q.shape
-        if rows == 0:
-            return q.new_zeros(0, 1, heads * head_dim)
+        row_index, positions, masked = where
+        end = masked.shape[1]
         keys, values = self.keys[index, :rows], self.values[index, :rows]  # [rows, kv heads, capacity, dim]
-        row_index = torch.arange(rows, device=q.device)
         keys[row_index, :, positions] = k[:, :, 0].to(keys.dtype)  # the indexed dims come first: [rows, kv, dim]
         values[row_index, :, positions] = v[:, :, 0].to(values.dtype)
-        end = int(positions.max()) + 1
-        visible = torch.arange(end, device=q.device) <= positions[:, None]  # [rows, keys]
         group = q.view(rows, self.kv_heads, heads // self.kv_heads, head_dim)
         scores = (group @ keys[:, :, :end].transpose(2, 3)).mul_(self.scale)  # [rows, kv heads, group, keys]
-        scores = scores.masked_fill_(~visible[:, None, None], float("-inf"))
+        scores = scores.masked_fill_(masked[:, None, None], float("-inf"))
         return (scores.softmax(dim=-1) @ values[:, :, :end]).view(rows, 1, heads * head_dim)
 
     def _chunk_attention(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
