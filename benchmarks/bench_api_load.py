@@ -187,17 +187,18 @@ async def stream_once(client: openai.AsyncOpenAI, request: dict, rng: random.Ran
             "gaps": [later - earlier for earlier, later in zip(stamps, stamps[1:])]}
 
 
-async def run_level(base_url: str, requests: list[dict], clients: int, total: int) -> tuple[float, dict, int]:
-    """`clients` concurrent clients over requests 0..total-1 (the mix repeated): (wall seconds,
-    {index: result}, errors)."""
+async def run_level(base_url: str, requests: list[dict], clients: int, total: int,
+                    ramp: float = 0.0) -> tuple[float, dict, int]:
+    """`clients` concurrent clients over requests 0..total-1 (the mix repeated), client i starting
+    ramp * i / clients seconds in: (wall seconds, {index: result}, errors)."""
     pending: asyncio.Queue = asyncio.Queue()
     for index in range(total):
         pending.put_nowait(index)
     results, errors = {}, []
 
-    async def client_loop(client_id: int) -> None:
-        client = openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=3600)
+    async def client_loop(client: openai.AsyncOpenAI, client_id: int) -> None:
         rng = random.Random(client_id)
+        await asyncio.sleep(ramp * client_id / clients)
         async with client:
             while not pending.empty():
                 index = pending.get_nowait()
@@ -206,8 +207,11 @@ async def run_level(base_url: str, requests: list[dict], clients: int, total: in
                 except openai.APIError as err:
                     errors.append(f"request {index}: {type(err).__name__}: {err}")
 
+    # clients are built before the clock starts: building one takes the client process tens of ms, which
+    # would otherwise delay reading the first answers and count as the server's time to first token
+    made = [openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=3600) for _ in range(clients)]
     began = time.perf_counter()
-    await asyncio.gather(*(client_loop(i) for i in range(clients)))
+    await asyncio.gather(*(client_loop(client, i) for i, client in enumerate(made)))
     wall = time.perf_counter() - began
     for line in errors[:5]:
         print(line, file=sys.stderr)
@@ -243,7 +247,8 @@ def compare(clients: int, summaries: dict, texts: dict) -> dict:
                                                     for index, text in texts["llamafactory"].items())}
 
 
-def run_levels(servers: dict, requests: list[dict], levels: list[int], min_total: int, tokenizer) -> int:
+def run_levels(servers: dict, requests: list[dict], levels: list[int], min_total: int, tokenizer,
+               ramp: float = 0.0) -> int:
     """Every level on each server in turn, one JSON line each (and a ratio line with a peer). With
     `tokenizer`, tokens are counted from the answer text. 1 when a request failed or an answer differs
     from the same server's answer to the same request sent alone."""
@@ -251,7 +256,7 @@ def run_levels(servers: dict, requests: list[dict], levels: list[int], min_total
     for clients in levels:
         total, summaries, texts = max(min_total, clients), {}, {}
         for name, (server, base_url) in servers.items():
-            wall, results, errors = asyncio.run(run_level(base_url, requests, clients, total))
+            wall, results, errors = asyncio.run(run_level(base_url, requests, clients, total, ramp))
             if tokenizer is not None:  # after the clock stopped: the client's CPU is the servers' too
                 for result in results.values():
                     result["tokens"] = len(tokenizer.encode(result["text"], add_special_tokens=False))
@@ -296,6 +301,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=32, help="distinct requests in the mix, and per level "
                         "at least this many (a level sends max(requests, clients))")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ramp", type=float, default=0.0, help="seconds over which a level's clients start, evenly "
+                        "(default 0: all at once, a burst whose prompts all wait to be read)")
     parser.add_argument("--peer", choices=["llamafactory"], help="also serve the model with this server and compare")
     parser.add_argument("--lf-venv", default=str(Path(__file__).resolve().parents[2] / "lf_venv"),
                         help="LLaMA-Factory's venv (default: ../lf_venv beside the repository)")
@@ -314,7 +321,8 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(model)
         requests = make_requests(tokenizer, args.requests, args.seed)
         launch_servers(servers, args, model, template, folder, requests)
-        sys.exit(run_levels(servers, requests, levels, args.requests, tokenizer if args.peer else None))
+        sys.exit(run_levels(servers, requests, levels, args.requests, tokenizer if args.peer else None,
+                            args.ramp))
     finally:
         for name, (server, _) in servers.items():
             stop_server(name, server)

@@ -62,12 +62,41 @@ class Worker:
             self.free.release()
 
 
+class Outbox:
+    """Hands items from other threads to asyncio queues on one event loop, waking the loop once per batch:
+    a decode step streams a token to every running request, and one wake-up (not one per request) keeps
+    the loop's share of the GIL small while the decode thread works."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: list[tuple[asyncio.Queue, object]] = []
+        self.lock = threading.Lock()
+
+    def put(self, target: asyncio.Queue, item: object) -> None:
+        """Queue `item` for `target` from any thread."""
+        with self.lock:
+            self.items.append((target, item))
+            wake = len(self.items) == 1
+        if wake:
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for target, item in items:
+            target.put_nowait(item)
+
+
+_OUTBOXES: dict[asyncio.AbstractEventLoop, Outbox] = {}
+
+
 def submit_streamed(worker: Worker, work: Callable[..., Any]) -> tuple[Job, asyncio.Queue]:
     """Queue `work(cancelled, emit)` for a streamed answer: each `emit(*item)` lands in the returned queue
     as a tuple, and None follows the last one. Call it before the response starts, so a full queue is a 429."""
     loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
-    job = Job(lambda cancelled: work(cancelled, lambda *item: loop.call_soon_threadsafe(pieces.put_nowait, item)))
-    job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
+    outbox = _OUTBOXES.setdefault(loop, Outbox(loop))
+    job = Job(lambda cancelled: work(cancelled, lambda *item: outbox.put(pieces, item)))
+    job.future.add_done_callback(lambda _: outbox.put(pieces, None))
     return worker.submit(job), pieces
 
 

@@ -40,6 +40,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
+LIGHT_PASS = 64  # tokens in a pass up to which `light_threads` run it (decoding; reading prompts is heavier)
+
+
 class Busy(TunesmithError):
     """Too many groups already wait; the API answers 429."""
 
@@ -62,6 +65,9 @@ class DecodeScheduler:
         self.decoder: SlotDecoder | None = None
         self.thread: threading.Thread | None = None
         self.row_settings: tuple[tuple[int, ...], RowSettings] | None = None  # of the rows drawn last
+        self.light_threads: int | None = None
+        self.all_threads: int | None = None
+        """CPU threads for passes of few tokens (decoding only); None: torch's setting for every pass."""
 
     def submit(self, requests: list[RowRequest], cancelled: threading.Event | None = None) -> RowGroup:
         """Queue a group of rows without waiting for them (`cancelled`, when given, is the group's cancel
@@ -173,6 +179,7 @@ class DecodeScheduler:
             chunks.append(Chunk(slot, row.length, row.request.prompt[row.length:row.length + take]))
             readers.append(row)
             budget -= take
+        self._pick_threads(len(decoding) + sum(len(chunk.ids) for chunk in chunks))
         states = self.decoder.forward(
             torch.tensor([row.tokens[-1] for row in decoding], dtype=torch.long, device=self.device),
             torch.tensor([row.length for row in decoding], dtype=torch.long, device=self.device),
@@ -194,6 +201,16 @@ class DecodeScheduler:
             self._swap(self.rows.index(row), self.decoding)
             self.decoding += 1
         self._release()
+
+    def _pick_threads(self, tokens: int) -> None:
+        """`light_threads` for a pass of up to LIGHT_PASS tokens, every thread for a heavier one."""
+        if self.light_threads is None:
+            return
+        if self.all_threads is None:
+            self.all_threads = torch.get_num_threads()
+        wanted = self.light_threads if tokens <= LIGHT_PASS else self.all_threads
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
 
     def _draw(self, rows: list[Row], hidden: torch.Tensor) -> None:
         """Each row's next token from its final hidden state [rows, hidden]."""

@@ -81,8 +81,9 @@ def _projection(module: nn.Module) -> _Projection:
 
 
 def _joined(parts: list[_Projection]) -> _Projection:
-    """q, k and v as one projection: one matmul over the stacked base weights, and per adapter one low-rank
-    pair, A stacked over the parts that have it and B block-diagonal, so the update is each part's own."""
+    """Projections of one input as one (q, k and v; gate and up): one matmul over the stacked base weights,
+    and per adapter one low-rank pair, A stacked over the parts that have it and B block-diagonal, so the
+    update is each part's own."""
     biases = [part.bias for part in parts]
     bias = None if all(b is None for b in biases) else torch.cat(
         [b if b is not None else part.weight.new_zeros(part.weight.shape[0]) for b, part in zip(biases, parts)])
@@ -107,8 +108,8 @@ class _Layer:
     qkv: _Projection
     o: _Projection
     post_norm: tuple[torch.Tensor, float]
-    gate: _Projection
-    up: _Projection
+    gate_up: _Projection
+    """gate and up side by side: one matmul, split in half."""
     down: _Projection
     act: nn.Module
 
@@ -118,7 +119,7 @@ def _read_layer(block: nn.Module) -> _Layer:
     q, k, v, o, gate, up, down = (_projection(m) for m in (attention.q_proj, attention.k_proj, attention.v_proj,
                                                           attention.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
     return _Layer(rms_norm_weights(block.input_layernorm), _joined([q, k, v]), o,
-                  rms_norm_weights(block.post_attention_layernorm), gate, up, down, mlp.act_fn)
+                  rms_norm_weights(block.post_attention_layernorm), _joined([gate, up]), down, mlp.act_fn)
 
 
 def adapter_groups(adapters: list[str | None], device: torch.device) -> Groups:
@@ -209,9 +210,10 @@ class SlotDecoder:
         cos, sin = cos[:, None], sin[:, None]  # [tokens, 1, 1, head_dim]
         for index, layer in enumerate(self.layers):
             x = rms_norm(hidden, layer.input_norm)
-            q, k, v = layer.qkv(x, groups).view(-1, 1, self.heads + 2 * self.kv_heads, self.head_dim).transpose(
-                1, 2).split([self.heads, self.kv_heads, self.kv_heads], dim=1)  # [tokens, heads, 1, head_dim]
-            q, k = rope(q, cos, sin), rope(k, cos, sin)
+            qkv = layer.qkv(x, groups).view(-1, 1, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
+            # RoPE on q and k together (one call, not two): [tokens, heads + kv heads, 1, head_dim]
+            q, k = rope(qkv[:, :self.heads + self.kv_heads], cos, sin).split([self.heads, self.kv_heads], dim=1)
+            v = qkv[:, self.heads + self.kv_heads:]
             parts = []
             if decoding:
                 parts.append(self._decode_attention(index, q[:decoding], k[:decoding], v[:decoding],
@@ -220,7 +222,8 @@ class SlotDecoder:
             attended = parts[0] if len(parts) == 1 else torch.cat(parts)
             hidden = hidden + layer.o(attended, groups)
             x = rms_norm(hidden, layer.post_norm)
-            hidden = hidden + layer.down(layer.act(layer.gate(x, groups)) * layer.up(x, groups), groups)
+            gate, up = layer.gate_up(x, groups).chunk(2, dim=-1)
+            hidden = hidden + layer.down(layer.act(gate) * up, groups)
         return rms_norm(hidden, self.norm)[:, 0]
 
     def _decode_attention(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
