@@ -1,0 +1,106 @@
+"""do_predict's speed: the decode scheduler (continuous batching) against fixed batches, on one eval set.
+
+    python benchmarks/bench_predict.py                          # 40M Qwen2-shaped model, 200 prompts, greedy
+    python benchmarks/bench_predict.py --size small --prompts 200 --batch-size 8
+
+Builds a random-init model (`tunesmith init-model --size`) and a seeded eval set of --prompts chat
+prompts (8-200 tokens of the bundled corpus; each asks for an answer of up to 16-128 tokens, drawn per
+prompt, as max_new_tokens caps a real model's answers at different lengths), then answers them twice in
+one process and prints one JSON line per way:
+- "fixed batches": what do_predict did before the scheduler, batches of --batch-size prompts
+  (per_device_eval_batch_size) through `generate`, each batch running until its longest answer ends;
+- "scheduler": every prompt submitted to the engine's decode scheduler at once (max_num_seqs rows run
+  together; a row that ends makes room for the next prompt at once), as `tunesmith train` with
+  do_predict now runs.
+Both greedy; every answer must be the same both ways, else the script exits 1. The random model never
+says its stop token, so each answer runs to its own max_new_tokens; the lengths differ from prompt to
+prompt, which is where fixed batches wait on their longest row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from tunesmith.config import SamplingSettings
+from tunesmith.data.templates import get_template
+from tunesmith.model.init_model import init_model
+from tunesmith.model.loading import load_model
+from tunesmith.model.tokenizer_build import corpus_texts
+from tunesmith.sampling.generate import generate
+from tunesmith.sampling.rows import RowRequest
+from tunesmith.sampling.scheduler import DecodeScheduler
+
+
+def eval_prompts(tokenizer, count: int, seed: int) -> list[tuple[list[int], int]]:
+    """(chatml prompt ids, answer length) per eval row."""
+    rng = random.Random(seed)
+    template = get_template("chatml", tokenizer)
+    corpus_ids = tokenizer.encode(" ".join(corpus_texts()), add_special_tokens=False)
+    rows = []
+    for _ in range(count):
+        length = rng.randint(8, 200)
+        start = rng.randrange(len(corpus_ids) - length)
+        text = tokenizer.decode(corpus_ids[start:start + length]).strip()
+        rows.append((template.encode_prompt(tokenizer, [{"role": "user", "content": text}], None),
+                     rng.randint(16, 128)))
+    return rows
+
+
+def fixed_batches(model, rows, batch_size: int) -> list[list[int]]:
+    """Batches of `batch_size` prompts through `generate`; a batch decodes until its longest answer ends."""
+    answers = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        longest = max(length for _, length in batch)
+        generation = generate(model, [ids for ids, _ in batch], SamplingSettings(max_new_tokens=longest,
+                                                                                 do_sample=False), [], 0)
+        answers += [ids[:length] for ids, (_, length) in zip(generation.response_ids, batch)]
+    return answers
+
+
+def scheduled(model, rows, max_rows: int) -> list[list[int]]:
+    scheduler = DecodeScheduler(model, max_rows=max_rows)
+    groups = [scheduler.submit([RowRequest(ids, SamplingSettings(max_new_tokens=length, do_sample=False), [])])
+              for ids, length in rows]
+    return [group.result().response_ids[0] for group in groups]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="40m", help="init-model size preset (tiny, small, 40m, qwen2-0.5b)")
+    parser.add_argument("--prompts", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=16, help="fixed batches' size (per_device_eval_batch_size)")
+    parser.add_argument("--max-num-seqs", type=int, default=16, help="the scheduler's rows (max_num_seqs)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    folder = init_model(Path(tempfile.mkdtemp(prefix="tunesmith_bench_predict_")) / "model", size=args.size,
+                        seed=args.seed)
+    model = load_model(str(folder), torch.float32, torch.device("cpu")).eval()
+    rows = eval_prompts(AutoTokenizer.from_pretrained(folder), args.prompts, args.seed)
+    scheduled(model, rows[:2], args.max_num_seqs)  # first-call set-up, not measured
+    results = {}
+    for name, run in (("fixed batches", lambda: fixed_batches(model, rows, args.batch_size)),
+                      ("scheduler", lambda: scheduled(model, rows, args.max_num_seqs))):
+        began = time.perf_counter()
+        results[name] = run()
+        seconds = time.perf_counter() - began
+        tokens = sum(map(len, results[name]))
+        print(json.dumps({"way": name, "model": args.size, "prompts": len(rows), "seconds": round(seconds, 2),
+                          "answer_tokens": tokens, "tokens_per_second": round(tokens / seconds, 1),
+                          "samples_per_second": round(len(rows) / seconds, 2)}), flush=True)
+    if results["fixed batches"] != results["scheduler"]:
+        differ = [i for i, (a, b) in enumerate(zip(*results.values())) if a != b]
+        sys.exit(f"answers differ between the two ways for prompts {differ[:20]}")
+
+
+if __name__ == "__main__":
+    main()
