@@ -298,3 +298,20 @@ def test_listening_beyond_loopback_without_a_key_warns():
     assert exposure_warning("127.0.0.1", None) is None and exposure_warning("localhost", None) is None
     assert exposure_warning("::1", None) is None and exposure_warning("0.0.0.0", "secret") is None
     assert "WARNING" in exposure_warning("0.0.0.0", None) and "WARNING" in exposure_warning("192.168.1.5", None)
+
+
+def test_a_request_asks_for_no_more_answers_than_decode_together():
+    """n (times the prompts) above max_num_seqs is a 400 before anything streams, not an error mid-stream."""
+    from types import SimpleNamespace
+
+    from tunesmith.config import SamplingSettings
+    from tunesmith.inference.api_errors import ApiError
+    from tunesmith.inference.api_sampling import SamplingRequest, request_settings
+
+    engine = SimpleNamespace(sampling=SamplingSettings(), cutoff_len=256, scheduler=SimpleNamespace(max_rows=4))
+    settings, _ = request_settings(engine, SamplingRequest(n=4), 10, 4)
+    assert settings.max_new_tokens == SamplingSettings().max_new_tokens
+    for n, rows in ((5, 5), (2, 6)):
+        with pytest.raises(ApiError) as refused:
+            request_settings(engine, SamplingRequest(n=n), 10, rows)
+        assert refused.value.status == 400 and refused.value.param == "n" and "max_num_seqs is 4" in refused.value.message

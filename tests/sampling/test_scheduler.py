@@ -2,6 +2,7 @@
 joining and leaving at any step, each answering exactly as it does alone through `generate` (a separate
 code path: CachedDecoder or transformers' forward, one request at a time)."""
 
+import gc
 import threading
 import time
 
@@ -11,6 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from tests.sampling.test_cached_decoder import with_lora
 from tunesmith.config import SamplingSettings
+from tunesmith.errors import TunesmithError
 from tunesmith.model.lora import lora_modules, side_adapter
 from tunesmith.sampling.generate import filter_logits, generate
 from tunesmith.sampling.row_sampling import RowSettings, filter_rows, sample_rows
@@ -157,12 +159,51 @@ def test_a_cancelled_group_ends_and_frees_its_rows(make_tiny_model):
     assert not scheduler.rows
 
 
-def test_a_failing_callback_fails_its_batch_and_the_loop_lives(make_tiny_model):
+def test_a_failing_callback_fails_its_own_request_only(make_tiny_model):
     model = make_tiny_model("llama", seed=6)
     scheduler = DecodeScheduler(model)
+    long = SamplingSettings(max_new_tokens=40, do_sample=False)
+    beside = scheduler.submit([request([5, 6, 7], long)])
+    failing = scheduler.submit([request([3, 4], GREEDY, on_token=lambda token: 1 / 0)])
     with pytest.raises(ZeroDivisionError):
-        scheduler.run([request([3, 4], GREEDY, on_token=lambda token: 1 / 0)])
+        failing.result(timeout=30)
+    assert beside.result(timeout=30).response_ids[0] == alone(model, [5, 6, 7], long)
     assert scheduler.run([request([3, 4], GREEDY)]).response_ids[0] == alone(model, [3, 4], GREEDY)
+
+
+def test_a_group_that_cannot_be_set_up_gets_the_error_and_the_loop_lives(make_tiny_model):
+    model = make_tiny_model("llama", seed=6)
+    scheduler = DecodeScheduler(model)
+    with pytest.raises(RuntimeError):  # a cache of 2**40 positions cannot be allocated
+        scheduler.submit([request([3, 4], SamplingSettings(max_new_tokens=2**40, do_sample=False))]).result(timeout=30)
+    assert scheduler.run([request([3, 4], GREEDY)]).response_ids[0] == alone(model, [3, 4], GREEDY)
+    with pytest.raises(TunesmithError, match="prompt"):
+        scheduler.submit([request([], GREEDY)])
+
+
+def test_sampled_rows_never_take_the_settings_of_rows_gone_before(make_tiny_model):
+    """Rows come and go between steps; each step must sample with the rows' own settings (a cache keyed by
+    object identity once handed a new row the settings of a freed one)."""
+    model = make_tiny_model("llama", seed=8)
+    scheduler = DecodeScheduler(model)
+    sampled = SamplingSettings(max_new_tokens=10, temperature=1.5)
+    expected = alone(model, [9, 10, 11], sampled, seed=5)
+    for _ in range(12):
+        scheduler.run([request([9, 10, 11], GREEDY)])
+        gc.collect()  # the greedy row's memory is free for the next row to reuse
+        assert scheduler.run([request([9, 10, 11], sampled, seed=5)]).response_ids[0] == expected
+
+
+def test_rows_batch_again_after_a_long_answer_alone(make_tiny_model):
+    model = make_tiny_model("llama", seed=9)
+    scheduler = DecodeScheduler(model, max_rows=4, max_cached_tokens=4 * 60)
+    scheduler.run([request(list(range(2, 120)), SamplingSettings(max_new_tokens=50, do_sample=False))])
+    together = []
+    rows = prompts(4, seed=11, longest=20)
+    groups = [scheduler.submit([request(p, GREEDY, on_token=lambda t: together.append(len(scheduler.rows)))])
+              for p in rows]
+    assert [g.result(timeout=60).response_ids[0] for g in groups] == [alone(model, p, GREEDY) for p in rows]
+    assert max(together) > 1
 
 
 def test_a_model_the_slot_decoder_cannot_run_answers_through_generate(monkeypatch):

@@ -48,8 +48,10 @@ def request_settings(engine: Engine, body: object, prompt_tokens: int, rows: int
         raise ApiError(400, f"This model's context is {engine.cutoff_len} tokens (cutoff_len); the {prompt_param} "
                             f"take {prompt_tokens} and max_tokens asks for {max_tokens} more. Shorten the "
                             f"{prompt_param} or lower max_tokens.", param=prompt_param, code="context_length_exceeded")
-    if not 1 <= body.n <= MAX_CHOICES or rows > MAX_CHOICES:
-        raise ApiError(400, f"n must be between 1 and {MAX_CHOICES} (times the prompts), got {body.n}.", param="n")
+    most = min(MAX_CHOICES, engine.scheduler.max_rows)  # a request's answers decode together
+    if not 1 <= body.n <= most or rows > most:
+        raise ApiError(400, f"n must be between 1 and {most} (times the prompts; max_num_seqs is "
+                            f"{engine.scheduler.max_rows}), got {body.n}.", param="n")
     temperature = defaults.temperature if body.temperature is None else body.temperature
     top_p = defaults.top_p if body.top_p is None else body.top_p
     if not 0 <= temperature <= 2:

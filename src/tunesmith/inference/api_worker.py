@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -49,8 +50,11 @@ class Worker:
 
     def _run(self, job: Job) -> None:
         try:
+            if job.cancelled.is_set():  # the client left before its job started
+                job.future.cancel()  # done callbacks run: a stream's end marker is queued
+                return
             # False when the request was cancelled while waiting (asyncio cancels the future it awaited)
-            if job.cancelled.is_set() or not job.future.set_running_or_notify_cancel():
+            if not job.future.set_running_or_notify_cancel():
                 return
             try:
                 result = job.work(job.cancelled)
@@ -68,7 +72,7 @@ class Outbox:
     the loop's share of the GIL small while the decode thread works."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        self.loop = weakref.ref(loop)  # the registry below is keyed by the loop: no strong ref back to it
         self.items: list[tuple[asyncio.Queue, object]] = []
         self.lock = threading.Lock()
 
@@ -77,8 +81,9 @@ class Outbox:
         with self.lock:
             self.items.append((target, item))
             wake = len(self.items) == 1
-        if wake:
-            self.loop.call_soon_threadsafe(self._deliver)
+        loop = self.loop()
+        if wake and loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._deliver)
 
     def _deliver(self) -> None:
         with self.lock:
@@ -87,7 +92,7 @@ class Outbox:
             target.put_nowait(item)
 
 
-_OUTBOXES: dict[asyncio.AbstractEventLoop, Outbox] = {}
+_OUTBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Outbox] = weakref.WeakKeyDictionary()
 
 
 def submit_streamed(worker: Worker, work: Callable[..., Any]) -> tuple[Job, asyncio.Queue]:

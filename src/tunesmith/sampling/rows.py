@@ -8,6 +8,7 @@ together; its `result()` is their `Generation` once every row has ended.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -61,10 +62,20 @@ class RowGroup:
         """The rows' answers, once every row has ended."""
         return self.future.result(timeout)
 
+    def fail(self, error: Exception) -> None:
+        """End every row of the group and hand out `error` instead of answers."""
+        for row in self.rows:
+            row.end()
+        if not self.future.done():
+            self.future.set_exception(error)
+
     def finish_if_done(self) -> None:
         """Hand out the answers once the last row has ended."""
         if all(row.done for row in self.rows) and not self.future.done():
             self.future.set_result(Generation([row.tokens for row in self.rows], [row.stopped for row in self.rows]))
+
+
+_SERIALS = itertools.count()
 
 
 class Row:
@@ -72,6 +83,7 @@ class Row:
 
     def __init__(self, request: RowRequest, group: RowGroup, vocab: int, device: torch.device) -> None:
         self.request, self.group = request, group
+        self.serial = next(_SERIALS)  # arrival order, and an identity no later row reuses (id() can be)
         self.length = 0  # cache positions written: the prompt read so far, then every answer token fed back
         self.tokens: list[int] = []
         self.stopped = self.done = False
@@ -94,14 +106,28 @@ class Row:
         """Take the token drawn from `logits` [vocab]; end the row at a stop token, its length limit, or
         when its callback says so."""
         request = self.request
-        if request.on_logits is not None:
-            request.on_logits(logits, token)
         self.tokens.append(token)
         if self.seen is not None:
             self.seen[token] = True
         self.stopped = token in self.stop_ids
-        ended = request.on_token(token) if request.on_token is not None else False
-        self.done = self.stopped or bool(ended) or len(self.tokens) >= request.settings.max_new_tokens
+        ended = False
+        try:
+            if request.on_logits is not None:
+                request.on_logits(logits, token)
+            if request.on_token is not None:
+                ended = request.on_token(token)
+        except Exception as err:  # noqa: BLE001 - its own request fails; the rows beside it go on
+            self.group.fail(err)
+        self.done = self.done or self.stopped or bool(ended) or len(self.tokens) >= request.settings.max_new_tokens
+
+    def read(self, states: torch.Tensor, start: int) -> None:
+        """Hand prompt states to the request's `on_prompt` (a failure fails its own group only)."""
+        if self.request.on_prompt is None:
+            return
+        try:
+            self.request.on_prompt(states, start)
+        except Exception as err:  # noqa: BLE001 - as in accept
+            self.group.fail(err)
 
     def end(self) -> None:
         """Stop here (a cancelled group)."""

@@ -30,11 +30,12 @@ import torch
 
 from tunesmith.errors import TunesmithError
 from tunesmith.model.adapter_sets import adapter_set
+from tunesmith.model.lora import disable_lora
 from tunesmith.sampling import cached_decoder
 from tunesmith.sampling.generate import generate, last_logits
 from tunesmith.sampling.row_sampling import RowSettings, sample_rows
 from tunesmith.sampling.rows import Row, RowGroup, RowRequest
-from tunesmith.sampling.slot_decoder import Chunk, SlotDecoder
+from tunesmith.sampling.slot_decoder import BASE, OWN, Chunk, SlotDecoder
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -43,20 +44,15 @@ if TYPE_CHECKING:
 LIGHT_PASS = 64  # tokens in a pass up to which `light_threads` run it (decoding; reading prompts is heavier)
 
 
-class Busy(TunesmithError):
-    """Too many groups already wait; the API answers 429."""
-
-
 class DecodeScheduler:
     """The decode loop over `model`, on its own thread; `submit` queues a group of rows."""
 
-    def __init__(self, model: PreTrainedModel, max_rows: int = 16, max_cached_tokens: int = 65536,
-                 prefill_tokens: int = 512, max_waiting: int | None = None) -> None:
+    def __init__(self, model: PreTrainedModel, max_rows: int = 16, max_cached_tokens: int = 32768,
+                 prefill_tokens: int = 512) -> None:
         self.model = model
         self.head = model.get_output_embeddings()
         self.device = self.head.weight.device
         self.max_rows, self.max_cached_tokens, self.prefill_tokens = max_rows, max_cached_tokens, prefill_tokens
-        self.max_waiting = max_waiting
         self.waiting: collections.deque[RowGroup] = collections.deque()
         self.calls: list[tuple[Callable[[], Any], Future]] = []
         self.wake = threading.Condition()
@@ -64,23 +60,23 @@ class DecodeScheduler:
         self.decoding = 0  # how many of rows decode
         self.decoder: SlotDecoder | None = None
         self.thread: threading.Thread | None = None
-        self.row_settings: tuple[tuple[int, ...], RowSettings] | None = None  # of the rows drawn last
+        self.row_settings: tuple[tuple[int, ...], RowSettings] | None = None  # of the rows drawn last, by serial
         self.light_threads: int | None = None
-        self.all_threads: int | None = None
         """CPU threads for passes of few tokens (decoding only); None: torch's setting for every pass."""
+        self.all_threads: int | None = None
 
     def submit(self, requests: list[RowRequest], cancelled: threading.Event | None = None) -> RowGroup:
         """Queue a group of rows without waiting for them (`cancelled`, when given, is the group's cancel
-        flag); `Busy` when max_waiting groups already wait."""
+        flag; the caller bounds how many wait, as the API's Worker does)."""
         if not requests:
             raise TunesmithError("a group needs at least one row.")
         if len(requests) > self.max_rows:
             raise TunesmithError(f"{len(requests)} answers at once exceed the {self.max_rows} rows the decoder "
                                  "runs together (max_num_seqs); ask for fewer.")
+        if any(not request.prompt for request in requests):
+            raise TunesmithError("every answer needs a prompt of at least one token.")
         group = RowGroup(requests, cancelled)
         with self.wake:
-            if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
-                raise Busy(f"the server is busy ({self.max_waiting} requests waiting); retry later.")
             self.waiting.append(group)
             self._start()
             self.wake.notify()
@@ -123,13 +119,13 @@ class DecodeScheduler:
                 self._fail(err)
 
     def _admit(self) -> RowGroup | None:
-        """Move waiting groups into the batch while they fit; returns a group to run alone (see module)."""
+        """Move waiting groups into the batch, in arrival order, while they fit; returns a group to run
+        alone (see module). A group whose rows cannot be set up (memory) gets the error, not the loop."""
+        for group in [g for g in self.waiting if g.cancelled.is_set() or g.future.done()]:
+            self.waiting.remove(group)  # a client gone while waiting frees its place at once
+            group.future.cancel()
         while self.waiting:
             group = self.waiting[0]
-            if group.cancelled.is_set() or group.future.done():
-                self.waiting.popleft()
-                group.future.cancel()
-                continue
             capacity = max(r.reserved for r in group.requests) + 1
             if not self.rows:
                 if not cached_decoder.supports(self.model, capacity):
@@ -137,29 +133,37 @@ class DecodeScheduler:
             elif not (self._fits(group, capacity) and cached_decoder.supports(self.model, capacity)):
                 return None
             self.waiting.popleft()
-            self._place(group, capacity)
+            try:
+                self._place(group, capacity)
+            except BaseException as err:  # noqa: B036 - this group learns why; the others go on
+                if not group.future.done():
+                    group.future.set_exception(err)
         return None
 
     def _fits(self, group: RowGroup, capacity: int) -> bool:
-        """Whether the running batch has rows and cache room for `group` (the cache is slots x capacity)."""
+        """Whether the running batch has rows and cache room for `group`: the cache it needs is slots x the
+        longest row's positions (one bigger only because an earlier, longer row left it so does not count)."""
         slots = len(self.rows) + len(group.requests)
-        held_slots, held_capacity = self.decoder.keys.shape[1], self.decoder.keys.shape[3]
-        cached = max(slots, held_slots) * max(capacity, held_capacity)
-        return slots <= self.max_rows and cached <= self.max_cached_tokens
+        needed = max([capacity] + [row.request.reserved + 1 for row in self.rows])
+        return slots <= self.max_rows and slots * needed <= self.max_cached_tokens
 
     def _place(self, group: RowGroup, capacity: int) -> None:
         """Give each row of `group` a slot after the running rows (they read their prompt first)."""
         if group.future.set_running_or_notify_cancel() is False:
             return
         slots = len(self.rows) + len(group.requests)
-        if self.decoder is None:
-            self.decoder = SlotDecoder(self.model, slots, capacity)
-        elif not self.rows:  # a fresh batch reads the weights as they are now (adapters added, training)
-            self.decoder.read_weights(self.model)
-        self.decoder.grow(slots, capacity)
         vocab = self.head.weight.shape[0]
-        group.rows = [Row(request, group, vocab, self.device) for request in group.requests]
-        self.rows.extend(group.rows)
+        rows = [Row(request, group, vocab, self.device) for request in group.requests]
+        if not self.rows:  # a fresh batch reads the weights as they are now (adapters added, training)
+            held = 0 if self.decoder is None else self.decoder.keys.shape[1] * self.decoder.keys.shape[3]
+            if 0 < held <= max(self.max_cached_tokens, slots * capacity):
+                self.decoder.read_weights(self.model)
+            else:  # none yet, or one a lone long answer left over max_cached_tokens: a cache this batch's size
+                self.decoder = None
+                self.decoder = SlotDecoder(self.model, slots, capacity)
+        self.decoder.grow(slots, capacity)
+        group.rows = rows
+        self.rows.extend(rows)
 
     def _iterate(self) -> None:
         """One pass: every decoding row's next token, and the next chunks of the prompts being read."""
@@ -171,7 +175,8 @@ class DecodeScheduler:
             return
         decoding, chunks, readers = self.rows[:self.decoding], [], []
         budget = self.prefill_tokens
-        for slot in range(self.decoding, len(self.rows)):  # first come, first read
+        waiting = sorted(range(self.decoding, len(self.rows)), key=lambda slot: self.rows[slot].serial)
+        for slot in waiting:  # first come, first read
             row = self.rows[slot]
             take = min(len(row.request.prompt) - row.length, budget)
             if take <= 0:
@@ -187,11 +192,10 @@ class DecodeScheduler:
         drawing, last = list(decoding), list(range(len(decoding)))
         at = len(decoding)
         for row, chunk in zip(readers, chunks):
-            if row.request.on_prompt is not None:
-                row.request.on_prompt(states[at:at + len(chunk.ids)], row.length)
+            row.read(states[at:at + len(chunk.ids)], row.length)
             row.length += len(chunk.ids)
             at += len(chunk.ids)
-            if not row.prefilling:
+            if not row.prefilling and not row.done:
                 drawing.append(row)
                 last.append(at - 1)
         for row in decoding:
@@ -217,7 +221,7 @@ class DecodeScheduler:
         if not rows:
             return
         logits = last_logits(self.head, hidden)  # [rows, vocab] float32
-        key = tuple(map(id, rows))
+        key = tuple(row.serial for row in rows)
         if self.row_settings is None or self.row_settings[0] != key:  # the batch changed: new settings
             self.row_settings = key, RowSettings.of([row.request.settings for row in rows], self.device)
         settings = self.row_settings[1]
@@ -283,8 +287,8 @@ def _run_alone(model: PreTrainedModel, group: RowGroup) -> Any:
         for index, (token, request) in enumerate(zip(tokens, requests)):
             if done[index]:
                 continue
-            done[index] = token in request.stop_ids or group.cancelled.is_set() or bool(
-                request.on_token is not None and request.on_token(token))
+            said = request.on_token is not None and request.on_token(token)  # the stop token too, as in a batch
+            done[index] = token in request.stop_ids or group.cancelled.is_set() or bool(said)
             if done[index]:
                 ended.append(index)
         return ended
@@ -300,7 +304,16 @@ def _run_alone(model: PreTrainedModel, group: RowGroup) -> Any:
                 request.on_prompt(states[index, states.shape[1] - len(request.prompt):], 0)
 
     generators = [r.generator or torch.Generator(device).manual_seed(int(torch.randint(2**62, ()))) for r in requests]
-    with adapter_set(model, first.adapter) if first.adapter is not None else contextlib.nullcontext():
+    with _adapter_scope(model, first.adapter):
         return generate(model, [r.prompt for r in requests], first.settings, first.stop_ids, 0, 1, generators,
                         on_step=on_step, on_logits=on_logits, on_prompt=on_prompt)
 
+
+def _adapter_scope(model: PreTrainedModel, adapter: str | None) -> contextlib.AbstractContextManager:
+    """Run `model` as a row of `adapter` computes in the slot decoder: None and OWN as it runs now (its own
+    LoRA), BASE with every adapter off, a side set's name with that set."""
+    if adapter in (None, OWN):
+        return contextlib.nullcontext()
+    if adapter == BASE:
+        return disable_lora(model)
+    return adapter_set(model, adapter)

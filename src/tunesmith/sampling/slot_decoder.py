@@ -12,8 +12,8 @@ group of rows that share an adapter adds its low-rank update, h = W x + B_a (A_a
 The adapters are the layer's side sets (`served_adapters`, a LoRA reward model beside the policy), the
 layer's own LoRA (`OWN`), and None: whatever the layer's forward runs now, so a row of adapter None
 computes what the model does. A row whose adapter a layer lacks (`BASE`) runs that layer's base (adapter
-off: the reference model of RL). A layer whose adapter is merged (`merged_for_inference`, a merged chat model)
-runs its merged weight for every row.
+off: the reference model of RL). Adapters merged into the weights (a chat model: merge_adapters) are part
+of the base for every row.
 """
 
 from __future__ import annotations
@@ -68,9 +68,7 @@ def _projection(module: nn.Module) -> _Projection:
     its side sets by name, its own LoRA as OWN, and under None whatever its forward adds right now."""
     if not isinstance(module, LoRALinear):
         return _Projection(module.weight, module.bias, {})
-    base = module.base_layer
-    if module.inference_weight is not None and not module.disabled:
-        return _Projection(module.inference_weight, base.bias, {})
+    base = module.base_layer  # its own LoRA runs as a low-rank update even inside merged_for_inference
     adapters = {name: (lora_A, lora_B * scaling) for name, (lora_A, lora_B, scaling) in module.side.items()}
     if not (module.merged or module.disabled):
         adapters[OWN] = (module.lora_A.weight, module.lora_B.weight * module.scaling)
@@ -81,9 +79,9 @@ def _projection(module: nn.Module) -> _Projection:
 
 
 def _joined(parts: list[_Projection]) -> _Projection:
-    """Projections of one input as one (q, k and v; gate and up): one matmul over the stacked base weights,
-    and per adapter one low-rank pair, A stacked over the parts that have it and B block-diagonal, so the
-    update is each part's own."""
+    """q, k and v as one projection: one matmul over the stacked base weights (a copy of the attention's
+    input projections, held while a batch runs), and per adapter one low-rank pair, A stacked over the
+    parts that have it and B block-diagonal, so the update is each part's own."""
     biases = [part.bias for part in parts]
     bias = None if all(b is None for b in biases) else torch.cat(
         [b if b is not None else part.weight.new_zeros(part.weight.shape[0]) for b, part in zip(biases, parts)])
@@ -108,8 +106,8 @@ class _Layer:
     qkv: _Projection
     o: _Projection
     post_norm: tuple[torch.Tensor, float]
-    gate_up: _Projection
-    """gate and up side by side: one matmul, split in half."""
+    gate: _Projection
+    up: _Projection
     down: _Projection
     act: nn.Module
 
@@ -119,7 +117,7 @@ def _read_layer(block: nn.Module) -> _Layer:
     q, k, v, o, gate, up, down = (_projection(m) for m in (attention.q_proj, attention.k_proj, attention.v_proj,
                                                           attention.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
     return _Layer(rms_norm_weights(block.input_layernorm), _joined([q, k, v]), o,
-                  rms_norm_weights(block.post_attention_layernorm), _joined([gate, up]), down, mlp.act_fn)
+                  rms_norm_weights(block.post_attention_layernorm), gate, up, down, mlp.act_fn)
 
 
 def adapter_groups(adapters: list[str | None], device: torch.device) -> Groups:
@@ -222,8 +220,7 @@ class SlotDecoder:
             attended = parts[0] if len(parts) == 1 else torch.cat(parts)
             hidden = hidden + layer.o(attended, groups)
             x = rms_norm(hidden, layer.post_norm)
-            gate, up = layer.gate_up(x, groups).chunk(2, dim=-1)
-            hidden = hidden + layer.down(layer.act(gate) * up, groups)
+            hidden = hidden + layer.down(layer.act(layer.gate(x, groups)) * layer.up(x, groups), groups)
         return rms_norm(hidden, self.norm)[:, 0]
 
     def _decode_attention(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
