@@ -95,6 +95,39 @@ def test_each_model_answers_as_a_server_serving_only_it(server, served, chat_mod
     assert greedy(served.default.engine) == alone["default"]  # between requests the default runs
 
 
+def test_concurrent_requests_of_every_model_share_batches_and_answer_as_alone(server, served, chat_model, adapters):
+    """Streaming clients of the three models at once, greedy and sampled: their rows decode in the same passes
+    (each adding its own adapter's update), and every greedy answer equals the request sent alone. (A sampled
+    row draws from its own seeded generator, but a batch's matmuls round differently from one row's, and a
+    draw that falls within rounding of a token's boundary can part: exact only greedily.)"""
+    models = [served.default.name, *adapters]
+    asks = [(model, temperature, seed) for model in models for temperature, seed in ((0, None), (1.2, 7), (0.8, 3))]
+
+    def streamed(model, temperature, seed):
+        client = openai.OpenAI(api_key=KEY, base_url=server, max_retries=0)
+        stream = client.chat.completions.create(model=model, messages=PROMPT, temperature=temperature, seed=seed,
+                                                max_tokens=12, stream=True)
+        return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+
+    one_by_one = [streamed(*args) for args in asks]
+    widest = []
+    scheduler = served.default.engine.scheduler
+    watcher = threading.Thread(target=lambda: [widest.append(len(scheduler.rows)) or time.sleep(0.002)
+                                               for _ in range(2000)], daemon=True)
+    results = [None] * len(asks)
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, streamed(*asks[i]))) for i in range(len(asks))]
+    watcher.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    greedy_asks = [i for i, (_, temperature, _) in enumerate(asks) if temperature == 0]
+    assert [results[i] for i in greedy_asks] == [one_by_one[i] for i in greedy_asks]
+    assert all(results)
+    assert len({one_by_one[i] for i in greedy_asks}) == 3  # the models really differ
+    assert max(widest) > 1  # requests ran side by side
+
+
 def test_models_listing_and_the_openai_client(server, served, adapters):
     client = openai.OpenAI(api_key=KEY, base_url=server)
     assert [m.id for m in client.models.list().data] == [served.default.name, "kind", "polite"]

@@ -12,8 +12,9 @@ requests one after another, each iteration of the loop
 3. decodes: one forward feeds every other row its last token and draws the next;
 4. releases the rows that ended (stop token, max_new_tokens, their callback, a cancelled group).
 Rows carry their own adapter and sampling settings (slot_decoder.py, row_sampling.py), and a row's tokens
-do not depend on its neighbours: a greedy row answers as it does alone, a sampled row with its own seeded
-generator too. A model the slot decoder cannot run (not Llama-family, a 4/8-bit base) runs each group on
+do not depend on its neighbours: a greedy row answers as it does alone. A sampled row draws from its own
+seeded generator with its own settings, so it too answers as alone, except where a batch's matmuls round
+differently from one row's (logits within about 1e-7) and a draw falls that close to a token's boundary. A model the slot decoder cannot run (not Llama-family, a 4/8-bit base) runs each group on
 its own through `generate`, one after another.
 """
 
