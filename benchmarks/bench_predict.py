@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import tempfile
 import time
@@ -34,25 +33,19 @@ from tunesmith.config import SamplingSettings
 from tunesmith.data.templates import get_template
 from tunesmith.model.init_model import init_model
 from tunesmith.model.loading import load_model
-from tunesmith.model.tokenizer_build import corpus_texts
 from tunesmith.sampling.generate import generate
 from tunesmith.sampling.rows import RowRequest
 from tunesmith.sampling.scheduler import DecodeScheduler
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_api_load import make_requests  # noqa: E402 - the same seeded prompts as the api load test
+
 
 def eval_prompts(tokenizer, count: int, seed: int) -> list[tuple[list[int], int]]:
-    """(chatml prompt ids, answer length) per eval row."""
-    rng = random.Random(seed)
+    """(chatml prompt ids, answer length) per eval row: bench_api_load's request mix."""
     template = get_template("chatml", tokenizer)
-    corpus_ids = tokenizer.encode(" ".join(corpus_texts()), add_special_tokens=False)
-    rows = []
-    for _ in range(count):
-        length = rng.randint(8, 200)
-        start = rng.randrange(len(corpus_ids) - length)
-        text = tokenizer.decode(corpus_ids[start:start + length]).strip()
-        rows.append((template.encode_prompt(tokenizer, [{"role": "user", "content": text}], None),
-                     rng.randint(16, 128)))
-    return rows
+    return [(template.encode_prompt(tokenizer, request["messages"], None), request["max_tokens"])
+            for request in make_requests(tokenizer, count, seed)]
 
 
 def fixed_batches(model, rows, batch_size: int) -> list[list[int]]:

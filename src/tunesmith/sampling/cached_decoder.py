@@ -21,6 +21,7 @@ transformers' within float rounding (tested on Llama and Qwen2, with padding and
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -94,15 +95,18 @@ def _projection(module: nn.Module) -> _Projection | None:
 
 
 @dataclass
-class _Layer:
+class LayerWeights:
+    """One decoder block as a lean decoder runs it; the projections are that decoder's own callables
+    (here `_Projection`/`_Joined`; slot_decoder's take the rows' adapter groups too)."""
+
     input_norm: tuple[torch.Tensor, float]
     """RMSNorm (weight, eps)."""
-    qkv: _Projection | _Joined
-    o: _Projection
+    qkv: Callable
+    o: Callable
     post_norm: tuple[torch.Tensor, float]
-    gate: _Projection
-    up: _Projection
-    down: _Projection
+    gate: Callable
+    up: Callable
+    down: Callable
     act: nn.Module
 
 
@@ -136,10 +140,10 @@ def layer_parts(block: nn.Module) -> tuple[list[tuple[torch.Tensor, float]], lis
     return norms, projections
 
 
-def _read_layer(block: nn.Module) -> _Layer:
+def _read_layer(block: nn.Module) -> LayerWeights:
     """A decoder block's weights as this decoder runs them, q/k/v fused; only for blocks `supports` accepted."""
     (input_norm, post_norm), (q, k, v, o, gate, up, down) = layer_parts(block)
-    return _Layer(input_norm, _joined([q, k, v]), o, post_norm, gate, up, down, block.mlp.act_fn)
+    return LayerWeights(input_norm, _joined([q, k, v]), o, post_norm, gate, up, down, block.mlp.act_fn)
 
 
 def rms_norm_weights(module: nn.Module) -> tuple[torch.Tensor, float] | None:

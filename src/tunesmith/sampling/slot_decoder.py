@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.model.lora import LoRALinear, few_row_linear
-from tunesmith.sampling.cached_decoder import rms_norm, rms_norm_weights, rope
+from tunesmith.sampling.cached_decoder import LayerWeights, rms_norm, rms_norm_weights, rope
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -100,23 +100,11 @@ def _joined(parts: list[_Projection]) -> _Projection:
     return _Projection(torch.cat([part.weight for part in parts]), bias, adapters)
 
 
-@dataclass
-class _Layer:
-    input_norm: tuple[torch.Tensor, float]
-    qkv: _Projection
-    o: _Projection
-    post_norm: tuple[torch.Tensor, float]
-    gate: _Projection
-    up: _Projection
-    down: _Projection
-    act: nn.Module
-
-
-def _read_layer(block: nn.Module) -> _Layer:
+def _read_layer(block: nn.Module) -> LayerWeights:
     attention, mlp = block.self_attn, block.mlp
     q, k, v, o, gate, up, down = (_projection(m) for m in (attention.q_proj, attention.k_proj, attention.v_proj,
                                                           attention.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-    return _Layer(rms_norm_weights(block.input_layernorm), _joined([q, k, v]), o,
+    return LayerWeights(rms_norm_weights(block.input_layernorm), _joined([q, k, v]), o,
                   rms_norm_weights(block.post_attention_layernorm), gate, up, down, mlp.act_fn)
 
 
