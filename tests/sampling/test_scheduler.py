@@ -237,3 +237,25 @@ def test_sample_rows_draws_each_row_from_its_own_generator():
         alone_tokens = sample_rows(logits[row:row + 1].clone(), RowSettings.of([settings[row]], torch.device("cpu")),
                                    [torch.Generator().manual_seed(row)])
         assert int(alone_tokens[0]) == int(tokens[row])
+
+
+def test_an_idle_loop_ends_so_an_unused_engine_can_be_freed(make_tiny_model, monkeypatch):
+    import weakref
+
+    from tunesmith.sampling import scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "IDLE_SECONDS", 0.05)
+    model = make_tiny_model("llama", seed=2)
+    scheduler = DecodeScheduler(model)
+    first = scheduler.run([request([3, 4], GREEDY)]).response_ids
+    deadline = time.monotonic() + 10
+    while scheduler.thread is not None:
+        assert time.monotonic() < deadline, "the idle loop did not end"
+        time.sleep(0.01)
+    assert scheduler.run([request([3, 4], GREEDY)]).response_ids == first  # a new thread takes over
+    while scheduler.thread is not None:
+        time.sleep(0.01)
+    gone = weakref.ref(scheduler)
+    del scheduler
+    gc.collect()
+    assert gone() is None

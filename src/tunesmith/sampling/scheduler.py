@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
+IDLE_SECONDS = 5.0  # the loop's thread ends after this long with nothing to do (the next submit restarts it)
 LIGHT_PASS = 64  # tokens in a pass up to which `light_threads` run it (decoding; reading prompts is heavier)
 
 
@@ -105,7 +106,9 @@ class DecodeScheduler:
         while True:
             with self.wake:
                 while not (self.waiting or self.rows or self.calls):
-                    self.wake.wait()
+                    if not self.wake.wait(timeout=IDLE_SECONDS):  # idle: end, so an unused engine can be freed
+                        self.thread = None  # under the lock: the next submit starts a new thread
+                        return
                 calls, self.calls = self.calls, []
                 admitted = self._admit()
             for work, future in calls:
