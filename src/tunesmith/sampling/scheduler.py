@@ -4,18 +4,18 @@ token boundaries. What `tunesmith api`, `chat` and `do_predict` generate with.
 Decoding a step streams every weight of the model once; extra rows through the same weights cost little
 (more so on a CPU, where a small model's step is mostly per-call overhead). So rather than answering
 requests one after another, each iteration of the loop
-1. admits waiting groups (one request's rows) while rows and cache tokens allow (`max_rows`,
-   `max_cached_tokens`; an empty batch always takes the next group), in arrival order;
-2. reads prompts: every row still reading its prompt advances by a chunk, all in one forward, the chunks
-   together at most `prefill_tokens` (so a long prompt never stalls the rows that stream); a row whose
-   prompt is read draws its first token;
-3. decodes: one forward feeds every other row its last token and draws the next;
-4. releases the rows that ended (stop token, max_new_tokens, their callback, a cancelled group).
+1. admits waiting groups (one request's rows) in arrival order while rows and cache allow (`max_rows`,
+   `max_cached_tokens`; an empty batch always takes the next group);
+2. runs one pass (slot_decoder.py): every decoding row's last token, and the next chunks of the prompts
+   being read, first come first read, at most `prefill_tokens` of them (so a long prompt never stalls
+   the rows that stream); each decoding row, and each row whose prompt is now read, draws a token;
+3. releases the rows that ended (stop token, max_new_tokens, their callback, a cancelled group).
 Rows carry their own adapter and sampling settings (slot_decoder.py, row_sampling.py), and a row's tokens
 do not depend on its neighbours: a greedy row answers as it does alone. A sampled row draws from its own
 seeded generator with its own settings, so it too answers as alone, except where a batch's matmuls round
-differently from one row's (logits within about 1e-7) and a draw falls that close to a token's boundary. A model the slot decoder cannot run (not Llama-family, a 4/8-bit base) runs each group on
-its own through `generate`, one after another.
+differently from one row's (logits within about 1e-7) and a draw falls that close to a token's boundary.
+A model the slot decoder cannot run (not Llama-family, a 4/8-bit base) runs each group on its own through
+`generate`, one after another.
 """
 
 from __future__ import annotations
@@ -233,7 +233,8 @@ class DecodeScheduler:
                             for row in rows]) if settings.penalised else None
         tokens = sample_rows(logits, settings, [row.generator for row in rows], seen).tolist()
         for index, row in enumerate(rows):
-            row.accept(tokens[index], logits[index])
+            if not row.done:  # a row whose request failed on a row before it in this loop
+                row.accept(tokens[index], logits[index])
 
     def _release(self) -> None:
         """Take ended rows out of the batch, keeping decoding rows first and the slots contiguous."""
