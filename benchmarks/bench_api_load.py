@@ -89,14 +89,15 @@ def free_ports(count: int) -> list[int]:
             probe.close()
 
 
-def start_server(model: str, template: str | None, dtype: str, folder: Path, port: int) -> subprocess.Popen:
-    """`tunesmith api` on `model` at 127.0.0.1:`port`; the caller waits for it to answer."""
+def start_server(model: str, template: str | None, dtype: str, folder: Path, port: int,
+                 overrides: list[str] = ()) -> subprocess.Popen:
+    """`tunesmith api` on `model` at 127.0.0.1:`port` with `key=value` overrides; the caller waits for it."""
     config = {"model_name_or_path": model, "cutoff_len": 1024, "max_new_tokens": 128, "infer_dtype": dtype,
               "host": "127.0.0.1", "port": port}
     if template:
         config["template"] = template
     (folder / "api.yaml").write_text(yaml.safe_dump(config))
-    return subprocess.Popen([sys.executable, "-m", "tunesmith", "api", str(folder / "api.yaml")],
+    return subprocess.Popen([sys.executable, "-m", "tunesmith", "api", str(folder / "api.yaml"), *overrides],
                             stdout=subprocess.DEVNULL, stderr=open(folder / "tunesmith.log", "w"))
 
 
@@ -284,7 +285,8 @@ def launch_servers(servers: dict, args: argparse.Namespace, model: str, template
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = str(inference_dtype("auto", device)).removeprefix("torch.")
     ports = free_ports(2)
-    servers["tunesmith"] = (start_server(model, template, dtype, folder, ports[0]), f"http://127.0.0.1:{ports[0]}/v1")
+    servers["tunesmith"] = (start_server(model, template, dtype, folder, ports[0], args.set),
+                            f"http://127.0.0.1:{ports[0]}/v1")
     if args.peer == "llamafactory":
         process = start_llamafactory(Path(args.lf_venv), model, template, dtype, folder, ports[1])
         servers["llamafactory"] = (process, f"http://127.0.0.1:{ports[1]}/v1")
@@ -301,6 +303,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=32, help="distinct requests in the mix, and per level "
                         "at least this many (a level sends max(requests, clients))")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for tunesmith api (repeatable), e.g. --set max_num_batched_tokens=2048")
     parser.add_argument("--ramp", type=float, default=0.0, help="seconds over which a level's clients start, evenly "
                         "(default 0: all at once, a burst whose prompts all wait to be read)")
     parser.add_argument("--peer", choices=["llamafactory"], help="also serve the model with this server and compare")
