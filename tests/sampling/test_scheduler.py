@@ -259,3 +259,75 @@ def test_an_idle_loop_ends_so_an_unused_engine_can_be_freed(make_tiny_model, mon
     del scheduler
     gc.collect()
     assert gone() is None
+
+
+def test_the_cache_never_outgrows_max_cached_tokens_for_a_batch(make_tiny_model):
+    """Seven rows end at once, one runs on, and a long request joins it: the cache is sized for the two
+    rows running (2 x 500), not for the eight slots the earlier batch left (8 x 500)."""
+    model = make_tiny_model("llama", seed=2)
+    scheduler = DecodeScheduler(model, max_rows=8, max_cached_tokens=1000)
+    held = []
+
+    def watch(token):
+        held.append(scheduler.decoder.keys.shape[1] * scheduler.decoder.keys.shape[3])
+
+    prompt = list(range(2, 12))
+    first = scheduler.submit([request(prompt, SamplingSettings(max_new_tokens=1, do_sample=False))] * 7 +
+                             [request(prompt, SamplingSettings(max_new_tokens=90, do_sample=False), on_token=watch)])
+    long = SamplingSettings(max_new_tokens=490, do_sample=False)
+    second = scheduler.submit([request(prompt, long, on_token=watch)])
+    first.result(timeout=60)
+    assert second.result(timeout=120).response_ids[0] == alone(model, prompt, long)
+    assert max(held) <= 1000
+
+
+def test_a_failed_cache_allocation_leaves_the_running_rows_whole(make_tiny_model, monkeypatch):
+    """Growing the cache fails on its second buffer (out of memory): that request gets the error, the row
+    running beside it and the next request answer as alone (the cache was not left half grown)."""
+    model = make_tiny_model("llama", seed=2)
+    scheduler = DecodeScheduler(model, max_cached_tokens=100000)
+    started, go = threading.Event(), threading.Event()
+
+    def hold(token):
+        started.set()
+        go.wait(5)
+
+    running = scheduler.submit([request([5, 6, 7], SamplingSettings(max_new_tokens=30, do_sample=False),
+                                        on_token=hold)])
+    assert started.wait(10)
+    real, made = torch.Tensor.new_zeros, []
+
+    def second_fails(self, *shape, **kwargs):
+        if len(shape) == 5:  # the cache's keys, then its values
+            made.append(shape)
+            if len(made) == 2:
+                raise torch.OutOfMemoryError("simulated: no memory for the values")
+        return real(self, *shape, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "new_zeros", second_fails)
+    grows = scheduler.submit([request([5, 6, 7], SamplingSettings(max_new_tokens=200, do_sample=False))])
+    after = scheduler.submit([request([8, 9], GREEDY)])
+    go.set()
+    with pytest.raises(torch.OutOfMemoryError):
+        grows.result(timeout=30)
+    monkeypatch.undo()
+    assert running.result(timeout=30).response_ids[0] == alone(model, [5, 6, 7],
+                                                              SamplingSettings(max_new_tokens=30, do_sample=False))
+    assert after.result(timeout=30).response_ids[0] == alone(model, [8, 9], GREEDY)
+
+
+def test_work_queued_as_the_idle_loop_times_out_is_still_run(make_tiny_model, monkeypatch):
+    from tunesmith.sampling import scheduler as scheduler_module
+    from tunesmith.sampling.rows import RowGroup
+
+    monkeypatch.setattr(scheduler_module, "IDLE_SECONDS", 0.2)
+    model = make_tiny_model("llama", seed=3)
+    scheduler = DecodeScheduler(model)
+    expected = scheduler.run([request([3, 4], GREEDY)]).response_ids
+    with scheduler.wake:  # submit's critical section, held across the loop's idle timeout
+        time.sleep(0.4)
+        group = RowGroup([request([3, 4], GREEDY)])
+        scheduler.waiting.append(group)
+        scheduler._start()
+        scheduler.wake.notify()
+    assert group.result(timeout=10).response_ids == expected

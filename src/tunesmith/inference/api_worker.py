@@ -78,11 +78,13 @@ class Outbox:
 
     def put(self, target: asyncio.Queue, item: object) -> None:
         """Queue `item` for `target` from any thread."""
+        loop = self.loop()
+        if loop is None or loop.is_closed():
+            return  # nobody will read it (and holding it would keep the queue and its loop alive)
         with self.lock:
             self.items.append((target, item))
             wake = len(self.items) == 1
-        loop = self.loop()
-        if wake and loop is not None and not loop.is_closed():
+        if wake:
             loop.call_soon_threadsafe(self._deliver)
 
     def _deliver(self) -> None:

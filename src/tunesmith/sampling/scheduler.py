@@ -98,17 +98,16 @@ class DecodeScheduler:
         return future.result()
 
     def _start(self) -> None:
-        if self.thread is None:
+        if self.thread is None or not self.thread.is_alive():
             self.thread = threading.Thread(target=self._loop, name="tunesmith-decode", daemon=True)
             self.thread.start()
 
     def _loop(self) -> None:
         while True:
             with self.wake:
-                while not (self.waiting or self.rows or self.calls):
-                    if not self.wake.wait(timeout=IDLE_SECONDS):  # idle: end, so an unused engine can be freed
-                        self.thread = None  # under the lock: the next submit starts a new thread
-                        return
+                if not self.wake.wait_for(lambda: self.waiting or self.rows or self.calls, timeout=IDLE_SECONDS):
+                    self.thread = None  # idle, checked under the lock: the next submit starts a new thread
+                    return  # so an engine nobody uses can be freed
                 calls, self.calls = self.calls, []
                 admitted = self._admit()
             for work, future in calls:
@@ -156,16 +155,16 @@ class DecodeScheduler:
         if group.future.set_running_or_notify_cancel() is False:
             return
         slots = len(self.rows) + len(group.requests)
+        capacity = max([capacity] + [row.request.reserved + 1 for row in self.rows])
         vocab = self.head.weight.shape[0]
         rows = [Row(request, group, vocab, self.device) for request in group.requests]
         if not self.rows:  # a fresh batch reads the weights as they are now (adapters added, training)
-            held = 0 if self.decoder is None else self.decoder.keys.shape[1] * self.decoder.keys.shape[3]
-            if 0 < held <= max(self.max_cached_tokens, slots * capacity):
+            if self.decoder is not None and self.decoder.holds(slots, capacity, self.max_cached_tokens):
                 self.decoder.read_weights(self.model)
-            else:  # none yet, or one a lone long answer left over max_cached_tokens: a cache this batch's size
+            else:  # none yet, or the one a wider or longer batch left: a cache this batch's size
                 self.decoder = None
                 self.decoder = SlotDecoder(self.model, slots, capacity)
-        self.decoder.grow(slots, capacity)
+        self.decoder.grow(slots, capacity, live=len(self.rows))
         group.rows = rows
         self.rows.extend(rows)
 

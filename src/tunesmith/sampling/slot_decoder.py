@@ -148,17 +148,25 @@ class SlotDecoder:
         self.norm = rms_norm_weights(decoder.norm)
         self.layers = [_read_layer(block) for block in decoder.layers]
 
-    def grow(self, slots: int, capacity: int) -> None:
-        """Hold at least `slots` rows of `capacity` positions, keeping what is cached."""
+    def holds(self, slots: int, capacity: int, budget: int) -> bool:
+        """Whether the cache fits `slots` rows of `capacity` positions without exceeding `budget` positions
+        by more than those rows need (then a new batch reuses it rather than allocating afresh)."""
+        _, held_slots, _, held_capacity, _ = self.keys.shape
+        return (slots <= held_slots and capacity <= held_capacity
+                and held_slots * held_capacity <= max(budget, slots * capacity))
+
+    def grow(self, slots: int, capacity: int, live: int) -> None:
+        """Hold `slots` rows of `capacity` positions (no more: the cache's size is the admission's bound),
+        keeping the first `live` slots; both buffers are made before either replaces the old one."""
         _, held_slots, _, held_capacity, _ = self.keys.shape
         if slots <= held_slots and capacity <= held_capacity:
             return
-        for name in ("keys", "values"):
-            old = getattr(self, name)
-            new = old.new_zeros(old.shape[0], max(slots, held_slots), old.shape[2], max(capacity, held_capacity),
-                                old.shape[4])
-            new[:, :held_slots, :, :held_capacity] = old
-            setattr(self, name, new)
+        kept = min(held_capacity, capacity)
+        new = [old.new_zeros(old.shape[0], slots, old.shape[2], capacity, old.shape[4])
+               for old in (self.keys, self.values)]
+        for fresh, old in zip(new, (self.keys, self.values)):
+            fresh[:, :live, :, :kept] = old[:, :live, :, :kept]
+        self.keys, self.values = new
 
     def move(self, source: int, target: int, length: int) -> None:
         """Copy slot `source`'s first `length` positions to slot `target` (a row changing slots)."""
