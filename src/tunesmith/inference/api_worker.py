@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from tunesmith.inference.api_errors import ApiError
 
@@ -126,3 +128,20 @@ async def _disconnect(request: Request) -> None:
     """Return when the client goes: the body was read, so the server's next message is the disconnect."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+class JobStream(StreamingResponse):
+    """Server-sent events of `job`'s answer; however the response ends (done, client gone, even before its
+    first byte, when the event generator never starts and so never runs its own cleanup), the job is
+    cancelled: a no-op when it finished, its rows freed at the next token when not."""
+
+    def __init__(self, job: Job, events: Any) -> None:
+        super().__init__(events, media_type="text/event-stream")
+        self.job = job
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancelled.set()
+

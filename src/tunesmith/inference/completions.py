@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from tunesmith.data.plain_text import PlainText
@@ -28,7 +27,7 @@ from tunesmith.inference.api_choices import Choice, Emit, finish, token_callback
 from tunesmith.inference.api_errors import ApiError, error_body, server_failure
 from tunesmith.inference.api_logprobs import PromptLogprobs, StepLogprobs, TokenNames, legacy_logprobs
 from tunesmith.inference.api_sampling import SamplingRequest, request_settings, top_logprobs
-from tunesmith.inference.api_worker import Job, Worker, job_result, submit_streamed
+from tunesmith.inference.api_worker import Job, JobStream, Worker, job_result, submit_streamed
 from tunesmith.inference.engine import Engine
 from tunesmith.inference.served_models import ServedModel, ServedModels
 
@@ -51,7 +50,7 @@ def add_completions_route(app: FastAPI, served: ServedModels, worker: Worker) ->
         plan = await run_in_threadpool(plan_completion, chosen.engine, body)
         if body.stream:
             job, pieces = submit_streamed(worker, lambda cancelled, emit: run_completion(chosen, plan, cancelled, emit))
-            return StreamingResponse(_events(job, pieces, plan, model_name), media_type="text/event-stream")
+            return JobStream(job, _events(job, pieces, plan, model_name))
         job = worker.submit(Job(lambda cancelled: run_completion(chosen, plan, cancelled)))
         return completion_body(plan, await job_result(job, request), model_name)
 
@@ -146,27 +145,26 @@ def _usage(plan: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, int
 
 async def _events(job: Job, pieces: Any, plan: dict[str, Any], model_name: str) -> AsyncIterator[str]:
     """Server-sent events: a text chunk as each piece is final, a finish chunk per choice, optionally
-    usage, then [DONE]. Leaving early (client gone) cancels the job."""
+    usage, then [DONE]. JobStream cancels the job when the response ends."""
 
     def chunk(choices: list, usage: dict | None = None) -> str:
         payload = {"id": plan["id"], "object": "text_completion", "created": plan["created"], "model": model_name,
                    "choices": choices, **({"usage": usage} if usage is not None else {})}
         return f"data: {json.dumps(payload)}\n\n"
 
-    try:
-        while (item := await pieces.get()) is not None:
-            index, text, entries = item
-            yield chunk([{"index": index, "text": text, "logprobs": _logprobs(plan, entries), "finish_reason": None}])
-        error = job.future.exception() if not job.future.cancelled() else None
-        if error is not None:
-            message = str(error) if isinstance(error, TunesmithError) else server_failure(error)
-            yield f"data: {json.dumps(error_body(message, 'server_error'))}\n\n"
-            return
-        results = job.future.result()
-        yield chunk([{"index": i, "text": "", "logprobs": None, "finish_reason": r["finish"]}
-                     for i, r in enumerate(results)])
-        if plan["include_usage"]:
-            yield chunk([], _usage(plan, results))
-        yield "data: [DONE]\n\n"
-    finally:
-        job.cancelled.set()  # a no-op when it finished; frees the worker when the client left
+    while (item := await pieces.get()) is not None:
+        index, text, entries = item
+        yield chunk([{"index": index, "text": text, "logprobs": _logprobs(plan, entries), "finish_reason": None}])
+    if job.future.cancelled():  # nobody is reading: the client left before the job ran
+        return
+    error = job.future.exception()
+    if error is not None:
+        message = str(error) if isinstance(error, TunesmithError) else server_failure(error)
+        yield f"data: {json.dumps(error_body(message, 'server_error'))}\n\n"
+        return
+    results = job.future.result()
+    yield chunk([{"index": i, "text": "", "logprobs": None, "finish_reason": r["finish"]}
+                 for i, r in enumerate(results)])
+    if plan["include_usage"]:
+        yield chunk([], _usage(plan, results))
+    yield "data: [DONE]\n\n"

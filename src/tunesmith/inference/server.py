@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
@@ -45,7 +44,7 @@ from tunesmith.inference.api_guard import Guard
 from tunesmith.inference.api_logprobs import StepLogprobs, TokenNames, chat_logprobs
 from tunesmith.inference.api_messages import plain_messages
 from tunesmith.inference.api_sampling import SamplingRequest, chat_top_logprobs, request_settings
-from tunesmith.inference.api_worker import MAX_WAITING, Job, Worker, job_result, submit_streamed
+from tunesmith.inference.api_worker import MAX_WAITING, Job, JobStream, Worker, job_result, submit_streamed
 from tunesmith.inference.completions import add_completions_route
 from tunesmith.inference.engine import Engine
 from tunesmith.inference.served_models import ServedModel, ServedModels, load_served
@@ -99,7 +98,7 @@ def _add_chat_routes(app: FastAPI, served: ServedModels, worker: Worker) -> None
         plan = await run_in_threadpool(_plan, chosen.engine, body)
         if body.stream:
             job, pieces = submit_streamed(worker, lambda cancelled, emit: _complete(chosen, plan, cancelled, emit))
-            return StreamingResponse(_events(job, pieces, plan, model_name), media_type="text/event-stream")
+            return JobStream(job, _events(job, pieces, plan, model_name))
         job = worker.submit(Job(lambda cancelled: _complete(chosen, plan, cancelled)))
         choices, prompt_tokens = await job_result(job, request)
         completion_tokens = sum(c["tokens"] for c in choices)
@@ -164,7 +163,7 @@ def _complete(chosen: ServedModel, plan: dict[str, Any], cancelled: threading.Ev
 
 async def _events(job: Job, pieces: asyncio.Queue, plan: dict[str, Any], model_name: str) -> AsyncIterator[str]:
     """Server-sent events: a role chunk per choice, content chunks as text is final, a finish chunk per
-    choice, optionally usage, then [DONE]. Leaving early (client gone) cancels the job."""
+    choice, optionally usage, then [DONE]. JobStream cancels the job when the response ends."""
 
     def chunk(choices: list, usage: dict | None = None) -> str:
         payload = {"id": plan["id"], "object": "chat.completion.chunk", "created": plan["created"],
@@ -173,25 +172,24 @@ async def _events(job: Job, pieces: asyncio.Queue, plan: dict[str, Any], model_n
             payload["usage"] = usage
         return f"data: {json.dumps(payload)}\n\n"
 
-    try:
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                     for i in range(plan["n"])])
-        while (item := await pieces.get()) is not None:
-            index, text, entries = item
-            yield chunk([{"index": index, "delta": {"content": text}, "logprobs": chat_logprobs(entries, plan["names"]),
-                          "finish_reason": None}])
-        error = job.future.exception() if not job.future.cancelled() else None
-        if error is not None:
-            message = str(error) if isinstance(error, TunesmithError) else server_failure(error)
-            yield f"data: {json.dumps(error_body(message, 'server_error'))}\n\n"
-            return
-        choices, prompt_tokens = job.future.result()
-        yield chunk([{"index": i, "delta": {}, "finish_reason": c["finish"]} for i, c in enumerate(choices)])
-        if plan["include_usage"]:
-            yield chunk([], _usage(prompt_tokens, sum(c["tokens"] for c in choices)))
-        yield "data: [DONE]\n\n"
-    finally:
-        job.cancelled.set()  # a no-op when it finished; frees the worker when the client left
+    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                 for i in range(plan["n"])])
+    while (item := await pieces.get()) is not None:
+        index, text, entries = item
+        yield chunk([{"index": index, "delta": {"content": text}, "logprobs": chat_logprobs(entries, plan["names"]),
+                      "finish_reason": None}])
+    if job.future.cancelled():  # nobody is reading: the client left before the job ran
+        return
+    error = job.future.exception()
+    if error is not None:
+        message = str(error) if isinstance(error, TunesmithError) else server_failure(error)
+        yield f"data: {json.dumps(error_body(message, 'server_error'))}\n\n"
+        return
+    choices, prompt_tokens = job.future.result()
+    yield chunk([{"index": i, "delta": {}, "finish_reason": c["finish"]} for i, c in enumerate(choices)])
+    if plan["include_usage"]:
+        yield chunk([], _usage(prompt_tokens, sum(c["tokens"] for c in choices)))
+    yield "data: [DONE]\n\n"
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
