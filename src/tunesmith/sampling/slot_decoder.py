@@ -4,8 +4,10 @@ row has its own length and its own LoRA adapter (or none).
 `CachedDecoder` decodes rows that start together (left-padded, one shared cache column per step). Here
 rows join and leave at any step, so each slot keeps its own columns 0..length-1 with no padding, a step
 writes each row's key at its own column, and attention masks each row to its own length. The scheduler
-keeps the rows that decode in slots 0..D-1 and the rows still reading their prompt after them, so both
-passes read one contiguous slice of the cache (moving a slot when a row leaves costs one copy of its keys).
+keeps the rows that decode in slots 0..D-1 and the rows still reading their prompt after them, so a pass's
+decoding rows attend over one contiguous slice of the cache in one batched product, and each prompt chunk
+over its own slot (moving a slot when a row leaves costs one copy of its keys). A pass packs the decoding
+rows' tokens and every chunk's into one [tokens, hidden] batch for the weights' matmuls, with no padding.
 
 Per-row adapters, as S-LoRA and Punica batch them: the base matmul runs once for every row, and each
 group of rows that share an adapter adds its low-rank update, h = W x + B_a (A_a x) for rows of adapter a.
