@@ -9,6 +9,7 @@ starts. A client that disconnects cancels its job, which frees its rows at the n
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import weakref
 from collections.abc import Callable
@@ -20,7 +21,8 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from tunesmith.inference.api_errors import ApiError
+from tunesmith.errors import TunesmithError
+from tunesmith.inference.api_errors import ApiError, error_body, server_failure
 
 MAX_WAITING = 32  # requests waiting beyond the rows the scheduler decodes
 
@@ -144,4 +146,16 @@ class JobStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.job.cancelled.set()
+
+
+def failure_event(job: Job) -> str | None:
+    """None when the finished `job` has answers to stream; else the stream's last event: OpenAI's error
+    JSON when it failed (a TunesmithError's own words, else no internals), "" when it was cancelled."""
+    if job.future.cancelled():  # the client left before the job ran: nobody reads this
+        return ""
+    error = job.future.exception()
+    if error is None:
+        return None
+    message = str(error) if isinstance(error, TunesmithError) else server_failure(error)
+    return f"data: {json.dumps(error_body(message, 'server_error'))}\n\n"
 

@@ -22,12 +22,11 @@ from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
 from tunesmith.data.plain_text import PlainText
-from tunesmith.errors import TunesmithError
 from tunesmith.inference.api_choices import Choice, Emit, finish, token_callback
-from tunesmith.inference.api_errors import ApiError, error_body, server_failure
+from tunesmith.inference.api_errors import ApiError
 from tunesmith.inference.api_logprobs import PromptLogprobs, StepLogprobs, TokenNames, legacy_logprobs
 from tunesmith.inference.api_sampling import SamplingRequest, request_settings, top_logprobs
-from tunesmith.inference.api_worker import Job, JobStream, Worker, job_result, submit_streamed
+from tunesmith.inference.api_worker import Job, JobStream, Worker, failure_event, job_result, submit_streamed
 from tunesmith.inference.engine import Engine
 from tunesmith.inference.served_models import ServedModel, ServedModels
 
@@ -155,12 +154,10 @@ async def _events(job: Job, pieces: Any, plan: dict[str, Any], model_name: str) 
     while (item := await pieces.get()) is not None:
         index, text, entries = item
         yield chunk([{"index": index, "text": text, "logprobs": _logprobs(plan, entries), "finish_reason": None}])
-    if job.future.cancelled():  # nobody is reading: the client left before the job ran
-        return
-    error = job.future.exception()
-    if error is not None:
-        message = str(error) if isinstance(error, TunesmithError) else server_failure(error)
-        yield f"data: {json.dumps(error_body(message, 'server_error'))}\n\n"
+    last = failure_event(job)
+    if last is not None:
+        if last:
+            yield last
         return
     results = job.future.result()
     yield chunk([{"index": i, "text": "", "logprobs": None, "finish_reason": r["finish"]}

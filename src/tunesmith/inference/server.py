@@ -39,12 +39,20 @@ from starlette.concurrency import run_in_threadpool
 
 from tunesmith.errors import TunesmithError
 from tunesmith.inference.api_choices import Choice, Emit, finish, token_callback
-from tunesmith.inference.api_errors import ApiError, add_error_handlers, error_body, server_failure
+from tunesmith.inference.api_errors import ApiError, add_error_handlers
 from tunesmith.inference.api_guard import Guard
 from tunesmith.inference.api_logprobs import StepLogprobs, TokenNames, chat_logprobs
 from tunesmith.inference.api_messages import plain_messages
 from tunesmith.inference.api_sampling import SamplingRequest, chat_top_logprobs, request_settings
-from tunesmith.inference.api_worker import MAX_WAITING, Job, JobStream, Worker, job_result, submit_streamed
+from tunesmith.inference.api_worker import (
+    MAX_WAITING,
+    Job,
+    JobStream,
+    Worker,
+    failure_event,
+    job_result,
+    submit_streamed,
+)
 from tunesmith.inference.completions import add_completions_route
 from tunesmith.inference.engine import Engine
 from tunesmith.inference.served_models import ServedModel, ServedModels, load_served
@@ -178,12 +186,10 @@ async def _events(job: Job, pieces: asyncio.Queue, plan: dict[str, Any], model_n
         index, text, entries = item
         yield chunk([{"index": index, "delta": {"content": text}, "logprobs": chat_logprobs(entries, plan["names"]),
                       "finish_reason": None}])
-    if job.future.cancelled():  # nobody is reading: the client left before the job ran
-        return
-    error = job.future.exception()
-    if error is not None:
-        message = str(error) if isinstance(error, TunesmithError) else server_failure(error)
-        yield f"data: {json.dumps(error_body(message, 'server_error'))}\n\n"
+    last = failure_event(job)
+    if last is not None:
+        if last:
+            yield last
         return
     choices, prompt_tokens = job.future.result()
     yield chunk([{"index": i, "delta": {}, "finish_reason": c["finish"]} for i, c in enumerate(choices)])
