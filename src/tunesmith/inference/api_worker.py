@@ -111,6 +111,16 @@ def submit_streamed(worker: Worker, work: Callable[..., Any]) -> tuple[Job, asyn
     return worker.submit(job), pieces
 
 
+async def answer(worker: Worker, request: Request, stream: bool, work: Callable[..., Any],
+                 events: Callable[[Job, asyncio.Queue], Any]) -> Any:
+    """What a generating route returns: for a stream, `JobStream` of `events(job, pieces)` over `work(cancelled,
+    emit)`; else `work(cancelled)`'s result, awaited (a client that leaves cancels it)."""
+    if stream:
+        job, pieces = submit_streamed(worker, work)
+        return JobStream(job, events(job, pieces))
+    return await job_result(worker.submit(Job(work)), request)
+
+
 async def job_result(job: Job, request: Request) -> Any:
     """The job's result; a client that disconnects while waiting cancels it, as a stream's does."""
     waiter = asyncio.wrap_future(job.future)

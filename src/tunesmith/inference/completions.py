@@ -26,7 +26,7 @@ from tunesmith.inference.api_choices import Choice, Emit, finish, token_callback
 from tunesmith.inference.api_errors import ApiError
 from tunesmith.inference.api_logprobs import PromptLogprobs, StepLogprobs, TokenNames, legacy_logprobs
 from tunesmith.inference.api_sampling import SamplingRequest, request_settings, top_logprobs
-from tunesmith.inference.api_worker import Job, JobStream, Worker, failure_event, job_result, submit_streamed
+from tunesmith.inference.api_worker import Job, Worker, answer, failure_event
 from tunesmith.inference.engine import Engine
 from tunesmith.inference.served_models import ServedModel, ServedModels
 
@@ -47,11 +47,10 @@ def add_completions_route(app: FastAPI, served: ServedModels, worker: Worker) ->
         chosen = served.pick(body.model)
         model_name = chosen.name
         plan = await run_in_threadpool(plan_completion, chosen.engine, body)
-        if body.stream:
-            job, pieces = submit_streamed(worker, lambda cancelled, emit: run_completion(chosen, plan, cancelled, emit))
-            return JobStream(job, _events(job, pieces, plan, model_name))
-        job = worker.submit(Job(lambda cancelled: run_completion(chosen, plan, cancelled)))
-        return completion_body(plan, await job_result(job, request), model_name)
+        result = await answer(worker, request, body.stream,
+                              lambda cancelled, emit=None: run_completion(chosen, plan, cancelled, emit),
+                              lambda job, pieces: _events(job, pieces, plan, model_name))
+        return result if body.stream else completion_body(plan, result, model_name)
 
 
 def prompt_ids(engine: Engine, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:

@@ -47,11 +47,10 @@ from tunesmith.inference.api_sampling import SamplingRequest, chat_top_logprobs,
 from tunesmith.inference.api_worker import (
     MAX_WAITING,
     Job,
-    JobStream,
     Worker,
+    answer,
     failure_event,
     job_result,
-    submit_streamed,
 )
 from tunesmith.inference.completions import add_completions_route
 from tunesmith.inference.engine import Engine
@@ -104,11 +103,12 @@ def _add_chat_routes(app: FastAPI, served: ServedModels, worker: Worker) -> None
         chosen = served.pick(body.model)
         model_name = chosen.name
         plan = await run_in_threadpool(_plan, chosen.engine, body)
+        result = await answer(worker, request, body.stream,
+                              lambda cancelled, emit=None: _complete(chosen, plan, cancelled, emit),
+                              lambda job, pieces: _events(job, pieces, plan, model_name))
         if body.stream:
-            job, pieces = submit_streamed(worker, lambda cancelled, emit: _complete(chosen, plan, cancelled, emit))
-            return JobStream(job, _events(job, pieces, plan, model_name))
-        job = worker.submit(Job(lambda cancelled: _complete(chosen, plan, cancelled)))
-        choices, prompt_tokens = await job_result(job, request)
+            return result
+        choices, prompt_tokens = result
         completion_tokens = sum(c["tokens"] for c in choices)
         return {"id": plan["id"], "object": "chat.completion", "created": plan["created"], "model": model_name,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": c["text"]},
