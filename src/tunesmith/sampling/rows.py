@@ -4,6 +4,11 @@ A `RowRequest` is everything one answer needs, so rows of different requests sha
 ids, its sampling settings and generator, its adapter, its stop tokens, and callbacks that see its tokens
 as they are drawn (streaming, stop strings, log-probs, a client gone). A `RowGroup` is the rows submitted
 together; its `result()` is their `Generation` once every row has ended.
+
+A row may follow another row of its group instead of drawing (`follows`): it reads the same prompt, then
+each token its leader draws, in the pass that feeds the token back to the leader, under its own adapter.
+That is how an RL rollout gets the reference model's and the reward model's hidden states over the
+policy's answer in the same passes over the base weights, with no forward of their own afterwards.
 """
 
 from __future__ import annotations
@@ -37,12 +42,24 @@ class RowRequest:
     on_logits: Callable[[torch.Tensor, int], None] | None = None
     """Sees each step's float32 [vocab] model logits (before penalty and temperature) and the token, first."""
     on_prompt: Callable[[torch.Tensor, int], None] | None = None
-    """Sees the prompt's final hidden states as they are computed: ([positions, hidden], first position)."""
+    """Sees the final hidden states of what the row reads as they are computed: ([positions, hidden], first
+    position); the prompt's, and for a follower its leader's answer too."""
+    on_hidden: Callable[[torch.Tensor], None] | None = None
+    """Sees the final hidden state [hidden] each drawn token was drawn from, first (RL's values)."""
+    follows: int | None = None
+    """Index in its group of an earlier row whose answer this row reads instead of drawing its own tokens."""
+    answer_of: Callable[[list[int]], list[int]] | None = None
+    """A follower's tokens after the prompt, given its leader's whole answer (None: the answer). They must
+    start with the answer but its last token, else the row ends where it is, `diverged`."""
+    extra_positions: int = 0
+    """Positions a follower may read past its leader's longest answer (`answer_of`'s additions)."""
 
     @property
     def reserved(self) -> int:
-        """Cache positions the row may need: its prompt and every answer token but the last."""
-        return len(self.prompt) + self.settings.max_new_tokens - 1
+        """Cache positions the row may need: its prompt and every answer token but the last (a follower:
+        all of them, and its extra positions)."""
+        answer = self.settings.max_new_tokens + (1 + self.extra_positions if self.follows is not None else 0)
+        return len(self.prompt) + answer - 1
 
 
 class RowGroup:
@@ -87,6 +104,9 @@ class Row:
         self.length = 0  # cache positions written: the prompt read so far, then every answer token fed back
         self.tokens: list[int] = []
         self.stopped = self.done = False
+        self.leader: Row | None = None  # the row a follower reads (set by the scheduler)
+        self.diverged = False  # a follower whose leader's answer_of did not extend what it had read
+        self.final: list[int] | None = None  # a follower's whole stream once its leader has ended
         self.stop_ids = set(request.stop_ids)
         self.generator = request.generator
         if self.generator is None and not request.settings.greedy:
@@ -102,10 +122,34 @@ class Row:
         """Whether part of the prompt is still to be read."""
         return self.length < len(self.request.prompt)
 
-    def accept(self, token: int, logits: torch.Tensor) -> None:
-        """Take the token drawn from `logits` [vocab]; end the row at a stop token, its length limit, or
-        when its callback says so."""
+    def pending(self) -> int:
+        """A follower's tokens available and not yet read (its leader's answer so far, or its whole stream)."""
+        return len(self.stream()) - self.length
+
+    def stream(self) -> list[int]:
+        """What a follower reads: the prompt, then its leader's answer as drawn so far; once the leader has
+        ended, the prompt and `answer_of` the answer (checked once: it must extend what was read)."""
+        prompt, leader = self.request.prompt, self.leader
+        if not leader.done:
+            return prompt + leader.tokens
+        if self.final is None:
+            answer = leader.tokens if self.request.answer_of is None else self.request.answer_of(leader.tokens)
+            final = prompt + list(answer)
+            read = (prompt + leader.tokens)[:self.length]
+            self.diverged = final[:self.length] != read or len(final) > self.request.reserved + 1
+            self.final = read if self.diverged else final
+        return self.final
+
+    def accept(self, token: int, logits: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
+        """Take the token drawn from `logits` [vocab] (at final hidden state `hidden`); end the row at a stop
+        token, its length limit, or when its callback says so."""
         request = self.request
+        if hidden is not None and request.on_hidden is not None:
+            try:
+                request.on_hidden(hidden)
+            except Exception as err:  # noqa: BLE001 - as below
+                self.group.fail(err)
+                return
         self.tokens.append(token)
         if self.seen is not None:
             self.seen[token] = True

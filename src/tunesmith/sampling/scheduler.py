@@ -77,6 +77,9 @@ class DecodeScheduler:
                                  "runs together (max_num_seqs); ask for fewer.")
         if any(not request.prompt for request in requests):
             raise TunesmithError("every answer needs a prompt of at least one token.")
+        if any(request.follows is not None and not (0 <= request.follows < index and requests[request.follows].follows
+                                                    is None) for index, request in enumerate(requests)):
+            raise TunesmithError("a follower must follow an earlier row of its group that draws its own tokens.")
         group = RowGroup(requests, cancelled)
         with self.wake:
             self.waiting.append(group)
@@ -158,6 +161,9 @@ class DecodeScheduler:
         capacity = max([capacity] + [row.request.reserved + 1 for row in self.rows])
         vocab = self.head.weight.shape[0]
         rows = [Row(request, group, vocab, self.device) for request in group.requests]
+        for row in rows:
+            if row.request.follows is not None:
+                row.leader = rows[row.request.follows]
         if not self.rows:  # a fresh batch reads the weights as they are now (adapters added, training)
             if self.decoder is not None and self.decoder.holds(slots, capacity, self.max_cached_tokens):
                 self.decoder.read_weights(self.model)
@@ -176,38 +182,69 @@ class DecodeScheduler:
         self._release()
         if not self.rows:
             return
-        decoding, chunks, readers = self.rows[:self.decoding], [], []
-        budget = self.prefill_tokens
-        waiting = sorted(range(self.decoding, len(self.rows)), key=lambda slot: self.rows[slot].serial)
-        for slot in waiting:  # first come, first read
-            row = self.rows[slot]
-            take = min(len(row.request.prompt) - row.length, budget)
-            if take <= 0:
-                break
-            chunks.append(Chunk(slot, row.length, row.request.prompt[row.length:row.length + take]))
-            readers.append(row)
-            budget -= take
+        decoding = self.rows[:self.decoding]
+        chunks, readers = self._chunks()
         self._pick_threads(len(decoding) + sum(len(chunk.ids) for chunk in chunks))
+        fed = [row.tokens[-1] if row.leader is None else row.stream()[row.length] for row in decoding]
         states = self.decoder.forward(
-            torch.tensor([row.tokens[-1] for row in decoding], dtype=torch.long, device=self.device),
+            torch.tensor(fed, dtype=torch.long, device=self.device),
             torch.tensor([row.length for row in decoding], dtype=torch.long, device=self.device),
             chunks, [row.request.adapter for row in decoding + readers])
-        drawing, last = list(decoding), list(range(len(decoding)))
-        at = len(decoding)
+        drawing, last = [], []
+        for index, row in enumerate(decoding):
+            if row.leader is None:
+                drawing.append(row)
+                last.append(index)
+            else:
+                row.read(states[index:index + 1], row.length)
+            row.length += 1
+        at, decoded = len(decoding), len(drawing)
         for row, chunk in zip(readers, chunks):
             row.read(states[at:at + len(chunk.ids)], row.length)
             row.length += len(chunk.ids)
             at += len(chunk.ids)
-            if not row.prefilling and not row.done:
+            if row.leader is None and not row.prefilling and not row.done:
                 drawing.append(row)
                 last.append(at - 1)
-        for row in decoding:
-            row.length += 1
         self._draw(drawing, states[torch.tensor(last, dtype=torch.long, device=self.device)])
-        for row in drawing[len(decoding):]:  # prompt read: the row decodes from the next pass on
+        for row in drawing[decoded:]:  # prompt read: the row decodes from the next pass on
             self._swap(self.rows.index(row), self.decoding)
             self.decoding += 1
+        self._place_followers()
         self._release()
+
+    def _chunks(self) -> tuple[list[Chunk], list[Row]]:
+        """The pass's chunks to read, first come first read within `prefill_tokens`: the rest of a prompt,
+        or what a follower outside the decoding rows has not read yet; and the rows they belong to."""
+        chunks, readers, budget = [], [], self.prefill_tokens
+        for slot in sorted(range(self.decoding, len(self.rows)), key=lambda slot: self.rows[slot].serial):
+            if budget <= 0:
+                break
+            row = self.rows[slot]
+            if row.leader is None:
+                ids = row.request.prompt[row.length:row.length + budget]
+            else:
+                ids = row.stream()[row.length:row.length + budget]
+            if ids:
+                chunks.append(Chunk(slot, row.length, ids))
+                readers.append(row)
+                budget -= len(ids)
+        return chunks, readers
+
+    def _place_followers(self) -> None:
+        """A follower with exactly one token to read decodes (one token a pass, batched with the decoding
+        rows); one with more, or none yet, reads chunks; one that has read its whole stream ends."""
+        for row in [row for row in self.rows if row.leader is not None and not row.done]:
+            pending = row.pending()
+            slot = self.rows.index(row)
+            if row.leader.done and (pending == 0 or row.diverged):
+                row.end()
+            elif pending == 1 and slot >= self.decoding:
+                self._swap(slot, self.decoding)
+                self.decoding += 1
+            elif pending != 1 and slot < self.decoding:
+                self._swap(slot, self.decoding - 1)
+                self.decoding -= 1
 
     def _pick_threads(self, tokens: int) -> None:
         """`light_threads` for a pass of up to LIGHT_PASS tokens, every thread for a heavier one."""
@@ -233,7 +270,7 @@ class DecodeScheduler:
         tokens = sample_rows(logits, settings, [row.generator for row in rows], seen).tolist()
         for index, row in enumerate(rows):
             if not row.done:  # a row whose request failed on a row before it in this loop
-                row.accept(tokens[index], logits[index])
+                row.accept(tokens[index], logits[index], hidden[index])
 
     def _release(self) -> None:
         """Take ended rows out of the batch, keeping decoding rows first and the slots contiguous."""
@@ -282,6 +319,8 @@ def _run_alone(model: PreTrainedModel, group: RowGroup) -> Any:
     """A group through `generate` (rows decoded together, one prompt each), for models the slot decoder
     cannot run; the per-row callbacks see what they would see in the batch."""
     requests = group.requests
+    if any(request.follows is not None for request in requests):
+        raise TunesmithError("rows that follow another row need a Llama-family model the slot decoder runs.")
     first = requests[0]
     device = next(model.parameters()).device
     done = [False] * len(requests)
