@@ -4,6 +4,7 @@
     python benchmarks/bench_rl.py --stage grpo --prompts 2 --generations 4
     python benchmarks/bench_rl.py --estimator rloo --prompts 2 --generations 4   # critic-free PPO
     python benchmarks/bench_rl.py --stage grpo --prompts 2 --generations 4 --loss-type dapo
+    python benchmarks/bench_rl.py --set rollout_engine=true    # rollouts on the decode scheduler
     python benchmarks/bench_rl.py --model saves/lf_ppo/model --reward-model saves/lf_ppo/rm --dataset saves/lf_ppo/data/prompts.json
 
 It builds a random-init model (`--init`, default the 40M Qwen2 shape), a reward model as a LoRA adapter
@@ -105,6 +106,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other config key, e.g. --set rollout_engine=true (repeatable)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,6 +132,9 @@ def main() -> None:
         settings.update({"advantage_estimator": args.estimator} if args.stage == "ppo" else {"loss_type": args.loss_type})
         settings["reward_model" if args.stage == "ppo" else "reward_function"] = (
             str(reward_dir) if args.stage == "ppo" else "tunesmith.demos.synthetic:kindness_reward")
+        for item in args.set:
+            key, _, value = item.partition("=")
+            settings[key] = yaml.safe_load(value)
         config = build_config(settings)
         run_training(config, say=lambda *a: None)
         timed = [line for line in read_log(root / "out") if "step_seconds" in line][args.warmup:]

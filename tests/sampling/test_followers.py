@@ -37,17 +37,20 @@ def follower(prompt, leader_settings, adapter, recorder, **fields):
     return RowRequest(prompt, leader_settings, [1], adapter=adapter, follows=0, on_prompt=recorder, **fields)
 
 
-@pytest.mark.parametrize("prefill_tokens", [512, 7])
-def test_followers_read_the_leaders_answer_and_equal_one_forward(make_tiny_model, prefill_tokens):
+@pytest.mark.parametrize("prefill_tokens,in_step,merged", [(512, True, None), (7, True, None), (512, False, None),
+                                                            (7, False, OWN), (512, True, OWN)])
+def test_followers_read_the_leaders_answer_and_equal_one_forward(make_tiny_model, prefill_tokens, in_step, merged):
+    """In step or after the answer, with the policy's LoRA folded into the weights (RL) or not."""
     model = with_side_sets(make_tiny_model("llama", seed=3))
-    scheduler = DecodeScheduler(model, max_rows=9, prefill_tokens=prefill_tokens)
+    scheduler = DecodeScheduler(model, max_rows=9, prefill_tokens=prefill_tokens, merged=merged)
     groups, expected = [], []
     for index, prompt in enumerate(prompts(3, seed=4)):
         settings = SAMPLED[index] if index else GREEDY
         recorders = (Recorder(), Recorder())
         groups.append((scheduler.submit([request(prompt, settings, OWN, seed=50 + index),
-                                         follower(prompt, settings, BASE, recorders[0]),
-                                         follower(prompt, settings, "kind", recorders[1])]), prompt, recorders))
+                                         follower(prompt, settings, BASE, recorders[0], in_step=in_step),
+                                         follower(prompt, settings, "kind", recorders[1], in_step=in_step)]),
+                       prompt, recorders))
         expected.append(alone(model, prompt, settings, OWN, seed=50 + index))
     for (group, prompt, recorders), answer in zip(groups, expected):
         generation = group.result(timeout=60)
@@ -108,3 +111,11 @@ def test_a_follower_must_follow_an_earlier_drawing_row(make_tiny_model):
                   RowRequest(prompt, GREEDY, [1], follows=1)]):  # a follower
         with pytest.raises(TunesmithError, match="follow an earlier row"):
             scheduler.submit(rows)
+
+
+def test_rows_of_every_adapter_answer_as_alone_with_the_policy_folded_in(make_tiny_model):
+    model = with_side_sets(make_tiny_model("qwen2", seed=4))
+    rows = [(prompt, GREEDY, [None, "kind", BASE, OWN, "terse"][i % 5]) for i, prompt in enumerate(prompts(10, seed=3))]
+    scheduler = DecodeScheduler(model, max_rows=6, prefill_tokens=20, merged=OWN)
+    groups = [scheduler.submit([request(*row)]) for row in rows]
+    assert [group.result(timeout=60).response_ids[0] for group in groups] == [alone(model, *row) for row in rows]

@@ -64,8 +64,10 @@ def _same_path(a: str | None, b: str | None) -> bool:
 class RewardModel:
     """A causal LM backbone with a value head; `score` gives one number per conversation."""
 
-    def __init__(self, model, tokenizer, template, cutoff_len: int = 2048, head=None, adapter_context=nullcontext):
+    def __init__(self, model, tokenizer, template, cutoff_len: int = 2048, head=None, adapter_context=nullcontext,
+                 side: str | None = None):
         self.model = model
+        self.side = side  # the side adapter's name when it shares another model's base (a LoRA policy's)
         self.tokenizer = tokenizer
         self.template = template
         self.cutoff_len = cutoff_len
@@ -93,7 +95,7 @@ class RewardModel:
         tokenizer = load_tokenizer(str(folder))
         chat_template = get_template(template or settings.get("template"), tokenizer)
         return cls(model, tokenizer, chat_template, int(settings.get("cutoff_len") or 2048), head,
-                   partial(side_adapter, model, SIDE_ADAPTER))
+                   partial(side_adapter, model, SIDE_ADAPTER), side=SIDE_ADAPTER)
 
     @classmethod
     def load(cls, path: str | Path, base_model: str | None = None, template: str | None = None,

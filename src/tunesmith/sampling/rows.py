@@ -48,11 +48,17 @@ class RowRequest:
     """Sees the final hidden state [hidden] each drawn token was drawn from, first (RL's values)."""
     follows: int | None = None
     """Index in its group of an earlier row whose answer this row reads instead of drawing its own tokens."""
-    answer_of: Callable[[list[int]], list[int]] | None = None
+    answer_of: Callable[[list[int]], list[int] | None] | None = None
     """A follower's tokens after the prompt, given its leader's whole answer (None: the answer). They must
-    start with the answer but its last token, else the row ends where it is, `diverged`."""
+    start with the answer but its last token, else (or when it returns None) the row ends where it is,
+    `diverged`."""
     extra_positions: int = 0
     """Positions a follower may read past its leader's longest answer (`answer_of`'s additions)."""
+    in_step: bool = True
+    """A follower reads each token in the pass that feeds it to its leader (where a pass's weights stream
+    from memory, extra rows are nearly free: GPUs); False: it reads the answer whole once its leader has
+    ended, in one chunk (on a CPU the weights sit in cache and a row costs what it computes, so few-row
+    passes are the dear way to read tokens)."""
 
     @property
     def reserved(self) -> int:
@@ -131,12 +137,12 @@ class Row:
         ended, the prompt and `answer_of` the answer (checked once: it must extend what was read)."""
         prompt, leader = self.request.prompt, self.leader
         if not leader.done:
-            return prompt + leader.tokens
+            return prompt + leader.tokens if self.request.in_step else prompt
         if self.final is None:
             answer = leader.tokens if self.request.answer_of is None else self.request.answer_of(leader.tokens)
-            final = prompt + list(answer)
+            final = None if answer is None else prompt + list(answer)
             read = (prompt + leader.tokens)[:self.length]
-            self.diverged = final[:self.length] != read or len(final) > self.request.reserved + 1
+            self.diverged = final is None or final[:self.length] != read or len(final) > self.request.reserved + 1
             self.final = read if self.diverged else final
         return self.final
 

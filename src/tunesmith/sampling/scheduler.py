@@ -50,8 +50,8 @@ class DecodeScheduler:
     """The decode loop over `model`, on its own thread; `submit` queues a group of rows."""
 
     def __init__(self, model: PreTrainedModel, max_rows: int = 16, max_cached_tokens: int = 32768,
-                 prefill_tokens: int = 512) -> None:
-        self.model = model
+                 prefill_tokens: int = 512, merged: str | None = None) -> None:
+        self.model, self.merged = model, merged  # merged: see SlotDecoder (RL folds the policy's LoRA in)
         self.head = model.get_output_embeddings()
         self.device = self.head.weight.device
         self.max_rows, self.max_cached_tokens, self.prefill_tokens = max_rows, max_cached_tokens, prefill_tokens
@@ -70,6 +70,40 @@ class DecodeScheduler:
     def submit(self, requests: list[RowRequest], cancelled: threading.Event | None = None) -> RowGroup:
         """Queue a group of rows without waiting for them (`cancelled`, when given, is the group's cancel
         flag; the caller bounds how many wait, as the API's Worker does)."""
+        group = self._checked(requests, cancelled)
+        with self.wake:
+            self.waiting.append(group)
+            self._start()
+            self.wake.notify()
+        return group
+
+    def run_here(self, groups: list[list[RowRequest]]) -> list[RowGroup]:
+        """Run these groups to their end on the calling thread, for a caller that would only wait (RL rollouts):
+        on a CPU a second thread's OpenMP pool competes with the caller's (passes measured 2x slower once the
+        caller has run parallel work of its own). Falls back to the loop's thread while it serves others."""
+        with self.wake:
+            busy = self.thread is not None and self.thread.is_alive()
+        if busy:
+            submitted = [self.submit(requests) for requests in groups]
+        else:
+            submitted = [self._checked(requests) for requests in groups]
+            self.waiting.extend(submitted)
+            with torch.no_grad():
+                while self.waiting or self.rows:
+                    admitted = self._admit()
+                    if isinstance(admitted, RowGroup):
+                        _settle(admitted.future, lambda group=admitted: _run_alone(self.model, group))
+                        continue
+                    try:
+                        self._iterate()
+                    except BaseException as err:  # noqa: B036 - as in the loop
+                        self._fail(err)
+        for group in submitted:
+            group.result()  # its rows' error, if it failed
+        return submitted
+
+    def _checked(self, requests: list[RowRequest], cancelled: threading.Event | None = None) -> RowGroup:
+        """A group of `requests`, once they are known to be a group the loop can run."""
         if not requests:
             raise TunesmithError("a group needs at least one row.")
         if len(requests) > self.max_rows:
@@ -80,12 +114,7 @@ class DecodeScheduler:
         if any(request.follows is not None and not (0 <= request.follows < index and requests[request.follows].follows
                                                     is None) for index, request in enumerate(requests)):
             raise TunesmithError("a follower must follow an earlier row of its group that draws its own tokens.")
-        group = RowGroup(requests, cancelled)
-        with self.wake:
-            self.waiting.append(group)
-            self._start()
-            self.wake.notify()
-        return group
+        return RowGroup(requests, cancelled)
 
     def run(self, requests: list[RowRequest]) -> Any:
         """Submit the rows and wait for their `Generation`."""
@@ -169,7 +198,7 @@ class DecodeScheduler:
                 self.decoder.read_weights(self.model)
             else:  # none yet, or the one a wider or longer batch left: a cache this batch's size
                 self.decoder = None
-                self.decoder = SlotDecoder(self.model, slots, capacity)
+                self.decoder = SlotDecoder(self.model, slots, capacity, self.merged)
         self.decoder.grow(slots, capacity, live=len(self.rows))
         group.rows = rows
         self.rows.extend(rows)
@@ -239,7 +268,7 @@ class DecodeScheduler:
             slot = self.rows.index(row)
             if row.leader.done and (pending == 0 or row.diverged):
                 row.end()
-            elif pending == 1 and slot >= self.decoding:
+            elif pending == 1 and slot >= self.decoding and row.request.in_step:
                 self._swap(slot, self.decoding)
                 self.decoding += 1
             elif pending != 1 and slot < self.decoding:

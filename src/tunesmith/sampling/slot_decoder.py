@@ -65,9 +65,11 @@ class _Projection:
         return out
 
 
-def _projection(module: nn.Module) -> _Projection:
+def _projection(module: nn.Module, merged: str | None = None) -> _Projection:
     """The base weight of a Linear or LoRA layer with every adapter it holds (only for `supports`ed models):
-    its side sets by name, its own LoRA as OWN, and under None whatever its forward adds right now."""
+    its side sets by name, its own LoRA as OWN, and under None whatever its forward adds right now. With
+    `merged`, that adapter is folded into a copy of the weight and every other adapter (BASE too) adds its
+    difference from it, so rows of `merged` run one matmul."""
     if not isinstance(module, LoRALinear):
         return _Projection(module.weight, module.bias, {})
     base = module.base_layer  # its own LoRA runs as a low-rank update even inside merged_for_inference
@@ -75,9 +77,18 @@ def _projection(module: nn.Module) -> _Projection:
     if not (module.merged or module.disabled):
         adapters[OWN] = (module.lora_A.weight, module.lora_B.weight * module.scaling)
     current = module.active_side if module.active_side is not None else OWN
-    if current in adapters:
+    weight = base.weight
+    if merged in adapters:
+        folded_A, folded_B = adapters.pop(merged)
+        weight = weight + (folded_B @ folded_A).to(weight.dtype)
+        adapters = {name: (torch.cat([lora_A, folded_A]), torch.cat([lora_B, -folded_B], dim=1))
+                    for name, (lora_A, lora_B) in adapters.items()}
+        adapters[BASE] = (folded_A, -folded_B)
+        if current != merged:
+            adapters[None] = adapters.get(current, adapters[BASE])
+    elif current in adapters:
         adapters[None] = adapters[current]
-    return _Projection(base.weight, base.bias, adapters)
+    return _Projection(weight, base.bias, adapters)
 
 
 def _joined(parts: list[_Projection]) -> _Projection:
@@ -102,9 +113,9 @@ def _joined(parts: list[_Projection]) -> _Projection:
     return _Projection(torch.cat([part.weight for part in parts]), bias, adapters)
 
 
-def _read_layer(block: nn.Module) -> LayerWeights:
+def _read_layer(block: nn.Module, merged: str | None) -> LayerWeights:
     attention, mlp = block.self_attn, block.mlp
-    q, k, v, o, gate, up, down = (_projection(m) for m in (attention.q_proj, attention.k_proj, attention.v_proj,
+    q, k, v, o, gate, up, down = (_projection(m, merged) for m in (attention.q_proj, attention.k_proj, attention.v_proj,
                                                           attention.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
     return LayerWeights(rms_norm_weights(block.input_layernorm), _joined([q, k, v]), o,
                   rms_norm_weights(block.post_attention_layernorm), gate, up, down, mlp.act_fn)
@@ -130,8 +141,10 @@ class Chunk:
 class SlotDecoder:
     """Keys and values for `slots` rows of up to `capacity` positions each, and the pass that fills them."""
 
-    def __init__(self, model: PreTrainedModel, slots: int, capacity: int) -> None:
+    def __init__(self, model: PreTrainedModel, slots: int, capacity: int, merged: str | None = None) -> None:
         config = model.config
+        self.merged = merged
+        """The adapter folded into the weights while a batch runs (`_projection`): RL's policy rows."""
         self.read_weights(model)
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
@@ -148,7 +161,7 @@ class SlotDecoder:
         decoder = model.get_decoder()
         self.embed, self.rotary = decoder.embed_tokens, decoder.rotary_emb
         self.norm = rms_norm_weights(decoder.norm)
-        self.layers = [_read_layer(block) for block in decoder.layers]
+        self.layers = [_read_layer(block, self.merged) for block in decoder.layers]
 
     def holds(self, slots: int, capacity: int, budget: int) -> bool:
         """Whether the cache fits `slots` rows of `capacity` positions without exceeding `budget` positions

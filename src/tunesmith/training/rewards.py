@@ -119,20 +119,25 @@ class WeightedRewards:
         return totals
 
 
-def _conversations(items: list[Scored]) -> list[list[dict]]:
+def conversations(items: list[Scored]) -> list[list[dict]]:
     """Each prompt conversation with its completion as the assistant's answer."""
     return [item.messages + [{"role": "assistant", "content": item.completion}] for item in items]
 
 
-def model_rewards(reward_model) -> RewardSource:
-    def score(items: list[Scored]) -> list[float]:
-        return reward_model.score(_conversations(items))
-    return score
+class ModelRewards:
+    """A reward model as a reward source; it keeps the model so a rollout can run a reward model that shares
+    the policy's base beside the policy's rows (training/engine_rollout.py)."""
+
+    def __init__(self, reward_model) -> None:
+        self.reward_model = reward_model
+
+    def __call__(self, items: list[Scored]) -> list[float]:
+        return self.reward_model.score(conversations(items))
 
 
 def http_rewards(url: str, timeout: float = 60.0) -> RewardSource:
     def score(items: list[Scored]) -> list[float]:
-        request = urllib.request.Request(url, data=json.dumps({"messages": _conversations(items)}).encode(),
+        request = urllib.request.Request(url, data=json.dumps({"messages": conversations(items)}).encode(),
                                          headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:

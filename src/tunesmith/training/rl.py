@@ -69,6 +69,8 @@ class RLArgs:
     """Clip (normalised) scores to [-clip, clip]."""
     ppo_missing_eos_penalty: float | None = None
     """Subtract this from the score of a response that never produced its end-of-turn token."""
+    rollout_engine: bool = False
+    """Sample rollouts on the decode scheduler, the reference (LoRA off) and a reward model sharing the base running as rows beside the policy's, instead of `generate` and then a forward per model."""
 
     def resolve(self) -> None:
         """The KL weight's default depends on the algorithm; reward weights are numbers."""
@@ -194,10 +196,11 @@ def make_scorer(rl: RLArgs, base: ModelArgs, tokenizer: object, model: torch.nn.
     return Scorer(source, tokenizer, rl.ppo_missing_eos_penalty, rl.ppo_score_norm, rl.ppo_score_clip), reward_head
 
 
-def rollout_settings(sampling: SamplingSettings, optim: OptimArgs, tokenizer: object, group: int) -> RolloutSettings:
+def rollout_settings(sampling: SamplingSettings, optim: OptimArgs, tokenizer: object, group: int,
+                     engine: bool = False) -> RolloutSettings:
     """Sampling and forward settings of a run's rollouts (forwards in chunks of one micro-batch's samples)."""
     return RolloutSettings(sampling, tokenizer.pad_token_id, optim.logprob_chunk_size,
-                           optim.per_device_train_batch_size * group)
+                           optim.per_device_train_batch_size * group, engine)
 
 
 def stop_token_ids(template: str | None, tokenizer: object) -> list[int]:

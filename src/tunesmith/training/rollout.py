@@ -21,6 +21,8 @@ from tunesmith.data.packing import pack_into_row
 from tunesmith.model.forward import backbone_hidden, device_multiple
 from tunesmith.model.lora import merged_for_inference
 from tunesmith.sampling.generate import generate
+from tunesmith.training import engine_rollout
+from tunesmith.training.engine_rollout import engine_sample
 from tunesmith.training.loop import eval_mode
 from tunesmith.training.reference import Reference
 from tunesmith.training.scoring import Scorer
@@ -130,6 +132,8 @@ class RolloutSettings:
     chunk_size: int
     micro_samples: int
     """Samples per forward chunk (a rollout can be far larger than a micro-batch)."""
+    engine: bool = False
+    """Sample on the decode scheduler, the reference and reward rows beside the policy's (`rollout_engine`)."""
 
     @property
     def forward(self) -> dict:
@@ -144,38 +148,109 @@ def sample_and_score(model: torch.nn.Module, rows: list[dict], settings: Rollout
     """Sample `group` answers per prompt, then the policy's log-probs (and values), the reference's, and scores.
     `seeds` (one per answer, prompt-major) give each answer its own random stream.
 
-    All in eval mode. The policy's no-grad passes share one set of merged weights (one matmul per adapted
-    layer); the reward model may share this model (a side adapter), so it scores in eval mode too.
+    All in eval mode. With `settings.engine` (and a model the slot decoder runs) the answers come from the
+    decode scheduler with the reference and a shared-base reward model's rows beside them
+    (training/engine_rollout.py); otherwise from `generate`, then a forward per model over the answers.
     """
-    forward, micro = settings.forward, settings.micro_samples
-    from_sampler = sampler_statistics_are_exact(model)
+    generators = None if seeds is None else [torch.Generator().manual_seed(seed) for seed in seeds]
     with eval_mode(model):
+        start = time.perf_counter()
+        if settings.engine and engine_rollout.can_run(model, rows, settings.sampling):
+            sampled = _on_engine(model, rows, settings, scorer, stop_ids, group, with_values, reference, generators)
+        else:
+            sampled = _then_forward(model, rows, settings, stop_ids, group, with_values, reference, generators)
+        stopped = torch.tensor(sampled.stopped, device=sampled.old_logps.device)
+        responses = sampled.response_ids
+        raw, scores = scorer(rows, responses, stopped, sampled.scores)
+        timings = {"time/generation": sampled.generated_at - start,
+                   "time/scoring": time.perf_counter() - sampled.generated_at}
+    prompt_ids = [row["prompt_ids"] for row in rows for _ in range(group)]
+    return Rollout(prompt_ids, responses, response_mask(responses, stopped.device), sampled.old_logps,
+                   sampled.entropy, stopped, raw, scores, ref_logps=sampled.ref_logps, old_values=sampled.old_values,
+                   timings=timings, reward_parts=scorer.parts())
+
+
+@dataclass
+class _Sampled:
+    """What a rollout's sampling leaves before scoring."""
+
+    response_ids: list[list[int]]
+    stopped: list[bool]
+    old_logps: torch.Tensor
+    entropy: torch.Tensor
+    old_values: torch.Tensor | None
+    ref_logps: torch.Tensor | None
+    scores: list[float | None] | None
+    """Scores the sampling already gave (a reward row), None where the scorer must score."""
+    generated_at: float
+
+
+def _then_forward(model: torch.nn.Module, rows: list[dict], settings: RolloutSettings, stop_ids: list[int],
+                  group: int, with_values: bool, reference: Reference | None,
+                  generators: list[torch.Generator] | None) -> _Sampled:
+    """`generate` on merged weights, then the policy's forward (unless the sampler's statistics are exact)
+    and the reference's over the answers."""
+    from_sampler = sampler_statistics_are_exact(model)
+    with merged_for_inference(model):  # the policy's no-grad passes share one set of merged weights
+        generation = generate(model, [row["prompt_ids"] for row in rows], settings.sampling, stop_ids,
+                              settings.pad_id, num_samples=group, generator=generators, record=from_sampler)
+        generated_at = time.perf_counter()
+        prompt_ids = [row["prompt_ids"] for row in rows for _ in range(group)]
+        responses = generation.response_ids
+        if from_sampler:
+            old_logps, entropy = generation.logps, generation.entropy
+            mask = response_mask(responses, old_logps.device)
+            old_values = model.v_head(generation.hidden) * mask if with_values else None
+        else:
+            old_logps, entropy, old_values = chunked_response_forward(model, prompt_ids, responses, settings.micro_samples,
+                                                                      with_values=with_values, **settings.forward)
+    ref_logps = _reference_forward(reference, prompt_ids, responses, settings)
+    return _Sampled(responses, generation.stopped, old_logps, entropy, old_values, ref_logps, None, generated_at)
+
+
+def _on_engine(model: torch.nn.Module, rows: list[dict], settings: RolloutSettings, scorer: Scorer,
+               stop_ids: list[int], group: int, with_values: bool, reference: Reference | None,
+               generators: list[torch.Generator] | None) -> _Sampled:
+    """The answers, the reference's log-probs and a shared-base reward model's scores from one run of the
+    decode scheduler; pi_old, entropy and values from its draws in fp32, else from the policy's forward."""
+    exact = sampler_statistics_are_exact(model)
+    follow_reference = reference is not None and reference.adapter_off and reference.frozen is None
+    sample = engine_sample(model, rows, settings.sampling, stop_ids, group, generators, exact, follow_reference,
+                           scorer.reward_rows(model), settings.chunk_size)
+    generated_at = time.perf_counter()
+    prompt_ids = [row["prompt_ids"] for row in rows for _ in range(group)]
+    responses = sample.response_ids
+    if exact:
+        old_logps, entropy = padded(sample.logps), padded(sample.entropy)
+        old_values = None
+        if with_values:
+            values = model.v_head(torch.cat(sample.hidden)).split([len(r) for r in responses])
+            old_values = padded(list(values))
+    else:
         with merged_for_inference(model):
-            start = time.perf_counter()
-            generators = None if seeds is None else [torch.Generator().manual_seed(seed) for seed in seeds]
-            generation = generate(model, [row["prompt_ids"] for row in rows], settings.sampling, stop_ids,
-                                  settings.pad_id, num_samples=group, generator=generators, record=from_sampler)
-            generated_at = time.perf_counter()
-            prompt_ids = [row["prompt_ids"] for row in rows for _ in range(group)]
-            responses = generation.response_ids
-            if from_sampler:
-                old_logps, entropy = generation.logps, generation.entropy
-                mask = response_mask(responses, old_logps.device)
-                old_values = model.v_head(generation.hidden) * mask if with_values else None
-            else:
-                old_logps, entropy, old_values = chunked_response_forward(model, prompt_ids, responses, micro,
-                                                                          with_values=with_values, **forward)
-        ref_logps = None
-        if reference is not None:
-            with reference.use() as ref_model:
-                ref_logps = chunked_response_forward(ref_model, prompt_ids, responses, micro, with_values=False,
-                                                     **forward)[0]
-        stopped = torch.tensor(generation.stopped, device=old_logps.device)
-        raw, scores = scorer(rows, responses, stopped)
-        timings = {"time/generation": generated_at - start, "time/scoring": time.perf_counter() - generated_at}
-    return Rollout(prompt_ids, responses, response_mask(responses, old_logps.device), old_logps, entropy, stopped,
-                   raw, scores, ref_logps=ref_logps, old_values=old_values, timings=timings,
-                   reward_parts=scorer.parts())
+            old_logps, entropy, old_values = chunked_response_forward(model, prompt_ids, responses, settings.micro_samples,
+                                                                      with_values=with_values, **settings.forward)
+    if follow_reference:
+        ref_logps = padded(sample.ref_logps)
+    else:
+        ref_logps = _reference_forward(reference, prompt_ids, responses, settings)
+    return _Sampled(responses, sample.stopped, old_logps, entropy, old_values, ref_logps, sample.raw_scores,
+                    generated_at)
+
+
+def _reference_forward(reference: Reference | None, prompt_ids: list[list[int]], responses: list[list[int]],
+                       settings: RolloutSettings) -> torch.Tensor | None:
+    """The reference's log-probs of the answers from its own forward (None without a reference)."""
+    if reference is None:
+        return None
+    with reference.use() as ref_model:
+        return chunked_response_forward(ref_model, prompt_ids, responses, settings.micro_samples, with_values=False,
+                                        **settings.forward)[0]
+
+
+def padded(per_answer: list[torch.Tensor]) -> torch.Tensor:
+    """[answers, longest answer] (or [answers, longest, ...]) from one tensor per answer, zero past each end."""
+    return torch.nn.utils.rnn.pad_sequence(per_answer, batch_first=True)
 
 
 def sampler_statistics_are_exact(model: torch.nn.Module) -> bool:

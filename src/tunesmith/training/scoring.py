@@ -21,6 +21,7 @@ from tunesmith.model.value_head import VALUE_HEAD_FILE, ValueHead
 from tunesmith.sampling.generate import generate
 from tunesmith.training import rewards as reward_sources
 from tunesmith.training.distributed import sum_over_ranks
+from tunesmith.training.engine_rollout import RewardRows
 
 
 def check_reward_source(reward_model: str | None, reward_model_type: str | None, reward_function: str | None,
@@ -63,7 +64,7 @@ def build_reward_source(reward_model: str | None, reward_model_type: str | None,
         loaded = RewardModel.sharing_base(model, reward_model, base.model_name_or_path, base.adapter_name_or_path)
     if loaded is None:
         loaded = RewardModel.load(reward_model, trust_remote_code=base.trust_remote_code, use_cpu=use_cpu)
-    return reward_sources.model_rewards(loaded), loaded.head
+    return reward_sources.ModelRewards(loaded), loaded.head
 
 
 class Scorer:
@@ -75,10 +76,11 @@ class Scorer:
         self.missing_eos_penalty, self.normalise, self.clip = missing_eos_penalty, normalise, clip
         self.moments = RunningMoments()
 
-    def __call__(self, rows: list[dict], responses: list[list[int]],
-                 stopped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(raw scores, training scores), each [samples]; responses are prompt-major (a prompt's group together)."""
-        raw = torch.tensor(self.raw(rows, responses), dtype=torch.float32, device=stopped.device)
+    def __call__(self, rows: list[dict], responses: list[list[int]], stopped: torch.Tensor,
+                 known: list[float | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(raw scores, training scores), each [samples]; responses are prompt-major (a prompt's group together).
+        `known` scores (a reward row's, see engine_rollout.py) are taken as they are; the source scores the rest."""
+        raw = torch.tensor(self.raw(rows, responses, known), dtype=torch.float32, device=stopped.device)
         scores = raw.clone()
         if self.missing_eos_penalty is not None:
             scores = scores - self.missing_eos_penalty * (~stopped).float()
@@ -89,13 +91,28 @@ class Scorer:
             scores = scores.clamp(-self.clip, self.clip)
         return raw, scores
 
-    def raw(self, rows: list[dict], responses: list[list[int]]) -> list[float]:
-        """The reward source's scores of the responses (a prompt's samples are consecutive)."""
+    def raw(self, rows: list[dict], responses: list[list[int]], known: list[float | None] | None = None) -> list[float]:
+        """The reward source's scores of the responses (a prompt's samples are consecutive), but where `known`."""
         per_prompt = len(responses) // len(rows)
-        return self.source([reward_sources.Scored(rows[i // per_prompt]["messages"],
-                                                  self.tokenizer.decode(response, skip_special_tokens=True),
-                                                  rows[i // per_prompt]["reference"])
-                            for i, response in enumerate(responses)])
+        values = list(known) if known is not None else [None] * len(responses)
+        missing = [i for i, value in enumerate(values) if value is None]
+        if missing:
+            scored = self.source([reward_sources.Scored(rows[i // per_prompt]["messages"], self.decode(responses[i]),
+                                                        rows[i // per_prompt]["reference"]) for i in missing])
+            for i, value in zip(missing, scored):
+                values[i] = value
+        return values
+
+    def decode(self, response: list[int]) -> str:
+        """An answer's text as the reward source sees it."""
+        return self.tokenizer.decode(response, skip_special_tokens=True)
+
+    def reward_rows(self, policy: torch.nn.Module) -> RewardRows | None:
+        """The reward model as rows beside the policy's in a rollout, when it is a side adapter of `policy`."""
+        reward_model = getattr(self.source, "reward_model", None)
+        if reward_model is None or reward_model.side is None or reward_model.model is not policy:
+            return None
+        return RewardRows(reward_model.side, reward_model.head, reward_model.encode, self.decode)
 
     def parts(self) -> dict[str, list[float]]:
         """Each reward function's scores of the latest batch, by name (empty for a single source)."""

@@ -114,7 +114,7 @@ def grpo_parts(inputs: StageInputs) -> RLParts:
     args: GRPOArgs = config.method
     group = args.num_generations
     scorer, _ = make_scorer(args, config.model, inputs.tokenizer, inputs.model, config.train.use_cpu)
-    settings = rollout_settings(config.sampling, config.train, inputs.tokenizer, group)
+    settings = rollout_settings(config.sampling, config.train, inputs.tokenizer, group, args.rollout_engine)
     stop_ids = stop_token_ids(config.data.template, inputs.tokenizer)
     forward = {**settings.forward, "with_values": False, "entropy_grad": False}
 

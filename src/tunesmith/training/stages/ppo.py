@@ -147,7 +147,7 @@ def ppo_parts(inputs: StageInputs) -> RLParts:
             value_head.load_state_dict(reward_head.state_dict())
     controller = (AdaptiveKLController(args.ppo_kl_coef, args.ppo_target, args.ppo_kl_horizon)
                   if args.ppo_target is not None else FixedKLController(args.ppo_kl_coef))
-    settings = rollout_settings(config.sampling, config.train, inputs.tokenizer, group)
+    settings = rollout_settings(config.sampling, config.train, inputs.tokenizer, group, args.rollout_engine)
     stop_ids = stop_token_ids(config.data.template, inputs.tokenizer)
     estimator = KL_ESTIMATORS[args.ppo_kl_estimator]
 
