@@ -2,10 +2,12 @@
 (a separate code path), to 1e-5 in fp32: the answers, pi_old, entropy, values, the reference's log-probs and
 the shared-base reward model's scores."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from tests.training.test_rl import _random_lora_reward_model
+from tests.training.test_rl import _random_lora_reward_model, rl_settings  # noqa: F401 - a fixture
 from tunesmith.config import SamplingSettings
 from tunesmith.data.templates import get_template
 from tunesmith.model.loading import load_model, load_tokenizer
@@ -87,3 +89,60 @@ def _encodes_as_sampled(reward_model, tokenizer, row, answer):
     text = tokenizer.decode(answer, skip_special_tokens=True)
     ids = reward_model.encode(row["messages"] + [{"role": "assistant", "content": text}])
     return ids[:len(row["prompt_ids"]) + len(answer)] == row["prompt_ids"] + answer
+
+
+@pytest.mark.parametrize("stage,extra", [("ppo", {"reward_model": "rm"}), ("grpo", {"num_generations": 3})])
+def test_training_with_rollout_engine_logs_what_training_without_it_logs(rl_settings, tmp_path, stage, extra):
+    """The same run through the CLI's path, with and without `rollout_engine`: the same answers, scores and
+    losses at every step (to float rounding), so the engine is a speed switch, not another algorithm."""
+    from tunesmith.training.configure import build_config
+    from tunesmith.training.run import run_training
+    from tunesmith.training.tracking import read_log
+
+    settings = {**rl_settings, "stage": stage, "per_device_train_batch_size": 2, "max_steps": 2, "ppo_epochs": 1}
+    if "reward_model" in extra:
+        _random_lora_reward_model(settings["model_name_or_path"], tmp_path / "rm", "all")
+        settings.pop("reward_function")
+        extra = {"reward_model": str(tmp_path / "rm")}
+    logs = []
+    for engine in (False, True):
+        out = tmp_path / f"out_{engine}"
+        run_training(build_config({**settings, **extra, "output_dir": str(out), "rollout_engine": engine}),
+                     say=lambda *a: None)
+        logs.append([{k: v for k, v in line.items() if isinstance(v, float) and not k.startswith("time/")
+                      and k not in ("tokens_per_second", "step_seconds", "elapsed_time", "remaining_time")}
+                     for line in read_log(out) if "score" in line])
+    assert len(logs[0]) == 2 and [line.keys() for line in logs[0]] == [line.keys() for line in logs[1]]
+    for before, after in zip(*logs):
+        for key in before:
+            assert after[key] == pytest.approx(before[key], rel=1e-3, abs=1e-5), key
+
+
+@pytest.mark.parametrize("stage,engine", [("grpo", False), ("ppo", True)])
+def test_bf16_sampling_is_corrected_by_truncated_importance_weights(rl_settings, stage, engine):
+    """rollout_dtype: bf16 samples under autocast, pi_old is the fp32 learner's forward, and each token is
+    weighed by min(pi_old / pi_sampler, cap): the logs say how far the two were apart and the mean weight."""
+    from tunesmith.training.configure import build_config
+    from tunesmith.training.run import run_training
+    from tunesmith.training.tracking import read_log
+
+    settings = {**rl_settings, "stage": stage, "per_device_train_batch_size": 2, "max_steps": 2, "ppo_epochs": 1,
+                "rollout_engine": engine, "rollout_dtype": "bf16", "rollout_is_cap": 2.0}
+    run_training(build_config(settings), say=lambda *a: None)
+    lines = [line for line in read_log(Path(settings["output_dir"])) if "score" in line]
+    assert len(lines) == 2
+    for line in lines:
+        assert 0 < line["rollout_is/log_ratio"] < 0.5  # bf16 rounding, not another model
+        assert 0.5 < line["rollout_is/weight"] <= 2.0
+    fp32 = {**settings, "output_dir": settings["output_dir"] + "_fp32", "rollout_dtype": None}
+    run_training(build_config(fp32), say=lambda *a: None)
+    assert not any("rollout_is/weight" in line for line in read_log(Path(fp32["output_dir"])))  # the sampler is pi_old
+
+
+def test_a_bad_rollout_dtype_or_cap_is_named(rl_settings):
+    from tunesmith.errors import TunesmithError
+    from tunesmith.training.configure import build_config
+
+    for key, value, message in (("rollout_dtype", "int8", "bf16 or fp16"), ("rollout_is_cap", -1.0, "positive")):
+        with pytest.raises(TunesmithError, match=message):
+            build_config({**rl_settings, key: value})

@@ -91,10 +91,11 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
               advantages: torch.Tensor, mask: torch.Tensor, clip: float, kl_coef: float,
               clip_high: float | None = None, loss_type: str = "grpo", importance_level: str = "token",
               max_length: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss over [answers, T] token tensors with [answers] advantages; stats: clip fraction and KL."""
+    """Loss over [answers, T] token tensors with [answers] advantages (or [answers, T]: weighted per token,
+    algorithms/importance.py); stats: clip fraction and KL."""
     mask = mask.to(logps.dtype)
     ratio = torch.exp(importance_log_ratio(logps, old_logps, mask, importance_level))
-    per_answer_advantage = advantages[:, None].to(logps.dtype)
+    per_answer_advantage = (advantages if advantages.ndim == 2 else advantages[:, None]).to(logps.dtype)
     unclipped = -per_answer_advantage * ratio
     clipped = -per_answer_advantage * torch.clamp(ratio, 1 - clip, 1 + (clip if clip_high is None else clip_high))
     per_token = torch.maximum(unclipped, clipped)

@@ -16,7 +16,6 @@ its turn's end (same tokenizer and template, nothing cut). Where it does not, th
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,8 +27,6 @@ from tunesmith.sampling import cached_decoder
 from tunesmith.sampling.rows import RowGroup, RowRequest
 from tunesmith.sampling.scheduler import DecodeScheduler
 from tunesmith.sampling.slot_decoder import BASE, OWN
-
-_SCHEDULERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a model's scheduler, reused by each rollout
 
 
 @dataclass
@@ -99,15 +96,13 @@ def in_step_pays(model: torch.nn.Module) -> bool:
 
 
 def _scheduler(model: torch.nn.Module, requests: list[list[RowRequest]]) -> DecodeScheduler:
-    """The model's scheduler, sized to run every row of this rollout at once."""
-    scheduler = _SCHEDULERS.get(model)
-    if scheduler is None:
-        scheduler = _SCHEDULERS[model] = DecodeScheduler(model, merged=OWN)  # the policy's rows are most
+    """A scheduler sized to run every row of this rollout at once (a fresh one per rollout: its cache is
+    small next to the model, and nothing outlives the step)."""
     rows = sum(len(parts) for parts in requests)
     longest = max(request.reserved + 1 for parts in requests for request in parts)
-    scheduler.max_rows, scheduler.max_cached_tokens = max(rows, 1), rows * longest
-    scheduler.prefill_tokens = sum(len(request.prompt) for parts in requests for request in parts)
-    return scheduler
+    positions = sum(request.reserved + 1 for parts in requests for request in parts)  # all read in one pass
+    return DecodeScheduler(model, max_rows=rows, max_cached_tokens=rows * longest, prefill_tokens=positions,
+                           merged=OWN)  # the policy's rows are the most: its LoRA is folded into the weights
 
 
 class _Draws:

@@ -71,6 +71,10 @@ class RLArgs:
     """Subtract this from the score of a response that never produced its end-of-turn token."""
     rollout_engine: bool = False
     """Sample rollouts on the decode scheduler, the reference (LoRA off) and a reward model sharing the base running as rows beside the policy's, instead of `generate` and then a forward per model."""
+    rollout_dtype: str | None = None
+    """bf16 or fp16: sample rollouts under autocast to this dtype (as RL stacks sample with a bf16 engine); pi_old is then the learner's own forward. Pays only where the hardware computes that dtype fast."""
+    rollout_is_cap: float | None = None
+    """Truncated importance sampling: where the sampler is not the learner (rollout_dtype, or a bf16 run), weigh each token's policy-gradient term by min(pi_old / pi_sampler, cap); 2 is the usual cap. Unset: no correction."""
 
     def resolve(self) -> None:
         """The KL weight's default depends on the algorithm; reward weights are numbers."""
@@ -102,6 +106,11 @@ class RLArgs:
             ("ppo_kl_coef", self.ppo_kl_coef < 0, f"`ppo_kl_coef` must not be negative, got {self.ppo_kl_coef}."),
             ("ppo_score_clip", self.ppo_score_clip is not None and self.ppo_score_clip <= 0,
              "`ppo_score_clip` must be positive."),
+            ("rollout_dtype", self.rollout_dtype not in (None, *SAMPLER_DTYPES),
+             f"`rollout_dtype: {self.rollout_dtype}` is not supported; choose {' or '.join(SAMPLER_DTYPES)}, or remove "
+             "it to sample in the training precision."),
+            ("rollout_is_cap", self.rollout_is_cap is not None and self.rollout_is_cap <= 0,
+             f"`rollout_is_cap` must be positive (2 is usual), got {self.rollout_is_cap}."),
         ]
         return [(key, message) for key, failed, message in checks if failed]
 
@@ -196,11 +205,16 @@ def make_scorer(rl: RLArgs, base: ModelArgs, tokenizer: object, model: torch.nn.
     return Scorer(source, tokenizer, rl.ppo_missing_eos_penalty, rl.ppo_score_norm, rl.ppo_score_clip), reward_head
 
 
+SAMPLER_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def rollout_settings(sampling: SamplingSettings, optim: OptimArgs, tokenizer: object, group: int,
-                     engine: bool = False) -> RolloutSettings:
+                     rl: RLArgs | None = None) -> RolloutSettings:
     """Sampling and forward settings of a run's rollouts (forwards in chunks of one micro-batch's samples)."""
     return RolloutSettings(sampling, tokenizer.pad_token_id, optim.logprob_chunk_size,
-                           optim.per_device_train_batch_size * group, engine)
+                           optim.per_device_train_batch_size * group, rl is not None and rl.rollout_engine,
+                           None if rl is None or rl.rollout_dtype is None else SAMPLER_DTYPES[rl.rollout_dtype],
+                           None if rl is None else rl.rollout_is_cap)
 
 
 def stop_token_ids(template: str | None, tokenizer: object) -> list[int]:
@@ -298,8 +312,21 @@ def rollout_metrics(rollout: Rollout) -> dict:
     return {"score": global_mean(raw), "score_std": global_std(raw),
             "response_length": global_mean(mask.sum(1)), "eos_share": global_mean(rollout.stopped.float()),
             "entropy": masked_mean(rollout.entropy, mask, sum_over_ranks).item(), **rollout.timings,
+            **sampler_metrics(rollout),
             **{f"rewards/{name}": global_mean(torch.tensor(values, dtype=torch.float64, device=raw.device))
                for name, values in rollout.reward_parts.items()}}
+
+
+def sampler_metrics(rollout: Rollout) -> dict:
+    """Where the sampler is not the learner: how far apart they are (mean |log pi_old - log pi_sampler| per
+    token) and the mean importance weight."""
+    metrics = {}
+    if rollout.sampler_logps is not None:
+        gap = (rollout.old_logps - rollout.sampler_logps).abs()
+        metrics["rollout_is/log_ratio"] = masked_mean(gap, rollout.mask, sum_over_ranks).item()
+    if rollout.is_weights is not None:
+        metrics["rollout_is/weight"] = masked_mean(rollout.is_weights, rollout.mask, sum_over_ranks).item()
+    return metrics
 
 
 def global_mean(values: torch.Tensor) -> float:

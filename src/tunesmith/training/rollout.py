@@ -10,11 +10,13 @@ the values come from the sampler itself (`sampler_statistics_are_exact`), which 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+from tunesmith.algorithms.importance import truncated_is_weights
 from tunesmith.algorithms.logprobs import IGNORE_INDEX, chunked_logprobs_entropy_at, shift_labels
 from tunesmith.config import SamplingSettings
 from tunesmith.data.packing import pack_into_row
@@ -52,6 +54,11 @@ class Rollout:
     overlong penalty)."""
     ref_logps: torch.Tensor | None = None
     old_values: torch.Tensor | None = None
+    sampler_logps: torch.Tensor | None = None
+    """With `rollout_dtype`: log-prob of each token under the sampler that drew it (not the learner's pi_old)."""
+    is_weights: torch.Tensor | None = None
+    """With `rollout_is_cap`: [samples, T] truncated importance weights min(pi_old / pi_sampler, cap), which
+    scale each token's policy-gradient term (algorithms/importance.py)."""
     advantages: torch.Tensor | None = None
     """[samples, T] for PPO; [samples] (one per answer) for GRPO. Set by the algorithm."""
     returns: torch.Tensor | None = None
@@ -63,6 +70,13 @@ class Rollout:
 
     def __len__(self) -> int:
         return len(self.response_ids)
+
+    def policy_advantages(self) -> torch.Tensor:
+        """The advantages of the policy-gradient term: with importance weights, w * A per token [samples, T]."""
+        if self.is_weights is None:
+            return self.advantages
+        advantages = self.advantages if self.advantages.ndim == 2 else self.advantages[:, None]
+        return advantages * self.is_weights.to(advantages.dtype)
 
     def with_advantages(self, advantages: torch.Tensor, returns: torch.Tensor | None = None,
                         kl: torch.Tensor | None = None) -> Rollout:
@@ -134,6 +148,20 @@ class RolloutSettings:
     """Samples per forward chunk (a rollout can be far larger than a micro-batch)."""
     engine: bool = False
     """Sample on the decode scheduler, the reference and reward rows beside the policy's (`rollout_engine`)."""
+    sampler_dtype: torch.dtype | None = None
+    """Sample under autocast to this dtype (`rollout_dtype`); pi_old is then the learner's own forward."""
+    is_cap: float | None = None
+    """Truncated importance sampling's cap (`rollout_is_cap`): weigh tokens by min(pi_old / pi_sampler, cap)."""
+
+    def sampler_is_learner(self, model: torch.nn.Module) -> bool:
+        """Whether the sampler's statistics are the learner's pi_old (fp32, no autocast, no rollout_dtype)."""
+        return self.sampler_dtype is None and sampler_statistics_are_exact(model)
+
+    def sampling_precision(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+        """Autocast to `sampler_dtype` around the sampler (nothing without one)."""
+        if self.sampler_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(next(model.parameters()).device.type, dtype=self.sampler_dtype)
 
     @property
     def forward(self) -> dict:
@@ -161,13 +189,17 @@ def sample_and_score(model: torch.nn.Module, rows: list[dict], settings: Rollout
             sampled = _then_forward(model, rows, settings, stop_ids, group, with_values, reference, generators)
         stopped = torch.tensor(sampled.stopped, device=sampled.old_logps.device)
         responses = sampled.response_ids
+        mask = response_mask(responses, stopped.device)
+        is_weights = None
+        if settings.is_cap is not None and sampled.sampler_logps is not None:
+            is_weights = truncated_is_weights(sampled.old_logps, sampled.sampler_logps, mask, settings.is_cap)
         raw, scores = scorer(rows, responses, stopped, sampled.scores)
         timings = {"time/generation": sampled.generated_at - start,
                    "time/scoring": time.perf_counter() - sampled.generated_at}
     prompt_ids = [row["prompt_ids"] for row in rows for _ in range(group)]
-    return Rollout(prompt_ids, responses, response_mask(responses, stopped.device), sampled.old_logps,
-                   sampled.entropy, stopped, raw, scores, ref_logps=sampled.ref_logps, old_values=sampled.old_values,
-                   timings=timings, reward_parts=scorer.parts())
+    return Rollout(prompt_ids, responses, mask, sampled.old_logps, sampled.entropy, stopped, raw, scores,
+                   ref_logps=sampled.ref_logps, old_values=sampled.old_values, sampler_logps=sampled.sampler_logps,
+                   is_weights=is_weights, timings=timings, reward_parts=scorer.parts())
 
 
 @dataclass
@@ -183,17 +215,21 @@ class _Sampled:
     scores: list[float | None] | None
     """Scores the sampling already gave (a reward row), None where the scorer must score."""
     generated_at: float
+    sampler_logps: torch.Tensor | None = None
+    """The sampler's own log-probs, where they are not pi_old (`rollout_dtype`, or a bf16 learner)."""
 
 
 def _then_forward(model: torch.nn.Module, rows: list[dict], settings: RolloutSettings, stop_ids: list[int],
                   group: int, with_values: bool, reference: Reference | None,
                   generators: list[torch.Generator] | None) -> _Sampled:
-    """`generate` on merged weights, then the policy's forward (unless the sampler's statistics are exact)
+    """`generate` on merged weights, then the policy's forward (unless the sampler's statistics are pi_old)
     and the reference's over the answers."""
-    from_sampler = sampler_statistics_are_exact(model)
+    from_sampler = settings.sampler_is_learner(model)
+    record = from_sampler or settings.is_cap is not None  # the sampler's own log-probs, for the weights
     with merged_for_inference(model):  # the policy's no-grad passes share one set of merged weights
-        generation = generate(model, [row["prompt_ids"] for row in rows], settings.sampling, stop_ids,
-                              settings.pad_id, num_samples=group, generator=generators, record=from_sampler)
+        with settings.sampling_precision(model):
+            generation = generate(model, [row["prompt_ids"] for row in rows], settings.sampling, stop_ids,
+                                  settings.pad_id, num_samples=group, generator=generators, record=record)
         generated_at = time.perf_counter()
         prompt_ids = [row["prompt_ids"] for row in rows for _ in range(group)]
         responses = generation.response_ids
@@ -205,21 +241,27 @@ def _then_forward(model: torch.nn.Module, rows: list[dict], settings: RolloutSet
             old_logps, entropy, old_values = chunked_response_forward(model, prompt_ids, responses, settings.micro_samples,
                                                                       with_values=with_values, **settings.forward)
     ref_logps = _reference_forward(reference, prompt_ids, responses, settings)
-    return _Sampled(responses, generation.stopped, old_logps, entropy, old_values, ref_logps, None, generated_at)
+    sampler_logps = None if from_sampler or not record else generation.logps.to(old_logps.dtype)
+    return _Sampled(responses, generation.stopped, old_logps, entropy, old_values, ref_logps, None, generated_at,
+                    sampler_logps)
 
 
 def _on_engine(model: torch.nn.Module, rows: list[dict], settings: RolloutSettings, scorer: Scorer,
                stop_ids: list[int], group: int, with_values: bool, reference: Reference | None,
                generators: list[torch.Generator] | None) -> _Sampled:
     """The answers, the reference's log-probs and a shared-base reward model's scores from one run of the
-    decode scheduler; pi_old, entropy and values from its draws in fp32, else from the policy's forward."""
-    exact = sampler_statistics_are_exact(model)
+    decode scheduler; pi_old, entropy and values from its draws where they are the learner's, else from the
+    policy's forward."""
+    exact = settings.sampler_is_learner(model)
     follow_reference = reference is not None and reference.adapter_off and reference.frozen is None
-    sample = engine_sample(model, rows, settings.sampling, stop_ids, group, generators, exact, follow_reference,
-                           scorer.reward_rows(model), settings.chunk_size)
+    with settings.sampling_precision(model):
+        sample = engine_sample(model, rows, settings.sampling, stop_ids, group, generators,
+                               exact or settings.is_cap is not None, follow_reference, scorer.reward_rows(model),
+                               settings.chunk_size)
     generated_at = time.perf_counter()
     prompt_ids = [row["prompt_ids"] for row in rows for _ in range(group)]
     responses = sample.response_ids
+    sampler_logps = None
     if exact:
         old_logps, entropy = padded(sample.logps), padded(sample.entropy)
         old_values = None
@@ -230,12 +272,13 @@ def _on_engine(model: torch.nn.Module, rows: list[dict], settings: RolloutSettin
         with merged_for_inference(model):
             old_logps, entropy, old_values = chunked_response_forward(model, prompt_ids, responses, settings.micro_samples,
                                                                       with_values=with_values, **settings.forward)
+        sampler_logps = None if sample.logps is None else padded(sample.logps).to(old_logps.dtype)
     if follow_reference:
-        ref_logps = padded(sample.ref_logps)
+        ref_logps = padded(sample.ref_logps).to(old_logps.dtype)
     else:
         ref_logps = _reference_forward(reference, prompt_ids, responses, settings)
     return _Sampled(responses, sample.stopped, old_logps, entropy, old_values, ref_logps, sample.raw_scores,
-                    generated_at)
+                    generated_at, sampler_logps)
 
 
 def _reference_forward(reference: Reference | None, prompt_ids: list[list[int]], responses: list[list[int]],

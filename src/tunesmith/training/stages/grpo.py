@@ -114,7 +114,7 @@ def grpo_parts(inputs: StageInputs) -> RLParts:
     args: GRPOArgs = config.method
     group = args.num_generations
     scorer, _ = make_scorer(args, config.model, inputs.tokenizer, inputs.model, config.train.use_cpu)
-    settings = rollout_settings(config.sampling, config.train, inputs.tokenizer, group, args.rollout_engine)
+    settings = rollout_settings(config.sampling, config.train, inputs.tokenizer, group, args)
     stop_ids = stop_token_ids(config.data.template, inputs.tokenizer)
     forward = {**settings.forward, "with_values": False, "entropy_grad": False}
 
@@ -135,7 +135,7 @@ def grpo_parts(inputs: StageInputs) -> RLParts:
 
     def loss(model: torch.nn.Module, part: Rollout) -> tuple[torch.Tensor, dict]:
         logps, _, _ = response_forward(model, part.prompt_ids, part.response_ids, **forward)
-        return grpo_loss(logps, part.old_logps, part.ref_logps, part.advantages, part.mask, args.ppo_clip,
+        return grpo_loss(logps, part.old_logps, part.ref_logps, part.policy_advantages(), part.mask, args.ppo_clip,
                          args.ppo_kl_coef, args.epsilon_high, args.loss_type, args.importance_sampling_level,
                          config.sampling.max_new_tokens)
 

@@ -147,7 +147,7 @@ def ppo_parts(inputs: StageInputs) -> RLParts:
             value_head.load_state_dict(reward_head.state_dict())
     controller = (AdaptiveKLController(args.ppo_kl_coef, args.ppo_target, args.ppo_kl_horizon)
                   if args.ppo_target is not None else FixedKLController(args.ppo_kl_coef))
-    settings = rollout_settings(config.sampling, config.train, inputs.tokenizer, group, args.rollout_engine)
+    settings = rollout_settings(config.sampling, config.train, inputs.tokenizer, group, args)
     stop_ids = stop_token_ids(config.data.template, inputs.tokenizer)
     estimator = KL_ESTIMATORS[args.ppo_kl_estimator]
 
@@ -178,9 +178,9 @@ def ppo_parts(inputs: StageInputs) -> RLParts:
         logps, entropy, values = response_forward(model, part.prompt_ids, part.response_ids, with_values=critic,
                                                   entropy_grad=args.ppo_ent_coef != 0, **settings.forward)
         if not critic:
-            policy, stats = policy_loss(logps, part.old_logps, part.advantages, part.mask, args.ppo_clip)
+            policy, stats = policy_loss(logps, part.old_logps, part.policy_advantages(), part.mask, args.ppo_clip)
             return policy - args.ppo_ent_coef * masked_mean(entropy, part.mask), {"loss/policy": policy.detach(), **stats}
-        out = ppo_loss(logps, part.old_logps, values, part.old_values, part.advantages, part.returns, entropy,
+        out = ppo_loss(logps, part.old_logps, values, part.old_values, part.policy_advantages(), part.returns, entropy,
                        part.mask, args.ppo_clip, args.ppo_value_clip, args.ppo_vf_coef, args.ppo_ent_coef)
         return out.loss, {"loss/policy": out.policy.detach(), "loss/value": out.value.detach(), **out.stats}
 
