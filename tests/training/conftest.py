@@ -42,3 +42,17 @@ def base_settings(tiny_model, data_dir, tmp_path):
         "learning_rate": 1e-2, "max_steps": 6, "logging_steps": 1, "save_steps": 0, "seed": 0,
         "lora_rank": 4, "lora_target": "all",
     }
+
+
+REWARD_FILE = '''
+def count_a(prompts, completions, references):
+    return [completion.count("a") / 4 for completion in completions]
+'''
+
+
+@pytest.fixture
+def rl_settings(base_settings, tmp_path):
+    """A short PPO run rewarded by a function (the letter a), for the RL tests."""
+    (tmp_path / "reward.py").write_text(REWARD_FILE)
+    return {**base_settings, "stage": "ppo", "reward_function": f"{tmp_path / 'reward.py'}:count_a",
+            "max_new_tokens": 8, "cutoff_len": 64, "max_steps": 3, "ppo_epochs": 2, "learning_rate": 5e-3}

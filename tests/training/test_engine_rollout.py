@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.training.test_rl import _random_lora_reward_model, rl_settings  # noqa: F401 - a fixture
+from tests.training.test_rl import _random_lora_reward_model
 from tunesmith.config import SamplingSettings
 from tunesmith.data.templates import get_template
 from tunesmith.model.loading import load_model, load_tokenizer

@@ -18,19 +18,6 @@ from tunesmith.training.rollout import response_forward
 from tunesmith.training.run import run_training
 from tunesmith.training.tracking import read_log
 
-REWARD_FILE = '''
-def count_a(prompts, completions, references):
-    return [completion.count("a") / 4 for completion in completions]
-'''
-
-
-@pytest.fixture
-def rl_settings(base_settings, tmp_path):
-    (tmp_path / "reward.py").write_text(REWARD_FILE)
-    return {**base_settings, "stage": "ppo", "reward_function": f"{tmp_path / 'reward.py'}:count_a",
-            "max_new_tokens": 8, "cutoff_len": 64, "max_steps": 3, "ppo_epochs": 2, "learning_rate": 5e-3}
-
-
 PPO_METRICS = {"score", "kl", "kl_coef", "reward", "entropy", "response_length", "eos_share", "loss/policy",
                "loss/value", "policy/clipfrac", "policy/approxkl", "value/clipfrac", "grad_norm"}
 

@@ -59,7 +59,10 @@ class RewardRows:
 
 
 def can_run(model: torch.nn.Module, rows: list[dict], sampling: SamplingSettings) -> bool:
-    """Whether the slot decoder runs this model over these prompts and answers."""
+    """Whether the slot decoder runs this model over these prompts and answers (not one whose weights are
+    sharded over ranks: it reads whole weights)."""
+    if any(type(param).__name__ == "DTensor" for param in model.parameters()):
+        return False
     longest = max(len(row["prompt_ids"]) for row in rows) + sampling.max_new_tokens + 8
     return cached_decoder.supports(model, longest)
 
