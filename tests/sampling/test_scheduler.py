@@ -247,13 +247,13 @@ def test_an_idle_loop_ends_so_an_unused_engine_can_be_freed(make_tiny_model, mon
     monkeypatch.setattr(scheduler_module, "IDLE_SECONDS", 0.05)
     model = make_tiny_model("llama", seed=2)
     scheduler = DecodeScheduler(model)
-    first = scheduler.run([request([3, 4], GREEDY)]).response_ids
+    first = scheduler.submit([request([3, 4], GREEDY)]).result().response_ids
     deadline = time.monotonic() + 10
-    while scheduler.thread is not None:
+    while scheduler.driver is not None:
         assert time.monotonic() < deadline, "the idle loop did not end"
         time.sleep(0.01)
-    assert scheduler.run([request([3, 4], GREEDY)]).response_ids == first  # a new thread takes over
-    while scheduler.thread is not None:
+    assert scheduler.submit([request([3, 4], GREEDY)]).result().response_ids == first  # a new thread takes over
+    while scheduler.driver is not None:
         time.sleep(0.01)
     gone = weakref.ref(scheduler)
     del scheduler
@@ -323,7 +323,7 @@ def test_work_queued_as_the_idle_loop_times_out_is_still_run(make_tiny_model, mo
     monkeypatch.setattr(scheduler_module, "IDLE_SECONDS", 0.2)
     model = make_tiny_model("llama", seed=3)
     scheduler = DecodeScheduler(model)
-    expected = scheduler.run([request([3, 4], GREEDY)]).response_ids
+    expected = scheduler.submit([request([3, 4], GREEDY)]).result().response_ids
     with scheduler.wake:  # submit's critical section, held across the loop's idle timeout
         time.sleep(0.4)
         group = RowGroup([request([3, 4], GREEDY)])
@@ -331,3 +331,43 @@ def test_work_queued_as_the_idle_loop_times_out_is_still_run(make_tiny_model, mo
         scheduler._start()
         scheduler.wake.notify()
     assert group.result(timeout=10).response_ids == expected
+
+
+def test_callers_that_wait_decode_on_their_own_thread_and_join_a_running_loop(make_tiny_model):
+    """run_here: the first caller drives the loop; a second caller meanwhile, or one while the loop's own
+    thread serves submits, joins that batch; every answer is what it is alone."""
+    model = make_tiny_model("llama", seed=6)
+    rows = [(prompt, GREEDY) for prompt in prompts(6, seed=9)]
+    expected = [alone(model, *row) for row in rows]
+    scheduler = DecodeScheduler(model, max_rows=4)
+    drivers, answers = [], {}
+
+    def caller(index):
+        def on_token(token):
+            drivers.append(scheduler.driver)
+        group = scheduler.run_here([[request(*rows[index], on_token=on_token)]])[0]
+        answers[index] = group.result().response_ids[0]
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    background = scheduler.submit([request(*rows[3], on_token=lambda token: time.sleep(0.01))])
+    joined = scheduler.run_here([[request(*row)] for row in rows[4:]])
+    assert [answers[i] for i in range(3)] + [background.result(timeout=30).response_ids[0]] + [
+        group.result().response_ids[0] for group in joined] == expected
+    assert set(drivers) <= set(threads) and None not in drivers  # a caller's thread drove them
+
+
+def test_an_interrupt_while_a_caller_drives_ends_its_rows_and_the_next_run_is_whole(make_tiny_model):
+    model = make_tiny_model("llama", seed=6)
+    scheduler = DecodeScheduler(model)
+
+    def interrupt(token):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        scheduler.run([request([5, 6, 7], GREEDY, on_token=interrupt)])
+    assert not scheduler.rows and scheduler.driver is None
+    assert scheduler.run([request([5, 6, 7], GREEDY)]).response_ids[0] == alone(model, [5, 6, 7], GREEDY)

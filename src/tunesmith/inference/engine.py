@@ -104,26 +104,28 @@ class Engine:
         return self.continue_ids(prompts, settings, num_samples, seed, **row_options)
 
     def continue_ids(self, prompts: list[list[int]], settings: SamplingSettings, num_samples: int = 1,
-                     seed: int | None = None, **row_options: object) -> Generation:
-        """Continue token ids as they are (no template: /v1/completions), waiting for the answers; an
-        interrupt (Ctrl-C in chat) ends them."""
-        group = self.submit(prompts, settings, num_samples, seed, **row_options)
-        try:
-            return group.result()
-        except BaseException:
-            group.cancel()
-            raise
+                     seed: int | None = None, cancelled: threading.Event | None = None,
+                     **row_options: object) -> Generation:
+        """Continue token ids as they are (no template: /v1/completions), waiting for the answers (decoded on
+        this thread unless the loop runs on another: `DecodeScheduler.run_here`); an interrupt (Ctrl-C in
+        chat) or `cancelled` ends them."""
+        requests = self.requests(prompts, settings, num_samples, seed, **row_options)
+        return self.scheduler.run_here([requests], cancelled=cancelled)[0].result()
 
     def submit(self, prompts: list[list[int]], settings: SamplingSettings, num_samples: int = 1,
-               seed: int | None = None, adapter: str | None = None,
-               on_token: Callable[[int, int], bool | None] | None = None,
-               on_logits: Callable[[int, torch.Tensor, int], None] | None = None,
-               on_prompt: Callable[[int, torch.Tensor, int], None] | None = None,
-               cancelled: threading.Event | None = None) -> RowGroup:
-        """Queue `num_samples` answers per prompt (rows prompt-major) on the shared decode scheduler.
-        Row i samples from its own generator seeded `seed + i` (None: unseeded) and runs `adapter` (a
-        served adapter set; None: the weights as loaded). The callbacks get the row index first, then
-        what `RowRequest`'s get; `cancelled` set ends every row."""
+               seed: int | None = None, cancelled: threading.Event | None = None, **row_options: object) -> RowGroup:
+        """Queue `num_samples` answers per prompt (rows prompt-major) on the shared decode scheduler, without
+        waiting (see `requests` for the options); `cancelled` set ends every row."""
+        return self.scheduler.submit(self.requests(prompts, settings, num_samples, seed, **row_options), cancelled)
+
+    def requests(self, prompts: list[list[int]], settings: SamplingSettings, num_samples: int = 1,
+                 seed: int | None = None, adapter: str | None = None,
+                 on_token: Callable[[int, int], bool | None] | None = None,
+                 on_logits: Callable[[int, torch.Tensor, int], None] | None = None,
+                 on_prompt: Callable[[int, torch.Tensor, int], None] | None = None) -> list[RowRequest]:
+        """The rows of `num_samples` answers per prompt (prompt-major). Row i samples from its own generator
+        seeded `seed + i` (None: unseeded) and runs `adapter` (a served adapter set; None: the weights as
+        loaded). The callbacks get the row index first, then what `RowRequest`'s get."""
         device = next(self.model.parameters()).device
         requests = []
         for index, prompt in enumerate(row for row in prompts for _ in range(num_samples)):
@@ -133,7 +135,7 @@ class Engine:
                 on_token=None if on_token is None else functools.partial(on_token, index),
                 on_logits=None if on_logits is None else functools.partial(on_logits, index),
                 on_prompt=None if on_prompt is None else functools.partial(on_prompt, index)))
-        return self.scheduler.submit(requests, cancelled)
+        return requests
 
     def decode(self, ids: list[int]) -> str:
         """Response text without the stop token and other special tokens."""

@@ -135,15 +135,11 @@ def predict(engine: Engine, conversations: list[list[dict]], settings: SamplingS
     if notice:
         say(notice)
     # every prompt goes to the decode scheduler at once; it runs max_num_seqs of them together, starting
-    # the next as soon as one ends (sampled rows are seeded seed + record index, whatever runs beside them)
-    groups = [engine.submit([ids], settings, seed=seed + index) for index, ids in enumerate(prompts)]
-    predictions = []
-    try:
-        for ids, messages, group in tqdm(list(zip(prompts, conversations, groups)), desc="predict", dynamic_ncols=True):
-            response_ids = group.result().response_ids[0]
-            predictions.append(Prediction(prompt=engine.decode(ids), predict=engine.decode(response_ids),
-                                          label=messages[-1]["content"]))
-    finally:
-        for group in groups:
-            group.cancel()  # no-op for answered ones; an interrupt leaves nothing decoding
+    # the next as soon as one ends (sampled rows are seeded seed + record index, whatever runs beside them),
+    # on this thread (see DecodeScheduler.run_here)
+    requests = [engine.requests([ids], settings, seed=seed + index) for index, ids in enumerate(prompts)]
+    with tqdm(total=len(requests), desc="predict", dynamic_ncols=True) as bar:
+        groups = engine.scheduler.run_here(requests, on_done=lambda index: bar.update())
+    predictions = [Prediction(prompt=engine.decode(ids), predict=engine.decode(group.result().response_ids[0]),
+                              label=messages[-1]["content"]) for ids, messages, group in zip(prompts, conversations, groups)]
     return predictions

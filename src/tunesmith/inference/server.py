@@ -30,6 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -211,7 +212,7 @@ def run_api(config: RunConfig, host: str, port: int, api_key: str | None,
     warning = exposure_warning(host, api_key)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    served = load_served(config)
+    served = load_on_decode_thread(config)
     name = served.default.name
     scheduler = served.default.engine.scheduler
     if scheduler.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -222,6 +223,23 @@ def run_api(config: RunConfig, host: str, port: int, api_key: str | None,
     say(f"[tunesmith] serving {', '.join([name, *served.adapters])} on http://{host}:{port}/v1 (OpenAI API; "
         "docs at /docs)")
     uvicorn.run(create_app(served.default.engine, name, api_key, served), host=host, port=port, log_level="info")
+
+
+def load_on_decode_thread(config: RunConfig) -> ServedModels:
+    """Load the served models on a thread that then runs the decode loop for good, so that one thread runs
+    every torch op: on a CPU, a second thread's OpenMP pool slows both (`DecodeScheduler.run_here`)."""
+    loaded: Future = Future()
+
+    def load_then_serve() -> None:
+        try:
+            served = load_served(config)
+        except BaseException as err:  # noqa: B036 - the main thread reports it
+            loaded.set_exception(err)
+            return
+        served.default.engine.scheduler.serve_here(ready=lambda: loaded.set_result(served))
+
+    threading.Thread(target=load_then_serve, name="tunesmith-decode", daemon=True).start()
+    return loaded.result()
 
 
 def exposure_warning(host: str, api_key: str | None) -> str | None:

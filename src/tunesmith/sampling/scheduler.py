@@ -21,7 +21,6 @@ A model the slot decoder cannot run (not Llama-family, a 4/8-bit base) runs each
 from __future__ import annotations
 
 import collections
-import contextlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -30,13 +29,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tunesmith.errors import TunesmithError
-from tunesmith.model.adapter_sets import adapter_set
-from tunesmith.model.lora import disable_lora
 from tunesmith.sampling import cached_decoder
-from tunesmith.sampling.generate import generate, last_logits
+from tunesmith.sampling.fallback import run_alone
+from tunesmith.sampling.generate import last_logits
 from tunesmith.sampling.row_sampling import RowSettings, sample_rows
 from tunesmith.sampling.rows import Row, RowGroup, RowRequest
-from tunesmith.sampling.slot_decoder import BASE, OWN, Chunk, SlotDecoder
+from tunesmith.sampling.slot_decoder import Chunk, SlotDecoder
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -61,7 +59,7 @@ class DecodeScheduler:
         self.rows: list[Row] = []  # rows[i] lives in cache slot i: decoding rows first, then reading rows
         self.decoding = 0  # how many of rows decode
         self.decoder: SlotDecoder | None = None
-        self.thread: threading.Thread | None = None
+        self.driver: threading.Thread | None = None  # the thread running the loop: its own, or a caller's
         self.row_settings: tuple[tuple[int, ...], RowSettings] | None = None  # of the rows drawn last, by serial
         self.light_threads: int | None = None
         """CPU threads for passes of few tokens (decoding only); None: torch's setting for every pass."""
@@ -77,30 +75,43 @@ class DecodeScheduler:
             self.wake.notify()
         return group
 
-    def run_here(self, groups: list[list[RowRequest]]) -> list[RowGroup]:
-        """Run these groups to their end on the calling thread, for a caller that would only wait (RL rollouts):
-        on a CPU a second thread's OpenMP pool competes with the caller's (passes measured 2x slower once the
-        caller has run parallel work of its own). Falls back to the loop's thread while it serves others."""
+    def run_here(self, groups: list[list[RowRequest]], on_done: Callable[[int], None] | None = None,
+                 cancelled: threading.Event | None = None) -> list[RowGroup]:
+        """Run these groups to their end, decoding on the calling thread unless a thread already runs the loop
+        (then they join its batch); `on_done(i)` as group i ends; `cancelled` set ends them all. For callers that would only wait (RL
+        rollouts, chat, do_predict). Why not a thread of the loop's own: on a CPU each thread that runs torch
+        ops gets its own OpenMP pool, and once pools' threads outnumber the cores libgomp wakes its workers
+        by futex instead of spinning; passes on a second thread measured 1.4x slower once the caller had
+        loaded a model, 2x slower with the caller's own parallel work in between."""
+        submitted = [self._checked(requests, cancelled) for requests in groups]
+        for index, group in enumerate(submitted):
+            if on_done is not None:
+                group.future.add_done_callback(lambda _, index=index: on_done(index))
         with self.wake:
-            busy = self.thread is not None and self.thread.is_alive()
-        if busy:
-            submitted = [self.submit(requests) for requests in groups]
-        else:
-            submitted = [self._checked(requests) for requests in groups]
             self.waiting.extend(submitted)
-            with torch.no_grad():
-                while self.waiting or self.rows:
-                    admitted = self._admit()
-                    if isinstance(admitted, RowGroup):
-                        _settle(admitted.future, lambda group=admitted: _run_alone(self.model, group))
-                        continue
-                    try:
-                        self._iterate()
-                    except BaseException as err:  # noqa: B036 - as in the loop
-                        self._fail(err)
-        for group in submitted:
-            group.result()  # its rows' error, if it failed
+            drive = self.driver is None or not self.driver.is_alive()
+            if drive:
+                self.driver = threading.current_thread()
+            else:
+                self.wake.notify()
+        try:
+            if drive:
+                self._drive(idle=0.0)
+            for group in submitted:
+                group.result()  # its rows' error, if it failed
+        except BaseException:
+            for group in submitted:
+                group.cancel()  # an interrupt (Ctrl-C in chat) leaves nothing of these decoding
+            raise
         return submitted
+
+    def serve_here(self, ready: Callable[[], None] = lambda: None) -> None:
+        """Run the loop on the calling thread for good (`tunesmith api`: the thread that loaded the model, so
+        one thread runs every torch op; see `run_here`); `ready()` once submits go to this thread."""
+        with self.wake:
+            self.driver = threading.current_thread()
+        ready()
+        self._drive(idle=None)
 
     def _checked(self, requests: list[RowRequest], cancelled: threading.Event | None = None) -> RowGroup:
         """A group of `requests`, once they are known to be a group the loop can run."""
@@ -117,8 +128,8 @@ class DecodeScheduler:
         return RowGroup(requests, cancelled)
 
     def run(self, requests: list[RowRequest]) -> Any:
-        """Submit the rows and wait for their `Generation`."""
-        return self.submit(requests).result()
+        """The rows' `Generation`, decoded on the calling thread if no other runs the loop (`run_here`)."""
+        return self.run_here([requests])[0].result()
 
     def call(self, work: Callable[[], Any]) -> Any:
         """Run `work` on the decode thread between steps (other work on the same model, e.g. scoring)."""
@@ -130,28 +141,37 @@ class DecodeScheduler:
         return future.result()
 
     def _start(self) -> None:
-        if self.thread is None or not self.thread.is_alive():
-            self.thread = threading.Thread(target=self._loop, name="tunesmith-decode", daemon=True)
-            self.thread.start()
+        """Under the lock: a thread for the loop, unless one runs it (its own, or a caller's in run_here)."""
+        if self.driver is None or not self.driver.is_alive():
+            self.driver = threading.Thread(target=self._drive, args=(IDLE_SECONDS,), name="tunesmith-decode",
+                                           daemon=True)
+            self.driver.start()
 
-    def _loop(self) -> None:
-        while True:
+    def _drive(self, idle: float | None) -> None:
+        """The loop, on the driver thread: admit, then one pass, until nothing has come for `idle` seconds
+        (None: for good). Ending is decided under the lock, so a group queued meanwhile starts a new driver."""
+        try:
+            while True:
+                with self.wake:
+                    if not self.wake.wait_for(lambda: self.waiting or self.rows or self.calls, timeout=idle):
+                        self.driver = None  # so an engine nobody uses can be freed; the next submit starts anew
+                        return
+                    calls, self.calls = self.calls, []
+                    admitted = self._admit()
+                for work, future in calls:
+                    _settle(future, work)
+                if isinstance(admitted, RowGroup):  # a model the slot decoder cannot run: this group alone
+                    _settle(admitted.future, lambda group=admitted: run_alone(self.model, group))
+                    continue
+                try:
+                    with torch.no_grad():
+                        self._iterate()
+                except BaseException as err:  # noqa: B036 - every running request must learn why; the loop lives
+                    self._fail(err)
+        finally:
             with self.wake:
-                if not self.wake.wait_for(lambda: self.waiting or self.rows or self.calls, timeout=IDLE_SECONDS):
-                    self.thread = None  # idle, checked under the lock: the next submit starts a new thread
-                    return  # so an engine nobody uses can be freed
-                calls, self.calls = self.calls, []
-                admitted = self._admit()
-            for work, future in calls:
-                _settle(future, work)
-            if isinstance(admitted, RowGroup):  # a model the slot decoder cannot run: this group alone
-                _settle(admitted.future, lambda group=admitted: _run_alone(self.model, group))
-                continue
-            try:
-                with torch.no_grad():
-                    self._iterate()
-            except BaseException as err:  # noqa: B036 - every running request must learn why; the loop lives
-                self._fail(err)
+                if self.driver is threading.current_thread():
+                    self.driver = None
 
     def _admit(self) -> RowGroup | None:
         """Move waiting groups into the batch, in arrival order, while they fit; returns a group to run
@@ -342,50 +362,3 @@ def _settle(future: Future, work: Callable[[], Any]) -> None:
         future.set_result(work())
     except BaseException as err:  # noqa: B036 - the caller must learn why, the loop must live
         future.set_exception(err)
-
-
-def _run_alone(model: PreTrainedModel, group: RowGroup) -> Any:
-    """A group through `generate` (rows decoded together, one prompt each), for models the slot decoder
-    cannot run; the per-row callbacks see what they would see in the batch."""
-    requests = group.requests
-    if any(request.follows is not None for request in requests):
-        raise TunesmithError("rows that follow another row need a Llama-family model the slot decoder runs.")
-    first = requests[0]
-    device = next(model.parameters()).device
-    done = [False] * len(requests)
-
-    def on_step(tokens: list[int]) -> list[int]:
-        ended = []
-        for index, (token, request) in enumerate(zip(tokens, requests)):
-            if done[index]:
-                continue
-            said = request.on_token is not None and request.on_token(token)  # the stop token too, as in a batch
-            done[index] = token in request.stop_ids or group.cancelled.is_set() or bool(said)
-            if done[index]:
-                ended.append(index)
-        return ended
-
-    def on_logits(logits: torch.Tensor, tokens: torch.Tensor) -> None:
-        for index, request in enumerate(requests):
-            if not done[index] and request.on_logits is not None:
-                request.on_logits(logits[index], int(tokens[index]))
-
-    def on_prompt(states: torch.Tensor) -> None:
-        for index, request in enumerate(requests):
-            if request.on_prompt is not None:
-                request.on_prompt(states[index, states.shape[1] - len(request.prompt):], 0)
-
-    generators = [r.generator or torch.Generator(device).manual_seed(int(torch.randint(2**62, ()))) for r in requests]
-    with _adapter_scope(model, first.adapter):
-        return generate(model, [r.prompt for r in requests], first.settings, first.stop_ids, 0, 1, generators,
-                        on_step=on_step, on_logits=on_logits, on_prompt=on_prompt)
-
-
-def _adapter_scope(model: PreTrainedModel, adapter: str | None) -> contextlib.AbstractContextManager:
-    """Run `model` as a row of `adapter` computes in the slot decoder: None and OWN as it runs now (its own
-    LoRA), BASE with every adapter off, a side set's name with that set."""
-    if adapter in (None, OWN):
-        return contextlib.nullcontext()
-    if adapter == BASE:
-        return disable_lora(model)
-    return adapter_set(model, adapter)
