@@ -5,14 +5,16 @@
 
 Builds a random-init model (`tunesmith init-model --size`) and a seeded eval set of --prompts chat
 prompts (8-200 tokens of the bundled corpus; each asks for an answer of up to 16-128 tokens, drawn per
-prompt, as max_new_tokens caps a real model's answers at different lengths), then answers them twice in
+prompt, as max_new_tokens caps a real model's answers at different lengths), then answers them three ways in
 one process and prints one JSON line per way:
 - "fixed batches": what do_predict did before the scheduler, batches of --batch-size prompts
   (per_device_eval_batch_size) through `generate`, each batch running until its longest answer ends;
 - "scheduler": every prompt submitted to the engine's decode scheduler at once (max_num_seqs rows run
   together; a row that ends makes room for the next prompt at once), as `tunesmith train` with
-  do_predict now runs.
-Both greedy; every answer must be the same both ways, else the script exits 1. The random model never
+  do_predict now runs, on the calling thread (`run_here`);
+- "scheduler on its own thread": the same through `submit`, the scheduler's own loop thread (do_predict
+  before 2026-12-07; on a CPU a second thread's OpenMP pool slows every pass, see `run_here`).
+All greedy; every answer must be the same both ways, else the script exits 1. The random model never
 says its stop token, so each answer runs to its own max_new_tokens; the lengths differ from prompt to
 prompt, which is where fixed batches wait on their longest row.
 """
@@ -60,10 +62,15 @@ def fixed_batches(model, rows, batch_size: int) -> list[list[int]]:
     return answers
 
 
-def scheduled(model, rows, max_rows: int) -> list[list[int]]:
+def scheduled(model, rows, max_rows: int, on_a_thread: bool = False) -> list[list[int]]:
+    """Every prompt at once, decoded on this thread as do_predict does (`run_here`), or on the loop's own
+    thread (`submit`, as do_predict did before)."""
     scheduler = DecodeScheduler(model, max_rows=max_rows)
-    groups = [scheduler.submit([RowRequest(ids, SamplingSettings(max_new_tokens=length, do_sample=False), [])])
-              for ids, length in rows]
+    requests = [[RowRequest(ids, SamplingSettings(max_new_tokens=length, do_sample=False), [])] for ids, length in rows]
+    if on_a_thread:
+        groups = [scheduler.submit(parts) for parts in requests]
+    else:
+        groups = scheduler.run_here(requests)
     return [group.result().response_ids[0] for group in groups]
 
 
@@ -82,7 +89,8 @@ def main() -> None:
     scheduled(model, rows[:2], args.max_num_seqs)  # first-call set-up, not measured
     results = {}
     for name, run in (("fixed batches", lambda: fixed_batches(model, rows, args.batch_size)),
-                      ("scheduler", lambda: scheduled(model, rows, args.max_num_seqs))):
+                      ("scheduler", lambda: scheduled(model, rows, args.max_num_seqs)),
+                      ("scheduler on its own thread", lambda: scheduled(model, rows, args.max_num_seqs, True))):
         began = time.perf_counter()
         results[name] = run()
         seconds = time.perf_counter() - began
@@ -90,9 +98,10 @@ def main() -> None:
         print(json.dumps({"way": name, "model": args.size, "prompts": len(rows), "seconds": round(seconds, 2),
                           "answer_tokens": tokens, "tokens_per_second": round(tokens / seconds, 1),
                           "samples_per_second": round(len(rows) / seconds, 2)}), flush=True)
-    if results["fixed batches"] != results["scheduler"]:
-        differ = [i for i, (a, b) in enumerate(zip(*results.values())) if a != b]
-        sys.exit(f"answers differ between the two ways for prompts {differ[:20]}")
+    for name in ("scheduler", "scheduler on its own thread"):
+        if results["fixed batches"] != results[name]:
+            differ = [i for i, (a, b) in enumerate(zip(results["fixed batches"], results[name])) if a != b]
+            sys.exit(f"answers differ between fixed batches and the {name} for prompts {differ[:20]}")
 
 
 if __name__ == "__main__":
