@@ -6,6 +6,7 @@ import torch
 
 from tests.sampling.test_scheduler import GREEDY, SAMPLED, _adapter, alone, prompts, request, with_side_sets
 from tunesmith.errors import TunesmithError
+from tunesmith.model.lora import lora_modules
 from tunesmith.sampling.rows import RowRequest
 from tunesmith.sampling.scheduler import DecodeScheduler
 from tunesmith.sampling.slot_decoder import BASE, OWN
@@ -119,3 +120,27 @@ def test_rows_of_every_adapter_answer_as_alone_with_the_policy_folded_in(make_ti
     scheduler = DecodeScheduler(model, max_rows=6, prefill_tokens=20, merged=OWN)
     groups = [scheduler.submit([request(*row)]) for row in rows]
     assert [group.result(timeout=60).response_ids[0] for group in groups] == [alone(model, *row) for row in rows]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_with_the_policy_folded_in_a_side_adapter_on_some_layers_and_base_rows_run_their_own_weights(
+        make_tiny_model, dtype):
+    """A reward LoRA may adapt fewer layers than the policy's (load_side_adapter allows it): on the others its
+    rows run the base, not the folded policy. bf16 weights are not folded (round(W + BA) - BA is not W)."""
+    model = with_side_sets(make_tiny_model("llama", seed=3)).to(dtype)
+    for path, layer in lora_modules(model):
+        if not path.endswith(("q_proj", "v_proj")):
+            del layer.side["kind"]
+    prompt = prompts(1, seed=4)[0]
+    runs = {}
+    for merged in (OWN, None):
+        side, base = Recorder(), Recorder()
+        DecodeScheduler(model, max_rows=3, merged=merged).run([
+            request(prompt, GREEDY, OWN), follower(prompt, GREEDY, "kind", side), follower(prompt, GREEDY, BASE, base)])
+        runs[merged] = side.stacked(), base.stacked()
+    if dtype == torch.bfloat16:  # not folded: the same computation as without `merged`
+        torch.testing.assert_close(runs[OWN], runs[None], atol=0, rtol=0)
+        return
+    answer = alone(model, prompt, GREEDY, OWN)
+    for states, adapter in zip(runs[OWN], ("kind", BASE)):
+        torch.testing.assert_close(states, forward_states(model, prompt + answer, adapter), atol=1e-5, rtol=1e-4)

@@ -357,7 +357,8 @@ def test_callers_that_wait_decode_on_their_own_thread_and_join_a_running_loop(ma
     joined = scheduler.run_here([[request(*row)] for row in rows[4:]])
     assert [answers[i] for i in range(3)] + [background.result(timeout=30).response_ids[0]] + [
         group.result().response_ids[0] for group in joined] == expected
-    assert set(drivers) <= set(threads) and None not in drivers  # a caller's thread drove them
+    # a caller's thread drove them (once its own answer ended, the rest went on on the loop's own thread)
+    assert None not in drivers and set(drivers) & set(threads)
 
 
 def test_an_interrupt_while_a_caller_drives_ends_its_rows_and_the_next_run_is_whole(make_tiny_model):
@@ -371,3 +372,41 @@ def test_an_interrupt_while_a_caller_drives_ends_its_rows_and_the_next_run_is_wh
         scheduler.run([request([5, 6, 7], GREEDY, on_token=interrupt)])
     assert not scheduler.rows and scheduler.driver is None
     assert scheduler.run([request([5, 6, 7], GREEDY)]).response_ids[0] == alone(model, [5, 6, 7], GREEDY)
+
+
+def test_a_caller_that_stops_driving_hands_the_rows_left_to_a_thread_of_the_loops_own(make_tiny_model):
+    """Caller A drives; B joins A's batch; an interrupt lands in A's loop outside a pass (here in admission):
+    B's rows still finish, on a thread the scheduler starts."""
+    model = make_tiny_model("llama", seed=3)
+    scheduler = DecodeScheduler(model, max_rows=4)
+    admit, armed, joined = scheduler._admit, threading.Event(), threading.Event()
+
+    def interrupted_admit():
+        if armed.is_set() and threading.current_thread() is threading.main_thread():
+            armed.clear()
+            raise KeyboardInterrupt
+        return admit()
+
+    scheduler._admit = interrupted_admit
+    answers = {}
+
+    def caller_b():
+        joined.set()
+        group = scheduler.run_here([[request([8, 9], SamplingSettings(max_new_tokens=60, do_sample=False))]])[0]
+        answers["b"] = group.result().response_ids[0]
+
+    def on_token(token):  # A's second token: B joins, then the interrupt is armed
+        if not joined.is_set():
+            threading.Thread(target=caller_b, daemon=True).start()
+            while not scheduler.waiting and "b" not in answers:
+                time.sleep(0.001)
+            armed.set()
+
+    with pytest.raises(KeyboardInterrupt):
+        scheduler.run_here([[request([5, 6, 7], SamplingSettings(max_new_tokens=400, do_sample=False),
+                                     on_token=on_token)]])
+    deadline = time.monotonic() + 30
+    while "b" not in answers:
+        assert time.monotonic() < deadline, "B's rows were left with no thread to run them"
+        time.sleep(0.01)
+    assert answers["b"] == alone(model, [8, 9], SamplingSettings(max_new_tokens=60, do_sample=False))

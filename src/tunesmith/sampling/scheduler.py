@@ -96,7 +96,7 @@ class DecodeScheduler:
                 self.wake.notify()
         try:
             if drive:
-                self._drive(idle=0.0)
+                self._drive(idle=0.0, until=lambda: all(group.future.done() for group in submitted))
             for group in submitted:
                 group.result()  # its rows' error, if it failed
         except BaseException:
@@ -122,9 +122,10 @@ class DecodeScheduler:
                                  "runs together (max_num_seqs); ask for fewer.")
         if any(not request.prompt for request in requests):
             raise TunesmithError("every answer needs a prompt of at least one token.")
-        if any(request.follows is not None and not (0 <= request.follows < index and requests[request.follows].follows
-                                                    is None) for index, request in enumerate(requests)):
-            raise TunesmithError("a follower must follow an earlier row of its group that draws its own tokens.")
+        if any(request.follows is not None and not _can_follow(request, index, requests)
+               for index, request in enumerate(requests)):
+            raise TunesmithError("a follower must follow an earlier row of its group that draws its own tokens, "
+                                 "with the same prompt and at most as many new tokens (its cache room).")
         return RowGroup(requests, cancelled)
 
     def run(self, requests: list[RowRequest]) -> Any:
@@ -147,14 +148,16 @@ class DecodeScheduler:
                                            daemon=True)
             self.driver.start()
 
-    def _drive(self, idle: float | None) -> None:
+    def _drive(self, idle: float | None, until: Callable[[], bool] | None = None) -> None:
         """The loop, on the driver thread: admit, then one pass, until nothing has come for `idle` seconds
-        (None: for good). Ending is decided under the lock, so a group queued meanwhile starts a new driver."""
+        (None: for good) or `until()` (a caller's own groups have ended). Ending is decided under the lock;
+        work left then (other callers', or after an interrupt) goes on on a thread of the loop's own."""
         try:
             while True:
                 with self.wake:
+                    if until is not None and until():
+                        return
                     if not self.wake.wait_for(lambda: self.waiting or self.rows or self.calls, timeout=idle):
-                        self.driver = None  # so an engine nobody uses can be freed; the next submit starts anew
                         return
                     calls, self.calls = self.calls, []
                     admitted = self._admit()
@@ -171,7 +174,9 @@ class DecodeScheduler:
         finally:
             with self.wake:
                 if self.driver is threading.current_thread():
-                    self.driver = None
+                    self.driver = None  # so an engine nobody uses can be freed; the next submit starts anew
+                    if self.waiting or self.rows or self.calls:
+                        self._start()
 
     def _admit(self) -> RowGroup | None:
         """Move waiting groups into the batch, in arrival order, while they fit; returns a group to run
@@ -352,6 +357,16 @@ class DecodeScheduler:
             if not row.group.future.done():
                 row.group.future.set_exception(error)
         self.rows, self.decoding, self.decoder = [], 0, None  # the next batch starts from a fresh cache
+
+
+def _can_follow(request: RowRequest, index: int, requests: list[RowRequest]) -> bool:
+    """Whether `request` (row `index`) may follow the row it names: an earlier, drawing row whose stream fits
+    the follower's cache room."""
+    if not 0 <= request.follows < index:
+        return False
+    leader = requests[request.follows]
+    return (leader.follows is None and leader.prompt == request.prompt
+            and leader.settings.max_new_tokens <= request.settings.max_new_tokens)
 
 
 def _settle(future: Future, work: Callable[[], Any]) -> None:

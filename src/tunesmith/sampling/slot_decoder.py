@@ -49,13 +49,24 @@ class _Projection:
     weight: torch.Tensor
     bias: torch.Tensor | None
     adapters: dict[str | None, tuple[torch.Tensor, torch.Tensor]]
+    folded: str | None = None
+    """The adapter folded into `weight` (`_projection`'s `merged`), if any."""
+    fallback: tuple[torch.Tensor, torch.Tensor] | None = None
+    """With an adapter folded in: the pair that takes a row of an adapter this layer lacks back to the base."""
+
+    def pair(self, name: str | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The low-rank pair rows of adapter `name` add (None: nothing to add)."""
+        if name in self.adapters:
+            return self.adapters[name]
+        return None if name is None or name == self.folded else self.fallback
 
     def __call__(self, x: torch.Tensor, groups: Groups) -> torch.Tensor:
         out = few_row_linear(x, self.weight, self.bias)  # [rows, length, out]
         for name, rows in groups:
-            if name not in self.adapters:
+            pair = self.pair(name)
+            if pair is None:
                 continue
-            lora_A, lora_B = self.adapters[name]
+            lora_A, lora_B = pair
             part = x if rows is None else x[rows]
             update = ((part.to(lora_A.dtype) @ lora_A.t()) @ lora_B.t()).to(out.dtype)
             if rows is None:
@@ -68,8 +79,9 @@ class _Projection:
 def _projection(module: nn.Module, merged: str | None = None) -> _Projection:
     """The base weight of a Linear or LoRA layer with every adapter it holds (only for `supports`ed models):
     its side sets by name, its own LoRA as OWN, and under None whatever its forward adds right now. With
-    `merged`, that adapter is folded into a copy of the weight and every other adapter (BASE too) adds its
-    difference from it, so rows of `merged` run one matmul."""
+    `merged` (fp32 weights only: in bf16, round(W + B A) - B A would not give back W), that adapter is
+    folded into a copy of the weight and every other adapter, and BASE, adds its difference from it, so
+    rows of `merged` run one matmul."""
     if not isinstance(module, LoRALinear):
         return _Projection(module.weight, module.bias, {})
     base = module.base_layer  # its own LoRA runs as a low-rank update even inside merged_for_inference
@@ -77,40 +89,45 @@ def _projection(module: nn.Module, merged: str | None = None) -> _Projection:
     if not (module.merged or module.disabled):
         adapters[OWN] = (module.lora_A.weight, module.lora_B.weight * module.scaling)
     current = module.active_side if module.active_side is not None else OWN
-    weight = base.weight
-    if merged in adapters:
-        folded_A, folded_B = adapters.pop(merged)
-        weight = weight + (folded_B @ folded_A).to(weight.dtype)
-        adapters = {name: (torch.cat([lora_A, folded_A]), torch.cat([lora_B, -folded_B], dim=1))
-                    for name, (lora_A, lora_B) in adapters.items()}
-        adapters[BASE] = (folded_A, -folded_B)
-        if current != merged:
-            adapters[None] = adapters.get(current, adapters[BASE])
-    elif current in adapters:
-        adapters[None] = adapters[current]
-    return _Projection(weight, base.bias, adapters)
+    if merged not in adapters or base.weight.dtype != torch.float32:
+        if current in adapters:
+            adapters[None] = adapters[current]
+        return _Projection(base.weight, base.bias, adapters)
+    folded_A, folded_B = adapters.pop(merged)
+    undo = (folded_A, -folded_B)
+    adapters = {name: (torch.cat([lora_A, folded_A]), torch.cat([lora_B, -folded_B], dim=1))
+                for name, (lora_A, lora_B) in adapters.items()}
+    if current != merged:
+        adapters[None] = adapters.get(current, undo)
+    return _Projection(base.weight + folded_B @ folded_A, base.bias, adapters, merged, undo)
 
 
 def _joined(parts: list[_Projection]) -> _Projection:
     """q, k and v as one projection: one matmul over the stacked base weights (a copy of the attention's
     input projections, held while a batch runs), and per adapter one low-rank pair, A stacked over the
-    parts that have it and B block-diagonal, so the update is each part's own."""
+    parts that add something for it and B block-diagonal, so the update is each part's own."""
     biases = [part.bias for part in parts]
     bias = None if all(b is None for b in biases) else torch.cat(
         [b if b is not None else part.weight.new_zeros(part.weight.shape[0]) for b, part in zip(biases, parts)])
     outs = [part.weight.shape[0] for part in parts]
-    adapters = {}
-    for name in dict.fromkeys(name for part in parts for name in part.adapters):
-        present = [(index, part.adapters[name]) for index, part in enumerate(parts) if name in part.adapters]
-        lora_A = torch.cat([a for _, (a, _) in present])
+
+    def stacked(pairs: list[tuple[int, tuple[torch.Tensor, torch.Tensor]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        lora_A = torch.cat([a for _, (a, _) in pairs])
         lora_B = lora_A.new_zeros(sum(outs), lora_A.shape[0])
         rank_at = 0
-        for index, (a, b) in present:
+        for index, (a, b) in pairs:
             row_at = sum(outs[:index])
             lora_B[row_at:row_at + outs[index], rank_at:rank_at + a.shape[0]] = b
             rank_at += a.shape[0]
-        adapters[name] = (lora_A, lora_B)
-    return _Projection(torch.cat([part.weight for part in parts]), bias, adapters)
+        return lora_A, lora_B
+
+    adapters = {}
+    for name in dict.fromkeys(name for part in parts for name in part.adapters):
+        adapters[name] = stacked([(i, pair) for i, part in enumerate(parts) if (pair := part.pair(name)) is not None])
+    fallbacks = [(i, part.fallback) for i, part in enumerate(parts) if part.fallback is not None]
+    folded = next((part.folded for part in parts if part.folded is not None), None)
+    return _Projection(torch.cat([part.weight for part in parts]), bias, adapters, folded,
+                       stacked(fallbacks) if fallbacks else None)
 
 
 def _read_layer(block: nn.Module, merged: str | None) -> LayerWeights:

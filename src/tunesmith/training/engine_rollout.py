@@ -138,12 +138,12 @@ class _Tape:
         self.first, self.parts, self.last = first, [], None
 
     def __call__(self, states: torch.Tensor, start: int) -> None:
-        self.last = states[-1]
+        self.last = states[-1].clone()  # copies: a view would keep the pass's whole [tokens, hidden] alive
         if self.first is None:
             return
         skip = max(0, self.first - start)
         if skip < states.shape[0]:
-            self.parts.append(states[skip:])
+            self.parts.append(states[skip:].clone())
 
     def states(self) -> torch.Tensor:
         return torch.cat(self.parts)

@@ -253,11 +253,14 @@ def _on_engine(model: torch.nn.Module, rows: list[dict], settings: RolloutSettin
     decode scheduler; pi_old, entropy and values from its draws where they are the learner's, else from the
     policy's forward."""
     exact = settings.sampler_is_learner(model)
-    follow_reference = reference is not None and reference.adapter_off and reference.frozen is None
+    # followers run in the sampler's precision: with rollout_dtype the reference and reward keep their own forwards
+    learner_precision = settings.sampler_dtype is None
+    follow_reference = (reference is not None and reference.adapter_off and reference.frozen is None
+                        and learner_precision)
+    reward_rows = scorer.reward_rows(model) if learner_precision else None
     with settings.sampling_precision(model):
         sample = engine_sample(model, rows, settings.sampling, stop_ids, group, generators,
-                               exact or settings.is_cap is not None, follow_reference, scorer.reward_rows(model),
-                               settings.chunk_size)
+                               exact or settings.is_cap is not None, follow_reference, reward_rows, settings.chunk_size)
     generated_at = time.perf_counter()
     prompt_ids = [row["prompt_ids"] for row in rows for _ in range(group)]
     responses = sample.response_ids
