@@ -125,17 +125,17 @@ def test_errors_use_openai_shape(server, engine):
 
 @pytest.fixture
 def steps(monkeypatch):
-    """One entry per token any row draws from here on (Engine.submit's rows counted)."""
+    """One entry per token any row draws from here on (the rows Engine.requests makes counted)."""
     counted_steps = []
-    real_submit = Engine.submit
+    real_requests = Engine.requests
 
-    def counting_submit(self, prompts, settings, num_samples=1, seed=None, on_token=None, **options):
+    def counting_requests(self, prompts, settings, num_samples=1, seed=None, on_token=None, **options):
         def counted(row, token):
             counted_steps.append(1)
             return on_token(row, token) if on_token is not None else None
-        return real_submit(self, prompts, settings, num_samples, seed, on_token=counted, **options)
+        return real_requests(self, prompts, settings, num_samples, seed, on_token=counted, **options)
 
-    monkeypatch.setattr(Engine, "submit", counting_submit)
+    monkeypatch.setattr(Engine, "requests", counting_requests)
     return counted_steps
 
 

@@ -81,6 +81,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     """The FastAPI app serving `engine` as `model_name` (and `served`'s adapters, served_models.py): routes,
     OpenAI-shaped errors, and the API-key check."""
     app = FastAPI(title="tunesmith")
+    engine.scheduler.callers_drive = False  # request threads come and go: the loop keeps a thread of its own
     worker = Worker(engine.scheduler.max_rows + MAX_WAITING)
     add_error_handlers(app)
     app.add_middleware(Guard, api_key=api_key)

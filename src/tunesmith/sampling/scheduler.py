@@ -60,6 +60,9 @@ class DecodeScheduler:
         self.decoding = 0  # how many of rows decode
         self.decoder: SlotDecoder | None = None
         self.driver: threading.Thread | None = None  # the thread running the loop: its own, or a caller's
+        self.callers_drive = True
+        """Whether `run_here` callers drive the loop; False where callers are many short-lived threads (the
+        API's request threads: each would get an OpenMP pool of its own)."""
         self.row_settings: tuple[tuple[int, ...], RowSettings] | None = None  # of the rows drawn last, by serial
         self.light_threads: int | None = None
         """CPU threads for passes of few tokens (decoding only); None: torch's setting for every pass."""
@@ -89,10 +92,11 @@ class DecodeScheduler:
                 group.future.add_done_callback(lambda _, index=index: on_done(index))
         with self.wake:
             self.waiting.extend(submitted)
-            drive = self.driver is None or not self.driver.is_alive()
+            drive = self.callers_drive and (self.driver is None or not self.driver.is_alive())
             if drive:
                 self.driver = threading.current_thread()
             else:
+                self._start()
                 self.wake.notify()
         try:
             if drive:
