@@ -28,7 +28,7 @@ from tunesmith.model.quantize import Quantization
 from tunesmith.model.reward_model import RewardModel
 from tunesmith.model.value_head import VALUE_HEAD_FILE
 from tunesmith.sampling.generate import Generation
-from tunesmith.sampling.rows import RowGroup, RowRequest
+from tunesmith.sampling.rows import RowRequest
 from tunesmith.sampling.scheduler import DecodeScheduler
 
 ROLES = ("system", "user", "assistant")
@@ -111,12 +111,6 @@ class Engine:
         chat) or `cancelled` ends them."""
         requests = self.requests(prompts, settings, num_samples, seed, **row_options)
         return self.scheduler.run_here([requests], cancelled=cancelled)[0].result()
-
-    def submit(self, prompts: list[list[int]], settings: SamplingSettings, num_samples: int = 1,
-               seed: int | None = None, cancelled: threading.Event | None = None, **row_options: object) -> RowGroup:
-        """Queue `num_samples` answers per prompt (rows prompt-major) on the shared decode scheduler, without
-        waiting (see `requests` for the options); `cancelled` set ends every row."""
-        return self.scheduler.submit(self.requests(prompts, settings, num_samples, seed, **row_options), cancelled)
 
     def requests(self, prompts: list[list[int]], settings: SamplingSettings, num_samples: int = 1,
                  seed: int | None = None, adapter: str | None = None,
