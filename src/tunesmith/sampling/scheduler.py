@@ -81,11 +81,11 @@ class DecodeScheduler:
     def run_here(self, groups: list[list[RowRequest]], on_done: Callable[[int], None] | None = None,
                  cancelled: threading.Event | None = None) -> list[RowGroup]:
         """Run these groups to their end, decoding on the calling thread unless a thread already runs the loop
-        (then they join its batch); `on_done(i)` as group i ends; `cancelled` set ends them all. For callers that would only wait (RL
-        rollouts, chat, do_predict). Why not a thread of the loop's own: on a CPU each thread that runs torch
-        ops gets its own OpenMP pool, and once pools' threads outnumber the cores libgomp wakes its workers
-        by futex instead of spinning; passes on a second thread measured 1.4x slower once the caller had
-        loaded a model, 2x slower with the caller's own parallel work in between."""
+        (then they join its batch); `on_done(i)` as group i ends; `cancelled` set ends them all. For callers
+        that would only wait (RL rollouts, chat, do_predict). Why not a thread of the loop's own: on a CPU
+        each thread that runs torch ops gets its own OpenMP pool, and once pools' threads outnumber the cores
+        libgomp wakes its workers by futex instead of spinning; passes on a second thread measured 1.4x
+        slower once the caller had loaded a model, 2x slower with the caller's own parallel work in between."""
         submitted = [self._checked(requests, cancelled) for requests in groups]
         for index, group in enumerate(submitted):
             if on_done is not None:
