@@ -181,12 +181,15 @@ def sample_and_score(model: torch.nn.Module, rows: list[dict], settings: Rollout
     (training/engine_rollout.py); otherwise from `generate`, then a forward per model over the answers.
     """
     generators = None if seeds is None else [torch.Generator().manual_seed(seed) for seed in seeds]
+    prompt_ids = [row["prompt_ids"] for row in rows for _ in range(group)]  # one per answer
     with eval_mode(model):
         start = time.perf_counter()
         if settings.engine and engine_rollout.can_run(model, rows, settings.sampling):
-            sampled = _on_engine(model, rows, settings, scorer, stop_ids, group, with_values, reference, generators)
+            sampled = _on_engine(model, rows, prompt_ids, settings, scorer, stop_ids, group, with_values, reference,
+                                 generators)
         else:
-            sampled = _then_forward(model, rows, settings, stop_ids, group, with_values, reference, generators)
+            sampled = _then_forward(model, rows, prompt_ids, settings, stop_ids, group, with_values, reference,
+                                    generators)
         stopped = torch.tensor(sampled.stopped, device=sampled.old_logps.device)
         responses = sampled.response_ids
         mask = response_mask(responses, stopped.device)
@@ -196,7 +199,6 @@ def sample_and_score(model: torch.nn.Module, rows: list[dict], settings: Rollout
         raw, scores = scorer(rows, responses, stopped, sampled.scores)
         timings = {"time/generation": sampled.generated_at - start,
                    "time/scoring": time.perf_counter() - sampled.generated_at}
-    prompt_ids = [row["prompt_ids"] for row in rows for _ in range(group)]
     return Rollout(prompt_ids, responses, mask, sampled.old_logps, sampled.entropy, stopped, raw, scores,
                    ref_logps=sampled.ref_logps, old_values=sampled.old_values, sampler_logps=sampled.sampler_logps,
                    is_weights=is_weights, timings=timings, reward_parts=scorer.parts())
@@ -219,8 +221,8 @@ class _Sampled:
     """The sampler's own log-probs, where they are not pi_old (`rollout_dtype`, or a bf16 learner)."""
 
 
-def _then_forward(model: torch.nn.Module, rows: list[dict], settings: RolloutSettings, stop_ids: list[int],
-                  group: int, with_values: bool, reference: Reference | None,
+def _then_forward(model: torch.nn.Module, rows: list[dict], prompt_ids: list[list[int]], settings: RolloutSettings,
+                  stop_ids: list[int], group: int, with_values: bool, reference: Reference | None,
                   generators: list[torch.Generator] | None) -> _Sampled:
     """`generate` on merged weights, then the policy's forward (unless the sampler's statistics are pi_old)
     and the reference's over the answers."""
@@ -231,23 +233,21 @@ def _then_forward(model: torch.nn.Module, rows: list[dict], settings: RolloutSet
             generation = generate(model, [row["prompt_ids"] for row in rows], settings.sampling, stop_ids,
                                   settings.pad_id, num_samples=group, generator=generators, record=record)
         generated_at = time.perf_counter()
-        prompt_ids = [row["prompt_ids"] for row in rows for _ in range(group)]
         responses = generation.response_ids
         if from_sampler:
             old_logps, entropy = generation.logps, generation.entropy
             mask = response_mask(responses, old_logps.device)
             old_values = model.v_head(generation.hidden) * mask if with_values else None
         else:
-            old_logps, entropy, old_values = chunked_response_forward(model, prompt_ids, responses, settings.micro_samples,
-                                                                      with_values=with_values, **settings.forward)
+            old_logps, entropy, old_values = _policy_forward(model, prompt_ids, responses, settings, with_values)
     ref_logps = _reference_forward(reference, prompt_ids, responses, settings)
     sampler_logps = None if from_sampler or not record else generation.logps.to(old_logps.dtype)
     return _Sampled(responses, generation.stopped, old_logps, entropy, old_values, ref_logps, None, generated_at,
                     sampler_logps)
 
 
-def _on_engine(model: torch.nn.Module, rows: list[dict], settings: RolloutSettings, scorer: Scorer,
-               stop_ids: list[int], group: int, with_values: bool, reference: Reference | None,
+def _on_engine(model: torch.nn.Module, rows: list[dict], prompt_ids: list[list[int]], settings: RolloutSettings,
+               scorer: Scorer, stop_ids: list[int], group: int, with_values: bool, reference: Reference | None,
                generators: list[torch.Generator] | None) -> _Sampled:
     """The answers, the reference's log-probs and a shared-base reward model's scores from one run of the
     decode scheduler; pi_old, entropy and values from its draws where they are the learner's, else from the
@@ -262,7 +262,6 @@ def _on_engine(model: torch.nn.Module, rows: list[dict], settings: RolloutSettin
         sample = engine_sample(model, rows, settings.sampling, stop_ids, group, generators,
                                exact or settings.is_cap is not None, follow_reference, reward_rows, settings.chunk_size)
     generated_at = time.perf_counter()
-    prompt_ids = [row["prompt_ids"] for row in rows for _ in range(group)]
     responses = sample.response_ids
     sampler_logps = None
     if exact:
@@ -273,8 +272,7 @@ def _on_engine(model: torch.nn.Module, rows: list[dict], settings: RolloutSettin
             old_values = padded(list(values))
     else:
         with merged_for_inference(model):
-            old_logps, entropy, old_values = chunked_response_forward(model, prompt_ids, responses, settings.micro_samples,
-                                                                      with_values=with_values, **settings.forward)
+            old_logps, entropy, old_values = _policy_forward(model, prompt_ids, responses, settings, with_values)
         sampler_logps = None if sample.logps is None else padded(sample.logps).to(old_logps.dtype)
     if follow_reference:
         ref_logps = padded(sample.ref_logps).to(old_logps.dtype)
@@ -282,6 +280,14 @@ def _on_engine(model: torch.nn.Module, rows: list[dict], settings: RolloutSettin
         ref_logps = _reference_forward(reference, prompt_ids, responses, settings)
     return _Sampled(responses, sample.stopped, old_logps, entropy, old_values, ref_logps, sample.raw_scores,
                     generated_at, sampler_logps)
+
+
+def _policy_forward(model: torch.nn.Module, prompt_ids: list[list[int]], responses: list[list[int]],
+                    settings: RolloutSettings, with_values: bool) -> tuple:
+    """The policy's (log-probs, entropies, values or None) of the answers from its own forward: pi_old where
+    the sampler's statistics are not the learner's."""
+    return chunked_response_forward(model, prompt_ids, responses, settings.micro_samples, with_values=with_values,
+                                    **settings.forward)
 
 
 def _reference_forward(reference: Reference | None, prompt_ids: list[list[int]], responses: list[list[int]],
