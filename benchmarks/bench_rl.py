@@ -149,6 +149,8 @@ def main() -> None:
     flops = phase_flops(args.stage, layers, head, prompt_tokens, response_tokens, group,
                         with_reference=args.stage == "ppo" or config.method.ppo_kl_coef > 0,
                         policy_rescored=settings["bf16"])  # sampler statistics are used in fp32 only
+    if config.method.rollout_engine:  # the reference (and reward) rows read the answers while they are drawn
+        flops["generation"] += flops.pop("scoring")
     mfu = {f"mfu/{phase}": float(f"{flops[phase] / mean(f'time/{phase}') / peak:.3g}") for phase in flops
            if mean(f"time/{phase}") > 0}  # significant digits: a GPU's MFU on a 40M model is ~1e-4
     weight_bytes = (layers + head) * torch.tensor([], dtype=dtype).element_size()

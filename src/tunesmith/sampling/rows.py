@@ -59,6 +59,9 @@ class RowRequest:
     from memory, extra rows are nearly free: GPUs); False: it reads the answer whole once its leader has
     ended, in one chunk (on a CPU the weights sit in cache and a row costs what it computes, so few-row
     passes are the dear way to read tokens)."""
+    states_from: int = 0
+    """With `on_prompt`: the first position whose state it needs. Positions before it may be copied from
+    another row that read the same tokens (shared_prefix.py); a row without `on_prompt` needs none."""
 
     @property
     def reserved(self) -> int:
@@ -113,6 +116,7 @@ class Row:
         self.leader: Row | None = None  # the row a follower reads (set by the scheduler)
         self.diverged = False  # a follower whose leader's answer_of did not extend what it had read
         self.final: list[int] | None = None  # a follower's whole stream once its leader has ended
+        self.kin: list[tuple[Row, int]] = []  # rows beside it that start alike: (row, tokens shared); shared_prefix.py
         self.stop_ids = set(request.stop_ids)
         self.generator = request.generator
         if self.generator is None and not request.settings.greedy:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tunesmith.errors import TunesmithError
-from tunesmith.sampling import cached_decoder
+from tunesmith.sampling import cached_decoder, shared_prefix
 from tunesmith.sampling.fallback import run_alone
 from tunesmith.sampling.generate import last_logits
 from tunesmith.sampling.row_sampling import RowSettings, sample_rows
@@ -229,6 +229,7 @@ class DecodeScheduler:
                 self.decoder = None
                 self.decoder = SlotDecoder(self.model, slots, capacity, self.merged)
         self.decoder.grow(slots, capacity, live=len(self.rows))
+        shared_prefix.link(rows, self.rows)
         group.rows = rows
         self.rows.extend(rows)
 
@@ -273,12 +274,15 @@ class DecodeScheduler:
 
     def _chunks(self) -> tuple[list[Chunk], list[Row]]:
         """The pass's chunks to read, first come first read within `prefill_tokens`: the rest of a prompt,
-        or what a follower outside the decoding rows has not read yet; and the rows they belong to."""
+        or what a follower outside the decoding rows has not read yet; and the rows they belong to. What a
+        row shares with rows beside it is copied or waited for, not read again (shared_prefix.py)."""
         chunks, readers, budget = [], [], self.prefill_tokens
+        slot_of = {row.serial: slot for slot, row in enumerate(self.rows)}
         for slot in sorted(range(self.decoding, len(self.rows)), key=lambda slot: self.rows[slot].serial):
-            if budget <= 0:
-                break
             row = self.rows[slot]
+            shared_prefix.borrow(row, slot_of, self.decoder.copy)
+            if budget <= 0 or shared_prefix.waits(row, list(zip(readers, chunks))):
+                continue
             if row.leader is None:
                 ids = row.request.prompt[row.length:row.length + budget]
             else:
@@ -342,12 +346,13 @@ class DecodeScheduler:
                 self.decoding -= 1
             self._move(len(self.rows) - 1, ended)
             row = self.rows.pop()
+            shared_prefix.unlink(row)
             row.group.finish_if_done()
 
     def _move(self, source: int, target: int) -> None:
         """Row `source` takes slot `target` (whose row is leaving: it goes to `source`'s place)."""
         if source != target:
-            self.decoder.move(source, target, self.rows[source].length)
+            self.decoder.copy(source, target, 0, self.rows[source].length)
             self.rows[source], self.rows[target] = self.rows[target], self.rows[source]
 
     def _swap(self, first: int, second: int) -> None:

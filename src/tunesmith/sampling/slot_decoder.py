@@ -200,10 +200,11 @@ class SlotDecoder:
             fresh[:, :live, :, :kept] = old[:, :live, :, :kept]
         self.keys, self.values = new
 
-    def move(self, source: int, target: int, length: int) -> None:
-        """Copy slot `source`'s first `length` positions to slot `target` (a row changing slots)."""
-        self.keys[:, target, :, :length] = self.keys[:, source, :, :length]
-        self.values[:, target, :, :length] = self.values[:, source, :, :length]
+    def copy(self, source: int, target: int, start: int, end: int) -> None:
+        """Copy slot `source`'s positions start..end-1 to slot `target` (a row changing slots, or taking a
+        prefix another row has read)."""
+        self.keys[:, target, :, start:end] = self.keys[:, source, :, start:end]
+        self.values[:, target, :, start:end] = self.values[:, source, :, start:end]
 
     def swap(self, first: int, second: int, length: int) -> None:
         """Exchange two slots' first `length` positions."""

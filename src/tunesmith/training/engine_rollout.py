@@ -182,12 +182,14 @@ class _Answer:
                             on_hidden=None if draws is None else draws.hidden.append)]
         if self.reference is not None:
             parts.append(RowRequest(self.prompt, self.sampling, [], adapter=BASE, follows=0, on_prompt=self.reference,
-                                    answer_of=lambda answer: answer[:-1], in_step=self.in_step))
+                                    answer_of=lambda answer: answer[:-1], in_step=self.in_step,
+                                    states_from=self.reference.first))
         if self.reward_extra is not None:
             self.reward_tape = _Tape(None)
             parts.append(RowRequest(self.prompt, self.sampling, [], adapter=self.reward_rows.adapter, follows=0,
                                     on_prompt=self.reward_tape, answer_of=self._reward_answer,
-                                    extra_positions=self.reward_extra, in_step=self.in_step))
+                                    extra_positions=self.reward_extra, in_step=self.in_step,
+                                    states_from=len(self.prompt)))
         return parts
 
     def _reward_answer(self, answer: list[int]) -> list[int] | None:

@@ -1,0 +1,88 @@
+"""Rows that begin with the same tokens under the same adapter read them once: the others copy the keys
+and values from the row that read them (prefix sharing among the rows in the batch, as vLLM's prefix
+caching does across requests).
+
+Where it pays: `n` answers to one request, a GRPO group's answers (and, on the RL engine, their reference
+and reward rows), and requests that share a long system prompt. Reading a prompt is compute-bound on a
+CPU; copying a slot's positions is one memory copy for all layers.
+
+The rules:
+- Rows are kin when their adapters are the same name and their prompts start alike (`link`, at admission;
+  the common length is fixed, as prompts are).
+- A row copies from a kin that has read further than it (`borrow`), up to the common prefix and at most
+  up to its prompt's last token: that one it reads itself, as a drawing row draws from its state. A row
+  with `on_prompt` copies only positions before `states_from` (its observer never sees them).
+- A row whose next position a kin reads in the same pass waits a pass, then copies (`waits`), when that
+  saves at least half of what is left of its prompt: each shared token is then computed once, for one
+  pass of latency.
+The copied keys come from another pass, so a row's numbers may differ from reading alone by the rounding
+of a different batch (about 1e-7), as with any chunking of a prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tunesmith.sampling.rows import Row
+    from tunesmith.sampling.slot_decoder import Chunk
+
+
+def common_length(first: list[int], second: list[int]) -> int:
+    """How many leading tokens two prompts share."""
+    length = 0
+    for a, b in zip(first, second):
+        if a != b:
+            break
+        length += 1
+    return length
+
+
+def link(new_rows: list[Row], live_rows: list[Row]) -> None:
+    """Record, both ways, which of `new_rows` (and the `live_rows` beside them) start alike under the same
+    adapter, and over how many tokens (`Row.kin`)."""
+    for index, row in enumerate(new_rows):
+        for other in live_rows + new_rows[:index]:
+            if other.request.adapter != row.request.adapter:
+                continue
+            shared = common_length(row.request.prompt, other.request.prompt)
+            if shared:
+                row.kin.append((other, shared))
+                other.kin.append((row, shared))
+
+
+def unlink(row: Row) -> None:
+    """Forget `row` (leaving the batch) in its kin's records."""
+    for other, _ in row.kin:
+        other.kin = [(kin, shared) for kin, shared in other.kin if kin is not row]
+    row.kin = []
+
+
+def copyable(row: Row) -> int:
+    """How many of `row`'s leading positions may come from another row's cache."""
+    request = row.request
+    last = len(request.prompt) - 1  # the prompt's last token is read: its state draws the first token
+    return last if request.on_prompt is None else min(last, request.states_from)
+
+
+def borrow(row: Row, slot_of: dict[int, int], copy: Callable[[int, int, int, int], None]) -> None:
+    """Advance `row` over what a live kin has already read, copying those positions into its slot with
+    `copy(source slot, target slot, start, end)`; `slot_of` maps each row's serial to its slot."""
+    limit = copyable(row)
+    for other, shared in row.kin:
+        end = min(shared, other.length, limit)
+        if end > row.length:
+            copy(slot_of[other.serial], slot_of[row.serial], row.length, end)
+            row.length = end
+
+
+def waits(row: Row, planned: list[tuple[Row, Chunk]]) -> bool:
+    """Whether `row` should skip this pass because a kin reads its next position in it: when what it could
+    then copy is at least what it would still read (a short shared head, such as a chat template's first
+    line, is not worth a pass of latency)."""
+    kin = dict((other.serial, shared) for other, shared in row.kin)
+    covered = max((kin[other.serial] for other, chunk in planned
+                   if other.serial in kin and chunk.start <= row.length < chunk.start + len(chunk.ids)), default=0)
+    copied = min(covered, copyable(row)) - row.length
+    return copied > 0 and 2 * copied >= len(row.request.prompt) - row.length

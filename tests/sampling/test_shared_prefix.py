@@ -1,0 +1,110 @@
+"""Rows that start alike under one adapter read the shared tokens once (shared_prefix.py): fewer tokens
+read, and every row still answering as it does alone through `generate`."""
+
+import threading
+
+import torch
+
+from tests.sampling.test_scheduler import GREEDY, SAMPLED, alone, request, with_side_sets
+from tunesmith.config import SamplingSettings
+from tunesmith.sampling import shared_prefix
+from tunesmith.sampling.rows import Row, RowGroup, RowRequest
+from tunesmith.sampling.scheduler import DecodeScheduler
+from tunesmith.sampling.slot_decoder import SlotDecoder
+
+
+def counting(monkeypatch):
+    """Every chunk the slot decoder reads, as (slot, start, tokens)."""
+    read = []
+    forward = SlotDecoder.forward
+
+    def counted(self, tokens, positions, chunks, adapters):
+        read.extend((chunk.slot, chunk.start, len(chunk.ids)) for chunk in chunks)
+        return forward(self, tokens, positions, chunks, adapters)
+
+    monkeypatch.setattr(SlotDecoder, "forward", counted)
+    return read
+
+
+def test_rows_that_start_alike_read_the_shared_tokens_once_and_answer_as_alone(make_tiny_model, monkeypatch):
+    model = with_side_sets(make_tiny_model("llama", seed=3))
+    prompt = list(range(5, 35))  # 30 tokens
+    cousin = prompt[:10] + list(range(60, 75))  # shares the first 10
+    rows = [(prompt, GREEDY, None, None), (prompt, SAMPLED[0], None, 11), (prompt, SAMPLED[2], None, 12),
+            (cousin, GREEDY, None, None), (prompt, GREEDY, "kind", None)]
+    expected = [alone(model, *row) for row in rows]
+    read = counting(monkeypatch)
+    scheduler = DecodeScheduler(model, max_rows=8)
+    groups = scheduler.run_here([[request(*row) for row in rows[:3]], [request(*rows[3])], [request(*rows[4])]])
+    answers = [answer for group in groups for answer in group.result().response_ids]
+    assert answers == expected
+    # the first row reads 30; the next two wait a pass, copy 29 and read the last; the cousin would save
+    # only 10 of 25 by waiting, so it reads all of them; the "kind" row shares nothing (another adapter's
+    # keys differ) and reads all 30
+    assert sorted((start, tokens) for _, start, tokens in read) == [(0, 25), (0, 30), (0, 30), (29, 1), (29, 1)]
+
+
+def test_a_row_joining_later_copies_what_a_decoding_row_has_read(make_tiny_model, monkeypatch):
+    model = make_tiny_model("qwen2", seed=1)
+    prompt = list(range(3, 43))
+    long_settings = SamplingSettings(max_new_tokens=30, do_sample=False)
+    started = threading.Event()
+    read = counting(monkeypatch)
+    scheduler = DecodeScheduler(model, max_rows=4)
+    first = scheduler.submit([request(prompt, long_settings, on_token=lambda token: started.set())])
+    assert started.wait(30)
+    second = scheduler.submit([request(prompt + [50, 51], GREEDY)])
+    assert second.result(timeout=60).response_ids[0] == alone(model, prompt + [50, 51], GREEDY)
+    assert first.result(timeout=60).response_ids[0] == alone(model, prompt, long_settings)
+    # the first row's answer tokens follow its prompt in its cache: only the 40 prompt positions are shared
+    assert [(start, tokens) for _, start, tokens in read] == [(0, 40), (40, 2)]
+
+
+def test_a_row_that_observes_its_prompt_copies_only_the_positions_before_states_from(make_tiny_model, monkeypatch):
+    model = make_tiny_model("llama", seed=2)
+    prompt = list(range(2, 40))
+    seen = {"all": [], "tail": []}
+
+    def observer(name):
+        return lambda states, start: seen[name].append((start, states.clone()))
+
+    read = counting(monkeypatch)
+    rows = [request(prompt, GREEDY), request(prompt, GREEDY, on_prompt=observer("all")),
+            RowRequest(prompt, GREEDY, [1], on_prompt=observer("tail"), states_from=20)]
+    DecodeScheduler(model, max_rows=4).run_here([rows])
+    assert sorted((start, tokens) for _, start, tokens in read) == [(0, 38), (0, 38), (20, 18)]
+    with torch.no_grad():
+        expected = model.model(torch.tensor([prompt])).last_hidden_state[0]
+    assert [start for start, _ in seen["all"]] == [0] and [start for start, _ in seen["tail"]] == [20]
+    torch.testing.assert_close(seen["all"][0][1], expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(seen["tail"][0][1], expected[20:], atol=1e-5, rtol=1e-4)
+
+
+def test_kin_are_rows_of_the_same_adapter_that_start_alike_and_leave_when_released():
+    def row(prompt, adapter=None):
+        request = RowRequest(prompt, GREEDY, [], adapter=adapter)
+        return Row(request, RowGroup([request]), 16, torch.device("cpu"))
+
+    assert shared_prefix.common_length([1, 2, 3, 4], [1, 2, 9, 4]) == 2
+    assert shared_prefix.common_length([1, 2], [1, 2, 3]) == 2
+    live = [row([1, 2, 3]), row([1, 2, 3], "kind"), row([7, 8])]
+    new = [row([1, 2, 5]), row([1, 2, 3, 4])]
+    shared_prefix.link(new, live)
+    assert [(kin.serial, shared) for kin, shared in new[1].kin] == [(live[0].serial, 3), (new[0].serial, 2)]
+    assert [(kin.serial, shared) for kin, shared in live[0].kin] == [(new[0].serial, 2), (new[1].serial, 3)]
+    assert live[1].kin == [] and live[2].kin == []
+    shared_prefix.unlink(new[0])
+    assert [kin.serial for kin, _ in live[0].kin] == [new[1].serial]
+    assert [kin.serial for kin, _ in new[1].kin] == [live[0].serial]
+
+
+def test_a_row_waits_for_a_kin_reading_its_prefix_only_when_that_saves_half_of_its_prompt(make_tiny_model, monkeypatch):
+    model = make_tiny_model("llama", seed=4)
+    head = list(range(2, 12))  # 10 tokens, shared by every prompt below
+    short_tail, long_tail = head + list(range(40, 50)), head + list(range(50, 90))
+    read = counting(monkeypatch)
+    rows = [(head + list(range(20, 30)), GREEDY), (short_tail, GREEDY), (long_tail, GREEDY)]
+    groups = DecodeScheduler(model, max_rows=4).run_here([[request(*row)] for row in rows])
+    assert [g.result().response_ids[0] for g in groups] == [alone(model, *row) for row in rows]
+    # 20 tokens with 10 shared: waiting copies 10 of 20 left, so it waits; 50 with 10 shared reads at once
+    assert sorted((start, tokens) for _, start, tokens in read) == [(0, 20), (0, 50), (10, 10)]
