@@ -5,6 +5,7 @@
     python benchmarks/bench_api_load.py --model saves/lf_bench_real/model --clients 1,4   # a folder you have
     python benchmarks/bench_api_load.py --peer llamafactory          # the same load on `llamafactory-cli api`
     python benchmarks/bench_api_load.py --peer llamafactory --lf-venv ../lf_venv --clients 1,4 --requests 8
+    python benchmarks/bench_api_load.py --clients 16 --requests 96 --system-tokens 400   # one shared system prompt
 
 It writes a model folder (`tunesmith init-model --size small` into a temp dir) unless --model names one,
 starts `tunesmith api` on it as a user does (a small YAML in a temp dir, a free port on 127.0.0.1) and
@@ -64,16 +65,18 @@ from tunesmith.model.tokenizer_build import corpus_texts
 MODEL_NAME = "bench"
 
 
-def make_requests(tokenizer, count: int, seed: int) -> list[dict]:
-    """`count` chat requests: a prompt of 8-200 tokens cut from the corpus at a random place, max_tokens 16-128."""
+def make_requests(tokenizer, count: int, seed: int, system_tokens: int = 0) -> list[dict]:
+    """`count` chat requests: a prompt of 8-200 tokens cut from the corpus at a random place, max_tokens 16-128;
+    with `system_tokens`, after one system message of that many corpus tokens that every request shares."""
     rng = random.Random(seed)
     corpus_ids = tokenizer.encode(" ".join(corpus_texts()), add_special_tokens=False)
+    system = [{"role": "system", "content": tokenizer.decode(corpus_ids[:system_tokens]).strip()}] if system_tokens else []
     requests = []
     for _ in range(count):
         length = rng.randint(8, 200)
         start = rng.randrange(len(corpus_ids) - length)
         text = tokenizer.decode(corpus_ids[start:start + length]).strip()
-        requests.append({"messages": [{"role": "user", "content": text}], "max_tokens": rng.randint(16, 128)})
+        requests.append({"messages": system + [{"role": "user", "content": text}], "max_tokens": rng.randint(16, 128)})
     return requests
 
 
@@ -303,6 +306,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=32, help="distinct requests in the mix, and per level "
                         "at least this many (a level sends max(requests, clients))")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--system-tokens", type=int, default=0,
+                        help="a system prompt of this many tokens that every request shares (prefix sharing)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for tunesmith api (repeatable), e.g. --set max_num_batched_tokens=2048")
     parser.add_argument("--ramp", type=float, default=0.0, help="seconds over which a level's clients start, evenly "
@@ -323,7 +328,7 @@ def main() -> None:
         if model is None:
             model, template = str(init_model(folder / "model", size="small", seed=args.seed)), template or "chatml"
         tokenizer = AutoTokenizer.from_pretrained(model)
-        requests = make_requests(tokenizer, args.requests, args.seed)
+        requests = make_requests(tokenizer, args.requests, args.seed, args.system_tokens)
         launch_servers(servers, args, model, template, folder, requests)
         sys.exit(run_levels(servers, requests, levels, args.requests, tokenizer if args.peer else None,
                             args.ramp))

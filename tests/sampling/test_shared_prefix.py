@@ -38,9 +38,9 @@ def test_rows_that_start_alike_read_the_shared_tokens_once_and_answer_as_alone(m
     groups = scheduler.run_here([[request(*row) for row in rows[:3]], [request(*rows[3])], [request(*rows[4])]])
     answers = [answer for group in groups for answer in group.result().response_ids]
     assert answers == expected
-    # the first row reads 30; the next two wait a pass, copy 29 and read the last; the cousin would save
-    # only 10 of 25 by waiting, so it reads all of them; the "kind" row shares nothing (another adapter's
-    # keys differ) and reads all 30
+    # the first row reads 30; the next two wait a pass, copy 29 and read the last; the cousin shares fewer
+    # than MIN_SHARED tokens and reads all 25; the "kind" row shares nothing (another adapter's keys
+    # differ) and reads all 30
     assert sorted((start, tokens) for _, start, tokens in read) == [(0, 25), (0, 30), (0, 30), (29, 1), (29, 1)]
 
 
@@ -80,31 +80,41 @@ def test_a_row_that_observes_its_prompt_copies_only_the_positions_before_states_
     torch.testing.assert_close(seen["tail"][0][1], expected[20:], atol=1e-5, rtol=1e-4)
 
 
-def test_kin_are_rows_of_the_same_adapter_that_start_alike_and_leave_when_released():
+def test_kin_are_rows_of_the_same_adapter_that_start_alike_and_leave_when_released(monkeypatch):
+    monkeypatch.setattr(shared_prefix, "MIN_SHARED", 2)
     def row(prompt, adapter=None):
         request = RowRequest(prompt, GREEDY, [], adapter=adapter)
         return Row(request, RowGroup([request]), 16, torch.device("cpu"))
 
     assert shared_prefix.common_length([1, 2, 3, 4], [1, 2, 9, 4]) == 2
     assert shared_prefix.common_length([1, 2], [1, 2, 3]) == 2
-    live = [row([1, 2, 3]), row([1, 2, 3], "kind"), row([7, 8])]
+    live = [row([1, 2, 3]), row([1, 2, 3], "kind"), row([7, 8]), row([1, 9])]
     new = [row([1, 2, 5]), row([1, 2, 3, 4])]
     shared_prefix.link(new, live)
     assert [(kin.serial, shared) for kin, shared in new[1].kin] == [(live[0].serial, 3), (new[0].serial, 2)]
     assert [(kin.serial, shared) for kin, shared in live[0].kin] == [(new[0].serial, 2), (new[1].serial, 3)]
-    assert live[1].kin == [] and live[2].kin == []
-    shared_prefix.unlink(new[0])
+    assert live[1].kin == [] and live[2].kin == [] and live[3].kin == []  # another adapter; nothing; 1 < 2 shared
+    shared_prefix.leave(new[0], {}, copy=None)  # nobody reading: nothing to copy
     assert [kin.serial for kin, _ in live[0].kin] == [new[1].serial]
     assert [kin.serial for kin, _ in new[1].kin] == [live[0].serial]
 
 
 def test_a_row_waits_for_a_kin_reading_its_prefix_only_when_that_saves_half_of_its_prompt(make_tiny_model, monkeypatch):
     model = make_tiny_model("llama", seed=4)
-    head = list(range(2, 12))  # 10 tokens, shared by every prompt below
+    head = list(range(2, 22))  # 20 tokens, shared by every prompt below
     short_tail, long_tail = head + list(range(40, 50)), head + list(range(50, 90))
     read = counting(monkeypatch)
-    rows = [(head + list(range(20, 30)), GREEDY), (short_tail, GREEDY), (long_tail, GREEDY)]
+    rows = [(head + list(range(25, 35)), GREEDY), (short_tail, GREEDY), (long_tail, GREEDY)]
     groups = DecodeScheduler(model, max_rows=4).run_here([[request(*row)] for row in rows])
     assert [g.result().response_ids[0] for g in groups] == [alone(model, *row) for row in rows]
-    # 20 tokens with 10 shared: waiting copies 10 of 20 left, so it waits; 50 with 10 shared reads at once
-    assert sorted((start, tokens) for _, start, tokens in read) == [(0, 20), (0, 50), (10, 10)]
+    # 30 tokens with 20 shared: waiting copies 20 of 30 left, so it waits; 60 with 20 shared reads at once
+    assert sorted((start, tokens) for _, start, tokens in read) == [(0, 30), (0, 60), (20, 10)]
+
+
+def test_rows_waiting_on_a_kin_that_ends_in_the_pass_it_reads_copy_before_it_leaves(make_tiny_model, monkeypatch):
+    model = make_tiny_model("qwen2", seed=5)
+    prompt, one = list(range(4, 34)), SamplingSettings(max_new_tokens=1, do_sample=False)
+    read = counting(monkeypatch)
+    group = DecodeScheduler(model, max_rows=4).run_here([[request(prompt, one) for _ in range(4)]])[0]
+    assert group.result().response_ids == [alone(model, prompt, one)] * 4
+    assert sorted((start, tokens) for _, start, tokens in read) == [(0, 30), (29, 1), (29, 1), (29, 1)]

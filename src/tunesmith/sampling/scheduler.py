@@ -340,13 +340,14 @@ class DecodeScheduler:
             ended = next((index for index, row in enumerate(self.rows) if row.done), None)
             if ended is None:
                 break
+            shared_prefix.leave(self.rows[ended], {row.serial: slot for slot, row in enumerate(self.rows)},
+                                self.decoder.copy)
             if ended < self.decoding:
                 self._move(self.decoding - 1, ended)
                 ended = self.decoding - 1
                 self.decoding -= 1
             self._move(len(self.rows) - 1, ended)
             row = self.rows.pop()
-            shared_prefix.unlink(row)
             row.group.finish_if_done()
 
     def _move(self, source: int, target: int) -> None:

@@ -7,8 +7,8 @@ and reward rows), and requests that share a long system prompt. Reading a prompt
 CPU; copying a slot's positions is one memory copy for all layers.
 
 The rules:
-- Rows are kin when their adapters are the same name and their prompts start alike (`link`, at admission;
-  the common length is fixed, as prompts are).
+- Rows are kin when their adapters are the same name and their prompts start with the same MIN_SHARED
+  tokens or more (`link`, at admission; the common length is fixed, as prompts are).
 - A row copies from a kin that has read further than it (`borrow`), up to the common prefix and at most
   up to its prompt's last token: that one it reads itself, as a drawing row draws from its state. A row
   with `on_prompt` copies only positions before `states_from` (its observer never sees them).
@@ -27,6 +27,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from tunesmith.sampling.rows import Row
     from tunesmith.sampling.slot_decoder import Chunk
+
+MIN_SHARED = 16
+"""Fewer shared tokens than this are read again (vLLM shares cache blocks of 16): the chat template's
+first line alone is not worth the records and copies."""
 
 
 def common_length(first: list[int], second: list[int]) -> int:
@@ -47,14 +51,19 @@ def link(new_rows: list[Row], live_rows: list[Row]) -> None:
             if other.request.adapter != row.request.adapter:
                 continue
             shared = common_length(row.request.prompt, other.request.prompt)
-            if shared:
+            if shared >= MIN_SHARED:
                 row.kin.append((other, shared))
                 other.kin.append((row, shared))
 
 
-def unlink(row: Row) -> None:
-    """Forget `row` (leaving the batch) in its kin's records."""
-    for other, _ in row.kin:
+def leave(row: Row, slot_of: dict[int, int], copy: Callable[[int, int, int, int], None]) -> None:
+    """`row` leaves the batch: kin still reading take what it read first (a kin waited on it: a one-token
+    answer can end in the pass it reads its prompt), then it is gone from their records."""
+    for other, shared in row.kin:
+        end = min(shared, row.length, copyable(other))
+        if end > other.length:
+            copy(slot_of[row.serial], slot_of[other.serial], other.length, end)
+            other.length = end
         other.kin = [(kin, shared) for kin, shared in other.kin if kin is not row]
     row.kin = []
 
