@@ -148,7 +148,7 @@ def generate(model: PreTrainedModel, prompts: list[list[int]], settings: Samplin
         if on_logits is not None:
             on_logits(model_logits, tokens)
         if record:
-            records.append((*_token_statistics(logits, tokens, settings), hidden))
+            records.append((*token_statistics(logits, tokens, settings.temperature), hidden))
         if seen is not None:
             seen[torch.arange(rows, device=device), tokens] = True
         columns.append(tokens)
@@ -196,11 +196,11 @@ def _generation(columns: list[torch.Tensor], lengths: torch.Tensor, stopped: tor
     return generation
 
 
-def _token_statistics(logits: torch.Tensor, tokens: torch.Tensor,
-                      settings: SamplingSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-prob of `tokens`, entropy), each [rows], of softmax(logits / temperature)."""
-    temperature = settings.temperature if settings.temperature > 0 else 1.0
-    logp = (logits / temperature).log_softmax(dim=-1)
+def token_statistics(logits: torch.Tensor, tokens: torch.Tensor,
+                     temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of `tokens`, entropy), each [rows], of softmax(logits / temperature) (greedy's 0: 1), what
+    RL keeps of each draw: pi_old at the sampling temperature, as TRL computes it."""
+    logp = (logits / (temperature if temperature > 0 else 1.0)).log_softmax(dim=-1)
     entropy = -(logp.exp() * logp).sum(dim=-1)
     return logp.gather(1, tokens[:, None]).squeeze(1), entropy
 

@@ -24,6 +24,7 @@ import torch
 from tunesmith.algorithms.logprobs import chunked_logprobs_entropy_at
 from tunesmith.config import SamplingSettings
 from tunesmith.sampling import cached_decoder
+from tunesmith.sampling.generate import token_statistics
 from tunesmith.sampling.rows import RowGroup, RowRequest
 from tunesmith.sampling.scheduler import DecodeScheduler
 from tunesmith.sampling.slot_decoder import BASE, OWN
@@ -113,13 +114,14 @@ class _Draws:
     the model's own logits, as a forward gives them), and the state it was drawn from."""
 
     def __init__(self, temperature: float) -> None:
-        self.temperature = temperature if temperature > 0 else 1.0
+        self.temperature = temperature
         self.token_logps, self.entropies, self.hidden = [], [], []
 
     def on_logits(self, logits: torch.Tensor, token: int) -> None:
-        logp = (logits / self.temperature).log_softmax(dim=-1)
-        self.token_logps.append(logp[token])
-        self.entropies.append(-(logp.exp() * logp).sum())
+        token_logp, entropy = token_statistics(logits[None], torch.tensor([token], device=logits.device),
+                                               self.temperature)
+        self.token_logps.append(token_logp[0])
+        self.entropies.append(entropy[0])
 
     def logps(self) -> torch.Tensor:
         return torch.stack(self.token_logps)
