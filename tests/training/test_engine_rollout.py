@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.training.test_rl import _random_lora_reward_model
+from tests.training.test_sample_logs import read_lines
 from tunesmith.config import SamplingSettings
 from tunesmith.data.templates import get_template
 from tunesmith.model.loading import load_model, load_tokenizer
@@ -18,6 +19,7 @@ from tunesmith.training import engine_rollout
 from tunesmith.training.reference import Reference
 from tunesmith.training.rewards import ModelRewards
 from tunesmith.training.rollout import RolloutSettings, sample_and_score
+from tunesmith.training.sample_logs import ROLLOUTS_FILE
 from tunesmith.training.scoring import Scorer
 
 PROMPTS = ["Say hello.", "Name a colour.", "Count to three.", "Describe the river in the morning light."]
@@ -134,6 +136,13 @@ def test_bf16_sampling_is_corrected_by_truncated_importance_weights(rl_settings,
     for line in lines:
         assert 0 < line["rollout_is/log_ratio"] < 0.5  # bf16 rounding, not another model
         assert 0.5 < line["rollout_is/weight"] <= 2.0
+    answers = read_lines(Path(settings["output_dir"]) / ROLLOUTS_FILE)  # rollouts.jsonl shows both policies
+    assert len(answers) >= 4
+    for answer in answers:
+        pi_old, pi_sampler = torch.tensor(answer["logprobs"]), torch.tensor(answer["sampler_logprobs"])
+        assert len(pi_sampler) == len(answer["token_ids"]) and not torch.equal(pi_old, pi_sampler)
+        expected = (pi_old - pi_sampler).exp().clamp(max=2.0)
+        assert answer["is_weights"] == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-6)
     fp32 = {**settings, "output_dir": settings["output_dir"] + "_fp32", "rollout_dtype": None}
     run_training(build_config(fp32), say=lambda *a: None)
     assert not any("rollout_is/weight" in line for line in read_log(Path(fp32["output_dir"])))  # the sampler is pi_old

@@ -9,7 +9,7 @@ rows of the rollout; the copy to the CPU happens only when a line is written.
 
 One line per answer (README: "What a run writes"):
     step, sample, group, prompt, tokens, token_ids, logprobs, ref_logprobs, kl, values, advantages,
-    reward, score, rewards (several reward functions only), truncated, trained
+    sampler_logprobs, is_weights, reward, score, rewards (several reward functions only), truncated, trained
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tunesmith.training.rollout import Rollout
 from tunesmith.training.sample_logs import ROLLOUTS_FILE, append_lines, token_texts
 
 TOKEN_FIELDS = {"logprobs": "old_logps", "ref_logprobs": "ref_logps", "kl": "kl", "values": "old_values",
-                "advantages": "advantages"}
+                "advantages": "advantages", "sampler_logprobs": "sampler_logps", "is_weights": "is_weights"}
 """Per-token lists of a line, and the Rollout tensor each comes from (None where the stage has none)."""
 
 

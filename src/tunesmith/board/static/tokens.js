@@ -4,7 +4,7 @@
 (() => {
 "use strict";
 
-const ROLLOUT_FIELDS = ["advantages", "kl", "logprobs", "ref_logprobs", "values"];
+const ROLLOUT_FIELDS = ["advantages", "kl", "logprobs", "ref_logprobs", "values", "sampler_logprobs", "is_weights"];
 const PAIR_FIELDS = ["logratio", "logps", "ref_logps"];
 const view = {name: null, kind: null, index: null, step: null, field: null, prompt: null, samePrompt: false, pair: 0};
 
