@@ -3,15 +3,18 @@
     python benchmarks/bench_shared_prefix.py                  # 'small' random model, 2 rounds
     python benchmarks/bench_shared_prefix.py --size 40m --rounds 3
 
-Three loads, each run with sharing on and with it off (`shared_prefix.copyable` patched to copy nothing,
+Four loads, each run with sharing on and with it off (`shared_prefix.copyable` patched to copy nothing,
 which is the scheduler before it), alternating on/off --rounds times in one process, greedy, 32 new
-tokens a row, all rows submitted at once:
+tokens a row:
 - "n=8": one request for 8 answers to one 300-token prompt (the API's `n`, a GRPO group);
 - "shared system": 16 requests, a 400-token system prompt shared, then 30 tokens of their own;
-- "distinct": 16 requests with unrelated 200-token prompts (nothing to share: the cost of looking).
-Per load and setting it prints one JSON line: the best round's wall time, the median and the last row's
-time to first token, and the prompt tokens the passes read. The answers must be the same both ways, else
-the script exits 1.
+- "distinct": 16 requests with unrelated 200-token prompts (nothing to share: the cost of looking);
+- "chat, 8 turns": one conversation, each turn its whole history (the last prompt and answer) plus a
+  new 40-token message, one turn after the other, on a scheduler that keeps finished rows
+  (`keep_finished`, as `tunesmith api` and `chat` run it): each turn can start from the last one's cache.
+The first three submit every row at once. Per load and setting it prints one JSON line: the best round's
+wall time, the median and the last row's time to first token (chat: the last turn's), and the prompt
+tokens the passes read. The answers must be the same both ways, else the script exits 1.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ def loads(vocab: int, seed: int) -> dict[str, list[list[list[int]]]]:
     prompt, system = tokens(300), tokens(400)
     return {"n=8": [[prompt] * 8],
             "shared system": [[system + tokens(30)] for _ in range(16)],
-            "distinct": [[tokens(200)] for _ in range(16)]}
+            "distinct": [[tokens(200)] for _ in range(16)],
+            "chat, 8 turns": [[tokens(40)] for _ in range(8)]}  # each turn's new message
 
 
 def run_once(scheduler: DecodeScheduler, groups: list[list[list[int]]]) -> dict:
@@ -64,6 +68,17 @@ def run_once(scheduler: DecodeScheduler, groups: list[list[list[int]]]) -> dict:
     ordered = sorted(firsts.values())
     return {"wall": wall, "ttft_p50": ordered[len(ordered) // 2], "ttft_max": ordered[-1],
             "answers": [group.result().response_ids for group in done]}
+
+
+def chat(scheduler: DecodeScheduler, messages: list[list[list[int]]]) -> dict:
+    """One conversation, a turn per message, each turn's prompt its history: as `run_once`, for the last turn."""
+    history, answers = [], []
+    for message in messages:
+        history = history + message[0]
+        result = run_once(scheduler, [[history]])
+        history = history + result["answers"][0][0]
+        answers.append(result["answers"][0][0])
+    return {**result, "answers": answers}
 
 
 def main() -> None:
@@ -84,14 +99,14 @@ def main() -> None:
     SlotDecoder.forward = counted
     failed = False
     for name, groups in loads(model.config.vocab_size, args.seed).items():
-        scheduler = DecodeScheduler(model, max_rows=16)
-        scheduler.run_here([[RowRequest(list(range(5, 50)), SETTINGS, [])]])  # warm-up
         best: dict[str, dict] = {}
         for _ in range(args.rounds):
             for sharing in ("on", "off"):
                 shared_prefix.copyable = copyable if sharing == "on" else (lambda row: 0)
+                scheduler = DecodeScheduler(model, max_rows=16, keep_finished=name.startswith("chat"))
+                scheduler.run_here([[RowRequest(list(range(5, 20)), SETTINGS, [])]])  # warm-up
                 read[0] = 0
-                result = run_once(scheduler, groups)
+                result = (chat if name.startswith("chat") else run_once)(scheduler, groups)
                 result["read"] = read[0]
                 if sharing not in best or result["wall"] < best[sharing]["wall"]:
                     best[sharing] = result

@@ -118,3 +118,52 @@ def test_rows_waiting_on_a_kin_that_ends_in_the_pass_it_reads_copy_before_it_lea
     group = DecodeScheduler(model, max_rows=4).run_here([[request(prompt, one) for _ in range(4)]])[0]
     assert group.result().response_ids == [alone(model, prompt, one)] * 4
     assert sorted((start, tokens) for _, start, tokens in read) == [(0, 30), (29, 1), (29, 1), (29, 1)]
+
+
+def test_with_keep_finished_the_next_turn_reads_only_what_is_new(make_tiny_model, monkeypatch):
+    model = with_side_sets(make_tiny_model("llama", seed=6))
+    first = list(range(3, 33))
+    turn = SamplingSettings(max_new_tokens=12, do_sample=False)
+    read = counting(monkeypatch)
+    kept = DecodeScheduler(model, max_rows=4, keep_finished=True)
+    answer = kept.run([request(first, turn)]).response_ids[0]
+    second = first + answer + [40, 41, 42]  # the conversation so far, then the new message
+    assert kept.run([request(second, turn)]).response_ids[0] == alone(model, second, turn)
+    # the first turn's cache holds its prompt and every answer token but the last, never fed back
+    assert [(start, tokens) for _, start, tokens in read] == [(0, 30), (29 + len(answer), 4)]
+    read.clear()
+    assert kept.run([request(second, turn, "kind")]).response_ids[0] == alone(model, second, turn, "kind")
+    assert [(start, tokens) for _, start, tokens in read] == [(0, len(second))]  # another adapter: no reuse
+    read.clear()
+    DecodeScheduler(model, max_rows=4).run([request(second, turn)])
+    assert [(start, tokens) for _, start, tokens in read] == [(0, len(second))]  # off by default
+
+
+def test_a_row_takes_the_kept_slot_that_shares_most_whichever_slot_it_is_in(make_tiny_model, monkeypatch):
+    model = make_tiny_model("qwen2", seed=7)
+    firsts = [list(range(3, 23)), list(range(100, 125)), list(range(3, 13)) + list(range(60, 80))]
+    scheduler = DecodeScheduler(model, max_rows=4, keep_finished=True)
+    groups = scheduler.run_here([[request(prompt, GREEDY)] for prompt in firsts])
+    answers = [group.result().response_ids[0] for group in groups]
+    assert len(scheduler.kept) == 3
+    read = counting(monkeypatch)
+    later = firsts[1] + answers[1] + [7, 8]
+    assert scheduler.run([request(later, GREEDY)]).response_ids[0] == alone(model, later, GREEDY)
+    assert [(start, tokens) for _, start, tokens in read] == [(len(later) - 3, 3)]
+    assert len(scheduler.kept) == 3  # the new row's own slot, kept in turn; the two it did not use stay
+
+
+def test_take_kept_swaps_the_best_slot_into_each_rows_own_and_forgets_what_rows_take_over():
+    def row(prompt, adapter=None):
+        request = RowRequest(prompt, GREEDY, [], adapter=adapter)
+        return Row(request, RowGroup([request]), 16, torch.device("cpu"))
+
+    a, b, c = list(range(20)), list(range(50, 70)), list(range(100, 130))
+    kept = {1: (a, None), 2: (b, None), 3: (c, "kind")}
+    swaps = []
+    rows = [row(b + [1, 2]), row(c + [3]), row(a[:5] + b)]  # slots 1, 2, 3
+    shared_prefix.take_kept(rows, 1, kept, lambda first, second, length: swaps.append((first, second, length)))
+    # row 0 takes b from slot 2 (a moves there); row 1 wants c under adapter None: none, so it overwrites
+    # slot 2 (a is gone); row 2 shares under 16 tokens with anything: it overwrites slot 3 (c is gone)
+    assert swaps == [(2, 1, 20)]
+    assert [r.length for r in rows] == [20, 0, 0] and kept == {}

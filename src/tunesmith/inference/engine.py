@@ -74,7 +74,7 @@ class Engine:
         model.eval()
         inference = config.inference
         scheduler = DecodeScheduler(model, inference.max_num_seqs, inference.max_cached_tokens,
-                                    inference.max_num_batched_tokens)
+                                    inference.max_num_batched_tokens, keep_finished=True)  # weights fixed from here
         return cls(model, tokenizer, get_template(config.data.template, tokenizer), config.sampling,
                    config.data.cutoff_len, config.data.default_system, reward_model, scheduler)
 

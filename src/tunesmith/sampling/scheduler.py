@@ -48,8 +48,12 @@ class DecodeScheduler:
     """The decode loop over `model`, on its own thread; `submit` queues a group of rows."""
 
     def __init__(self, model: PreTrainedModel, max_rows: int = 16, max_cached_tokens: int = 32768,
-                 prefill_tokens: int = 512, merged: str | None = None) -> None:
+                 prefill_tokens: int = 512, merged: str | None = None, keep_finished: bool = False) -> None:
         self.model, self.merged = model, merged  # merged: see SlotDecoder (RL folds the policy's LoRA in)
+        self.keep_finished = keep_finished
+        """Whether an ended row's keys stay in its free slot for later rows that start alike (the next turn of
+        a chat, the next request with the same system prompt): only while the weights never change."""
+        self.kept: dict[int, tuple[list[int], str | None]] = {}  # free slot -> (token ids it holds, adapter)
         self.head = model.get_output_embeddings()
         self.device = self.head.weight.device
         self.max_rows, self.max_cached_tokens, self.prefill_tokens = max_rows, max_cached_tokens, prefill_tokens
@@ -223,12 +227,15 @@ class DecodeScheduler:
             if row.request.follows is not None:
                 row.leader = rows[row.request.follows]
         if not self.rows:  # a fresh batch reads the weights as they are now (adapters added, training)
-            if self.decoder is not None and self.decoder.holds(slots, capacity, self.max_cached_tokens):
+            if self.decoder is not None and (self.kept or self.decoder.holds(slots, capacity, self.max_cached_tokens)):
                 self.decoder.read_weights(self.model)
             else:  # none yet, or the one a wider or longer batch left: a cache this batch's size
-                self.decoder = None
+                self.decoder, self.kept = None, {}
                 self.decoder = SlotDecoder(self.model, slots, capacity, self.merged)
-        self.decoder.grow(slots, capacity, live=len(self.rows))
+        held = min(1 + max(self.kept, default=-1), self.max_cached_tokens // capacity)  # kept slots, in the budget
+        self.decoder.grow(max(slots, held), capacity, live=max(len(self.rows), held))
+        self.kept = {slot: entry for slot, entry in self.kept.items() if slot < self.decoder.keys.shape[1]}
+        shared_prefix.take_kept(rows, len(self.rows), self.kept, self.decoder.swap)
         shared_prefix.link(rows, self.rows)
         group.rows = rows
         self.rows.extend(rows)
@@ -342,12 +349,15 @@ class DecodeScheduler:
                 break
             shared_prefix.leave(self.rows[ended], {row.serial: slot for slot, row in enumerate(self.rows)},
                                 self.decoder.copy)
+            move = self._swap if self.keep_finished else self._move  # swap: the ended row's keys go along
             if ended < self.decoding:
-                self._move(self.decoding - 1, ended)
+                move(self.decoding - 1, ended)
                 ended = self.decoding - 1
                 self.decoding -= 1
-            self._move(len(self.rows) - 1, ended)
+            move(len(self.rows) - 1, ended)
             row = self.rows.pop()
+            if self.keep_finished:
+                shared_prefix.keep(row, len(self.rows), self.kept)
             row.group.finish_if_done()
 
     def _move(self, source: int, target: int) -> None:
@@ -366,7 +376,7 @@ class DecodeScheduler:
         for row in self.rows:
             if not row.group.future.done():
                 row.group.future.set_exception(error)
-        self.rows, self.decoding, self.decoder = [], 0, None  # the next batch starts from a fresh cache
+        self.rows, self.decoding, self.decoder, self.kept = [], 0, None, {}  # the next batch: a fresh cache
 
 
 def _can_follow(request: RowRequest, index: int, requests: list[RowRequest]) -> bool:

@@ -15,6 +15,9 @@ The rules:
 - A row whose next position a kin reads in the same pass waits a pass, then copies (`waits`), when that
   saves at least half of what is left of its prompt: each shared token is then computed once, for one
   pass of latency.
+- With `keep_finished` (a server's weights never change), an ended row's keys stay in its free slot
+  (`keep`) until a row takes that slot; a new row starts from the kept slot that shares most with it
+  (`take_kept`): the next turn of a conversation reads only its new messages.
 The copied keys come from another pass, so a row's numbers may differ from reading alone by the rounding
 of a different batch (about 1e-7), as with any chunking of a prompt.
 """
@@ -95,3 +98,32 @@ def waits(row: Row, planned: list[tuple[Row, Chunk]]) -> bool:
                    if other.serial in kin and chunk.start <= row.length < chunk.start + len(chunk.ids)), default=0)
     copied = min(covered, copyable(row)) - row.length
     return copied > 0 and 2 * copied >= len(row.request.prompt) - row.length
+
+
+def keep(row: Row, slot: int, kept: dict[int, tuple[list[int], str | None]]) -> None:
+    """Remember what an ended row left in its (now free) `slot`: the ids of its cached positions."""
+    if row.leader is None and row.length >= MIN_SHARED:
+        kept[slot] = ((row.request.prompt + row.tokens)[:row.length], row.request.adapter)
+
+
+def take_kept(rows: list[Row], first_slot: int, kept: dict[int, tuple[list[int], str | None]],
+              swap: Callable[[int, int, int], None]) -> None:
+    """Start each of `rows` (slots first_slot, first_slot + 1, ...) from the kept slot of its adapter that
+    shares the most with its prompt, swapped into its slot (what was there moves to the kept one's); kept
+    slots a row takes over are forgotten."""
+    for offset, row in enumerate(rows):
+        target, limit = first_slot + offset, copyable(row)
+        best, end = None, MIN_SHARED - 1
+        for slot, (ids, adapter) in kept.items():
+            shared = min(common_length(row.request.prompt, ids), limit) if adapter == row.request.adapter else 0
+            if shared > end:
+                best, end = slot, shared
+        displaced = kept.pop(target, None)
+        if best is None:
+            continue
+        if best != target:
+            swap(best, target, max(len(kept[best][0]), len(displaced[0]) if displaced else 0))
+            del kept[best]
+            if displaced is not None:
+                kept[best] = displaced
+        row.length = end
