@@ -167,3 +167,28 @@ def test_take_kept_swaps_the_best_slot_into_each_rows_own_and_forgets_what_rows_
     # slot 2 (a is gone); row 2 shares under 16 tokens with anything: it overwrites slot 3 (c is gone)
     assert swaps == [(2, 1, 20)]
     assert [r.length for r in rows] == [20, 0, 0] and kept == {}
+
+
+def test_kept_slots_a_regrown_cache_did_not_copy_are_forgotten(make_tiny_model, monkeypatch):
+    """A fresh batch larger than max_cached_tokens (an empty batch always admits its group) regrows the
+    cache keeping only the kept slots within the budget: a row must not start from one it zeroed."""
+    model = make_tiny_model("llama", seed=3)
+    turn, long_turn = SamplingSettings(max_new_tokens=10, do_sample=False), SamplingSettings(max_new_tokens=80, do_sample=False)
+    scheduler = DecodeScheduler(model, max_rows=8, max_cached_tokens=100, keep_finished=True)
+    first = list(range(3, 23))
+    answer = scheduler.run([request(first, turn)]).response_ids[0]
+    second = first + answer + [40, 41, 42]  # capacity 113 > 100: no slot is kept across the regrowth
+    assert scheduler.run([request(second, long_turn)]).response_ids[0] == alone(model, second, long_turn)
+
+    heads = [list(range(2 + 20 * i, 19 + 20 * i)) for i in range(4)]  # four 17-token prompts, 4 x 20 positions
+    scheduler = DecodeScheduler(model, max_rows=8, max_cached_tokens=100, keep_finished=True)
+    scheduler.run([request(head, SamplingSettings(max_new_tokens=3, do_sample=False)) for head in heads])
+    read = counting(monkeypatch)
+    last = max(scheduler.kept)  # beyond the 3 slots of 32 positions the next group's budget keeps
+    rows = [scheduler.kept[last][0][:17] + [5, 6, 7]] + [[90 + i] * 20 for i in range(3)]
+    answers = scheduler.run([request(prompt, long_turn) for prompt in rows]).response_ids
+    assert answers == [alone(model, prompt, long_turn) for prompt in rows]
+    assert sorted(tokens for _, _, tokens in read) == [20, 20, 20, 20]  # nothing was copied from a zeroed slot
+    assert scheduler.decoder.positions > 100  # that group was admitted alone, over the budget
+    scheduler.run([request(rows[0], turn)])
+    assert scheduler.decoder.positions <= 100  # kept slots never hold an oversized cache past its batch

@@ -186,3 +186,13 @@ class Row:
     def end(self) -> None:
         """Stop here (a cancelled group)."""
         self.done = True
+
+
+def can_follow(request: RowRequest, index: int, requests: list[RowRequest]) -> bool:
+    """Whether `request` (row `index`) may follow the row it names: an earlier, drawing row whose stream fits
+    the follower's cache room."""
+    if not 0 <= request.follows < index:
+        return False
+    leader = requests[request.follows]
+    return (leader.follows is None and leader.prompt == request.prompt
+            and leader.settings.max_new_tokens <= request.settings.max_new_tokens)

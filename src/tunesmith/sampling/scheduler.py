@@ -33,7 +33,7 @@ from tunesmith.sampling import cached_decoder, shared_prefix
 from tunesmith.sampling.fallback import run_alone
 from tunesmith.sampling.generate import last_logits
 from tunesmith.sampling.row_sampling import RowSettings, sample_rows
-from tunesmith.sampling.rows import Row, RowGroup, RowRequest
+from tunesmith.sampling.rows import Row, RowGroup, RowRequest, can_follow
 from tunesmith.sampling.slot_decoder import Chunk, SlotDecoder
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ class DecodeScheduler:
                                  "runs together (max_num_seqs); ask for fewer.")
         if any(not request.prompt for request in requests):
             raise TunesmithError("every answer needs a prompt of at least one token.")
-        if any(request.follows is not None and not _can_follow(request, index, requests)
+        if any(request.follows is not None and not can_follow(request, index, requests)
                for index, request in enumerate(requests)):
             raise TunesmithError("a follower must follow an earlier row of its group that draws its own tokens, "
                                  "with the same prompt and at most as many new tokens (its cache room).")
@@ -227,14 +227,16 @@ class DecodeScheduler:
             if row.request.follows is not None:
                 row.leader = rows[row.request.follows]
         if not self.rows:  # a fresh batch reads the weights as they are now (adapters added, training)
-            if self.decoder is not None and (self.kept or self.decoder.holds(slots, capacity, self.max_cached_tokens)):
+            budget = max(self.max_cached_tokens, slots * capacity)
+            if self.decoder is not None and (self.decoder.holds(slots, capacity, self.max_cached_tokens) or (
+                    self.kept and self.decoder.positions <= budget)):  # kept slots: grow it rather than start anew
                 self.decoder.read_weights(self.model)
             else:  # none yet, or the one a wider or longer batch left: a cache this batch's size
                 self.decoder, self.kept = None, {}
                 self.decoder = SlotDecoder(self.model, slots, capacity, self.merged)
-        held = min(1 + max(self.kept, default=-1), self.max_cached_tokens // capacity)  # kept slots, in the budget
-        self.decoder.grow(max(slots, held), capacity, live=max(len(self.rows), held))
-        self.kept = {slot: entry for slot, entry in self.kept.items() if slot < self.decoder.keys.shape[1]}
+        live = max(len(self.rows), min(1 + max(self.kept, default=-1), self.max_cached_tokens // capacity))
+        if self.decoder.grow(max(slots, live), capacity, live):  # kept slots past `live` are now zeros
+            self.kept = {slot: (ids[:capacity], adapter) for slot, (ids, adapter) in self.kept.items() if slot < live}
         shared_prefix.take_kept(rows, len(self.rows), self.kept, self.decoder.swap)
         shared_prefix.link(rows, self.rows)
         group.rows = rows
@@ -377,16 +379,6 @@ class DecodeScheduler:
             if not row.group.future.done():
                 row.group.future.set_exception(error)
         self.rows, self.decoding, self.decoder, self.kept = [], 0, None, {}  # the next batch: a fresh cache
-
-
-def _can_follow(request: RowRequest, index: int, requests: list[RowRequest]) -> bool:
-    """Whether `request` (row `index`) may follow the row it names: an earlier, drawing row whose stream fits
-    the follower's cache room."""
-    if not 0 <= request.follows < index:
-        return False
-    leader = requests[request.follows]
-    return (leader.follows is None and leader.prompt == request.prompt
-            and leader.settings.max_new_tokens <= request.settings.max_new_tokens)
 
 
 def _settle(future: Future, work: Callable[[], Any]) -> None:

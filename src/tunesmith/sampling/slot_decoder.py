@@ -187,18 +187,25 @@ class SlotDecoder:
         return (slots <= held_slots and capacity <= held_capacity
                 and held_slots * held_capacity <= max(budget, slots * capacity))
 
-    def grow(self, slots: int, capacity: int, live: int) -> None:
+    def grow(self, slots: int, capacity: int, live: int) -> bool:
         """Hold `slots` rows of `capacity` positions (no more: the cache's size is the admission's bound),
-        keeping the first `live` slots; both buffers are made before either replaces the old one."""
+        keeping the first `live` slots (the rest are zeros); both buffers are made before either replaces
+        the old one. Whether it made new ones."""
         _, held_slots, _, held_capacity, _ = self.keys.shape
         if slots <= held_slots and capacity <= held_capacity:
-            return
+            return False
         kept = min(held_capacity, capacity)
         new = [old.new_zeros(old.shape[0], slots, old.shape[2], capacity, old.shape[4])
                for old in (self.keys, self.values)]
         for fresh, old in zip(new, (self.keys, self.values)):
             fresh[:, :live, :, :kept] = old[:, :live, :, :kept]
         self.keys, self.values = new
+        return True
+
+    @property
+    def positions(self) -> int:
+        """The cache's size: slots x positions each."""
+        return self.keys.shape[1] * self.keys.shape[3]
 
     def copy(self, source: int, target: int, start: int, end: int) -> None:
         """Copy slot `source`'s positions start..end-1 to slot `target` (a row changing slots, or taking a
