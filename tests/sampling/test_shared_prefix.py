@@ -88,6 +88,11 @@ def test_kin_are_rows_of_the_same_adapter_that_start_alike_and_leave_when_releas
 
     assert shared_prefix.common_length([1, 2, 3, 4], [1, 2, 9, 4]) == 2
     assert shared_prefix.common_length([1, 2], [1, 2, 3]) == 2
+    long = list(range(300))
+    for differs_at in (0, 63, 64, 65, 200, 299):
+        other = long[:differs_at] + [-1] + long[differs_at + 1:]
+        assert shared_prefix.common_length(long, other) == differs_at
+    assert shared_prefix.common_length(long, long[:130]) == 130 and shared_prefix.common_length([], long) == 0
     live = [row([1, 2, 3]), row([1, 2, 3], "kind"), row([7, 8]), row([1, 9])]
     new = [row([1, 2, 5]), row([1, 2, 3, 4])]
     shared_prefix.link(new, live)

@@ -37,11 +37,11 @@ first line alone is not worth the records and copies."""
 
 
 def common_length(first: list[int], second: list[int]) -> int:
-    """How many leading tokens two prompts share."""
-    length = 0
-    for a, b in zip(first, second):
-        if a != b:
-            break
+    """How many leading tokens two prompts share (compared 64 at a time: system prompts run to thousands)."""
+    limit, length = min(len(first), len(second)), 0
+    while length < limit and first[length:length + 64] == second[length:length + 64]:
+        length = min(length + 64, limit)
+    while length < limit and first[length] == second[length]:
         length += 1
     return length
 
