@@ -10,6 +10,8 @@ requests one after another, each iteration of the loop
    being read, first come first read, at most `prefill_tokens` of them (so a long prompt never stalls
    the rows that stream); each decoding row, and each row whose prompt is now read, draws a token;
 3. releases the rows that ended (stop token, max_new_tokens, their callback, a cancelled group).
+Rows that start with the same tokens under one adapter read them once, and with `keep_finished` an ended
+row's keys stay for the rows after it (shared_prefix.py).
 Rows carry their own adapter and sampling settings (slot_decoder.py, row_sampling.py), and a row's tokens
 do not depend on its neighbours: a greedy row answers as it does alone. A sampled row draws from its own
 seeded generator with its own settings, so it too answers as alone, except where a batch's matmuls round
