@@ -164,10 +164,10 @@ def test_take_kept_swaps_the_best_slot_into_each_rows_own_and_forgets_what_rows_
         return Row(request, RowGroup([request]), 16, torch.device("cpu"))
 
     a, b, c = list(range(20)), list(range(50, 70)), list(range(100, 130))
-    kept = {1: (a, None), 2: (b, None), 3: (c, "kind")}
+    kept = {1: (a, None, 0), 2: (b, None, 1), 3: (c, "kind", 2)}
     swaps = []
-    rows = [row(b + [1, 2]), row(c + [3]), row(a[:5] + b)]  # slots 1, 2, 3
-    shared_prefix.take_kept(rows, 1, kept, lambda first, second, length: swaps.append((first, second, length)))
+    rows = [row(b + [1, 2]), row(c + [3]), row(a[:5] + b)]  # slots 1, 2, 3 of 4: no free slot past them
+    shared_prefix.take_kept(rows, 1, 4, kept, lambda first, second, length: swaps.append((first, second, length)))
     # row 0 takes b from slot 2 (a moves there); row 1 wants c under adapter None: none, so it overwrites
     # slot 2 (a is gone); row 2 shares under 16 tokens with anything: it overwrites slot 3 (c is gone)
     assert swaps == [(2, 1, 20)]
@@ -197,3 +197,37 @@ def test_kept_slots_a_regrown_cache_did_not_copy_are_forgotten(make_tiny_model, 
     assert scheduler.decoder.positions > 100  # that group was admitted alone, over the budget
     scheduler.run([request(rows[0], turn)])
     assert scheduler.decoder.positions <= 100  # kept slots never hold an oversized cache past its batch
+
+
+def test_a_row_that_starts_from_nothing_moves_the_kept_slot_it_lands_on_to_an_empty_or_older_one():
+    request = RowRequest(list(range(200, 220)), GREEDY, [])
+    a, b, c, d = (list(range(start, start + 20)) for start in (0, 30, 60, 90))
+    swaps = []
+
+    def take(kept, slots):
+        swaps.clear()
+        fresh = Row(request, RowGroup([request]), 16, torch.device("cpu"))
+        shared_prefix.take_kept([fresh], 0, slots, kept, lambda *args: swaps.append(args))
+        return kept
+
+    # slot 1 is free and empty: a moves there
+    assert take({0: (a, None, 5), 2: (b, None, 1)}, 6) == {1: (a, None, 5), 2: (b, None, 1)} and swaps == [(1, 0, 20)]
+    # no empty slot: a takes the place of b, kept least recently
+    kept = {0: (a, None, 5), 1: (b, None, 1), 2: (c, None, 9), 3: (d, None, 7)}
+    assert take(kept, 4) == {1: (a, None, 5), 2: (c, None, 9), 3: (d, None, 7)} and swaps == [(1, 0, 20)]
+    # a is the least recently kept: it is the one overwritten
+    assert take({0: (a, None, 0), 1: (b, None, 1)}, 2) == {1: (b, None, 1)} and swaps == []
+
+
+def test_a_conversations_last_turn_outlives_a_request_that_comes_between(make_tiny_model, monkeypatch):
+    model = make_tiny_model("llama", seed=8)
+    scheduler = DecodeScheduler(model, max_rows=4, keep_finished=True)
+    short, long = SamplingSettings(max_new_tokens=4, do_sample=False), SamplingSettings(max_new_tokens=10, do_sample=False)
+    first, second = list(range(3, 23)), list(range(40, 60))
+    groups = scheduler.run_here([[request(first, short)], [request(second, long)]])  # `second` ends last
+    answers = [group.result().response_ids[0] for group in groups]
+    scheduler.run([request(list(range(70, 95)), short)])  # another client: it lands on a kept slot
+    read = counting(monkeypatch)
+    later = second + answers[1] + [5, 6]
+    assert scheduler.run([request(later, short)]).response_ids[0] == alone(model, later, short)
+    assert [tokens for _, _, tokens in read] == [3]  # the newer conversation was kept; the older one gave way

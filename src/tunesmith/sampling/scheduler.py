@@ -55,7 +55,7 @@ class DecodeScheduler:
         self.keep_finished = keep_finished
         """Whether an ended row's keys stay in its free slot for later rows that start alike (the next turn of
         a chat, the next request with the same system prompt): only while the weights never change."""
-        self.kept: dict[int, tuple[list[int], str | None]] = {}  # free slot -> (token ids it holds, adapter)
+        self.kept: shared_prefix.Kept = {}  # free slots holding an ended row's keys
         self.head = model.get_output_embeddings()
         self.device = self.head.weight.device
         self.max_rows, self.max_cached_tokens, self.prefill_tokens = max_rows, max_cached_tokens, prefill_tokens
@@ -238,8 +238,8 @@ class DecodeScheduler:
                 self.decoder = SlotDecoder(self.model, slots, capacity, self.merged)
         live = max(len(self.rows), min(1 + max(self.kept, default=-1), self.max_cached_tokens // capacity))
         if self.decoder.grow(max(slots, live), capacity, live):  # kept slots past `live` are now zeros
-            self.kept = {slot: (ids[:capacity], adapter) for slot, (ids, adapter) in self.kept.items() if slot < live}
-        shared_prefix.take_kept(rows, len(self.rows), self.kept, self.decoder.swap)
+            self.kept = {slot: (entry[0][:capacity], *entry[1:]) for slot, entry in self.kept.items() if slot < live}
+        shared_prefix.take_kept(rows, len(self.rows), self.decoder.keys.shape[1], self.kept, self.decoder.swap)
         shared_prefix.link(rows, self.rows)
         group.rows = rows
         self.rows.extend(rows)

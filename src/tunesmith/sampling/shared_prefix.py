@@ -16,14 +16,16 @@ The rules:
   saves at least half of what is left of its prompt: each shared token is then computed once, for one
   pass of latency.
 - With `keep_finished` (a server's weights never change), an ended row's keys stay in its free slot
-  (`keep`) until a row takes that slot; a new row starts from the kept slot that shares most with it
-  (`take_kept`): the next turn of a conversation reads only its new messages.
+  (`keep`); a new row starts from the kept slot that shares most with it (`take_kept`): the next turn of a
+  conversation reads only its new messages. A new row that starts from none moves the kept slot it lands
+  on to an empty free slot, or over the least recently kept one.
 The copied keys come from another pass, so a row's numbers may differ from reading alone by the rounding
 of a different batch (about 1e-7), as with any chunking of a prompt.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -100,30 +102,43 @@ def waits(row: Row, planned: list[tuple[Row, Chunk]]) -> bool:
     return copied > 0 and 2 * copied >= len(row.request.prompt) - row.length
 
 
-def keep(row: Row, slot: int, kept: dict[int, tuple[list[int], str | None]]) -> None:
+Kept = dict[int, tuple[list[int], str | None, int]]
+"""Free cache slots that hold an ended row's keys: slot -> (the ids of its positions, adapter, when kept)."""
+
+_STAMPS = itertools.count()
+
+
+def keep(row: Row, slot: int, kept: Kept) -> None:
     """Remember what an ended row left in its (now free) `slot`: the ids of its cached positions."""
     if row.leader is None and row.length >= MIN_SHARED:
-        kept[slot] = ((row.request.prompt + row.tokens)[:row.length], row.request.adapter)
+        kept[slot] = ((row.request.prompt + row.tokens)[:row.length], row.request.adapter, next(_STAMPS))
 
 
-def take_kept(rows: list[Row], first_slot: int, kept: dict[int, tuple[list[int], str | None]],
-              swap: Callable[[int, int, int], None]) -> None:
-    """Start each of `rows` (slots first_slot, first_slot + 1, ...) from the kept slot of its adapter that
-    shares the most with its prompt, swapped into its slot (what was there moves to the kept one's); kept
-    slots a row takes over are forgotten."""
+def take_kept(rows: list[Row], first_slot: int, slots: int, kept: Kept, swap: Callable[[int, int, int], None]) -> None:
+    """Start each of `rows` (slots first_slot, first_slot + 1, ...; the cache holds `slots`) from the kept
+    slot of its adapter that shares the most with its prompt, swapped into its slot. A kept slot a row
+    would overwrite moves to a free slot past the new rows: an empty one, else the least recently kept
+    (when that is older), so a conversation's last turn outlives the requests that come between."""
+    free = range(first_slot + len(rows), slots)
     for offset, row in enumerate(rows):
         target, limit = first_slot + offset, copyable(row)
         best, end = None, MIN_SHARED - 1
-        for slot, (ids, adapter) in kept.items():
+        for slot, (ids, adapter, _) in kept.items():
             shared = min(common_length(row.request.prompt, ids), limit) if adapter == row.request.adapter else 0
             if shared > end:
                 best, end = slot, shared
         displaced = kept.pop(target, None)
-        if best is None:
-            continue
+        if best is not None:
+            row.length = end
+        else:  # nothing to start from: find the displaced keys a slot past the new rows
+            best = next((slot for slot in free if slot not in kept), None)
+            if best is None and displaced is not None:
+                oldest = min((slot for slot in free if slot in kept), key=lambda slot: kept[slot][2], default=None)
+                best = oldest if oldest is not None and kept[oldest][2] < displaced[2] else None
+            if best is None or displaced is None:
+                continue
         if best != target:
-            swap(best, target, max(len(kept[best][0]), len(displaced[0]) if displaced else 0))
-            del kept[best]
+            swap(best, target, max(len(kept[best][0]) if best in kept else 0, len(displaced[0]) if displaced else 0))
+            kept.pop(best, None)
             if displaced is not None:
                 kept[best] = displaced
-        row.length = end
