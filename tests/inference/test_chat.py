@@ -86,3 +86,33 @@ def test_long_history_drops_the_oldest_exchanges(chat_model):
 def test_bad_messages_say_what_is_wrong(messages, fragment):
     with pytest.raises(TunesmithError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         check_messages(messages)
+
+
+def test_each_turn_reads_only_what_the_turn_before_did_not_leave_in_the_cache(chat_model, monkeypatch):
+    from tunesmith.sampling.scheduler import DecodeScheduler
+    from tunesmith.sampling.slot_decoder import SlotDecoder
+
+    turns, forward, run_here = [], SlotDecoder.forward, DecodeScheduler.run_here
+
+    def counted(self, tokens, positions, chunks, adapters):
+        turns[-1] += sum(len(chunk.ids) for chunk in chunks)
+        return forward(self, tokens, positions, chunks, adapters)
+
+    def one_turn(self, *args, **kwargs):
+        turns.append(0)
+        return run_here(self, *args, **kwargs)
+
+    monkeypatch.setattr(SlotDecoder, "forward", counted)
+    monkeypatch.setattr(DecodeScheduler, "run_here", one_turn)
+    config = chat_config(chat_model)
+    out = io.StringIO()
+    messages = ["hello there", "and the river?", "tell me about the town by the river"]
+    chat.run_chat(config, io.StringIO("\n".join(messages) + "\n"), out)
+    engine, history, prompts = Engine.load(config), [], []
+    for message, answer in zip(messages, answers(out.getvalue())):
+        history.append({"role": "user", "content": message})
+        prompts.append(len(engine.prompt_ids(history)))
+        history.append({"role": "assistant", "content": answer})
+    assert turns[0] == prompts[0]
+    for turn in (1, 2):  # the earlier prompt, at least, comes from the cache the turn before left
+        assert 0 < turns[turn] <= prompts[turn] - prompts[turn - 1]
