@@ -9,6 +9,7 @@ protobuf records: wandb has no offline reader of its own). A tracker whose packa
 import json
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,16 +67,31 @@ def tensorboard_run(output_dir: Path, tmp_path: Path) -> tuple[dict, dict]:
 
 
 def wandb_run(output_dir: Path, tmp_path: Path) -> tuple[dict, dict]:
-    """History and config from the offline run's transaction log (LevelDB log blocks of protobuf Records)."""
+    """History and config from the offline run's transaction log. wandb's own service process writes it, and
+    under load the last records can land after `finish()` returns: read it again until the run's exit
+    record is in (flaked once in CI with an empty history)."""
+    path = next(output_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    deadline = time.monotonic() + 30
+    while True:
+        metrics, config, ended = _wandb_records(path.read_bytes())
+        if ended or time.monotonic() > deadline:
+            return metrics, config
+        time.sleep(0.1)
+
+
+def _wandb_records(data: bytes) -> tuple[dict, dict, bool]:
+    """(history, config, whether the exit record is there) of a transaction log (LevelDB log blocks of
+    protobuf Records)."""
     from wandb.proto import wandb_internal_pb2
 
-    data = next(output_dir.glob("wandb/offline-run-*/run-*.wandb")).read_bytes()
-    position, pending, metrics, config = 7, b"", {}, {}  # 7: the ":W&B" file header
+    position, pending, metrics, config, ended = 7, b"", {}, {}, False  # 7: the ":W&B" file header
     while position + 7 <= len(data):
         if 32768 - position % 32768 < 7:  # a block's tail too short for a chunk header is padding
             position += 32768 - position % 32768
             continue
         length, kind = struct.unpack("<HB", data[position + 4:position + 7])
+        if position + 7 + length > len(data):  # a chunk still being written
+            break
         pending += data[position + 7:position + 7 + length]
         position += 7 + length
         if kind not in (1, 4):  # FIRST / MIDDLE chunk: the record goes on
@@ -87,7 +103,8 @@ def wandb_run(output_dir: Path, tmp_path: Path) -> tuple[dict, dict]:
                             if not key.startswith("_")})  # _step, _runtime, _timestamp: wandb's own
         if record.HasField("run"):
             config = {item.key: json.loads(item.value_json) for item in record.run.config.update}
-    return metrics, config
+        ended = ended or record.HasField("exit")
+    return metrics, config, ended
 
 
 def mlflow_run(output_dir: Path, tmp_path: Path) -> tuple[dict, dict]:
