@@ -65,10 +65,7 @@ def leave(row: Row, slot_of: dict[int, int], copy: Callable[[int, int, int, int]
     """`row` leaves the batch: kin still reading take what it read first (a kin waited on it: a one-token
     answer can end in the pass it reads its prompt), then it is gone from their records."""
     for other, shared in row.kin:
-        end = min(shared, row.length, copyable(other))
-        if end > other.length:
-            copy(slot_of[row.serial], slot_of[other.serial], other.length, end)
-            other.length = end
+        _copy_read(row, other, shared, slot_of, copy)
         other.kin = [(kin, shared) for kin, shared in other.kin if kin is not row]
     row.kin = []
 
@@ -83,12 +80,18 @@ def copyable(row: Row) -> int:
 def borrow(row: Row, slot_of: dict[int, int], copy: Callable[[int, int, int, int], None]) -> None:
     """Advance `row` over what a live kin has already read, copying those positions into its slot with
     `copy(source slot, target slot, start, end)`; `slot_of` maps each row's serial to its slot."""
-    limit = copyable(row)
     for other, shared in row.kin:
-        end = min(shared, other.length, limit)
-        if end > row.length:
-            copy(slot_of[other.serial], slot_of[row.serial], row.length, end)
-            row.length = end
+        _copy_read(other, row, shared, slot_of, copy)
+
+
+def _copy_read(source: Row, target: Row, shared: int, slot_of: dict[int, int],
+               copy: Callable[[int, int, int, int], None]) -> None:
+    """Advance `target` over the first `shared` positions that `source` has read and it has not (as far as
+    `copyable` lets it), copying them from `source`'s slot to its own."""
+    end = min(shared, source.length, copyable(target))
+    if end > target.length:
+        copy(slot_of[source.serial], slot_of[target.serial], target.length, end)
+        target.length = end
 
 
 def waits(row: Row, planned: list[tuple[Row, Chunk]]) -> bool:
