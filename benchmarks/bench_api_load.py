@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import random
@@ -330,6 +331,8 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(model)
         requests = make_requests(tokenizer, args.requests, args.seed, args.system_tokens)
         launch_servers(servers, args, model, template, folder, requests)
+        gc.collect()  # this process imported torch and transformers: a collection walking their million
+        gc.freeze()  # objects stalls the client for 100-300 ms, which would read as the server's latency
         sys.exit(run_levels(servers, requests, levels, args.requests, tokenizer if args.peer else None,
                             args.ramp))
     finally:

@@ -56,6 +56,7 @@ from tunesmith.inference.api_worker import (
 from tunesmith.inference.completions import add_completions_route
 from tunesmith.inference.engine import Engine
 from tunesmith.inference.served_models import ServedModel, ServedModels, load_served
+from tunesmith.model.heap import freeze_heap
 
 if TYPE_CHECKING:
     from tunesmith.config import RunConfig
@@ -152,7 +153,7 @@ def _plan(engine: Engine, body: ChatRequest) -> dict[str, Any]:
     settings, stops = request_settings(engine, body, len(prompt_ids), body.n)
     top = chat_top_logprobs(body.logprobs, body.top_logprobs)
     include_usage = bool((body.stream_options or {}).get("include_usage"))
-    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "messages": messages,
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "prompt_ids": prompt_ids,
             "prompt_tokens": len(prompt_ids), "settings": settings, "n": body.n, "stops": stops,
             "seed": body.seed, "include_usage": include_usage, "top_logprobs": top,
             "names": TokenNames(engine.tokenizer) if top is not None else None}
@@ -165,9 +166,9 @@ def _complete(chosen: ServedModel, plan: dict[str, Any], cancelled: threading.Ev
     engine = chosen.engine
     choices = [Choice(engine, plan["stops"]) for _ in range(plan["n"])]
     steps = StepLogprobs(plan["top_logprobs"]) if plan["top_logprobs"] is not None else None
-    generation = engine.generate([plan["messages"]], plan["settings"], plan["n"], plan["seed"],
-                                 adapter=chosen.adapter_set, on_logits=steps, cancelled=cancelled,
-                                 on_token=token_callback(choices, engine.stop_ids, on_piece, steps))
+    generation = engine.continue_ids([plan["prompt_ids"]], plan["settings"], plan["n"], plan["seed"],
+                                     adapter=chosen.adapter_set, on_logits=steps, cancelled=cancelled,
+                                     on_token=token_callback(choices, engine.stop_ids, on_piece, steps))
     return finish(choices, generation, on_piece), plan["prompt_tokens"]
 
 
@@ -234,6 +235,7 @@ def load_on_decode_thread(config: RunConfig) -> ServedModels:
     def load_then_serve() -> None:
         try:
             served = load_served(config)
+            freeze_heap()
         except BaseException as err:  # noqa: B036 - the main thread reports it
             loaded.set_exception(err)
             return
