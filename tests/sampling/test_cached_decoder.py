@@ -77,6 +77,38 @@ def test_graphed_step_equals_the_eager_step(make_tiny_model, monkeypatch, arch, 
     assert_same_generation(*runs)
 
 
+@pytest.mark.parametrize("lora", ["merged", "unmerged"])
+def test_under_autocast_weights_are_cast_once_with_the_same_numbers(make_tiny_model, monkeypatch, lora):
+    """Under bf16 autocast the decoder holds its projections (and generate its output head) in bf16, cast
+    once, rather than letting autocast cast every weight at every step; the answers are autocast's own
+    (the same bf16 products, up to the order of their fp32 sums)."""
+    model = with_lora(make_tiny_model("qwen2", seed=5))  # qwen2: biased q/k/v
+    settings = SamplingSettings(max_new_tokens=10, temperature=1.3)
+    built = []
+    real_init = cached_decoder.CachedDecoder.__init__
+    monkeypatch.setattr(cached_decoder.CachedDecoder, "__init__",
+                        lambda self, *a, **k: real_init(self, *a, **k) or built.append(self))
+    runs = []
+    for cast in (True, False):
+        with monkeypatch.context() as patch:
+            if not cast:  # the weights as the model holds them: autocast casts them at every matmul
+                patch.setattr(cached_decoder, "cast_projection", lambda projection, dtype: projection)
+                patch.setattr(cached_decoder, "cast_head", lambda head, dtype: head)
+            with merged_for_inference(model) if lora == "merged" else torch.no_grad(), \
+                    torch.autocast("cpu", dtype=torch.bfloat16):
+                runs.append(generate(model, PROMPTS, settings, STOP, 0, 2, torch.Generator().manual_seed(0),
+                                     record=True))
+    layer = built[0].layers[0]
+    held = [layer.o.weight, layer.gate.weight, layer.down.weight]
+    held += [part.weight for part in layer.qkv.parts] if lora == "unmerged" else [layer.qkv.weight, layer.qkv.bias]
+    assert all(tensor.dtype == torch.bfloat16 for tensor in held)
+    if lora == "unmerged":
+        assert all(part.lora[0].dtype == part.lora[1].dtype == torch.bfloat16 for part in layer.qkv.parts)
+    assert built[1].layers[0].o.weight.dtype == torch.float32
+    assert runs[0].response_ids == runs[1].response_ids
+    torch.testing.assert_close(runs[0].logps, runs[1].logps, atol=2e-2, rtol=0)
+
+
 def test_a_finished_decoder_is_freed_at_once(make_tiny_model, monkeypatch):
     """No reference cycle keeps a decoder (its KV cache, on a GPU its graph's memory) alive after generate."""
     monkeypatch.setattr(cached_decoder, "_can_graph", lambda rotary, device: True)

@@ -38,8 +38,9 @@ SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
 
 
 @dataclass
-class _Projection:
-    """y = x W^T + b (+ scaling * (x A^T) B^T for an adapter that is not merged)."""
+class Projection:
+    """y = x W^T + b (+ scaling * (x A^T) B^T for an adapter that is not merged); `weight` and `bias` as
+    an `nn.Linear` has them, so `generate.last_logits` takes one for the output head."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
@@ -56,14 +57,14 @@ class _Projection:
 class _Joined:
     """Several projections of one input, side by side: `_joined` uses it when one has an unmerged adapter."""
 
-    def __init__(self, parts: list[_Projection]) -> None:
+    def __init__(self, parts: list[Projection]) -> None:
         self.parts = parts
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([part(x) for part in self.parts], dim=-1)
 
 
-def _joined(parts: list[_Projection]) -> _Projection | _Joined:
+def _joined(parts: list[Projection]) -> Projection | _Joined:
     """q, k and v as one matmul on the concatenated weights: decoding streams each weight once per token,
     and one [q+k+v, hidden] matmul both saves two calls and runs the small k/v weights at full speed."""
     if any(part.lora is not None for part in parts):
@@ -71,33 +72,33 @@ def _joined(parts: list[_Projection]) -> _Projection | _Joined:
     biases = [part.bias for part in parts]
     bias = None if all(b is None for b in biases) else torch.cat(
         [b if b is not None else part.weight.new_zeros(part.weight.shape[0]) for b, part in zip(biases, parts)])
-    return _Projection(torch.cat([part.weight for part in parts]), bias, None)
+    return Projection(torch.cat([part.weight for part in parts]), bias, None)
 
 
-def _projection(module: nn.Module) -> _Projection | None:
+def _projection(module: nn.Module) -> Projection | None:
     """The weights `module` computes with right now, or None when its state is one this decoder skips."""
     if isinstance(module, LoRALinear):
         base = module.base_layer
         if type(base) is not nn.Linear:  # a 4/8-bit base: only bitsandbytes' own layer can compute with it
             return None
         if module.active_side is not None:  # a side adapter (or, where it has no update here, the base)
-            return _Projection(base.weight, base.bias, module.side.get(module.active_side))
+            return Projection(base.weight, base.bias, module.side.get(module.active_side))
         if module.inference_weight is not None and not module.disabled:
-            return _Projection(module.inference_weight, base.bias, None)
+            return Projection(module.inference_weight, base.bias, None)
         if module.disabled or module.merged:
-            return _Projection(base.weight, base.bias, None)
+            return Projection(base.weight, base.bias, None)
         if not isinstance(module.lora_dropout, nn.Identity) and module.training:
             return None
-        return _Projection(base.weight, base.bias, (module.lora_A.weight, module.lora_B.weight, module.scaling))
+        return Projection(base.weight, base.bias, (module.lora_A.weight, module.lora_B.weight, module.scaling))
     if type(module) is nn.Linear:
-        return _Projection(module.weight, module.bias, None)
+        return Projection(module.weight, module.bias, None)
     return None
 
 
 @dataclass
 class LayerWeights:
     """One decoder block as a lean decoder runs it; the projections are that decoder's own callables
-    (here `_Projection`/`_Joined`; slot_decoder's take the rows' adapter groups too)."""
+    (here `Projection`/`_Joined`; slot_decoder's take the rows' adapter groups too)."""
 
     input_norm: tuple[torch.Tensor, float]
     """RMSNorm (weight, eps)."""
@@ -126,7 +127,7 @@ def supports(model: PreTrainedModel, length: int) -> bool:
     return all(layer_parts(block) is not None for block in decoder.layers)
 
 
-def layer_parts(block: nn.Module) -> tuple[list[tuple[torch.Tensor, float]], list[_Projection]] | None:
+def layer_parts(block: nn.Module) -> tuple[list[tuple[torch.Tensor, float]], list[Projection]] | None:
     """(norms, projections q/k/v/o/gate/up/down) of a decoder block, or None when one is of a kind this
     decoder does not run; cheap, so `supports` can ask without building the fused q/k/v weights."""
     attention, mlp = block.self_attn, block.mlp
@@ -140,10 +141,41 @@ def layer_parts(block: nn.Module) -> tuple[list[tuple[torch.Tensor, float]], lis
     return norms, projections
 
 
-def _read_layer(block: nn.Module) -> LayerWeights:
-    """A decoder block's weights as this decoder runs them, q/k/v fused; only for blocks `supports` accepted."""
-    (input_norm, post_norm), (q, k, v, o, gate, up, down) = layer_parts(block)
+def _read_layer(block: nn.Module, dtype: torch.dtype | None = None) -> LayerWeights:
+    """A decoder block's weights as this decoder runs them, q/k/v fused, the projections cast to `dtype`
+    when given; only for blocks `supports` accepted."""
+    (input_norm, post_norm), projections = layer_parts(block)
+    q, k, v, o, gate, up, down = [cast_projection(part, dtype) for part in projections]
     return LayerWeights(input_norm, _joined([q, k, v]), o, post_norm, gate, up, down, block.mlp.act_fn)
+
+
+def cast_head(head: nn.Module, dtype: torch.dtype | None) -> nn.Module | Projection:
+    """The output head for `generate.last_logits`, its weight cast once to `dtype` (see `cast_projection`):
+    with a large vocabulary it is the biggest weight a decode step reads."""
+    if dtype is None or head.weight.dtype == dtype:
+        return head
+    return cast_projection(Projection(head.weight, head.bias, None), dtype)
+
+
+def autocast_matmul_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on `device` right now (bf16 sampling, a bf16 run's rollouts);
+    None when it is off."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def cast_projection(projection: Projection, dtype: torch.dtype | None) -> Projection:
+    """`projection` with its weights in `dtype` (None: as they are). Under autocast every matmul casts an
+    fp32 weight to the autocast dtype, each call: once per token for every weight of the model, where
+    decoding's cost is reading the weights. Cast once per decoder instead; the numbers are the same."""
+    if dtype is None or projection.weight.dtype == dtype:
+        return projection
+
+    def cast(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.to(dtype)
+
+    lora = projection.lora
+    return Projection(cast(projection.weight), cast(projection.bias),
+                       None if lora is None else (cast(lora[0]), cast(lora[1]), lora[2]))
 
 
 def rms_norm_weights(module: nn.Module) -> tuple[torch.Tensor, float] | None:
@@ -177,7 +209,8 @@ class CachedDecoder:
         self.embed = decoder.embed_tokens
         self.norm = rms_norm_weights(decoder.norm)
         self.rotary = decoder.rotary_emb
-        self.layers = [_read_layer(block) for block in decoder.layers]
+        self.compute_dtype = autocast_matmul_dtype(decoder.embed_tokens.weight.device)
+        self.layers = [_read_layer(block, self.compute_dtype) for block in decoder.layers]
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads

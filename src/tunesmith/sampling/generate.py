@@ -129,7 +129,7 @@ def generate(model: PreTrainedModel, prompts: list[list[int]], settings: Samplin
         decoder.repeat_interleave(num_samples)
         hidden = hidden.repeat_interleave(num_samples, dim=0)
         positions = positions.repeat_interleave(num_samples, dim=0)
-    head = model.get_output_embeddings()
+    head = cached_decoder.cast_head(model.get_output_embeddings(), cached_decoder.autocast_matmul_dtype(device))
     rows = hidden.shape[0]
     seen = None  # [rows, vocab] tokens in each row's context, for the repetition penalty
     if settings.repetition_penalty != 1.0:
@@ -232,7 +232,7 @@ class _TransformersDecoder:
         return output.last_hidden_state  # [rows, length, hidden]
 
 
-def last_logits(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+def last_logits(head: torch.nn.Module | cached_decoder.Projection, hidden: torch.Tensor) -> torch.Tensor:
     """[rows, vocab] float32 logits of [rows, hidden] last-position states (see `few_row_linear` for why
     not head(hidden): with a handful of rows and a large vocabulary the other orientation is ~3.5x faster)."""
     return few_row_linear(hidden.to(head.weight.dtype), head.weight, head.bias).float()
