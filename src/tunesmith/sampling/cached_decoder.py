@@ -5,7 +5,8 @@ rebuilds the attention mask, concatenates each layer's cache and dispatches ever
 wrapper, every token. This decoder reads the weights once (a LoRA layer contributes its merged weight
 when `merged_for_inference` set one, else its base weight plus the low-rank path: its own, or the active
 side adapter's), keeps keys and values in buffers sized for the whole generation, and runs one position
-per row per step with plain tensor ops.
+per row per step with plain tensor ops. Under autocast (bf16 sampling, a bf16 run's rollouts) it holds
+the projections cast to autocast's dtype, once, where autocast would cast every weight at every token.
 
 On a GPU a decode step of a small model is bound by kernel launches (hundreds per token), not by the
 GPU: there each step after the first replays a CUDA graph of the whole forward, which attends over the
