@@ -231,3 +231,22 @@ def test_a_conversations_last_turn_outlives_a_request_that_comes_between(make_ti
     later = second + answers[1] + [5, 6]
     assert scheduler.run([request(later, short)]).response_ids[0] == alone(model, later, short)
     assert [tokens for _, _, tokens in read] == [3]  # the newer conversation was kept; the older one gave way
+
+
+def test_a_row_not_worth_keeping_leaves_by_a_copy_and_the_rows_after_it_answer_as_alone(make_tiny_model, monkeypatch):
+    """With keep_finished, an ended row swaps slots with the row that takes its place only when its keys
+    will be kept; one under MIN_SHARED positions is overwritten by a plain copy (`_move`) instead."""
+    model = make_tiny_model("llama", seed=9)
+    prompts = [list(range(3, 23)), [5, 6, 7], list(range(40, 64))]
+    settings = [GREEDY, SamplingSettings(max_new_tokens=2, do_sample=False), GREEDY]
+    overwritten = []  # the prompt of each row `_move` copied another row over
+    real_move = DecodeScheduler._move
+    monkeypatch.setattr(DecodeScheduler, "_move", lambda self, source, target: overwritten.append(
+        self.rows[target].request.prompt) or real_move(self, source, target))
+    scheduler = DecodeScheduler(model, max_rows=4, keep_finished=True)
+    groups = scheduler.run_here([[request(prompt, setting)] for prompt, setting in zip(prompts, settings)])
+    answers = [group.result().response_ids[0] for group in groups]
+    assert answers == [alone(model, prompt, setting) for prompt, setting in zip(prompts, settings)]
+    assert overwritten and all(prompt == prompts[1] for prompt in overwritten)
+    assert sorted(entry[0] for entry in scheduler.kept.values()) == sorted(
+        (prompts[i] + answers[i])[:len(prompts[i]) + len(answers[i]) - 1] for i in (0, 2))

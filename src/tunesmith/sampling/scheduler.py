@@ -353,14 +353,16 @@ class DecodeScheduler:
                 break
             shared_prefix.leave(self.rows[ended], {row.serial: slot for slot, row in enumerate(self.rows)},
                                 self.decoder.copy)
-            move = self._swap if self.keep_finished else self._move  # swap: the ended row's keys go along
+            # swap where its keys will be kept: they go along to the free slot; else a copy of the other row will do
+            keeps = self.keep_finished and shared_prefix.worth_keeping(self.rows[ended])
+            move = self._swap if keeps else self._move
             if ended < self.decoding:
                 move(self.decoding - 1, ended)
                 ended = self.decoding - 1
                 self.decoding -= 1
             move(len(self.rows) - 1, ended)
             row = self.rows.pop()
-            if self.keep_finished:
+            if keeps:
                 shared_prefix.keep(row, len(self.rows), self.kept)
             row.group.finish_if_done()
 

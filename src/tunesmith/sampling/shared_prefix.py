@@ -111,9 +111,15 @@ Kept = dict[int, tuple[list[int], str | None, int]]
 _STAMPS = itertools.count()
 
 
+def worth_keeping(row: Row) -> bool:
+    """Whether an ended row's keys are worth a kept slot: a row that drew its own tokens (a follower's
+    stream is another row's), with at least MIN_SHARED positions."""
+    return row.leader is None and row.length >= MIN_SHARED
+
+
 def keep(row: Row, slot: int, kept: Kept) -> None:
     """Remember what an ended row left in its (now free) `slot`: the ids of its cached positions."""
-    if row.leader is None and row.length >= MIN_SHARED:
+    if worth_keeping(row):
         kept[slot] = ((row.request.prompt + row.tokens)[:row.length], row.request.adapter, next(_STAMPS))
 
 
