@@ -250,3 +250,38 @@ def test_a_row_not_worth_keeping_leaves_by_a_copy_and_the_rows_after_it_answer_a
     assert overwritten and all(prompt == prompts[1] for prompt in overwritten)
     assert sorted(entry[0] for entry in scheduler.kept.values()) == sorted(
         (prompts[i] + answers[i])[:len(prompts[i]) + len(answers[i]) - 1] for i in (0, 2))
+
+
+def test_conversations_served_one_at_a_time_are_all_kept_while_the_cache_may_grow(make_tiny_model, monkeypatch):
+    """One row at a time needs one slot, yet each conversation's last turn is kept: the cache grows (by
+    doubling) to hold the kept slots beside the rows, up to max_rows slots within max_cached_tokens; past
+    that the least recently kept gives way."""
+    model = make_tiny_model("llama", seed=10)
+    turn = SamplingSettings(max_new_tokens=6, do_sample=False)
+    firsts = [list(range(start, start + 20)) for start in (3, 30, 60)]
+
+    def second_turns_read(scheduler, order):
+        answers = [scheduler.run([request(first, turn)]).response_ids[0] for first in firsts]
+        read = counting(monkeypatch)
+        for index in order:
+            later = firsts[index] + answers[index] + [7, 8]
+            assert scheduler.run([request(later, turn)]).response_ids[0] == alone(model, later, turn)
+        monkeypatch.undo()
+        return [tokens for _, _, tokens in read]
+
+    roomy = DecodeScheduler(model, max_rows=4, keep_finished=True)
+    assert second_turns_read(roomy, [0, 1, 2]) == [3, 3, 3]  # every second turn reads its new tokens only
+    assert roomy.decoder.keys.shape[1] == 4  # 1 slot, then 2, then 4
+    capacity = len(firsts[0]) + 6 + 2 + 6  # a second turn's prompt and answer: a slot's positions
+    tight = DecodeScheduler(model, max_rows=4, keep_finished=True, max_cached_tokens=2 * capacity)
+    assert second_turns_read(tight, [2, 1, 0]) == [3, 3, len(firsts[0]) + 6 + 2]  # the first gave way
+    assert tight.decoder.keys.shape[1] == 2
+
+
+def test_slots_to_hold_makes_room_for_the_kept_slots_by_doubling_within_the_budget():
+    kept = {slot: ([1] * 20, None, slot) for slot in range(3)}
+    assert shared_prefix.slots_to_hold(1, 4, kept, 10) == 4  # 1 row + 3 kept fit the 4 held
+    assert shared_prefix.slots_to_hold(2, 4, kept, 10) == 8  # 5 needed: double
+    assert shared_prefix.slots_to_hold(2, 4, kept, 6) == 6  # ... up to what max_cached_tokens allows
+    assert shared_prefix.slots_to_hold(1, 1, {}, 10) == 1  # nothing kept: the rows' own slots
+    assert shared_prefix.slots_to_hold(5, 2, kept, 3) == 5  # a group over the budget still gets its rows

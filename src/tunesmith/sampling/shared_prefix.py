@@ -123,6 +123,15 @@ def keep(row: Row, slot: int, kept: Kept) -> None:
         kept[slot] = ((row.request.prompt + row.tokens)[:row.length], row.request.adapter, next(_STAMPS))
 
 
+def slots_to_hold(rows: int, held: int, kept: Kept, room: int) -> int:
+    """Cache slots for `rows` rows and, beside them, every kept slot, so a new row overwrites no kept
+    conversation while the cache may grow (`room`: the most slots it may have, the scheduler's max_rows
+    within max_cached_tokens: what a full batch would use). Grown by at least doubling: each growth
+    copies the whole cache."""
+    needed = max(rows, min(rows + len(kept), room))
+    return needed if needed <= held else max(needed, min(room, 2 * held))
+
+
 def take_kept(rows: list[Row], first_slot: int, slots: int, kept: Kept, swap: Callable[[int, int, int], None]) -> None:
     """Start each of `rows` (slots first_slot, first_slot + 1, ...; the cache holds `slots`) from the kept
     slot of its adapter that shares the most with its prompt, swapped into its slot. A kept slot a row
