@@ -136,6 +136,7 @@ def test_with_keep_finished_the_next_turn_reads_only_what_is_new(make_tiny_model
     assert kept.run([request(second, turn)]).response_ids[0] == alone(model, second, turn)
     # the first turn's cache holds its prompt and every answer token but the last, never fed back
     assert [(start, tokens) for _, start, tokens in read] == [(0, 30), (29 + len(answer), 4)]
+    assert kept.decoder.keys.shape[1] == 1  # the next turn takes the kept slot: no room beside it is needed
     read.clear()
     assert kept.run([request(second, turn, "kind")]).response_ids[0] == alone(model, second, turn, "kind")
     assert [(start, tokens) for _, start, tokens in read] == [(0, len(second))]  # another adapter: no reuse
@@ -271,17 +272,24 @@ def test_conversations_served_one_at_a_time_are_all_kept_while_the_cache_may_gro
 
     roomy = DecodeScheduler(model, max_rows=4, keep_finished=True)
     assert second_turns_read(roomy, [0, 1, 2]) == [3, 3, 3]  # every second turn reads its new tokens only
-    assert roomy.decoder.keys.shape[1] == 4  # 1 slot, then 2, then 4
+    assert roomy.decoder.keys.shape[1] == 3  # 1 slot, 2, 4; the longer second turns regrew it to what they need
     capacity = len(firsts[0]) + 6 + 2 + 6  # a second turn's prompt and answer: a slot's positions
     tight = DecodeScheduler(model, max_rows=4, keep_finished=True, max_cached_tokens=2 * capacity)
     assert second_turns_read(tight, [2, 1, 0]) == [3, 3, len(firsts[0]) + 6 + 2]  # the first gave way
     assert tight.decoder.keys.shape[1] == 2
 
 
-def test_slots_to_hold_makes_room_for_the_kept_slots_by_doubling_within_the_budget():
-    kept = {slot: ([1] * 20, None, slot) for slot in range(3)}
-    assert shared_prefix.slots_to_hold(1, 4, kept, 10) == 4  # 1 row + 3 kept fit the 4 held
-    assert shared_prefix.slots_to_hold(2, 4, kept, 10) == 8  # 5 needed: double
-    assert shared_prefix.slots_to_hold(2, 4, kept, 6) == 6  # ... up to what max_cached_tokens allows
-    assert shared_prefix.slots_to_hold(1, 1, {}, 10) == 1  # nothing kept: the rows' own slots
-    assert shared_prefix.slots_to_hold(5, 2, kept, 3) == 5  # a group over the budget still gets its rows
+def test_slots_to_hold_makes_room_for_the_kept_slots_no_new_row_takes_by_doubling_within_the_budget():
+    kept = {slot: (list(range(slot * 30, slot * 30 + 20)), None, slot) for slot in range(3)}
+    fresh = [RowRequest(list(range(200, 220)), GREEDY, [])]  # starts from no kept slot
+    follows_up = [RowRequest(list(range(30, 50)) + [7], GREEDY, [])]  # the next turn of kept slot 1
+
+    def rows(requests):
+        return [Row(request, RowGroup(requests), 16, torch.device("cpu")) for request in requests]
+
+    assert shared_prefix.slots_to_hold(1, rows(fresh), 4, kept, 10) == 4  # 1 row + 3 kept fit the 4 held
+    assert shared_prefix.slots_to_hold(2, rows(fresh), 4, kept, 10) == 8  # 5 needed: double
+    assert shared_prefix.slots_to_hold(2, rows(fresh), 4, kept, 6) == 6  # ... up to the room it may have
+    assert shared_prefix.slots_to_hold(2, rows(follows_up), 4, kept, 10) == 4  # it takes its own kept slot
+    assert shared_prefix.slots_to_hold(1, rows(fresh), 1, {}, 10) == 1  # nothing kept: the rows' own slots
+    assert shared_prefix.slots_to_hold(5, rows(fresh), 2, kept, 3) == 5  # a group over the budget gets its rows

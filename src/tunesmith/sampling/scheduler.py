@@ -239,7 +239,7 @@ class DecodeScheduler:
         room = self.max_cached_tokens // capacity
         live = max(len(self.rows), min(1 + max(self.kept, default=-1), room))
         # kept slots may fill what a full batch would: up to max_rows slots, within max_cached_tokens
-        held = shared_prefix.slots_to_hold(slots, self.decoder.keys.shape[1], self.kept, min(room, self.max_rows))
+        held = shared_prefix.slots_to_hold(slots, rows, self.decoder.keys.shape[1], self.kept, min(room, self.max_rows))
         if self.decoder.grow(max(slots, live, held), capacity, live):  # kept slots past `live` are now zeros
             self.kept = {slot: (entry[0][:capacity], *entry[1:]) for slot, entry in self.kept.items() if slot < live}
         shared_prefix.take_kept(rows, len(self.rows), self.decoder.keys.shape[1], self.kept, self.decoder.swap)

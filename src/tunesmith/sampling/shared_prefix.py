@@ -123,13 +123,25 @@ def keep(row: Row, slot: int, kept: Kept) -> None:
         kept[slot] = ((row.request.prompt + row.tokens)[:row.length], row.request.adapter, next(_STAMPS))
 
 
-def slots_to_hold(rows: int, held: int, kept: Kept, room: int) -> int:
-    """Cache slots for `rows` rows and, beside them, every kept slot, so a new row overwrites no kept
-    conversation while the cache may grow (`room`: the most slots it may have, the scheduler's max_rows
-    within max_cached_tokens: what a full batch would use). Grown by at least doubling: each growth
-    copies the whole cache."""
-    needed = max(rows, min(rows + len(kept), room))
+def slots_to_hold(rows: int, new_rows: list[Row], held: int, kept: Kept, room: int) -> int:
+    """Cache slots for `rows` rows (`new_rows` among them) and, beside them, every kept slot no new row
+    starts from, so a new row overwrites no kept conversation while the cache may grow (`room`: the most
+    slots it may have, the scheduler's max_rows within max_cached_tokens: what a full batch would use).
+    Grown by at least doubling: each growth copies the whole cache."""
+    taken = {best_kept(row, kept)[0] for row in new_rows} - {None}
+    needed = max(rows, min(rows + len(kept) - len(taken), room))
     return needed if needed <= held else max(needed, min(room, 2 * held))
+
+
+def best_kept(row: Row, kept: Kept) -> tuple[int | None, int]:
+    """(the kept slot of `row`'s adapter that shares the most with its prompt, positions it may take from
+    it); (None, 0) when none shares MIN_SHARED."""
+    limit, best, end = copyable(row), None, MIN_SHARED - 1
+    for slot, (ids, adapter, _) in kept.items():
+        shared = min(common_length(row.request.prompt, ids), limit) if adapter == row.request.adapter else 0
+        if shared > end:
+            best, end = slot, shared
+    return best, end if best is not None else 0
 
 
 def take_kept(rows: list[Row], first_slot: int, slots: int, kept: Kept, swap: Callable[[int, int, int], None]) -> None:
@@ -139,12 +151,8 @@ def take_kept(rows: list[Row], first_slot: int, slots: int, kept: Kept, swap: Ca
     (when that is older), so a conversation's last turn outlives the requests that come between."""
     free = range(first_slot + len(rows), slots)
     for offset, row in enumerate(rows):
-        target, limit = first_slot + offset, copyable(row)
-        best, end = None, MIN_SHARED - 1
-        for slot, (ids, adapter, _) in kept.items():
-            shared = min(common_length(row.request.prompt, ids), limit) if adapter == row.request.adapter else 0
-            if shared > end:
-                best, end = slot, shared
+        target = first_slot + offset
+        best, end = best_kept(row, kept)
         displaced = kept.pop(target, None)
         if best is not None:
             row.length = end
