@@ -9,7 +9,9 @@ timeout 150 python3 -m pytest -p no:cacheprovider -p no:warnings -rfE -q tests/a
 echo "== decode"; timeout 90 python3 benchmarks/bench_decode.py 2>&1 | grep '^{'
 timeout 90 python3 benchmarks/bench_decode.py --dtype bf16 --lora 2>&1 | grep '^{'
 echo "== bench ppo"; timeout 90 python3 benchmarks/bench_rl.py --steps 4 2>&1 | grep -E '"(seconds_per_step|tokens_per_second|mean_response_length|device)"' | tr -d '\n '; echo
+echo "== bench ppo, rollouts in bf16 with TIS"; timeout 90 python3 benchmarks/bench_rl.py --steps 4 --set rollout_dtype=bf16 --set rollout_is_cap=2 2>&1 | grep -E '"(seconds_per_step|time/generation|time/scoring|time/update)"' | tr -d '\n '; echo
+echo "== bench ppo, rollouts on the decode scheduler"; timeout 90 python3 benchmarks/bench_rl.py --steps 4 --set rollout_engine=true 2>&1 | grep -E '"(seconds_per_step|time/generation|time/scoring|time/update)"' | tr -d '\n '; echo
 echo "== bench grpo"; timeout 90 python3 benchmarks/bench_rl.py --stage grpo --prompts 2 --generations 4 --steps 4 2>&1 | grep -E '"(seconds_per_step|tokens_per_second|mean_response_length|device)"' | tr -d '\n '; echo
 echo "== demo"; timeout 200 python3 -c "
-from tunesmith.rl_demo import run_rl_demo
+from tunesmith.demos.rlhf_demo import run_rl_demo
 print(run_rl_demo('/tmp/demo_rlhf', say=lambda *a: None))" 2>&1 | tail -3
