@@ -171,3 +171,20 @@ def test_unsupported_states_fall_back(make_tiny_model):
     assert not cached_decoder.supports(sliding, 64)
     windowed = MistralForCausalLM(MistralConfig(**TINY_SIZES, sliding_window=8)).eval()
     assert cached_decoder.supports(windowed, 8) and not cached_decoder.supports(windowed, 9)
+
+
+def test_joined_projections_with_some_adapters_equal_each_projection_alone():
+    """q/k/v with unmerged adapters on some of them (a side adapter may cover only v): one joined base
+    matmul and one joined A, then each B on its share, equal each projection computed by itself."""
+    torch.manual_seed(0)
+    hidden = 12
+
+    def part(out, rank, biased):
+        lora = None if rank is None else (torch.randn(rank, hidden), torch.randn(out, rank), 0.5)
+        return cached_decoder.Projection(torch.randn(out, hidden), torch.randn(out) if biased else None, lora)
+
+    parts = [part(8, 2, True), part(4, None, False), part(4, 3, True)]
+    joined = cached_decoder._joined(parts)
+    for rows in (1, 3, 20):  # few rows take the W x^T path, more the usual one
+        x = torch.randn(rows, 1, hidden)
+        torch.testing.assert_close(joined(x), torch.cat([p(x) for p in parts], dim=-1))

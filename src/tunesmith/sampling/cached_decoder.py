@@ -56,13 +56,29 @@ class Projection:
 
 
 class _Joined:
-    """Several projections of one input, side by side: `_joined` uses it when one has an unmerged adapter."""
+    """Several projections of one input side by side where one has an unmerged adapter (a bf16 base, a side
+    adapter): one matmul on the joined base weights, one on every adapter's A, then each B on its share of
+    the low-rank activations, added to its share of the output: 5 matmuls for q/k/v rather than 9 (bf16
+    sampling of 4 x 64 tokens of the 40M model, LoRA on every layer: 0.64-0.69 s against 0.69-0.78 s)."""
 
     def __init__(self, parts: list[Projection]) -> None:
         self.parts = parts
+        self.base = _joined([Projection(part.weight, part.bias, None) for part in parts])
+        self.lora_A = torch.cat([part.lora[0] for part in parts if part.lora is not None])  # [sum of ranks, in]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([part(x) for part in self.parts], dim=-1)
+        out = self.base(x)
+        low = x.to(self.lora_A.dtype) @ self.lora_A.t()  # [..., sum of ranks]
+        column = rank = 0
+        for part in self.parts:
+            width = part.weight.shape[0]
+            if part.lora is not None:
+                _, lora_B, scaling = part.lora
+                update = (low[..., rank:rank + lora_B.shape[1]] * scaling) @ lora_B.t()
+                out[..., column:column + width] += update.to(out.dtype)
+                rank += lora_B.shape[1]
+            column += width
+        return out
 
 
 def _joined(parts: list[Projection]) -> Projection | _Joined:
