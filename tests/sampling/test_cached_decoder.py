@@ -99,11 +99,11 @@ def test_under_autocast_weights_are_cast_once_with_the_same_numbers(make_tiny_mo
                 runs.append(generate(model, PROMPTS, settings, STOP, 0, 2, torch.Generator().manual_seed(0),
                                      record=True))
     layer = built[0].layers[0]
-    held = [layer.o.weight, layer.gate.weight, layer.down.weight]
-    held += [part.weight for part in layer.qkv.parts] if lora == "unmerged" else [layer.qkv.weight, layer.qkv.bias]
+    qkv = layer.qkv.base if lora == "unmerged" else layer.qkv
+    held = [layer.o.weight, layer.gate.weight, layer.down.weight, qkv.weight, qkv.bias]
     assert all(tensor.dtype == torch.bfloat16 for tensor in held)
     if lora == "unmerged":
-        assert all(part.lora[0].dtype == part.lora[1].dtype == torch.bfloat16 for part in layer.qkv.parts)
+        assert all(A.dtype == B.dtype == torch.bfloat16 for A, B, _ in layer.qkv.loras)
     assert built[1].layers[0].o.weight.dtype == torch.float32
     assert runs[0].response_ids == runs[1].response_ids
     torch.testing.assert_close(runs[0].logps, runs[1].logps, atol=2e-2, rtol=0)
