@@ -118,9 +118,9 @@ def worth_keeping(row: Row) -> bool:
 
 
 def keep(row: Row, slot: int, kept: Kept) -> None:
-    """Remember what an ended row left in its (now free) `slot`: the ids of its cached positions."""
-    if worth_keeping(row):
-        kept[slot] = ((row.request.prompt + row.tokens)[:row.length], row.request.adapter, next(_STAMPS))
+    """Remember what an ended row `worth_keeping` left in its (now free) `slot`: the ids of its cached
+    positions (the scheduler asks `worth_keeping` first, to choose how the row leaves its slot)."""
+    kept[slot] = ((row.request.prompt + row.tokens)[:row.length], row.request.adapter, next(_STAMPS))
 
 
 def slots_to_hold(rows: int, new_rows: list[Row], held: int, kept: Kept, room: int) -> int:
