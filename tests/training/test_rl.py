@@ -371,3 +371,27 @@ def test_llama_factory_ppo_example_keys_validate(tmp_path):
     assert len(notices) == 3 and config.distributed.ddp_timeout == 180000000
     with pytest.raises(TunesmithError, match="reward_model_adapters.*stage: rm"):
         build_config({**raw, "reward_model_adapters": "x"})
+
+
+def test_a_group_sharing_its_prompt_matches_each_answer_alone_with_the_same_gradients(make_tiny_model):
+    from tunesmith.model.loading import use_varlen_attention
+    shared = make_tiny_model("qwen2")
+    use_varlen_attention(shared)
+    plain = make_tiny_model("qwen2")  # transformers' sdpa: every answer re-reads its prompt
+    prompts = [[5, 6, 7]] * 3 + [[9, 4]] * 2  # two groups, as GRPO lays them out
+    responses = [[10, 11], [12, 13, 14, 15], [16], [17, 18, 19], [20, 21]]
+    results = []
+    for model in (shared, plain):
+        logps, entropy, _ = response_forward(model, prompts, responses, pad_id=0, chunk_size=4, temperature=0.7,
+                                             with_values=False)
+        (logps * torch.arange(1.0, logps.shape[1] + 1)).sum().backward()  # a different weight per token
+        results.append((logps, entropy, {name: p.grad.clone() for name, p in model.named_parameters()}))
+    (shared_logps, shared_entropy, shared_grads), (plain_logps, plain_entropy, plain_grads) = results
+    torch.testing.assert_close(shared_logps, plain_logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared_entropy, plain_entropy, rtol=1e-5, atol=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6)
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):  # and each answer alone, by hand
+        log_probs = torch.log_softmax(plain(torch.tensor([prompt + response])).logits[0] / 0.7, dim=-1)
+        alone = log_probs[len(prompt) - 1:-1].gather(1, torch.tensor(response)[:, None]).squeeze(1)
+        torch.testing.assert_close(shared_logps[i, :len(response)], alone.detach(), rtol=1e-5, atol=1e-5)

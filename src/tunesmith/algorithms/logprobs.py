@@ -22,10 +22,14 @@ from collections.abc import Iterator
 
 import torch
 
+from tunesmith.algorithms.linear import linear, onednn_applies
+
 IGNORE_INDEX = -100
 # A chunk's logits hold at most this many floats (128 MB in fp32), whatever chunk_size asks for:
 # 1024 tokens x 151,936 vocab would be 622 MB per chunk.
 MAX_CHUNK_ELEMENTS = 2**25
+# oneDNN's chunks: 16 MB of fp32 logits, under glibc's largest mmap threshold (32 MB), so freed chunks are reused.
+ONEDNN_CHUNK_ELEMENTS = 2**22
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -40,7 +44,15 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     float32 because log-softmax in low precision loses too much. One buffer because a chunk is the
     step's largest tensor (131 MB for 1024 x 32,000): above glibc's mmap threshold, so a fresh one per
     chunk would be a fresh mmap, page faults and all. Callers may overwrite each chunk's logits in place.
+    oneDNN (algorithms/linear.py) cannot write into a buffer, so there chunks shrink to ONEDNN_CHUNK_ELEMENTS,
+    which glibc serves again from the memory the last chunk freed.
     """
+    if onednn_applies(hidden, weight):
+        chunk_size = max(1, min(chunk_size, ONEDNN_CHUNK_ELEMENTS // weight.shape[0]))
+        for start in range(0, len(hidden), chunk_size):
+            rows = slice(start, start + chunk_size)
+            yield rows, linear(hidden[rows], weight, bias)
+        return
     buffer = torch.empty(min(chunk_size, len(hidden)), weight.shape[0], dtype=torch.float32, device=hidden.device)
     for start in range(0, len(hidden), chunk_size):
         rows = slice(start, start + chunk_size)
@@ -55,14 +67,19 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         yield rows, logits
 
 
+def _times_weight(grad_logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """grad_logits [rows, vocab] W [vocab, hidden]: the head's d/d hidden."""
+    return linear(grad_logits, weight.t())
+
+
 def _accumulate_grads(ctx: torch.autograd.function.FunctionCtx, grad_logits: torch.Tensor,
                       hidden_chunk: torch.Tensor, weight: torch.Tensor, grad_hidden_chunk: torch.Tensor,
                       grads: dict[str, torch.Tensor]) -> None:
     """grad_hidden = grad_logits W; grad_W += grad_logits^T h; grad_b += sum grad_logits."""
     grad_logits = grad_logits.to(weight.dtype)
-    grad_hidden_chunk.copy_(grad_logits @ weight)
+    grad_hidden_chunk.copy_(_times_weight(grad_logits, weight))
     if ctx.needs_input_grad[1]:
-        grads["weight"].addmm_(grad_logits.t(), hidden_chunk)
+        grads["weight"].add_(linear(grad_logits.t(), hidden_chunk.t()))
     if ctx.needs_input_grad[2]:
         grads["bias"].add_(grad_logits.sum(0))
 
@@ -106,7 +123,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         for rows, logits in _chunk_logits(hidden, weight, bias, chunk_size):
             if frozen_head:
                 token_logps[rows], grad_nll = _softmax_minus_onehot(logits, labels[rows])
-                torch.mm(grad_nll.to(weight.dtype), weight, out=dlogp_dhidden[rows]).neg_()
+                dlogp_dhidden[rows] = _times_weight(grad_nll.to(weight.dtype), weight).neg_()
             else:
                 token_logps[rows] = _label_logps_inplace(logits, labels[rows])[0]
         if frozen_head:
@@ -171,7 +188,7 @@ class _ChunkedLogprobsEntropy(torch.autograd.Function):
             token_logps[rows], entropy[rows], probs, _, _ = _logps_entropy_inplace(logits, labels[rows])
             if frozen_head:  # d(-log p)/dz = softmax - onehot; d logp / d hidden = -(that) W
                 probs[torch.arange(len(probs), device=labels.device), labels[rows]] -= 1.0
-                torch.mm(probs.to(weight.dtype), weight, out=dlogp_dhidden[rows]).neg_()
+                dlogp_dhidden[rows] = _times_weight(probs.to(weight.dtype), weight).neg_()
         if frozen_head:
             ctx.save_for_backward(dlogp_dhidden)
             ctx.mark_non_differentiable(entropy)

@@ -149,3 +149,65 @@ def collate(batch: list, pad_token_id: int, pad_to_multiple_of: int = 1, one_row
     return TokenBatch(input_ids=torch.tensor(input_ids, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long),
                       num_tokens=sum(len(row["input_ids"]) for row in batch),
                       attention_mask=torch.tensor(mask, dtype=torch.long))
+
+
+@dataclass
+class AnswerRow:
+    """Sampled answers and their prompts as one packed row for a forward that scores the answers' tokens."""
+
+    input_ids: torch.Tensor
+    """[1, T] each prompt, then the answers to it."""
+    position_ids: torch.Tensor
+    """[1, T] each token's position within its own prompt + answer."""
+    cu_seqlens: list[int]
+    """Segment boundaries: attention runs per segment."""
+    segment_prefixes: list[tuple[int, int] | None]
+    """Per segment, the earlier prompt it also attends to (an answer after the first to the same prompt)."""
+    predict_positions: torch.Tensor
+    """[answer tokens] flat position whose next-token prediction is each answer token, answer by answer."""
+    targets: torch.Tensor
+    """[answer tokens] the answer tokens, in the same order."""
+
+    def to(self, device: torch.device) -> AnswerRow:
+        """The row with its tensors on `device`."""
+        return tensors_to(self, device)
+
+
+def pack_answers(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_token_id: int,
+                 pad_to_multiple_of: int = 1, share_prompts: bool = True) -> AnswerRow:
+    """Answer i to prompt i, every one laid out back to back in one row, each answer's tokens scored.
+
+    A GRPO group's answers follow one prompt: with `share_prompts`, consecutive answers to an equal prompt
+    run it once. The first answer follows its prompt as usual; each later one attends to that prompt
+    through `segment_prefixes` (model/attention.py) with positions continuing from the prompt's end, so
+    every answer sees exactly what it would see alone, and the prompt's last position predicts each
+    answer's first token. 4 answers of 64 tokens to a 63-token prompt: 319 tokens, not 508.
+    """
+    ids: list[int] = []
+    positions: list[int] = []
+    bounds, prefixes, predict = [0], [], []
+    prompt_span, last_prompt = None, None
+    for prompt, answer in zip(prompt_ids, response_ids):
+        start = len(ids)
+        if share_prompts and answer and prompt_span is not None and prompt == last_prompt:
+            ids += answer
+            positions += range(len(prompt), len(prompt) + len(answer))
+            predict += [prompt_span[1] - 1, *range(start, start + len(answer) - 1)]
+            prefixes.append(prompt_span)
+        else:
+            ids += prompt + answer
+            positions += range(len(prompt) + len(answer))
+            predict += range(start + len(prompt) - 1, start + len(prompt) + len(answer) - 1)
+            prefixes.append(None)
+            prompt_span, last_prompt = (start, start + len(prompt)), prompt
+        bounds.append(len(ids))
+    pad = -len(ids) % pad_to_multiple_of
+    if pad:  # one more, unread, segment
+        ids += [pad_token_id] * pad
+        positions += range(pad)
+        bounds.append(len(ids))
+        prefixes.append(None)
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+    return AnswerRow(input_ids=as_tensor([ids]), position_ids=as_tensor([positions]), cu_seqlens=bounds,
+                     segment_prefixes=prefixes, predict_positions=as_tensor(predict),
+                     targets=as_tensor([token for answer in response_ids for token in answer]))

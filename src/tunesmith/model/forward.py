@@ -51,9 +51,9 @@ def decoder_call(model: torch.nn.Module):
 def _prompt_sharing_error(model: torch.nn.Module) -> TunesmithError:
     return TunesmithError(
         f"{type(model).__name__} (attention `{model.config._attn_implementation}`) does not pass tunesmith's "
-        "per-sequence attention arguments to its attention layers, so a preference pair could not share its "
-        "prompt between the two answers. rm and dpo support transformers' built-in causal LMs loaded "
-        "without trust_remote_code (Llama, Qwen2, Mistral, Gemma and the like).")
+        "per-sequence attention arguments to its attention layers, so a preference pair (or a GRPO group) "
+        "could not share its prompt between its answers. rm, dpo and grpo support transformers' built-in causal "
+        "LMs loaded without trust_remote_code (Llama, Qwen2, Mistral, Gemma and the like).")
 
 
 def last_token_positions(batch: TokenBatch | PairBatch) -> torch.Tensor:

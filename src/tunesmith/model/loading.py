@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from tunesmith.errors import TunesmithError
 from tunesmith.model import quantize
 from tunesmith.model.attention import VARLEN_SDPA
+from tunesmith.model.fast_linear import use_fast_linears
 from tunesmith.model.gguf_import import local_model_source
 
 ConfigT = TypeVar("ConfigT")  # any config dataclass with bf16 and fp16 fields
@@ -108,6 +109,8 @@ def load_model(model_name_or_path: str, dtype: torch.dtype, device: torch.device
     if quantization is not None:
         quantize.prepare(model)
         return model  # already on `device` (device_map); bitsandbytes weights do not move with .to()
+    if device.type == "cpu":
+        use_fast_linears(model)
     return model.to(device)
 
 

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunesmith.algorithms.linear import linear
+from tunesmith.model.fast_linear import is_plain_linear
 from tunesmith.model.lora import LoRALinear, few_row_linear
 
 if TYPE_CHECKING:
@@ -51,7 +53,7 @@ class Projection:
         out = few_row_linear(x, self.weight, self.bias)
         if self.lora is not None:
             lora_A, lora_B, scaling = self.lora
-            out = out + ((x.to(lora_A.dtype) @ lora_A.t() * scaling) @ lora_B.t()).to(out.dtype)
+            out = out + linear(linear(x.to(lora_A.dtype), lora_A) * scaling, lora_B).to(out.dtype)
         return out
 
 
@@ -69,12 +71,12 @@ class _Joined:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        low = x.to(self.lora_A.dtype) @ self.lora_A.t()  # [..., sum of ranks]
+        low = linear(x.to(self.lora_A.dtype), self.lora_A)  # [..., sum of ranks]
         column = rank = 0
         for width, lora in zip(self.widths, self.loras):
             if lora is not None:
                 _, lora_B, scaling = lora
-                update = (low[..., rank:rank + lora_B.shape[1]] * scaling) @ lora_B.t()
+                update = linear(low[..., rank:rank + lora_B.shape[1]] * scaling, lora_B)
                 out[..., column:column + width] += update.to(out.dtype)
                 rank += lora_B.shape[1]
             column += width
@@ -96,7 +98,7 @@ def _projection(module: nn.Module) -> Projection | None:
     """The weights `module` computes with right now, or None when its state is one this decoder skips."""
     if isinstance(module, LoRALinear):
         base = module.base_layer
-        if type(base) is not nn.Linear:  # a 4/8-bit base: only bitsandbytes' own layer can compute with it
+        if not is_plain_linear(base):  # a 4/8-bit base: only bitsandbytes' own layer can compute with it
             return None
         if module.active_side is not None:  # a side adapter (or, where it has no update here, the base)
             return Projection(base.weight, base.bias, module.side.get(module.active_side))
@@ -107,7 +109,7 @@ def _projection(module: nn.Module) -> Projection | None:
         if not isinstance(module.lora_dropout, nn.Identity) and module.training:
             return None
         return Projection(base.weight, base.bias, (module.lora_A.weight, module.lora_B.weight, module.scaling))
-    if type(module) is nn.Linear:
+    if is_plain_linear(module):
         return Projection(module.weight, module.bias, None)
     return None
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunesmith.algorithms.linear import linear
 from tunesmith.model.lora import LoRALinear, few_row_linear
 from tunesmith.sampling.cached_decoder import LayerWeights, rms_norm, rms_norm_weights, rope
 
@@ -68,7 +69,7 @@ class _Projection:
                 continue
             lora_A, lora_B = pair
             part = x if rows is None else x[rows]
-            update = ((part.to(lora_A.dtype) @ lora_A.t()) @ lora_B.t()).to(out.dtype)
+            update = linear(linear(part.to(lora_A.dtype), lora_A), lora_B).to(out.dtype)
             if rows is None:
                 out += update
             else:

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 from tunesmith.algorithms.importance import truncated_is_weights
-from tunesmith.algorithms.logprobs import IGNORE_INDEX, chunked_logprobs_entropy_at, shift_labels
+from tunesmith.algorithms.logprobs import chunked_logprobs_entropy_at
 from tunesmith.config import SamplingSettings
-from tunesmith.data.packing import pack_into_row
+from tunesmith.data.packing import pack_answers
+from tunesmith.model.attention import VARLEN_SDPA
 from tunesmith.model.forward import backbone_hidden, device_multiple
 from tunesmith.model.lora import merged_for_inference
 from tunesmith.sampling.generate import generate
@@ -108,17 +109,16 @@ def response_forward(model, prompt_ids: list[list[int]], response_ids: list[list
                      chunk_size: int, temperature: float, with_values: bool, entropy_grad: bool = True):
     """(log-probs, entropies, values or None) of every response token, each [samples, longest response].
 
-    The sequences run as one packed row (attention per sequence, no padding computed); only the
-    positions that predict a response token are projected through lm_head and the value head.
+    The sequences run as one packed row (attention per sequence, no padding computed), and a GRPO group's
+    answers share one run of their prompt (`pack_answers`) where the model takes tunesmith's attention;
+    only the positions that predict a response token are projected through lm_head and the value head.
     `entropy_grad=False` when the loss has no entropy term: the entropies are then statistics only.
     """
     device = next(model.parameters()).device
-    sequences = [(p + r, [IGNORE_INDEX] * len(p) + r) for p, r in zip(prompt_ids, response_ids)]
-    batch = pack_into_row(sequences, pad_id, device_multiple(device)).to(device)
-    targets = shift_labels(batch.labels)[0]
-    positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    rows = backbone_hidden(model, batch)[0, positions]  # [response tokens, hidden]
-    logps, entropy = chunked_logprobs_entropy_at(rows, model.get_output_embeddings(), targets[positions],
+    share = getattr(getattr(model, "config", None), "_attn_implementation", None) == VARLEN_SDPA
+    row = pack_answers(prompt_ids, response_ids, pad_id, device_multiple(device), share_prompts=share).to(device)
+    rows = backbone_hidden(model, row)[0, row.predict_positions]  # [response tokens, hidden]
+    logps, entropy = chunked_logprobs_entropy_at(rows, model.get_output_embeddings(), row.targets,
                                                  chunk_size, temperature, entropy_grad)
     mask = response_mask(response_ids, device).bool()
     grid = lambda flat: flat.new_zeros(mask.shape).masked_scatter(mask, flat)  # noqa: E731  [samples, T]

@@ -1,0 +1,106 @@
+"""x W^T + b on CPU through oneDNN's fp32 GEMM where it beats the BLAS torch ships with.
+
+torch's CPU wheels send float32 matmuls to MKL. On AMD CPUs MKL takes a slower code path: on an AMD
+EPYC with AVX-512 (2 cores) it ran [1024, 512] x [512, 1536] at 170-200 GFLOP/s, where oneDNN, also
+inside torch (`torch.ops.mkldnn._linear_pointwise`, the kernel torch.compile uses), ran it at 410-470,
+and decoding's few-row matmuls at up to 1.7x. Which is faster depends on the machine, so
+`onednn_is_faster` times both once per process on a training-sized matmul and keeps the answer; on a
+CPU where MKL is at its best the two tie and nothing changes.
+
+`linear` is the one entry point (model/fast_linear.py's layers, the decoders' projections, the chunked
+output head); it falls back to `F.linear` off CPU, outside float32, under autocast, for tensor
+subclasses and for tiny weights (value heads).
+
+oneDNN keeps compiled kernels per matmul shape, and a run sees many shapes (each packed batch has its
+own length): tunesmith/__init__.py caps its two caches (`ONEDNN_PRIMITIVE_CACHE_CAPACITY`,
+`LRU_CACHE_CAPACITY`) unless the environment sets them, or resident memory grows by about 0.75 MB per
+shape seen.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+import torch.nn.functional as F
+
+# Weights with a side below this (a value head's single output) stay on F.linear. LoRA's rank-8 A and B
+# are well above it: oneDNN ran their [1016 tokens] products 1.4-5x faster than MKL.
+MIN_SIDE = 8
+# oneDNN is used only when its calibration matmul is at least this much faster (timing noise aside).
+REQUIRED_SPEEDUP = 1.15
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] W^T [K, N] + b by oneDNN (x and W may be strided views: the backward passes W^T)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _best_seconds(run, repeats: int = 5) -> float:  # noqa: ANN001
+    run()  # the first call builds oneDNN's kernel / warms MKL's buffers
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.cache
+def onednn_is_faster() -> bool:
+    """Whether oneDNN runs a training-sized float32 matmul REQUIRED_SPEEDUP times faster than torch's BLAS
+    here: timed once per process (about 20 ms), on a [256, 1024] x [1024, 1024] product."""
+    if not _available():
+        return False
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 1024, generator=generator)
+    weight = torch.randn(1024, 1024, generator=generator)
+    try:
+        onednn = _best_seconds(lambda: _onednn(x, weight, None))
+    except RuntimeError:  # a build whose oneDNN cannot run this CPU's fp32 kernels
+        return False
+    blas = _best_seconds(lambda: F.linear(x, weight))
+    return blas > REQUIRED_SPEEDUP * onednn
+
+
+def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear(x, weight)` runs on oneDNN: float32 plain CPU tensors, no autocast, a weight of at
+    least MIN_SIDE x MIN_SIDE, at least one row, and a machine where oneDNN is the faster GEMM."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and type(x) is torch.Tensor and type(weight) in (torch.Tensor, torch.nn.Parameter)
+            and min(weight.shape) >= MIN_SIDE and x.numel() > 0 and weight.dim() == 2
+            and not torch.is_autocast_enabled("cpu") and onednn_is_faster())
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    """rows [M, K] W^T + b with its backward on oneDNN too: d rows = g W, d W = g^T rows, d b = sum g."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias):
+        ctx.save_for_backward(rows if weight.requires_grad else None, weight)
+        ctx.has_bias = bias is not None
+        return _onednn(rows, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_rows = _onednn(grad, weight.t(), None) if needs[0] else None
+        grad_weight = _onednn(grad.t(), rows.t(), None) if needs[1] else None
+        grad_bias = grad.sum(0) if ctx.has_bias and needs[2] else None
+        return grad_rows, grad_weight, grad_bias
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b, differentiable in all three, as `F.linear` computes it (on oneDNN where `onednn_applies`)."""
+    if not onednn_applies(x, weight):
+        return F.linear(x, weight, bias)
+    # the Function sees 2-D rows and the reshape stays outside it, so autograd may track in-place adds
+    # to the result (LoRA adds its update into the base output).
+    rows = _OneDnnLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+    return rows.view(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,62 @@
+"""algorithms/linear.py: oneDNN's float32 product and its backward against float64 and F.linear."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunesmith.algorithms import linear as fast
+
+needs_onednn = pytest.mark.skipif(not fast._available(), reason="this torch build has no oneDNN")
+
+
+def _inputs(rows: int, inner: int, outer: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, inner, generator=generator, dtype=torch.float64)
+    weight = torch.randn(outer, inner, generator=generator, dtype=torch.float64) / inner**0.5
+    bias = torch.randn(outer, generator=generator, dtype=torch.float64)
+    return x, weight, bias
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows,inner,outer", [(1, 64, 96), (37, 128, 8), (300, 96, 160)])
+def test_the_onednn_product_and_its_gradients_match_float64(rows, inner, outer):
+    x64, w64, b64 = (t.requires_grad_() for t in _inputs(rows, inner, outer))
+    x32, w32, b32 = (t.detach().float().requires_grad_() for t in (x64, w64, b64))
+    grad_out = torch.randn(rows, outer, dtype=torch.float64)
+    (x64 @ w64.t() + b64).backward(grad_out)
+    out = fast._OneDnnLinear.apply(x32, w32, b32)
+    out.backward(grad_out.float())
+    torch.testing.assert_close(out.double(), x64 @ w64.t() + b64, rtol=1e-5, atol=1e-5)
+    for mine, reference in ((x32, x64), (w32, w64), (b32, b64)):
+        torch.testing.assert_close(mine.grad.double(), reference.grad, rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+def test_linear_takes_any_leading_shape_and_lets_autograd_add_in_place(monkeypatch):
+    monkeypatch.setattr(fast, "onednn_is_faster", lambda: True)
+    x, weight, _ = (t.float() for t in _inputs(2 * 5, 32, 48))
+    x = x.view(2, 5, 32).requires_grad_()
+    out = fast.linear(x, weight)
+    assert out.shape == (2, 5, 48)
+    out.add_(1.0)  # LoRA adds its update into the base output in place
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, weight.sum(0).expand(2, 5, 32), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_is_f_linear_where_onednn_does_not_apply(monkeypatch):
+    monkeypatch.setattr(fast, "onednn_is_faster", lambda: True)
+    x, weight, bias = (t.float() for t in _inputs(4, 16, 24))
+    assert fast.onednn_applies(x, weight)
+    cases = {
+        "bf16": (x.bfloat16(), weight.bfloat16()),
+        "a value head": (x, weight[:1]),  # one output: below MIN_SIDE
+        "no rows": (x[:0], weight),
+    }
+    for name, (rows, matrix) in cases.items():
+        assert not fast.onednn_applies(rows, matrix), name
+        assert torch.equal(fast.linear(rows, matrix), F.linear(rows, matrix)), name
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fast.onednn_applies(x, weight)
+        assert fast.linear(x, weight, bias).dtype == torch.bfloat16  # autocast's own linear
+    monkeypatch.setattr(fast, "onednn_is_faster", lambda: False)
+    assert not fast.onednn_applies(x, weight)
