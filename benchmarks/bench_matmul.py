@@ -22,30 +22,30 @@ from tunesmith.algorithms.linear import _onednn, onednn_is_faster
 LAYER = [(768, 512), (512, 512), (1536, 512), (1536, 512), (512, 1536)]  # q+k+v, o, gate, up, down
 
 
-def best(run, repeats: int) -> float:  # noqa: ANN001
-    run()
+def best(run, repeats: int, *args) -> float:  # noqa: ANN001
+    run(*args)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        run()
+        run(*args)
         times.append(time.perf_counter() - start)
     return min(times)
 
 
 def training(repeats: int) -> list[dict]:
     rows = []
-    for outer, inner in [*LAYER[1:], (32000, 512)]:
+    for outer, inner in dict.fromkeys([*LAYER[1:], (32000, 512)]):  # each shape once
         x, weight, grad = torch.randn(1024, inner), torch.randn(outer, inner), torch.randn(1024, outer)
         flop = 2 * 1024 * inner * outer / 1e9
-        products = {
-            "forward": (lambda: F.linear(x, weight), lambda: _onednn(x, weight, None)),
-            "grad_input": (lambda: grad @ weight, lambda: _onednn(grad, weight.t(), None)),
-            "grad_weight": (lambda: grad.t() @ x, lambda: _onednn(grad.t(), x.t(), None)),
+        products = {  # (a, b) of a b^T
+            "forward": (x, weight),
+            "grad_input": (grad, weight.t()),
+            "grad_weight": (grad.t(), x.t()),
         }
-        for name, (blas, onednn) in products.items():
+        for name, (a, b) in products.items():
             rows.append({"shape": f"1024x{inner}->{outer}", "product": name,
-                         "blas_gflops": round(flop / best(blas, repeats), 1),
-                         "onednn_gflops": round(flop / best(onednn, repeats), 1)})
+                         "blas_gflops": round(flop / best(F.linear, repeats, a, b), 1),
+                         "onednn_gflops": round(flop / best(_onednn, repeats, a, b, None), 1)})
     return rows
 
 
@@ -55,12 +55,13 @@ def decoding(repeats: int) -> list[dict]:
     rows = []
     for count in (1, 4, 8, 16):
         inputs = {inner: torch.randn(count, inner) for inner in (512, 1536)}
-        step = {
-            "blas": lambda: [F.linear(inputs[w.shape[1]], w) for w in weights],
-            "blas_w_xt": lambda: [(w @ inputs[w.shape[1]].t()).t() for w in weights],  # few_row_linear's
-            "onednn": lambda: [_onednn(inputs[w.shape[1]], w, None) for w in weights],
+        products = {
+            "blas": F.linear,
+            "blas_w_xt": lambda x, w: (w @ x.t()).t(),  # few_row_linear's orientation
+            "onednn": lambda x, w: _onednn(x, w, None),
         }
-        seconds = {name: best(run, repeats) for name, run in step.items()}
+        step = lambda product, inputs: [product(inputs[w.shape[1]], w) for w in weights]  # noqa: E731
+        seconds = {name: best(step, repeats, product, inputs) for name, product in products.items()}
         rows.append({"rows": count, **{f"{name}_ms": round(s * 1e3, 2) for name, s in seconds.items()},
                      **{f"{name}_gb_per_s": round(size / s, 1) for name, s in seconds.items()}})
     return rows

@@ -34,6 +34,7 @@ def test_the_onednn_product_and_its_gradients_match_float64(rows, inner, outer):
 @needs_onednn
 def test_linear_takes_any_leading_shape_and_lets_autograd_add_in_place(monkeypatch):
     monkeypatch.setattr(fast, "onednn_is_faster", lambda: True)
+    monkeypatch.setattr(fast, "MIN_WORK", 1)
     x, weight, _ = (t.float() for t in _inputs(2 * 5, 32, 48))
     x = x.view(2, 5, 32).requires_grad_()
     out = fast.linear(x, weight)
@@ -45,11 +46,12 @@ def test_linear_takes_any_leading_shape_and_lets_autograd_add_in_place(monkeypat
 
 def test_linear_is_f_linear_where_onednn_does_not_apply(monkeypatch):
     monkeypatch.setattr(fast, "onednn_is_faster", lambda: True)
-    x, weight, bias = (t.float() for t in _inputs(4, 16, 24))
+    x, weight, bias = (t.float() for t in _inputs(64, 256, 256))  # 64 x 256 x 256: exactly MIN_WORK
     assert fast.onednn_applies(x, weight)
     cases = {
         "bf16": (x.bfloat16(), weight.bfloat16()),
-        "a value head": (x, weight[:1]),  # one output: below MIN_SIDE
+        "a value head": (x, weight[:1]),  # one output: below MIN_WORK
+        "few rows": (x[:63], weight),
         "no rows": (x[:0], weight),
     }
     for name, (rows, matrix) in cases.items():

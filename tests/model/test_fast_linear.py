@@ -18,10 +18,11 @@ def test_fast_layers_keep_the_state_dict_outputs_and_gradients(make_tiny_model, 
     plain = make_tiny_model("qwen2")
     model = copy.deepcopy(plain)
     changed = use_fast_linears(model)
-    linears = [m for m in plain.modules() if type(m) is nn.Linear and min(m.weight.shape) >= fast.MIN_SIDE]
+    linears = [m for m in plain.modules() if type(m) is nn.Linear]
     assert changed == len(linears) > 0
     assert all(isinstance(m, FastLinear) and is_plain_linear(m) for m in model.modules() if isinstance(m, nn.Linear))
     assert model.state_dict().keys() == plain.state_dict().keys()
+    monkeypatch.setattr(fast, "MIN_WORK", 1)  # the tiny model's products are far below the real threshold
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     for each in (plain, model):
         each(ids).logits.square().mean().backward()

@@ -9,7 +9,7 @@ CPU where MKL is at its best the two tie and nothing changes.
 
 `linear` is the one entry point (model/fast_linear.py's layers, the decoders' projections, the chunked
 output head); it falls back to `F.linear` off CPU, outside float32, under autocast, for tensor
-subclasses and for tiny weights (value heads).
+subclasses and for small products (MIN_WORK), where oneDNN's cost per call is more than it saves.
 
 oneDNN keeps compiled kernels per matmul shape, and a run sees many shapes (each packed batch has its
 own length): tunesmith/__init__.py caps its two caches (`ONEDNN_PRIMITIVE_CACHE_CAPACITY`,
@@ -25,9 +25,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-# Weights with a side below this (a value head's single output) stay on F.linear. LoRA's rank-8 A and B
-# are well above it: oneDNN ran their [1016 tokens] products 1.4-5x faster than MKL.
-MIN_SIDE = 8
+# Products of fewer multiply-adds (rows x out x in) than this stay on F.linear: oneDNN's fixed cost is
+# about 20 us a call against MKL's 5, so it lost on a 4M-parameter model's decoding (16 rows of [768, 256]:
+# 46 against 43 us) and won from about this size up (64 rows of [256, 256]: 46 against 53 us; 1,016
+# rows of LoRA's rank-8 A: 70 against 150 us). A value head's single output stays below it too.
+MIN_WORK = 2**22
 # oneDNN is used only when its calibration matmul is at least this much faster (timing noise aside).
 REQUIRED_SPEEDUP = 1.15
 
@@ -69,11 +71,11 @@ def onednn_is_faster() -> bool:
 
 
 def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear(x, weight)` runs on oneDNN: float32 plain CPU tensors, no autocast, a weight of at
-    least MIN_SIDE x MIN_SIDE, at least one row, and a machine where oneDNN is the faster GEMM."""
+    """Whether `linear(x, weight)` runs on oneDNN: float32 plain CPU tensors, no autocast, a product of at
+    least MIN_WORK multiply-adds, and a machine where oneDNN is the faster GEMM."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and type(x) is torch.Tensor and type(weight) in (torch.Tensor, torch.nn.Parameter)
-            and min(weight.shape) >= MIN_SIDE and x.numel() > 0 and weight.dim() == 2
+            and weight.dim() == 2 and x.numel() * weight.shape[0] >= MIN_WORK
             and not torch.is_autocast_enabled("cpu") and onednn_is_faster())
 
 

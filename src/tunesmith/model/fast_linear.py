@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tunesmith.algorithms.linear import MIN_SIDE, linear, onednn_is_faster
+from tunesmith.algorithms.linear import linear, onednn_is_faster
 
 
 class FastLinear(nn.Linear):
@@ -22,13 +22,13 @@ class FastLinear(nn.Linear):
 
 
 def use_fast_linears(model: nn.Module) -> int:
-    """Make every plain nn.Linear of `model` with both sides at least MIN_SIDE a FastLinear (tiny ones,
-    such as a value head, stay as they are); the number changed, 0 where oneDNN is not the faster GEMM."""
+    """Make every plain nn.Linear of `model` a FastLinear (each call still picks its GEMM by its size); the
+    number changed, 0 where oneDNN is not the faster GEMM."""
     if not onednn_is_faster():
         return 0
     changed = 0
     for module in model.modules():
-        if type(module) is nn.Linear and min(module.weight.shape) >= MIN_SIDE:
+        if type(module) is nn.Linear:
             module.__class__ = FastLinear
             changed += 1
     return changed
