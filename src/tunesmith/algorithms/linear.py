@@ -12,7 +12,7 @@ output head); it falls back to `F.linear` off CPU, outside float32, under autoca
 subclasses and for small products (MIN_WORK), where oneDNN's cost per call is more than it saves.
 
 oneDNN keeps compiled kernels per matmul shape, and a run sees many shapes (each packed batch has its
-own length): tunesmith/__init__.py caps its two caches (`ONEDNN_PRIMITIVE_CACHE_CAPACITY`,
+own length): tunesmith/__init__.py caps its two caches at 64 entries (`ONEDNN_PRIMITIVE_CACHE_CAPACITY`,
 `LRU_CACHE_CAPACITY`) unless the environment sets them, or resident memory grows by about 0.75 MB per
 shape seen.
 """
