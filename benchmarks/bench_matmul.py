@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tunesmith.algorithms.linear import _onednn, onednn_is_faster
+from tunesmith.algorithms.linear import onednn_is_faster, onednn_linear
 
 LAYER = [(768, 512), (512, 512), (1536, 512), (1536, 512), (512, 1536)]  # q+k+v, o, gate, up, down
 
@@ -45,7 +45,7 @@ def training(repeats: int) -> list[dict]:
         for name, (a, b) in products.items():
             rows.append({"shape": f"1024x{inner}->{outer}", "product": name,
                          "blas_gflops": round(flop / best(F.linear, repeats, a, b), 1),
-                         "onednn_gflops": round(flop / best(_onednn, repeats, a, b, None), 1)})
+                         "onednn_gflops": round(flop / best(onednn_linear, repeats, a, b, None), 1)})
     return rows
 
 
@@ -58,7 +58,7 @@ def decoding(repeats: int) -> list[dict]:
         products = {
             "blas": F.linear,
             "blas_w_xt": lambda x, w: (w @ x.t()).t(),  # few_row_linear's orientation
-            "onednn": lambda x, w: _onednn(x, w, None),
+            "onednn": lambda x, w: onednn_linear(x, w, None),
         }
         step = lambda product, inputs: [product(inputs[w.shape[1]], w) for w in weights]  # noqa: E731
         seconds = {name: best(step, repeats, product, inputs) for name, product in products.items()}

@@ -49,3 +49,16 @@ def _write_dataset(folder: Path, name: str, records: list, entry: dict | None = 
 @pytest.fixture
 def write_dataset():
     return _write_dataset
+
+
+@pytest.fixture(params=["torch", "onednn"])
+def gemm(request, monkeypatch):
+    """Run a test twice: on torch's own float32 matmuls, and with algorithms/linear.py sending every float32
+    product to oneDNN (a test model's products are far below MIN_WORK, and CI machines may prefer MKL)."""
+    from tunesmith.algorithms import linear
+
+    if request.param == "onednn" and not linear._available():
+        pytest.skip("this torch build has no oneDNN")
+    monkeypatch.setattr(linear, "onednn_is_faster", lambda: request.param == "onednn")
+    monkeypatch.setattr(linear, "MIN_WORK", 1)
+    return request.param

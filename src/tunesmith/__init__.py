@@ -10,5 +10,6 @@ import os
 # here, before torch runs one; the environment's own values win.
 for _cache in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
     os.environ.setdefault(_cache, "64")
+del _cache
 
 __version__ = "0.1.0"

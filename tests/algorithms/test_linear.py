@@ -62,3 +62,37 @@ def test_linear_is_f_linear_where_onednn_does_not_apply(monkeypatch):
         assert fast.linear(x, weight, bias).dtype == torch.bfloat16  # autocast's own linear
     monkeypatch.setattr(fast, "onednn_is_faster", lambda: False)
     assert not fast.onednn_applies(x, weight)
+
+
+@pytest.mark.parametrize("trainable_head", [True, False])
+def test_the_output_head_on_onednn_equals_it_on_torch(trainable_head, monkeypatch):
+    """The chunked head's oneDNN branches (fresh logits per chunk, the head products) against torch's."""
+    from tunesmith.algorithms.logprobs import chunked_logprobs_entropy_at, chunked_nll
+
+    if not fast._available():
+        pytest.skip("this torch build has no oneDNN")
+    monkeypatch.setattr(fast, "MIN_WORK", 1)
+    results = {}
+    for choice in (False, True):
+        monkeypatch.setattr(fast, "onednn_is_faster", lambda choice=choice: choice)
+        torch.manual_seed(0)
+        head = torch.nn.Linear(32, 300).requires_grad_(trainable_head)
+        hidden = torch.randn(20, 32, requires_grad=True)
+        targets = torch.randint(0, 300, (20,))
+        labels = torch.cat([torch.full((1, 1), -100), targets[None, :19]], dim=1)
+        logps, entropy = chunked_logprobs_entropy_at(hidden, head, targets, chunk_size=7, temperature=0.7,
+                                                     entropy_grad=trainable_head)
+        nll, _ = chunked_nll(hidden[None], head, labels, chunk_size=6)
+        (logps.sum() + (entropy.sum() if trainable_head else 0) + nll).backward()
+        results[choice] = [logps, entropy, nll, hidden.grad] + ([head.weight.grad, head.bias.grad] if trainable_head else [])
+    for on_torch, on_onednn in zip(results[False], results[True]):
+        torch.testing.assert_close(on_onednn, on_torch, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_a_second_derivative_raises_rather_than_coming_out_wrong():
+    x, weight, _ = (t.float().requires_grad_() for t in _inputs(5, 16, 24))
+    (grad_weight,) = torch.autograd.grad(fast._OneDnnLinear.apply(x, weight, None).square().sum(), weight,
+                                         create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_weight.sum().backward()

@@ -16,7 +16,7 @@ def plain_logprobs(hidden, head, labels):
 
 
 @pytest.fixture
-def setup():
+def setup(gemm):
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 37, bias=True)
     hidden = torch.randn(3, 9, 16, requires_grad=True)

@@ -124,17 +124,20 @@ def test_collate_one_row_lays_unpacked_samples_end_to_end():
     assert trained(batch.labels) == trained(padded.labels)  # the same tokens are learned
 
 
-def test_pack_answers_runs_a_groups_prompt_once():
+def test_pack_answers_runs_each_prompt_once_wherever_its_answers_stand():
     from tunesmith.data.packing import pack_answers
-    row = pack_answers([[1, 2, 3], [1, 2, 3], [7]], [[4, 5], [6], [8, 9]], pad_token_id=0, pad_to_multiple_of=4)
-    # prompt + answer 1 | answer 2 (reads the prompt at 0..3) | prompt 2 + its answer | pad
-    assert row.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 0, 0]]
-    assert row.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 0, 1, 2, 0, 1, 2]]
-    assert row.cu_seqlens == [0, 5, 6, 9, 12]
-    assert row.segment_prefixes == [None, (0, 3), None, None]
-    # answer 1's tokens are predicted at 2, 3; answer 2's first token at the prompt's end (2); answer 3's at 6, 7
-    assert row.predict_positions.tolist() == [2, 3, 2, 6, 7]
-    assert row.targets.tolist() == [4, 5, 6, 8, 9]
+    row = pack_answers([[1, 2, 3], [7], [1, 2, 3], [7]], [[4, 5], [8, 9], [6], []], pad_token_id=0,
+                       pad_to_multiple_of=4)
+    # prompt 1 + its answer | prompt 2 + its answer | answer 3 (reads prompt 1 at 0..3) | pad; the empty answer has no place
+    assert row.input_ids.tolist() == [[1, 2, 3, 4, 5, 7, 8, 9, 6, 0, 0, 0]]
+    assert row.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2]]
+    assert row.cu_seqlens == [0, 5, 8, 9, 12]
+    assert row.segment_prefixes == [None, None, (0, 3), None]
+    # answer 1's tokens are predicted at 2, 3; answer 2's at 5, 6; answer 3's first token at prompt 1's end (2)
+    assert row.predict_positions.tolist() == [2, 3, 5, 6, 2]
+    assert row.targets.tolist() == [4, 5, 8, 9, 6]
     unshared = pack_answers([[1, 2, 3], [1, 2, 3]], [[4, 5], [6]], pad_token_id=0, share_prompts=False)
     assert unshared.input_ids.tolist() == [[1, 2, 3, 4, 5, 1, 2, 3, 6]]
     assert unshared.segment_prefixes == [None, None] and unshared.predict_positions.tolist() == [2, 3, 7]
+    with pytest.raises(TunesmithError, match="no tokens"):
+        pack_answers([[]], [[4]], pad_token_id=0)

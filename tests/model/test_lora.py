@@ -41,12 +41,21 @@ def test_zero_B_gives_the_base_output_exactly():
     assert layer.lora_A.weight.abs().sum() > 0  # A is random, B alone keeps the update at zero
 
 
-def test_lora_path_is_scaling_B_A_x():
+def test_lora_path_is_scaling_B_A_x(gemm):
     layer = make_layer(rank=4, alpha=8.0)
     randomise_lora_B(layer)
-    x = torch.randn(3, 16)
+    x = torch.randn(3, 16, requires_grad=True)
     delta = (layer.lora_B.weight @ layer.lora_A.weight) * 2.0  # alpha / r = 8 / 4
-    torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ delta.T, atol=1e-5, rtol=0)
+    out = layer(x)
+    torch.testing.assert_close(out, layer.base_layer(x) + x @ delta.T, atol=1e-5, rtol=0)
+    grad_out = torch.randn(3, layer.base_layer.out_features)
+    out.backward(grad_out)
+    # d/dB = scaling (g^T)(x A^T), d/dA = scaling (B^T g^T) x, d/dx = g (W + delta)
+    low = x.detach() @ layer.lora_A.weight.detach().T
+    torch.testing.assert_close(layer.lora_B.weight.grad, 2.0 * grad_out.T @ low, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.lora_A.weight.grad, 2.0 * (grad_out @ layer.lora_B.weight.detach()).T @ x.detach(),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, grad_out @ (layer.base_layer.weight + delta).detach(), atol=1e-5, rtol=1e-5)
 
 
 def test_rslora_scaling_is_alpha_over_sqrt_rank():

@@ -374,16 +374,19 @@ def test_llama_factory_ppo_example_keys_validate(tmp_path):
 
 
 def test_a_group_sharing_its_prompt_matches_each_answer_alone_with_the_same_gradients(make_tiny_model):
+    from tunesmith.model.attention import prefixes_applied
     from tunesmith.model.loading import use_varlen_attention
     shared = make_tiny_model("qwen2")
     use_varlen_attention(shared)
     plain = make_tiny_model("qwen2")  # transformers' sdpa: every answer re-reads its prompt
-    prompts = [[5, 6, 7]] * 3 + [[9, 4]] * 2  # two groups, as GRPO lays them out
+    prompts = [[5, 6, 7], [9, 4], [5, 6, 7], [5, 6, 7], [9, 4]]  # two groups, shuffled as the update shuffles
     responses = [[10, 11], [12, 13, 14, 15], [16], [17, 18, 19], [20, 21]]
     results = []
     for model in (shared, plain):
+        before = prefixes_applied()
         logps, entropy, _ = response_forward(model, prompts, responses, pad_id=0, chunk_size=4, temperature=0.7,
                                              with_values=False)
+        assert (prefixes_applied() > before) == (model is shared)  # the answers did read a shared prompt
         (logps * torch.arange(1.0, logps.shape[1] + 1)).sum().backward()  # a different weight per token
         results.append((logps, entropy, {name: p.grad.clone() for name, p in model.named_parameters()}))
     (shared_logps, shared_entropy, shared_grads), (plain_logps, plain_entropy, plain_grads) = results

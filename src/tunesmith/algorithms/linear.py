@@ -19,7 +19,7 @@ shape seen.
 
 from __future__ import annotations
 
-import functools
+import threading
 import time
 
 import torch
@@ -34,15 +34,14 @@ MIN_WORK = 2**22
 REQUIRED_SPEEDUP = 1.15
 
 
-def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] W^T [K, N] + b by oneDNN (x and W may be strided views: the backward passes W^T)."""
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] W^T [K, N] + b by oneDNN, no autograd (x and W may be strided views: the backward passes W^T)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def _available() -> bool:
-    """oneDNN built into this torch, not switched off (`torch.backends.mkldnn.flags(enabled=False)`)."""
-    return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    """oneDNN built into this torch."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def _best_seconds(run, repeats: int = 5) -> float:  # noqa: ANN001
@@ -55,59 +54,86 @@ def _best_seconds(run, repeats: int = 5) -> float:  # noqa: ANN001
     return best
 
 
-@functools.cache
+_TIMING = threading.Lock()  # two threads' first calls must not time at once, each slowing the other
+_CHOICE: list[bool] = []  # the timing's answer, once there is one
+
+
 def onednn_is_faster() -> bool:
     """Whether oneDNN runs a training-sized float32 matmul REQUIRED_SPEEDUP times faster than torch's BLAS
     here: timed once per process (about 20 ms), on a [256, 1024] x [1024, 1024] product."""
+    if not _CHOICE:
+        with _TIMING:
+            if not _CHOICE:
+                _CHOICE.append(_timed_choice())
+    return _CHOICE[0]
+
+
+def agree_on_choice(choice: bool) -> None:
+    """Use `choice` from now on, whatever this process's own timing says: ranks of one run use one GEMM."""
+    with _TIMING:
+        _CHOICE[:] = [choice]
+
+
+def _timed_choice() -> bool:
     if not _available():
         return False
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(256, 1024, generator=generator)
     weight = torch.randn(1024, 1024, generator=generator)
     try:
-        onednn = _best_seconds(lambda: _onednn(x, weight, None))
+        onednn = _best_seconds(lambda: onednn_linear(x, weight, None))
     except RuntimeError:  # a build whose oneDNN cannot run this CPU's fp32 kernels
         return False
     blas = _best_seconds(lambda: F.linear(x, weight))
     return blas > REQUIRED_SPEEDUP * onednn
 
 
-def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear(x, weight)` runs on oneDNN: float32 plain CPU tensors, no autocast, a product of at
-    least MIN_WORK multiply-adds, and a machine where oneDNN is the faster GEMM."""
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether `linear(x, weight, bias)` runs on oneDNN: float32 plain CPU tensors of matching sizes (else
+    F.linear raises its own shape error), no autocast, oneDNN not switched off
+    (`torch.backends.mkldnn.flags(enabled=False)`), a product of at least MIN_WORK multiply-adds, and a
+    machine where oneDNN is the faster GEMM."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and type(x) is torch.Tensor and type(weight) in (torch.Tensor, torch.nn.Parameter)
-            and weight.dim() == 2 and x.numel() * weight.shape[0] >= MIN_WORK
-            and not torch.is_autocast_enabled("cpu") and onednn_is_faster())
+            and type(x) is torch.Tensor and type(weight) in _PLAIN and weight.dim() == 2
+            and x.shape[-1] == weight.shape[1] and x.numel() * weight.shape[0] >= MIN_WORK
+            and (bias is None or (type(bias) in _PLAIN and bias.dtype == torch.float32
+                                  and bias.shape == weight.shape[:1]))
+            and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.enabled and onednn_is_faster())
 
 
 class _OneDnnLinear(torch.autograd.Function):
-    """rows [M, K] W^T + b with its backward on oneDNN too: d rows = g W, d W = g^T rows, d b = sum g."""
+    """rows [M, K] W^T + b with its backward on oneDNN too: d rows = g W, d W = g^T rows, d b = sum g.
+    Once differentiable (a double backward raises) and without forward-mode AD: oneDNN's op has no
+    derivative formulas, and nothing here needs either."""
 
     @staticmethod
     def forward(ctx, rows, weight, bias):
         ctx.save_for_backward(rows if weight.requires_grad else None, weight)
         ctx.has_bias = bias is not None
-        return _onednn(rows, weight, bias)
+        return onednn_linear(rows, weight, bias)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         rows, weight = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        grad_rows = _onednn(grad, weight.t(), None) if needs[0] else None
-        grad_weight = _onednn(grad.t(), rows.t(), None) if needs[1] else None
+        grad_rows = onednn_linear(grad, weight.t(), None) if needs[0] else None
+        grad_weight = onednn_linear(grad.t(), rows.t(), None) if needs[1] else None
         grad_bias = grad.sum(0) if ctx.has_bias and needs[2] else None
         return grad_rows, grad_weight, grad_bias
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + b, differentiable in all three, as `F.linear` computes it (on oneDNN where `onednn_applies`)."""
-    if not onednn_applies(x, weight):
+    if not onednn_applies(x, weight, bias):
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     # the Function sees 2-D rows and the reshape stays outside it, so autograd may track in-place adds
     # to the result (LoRA adds its update into the base output). Without gradients (decoding) the
     # Function's own cost, about 12 us a call, is skipped.
-    out = _OneDnnLinear.apply(rows, weight, bias) if needs_grad else _onednn(rows, weight, bias)
+    out = _OneDnnLinear.apply(rows, weight, bias) if needs_grad else onednn_linear(rows, weight, bias)
     return out.view(*x.shape[:-1], weight.shape[0])

@@ -37,18 +37,20 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  chunk_size: int) -> Iterator[tuple[slice, torch.Tensor]]:
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunk_size: int,
+                  weight_grad: bool = False) -> Iterator[tuple[slice, torch.Tensor]]:
     """(rows, [rows x vocab] float32 logits) for each chunk of `hidden`, every chunk in one reused buffer.
 
     float32 because log-softmax in low precision loses too much. One buffer because a chunk is the
     step's largest tensor (131 MB for 1024 x 32,000): above glibc's mmap threshold, so a fresh one per
     chunk would be a fresh mmap, page faults and all. Callers may overwrite each chunk's logits in place.
     oneDNN (algorithms/linear.py) cannot write into a buffer, so there chunks shrink to ONEDNN_CHUNK_ELEMENTS,
-    which glibc serves again from the memory the last chunk freed.
+    which glibc serves again from the memory the last chunk freed; but not where the caller accumulates
+    the head's weight gradient (`weight_grad`): that product runs once per chunk over the whole head.
     """
     if onednn_applies(hidden, weight):
-        chunk_size = max(1, min(chunk_size, ONEDNN_CHUNK_ELEMENTS // weight.shape[0]))
+        if not weight_grad:
+            chunk_size = max(1, min(chunk_size, ONEDNN_CHUNK_ELEMENTS // weight.shape[0]))
         for start in range(0, len(hidden), chunk_size):
             rows = slice(start, start + chunk_size)
             yield rows, linear(hidden[rows], weight, bias)
@@ -67,9 +69,11 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         yield rows, logits
 
 
-def _times_weight(grad_logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """grad_logits [rows, vocab] W [vocab, hidden]: the head's d/d hidden."""
-    return linear(grad_logits, weight.t())
+def _times_weight(grad_logits: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = grad_logits [rows, vocab] W [vocab, hidden] (the head's d/d hidden); returns `out`."""
+    if onednn_applies(grad_logits, weight.t()):
+        return out.copy_(linear(grad_logits, weight.t()))
+    return torch.mm(grad_logits, weight, out=out)
 
 
 def _accumulate_grads(ctx: torch.autograd.function.FunctionCtx, grad_logits: torch.Tensor,
@@ -77,9 +81,9 @@ def _accumulate_grads(ctx: torch.autograd.function.FunctionCtx, grad_logits: tor
                       grads: dict[str, torch.Tensor]) -> None:
     """grad_hidden = grad_logits W; grad_W += grad_logits^T h; grad_b += sum grad_logits."""
     grad_logits = grad_logits.to(weight.dtype)
-    grad_hidden_chunk.copy_(_times_weight(grad_logits, weight))
-    if ctx.needs_input_grad[1]:
-        grads["weight"].add_(linear(grad_logits.t(), hidden_chunk.t()))
+    _times_weight(grad_logits, weight, out=grad_hidden_chunk)
+    if ctx.needs_input_grad[1]:  # in place: a product the size of the head would be a fresh allocation per chunk
+        grads["weight"].addmm_(grad_logits.t(), hidden_chunk)
     if ctx.needs_input_grad[2]:
         grads["bias"].add_(grad_logits.sum(0))
 
@@ -123,7 +127,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         for rows, logits in _chunk_logits(hidden, weight, bias, chunk_size):
             if frozen_head:
                 token_logps[rows], grad_nll = _softmax_minus_onehot(logits, labels[rows])
-                dlogp_dhidden[rows] = _times_weight(grad_nll.to(weight.dtype), weight).neg_()
+                _times_weight(grad_nll.to(weight.dtype), weight, out=dlogp_dhidden[rows]).neg_()
             else:
                 token_logps[rows] = _label_logps_inplace(logits, labels[rows])[0]
         if frozen_head:
@@ -142,7 +146,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         grads = {"weight": torch.zeros_like(weight) if ctx.needs_input_grad[1] else None,
                  "bias": torch.zeros_like(bias) if ctx.needs_input_grad[2] else None}
-        for rows, logits in _chunk_logits(hidden, weight, bias, ctx.chunk_size):
+        for rows, logits in _chunk_logits(hidden, weight, bias, ctx.chunk_size, ctx.needs_input_grad[1]):
             _, grad_nll = _softmax_minus_onehot(logits, labels[rows])
             # d logp / d logits = onehot - softmax = -grad_nll, scaled by the incoming gradient per token.
             grad_logits = grad_nll.mul_(-grad_logps[rows, None])
@@ -188,7 +192,7 @@ class _ChunkedLogprobsEntropy(torch.autograd.Function):
             token_logps[rows], entropy[rows], probs, _, _ = _logps_entropy_inplace(logits, labels[rows])
             if frozen_head:  # d(-log p)/dz = softmax - onehot; d logp / d hidden = -(that) W
                 probs[torch.arange(len(probs), device=labels.device), labels[rows]] -= 1.0
-                dlogp_dhidden[rows] = _times_weight(probs.to(weight.dtype), weight).neg_()
+                _times_weight(probs.to(weight.dtype), weight, out=dlogp_dhidden[rows]).neg_()
         if frozen_head:
             ctx.save_for_backward(dlogp_dhidden)
             ctx.mark_non_differentiable(entropy)
@@ -208,7 +212,7 @@ class _ChunkedLogprobsEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         grads = {"weight": torch.zeros_like(weight) if ctx.needs_input_grad[1] else None,
                  "bias": torch.zeros_like(bias) if ctx.needs_input_grad[2] else None}
-        for rows, logits in _chunk_logits(hidden, weight, bias, ctx.chunk_size):
+        for rows, logits in _chunk_logits(hidden, weight, bias, ctx.chunk_size, ctx.needs_input_grad[1]):
             _, _, probs, shifted, log_total = _logps_entropy_inplace(logits, labels[rows])
             g_lp, g_h = grad_logps[rows, None], grad_entropy[rows, None]
             # log p + H = shifted - log Z + H; the factor multiplying -p is g_lp + g_H (log p + H)
@@ -229,7 +233,7 @@ class _ChunkedNLL(torch.autograd.Function):
         grads = {"weight": torch.zeros_like(weight) if needs[1] else None,
                  "bias": torch.zeros_like(bias) if needs[2] else None}
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for rows, logits in _chunk_logits(hidden, weight, bias, chunk_size):
+        for rows, logits in _chunk_logits(hidden, weight, bias, chunk_size, needs[1]):
             token_logps, grad_logits = _softmax_minus_onehot(logits, labels[rows])
             total -= token_logps.sum()
             if any(needs):

@@ -177,29 +177,34 @@ def pack_answers(prompt_ids: list[list[int]], response_ids: list[list[int]], pad
                  pad_to_multiple_of: int = 1, share_prompts: bool = True) -> AnswerRow:
     """Answer i to prompt i, every one laid out back to back in one row, each answer's tokens scored.
 
-    A GRPO group's answers follow one prompt: with `share_prompts`, consecutive answers to an equal prompt
-    run it once. The first answer follows its prompt as usual; each later one attends to that prompt
-    through `segment_prefixes` (model/attention.py) with positions continuing from the prompt's end, so
-    every answer sees exactly what it would see alone, and the prompt's last position predicts each
-    answer's first token. 4 answers of 64 tokens to a 63-token prompt: 319 tokens, not 508.
+    A GRPO group's answers have one prompt: with `share_prompts`, the row holds each distinct prompt once,
+    wherever its answers stand (the update shuffles them). The first answer to a prompt follows it as
+    usual; each later one attends to it through `segment_prefixes` (model/attention.py) with positions
+    continuing from the prompt's end, so every answer sees exactly what it would see alone, and the
+    prompt's last position predicts each answer's first token. 4 answers of 64 tokens to a 63-token
+    prompt: 319 tokens, not 508. An empty answer has nothing to score and takes no place in the row.
     """
     ids: list[int] = []
     positions: list[int] = []
     bounds, prefixes, predict = [0], [], []
-    prompt_span, last_prompt = None, None
+    spans: dict[tuple[int, ...], tuple[int, int]] = {}  # prompt -> where it stands in the row
     for prompt, answer in zip(prompt_ids, response_ids):
-        start = len(ids)
-        if share_prompts and answer and prompt_span is not None and prompt == last_prompt:
+        if not prompt:
+            raise TunesmithError("an RL prompt encoded to no tokens, so nothing predicts its answer's first "
+                                 "token: check the dataset's prompts and the template.")
+        if not answer:
+            continue
+        start, span = len(ids), spans.get(tuple(prompt)) if share_prompts else None
+        if span is not None:
             ids += answer
             positions += range(len(prompt), len(prompt) + len(answer))
-            predict += [prompt_span[1] - 1, *range(start, start + len(answer) - 1)]
-            prefixes.append(prompt_span)
+            predict += [span[1] - 1, *range(start, start + len(answer) - 1)]
         else:
             ids += prompt + answer
             positions += range(len(prompt) + len(answer))
             predict += range(start + len(prompt) - 1, start + len(prompt) + len(answer) - 1)
-            prefixes.append(None)
-            prompt_span, last_prompt = (start, start + len(prompt)), prompt
+            spans[tuple(prompt)] = (start, start + len(prompt))
+        prefixes.append(span)
         bounds.append(len(ids))
     pad = -len(ids) % pad_to_multiple_of
     if pad:  # one more, unread, segment

@@ -2,7 +2,7 @@
 
 `backbone_hidden` runs the decoder (no lm_head) with tunesmith's per-sequence attention;
 `sequence_logps` sums each answer's token log-probs through lm_head in chunks; `sequence_scores`
-reads a value head at each sequence's last token. Batches are `TokenBatch` or `PairBatch` (data layer).
+reads a value head at each sequence's last token. Batches are `TokenBatch`, `PairBatch` or `AnswerRow` (data layer).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from tunesmith.algorithms.logprobs import chunked_logprobs_at
-from tunesmith.data.packing import TokenBatch
+from tunesmith.data.packing import AnswerRow, TokenBatch
 from tunesmith.data.pairs import PairBatch
 from tunesmith.errors import TunesmithError
 from tunesmith.model.attention import PREFIXES_KWARG, SEGMENTS_KWARG, VARLEN_SDPA, prefixes_applied
@@ -18,7 +18,7 @@ from tunesmith.model.attention import PREFIXES_KWARG, SEGMENTS_KWARG, VARLEN_SDP
 SHARDED_DECODER_CALL = "sharded_decoder_call"
 
 
-def backbone_hidden(model: torch.nn.Module, batch: TokenBatch | PairBatch) -> torch.Tensor:
+def backbone_hidden(model: torch.nn.Module, batch: TokenBatch | PairBatch | AnswerRow) -> torch.Tensor:
     """Last hidden states [rows, seq, hidden] of a right-padded or packed batch.
 
     Packed batches carry position_ids, no attention_mask, and `cu_seqlens`, the sample boundaries that
@@ -51,9 +51,9 @@ def decoder_call(model: torch.nn.Module):
 def _prompt_sharing_error(model: torch.nn.Module) -> TunesmithError:
     return TunesmithError(
         f"{type(model).__name__} (attention `{model.config._attn_implementation}`) does not pass tunesmith's "
-        "per-sequence attention arguments to its attention layers, so a preference pair (or a GRPO group) "
-        "could not share its prompt between its answers. rm, dpo and grpo support transformers' built-in causal "
-        "LMs loaded without trust_remote_code (Llama, Qwen2, Mistral, Gemma and the like).")
+        "per-sequence attention arguments to its attention layers, so a preference pair could not share its "
+        "prompt between the two answers. rm and dpo support transformers' built-in causal LMs loaded "
+        "without trust_remote_code (Llama, Qwen2, Mistral, Gemma and the like).")
 
 
 def last_token_positions(batch: TokenBatch | PairBatch) -> torch.Tensor:

@@ -42,9 +42,9 @@ def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     x W^T (AVX512-BF16, 4 rows, weights from memory: 202 against 145 us for [1536, 512]). Where oneDNN is
     the faster float32 GEMM (algorithms/linear.py), it is faster here too (1 row: 7.2 against 11.7 ms for
     every weight of a 40M model; 16 rows: 9.7 against 16.4 ms), so it takes every row count."""
-    rows = x.reshape(-1, x.shape[-1])
-    if onednn_applies(x, weight):
+    if onednn_applies(x, weight, bias):
         return linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] > FEW_ROWS or weight.dtype != torch.float32:
         return nn.functional.linear(x, weight, bias)
     out = (weight @ rows.t()).t()

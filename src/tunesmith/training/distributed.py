@@ -23,6 +23,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from tunesmith.algorithms.linear import agree_on_choice, onednn_is_faster
+
 THREADS_VARIABLE = "TUNESMITH_THREADS_PER_RANK"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -77,6 +79,16 @@ def start(proc: ProcessInfo, device: torch.device, timeout_s: float, cpu_collect
         torch.set_num_threads(threads_per_rank(proc))
         backend = "gloo"
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    if device.type == "cpu":
+        agree_on_gemm()
+
+
+def agree_on_gemm() -> None:
+    """Every rank multiplies with one GEMM (algorithms/linear.py): oneDNN only where every rank's own timing
+    chose it, so the ranks of a run never differ in rounding by what their timings happened to see."""
+    vote = torch.tensor([int(onednn_is_faster())])
+    dist.all_reduce(vote, op=dist.ReduceOp.MIN)
+    agree_on_choice(bool(vote.item()))
 
 
 def die_with_launcher() -> None:

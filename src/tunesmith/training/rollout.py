@@ -115,7 +115,7 @@ def response_forward(model, prompt_ids: list[list[int]], response_ids: list[list
     `entropy_grad=False` when the loss has no entropy term: the entropies are then statistics only.
     """
     device = next(model.parameters()).device
-    share = getattr(getattr(model, "config", None), "_attn_implementation", None) == VARLEN_SDPA
+    share = shares_prompts(model)
     row = pack_answers(prompt_ids, response_ids, pad_id, device_multiple(device), share_prompts=share).to(device)
     rows = backbone_hidden(model, row)[0, row.predict_positions]  # [response tokens, hidden]
     logps, entropy = chunked_logprobs_entropy_at(rows, model.get_output_embeddings(), row.targets,
@@ -124,6 +124,14 @@ def response_forward(model, prompt_ids: list[list[int]], response_ids: list[list
     grid = lambda flat: flat.new_zeros(mask.shape).masked_scatter(mask, flat)  # noqa: E731  [samples, T]
     values = grid(model.v_head(rows)) if with_values else None
     return grid(logps), grid(entropy), values
+
+
+def shares_prompts(model: torch.nn.Module) -> bool:
+    """Whether answers to one prompt may read a single run of it: the model takes tunesmith's attention
+    and is one of transformers' own classes (remote code may drop the per-segment arguments; DPO then
+    stops with an error, but RL answers are as right unshared, only slower)."""
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return attention == VARLEN_SDPA and type(model).__module__.startswith("transformers.models.")
 
 
 def chunked_response_forward(model, prompt_ids: list[list[int]], response_ids: list[list[int]], samples: int,
