@@ -83,7 +83,10 @@ def trained_weights(output_dir: Path) -> dict[str, torch.Tensor]:
     return weights | (load_file(str(head)) if head.exists() else {})
 
 
-def assert_same_weights(one: Path, two: Path, tolerance: float = 1e-5) -> None:
+def assert_same_weights(one: Path, two: Path, tolerance: float = 2e-5) -> None:
+    """Equal to rounding. One process multiplies the combined batch's shapes, each rank half of them, and
+    algorithms/linear.py sends a product to MKL or oneDNN by its size, so the two can round differently:
+    KTO's weights differed by 1.0e-5 after Adam where the same GEMM on both sides gave 4e-6."""
     a, b = trained_weights(one), trained_weights(two)
     assert sorted(a) == sorted(b)
     # A reward model's pairwise loss does not see the value head's bias (it cancels in chosen - rejected), so
