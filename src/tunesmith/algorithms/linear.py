@@ -91,14 +91,17 @@ def _timed_choice() -> bool:
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+def onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   min_work: int | None = None) -> bool:
     """Whether `linear(x, weight, bias)` runs on oneDNN: float32 plain CPU tensors of matching sizes (else
     F.linear raises its own shape error), no autocast, oneDNN not switched off
     (`torch.backends.mkldnn.flags(enabled=False)`), a product of at least MIN_WORK multiply-adds, and a
-    machine where oneDNN is the faster GEMM."""
+    machine where oneDNN is the faster GEMM. `min_work` replaces MIN_WORK for callers that know better
+    (one decoded row streams its weight from memory, where oneDNN wins far below MIN_WORK)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and type(x) is torch.Tensor and type(weight) in _PLAIN and weight.dim() == 2
-            and x.shape[-1] == weight.shape[1] and x.numel() * weight.shape[0] >= MIN_WORK
+            and x.shape[-1] == weight.shape[1]
+            and x.numel() * weight.shape[0] >= (MIN_WORK if min_work is None else min_work)
             and (bias is None or (type(bias) in _PLAIN and bias.dtype == torch.float32
                                   and bias.shape == weight.shape[:1]))
             and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.enabled and onednn_is_faster())
@@ -126,9 +129,10 @@ class _OneDnnLinear(torch.autograd.Function):
         return grad_rows, grad_weight, grad_bias
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           min_work: int | None = None) -> torch.Tensor:
     """x W^T + b, differentiable in all three, as `F.linear` computes it (on oneDNN where `onednn_applies`)."""
-    if not onednn_applies(x, weight, bias):
+    if not onednn_applies(x, weight, bias, min_work):
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))

@@ -33,6 +33,13 @@ OUTPUT_HEAD_NAMES = ("lm_head", "score", "v_head")
 
 
 FEW_ROWS = 16
+# Where oneDNN is the faster float32 GEMM (algorithms/linear.py), decoding's products go to it by row count
+# (AMD EPYC, weights streamed from memory, ms for the 40M model's [32000, 512] head / 24 [1536, 512] weights):
+# one row, oneDNN (3.7 against 9.0 / 2.3 against 7.1: W x^T with one column is a slow matrix-vector
+# product); 2-7 rows, W x^T (3.4 against 6.0 / 2.2 against 3.6 at 4 rows); from 8 rows, oneDNN's own
+# threshold (equal at 8, oneDNN 1.6x at 16).
+ONE_ROW_MIN_WEIGHT = 2**18  # below it a single row's product is too small for oneDNN's cost per call
+ONEDNN_FROM_ROWS = 8
 
 
 def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -40,14 +47,15 @@ def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     from memory rather than cache, CPU BLAS runs that orientation about 3x faster (measured on AVX2: 0.28 ms
     against 0.89 ms for a [1536, 512] weight and 4 rows). Not for bf16: oneDNN runs it 1.2-1.4x slower than
     x W^T (AVX512-BF16, 4 rows, weights from memory: 202 against 145 us for [1536, 512]). Where oneDNN is
-    the faster float32 GEMM (algorithms/linear.py), it is faster here too (1 row: 7.2 against 11.7 ms for
-    every weight of a 40M model; 16 rows: 9.7 against 16.4 ms), so it takes every row count."""
-    if onednn_applies(x, weight, bias):
+    the faster float32 GEMM, one row and 8 or more rows go to it (see ONEDNN_FROM_ROWS)."""
+    count = x.numel() // x.shape[-1]
+    if count == 1 and onednn_applies(x, weight, bias, min_work=ONE_ROW_MIN_WEIGHT):
+        return linear(x, weight, bias, min_work=ONE_ROW_MIN_WEIGHT)
+    if count >= ONEDNN_FROM_ROWS and onednn_applies(x, weight, bias):
         return linear(x, weight, bias)
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] > FEW_ROWS or weight.dtype != torch.float32:
+    if count > FEW_ROWS or weight.dtype != torch.float32:
         return nn.functional.linear(x, weight, bias)
-    out = (weight @ rows.t()).t()
+    out = (weight @ x.reshape(-1, x.shape[-1]).t()).t()
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], weight.shape[0])
