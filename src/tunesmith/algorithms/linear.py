@@ -129,11 +129,16 @@ class _OneDnnLinear(torch.autograd.Function):
         return grad_rows, grad_weight, grad_bias
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           min_work: int | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + b, differentiable in all three, as `F.linear` computes it (on oneDNN where `onednn_applies`)."""
-    if not onednn_applies(x, weight, bias, min_work):
+    if not onednn_applies(x, weight, bias):
         return F.linear(x, weight, bias)
+    return linear_on_onednn(x, weight, bias)
+
+
+def linear_on_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`linear` on oneDNN, for callers that already asked `onednn_applies` (with their own threshold, or once
+    for many chunks): the decoders' hot path need not ask twice."""
     rows = x.reshape(-1, x.shape[-1])
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     # the Function sees 2-D rows and the reshape stays outside it, so autograd may track in-place adds

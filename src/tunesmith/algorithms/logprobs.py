@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import torch
 
-from tunesmith.algorithms.linear import linear, onednn_applies
+from tunesmith.algorithms.linear import linear_on_onednn, onednn_applies
 
 IGNORE_INDEX = -100
 # A chunk's logits hold at most this many floats (128 MB in fp32), whatever chunk_size asks for:
@@ -53,7 +53,7 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
             chunk_size = max(1, min(chunk_size, ONEDNN_CHUNK_ELEMENTS // weight.shape[0]))
         for start in range(0, len(hidden), chunk_size):
             rows = slice(start, start + chunk_size)
-            yield rows, linear(hidden[rows], weight, bias)
+            yield rows, linear_on_onednn(hidden[rows], weight, bias)
         return
     buffer = torch.empty(min(chunk_size, len(hidden)), weight.shape[0], dtype=torch.float32, device=hidden.device)
     for start in range(0, len(hidden), chunk_size):
@@ -72,7 +72,7 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 def _times_weight(grad_logits: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out = grad_logits [rows, vocab] W [vocab, hidden] (the head's d/d hidden); returns `out`."""
     if onednn_applies(grad_logits, weight.t()):
-        return out.copy_(linear(grad_logits, weight.t()))
+        return out.copy_(linear_on_onednn(grad_logits, weight.t()))
     return torch.mm(grad_logits, weight, out=out)
 
 

@@ -194,7 +194,8 @@ def pack_answers(prompt_ids: list[list[int]], response_ids: list[list[int]], pad
                                  "token: check the dataset's prompts and the template.")
         if not answer:
             continue
-        start, span = len(ids), spans.get(tuple(prompt)) if share_prompts else None
+        start, key = len(ids), tuple(prompt)
+        span = spans.get(key) if share_prompts else None
         if span is not None:
             ids += answer
             positions += range(len(prompt), len(prompt) + len(answer))
@@ -203,7 +204,7 @@ def pack_answers(prompt_ids: list[list[int]], response_ids: list[list[int]], pad
             ids += prompt + answer
             positions += range(len(prompt) + len(answer))
             predict += range(start + len(prompt) - 1, start + len(prompt) + len(answer) - 1)
-            spans[tuple(prompt)] = (start, start + len(prompt))
+            spans[key] = (start, start + len(prompt))
         prefixes.append(span)
         bounds.append(len(ids))
     pad = -len(ids) % pad_to_multiple_of

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from tunesmith.algorithms.linear import linear, onednn_applies
+from tunesmith.algorithms.linear import linear, linear_on_onednn, onednn_applies
 from tunesmith.errors import TunesmithError
 from tunesmith.model.quantize import is_quantized_linear
 
@@ -42,6 +42,12 @@ ONE_ROW_MIN_WEIGHT = 2**18  # below it a single row's product is too small for o
 ONEDNN_FROM_ROWS = 8
 
 
+def lora_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """scaling * (x A^T) B^T in the adapter's dtype; the scaling is applied to the rank-r activations, not
+    the [..., out] update: the same product for r/out of the work."""
+    return linear(linear(x.to(lora_A.dtype), lora_A) * scaling, lora_B)
+
+
 def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x W^T + b. For a handful of rows (decoding) of a float32 weight as (W x^T)^T: when the weight streams
     from memory rather than cache, CPU BLAS runs that orientation about 3x faster (measured on AVX2: 0.28 ms
@@ -49,10 +55,9 @@ def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     x W^T (AVX512-BF16, 4 rows, weights from memory: 202 against 145 us for [1536, 512]). Where oneDNN is
     the faster float32 GEMM, one row and 8 or more rows go to it (see ONEDNN_FROM_ROWS)."""
     count = x.numel() // x.shape[-1]
-    if count == 1 and onednn_applies(x, weight, bias, min_work=ONE_ROW_MIN_WEIGHT):
-        return linear(x, weight, bias, min_work=ONE_ROW_MIN_WEIGHT)
-    if count >= ONEDNN_FROM_ROWS and onednn_applies(x, weight, bias):
-        return linear(x, weight, bias)
+    if ((count == 1 and onednn_applies(x, weight, bias, min_work=ONE_ROW_MIN_WEIGHT))
+            or (count >= ONEDNN_FROM_ROWS and onednn_applies(x, weight, bias))):
+        return linear_on_onednn(x, weight, bias)
     if count > FEW_ROWS or weight.dtype != torch.float32:
         return nn.functional.linear(x, weight, bias)
     out = (weight @ x.reshape(-1, x.shape[-1]).t()).t()
@@ -104,17 +109,14 @@ class LoRALinear(nn.Module):
             if self.active_side not in self.side:
                 return result
             lora_A, lora_B, scaling = self.side[self.active_side]
-            update = linear(linear(x.to(lora_A.dtype), lora_A) * scaling, lora_B)
-            return self._add(result, update)
+            return self._add(result, lora_update(x, lora_A, lora_B, scaling))
         if self.inference_weight is not None and not self.disabled:
             return few_row_linear(x, self.inference_weight, self.base_layer.bias)
         result = self.base_layer(x)  # [..., out]
         if self.disabled or self.merged:
             return result
         lora_x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
-        # Scale the rank-r activations, not the [..., out] update: same product, r/out of the work.
-        update = linear(linear(lora_x, self.lora_A.weight) * self.scaling, self.lora_B.weight)  # [..., out]
-        return self._add(result, update)
+        return self._add(result, lora_update(lora_x, self.lora_A.weight, self.lora_B.weight, self.scaling))
 
     def _add(self, result: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         """result + update, in place where allowed: the base output is not saved for backward."""

@@ -32,7 +32,7 @@ from torch import nn
 
 from tunesmith.algorithms.linear import linear
 from tunesmith.model.fast_linear import is_plain_linear
-from tunesmith.model.lora import LoRALinear, few_row_linear
+from tunesmith.model.lora import LoRALinear, few_row_linear, lora_update
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -53,7 +53,7 @@ class Projection:
         out = few_row_linear(x, self.weight, self.bias)
         if self.lora is not None:
             lora_A, lora_B, scaling = self.lora
-            out = out + linear(linear(x.to(lora_A.dtype), lora_A) * scaling, lora_B).to(out.dtype)
+            out = out + lora_update(x, lora_A, lora_B, scaling).to(out.dtype)
         return out
 
 
