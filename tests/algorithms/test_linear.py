@@ -96,3 +96,50 @@ def test_a_second_derivative_raises_rather_than_coming_out_wrong():
                                          create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grad_weight.sum().backward()
+
+
+needs_mkl_pack = pytest.mark.skipif(not (torch.backends.mkl.is_available()
+                                         and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")),
+                                    reason="this torch build has no MKL packed GEMM")
+needs_bf16_pack = pytest.mark.skipif(not (fast._available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                                     reason="no oneDNN bfloat16 kernels on this CPU")
+
+
+@needs_mkl_pack
+def test_a_float32_packed_weight_computes_x_w_t_plus_b_for_its_own_row_count(monkeypatch):
+    monkeypatch.setattr(fast, "onednn_is_faster", lambda: False)
+    x64, w64, b64 = _inputs(8, 512, 384)
+    packed = fast.packed_linear(w64.float(), b64.float(), rows=8)
+    assert packed is not None
+    x = x64.float().view(2, 4, 512)
+    assert packed.takes(x) and not packed.takes(x[:1])
+    torch.testing.assert_close(packed(x).double(), (x64 @ w64.t() + b64).view(2, 4, 384), rtol=1e-5, atol=1e-5)
+
+
+@needs_bf16_pack
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_a_bfloat16_packed_weight_takes_any_row_count_as_a_bf16_linear(rows):
+    x64, w64, b64 = _inputs(rows, 384, 512, seed=rows)
+    weight, bias = w64.bfloat16(), b64.bfloat16()
+    packed = fast.packed_linear(weight, bias, rows=8)
+    assert packed is not None and packed.takes(x64)
+    out = packed(x64.float())  # cast to the weight's dtype, as autocast's linear would
+    assert out.dtype == torch.bfloat16
+    reference = x64.bfloat16().double() @ weight.double().t() + bias.double()  # the same bf16 operands, exactly
+    torch.testing.assert_close(out.double(), reference, rtol=1e-2, atol=2e-2)
+
+
+def test_packing_is_declined_where_it_cannot_pay_or_run(monkeypatch):
+    monkeypatch.setattr(fast, "onednn_is_faster", lambda: False)
+    weight = torch.randn(512, 512)
+    assert fast.packed_linear(weight, None, rows=1) is None  # one row: the plain product is as fast
+    assert fast.packed_linear(weight, None, rows=None) is None  # float32 needs a fixed row count
+    assert fast.packed_linear(torch.randn(64, 64), None, rows=8) is None  # sits in cache anyway
+    assert fast.packed_linear(weight.half(), None, rows=8) is None
+    assert fast.packed_linear(weight, torch.randn(512).double(), rows=8) is None  # bias of another dtype
+    trained = weight.clone().requires_grad_()
+    assert fast.packed_linear(trained, None, rows=8) is None  # a copy would not follow its updates
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert fast.packed_linear(weight, None, rows=8) is None
+    monkeypatch.setattr(fast, "onednn_is_faster", lambda: True)  # then oneDNN's own plain kernel
+    assert fast.packed_linear(weight, None, rows=8) is None

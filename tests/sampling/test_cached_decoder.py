@@ -93,7 +93,7 @@ def test_under_autocast_weights_are_cast_once_with_the_same_numbers(make_tiny_mo
         with monkeypatch.context() as patch:
             if not cast:  # the weights as the model holds them: autocast casts them at every matmul
                 patch.setattr(cached_decoder, "cast_projection", lambda projection, dtype: projection)
-                patch.setattr(cached_decoder, "cast_head", lambda head, dtype: head)
+                patch.setattr(cached_decoder, "cast_head", lambda head, dtype, rows=None: head)
             with merged_for_inference(model) if lora == "merged" else torch.no_grad(), \
                     torch.autocast("cpu", dtype=torch.bfloat16):
                 runs.append(generate(model, PROMPTS, settings, STOP, 0, 2, torch.Generator().manual_seed(0),
@@ -188,3 +188,30 @@ def test_joined_projections_with_some_adapters_equal_each_projection_alone():
     for rows in (1, 3, 20):  # few rows take the W x^T path, more the usual one
         x = torch.randn(rows, 1, hidden)
         torch.testing.assert_close(joined(x), torch.cat([p(x) for p in parts], dim=-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_sample_what_plain_ones_do(make_tiny_model, monkeypatch, dtype):
+    """A long enough generation decodes on weights packed for its row count (algorithms/linear.py
+    `packed_linear`); the answers and their log-probs are the plain decoder's, up to summation order."""
+    from tunesmith.algorithms import linear
+
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("no oneDNN bfloat16 kernels on this CPU")
+    if dtype == torch.float32 and not torch.backends.mkl.is_available():
+        pytest.skip("no MKL")
+    monkeypatch.setattr(linear, "onednn_is_faster", lambda: False)
+    monkeypatch.setattr(linear, "PACK_MIN_WEIGHT", 1)  # a tiny model's weights are below it
+    model = with_lora(make_tiny_model("qwen2", seed=3))
+    settings = SamplingSettings(max_new_tokens=20, temperature=0.0)
+    packs, runs = [], []
+    real = linear.PackedLinear.__init__
+    monkeypatch.setattr(linear.PackedLinear, "__init__", lambda self, *a: real(self, *a) or packs.append(self))
+    for pack_from in (16, 10**6):
+        monkeypatch.setattr("tunesmith.sampling.generate.PACK_FROM_TOKENS", pack_from)
+        with merged_for_inference(model), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):
+            runs.append(generate(model, PROMPTS, settings, STOP, 0, 2, torch.Generator().manual_seed(0), record=True))
+    assert len(packs) == 1 + 7 * len(model.model.layers) - 2 * len(model.model.layers)  # head + q/k/v joined, o, gate, up, down
+    assert runs[0].response_ids == runs[1].response_ids
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(runs[0].logps, runs[1].logps, atol=tolerance, rtol=0)

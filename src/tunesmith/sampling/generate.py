@@ -31,6 +31,11 @@ from tunesmith.config import SamplingSettings
 from tunesmith.model.lora import few_row_linear
 from tunesmith.sampling import cached_decoder
 
+PACK_FROM_TOKENS = 16
+"""Generations of at least this many new tokens decode on packed weights (`CachedDecoder`'s `decode_rows`):
+packing costs about two steps' worth of reading and writing the weights once, each step then saves a third
+or more."""
+
 
 @dataclass
 class Generation:
@@ -120,7 +125,9 @@ def generate(model: PreTrainedModel, prompts: list[list[int]], settings: Samplin
     device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(prompts, pad_id, device)
     positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    decoder = _decoder(model, attention_mask, input_ids.shape[1] + settings.max_new_tokens)
+    rows = attention_mask.shape[0] * num_samples
+    pack = rows if settings.max_new_tokens >= PACK_FROM_TOKENS else None
+    decoder = _decoder(model, attention_mask, input_ids.shape[1] + settings.max_new_tokens, pack)
     states = decoder.prefill(input_ids, attention_mask, positions)  # [prompts, longest prompt, hidden]
     if on_prompt is not None:
         on_prompt(states)
@@ -129,8 +136,7 @@ def generate(model: PreTrainedModel, prompts: list[list[int]], settings: Samplin
         decoder.repeat_interleave(num_samples)
         hidden = hidden.repeat_interleave(num_samples, dim=0)
         positions = positions.repeat_interleave(num_samples, dim=0)
-    head = cached_decoder.cast_head(model.get_output_embeddings(), cached_decoder.autocast_matmul_dtype(device))
-    rows = hidden.shape[0]
+    head = cached_decoder.cast_head(model.get_output_embeddings(), cached_decoder.autocast_matmul_dtype(device), pack)
     seen = None  # [rows, vocab] tokens in each row's context, for the repetition penalty
     if settings.repetition_penalty != 1.0:
         seen = _prompt_tokens(input_ids, attention_mask, num_samples, head.weight.shape[0])
@@ -165,11 +171,12 @@ def generate(model: PreTrainedModel, prompts: list[list[int]], settings: Samplin
     return _generation(columns, lengths, stopped, records)
 
 
-def _decoder(model: PreTrainedModel, attention_mask: torch.Tensor,
-             length: int) -> cached_decoder.CachedDecoder | _TransformersDecoder:
-    """The lean Llama-family decoder when it can run this model over `length` positions, else transformers'."""
+def _decoder(model: PreTrainedModel, attention_mask: torch.Tensor, length: int,
+             pack: int | None) -> cached_decoder.CachedDecoder | _TransformersDecoder:
+    """The lean Llama-family decoder when it can run this model over `length` positions (its weights packed
+    for steps of `pack` rows), else transformers'."""
     if cached_decoder.supports(model, length):
-        return cached_decoder.CachedDecoder(model, attention_mask.shape[0], length)
+        return cached_decoder.CachedDecoder(model, attention_mask.shape[0], length, pack)
     return _TransformersDecoder(model, attention_mask)
 
 
@@ -235,6 +242,8 @@ class _TransformersDecoder:
 def last_logits(head: torch.nn.Module | cached_decoder.Projection, hidden: torch.Tensor) -> torch.Tensor:
     """[rows, vocab] float32 logits of [rows, hidden] last-position states (see `few_row_linear` for why
     not head(hidden): with a handful of rows and a large vocabulary the other orientation is ~3.5x faster)."""
+    if isinstance(head, cached_decoder.Projection):
+        return head(hidden.to(head.weight.dtype)).float()
     return few_row_linear(hidden.to(head.weight.dtype), head.weight, head.bias).float()
 
 
