@@ -235,9 +235,12 @@ def rms_norm_weights(module: nn.Module) -> tuple[torch.Tensor, float] | None:
 
 
 def rms_norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
-    weight, eps = norm  # transformers' order of operations: normalise in fp32, cast back, then scale
-    x32 = x.float()
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    """transformers' order of operations: normalise in fp32, cast back, then scale. By torch's fused kernel
+    (one op for the seven written out: 12 against 60 us for 4 decoded rows of 512, 17 norms per token)."""
+    weight, eps = norm
+    if x.dtype == weight.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    return weight * F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -321,16 +324,18 @@ class CachedDecoder:
         end = start + length if isinstance(start, int) else self.keys.shape[3]
         for index, layer in enumerate(self.layers):
             x = rms_norm(hidden, layer.input_norm)
-            q, k, v = layer.qkv(x).view(rows, length, -1, self.head_dim).transpose(1, 2).split(
-                [self.heads, self.kv_heads, self.kv_heads], dim=1)  # [rows, heads, length, head_dim] each
+            qkv = layer.qkv(x).view(rows, length, -1, self.head_dim).transpose(1, 2)  # [rows, heads, length, dim]
+            # RoPE on q and k together (one call, not two)
+            q, k = rope(qkv[:, :self.heads + self.kv_heads], cos, sin).split([self.heads, self.kv_heads], dim=1)
+            v = qkv[:, self.heads + self.kv_heads:]
             if isinstance(start, int):
-                self.keys[index, :, :, start:end] = rope(k, cos, sin)
+                self.keys[index, :, :, start:end] = k
                 self.values[index, :, :, start:end] = v
             else:
                 # index_copy_ does not cast as slice assignment does (autocast hands bf16 to an fp32 cache)
-                self.keys[index].index_copy_(2, start, rope(k, cos, sin).to(self.keys.dtype))
+                self.keys[index].index_copy_(2, start, k.to(self.keys.dtype))
                 self.values[index].index_copy_(2, start, v.to(self.values.dtype))
-            attended = self._attend(rope(q, cos, sin), index, end, mask)  # [rows, length, heads * head_dim]
+            attended = self._attend(q, index, end, mask)  # [rows, length, heads * head_dim]
             hidden = hidden + layer.o(attended)
             x = rms_norm(hidden, layer.post_norm)
             hidden = hidden + layer.down(layer.act(layer.gate(x)) * layer.up(x))
