@@ -215,3 +215,13 @@ def test_packed_weights_sample_what_plain_ones_do(make_tiny_model, monkeypatch, 
     assert runs[0].response_ids == runs[1].response_ids
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(runs[0].logps, runs[1].logps, atol=tolerance, rtol=0)
+
+
+def test_weights_pack_only_when_a_copy_fits_in_a_quarter_of_free_memory(make_tiny_model, monkeypatch):
+    model = make_tiny_model("qwen2", seed=3)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    monkeypatch.setattr(cached_decoder, "available_memory", lambda: 4.0 * size)
+    assert cached_decoder.packing_fits(model)
+    monkeypatch.setattr(cached_decoder, "available_memory", lambda: 4.0 * size - 1)
+    assert not cached_decoder.packing_fits(model)
+    assert cached_decoder.available_memory() > 0

@@ -192,6 +192,29 @@ def packed(projection: Projection, rows: int | None) -> Projection:
     return replace(projection, packed=packed_linear(projection.weight, projection.bias, rows))
 
 
+def packing_fits(model: nn.Module) -> bool:
+    """Whether a packed copy of `model`'s weights (a CPU model's; elsewhere nothing packs) takes at most a
+    quarter of the memory available now: packing trades a copy of the weights, for one generation, for
+    speed, and must not push a large model's rollout into swap."""
+    weight = model.get_output_embeddings().weight
+    if weight.device.type != "cpu":
+        return False
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return size <= available_memory() / 4
+
+
+def available_memory() -> float:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable; inf where unknown)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("inf")
+
+
 def pack_layer(layer: LayerWeights, rows: int) -> LayerWeights:
     """A block's base projections packed for `rows` rows (see `packed`); adapters' low-rank pairs stay."""
     qkv = layer.qkv

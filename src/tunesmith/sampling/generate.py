@@ -126,7 +126,7 @@ def generate(model: PreTrainedModel, prompts: list[list[int]], settings: Samplin
     input_ids, attention_mask = left_pad(prompts, pad_id, device)
     positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     rows = attention_mask.shape[0] * num_samples
-    pack = rows if settings.max_new_tokens >= PACK_FROM_TOKENS else None
+    pack = rows if settings.max_new_tokens >= PACK_FROM_TOKENS and cached_decoder.packing_fits(model) else None
     decoder = _decoder(model, attention_mask, input_ids.shape[1] + settings.max_new_tokens, pack)
     states = decoder.prefill(input_ids, attention_mask, positions)  # [prompts, longest prompt, hidden]
     if on_prompt is not None:
