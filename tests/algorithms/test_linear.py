@@ -143,3 +143,20 @@ def test_packing_is_declined_where_it_cannot_pay_or_run(monkeypatch):
         assert fast.packed_linear(weight, None, rows=8) is None
     monkeypatch.setattr(fast, "onednn_is_faster", lambda: True)  # then oneDNN's own plain kernel
     assert fast.packed_linear(weight, None, rows=8) is None
+
+
+@pytest.mark.parametrize("value,expected", [("blas", False), ("BLAS", False)] + ([("onednn", True)] if fast._available() else []))
+def test_tunesmith_gemm_fixes_the_choice_without_timing(monkeypatch, value, expected):
+    monkeypatch.setattr(fast, "_CHOICE", [])
+    monkeypatch.setattr(fast, "_timed_choice", lambda: pytest.fail("timed although the variable chose"))
+    monkeypatch.setenv("TUNESMITH_GEMM", value)
+    assert fast.onednn_is_faster() is expected
+
+
+def test_an_unknown_tunesmith_gemm_names_the_variable_and_the_choices(monkeypatch):
+    from tunesmith.errors import TunesmithError
+
+    monkeypatch.setattr(fast, "_CHOICE", [])
+    monkeypatch.setenv("TUNESMITH_GEMM", "mkl")
+    with pytest.raises(TunesmithError, match=r"TUNESMITH_GEMM='mkl'.*onednn, blas or auto"):
+        fast.onednn_is_faster()

@@ -19,11 +19,14 @@ shape seen.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import torch
 import torch.nn.functional as F
+
+from tunesmith.errors import TunesmithError
 
 # Products of fewer multiply-adds (rows x out x in) than this stay on F.linear: oneDNN's fixed cost is
 # about 20 us a call against MKL's 5, so it lost on a 4M-parameter model's decoding (16 rows of [768, 256]:
@@ -58,14 +61,30 @@ _TIMING = threading.Lock()  # two threads' first calls must not time at once, ea
 _CHOICE: list[bool] = []  # the timing's answer, once there is one
 
 
+GEMM_VARIABLE = "TUNESMITH_GEMM"
+"""Environment variable that fixes the float32 GEMM instead of timing: `onednn`, `blas` or `auto` (time it).
+For runs that must round alike on every start (a resume on a machine near the threshold, a comparison)."""
+
+
 def onednn_is_faster() -> bool:
     """Whether oneDNN runs a training-sized float32 matmul REQUIRED_SPEEDUP times faster than torch's BLAS
-    here: timed once per process (about 20 ms), on a [256, 1024] x [1024, 1024] product."""
+    here: timed once per process (about 20 ms), on a [256, 1024] x [1024, 1024] product; or what
+    TUNESMITH_GEMM says."""
     if not _CHOICE:
         with _TIMING:
             if not _CHOICE:
-                _CHOICE.append(_timed_choice())
+                _CHOICE.append(_chosen())
     return _CHOICE[0]
+
+
+def _chosen() -> bool:
+    wanted = os.environ.get(GEMM_VARIABLE, "auto").strip().lower()
+    if wanted not in ("auto", "onednn", "blas", ""):
+        raise TunesmithError(f"{GEMM_VARIABLE}={os.environ[GEMM_VARIABLE]!r} is not a GEMM tunesmith knows; set it "
+                             "to onednn, blas or auto (time both once and take the faster), or unset it.")
+    if wanted == "onednn" and not _available():
+        raise TunesmithError(f"{GEMM_VARIABLE}=onednn, but this torch build has no oneDNN; set it to blas or auto.")
+    return _timed_choice() if wanted in ("auto", "") else wanted == "onednn"
 
 
 def agree_on_choice(choice: bool) -> None:
