@@ -9,9 +9,10 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from tests.conftest import TINY_SIZES
+from tunesmith.errors import TunesmithError
 from tunesmith.model.lora import inject_lora, lora_modules, merged_for_inference, side_adapter
 from tunesmith.model.value_head import attach_value_head
-from tunesmith.sampling import cached_decoder
+from tunesmith.sampling import cached_decoder, decode_weights
 from tunesmith.sampling.generate import SamplingSettings, generate
 from tunesmith.training.rollout import response_forward, response_mask
 
@@ -93,7 +94,7 @@ def test_under_autocast_weights_are_cast_once_with_the_same_numbers(make_tiny_mo
         with monkeypatch.context() as patch:
             if not cast:  # the weights as the model holds them: autocast casts them at every matmul
                 patch.setattr(cached_decoder, "cast_projection", lambda projection, dtype: projection)
-                patch.setattr(cached_decoder, "cast_head", lambda head, dtype, rows=None: head)
+                patch.setattr(decode_weights, "cast_head", lambda head, dtype, rows=None: head)
             with merged_for_inference(model) if lora == "merged" else torch.no_grad(), \
                     torch.autocast("cpu", dtype=torch.bfloat16):
                 runs.append(generate(model, PROMPTS, settings, STOP, 0, 2, torch.Generator().manual_seed(0),
@@ -181,37 +182,45 @@ def test_joined_projections_with_some_adapters_equal_each_projection_alone():
 
     def part(out, rank, biased):
         lora = None if rank is None else (torch.randn(rank, hidden), torch.randn(out, rank), 0.5)
-        return cached_decoder.Projection(torch.randn(out, hidden), torch.randn(out) if biased else None, lora)
+        return decode_weights.Projection(torch.randn(out, hidden), torch.randn(out) if biased else None, lora)
 
     parts = [part(8, 2, True), part(4, None, False), part(4, 3, True)]
-    joined = cached_decoder._joined(parts)
+    joined = decode_weights.join_projections(parts)
     for rows in (1, 3, 20):  # few rows take the W x^T path, more the usual one
         x = torch.randn(rows, 1, hidden)
         torch.testing.assert_close(joined(x), torch.cat([p(x) for p in parts], dim=-1))
 
 
+@pytest.mark.parametrize("lora", ["merged", "unmerged"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_weights_sample_what_plain_ones_do(make_tiny_model, monkeypatch, dtype):
+def test_packed_weights_sample_what_plain_ones_do(make_tiny_model, monkeypatch, dtype, lora):
     """A long enough generation decodes on weights packed for its row count (algorithms/linear.py
-    `packed_linear`); the answers and their log-probs are the plain decoder's, up to summation order."""
+    `packed_linear`; unmerged LoRA packs the joined q/k/v base); the answers and their log-probs are the
+    plain decoder's, up to summation order, and every packed weight is used."""
     from tunesmith.algorithms import linear
 
-    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if dtype == torch.bfloat16 and not (linear._available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         pytest.skip("no oneDNN bfloat16 kernels on this CPU")
-    if dtype == torch.float32 and not torch.backends.mkl.is_available():
-        pytest.skip("no MKL")
+    if dtype == torch.float32 and not (torch.backends.mkl.is_available()
+                                       and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")):
+        pytest.skip("no MKL packed GEMM in this torch build")
     monkeypatch.setattr(linear, "onednn_is_faster", lambda: False)
     monkeypatch.setattr(linear, "PACK_MIN_WEIGHT", 1)  # a tiny model's weights are below it
+    monkeypatch.setenv("TUNESMITH_PACK", "auto")
     model = with_lora(make_tiny_model("qwen2", seed=3))
     settings = SamplingSettings(max_new_tokens=20, temperature=0.0)
-    packs, runs = [], []
-    real = linear.PackedLinear.__init__
-    monkeypatch.setattr(linear.PackedLinear, "__init__", lambda self, *a: real(self, *a) or packs.append(self))
+    packs, calls, runs = [], [], []
+    real_init, real_call = linear.PackedLinear.__init__, linear.PackedLinear.__call__
+    monkeypatch.setattr(linear.PackedLinear, "__init__", lambda self, *a: real_init(self, *a) or packs.append(self))
+    monkeypatch.setattr(linear.PackedLinear, "__call__", lambda self, x: calls.append(self) or real_call(self, x))
     for pack_from in (16, 10**6):
         monkeypatch.setattr("tunesmith.sampling.generate.PACK_FROM_TOKENS", pack_from)
-        with merged_for_inference(model), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):
+        with merged_for_inference(model) if lora == "merged" else torch.no_grad(), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):
             runs.append(generate(model, PROMPTS, settings, STOP, 0, 2, torch.Generator().manual_seed(0), record=True))
-    assert len(packs) == 1 + 7 * len(model.model.layers) - 2 * len(model.model.layers)  # head + q/k/v joined, o, gate, up, down
+    assert len(packs) == 1 + 5 * len(model.model.layers)  # the head; q/k/v joined, o, gate, up, down
+    # each packed weight ran at every decode step, not only in packed_linear's one check when it was made
+    assert all(sum(call is pack for call in calls) >= settings.max_new_tokens - 1 for pack in packs)
     assert runs[0].response_ids == runs[1].response_ids
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(runs[0].logps, runs[1].logps, atol=tolerance, rtol=0)
@@ -220,8 +229,28 @@ def test_packed_weights_sample_what_plain_ones_do(make_tiny_model, monkeypatch, 
 def test_weights_pack_only_when_a_copy_fits_in_a_quarter_of_free_memory(make_tiny_model, monkeypatch):
     model = make_tiny_model("qwen2", seed=3)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
-    monkeypatch.setattr(cached_decoder, "available_memory", lambda: 4.0 * size)
-    assert cached_decoder.packing_fits(model)
-    monkeypatch.setattr(cached_decoder, "available_memory", lambda: 4.0 * size - 1)
-    assert not cached_decoder.packing_fits(model)
-    assert cached_decoder.available_memory() > 0
+    monkeypatch.setattr(decode_weights, "available_memory", lambda: 4.0 * size)
+    assert decode_weights.packing_fits(model)
+    monkeypatch.setattr(decode_weights, "available_memory", lambda: 4.0 * size - 1)
+    assert not decode_weights.packing_fits(model)
+    monkeypatch.setenv("TUNESMITH_PACK", "on")
+    assert decode_weights.packing_fits(model)
+    monkeypatch.setenv("TUNESMITH_PACK", "off")
+    monkeypatch.setattr(decode_weights, "available_memory", lambda: 1e18)
+    assert not decode_weights.packing_fits(model)
+    monkeypatch.setenv("TUNESMITH_PACK", "maybe")
+    with pytest.raises(TunesmithError, match="TUNESMITH_PACK='maybe'.*on, off or auto"):
+        decode_weights.packing_fits(model)
+
+
+def test_available_memory_is_the_least_of_the_machine_and_a_container_limit(monkeypatch, tmp_path):
+    monkeypatch.setattr(decode_weights, "_meminfo_available", lambda: 8e9)
+    real_path = decode_weights.Path
+    (tmp_path / "memory.max").write_text("3000000000\n")
+    (tmp_path / "memory.current").write_text("1000000000\n")
+    monkeypatch.setattr(decode_weights, "Path", lambda root, name: real_path(tmp_path, name))
+    assert decode_weights.available_memory() == 2e9
+    (tmp_path / "memory.max").write_text("max\n")
+    assert decode_weights.available_memory() == 8e9
+    monkeypatch.setattr(decode_weights, "_meminfo_available", lambda: None)
+    assert decode_weights.available_memory() == 0.0  # nothing known: nothing packs

@@ -222,6 +222,8 @@ def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, rows: int | N
     if not usable:
         return None
     try:
-        return PackedLinear(weight.detach().contiguous(), None if bias is None else bias.detach().contiguous(), rows)
+        packed = PackedLinear(weight.detach().contiguous(), None if bias is None else bias.detach().contiguous(), rows)
+        packed(weight.new_zeros(rows or 1, weight.shape[1]))  # a build that packs but cannot run it falls back here
     except RuntimeError:  # a build whose kernels cannot run on this CPU
         return None
+    return packed

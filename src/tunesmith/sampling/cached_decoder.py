@@ -23,117 +23,25 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunesmith.algorithms.linear import PackedLinear, linear, packed_linear
-from tunesmith.model.fast_linear import is_plain_linear
-from tunesmith.model.lora import LoRALinear, few_row_linear, lora_update
+from tunesmith.sampling.decode_weights import (
+    LayerWeights,
+    Projection,
+    cast_projection,
+    join_projections,
+    module_projection,
+    pack_layer,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
-
-
-@dataclass
-class Projection:
-    """y = x W^T + b (+ scaling * (x A^T) B^T for an adapter that is not merged); `weight` and `bias` as
-    an `nn.Linear` has them, so `generate.last_logits` takes one for the output head."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    lora: tuple[torch.Tensor, torch.Tensor, float] | None
-    packed: PackedLinear | None = None
-    """The weight in the GEMM's own layout for the rows a generation decodes (`pack`), if that pays."""
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and self.packed.takes(x):
-            out = self.packed(x)
-        else:
-            out = few_row_linear(x, self.weight, self.bias)
-        if self.lora is not None:
-            lora_A, lora_B, scaling = self.lora
-            out = out + lora_update(x, lora_A, lora_B, scaling).to(out.dtype)
-        return out
-
-
-class _Joined:
-    """Several projections of one input side by side where one has an unmerged adapter (a bf16 base, a side
-    adapter): one matmul on the joined base weights, one on every adapter's A, then each B on its share of
-    the low-rank activations, added to its share of the output: 5 matmuls for q/k/v rather than 9 (bf16
-    sampling of 4 x 64 tokens of the 40M model, LoRA on every layer: 0.64-0.69 s against 0.69-0.78 s)."""
-
-    def __init__(self, parts: list[Projection]) -> None:
-        self.base = _joined([Projection(part.weight, part.bias, None) for part in parts])
-        self.widths = [part.weight.shape[0] for part in parts]  # not the parts: their weights are in `base`
-        self.loras = [part.lora for part in parts]
-        self.lora_A = torch.cat([lora[0] for lora in self.loras if lora is not None])  # [sum of ranks, in]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        low = linear(x.to(self.lora_A.dtype), self.lora_A)  # [..., sum of ranks]
-        column = rank = 0
-        for width, lora in zip(self.widths, self.loras):
-            if lora is not None:
-                _, lora_B, scaling = lora
-                update = linear(low[..., rank:rank + lora_B.shape[1]] * scaling, lora_B)
-                out[..., column:column + width] += update.to(out.dtype)
-                rank += lora_B.shape[1]
-            column += width
-        return out
-
-
-def _joined(parts: list[Projection]) -> Projection | _Joined:
-    """q, k and v as one matmul on the concatenated weights: decoding streams each weight once per token,
-    and one [q+k+v, hidden] matmul both saves two calls and runs the small k/v weights at full speed."""
-    if any(part.lora is not None for part in parts):
-        return _Joined(parts)
-    biases = [part.bias for part in parts]
-    bias = None if all(b is None for b in biases) else torch.cat(
-        [b if b is not None else part.weight.new_zeros(part.weight.shape[0]) for b, part in zip(biases, parts)])
-    return Projection(torch.cat([part.weight for part in parts]), bias, None)
-
-
-def _projection(module: nn.Module) -> Projection | None:
-    """The weights `module` computes with right now, or None when its state is one this decoder skips."""
-    if isinstance(module, LoRALinear):
-        base = module.base_layer
-        if not is_plain_linear(base):  # a 4/8-bit base: only bitsandbytes' own layer can compute with it
-            return None
-        if module.active_side is not None:  # a side adapter (or, where it has no update here, the base)
-            return Projection(base.weight, base.bias, module.side.get(module.active_side))
-        if module.inference_weight is not None and not module.disabled:
-            return Projection(module.inference_weight, base.bias, None)
-        if module.disabled or module.merged:
-            return Projection(base.weight, base.bias, None)
-        if not isinstance(module.lora_dropout, nn.Identity) and module.training:
-            return None
-        return Projection(base.weight, base.bias, (module.lora_A.weight, module.lora_B.weight, module.scaling))
-    if is_plain_linear(module):
-        return Projection(module.weight, module.bias, None)
-    return None
-
-
-@dataclass
-class LayerWeights:
-    """One decoder block as a lean decoder runs it; the projections are that decoder's own callables
-    (here `Projection`/`_Joined`; slot_decoder's take the rows' adapter groups too)."""
-
-    input_norm: tuple[torch.Tensor, float]
-    """RMSNorm (weight, eps)."""
-    qkv: Callable
-    o: Callable
-    post_norm: tuple[torch.Tensor, float]
-    gate: Callable
-    up: Callable
-    down: Callable
-    act: nn.Module
 
 
 def supports(model: PreTrainedModel, length: int) -> bool:
@@ -158,7 +66,7 @@ def layer_parts(block: nn.Module) -> tuple[list[tuple[torch.Tensor, float]], lis
     attention, mlp = block.self_attn, block.mlp
     if getattr(attention, "sliding_window", None):
         return None
-    projections = [_projection(m) for m in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj,
+    projections = [module_projection(m) for m in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj,
                                             mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
     norms = [rms_norm_weights(m) for m in (block.input_layernorm, block.post_attention_layernorm)]
     if any(part is None for part in projections + norms):
@@ -171,81 +79,13 @@ def _read_layer(block: nn.Module, dtype: torch.dtype | None = None) -> LayerWeig
     when given; only for blocks `supports` accepted."""
     (input_norm, post_norm), projections = layer_parts(block)
     q, k, v, o, gate, up, down = [cast_projection(part, dtype) for part in projections]
-    return LayerWeights(input_norm, _joined([q, k, v]), o, post_norm, gate, up, down, block.mlp.act_fn)
-
-
-def cast_head(head: nn.Module, dtype: torch.dtype | None, rows: int | None = None) -> nn.Module | Projection:
-    """The output head for `generate.last_logits`, its weight cast once to `dtype` (see `cast_projection`)
-    and, with `rows`, packed for that many (`packed`): with a large vocabulary it is the biggest weight a
-    decode step reads."""
-    if (dtype is None or head.weight.dtype == dtype) and rows is None:
-        return head
-    return packed(cast_projection(Projection(head.weight, head.bias, None), dtype), rows)
-
-
-def packed(projection: Projection, rows: int | None) -> Projection:
-    """`projection` with its weight in the GEMM's own layout for products of `rows` rows where that pays
-    (`algorithms.linear.packed_linear`: decoding streams every weight once per token, and a packed weight
-    streams 1.4-1.7x faster in float32 and 1.5x in bfloat16 on a Sapphire Rapids core); else as it is."""
-    if rows is None:
-        return projection
-    return replace(projection, packed=packed_linear(projection.weight, projection.bias, rows))
-
-
-def packing_fits(model: nn.Module) -> bool:
-    """Whether a packed copy of `model`'s weights (a CPU model's; elsewhere nothing packs) takes at most a
-    quarter of the memory available now: packing trades a copy of the weights, for one generation, for
-    speed, and must not push a large model's rollout into swap."""
-    weight = model.get_output_embeddings().weight
-    if weight.device.type != "cpu":
-        return False
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    return size <= available_memory() / 4
-
-
-def available_memory() -> float:
-    """Bytes of memory available to a new allocation (Linux's MemAvailable; inf where unknown)."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return float("inf")
-
-
-def pack_layer(layer: LayerWeights, rows: int) -> LayerWeights:
-    """A block's base projections packed for `rows` rows (see `packed`); adapters' low-rank pairs stay."""
-    qkv = layer.qkv
-    if isinstance(qkv, _Joined):
-        qkv.base = packed(qkv.base, rows)
-    else:
-        qkv = packed(qkv, rows)
-    return replace(layer, qkv=qkv, o=packed(layer.o, rows), gate=packed(layer.gate, rows), up=packed(layer.up, rows),
-                   down=packed(layer.down, rows))
+    return LayerWeights(input_norm, join_projections([q, k, v]), o, post_norm, gate, up, down, block.mlp.act_fn)
 
 
 def autocast_matmul_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype autocast runs matmuls in on `device` right now (bf16 sampling, a bf16 run's rollouts);
     None when it is off."""
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-
-
-def cast_projection(projection: Projection, dtype: torch.dtype | None) -> Projection:
-    """`projection` with its weights (and an unmerged adapter's) in `dtype` (None: as they are). Under
-    autocast every matmul casts an fp32 weight to the autocast dtype, each call: once per token for every
-    weight of the model, where decoding's cost is reading the weights. Cast once per decoder instead: the
-    same bf16 products (summed in another order, and a bias added in bf16 as autocast's linear adds it)."""
-    if dtype is None:
-        return projection
-
-    def cast(tensor: torch.Tensor | None) -> torch.Tensor | None:
-        return None if tensor is None else tensor.to(dtype)
-
-    lora = projection.lora
-    return Projection(cast(projection.weight), cast(projection.bias),
-                       None if lora is None else (cast(lora[0]), cast(lora[1]), lora[2]))
 
 
 def rms_norm_weights(module: nn.Module) -> tuple[torch.Tensor, float] | None:
@@ -261,7 +101,7 @@ def rms_norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
     """transformers' order of operations: normalise in fp32, cast back, then scale. By torch's fused kernel
     (one op for the seven written out: 12 against 60 us for 4 decoded rows of 512, 17 norms per token)."""
     weight, eps = norm
-    if x.dtype == weight.dtype == torch.float32:
+    if x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu":  # a GPU's fused kernel rounds otherwise
         return F.rms_norm(x, weight.shape, weight, eps)
     return weight * F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype)
 
@@ -373,7 +213,8 @@ class CachedDecoder:
             # sdpa's masked CPU path costs several times these four ops. In the cache's dtype, not
             # autocast's: a CPU's bf16 batched products of these shapes ran 2.8x slower than float32's
             # (143 against 52 us), casting the cache's keys at every step besides
-            with torch.autocast("cpu", enabled=False) if q.device.type == "cpu" else contextlib.nullcontext():
+            cpu_autocast = q.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            with torch.autocast("cpu", enabled=False) if cpu_autocast else contextlib.nullcontext():
                 group = q.view(rows, self.kv_heads, heads // self.kv_heads, head_dim).to(keys.dtype)
                 scores = (group @ keys.transpose(2, 3)).mul_(self.scale).add_(mask)  # [rows, kv heads, group, keys]
                 return (scores.softmax(dim=-1) @ values).view(rows, 1, heads * head_dim)

@@ -29,7 +29,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from tunesmith.config import SamplingSettings
 from tunesmith.model.lora import few_row_linear
-from tunesmith.sampling import cached_decoder
+from tunesmith.sampling import cached_decoder, decode_weights
 
 PACK_FROM_TOKENS = 16
 """Generations of at least this many new tokens decode on packed weights (`CachedDecoder`'s `decode_rows`):
@@ -126,7 +126,7 @@ def generate(model: PreTrainedModel, prompts: list[list[int]], settings: Samplin
     input_ids, attention_mask = left_pad(prompts, pad_id, device)
     positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     rows = attention_mask.shape[0] * num_samples
-    pack = rows if settings.max_new_tokens >= PACK_FROM_TOKENS and cached_decoder.packing_fits(model) else None
+    pack = rows if settings.max_new_tokens >= PACK_FROM_TOKENS and decode_weights.packing_fits(model) else None
     decoder = _decoder(model, attention_mask, input_ids.shape[1] + settings.max_new_tokens, pack)
     states = decoder.prefill(input_ids, attention_mask, positions)  # [prompts, longest prompt, hidden]
     if on_prompt is not None:
@@ -136,7 +136,7 @@ def generate(model: PreTrainedModel, prompts: list[list[int]], settings: Samplin
         decoder.repeat_interleave(num_samples)
         hidden = hidden.repeat_interleave(num_samples, dim=0)
         positions = positions.repeat_interleave(num_samples, dim=0)
-    head = cached_decoder.cast_head(model.get_output_embeddings(), cached_decoder.autocast_matmul_dtype(device), pack)
+    head = decode_weights.cast_head(model.get_output_embeddings(), cached_decoder.autocast_matmul_dtype(device), pack)
     seen = None  # [rows, vocab] tokens in each row's context, for the repetition penalty
     if settings.repetition_penalty != 1.0:
         seen = _prompt_tokens(input_ids, attention_mask, num_samples, head.weight.shape[0])
@@ -239,10 +239,10 @@ class _TransformersDecoder:
         return output.last_hidden_state  # [rows, length, hidden]
 
 
-def last_logits(head: torch.nn.Module | cached_decoder.Projection, hidden: torch.Tensor) -> torch.Tensor:
+def last_logits(head: torch.nn.Module | decode_weights.Projection, hidden: torch.Tensor) -> torch.Tensor:
     """[rows, vocab] float32 logits of [rows, hidden] last-position states (see `few_row_linear` for why
     not head(hidden): with a handful of rows and a large vocabulary the other orientation is ~3.5x faster)."""
-    if isinstance(head, cached_decoder.Projection):
+    if isinstance(head, decode_weights.Projection):
         return head(hidden.to(head.weight.dtype)).float()
     return few_row_linear(hidden.to(head.weight.dtype), head.weight, head.bias).float()
 
