@@ -36,3 +36,33 @@ def test_nothing_changes_where_onednn_is_not_faster(make_tiny_model, monkeypatch
     model = make_tiny_model("qwen2")
     assert use_fast_linears(model) == 0
     assert not any(isinstance(m, FastLinear) for m in model.modules())
+
+
+def test_few_row_orientation_is_timed_once_per_shape_and_row_bucket(monkeypatch):
+    from tunesmith.model import lora
+
+    timed = []
+    monkeypatch.setattr(lora, "_ORIENTATIONS", {})
+    monkeypatch.setattr(lora, "_weight_first_timed", lambda rows, weight: timed.append(rows.shape[0]) or True)
+    weight = torch.randn(48, 32)
+    for count in (2, 3, 4, 7, 8, 16, 2):
+        assert lora.weight_first(torch.randn(count, 32), weight)
+    assert timed == [2, 4, 8, 16]  # buckets 2-3, 4-7, 8-15, 16
+    lora.weight_first(torch.randn(2, 48), torch.randn(32, 48))  # another shape: timed afresh
+    assert timed[-1] == 2
+    assert isinstance(lora._weight_first_timed(torch.randn(3, 32), weight), bool)
+
+
+@pytest.mark.parametrize("weight_first", [True, False])
+@pytest.mark.parametrize("rows", [1, 3, 12])
+def test_few_row_linear_is_x_w_t_plus_b_in_either_orientation(monkeypatch, weight_first, rows):
+    from tunesmith.algorithms import linear
+    from tunesmith.model import lora
+
+    monkeypatch.setattr(linear, "onednn_is_faster", lambda: False)
+    monkeypatch.setattr(lora, "weight_first", lambda x, weight: weight_first)
+    generator = torch.Generator().manual_seed(rows)
+    x, weight, bias = (torch.randn(*shape, generator=generator, dtype=torch.float64) for shape in
+                       ((rows, 1, 96), (160, 96), (160,)))
+    out = lora.few_row_linear(x.float(), weight.float(), bias.float())
+    torch.testing.assert_close(out.double(), x @ weight.t() + bias, rtol=1e-5, atol=1e-5)
