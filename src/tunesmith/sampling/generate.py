@@ -240,8 +240,9 @@ class _TransformersDecoder:
 
 
 def last_logits(head: torch.nn.Module | decode_weights.Projection, hidden: torch.Tensor) -> torch.Tensor:
-    """[rows, vocab] float32 logits of [rows, hidden] last-position states (see `few_row_linear` for why
-    not head(hidden): with a handful of rows and a large vocabulary the other orientation is ~3.5x faster)."""
+    """[rows, vocab] float32 logits of [rows, hidden] last-position states: by the head's packed weight when
+    `cast_head` packed it, else `few_row_linear` (not head(hidden): with a handful of rows and a large
+    vocabulary the product's orientation matters, by up to 3x)."""
     if isinstance(head, decode_weights.Projection):
         return head(hidden.to(head.weight.dtype)).float()
     return few_row_linear(hidden.to(head.weight.dtype), head.weight, head.bias).float()
