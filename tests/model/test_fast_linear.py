@@ -39,18 +39,16 @@ def test_nothing_changes_where_onednn_is_not_faster(make_tiny_model, monkeypatch
 
 
 def test_few_row_orientation_is_timed_once_per_shape_and_row_bucket(monkeypatch):
-    from tunesmith.model import lora
-
     timed = []
-    monkeypatch.setattr(lora, "_ORIENTATIONS", {})
-    monkeypatch.setattr(lora, "_weight_first_timed", lambda rows, weight: timed.append(rows.shape[0]) or True)
+    monkeypatch.setattr(fast, "_ORIENTATIONS", {})
+    monkeypatch.setattr(fast, "_weight_first_timed", lambda rows, weight: timed.append(rows.shape[0]) or True)
     weight = torch.randn(48, 32)
     for count in (2, 3, 4, 7, 8, 16, 2):
-        assert lora.weight_first(torch.randn(count, 32), weight)
+        assert fast.weight_first(torch.randn(count, 32), weight)
     assert timed == [2, 4, 8, 16]  # buckets 2-3, 4-7, 8-15, 16
-    lora.weight_first(torch.randn(2, 48), torch.randn(32, 48))  # another shape: timed afresh
+    fast.weight_first(torch.randn(2, 48), torch.randn(32, 48))  # another shape: timed afresh
     assert timed[-1] == 2
-    assert isinstance(lora._weight_first_timed(torch.randn(3, 32), weight), bool)
+    assert isinstance(fast._weight_first_timed(torch.randn(3, 32), weight), bool)
 
 
 @pytest.mark.parametrize("weight_first", [True, False])

@@ -87,6 +87,30 @@ def _chosen() -> bool:
     return _timed_choice() if wanted in ("auto", "") else wanted == "onednn"
 
 
+_ORIENTATIONS: dict[tuple[int, int, int, int], bool] = {}
+"""(out, in, row bucket, threads) -> whether (W x^T)^T beat x W^T at first use."""
+
+
+def weight_first(rows: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether (W x^T)^T is the faster BLAS orientation for `rows` [M, in] x `weight`'s shape (decoding's
+    few-row products, model/lora.py `few_row_linear`). It depends on the CPU and the shape by up to 3x
+    either way: W x^T won on AVX2 and AMD EPYC VMs (AVX2, [1536, 512], 4 rows: 0.28 against 0.89 ms); on a
+    Sapphire Rapids VM x W^T won for 512-wide weights up to 8-12 rows (4 rows: 0.20 against 0.29 ms) and
+    W x^T for [2048, 1024] from 4. So each shape is timed on a CPU the first time it meets a row bucket
+    (2-3, 4-7, 8-15, 16: six products) and keeps its answer; off CPU, W x^T."""
+    if rows.device.type != "cpu":
+        return True
+    key = (*weight.shape, min(rows.shape[0].bit_length(), 5), torch.get_num_threads())
+    choice = _ORIENTATIONS.get(key)
+    if choice is None:
+        choice = _ORIENTATIONS[key] = _weight_first_timed(rows, weight)
+    return choice
+
+
+def _weight_first_timed(rows: torch.Tensor, weight: torch.Tensor) -> bool:
+    return _best_seconds(lambda: weight @ rows.t(), 2) < _best_seconds(lambda: rows @ weight.t(), 2)
+
+
 def agree_on_choice(choice: bool) -> None:
     """Use `choice` from now on, whatever this process's own timing says: ranks of one run use one GEMM."""
     with _TIMING:

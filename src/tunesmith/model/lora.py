@@ -17,14 +17,13 @@ Usage:
 """
 
 import math
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from tunesmith.algorithms.linear import linear, linear_on_onednn, onednn_applies
+from tunesmith.algorithms.linear import linear, linear_on_onednn, onednn_applies, weight_first
 from tunesmith.errors import TunesmithError
 from tunesmith.model.quantize import is_quantized_linear
 
@@ -51,7 +50,8 @@ def lora_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sca
 
 def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x W^T + b. For a handful of rows (decoding) of a float32 weight, by BLAS as x W^T or as (W x^T)^T,
-    whichever is faster for this weight's shape and row count (on a CPU timed at first use, `weight_first`;
+    whichever is faster for this weight's shape and row count (on a CPU timed at first use,
+    `algorithms.linear.weight_first`;
     on a GPU (W x^T)^T). Not for bf16: oneDNN runs W x^T 1.2-1.4x slower (AVX512-BF16, 4 rows, weights from
     memory: 202 against 145 us for [1536, 512]). Where oneDNN is the faster float32 GEMM, one row and 8 or
     more rows go to it (see ONEDNN_FROM_ROWS)."""
@@ -59,40 +59,13 @@ def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if ((count == 1 and onednn_applies(x, weight, bias, min_work=ONE_ROW_MIN_WEIGHT))
             or (count >= ONEDNN_FROM_ROWS and onednn_applies(x, weight, bias))):
         return linear_on_onednn(x, weight, bias)
-    if count > FEW_ROWS or weight.dtype != torch.float32 or not weight_first(x.reshape(-1, x.shape[-1]), weight):
+    rows = x.reshape(-1, x.shape[-1])
+    if count > FEW_ROWS or weight.dtype != torch.float32 or not weight_first(rows, weight):
         return nn.functional.linear(x, weight, bias)
-    out = (weight @ x.reshape(-1, x.shape[-1]).t()).t()
+    out = (weight @ rows.t()).t()
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], weight.shape[0])
-
-
-_ORIENTATIONS: dict[tuple[int, int, int, int], bool] = {}
-"""(out, in, row bucket, threads) -> whether (W x^T)^T beat x W^T at first use."""
-
-
-def weight_first(rows: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether (W x^T)^T is the faster BLAS orientation for `rows` [M, in] x `weight`'s shape. It depends on
-    the CPU and the shape by up to 3x either way: W x^T won on AVX2 and AMD EPYC VMs (AVX2, [1536, 512],
-    4 rows: 0.28 against 0.89 ms); on a Sapphire Rapids VM x W^T won for 512-wide weights up to 8-12 rows
-    (4 rows: 0.20 against 0.29 ms) and W x^T for [2048, 1024] from 4. So each shape is timed on a CPU the
-    first time it meets a row bucket (2-3, 4-7, 8-15, 16: about six products) and keeps its answer."""
-    if rows.device.type != "cpu":
-        return True
-    key = (*weight.shape, min(rows.shape[0].bit_length(), 5), torch.get_num_threads())
-    choice = _ORIENTATIONS.get(key)
-    if choice is None:
-        choice = _ORIENTATIONS[key] = _weight_first_timed(rows, weight)
-    return choice
-
-
-def _weight_first_timed(rows: torch.Tensor, weight: torch.Tensor) -> bool:
-    times = {True: float("inf"), False: float("inf")}
-    for weight_first_now in (True, False, True, False, True, False):  # interleaved: drift hits both alike
-        start = time.perf_counter()
-        _ = (weight @ rows.t()) if weight_first_now else (rows @ weight.t())
-        times[weight_first_now] = min(times[weight_first_now], time.perf_counter() - start)
-    return times[True] < times[False]
 
 
 class LoRALinear(nn.Module):

@@ -29,7 +29,7 @@ from torch import nn
 
 from tunesmith.algorithms.linear import linear
 from tunesmith.model.lora import LoRALinear, few_row_linear
-from tunesmith.sampling.cached_decoder import LayerWeights, rms_norm, rms_norm_weights, rope
+from tunesmith.sampling.cached_decoder import LayerWeights, rms_norm, rms_norm_weights, rope_qkv
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -246,9 +246,7 @@ class SlotDecoder:
         for index, layer in enumerate(self.layers):
             x = rms_norm(hidden, layer.input_norm)
             qkv = layer.qkv(x, groups).view(-1, 1, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
-            # RoPE on q and k together (one call, not two): [tokens, heads + kv heads, 1, head_dim]
-            q, k = rope(qkv[:, :self.heads + self.kv_heads], cos, sin).split([self.heads, self.kv_heads], dim=1)
-            v = qkv[:, self.heads + self.kv_heads:]
+            q, k, v = rope_qkv(qkv, self.heads, self.kv_heads, cos, sin)  # [tokens, heads, 1, head_dim] each
             parts = []
             if decoding:
                 parts.append(self._decode_attention(index, q[:decoding], k[:decoding], v[:decoding],
