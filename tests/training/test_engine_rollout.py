@@ -120,15 +120,15 @@ def test_training_with_rollout_engine_logs_what_training_without_it_logs(rl_sett
             assert after[key] == pytest.approx(before[key], rel=1e-3, abs=1e-5), key
 
 
-@pytest.mark.parametrize("stage,engine", [("grpo", False), ("ppo", True)])
-def test_bf16_sampling_is_corrected_by_truncated_importance_weights(rl_settings, stage, engine):
+@pytest.mark.parametrize("stage,engine,epochs", [("grpo", False, 2), ("ppo", True, 1)])
+def test_bf16_sampling_is_corrected_by_truncated_importance_weights(rl_settings, stage, engine, epochs):
     """rollout_dtype: bf16 samples under autocast, pi_old is the fp32 learner's forward, and each token is
     weighed by min(pi_old / pi_sampler, cap): the logs say how far the two were apart and the mean weight."""
     from tunesmith.training.configure import build_config
     from tunesmith.training.run import run_training
     from tunesmith.training.tracking import read_log
 
-    settings = {**rl_settings, "stage": stage, "per_device_train_batch_size": 2, "max_steps": 2, "ppo_epochs": 1,
+    settings = {**rl_settings, "stage": stage, "per_device_train_batch_size": 2, "max_steps": 2, "ppo_epochs": epochs,
                 "rollout_engine": engine, "rollout_dtype": "bf16", "rollout_is_cap": 2.0}
     run_training(build_config(settings), say=lambda *a: None)
     lines = [line for line in read_log(Path(settings["output_dir"])) if "score" in line]
@@ -146,6 +146,58 @@ def test_bf16_sampling_is_corrected_by_truncated_importance_weights(rl_settings,
     fp32 = {**settings, "output_dir": settings["output_dir"] + "_fp32", "rollout_dtype": None}
     run_training(build_config(fp32), say=lambda *a: None)
     assert not any("rollout_is/weight" in line for line in read_log(Path(fp32["output_dir"])))  # the sampler is pi_old
+
+
+@pytest.mark.parametrize("engine", [False, True])
+def test_grpo_takes_pi_old_from_its_update_and_learns_what_a_forward_of_its_own_gives(rl_settings, engine,
+                                                                                     monkeypatch):
+    """GRPO with bf16 sampling and one optimizer step per rollout takes pi_old from the update's own first
+    forward (detached), as TRL does, instead of a forward over the answers: the trained adapter and the
+    logged sampler gap and weights equal those of a run that runs the forward (to rounding: the rollout's
+    forward runs merged weights), and the policy's forwards over the answers are one fewer per step."""
+    from safetensors.torch import load_file
+
+    from tunesmith.training import rollout
+    from tunesmith.training.configure import build_config
+    from tunesmith.training.run import run_training
+    from tunesmith.training.stages import grpo
+    from tunesmith.training.tracking import read_log
+
+    forwards = []
+    counted = rollout.chunked_response_forward
+    monkeypatch.setattr(rollout, "chunked_response_forward", lambda *a, **k: forwards.append(1) or counted(*a, **k))
+    settings = {**rl_settings, "stage": "grpo", "per_device_train_batch_size": 2, "max_steps": 2, "ppo_epochs": 1,
+                "num_generations": 3, "rollout_engine": engine, "rollout_dtype": "bf16", "rollout_is_cap": 1.2,
+                "ppo_kl_coef": 0.1}
+    runs = {}
+    for deferred in (True, False):
+        monkeypatch.setattr(grpo, "update_sees_pi_old", lambda *_, deferred=deferred: deferred)
+        forwards.clear()
+        folder = f"{settings['output_dir']}_{deferred}"
+        run_training(build_config({**settings, "output_dir": folder}), say=lambda *a: None)
+        lines = [line for line in read_log(Path(folder)) if "score" in line]
+        runs[deferred] = (load_file(Path(folder) / "adapter_model.safetensors"), lines, len(forwards))
+    (weights, lines, count), (expected_weights, expected_lines, expected_count) = runs[True], runs[False]
+    assert count == expected_count - 2  # the reference's forward stays; the policy's is gone, each step
+    for name, tensor in expected_weights.items():
+        assert torch.allclose(weights[name], tensor, rtol=1e-4, atol=1e-6), name
+    for line, expected in zip(lines, expected_lines, strict=True):
+        for key in ("rollout_is/log_ratio", "rollout_is/weight", "kl", "loss"):
+            assert line[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+        assert 0 < line["rollout_is/weight"] <= 1.2
+
+
+def test_pi_old_comes_from_the_update_only_where_the_update_runs_pi_old(tiny_model):
+    from tunesmith.training.rollout import update_sees_pi_old
+
+    model = load_model(tiny_model, torch.float32, torch.device("cpu"))
+    inject_lora(model, "all", 4, 8)
+    assert update_sees_pi_old(model, ppo_epochs=1, ppo_buffer_size=1)
+    assert not update_sees_pi_old(model, ppo_epochs=2, ppo_buffer_size=1)  # the second pass has moved on
+    assert not update_sees_pi_old(model, ppo_epochs=1, ppo_buffer_size=2)  # so has the second mini-batch
+    with_dropout = load_model(tiny_model, torch.float32, torch.device("cpu"))
+    inject_lora(with_dropout, "all", 4, 8, dropout=0.1)
+    assert not update_sees_pi_old(with_dropout, ppo_epochs=1, ppo_buffer_size=1)  # train mode draws its own
 
 
 def test_a_bad_rollout_dtype_or_cap_is_named(rl_settings):

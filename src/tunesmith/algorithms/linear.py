@@ -78,13 +78,20 @@ def onednn_is_faster() -> bool:
 
 
 def _chosen() -> bool:
-    wanted = os.environ.get(GEMM_VARIABLE, "auto").strip().lower()
-    if wanted not in ("auto", "onednn", "blas", ""):
-        raise TunesmithError(f"{GEMM_VARIABLE}={os.environ[GEMM_VARIABLE]!r} is not a GEMM tunesmith knows; set it "
-                             "to onednn, blas or auto (time both once and take the faster), or unset it.")
+    wanted = environment_choice(GEMM_VARIABLE, ("onednn", "blas"), "time both once and take the faster")
     if wanted == "onednn" and not _available():
         raise TunesmithError(f"{GEMM_VARIABLE}=onednn, but this torch build has no oneDNN; set it to blas or auto.")
-    return _timed_choice() if wanted in ("auto", "") else wanted == "onednn"
+    return _timed_choice() if wanted == "auto" else wanted == "onednn"
+
+
+def environment_choice(variable: str, choices: tuple[str, ...], auto_means: str) -> str:
+    """The setting environment variable `variable` holds: one of `choices`, or "auto" when it is unset or
+    empty; any other value is an error that names the variable, the choices and what auto does."""
+    wanted = os.environ.get(variable, "").strip().lower() or "auto"
+    if wanted not in ("auto", *choices):
+        raise TunesmithError(f"{variable}={os.environ[variable]!r} is not a choice; set it to {', '.join(choices)} "
+                             f"or auto ({auto_means}), or unset it.")
+    return wanted
 
 
 _ORIENTATIONS: dict[tuple[int, int, int, int], bool] = {}

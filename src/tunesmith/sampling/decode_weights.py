@@ -7,7 +7,6 @@ model into these; the slot decoder reads its own, per-row-adapter kind.
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,8 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tunesmith.algorithms.linear import PackedLinear, linear, packed_linear
-from tunesmith.errors import TunesmithError
+from tunesmith.algorithms.linear import PackedLinear, environment_choice, linear, packed_linear
 from tunesmith.model.fast_linear import is_plain_linear
 from tunesmith.model.lora import LoRALinear, few_row_linear, lora_update
 
@@ -146,10 +144,8 @@ def packing_fits(model: nn.Module) -> bool:
     copy of the weights, for one generation, for speed; it must not push a large model's rollout into swap."""
     if model.get_output_embeddings().weight.device.type != "cpu":
         return False
-    wanted = os.environ.get(PACK_VARIABLE, "auto").strip().lower()
-    if wanted not in ("auto", "on", "off", ""):
-        raise TunesmithError(f"{PACK_VARIABLE}={os.environ[PACK_VARIABLE]!r} is not a choice; set it to on, off or "
-                             "auto (pack where a copy of the weights fits in a quarter of free memory), or unset it.")
+    wanted = environment_choice(PACK_VARIABLE, ("on", "off"),
+                                "pack where a copy of the weights fits in a quarter of free memory")
     if wanted in ("on", "off"):
         return wanted == "on"
     size = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -317,15 +317,17 @@ def rollout_metrics(rollout: Rollout) -> dict:
                for name, values in rollout.reward_parts.items()}}
 
 
-def sampler_metrics(rollout: Rollout) -> dict:
+def sampler_metrics(rollout: Rollout, in_update: bool = False) -> dict:
     """Where the sampler is not the learner: how far apart they are (mean |log pi_old - log pi_sampler| per
-    token) and the mean importance weight."""
+    token) and the mean importance weight; over every rank's tokens, or with `in_update` as a loss's
+    statistics over its own part (where pi_old comes from the update: `Rollout.with_update_old`)."""
     metrics = {}
-    if rollout.sampler_logps is not None:
-        gap = (rollout.old_logps - rollout.sampler_logps).abs()
-        metrics["rollout_is/log_ratio"] = masked_mean(gap, rollout.mask, sum_over_ranks).item()
+    mean = (lambda values: masked_mean(values.detach(), rollout.mask)) if in_update else (  # noqa: E731
+        lambda values: masked_mean(values, rollout.mask, sum_over_ranks).item())
+    if rollout.sampler_logps is not None and rollout.old_logps is not None:
+        metrics["rollout_is/log_ratio"] = mean((rollout.old_logps - rollout.sampler_logps).abs())
     if rollout.is_weights is not None:
-        metrics["rollout_is/weight"] = masked_mean(rollout.is_weights, rollout.mask, sum_over_ranks).item()
+        metrics["rollout_is/weight"] = mean(rollout.is_weights)
     return metrics
 
 

@@ -42,8 +42,9 @@ class Rollout:
     response_ids: list[list[int]]
     mask: torch.Tensor
     """1.0 on real response tokens."""
-    old_logps: torch.Tensor
-    """log pi_old of each response token, at the sampling temperature."""
+    old_logps: torch.Tensor | None
+    """log pi_old of each response token, at the sampling temperature; None where the update's own first
+    forward gives it (`RolloutSettings.old_from_update`: `with_update_old` fills it in)."""
     entropy: torch.Tensor
     """Entropy of the distribution each token was drawn from (a statistic)."""
     stopped: torch.Tensor
@@ -78,6 +79,19 @@ class Rollout:
             return self.advantages
         advantages = self.advantages if self.advantages.ndim == 2 else self.advantages[:, None]
         return advantages * self.is_weights.to(advantages.dtype)
+
+    def with_update_old(self, logps: torch.Tensor, is_cap: float | None) -> Rollout:
+        """This part with pi_old (and the importance weights against the sampler) taken from the update's
+        forward `logps`, where the rollout left them to it: before the update's one optimizer step the
+        learner is still pi_old, so its detached log-probs are pi_old exactly, as TRL's GRPOTrainer takes
+        them with one update per generation. A part with pi_old already is returned as it is."""
+        if self.old_logps is not None:
+            return self
+        old_logps = logps.detach()
+        is_weights = None
+        if is_cap is not None and self.sampler_logps is not None:
+            is_weights = truncated_is_weights(old_logps, self.sampler_logps, self.mask, is_cap)
+        return replace(self, old_logps=old_logps, is_weights=is_weights)
 
     def with_advantages(self, advantages: torch.Tensor, returns: torch.Tensor | None = None,
                         kl: torch.Tensor | None = None) -> Rollout:
@@ -160,6 +174,9 @@ class RolloutSettings:
     """Sample under autocast to this dtype (`rollout_dtype`); pi_old is then the learner's own forward."""
     is_cap: float | None = None
     """Truncated importance sampling's cap (`rollout_is_cap`): weigh tokens by min(pi_old / pi_sampler, cap)."""
+    old_from_update: bool = False
+    """Where the sampler is not the learner, leave pi_old to the update's first forward instead of a forward
+    of its own (GRPO with one optimizer step per rollout and no dropout: `update_sees_pi_old`)."""
 
     def sampler_is_learner(self, model: torch.nn.Module) -> bool:
         """Whether the sampler's statistics are the learner's pi_old (fp32, no autocast, no rollout_dtype)."""
@@ -198,11 +215,11 @@ def sample_and_score(model: torch.nn.Module, rows: list[dict], settings: Rollout
         else:
             sampled = _then_forward(model, rows, prompt_ids, settings, stop_ids, group, with_values, reference,
                                     generators)
-        stopped = torch.tensor(sampled.stopped, device=sampled.old_logps.device)
+        stopped = torch.tensor(sampled.stopped, device=sampled.entropy.device)
         responses = sampled.response_ids
         mask = response_mask(responses, stopped.device)
-        is_weights = None
-        if settings.is_cap is not None and sampled.sampler_logps is not None:
+        is_weights = None  # with pi_old left to the update, the update weighs (Rollout.with_update_old)
+        if settings.is_cap is not None and sampled.sampler_logps is not None and sampled.old_logps is not None:
             is_weights = truncated_is_weights(sampled.old_logps, sampled.sampler_logps, mask, settings.is_cap)
         raw, scores = scorer(rows, responses, stopped, sampled.scores)
         timings = {"time/generation": sampled.generated_at - start,
@@ -218,7 +235,7 @@ class _Sampled:
 
     response_ids: list[list[int]]
     stopped: list[bool]
-    old_logps: torch.Tensor
+    old_logps: torch.Tensor | None
     entropy: torch.Tensor
     old_values: torch.Tensor | None
     ref_logps: torch.Tensor | None
@@ -232,10 +249,11 @@ class _Sampled:
 def _then_forward(model: torch.nn.Module, rows: list[dict], prompt_ids: list[list[int]], settings: RolloutSettings,
                   stop_ids: list[int], group: int, with_values: bool, reference: Reference | None,
                   generators: list[torch.Generator] | None) -> _Sampled:
-    """`generate` on merged weights, then the policy's forward (unless the sampler's statistics are pi_old)
-    and the reference's over the answers."""
+    """`generate` on merged weights, then the policy's forward (unless the sampler's statistics are pi_old,
+    or the update gives pi_old) and the reference's over the answers."""
     from_sampler = settings.sampler_is_learner(model)
-    record = from_sampler or settings.is_cap is not None  # the sampler's own log-probs, for the weights
+    deferred = not from_sampler and settings.old_from_update and not with_values
+    record = from_sampler or deferred or settings.is_cap is not None  # the sampler's own log-probs
     with merged_for_inference(model):  # the policy's no-grad passes share one set of merged weights
         with settings.sampling_precision(model):
             generation = generate(model, [row["prompt_ids"] for row in rows], settings.sampling, stop_ids,
@@ -246,10 +264,12 @@ def _then_forward(model: torch.nn.Module, rows: list[dict], prompt_ids: list[lis
             old_logps, entropy = generation.logps, generation.entropy
             mask = response_mask(responses, old_logps.device)
             old_values = model.v_head(generation.hidden) * mask if with_values else None
+        elif deferred:  # pi_old from the update; the sampler's entropy is the statistic
+            old_logps, entropy, old_values = None, generation.entropy, None
         else:
             old_logps, entropy, old_values = _policy_forward(model, prompt_ids, responses, settings, with_values)
     ref_logps = _reference_forward(reference, prompt_ids, responses, settings)
-    sampler_logps = None if from_sampler or not record else generation.logps.to(old_logps.dtype)
+    sampler_logps = None if from_sampler or not record else generation.logps.float()
     return _Sampled(responses, generation.stopped, old_logps, entropy, old_values, ref_logps, None, generated_at,
                     sampler_logps)
 
@@ -261,6 +281,7 @@ def _on_engine(model: torch.nn.Module, rows: list[dict], prompt_ids: list[list[i
     decode scheduler; pi_old, entropy and values from its draws where they are the learner's, else from the
     policy's forward."""
     exact = settings.sampler_is_learner(model)
+    deferred = not exact and settings.old_from_update and not with_values
     # followers run in the sampler's precision: with rollout_dtype the reference and reward keep their own forwards
     learner_precision = settings.sampler_dtype is None
     follow_reference = (reference is not None and reference.adapter_off and reference.frozen is None
@@ -268,7 +289,7 @@ def _on_engine(model: torch.nn.Module, rows: list[dict], prompt_ids: list[list[i
     reward_rows = scorer.reward_rows(model) if learner_precision else None
     with settings.sampling_precision(model):
         sample = engine_sample(model, rows, settings.sampling, stop_ids, group, generators,
-                               exact or settings.is_cap is not None, follow_reference, reward_rows, settings.chunk_size)
+                               exact or deferred or settings.is_cap is not None, follow_reference, reward_rows, settings.chunk_size)
     generated_at = time.perf_counter()
     responses = sample.response_ids
     sampler_logps = None
@@ -278,12 +299,15 @@ def _on_engine(model: torch.nn.Module, rows: list[dict], prompt_ids: list[list[i
         if with_values:
             values = model.v_head(torch.cat(sample.hidden)).split([len(r) for r in responses])
             old_values = padded(list(values))
+    elif deferred:  # pi_old from the update; the sampler's entropy is the statistic
+        old_logps, entropy, old_values = None, padded(sample.entropy), None
+        sampler_logps = padded(sample.logps).float()
     else:
         with merged_for_inference(model):
             old_logps, entropy, old_values = _policy_forward(model, prompt_ids, responses, settings, with_values)
         sampler_logps = None if sample.logps is None else padded(sample.logps).to(old_logps.dtype)
     if follow_reference:
-        ref_logps = padded(sample.ref_logps).to(old_logps.dtype)
+        ref_logps = padded(sample.ref_logps).float()
     else:
         ref_logps = _reference_forward(reference, prompt_ids, responses, settings)
     return _Sampled(responses, sample.stopped, old_logps, entropy, old_values, ref_logps, sample.raw_scores,
@@ -306,6 +330,18 @@ def _reference_forward(reference: Reference | None, prompt_ids: list[list[int]],
     with reference.use() as ref_model:
         return chunked_response_forward(ref_model, prompt_ids, responses, settings.micro_samples, with_values=False,
                                         **settings.forward)[0]
+
+
+def update_sees_pi_old(model: torch.nn.Module, ppo_epochs: int, ppo_buffer_size: int) -> bool:
+    """Whether the update's first forward over each answer runs the very policy that the rollout's pi_old
+    forward would: one pass (ppo_epochs 1) of one optimizer step (ppo_buffer_size 1: its micro-batches
+    accumulate into that step), with no dropout anywhere (the update runs in train mode, the rollout in
+    eval mode)."""
+    config = getattr(model, "config", None)
+    config_dropout = [value for key, value in (config.to_dict() if config is not None else {}).items()
+                      if "dropout" in key and isinstance(value, (int, float)) and not isinstance(value, bool)]
+    module_dropout = [module.p for module in model.modules() if isinstance(module, torch.nn.Dropout)]
+    return ppo_epochs == 1 and ppo_buffer_size == 1 and not any(config_dropout + module_dropout)
 
 
 def padded(per_answer: list[torch.Tensor]) -> torch.Tensor:

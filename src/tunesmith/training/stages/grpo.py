@@ -40,9 +40,10 @@ from tunesmith.training.rl import (
     rl_stage,
     rollout_metrics,
     rollout_settings,
+    sampler_metrics,
     stop_token_ids,
 )
-from tunesmith.training.rollout import Rollout, response_forward, sample_and_score
+from tunesmith.training.rollout import Rollout, response_forward, sample_and_score, update_sees_pi_old
 from tunesmith.training.rollout_log import rollout_log
 from tunesmith.training.stages.spec import StageInputs, StageSpec
 
@@ -115,6 +116,8 @@ def grpo_parts(inputs: StageInputs) -> RLParts:
     group = args.num_generations
     scorer, _ = make_scorer(args, config.model, inputs.tokenizer, inputs.model, config.train.use_cpu)
     settings = rollout_settings(config.sampling, config.train, inputs.tokenizer, group, args)
+    settings = replace(settings, old_from_update=update_sees_pi_old(inputs.model, args.ppo_epochs,
+                                                                    args.ppo_buffer_size))
     stop_ids = stop_token_ids(config.data.template, inputs.tokenizer)
     forward = {**settings.forward, "with_values": False, "entropy_grad": False}
 
@@ -129,15 +132,19 @@ def grpo_parts(inputs: StageInputs) -> RLParts:
         batch_std = global_std(scores) if args.scale_rewards == "batch" else None
         advantages, zero_std = group_advantages(scores, group, args.scale_rewards, batch_std=batch_std)
         metrics.update({"reward": global_mean(scores), "zero_std_share": global_mean(zero_std.float())})
-        kl = None if sampled.ref_logps is None else kl_k3(sampled.old_logps, sampled.ref_logps) * sampled.mask
+        known = sampled.ref_logps is not None and sampled.old_logps is not None  # else only the loss's stats say
+        kl = kl_k3(sampled.old_logps, sampled.ref_logps) * sampled.mask if known else None
         scored = replace(sampled, scores=scores, advantages=advantages, kl=kl)  # kl: what the loss starts from
         return trained_answers(scored, zero_std, args, metrics), metrics
 
     def loss(model: torch.nn.Module, part: Rollout) -> tuple[torch.Tensor, dict]:
         logps, _, _ = response_forward(model, part.prompt_ids, part.response_ids, **forward)
-        return grpo_loss(logps, part.old_logps, part.ref_logps, part.policy_advantages(), part.mask, args.ppo_clip,
-                         args.ppo_kl_coef, args.epsilon_high, args.loss_type, args.importance_sampling_level,
-                         config.sampling.max_new_tokens)
+        deferred = part.old_logps is None
+        part = part.with_update_old(logps, settings.is_cap)
+        loss, stats = grpo_loss(logps, part.old_logps, part.ref_logps, part.policy_advantages(), part.mask,
+                                args.ppo_clip, args.ppo_kl_coef, args.epsilon_high, args.loss_type,
+                                args.importance_sampling_level, config.sampling.max_new_tokens)
+        return loss, {**stats, **(sampler_metrics(part, in_update=True) if deferred else {})}
 
     return RLParts(rollout, loss, lambda part: loss_items(part.mask, args.loss_type), group, scorer, stop_ids,
                    {"scores": scorer})
