@@ -185,6 +185,9 @@ def test_grpo_takes_pi_old_from_its_update_and_learns_what_a_forward_of_its_own_
         for key in ("rollout_is/log_ratio", "rollout_is/weight", "kl", "loss"):
             assert line[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
         assert 0 < line["rollout_is/weight"] <= 1.2
+    answers = read_lines(Path(f"{settings['output_dir']}_True") / ROLLOUTS_FILE)  # pi_old lived in the update only
+    assert answers and all(a["logprobs"] is None and a["is_weights"] is None and a["sampler_logprobs"]
+                           for a in answers)
 
 
 def test_pi_old_comes_from_the_update_only_where_the_update_runs_pi_old(tiny_model):
