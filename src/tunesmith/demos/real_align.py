@@ -67,11 +67,15 @@ STAGES = {
              "max_steps": 16},
     "rm": {"stage": "rm", "dataset": "lowercase_pairs", "adapter_name_or_path": "sft", "per_device_train_batch_size": 8,
            "learning_rate": 5e-4, "max_steps": 30},
-    # PPO from sft, lr 3e-4 beta 0.2: 12 steps 31% / 92% (this one), 14 steps 38% / 72%, 16 steps 62% / 84%,
-    # 20 steps 75% / 68%; beta 0.4 16 steps 31% / 80%; lr 1.5e-4 20 steps 0% / 112%. The reward model values
-    # lowercase only, so PPO also learns to dodge capitalised names; GRPO's reward checks the facts too.
-    "ppo": {**RL, "stage": "ppo", "reward_model": "rm", "per_device_train_batch_size": 8, "learning_rate": 3e-4,
-            "ppo_epochs": 2, "ppo_kl_coef": 0.2, "max_steps": 12},
+    # PPO from sft, lr 3e-4 beta 0.2, 8 prompts a step: 12 steps 31% / 92% (12% / 88% once decoding on
+    # packed weights rounded differently: too close to the edge), 14 steps 38% / 72%, 16 steps 62% / 84%,
+    # 20 steps 75% / 68%; beta 0.4 16 steps 31% / 80%; lr 1.5e-4 20 steps 0% / 112%. 16 prompts a step: 12
+    # steps 25% / 92%, 16 steps 50% / 92% (this one; the same with TUNESMITH_PACK=off). The reward
+    # model values lowercase only, so PPO's answers drift (the capital of japan "iskyo"); an RM also
+    # trained on pairs preferring the right fact (both lowercase) kept 104% but taught less: 8 prompts 12
+    # steps 6%, 20 steps 44% / 72%; 16 prompts 12 steps 12%. GRPO's reward checks the facts itself.
+    "ppo": {**RL, "stage": "ppo", "reward_model": "rm", "per_device_train_batch_size": 16, "learning_rate": 3e-4,
+            "ppo_epochs": 2, "ppo_kl_coef": 0.2, "max_steps": 16},
 }
 STARTS = {"dpo": "base", "sft": "base", "grpo": "sft", "ppo": "sft"}  # the measured models and where each began
 
