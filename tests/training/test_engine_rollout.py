@@ -201,6 +201,11 @@ def test_pi_old_comes_from_the_update_only_where_the_update_runs_pi_old(tiny_mod
     with_dropout = load_model(tiny_model, torch.float32, torch.device("cpu"))
     inject_lora(with_dropout, "all", 4, 8, dropout=0.1)
     assert not update_sees_pi_old(with_dropout, ppo_epochs=1, ppo_buffer_size=1)  # train mode draws its own
+    model.config.attn_pdrop = 0.1  # GPT-2's name, applied functionally
+    assert not update_sees_pi_old(model, ppo_epochs=1, ppo_buffer_size=1)
+    model.config.attn_pdrop = 0.0
+    model.config.text_config = {"router_jitter_noise": 0.01}  # a nested config's train-mode noise
+    assert not update_sees_pi_old(model, ppo_epochs=1, ppo_buffer_size=1)
 
 
 def test_a_bad_rollout_dtype_or_cap_is_named(rl_settings):

@@ -338,10 +338,22 @@ def update_sees_pi_old(model: torch.nn.Module, ppo_epochs: int, ppo_buffer_size:
     accumulate into that step), with no dropout anywhere (the update runs in train mode, the rollout in
     eval mode)."""
     config = getattr(model, "config", None)
-    config_dropout = [value for key, value in (config.to_dict() if config is not None else {}).items()
-                      if "dropout" in key and isinstance(value, (int, float)) and not isinstance(value, bool)]
     module_dropout = [module.p for module in model.modules() if isinstance(module, torch.nn.Dropout)]
-    return ppo_epochs == 1 and ppo_buffer_size == 1 and not any(config_dropout + module_dropout)
+    return (ppo_epochs == 1 and ppo_buffer_size == 1 and not any(module_dropout)
+            and not any(_train_noise(config.to_dict() if config is not None else {})))
+
+
+def _train_noise(settings: dict) -> list[float]:
+    """A model config's settings (nested configs included) that draw randomness in train mode only:
+    dropout (`attention_dropout`, GPT-2's `attn_pdrop`) and a router's jitter (Mixtral's `router_jitter_noise`)."""
+    found = []
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            found += _train_noise(value)
+        elif (any(word in str(key) for word in ("dropout", "pdrop", "jitter")) and isinstance(value, (int, float))
+              and not isinstance(value, bool)):
+            found.append(value)
+    return found
 
 
 def padded(per_answer: list[torch.Tensor]) -> torch.Tensor:
