@@ -104,7 +104,7 @@ def weight_first(rows: torch.Tensor, weight: torch.Tensor) -> bool:
     either way: W x^T won on AVX2 and AMD EPYC VMs (AVX2, [1536, 512], 4 rows: 0.28 against 0.89 ms); on a
     Sapphire Rapids VM x W^T won for 512-wide weights up to 8-12 rows (4 rows: 0.20 against 0.29 ms) and
     W x^T for [2048, 1024] from 4. So each shape is timed on a CPU the first time it meets a row bucket
-    (2-3, 4-7, 8-15, 16: six products) and keeps its answer; off CPU, W x^T."""
+    (1, 2-3, 4-7, 8-15, 16: six products) and keeps its answer; off CPU, W x^T."""
     if rows.device.type != "cpu":
         return True
     key = (*weight.shape, min(rows.shape[0].bit_length(), 5), torch.get_num_threads())

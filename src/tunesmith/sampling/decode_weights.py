@@ -28,7 +28,7 @@ class Projection:
     bias: torch.Tensor | None
     lora: tuple[torch.Tensor, torch.Tensor, float] | None
     packed: PackedLinear | None = None
-    """The weight in the GEMM's own layout for the rows a generation decodes (`pack`), if that pays."""
+    """The weight in the GEMM's own layout for the rows a generation decodes (`packed`), if that pays."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and self.packed.takes(x):

@@ -29,7 +29,8 @@ from torch import nn
 
 from tunesmith.algorithms.linear import linear
 from tunesmith.model.lora import LoRALinear, few_row_linear
-from tunesmith.sampling.cached_decoder import LayerWeights, rms_norm, rms_norm_weights, rope_qkv
+from tunesmith.sampling.cached_decoder import rms_norm, rms_norm_weights, rope_qkv
+from tunesmith.sampling.decode_weights import LayerWeights
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -182,6 +182,11 @@ class RolloutSettings:
         """Whether the sampler's statistics are the learner's pi_old (fp32, no autocast, no rollout_dtype)."""
         return self.sampler_dtype is None and sampler_statistics_are_exact(model)
 
+    def leaves_pi_old_to_update(self, model: torch.nn.Module, with_values: bool) -> bool:
+        """Whether the rollout leaves pi_old to the update's first forward (`old_from_update`, where the
+        sampler is not the learner; not with a critic's values, which need a forward of their own)."""
+        return self.old_from_update and not with_values and not self.sampler_is_learner(model)
+
     def sampling_precision(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
         """Autocast to `sampler_dtype` around the sampler (nothing without one)."""
         if self.sampler_dtype is None:
@@ -252,7 +257,7 @@ def _then_forward(model: torch.nn.Module, rows: list[dict], prompt_ids: list[lis
     """`generate` on merged weights, then the policy's forward (unless the sampler's statistics are pi_old,
     or the update gives pi_old) and the reference's over the answers."""
     from_sampler = settings.sampler_is_learner(model)
-    deferred = not from_sampler and settings.old_from_update and not with_values
+    deferred = settings.leaves_pi_old_to_update(model, with_values)
     record = from_sampler or deferred or settings.is_cap is not None  # the sampler's own log-probs
     with merged_for_inference(model):  # the policy's no-grad passes share one set of merged weights
         with settings.sampling_precision(model):
@@ -281,7 +286,7 @@ def _on_engine(model: torch.nn.Module, rows: list[dict], prompt_ids: list[list[i
     decode scheduler; pi_old, entropy and values from its draws where they are the learner's, else from the
     policy's forward."""
     exact = settings.sampler_is_learner(model)
-    deferred = not exact and settings.old_from_update and not with_values
+    deferred = settings.leaves_pi_old_to_update(model, with_values)
     # followers run in the sampler's precision: with rollout_dtype the reference and reward keep their own forwards
     learner_precision = settings.sampler_dtype is None
     follow_reference = (reference is not None and reference.adapter_off and reference.frozen is None
