@@ -57,6 +57,7 @@ from tunesmith.inference.completions import add_completions_route
 from tunesmith.inference.engine import Engine
 from tunesmith.inference.served_models import ServedModel, ServedModels, load_served
 from tunesmith.model.heap import freeze_heap
+from tunesmith.sampling.pass_threads import PassThreads
 
 if TYPE_CHECKING:
     from tunesmith.config import RunConfig
@@ -218,10 +219,10 @@ def run_api(config: RunConfig, host: str, port: int, api_key: str | None,
     name = served.default.name
     scheduler = served.default.engine.scheduler
     if scheduler.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # passes that only decode leave one core to the HTTP loop: threads of one matmul that share every core
-        # with it stall each other (2 cores, 16 clients: 1053 tokens/s with 1 thread, 841 with 2); passes
-        # that read prompts still use every core
-        scheduler.light_threads = max(1, torch.get_num_threads() - 1)
+        # passes that only decode run on every core or leave one to the HTTP loop, whichever decodes faster
+        # on this machine under this load (sampling/pass_threads.py); passes that read prompts use every core
+        threads = torch.get_num_threads()
+        scheduler.pass_threads = PassThreads((threads, max(1, threads - 1)))
     say(f"[tunesmith] serving {', '.join([name, *served.adapters])} on http://{host}:{port}/v1 (OpenAI API; "
         "docs at /docs)")
     uvicorn.run(create_app(served.default.engine, name, api_key, served), host=host, port=port, log_level="info")

@@ -33,6 +33,7 @@ from tunesmith.sampling.decode_weights import (
     LayerWeights,
     Projection,
     cast_projection,
+    gated,
     join_projections,
     module_projection,
     pack_layer,
@@ -79,7 +80,8 @@ def _read_layer(block: nn.Module, dtype: torch.dtype | None = None) -> LayerWeig
     when given; only for blocks `supports` accepted."""
     (input_norm, post_norm), projections = layer_parts(block)
     q, k, v, o, gate, up, down = [cast_projection(part, dtype) for part in projections]
-    return LayerWeights(input_norm, join_projections([q, k, v]), o, post_norm, gate, up, down, block.mlp.act_fn)
+    return LayerWeights(input_norm, join_projections([q, k, v]), o, post_norm, join_projections([gate, up]), down,
+                        block.mlp.act_fn)
 
 
 def autocast_matmul_dtype(device: torch.device) -> torch.dtype | None:
@@ -208,7 +210,7 @@ class CachedDecoder:
             attended = self._attend(q, index, end, mask)  # [rows, length, heads * head_dim]
             hidden = hidden + layer.o(attended)
             x = rms_norm(hidden, layer.post_norm)
-            hidden = hidden + layer.down(layer.act(layer.gate(x)) * layer.up(x))
+            hidden = hidden + layer.down(gated(layer.act, layer.gate_up(x)))
         return rms_norm(hidden, self.norm)
 
     def _attend(self, q: torch.Tensor, index: int, end: int, mask: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ model into these; the slot decoder reads its own, per-row-adapter kind.
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -67,9 +68,33 @@ class JoinedProjection:
         return out
 
 
+class JoinCache:
+    """Joined weights kept while their parts live unchanged, for a long-lived decode scheduler (a server's):
+    every batch that starts on an idle server reads the weights anew, and joining q/k/v and gate/up copies
+    most of the model (0.8 GB for Qwen2-0.5B in float32), which its first request would wait for. A part
+    changed in place (an optimizer step, `copy_`) has a new version, a new tensor (a merged adapter's weight)
+    another identity: both join afresh. Not for RL's rollouts: the copy would outlive them into the update."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[int, ...], tuple[list[weakref.ref], tuple[int, ...], torch.Tensor]] = {}
+
+    def cat(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        """torch.cat(weights), the one made before where they are the same tensors, unchanged."""
+        key = tuple(id(weight) for weight in weights)
+        versions = tuple(weight._version for weight in weights)
+        held = self.entries.get(key)
+        if held is not None and held[1] == versions and all(ref() is w for ref, w in zip(held[0], weights)):
+            return held[2]
+        self.entries = {k: entry for k, entry in self.entries.items() if all(ref() is not None for ref in entry[0])}
+        joined = torch.cat(weights)
+        self.entries[key] = ([weakref.ref(weight) for weight in weights], versions, joined)
+        return joined
+
+
 def join_projections(parts: list[Projection]) -> Projection | JoinedProjection:
-    """q, k and v as one matmul on the concatenated weights: decoding streams each weight once per token,
-    and one [q+k+v, hidden] matmul both saves two calls and runs the small k/v weights at full speed."""
+    """Projections of one input (q, k and v; gate and up) as one matmul on the concatenated weights: decoding
+    streams each weight once per token, and one [q+k+v, hidden] matmul both saves two calls and runs the
+    small k/v weights at full speed."""
     if any(part.lora is not None for part in parts):
         return JoinedProjection(parts)
     biases = [part.bias for part in parts]
@@ -108,10 +133,17 @@ class LayerWeights:
     qkv: Callable
     o: Callable
     post_norm: tuple[torch.Tensor, float]
-    gate: Callable
-    up: Callable
+    gate_up: Callable
+    """The MLP's gate and up projections as one product [..., 2 x intermediate], gate's half first: one call
+    and one read of the input where two were (`gated` takes it apart)."""
     down: Callable
     act: nn.Module
+
+
+def gated(act: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up, from gate and up joined (`LayerWeights.gate_up`)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return act(gate) * up
 
 
 def cast_head(head: nn.Module, dtype: torch.dtype | None, rows: int | None = None) -> nn.Module | Projection:
@@ -180,14 +212,16 @@ def _meminfo_available() -> float | None:
 
 def pack_layer(layer: LayerWeights, rows: int) -> LayerWeights:
     """A block's base projections packed for `rows` rows (see `packed`); adapters' low-rank pairs stay."""
-    qkv = layer.qkv
-    if isinstance(qkv, JoinedProjection):
-        qkv = copy.copy(qkv)
-        qkv.base = packed(qkv.base, rows)
-    else:
-        qkv = packed(qkv, rows)
-    return replace(layer, qkv=qkv, o=packed(layer.o, rows), gate=packed(layer.gate, rows), up=packed(layer.up, rows),
-                   down=packed(layer.down, rows))
+    return replace(layer, qkv=_packed_joined(layer.qkv, rows), o=packed(layer.o, rows),
+                   gate_up=_packed_joined(layer.gate_up, rows), down=packed(layer.down, rows))
+
+
+def _packed_joined(projection: Projection | JoinedProjection, rows: int) -> Projection | JoinedProjection:
+    if isinstance(projection, JoinedProjection):
+        projection = copy.copy(projection)
+        projection.base = packed(projection.base, rows)
+        return projection
+    return packed(projection, rows)
 
 
 def cast_projection(projection: Projection, dtype: torch.dtype | None) -> Projection:

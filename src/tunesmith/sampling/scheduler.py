@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
@@ -32,8 +33,10 @@ import torch
 
 from tunesmith.errors import TunesmithError
 from tunesmith.sampling import cached_decoder, shared_prefix
+from tunesmith.sampling.decode_weights import JoinCache
 from tunesmith.sampling.fallback import run_alone
 from tunesmith.sampling.generate import last_logits
+from tunesmith.sampling.pass_threads import PassThreads
 from tunesmith.sampling.row_sampling import RowSettings, sample_rows
 from tunesmith.sampling.rows import Row, RowGroup, RowRequest, can_follow
 from tunesmith.sampling.slot_decoder import Chunk, SlotDecoder
@@ -43,7 +46,7 @@ if TYPE_CHECKING:
 
 
 IDLE_SECONDS = 5.0  # the loop's thread ends after this long with nothing to do (the next submit restarts it)
-LIGHT_PASS = 64  # tokens in a pass up to which `light_threads` run it (decoding; reading prompts is heavier)
+LIGHT_PASS = 64  # tokens in a pass up to which `pass_threads` chooses its threads (decoding; reading prompts is heavier)
 
 
 class DecodeScheduler:
@@ -54,7 +57,9 @@ class DecodeScheduler:
         self.model, self.merged = model, merged  # merged: see SlotDecoder (RL folds the policy's LoRA in)
         self.keep_finished = keep_finished
         """Whether an ended row's keys stay in its free slot for later rows that start alike (the next turn of
-        a chat, the next request with the same system prompt): only while the weights never change."""
+        a chat, the next request with the same system prompt): only while the weights never change. Then
+        the decoder's joined weights are kept from batch to batch too (`JoinCache`)."""
+        self.joins = JoinCache() if keep_finished else None
         self.kept: shared_prefix.Kept = {}  # free slots holding an ended row's keys
         self.head = model.get_output_embeddings()
         self.device = self.head.weight.device
@@ -70,8 +75,8 @@ class DecodeScheduler:
         """Whether `run_here` callers drive the loop; False where callers are many short-lived threads (the
         API's request threads: each would get an OpenMP pool of its own)."""
         self.row_settings: tuple[tuple[int, ...], RowSettings] | None = None  # of the rows drawn last, by serial
-        self.light_threads: int | None = None
-        """CPU threads for passes of few tokens (decoding only); None: torch's setting for every pass."""
+        self.pass_threads: PassThreads | None = None
+        """Chooses CPU threads for passes of few tokens (decoding only); None: torch's setting for every pass."""
         self.all_threads: int | None = None
 
     def submit(self, requests: list[RowRequest], cancelled: threading.Event | None = None) -> RowGroup:
@@ -235,7 +240,7 @@ class DecodeScheduler:
                 self.decoder.read_weights(self.model)
             else:  # none yet, or the one a wider or longer batch left: a cache this batch's size
                 self.decoder, self.kept = None, {}
-                self.decoder = SlotDecoder(self.model, slots, capacity, self.merged)
+                self.decoder = SlotDecoder(self.model, slots, capacity, self.merged, self.joins)
         room = self.max_cached_tokens // capacity
         live = max(len(self.rows), min(1 + max(self.kept, default=-1), room))
         # kept slots may fill what a full batch would: up to max_rows slots, within max_cached_tokens
@@ -257,7 +262,7 @@ class DecodeScheduler:
             return
         decoding = self.rows[:self.decoding]
         chunks, readers = self._chunks()
-        self._pick_threads(len(decoding) + sum(len(chunk.ids) for chunk in chunks))
+        started, threads = time.perf_counter(), self._pick_threads(len(decoding) + sum(len(c.ids) for c in chunks))
         fed = [row.tokens[-1] if row.leader is None else row.stream()[row.length] for row in decoding]
         states = self.decoder.forward(
             torch.tensor(fed, dtype=torch.long, device=self.device),
@@ -285,6 +290,8 @@ class DecodeScheduler:
             self.decoding += 1
         self._place_followers()
         self._release()
+        if threads is not None:
+            self.pass_threads.record(threads, time.perf_counter() - started, len(decoding))
 
     def _chunks(self) -> tuple[list[Chunk], list[Row]]:
         """The pass's chunks to read, first come first read within `prefill_tokens`: the rest of a prompt,
@@ -322,15 +329,18 @@ class DecodeScheduler:
                 self._swap(slot, self.decoding - 1)
                 self.decoding -= 1
 
-    def _pick_threads(self, tokens: int) -> None:
-        """`light_threads` for a pass of up to LIGHT_PASS tokens, every thread for a heavier one."""
-        if self.light_threads is None:
-            return
+    def _pick_threads(self, tokens: int) -> int | None:
+        """With `pass_threads`: its choice for a pass of up to LIGHT_PASS tokens (returned, to be told how the
+        pass went), every thread for a heavier one."""
+        if self.pass_threads is None:
+            return None
         if self.all_threads is None:
             self.all_threads = torch.get_num_threads()
-        wanted = self.light_threads if tokens <= LIGHT_PASS else self.all_threads
+        light = tokens <= LIGHT_PASS
+        wanted = self.pass_threads.pick() if light else self.all_threads
         if torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)
+        return wanted if light else None
 
     def _draw(self, rows: list[Row], hidden: torch.Tensor) -> None:
         """Each row's next token from its final hidden state [rows, hidden]."""
