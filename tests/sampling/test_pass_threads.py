@@ -1,6 +1,8 @@
 """PassThreads: a trial runs every candidate in turn and keeps the one with less time per decoded row."""
 
-from tunesmith.sampling.pass_threads import PassThreads
+import torch
+
+from tunesmith.sampling.pass_threads import LIGHT_PASS, PassThreads
 
 
 def run_passes(chooser: PassThreads, count: int, seconds_per_row: dict[int, float], rows: int = 4) -> list[int]:
@@ -40,3 +42,16 @@ def test_a_new_trial_follows_the_retrial_interval_and_can_change_the_choice():
 def test_one_candidate_is_always_picked():
     chooser = PassThreads((1, 1))
     assert run_passes(chooser, 100, {1: 0.001}) == [1] * 100
+
+
+def test_light_passes_take_the_pick_and_heavy_ones_every_thread():
+    before = torch.get_num_threads()
+    try:
+        chooser = PassThreads((2, 1), trial_passes=1)
+        assert chooser.set_for(LIGHT_PASS) == 2 and torch.get_num_threads() == 2
+        chooser.record(2, 0.01, 1)
+        assert chooser.set_for(1) == 1 and torch.get_num_threads() == 1  # the trial's next candidate
+        assert chooser.set_for(LIGHT_PASS + 1) is None and torch.get_num_threads() == 2
+        assert chooser.timed == 1  # a heavy pass is no part of the trial
+    finally:
+        torch.set_num_threads(before)

@@ -10,6 +10,10 @@ decoded more rows per second, and tries again every `RETRIAL_PASSES` passes, as 
 
 from __future__ import annotations
 
+import torch
+
+LIGHT_PASS = 64
+"""Tokens in a pass up to which it is light (decoding); heavier ones (reading prompts) take every thread."""
 TRIAL_PASSES = 24
 """Passes timed per candidate in a trial."""
 RETRIAL_PASSES = 1000
@@ -17,7 +21,7 @@ RETRIAL_PASSES = 1000
 
 
 class PassThreads:
-    """Picks one of `candidates` (thread counts) for each pass; `record` tells it how the pass went."""
+    """Picks one of `candidates` (thread counts) for each light pass; `record` tells it how the pass went."""
 
     def __init__(self, candidates: tuple[int, ...], trial_passes: int = TRIAL_PASSES,
                  retrial_passes: int = RETRIAL_PASSES) -> None:
@@ -29,6 +33,15 @@ class PassThreads:
         self.seconds = dict.fromkeys(self.candidates, 0.0)
         self.rows = dict.fromkeys(self.candidates, 0)
         self.timed = 0  # passes of the running trial
+
+    def set_for(self, tokens: int) -> int | None:
+        """Set torch's threads for a pass of `tokens` tokens: for a light one the pick, returned to be
+        `record`ed; for a heavier one the most of the candidates (None)."""
+        light = tokens <= LIGHT_PASS
+        wanted = self.pick() if light else max(self.candidates)
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
+        return wanted if light else None
 
     def pick(self) -> int:
         """The thread count for the next pass: in a trial the candidates in turn, else the chosen one."""

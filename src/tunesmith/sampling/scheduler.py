@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 
 
 IDLE_SECONDS = 5.0  # the loop's thread ends after this long with nothing to do (the next submit restarts it)
-LIGHT_PASS = 64  # tokens in a pass up to which `pass_threads` chooses its threads (decoding; reading prompts is heavier)
 
 
 class DecodeScheduler:
@@ -76,8 +75,7 @@ class DecodeScheduler:
         API's request threads: each would get an OpenMP pool of its own)."""
         self.row_settings: tuple[tuple[int, ...], RowSettings] | None = None  # of the rows drawn last, by serial
         self.pass_threads: PassThreads | None = None
-        """Chooses CPU threads for passes of few tokens (decoding only); None: torch's setting for every pass."""
-        self.all_threads: int | None = None
+        """Sets each pass's CPU threads (a server's); None: torch's setting for every pass."""
 
     def submit(self, requests: list[RowRequest], cancelled: threading.Event | None = None) -> RowGroup:
         """Queue a group of rows without waiting for them (`cancelled`, when given, is the group's cancel
@@ -262,7 +260,8 @@ class DecodeScheduler:
             return
         decoding = self.rows[:self.decoding]
         chunks, readers = self._chunks()
-        started, threads = time.perf_counter(), self._pick_threads(len(decoding) + sum(len(c.ids) for c in chunks))
+        tokens = len(decoding) + sum(len(chunk.ids) for chunk in chunks)
+        started, threads = time.perf_counter(), None if self.pass_threads is None else self.pass_threads.set_for(tokens)
         fed = [row.tokens[-1] if row.leader is None else row.stream()[row.length] for row in decoding]
         states = self.decoder.forward(
             torch.tensor(fed, dtype=torch.long, device=self.device),
@@ -328,19 +327,6 @@ class DecodeScheduler:
             elif pending != 1 and slot < self.decoding:
                 self._swap(slot, self.decoding - 1)
                 self.decoding -= 1
-
-    def _pick_threads(self, tokens: int) -> int | None:
-        """With `pass_threads`: its choice for a pass of up to LIGHT_PASS tokens (returned, to be told how the
-        pass went), every thread for a heavier one."""
-        if self.pass_threads is None:
-            return None
-        if self.all_threads is None:
-            self.all_threads = torch.get_num_threads()
-        light = tokens <= LIGHT_PASS
-        wanted = self.pass_threads.pick() if light else self.all_threads
-        if torch.get_num_threads() != wanted:
-            torch.set_num_threads(wanted)
-        return wanted if light else None
 
     def _draw(self, rows: list[Row], hidden: torch.Tensor) -> None:
         """Each row's next token from its final hidden state [rows, hidden]."""
