@@ -100,8 +100,9 @@ def test_under_autocast_weights_are_cast_once_with_the_same_numbers(make_tiny_mo
                 runs.append(generate(model, PROMPTS, settings, STOP, 0, 2, torch.Generator().manual_seed(0),
                                      record=True))
     layer = built[0].layers[0]
-    qkv, gate_up = (layer.qkv.base, layer.gate_up.base) if lora == "unmerged" else (layer.qkv, layer.gate_up)
-    held = [layer.o.weight, gate_up.weight, layer.down.weight, qkv.weight, qkv.bias]
+    qkv = layer.qkv.base if lora == "unmerged" else layer.qkv
+    held = [layer.o.weight, layer.gate_up.first.weight, layer.gate_up.second.weight, layer.down.weight, qkv.weight,
+            qkv.bias]
     assert all(tensor.dtype == torch.bfloat16 for tensor in held)
     if lora == "unmerged":
         assert all(A.dtype == B.dtype == torch.bfloat16 for A, B, _ in layer.qkv.loras)
@@ -195,7 +196,7 @@ def test_joined_projections_with_some_adapters_equal_each_projection_alone():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_weights_sample_what_plain_ones_do(make_tiny_model, monkeypatch, dtype, lora):
     """A long enough generation decodes on weights packed for its row count (algorithms/linear.py
-    `packed_linear`; unmerged LoRA packs the joined q/k/v and gate/up bases); the answers and their log-probs are the
+    `packed_linear`; unmerged LoRA packs the joined q/k/v base); the answers and their log-probs are the
     plain decoder's, up to summation order, and every packed weight is used."""
     from tunesmith.algorithms import linear
 
@@ -218,7 +219,7 @@ def test_packed_weights_sample_what_plain_ones_do(make_tiny_model, monkeypatch, 
         with merged_for_inference(model) if lora == "merged" else torch.no_grad(), \
                 torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):
             runs.append(generate(model, PROMPTS, settings, STOP, 0, 2, torch.Generator().manual_seed(0), record=True))
-    assert len(packs) == 1 + 4 * len(model.model.layers)  # the head; q/k/v joined, o, gate/up joined, down
+    assert len(packs) == 1 + 5 * len(model.model.layers)  # the head; q/k/v joined, o, gate, up, down
     # each packed weight ran at every decode step, not only in packed_linear's one check when it was made
     assert all(sum(call is pack for call in calls) >= settings.max_new_tokens - 1 for pack in packs)
     assert runs[0].response_ids == runs[1].response_ids

@@ -44,6 +44,10 @@ def test_joined_weights_are_kept_while_their_parts_stay_the_same():
     first.mul_(2)  # changed in place (an optimizer step): its version moved on
     again = cache.cat([first, second])
     assert again is not joined and torch.equal(again, torch.cat([first, second]))
+    first.data = first.data * 3  # new data under the same tensor (as `module.to` swaps it), no new version
+    swapped = cache.cat([first, second])
+    assert swapped is not again and torch.equal(swapped, torch.cat([first, second]))
+    again = swapped
     other = first.clone()  # equal values, another tensor
     assert cache.cat([other, second]) is not again
     del other

@@ -219,8 +219,8 @@ def run_api(config: RunConfig, host: str, port: int, api_key: str | None,
     name = served.default.name
     scheduler = served.default.engine.scheduler
     if scheduler.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # passes that only decode run on every core or leave one to the HTTP loop, whichever decodes faster
-        # on this machine under this load (sampling/pass_threads.py); passes that read prompts use every core
+        # light passes run on every core or leave one to the HTTP loop, whichever decodes faster on this
+        # machine under this load (sampling/pass_threads.py); passes that read more of a prompt use every core
         threads = torch.get_num_threads()
         scheduler.pass_threads = PassThreads((threads, max(1, threads - 1)))
     say(f"[tunesmith] serving {', '.join([name, *served.adapters])} on http://{host}:{port}/v1 (OpenAI API; "

@@ -31,6 +31,7 @@ from torch import nn
 
 from tunesmith.sampling.decode_weights import (
     LayerWeights,
+    PairedProjection,
     Projection,
     cast_projection,
     gated,
@@ -80,7 +81,7 @@ def _read_layer(block: nn.Module, dtype: torch.dtype | None = None) -> LayerWeig
     when given; only for blocks `supports` accepted."""
     (input_norm, post_norm), projections = layer_parts(block)
     q, k, v, o, gate, up, down = [cast_projection(part, dtype) for part in projections]
-    return LayerWeights(input_norm, join_projections([q, k, v]), o, post_norm, join_projections([gate, up]), down,
+    return LayerWeights(input_norm, join_projections([q, k, v]), o, post_norm, PairedProjection(gate, up), down,
                         block.mlp.act_fn)
 
 

@@ -5,7 +5,9 @@ whether the matmuls' threads should take every core or leave one to the loop dep
 one 2-core Sapphire Rapids VM, 16 streaming clients got 1053 tokens/s with one thread and 841 with two; on
 another of the same kind, 910-990 with one and 1057-1064 with two. So the server does not guess: for a
 few passes at a time it runs them on each candidate in turn (both see the same load), keeps the one that
-decoded more rows per second, and tries again every `RETRIAL_PASSES` passes, as the load may change.
+decoded more rows per second, and tries again every `RETRIAL_PASSES` passes, as the load may change. Only
+passes that decode and read no prompt are timed (the scheduler records those): one prompt's chunk in a
+trial would weigh on whichever candidate it fell to.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ LIGHT_PASS = 64
 TRIAL_PASSES = 24
 """Passes timed per candidate in a trial."""
 RETRIAL_PASSES = 1000
-"""Passes on the chosen candidate before the next trial."""
+"""Timed passes on the chosen candidate before the next trial."""
 
 
 class PassThreads:

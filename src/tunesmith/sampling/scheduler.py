@@ -289,7 +289,7 @@ class DecodeScheduler:
             self.decoding += 1
         self._place_followers()
         self._release()
-        if threads is not None:
+        if threads is not None and decoding and not chunks:  # a prompt's chunk would weigh on one side
             self.pass_threads.record(threads, time.perf_counter() - started, len(decoding))
 
     def _chunks(self) -> tuple[list[Chunk], list[Row]]:
