@@ -107,9 +107,8 @@ class JoinCache:
 
 
 def join_projections(parts: list[Projection]) -> Projection | JoinedProjection:
-    """Projections of one input (q, k and v; gate and up) as one matmul on the concatenated weights: decoding
-    streams each weight once per token, and one [q+k+v, hidden] matmul both saves two calls and runs the
-    small k/v weights at full speed."""
+    """q, k and v as one matmul on the concatenated weights: decoding streams each weight once per token,
+    and one [q+k+v, hidden] matmul both saves two calls and runs the small k/v weights at full speed."""
     if any(part.lora is not None for part in parts):
         return JoinedProjection(parts)
     biases = [part.bias for part in parts]

@@ -109,8 +109,8 @@ def _projection(module: nn.Module, merged: str | None = None) -> _Projection:
 
 def _joined(parts: list[_Projection], joins: JoinCache | None) -> _Projection:
     """Projections of one input (q, k and v; gate and up) as one: one matmul over the stacked base weights (a
-    copy of them, held while a batch runs), and per adapter one low-rank pair, A stacked over the parts that
-    add something for it and B block-diagonal, so the update is each part's own."""
+    copy of them, held while a batch runs, or by a server's `joins`), and per adapter one low-rank pair, A
+    stacked over the parts that add something for it and B block-diagonal, so the update is each part's own."""
     biases = [part.bias for part in parts]
     bias = None if all(b is None for b in biases) else torch.cat(
         [b if b is not None else part.weight.new_zeros(part.weight.shape[0]) for b, part in zip(biases, parts)])
