@@ -51,8 +51,8 @@ def lora_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sca
 def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x W^T + b. For a handful of rows (decoding) of a float32 weight, by BLAS as x W^T or as (W x^T)^T,
     whichever is faster for this weight's shape and row count (on a CPU timed at first use,
-    `algorithms.linear.weight_first`; on a GPU (W x^T)^T). Not for bf16: oneDNN runs W x^T 1.2-1.4x slower (AVX512-BF16, 4 rows, weights from
-    memory: 202 against 145 us for [1536, 512]). Where oneDNN is the faster float32 GEMM, one row and 8 or
+    `algorithms.linear.weight_first`; on a GPU (W x^T)^T). Not for bf16: oneDNN runs W x^T 1.2-1.4x slower
+    (AVX512-BF16, 4 rows, weights from memory: 202 against 145 us for [1536, 512]). Where oneDNN is the faster float32 GEMM, one row and 8 or
     more rows go to it (see ONEDNN_FROM_ROWS)."""
     count = x.numel() // x.shape[-1]
     if ((count == 1 and onednn_applies(x, weight, bias, min_work=ONE_ROW_MIN_WEIGHT))

@@ -49,13 +49,11 @@ class PassThreads:
         """The thread count for the next pass: in a trial the candidates in turn, else the chosen one."""
         if self.chosen is not None and self.since_trial >= self.retrial_passes:
             self.chosen = None  # a new trial
-        if self.chosen is not None or len(self.candidates) == 1:
-            return self.chosen if self.chosen is not None else self.candidates[0]
-        return self.candidates[self.timed % len(self.candidates)]
+        return self.chosen if self.chosen is not None else self.candidates[self.timed % len(self.candidates)]
 
     def record(self, threads: int, seconds: float, rows: int) -> None:
         """A pass of `rows` decoded rows took `seconds` on `threads` threads."""
-        if self.chosen is not None or len(self.candidates) == 1:
+        if self.chosen is not None:
             self.since_trial += 1
             return
         self.seconds[threads] += seconds

@@ -261,7 +261,8 @@ class DecodeScheduler:
         decoding = self.rows[:self.decoding]
         chunks, readers = self._chunks()
         tokens = len(decoding) + sum(len(chunk.ids) for chunk in chunks)
-        started, threads = time.perf_counter(), None if self.pass_threads is None else self.pass_threads.set_for(tokens)
+        threads = None if self.pass_threads is None else self.pass_threads.set_for(tokens)
+        started = time.perf_counter()
         fed = [row.tokens[-1] if row.leader is None else row.stream()[row.length] for row in decoding]
         states = self.decoder.forward(
             torch.tensor(fed, dtype=torch.long, device=self.device),

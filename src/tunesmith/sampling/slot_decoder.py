@@ -269,8 +269,8 @@ class SlotDecoder:
         if getattr(self.rotary, "rope_type", "default") not in STATIC_ROPE:
             cos, sin = self.rotary(hidden, where[:, None])
             return cos[:, None], sin[:, None]
-        capacity = self.keys.shape[3]
-        if self.rope_table is None or self.rope_table[0].shape[0] < capacity or self.rope_table[0].dtype != hidden.dtype:
+        capacity, table = self.keys.shape[3], self.rope_table
+        if table is None or table[0].shape[0] < capacity or table[0].dtype != hidden.dtype:
             positions = torch.arange(capacity, device=where.device)[None]
             self.rope_table = tuple(part[0] for part in self.rotary(hidden[:1, 0][None], positions))
         cos, sin = self.rope_table

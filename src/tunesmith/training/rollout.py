@@ -294,7 +294,8 @@ def _on_engine(model: torch.nn.Module, rows: list[dict], prompt_ids: list[list[i
     reward_rows = scorer.reward_rows(model) if learner_precision else None
     with settings.sampling_precision(model):
         sample = engine_sample(model, rows, settings.sampling, stop_ids, group, generators,
-                               exact or deferred or settings.is_cap is not None, follow_reference, reward_rows, settings.chunk_size)
+                               exact or deferred or settings.is_cap is not None, follow_reference, reward_rows,
+                               settings.chunk_size)
     generated_at = time.perf_counter()
     responses = sample.response_ids
     sampler_logps = None
