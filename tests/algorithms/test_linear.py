@@ -107,7 +107,7 @@ needs_bf16_pack = pytest.mark.skipif(not (fast._available() and torch.ops.mkldnn
 
 @needs_mkl_pack
 def test_a_float32_packed_weight_computes_x_w_t_plus_b_for_its_own_row_count(monkeypatch):
-    monkeypatch.setattr(fast, "onednn_is_faster", lambda: False)
+    monkeypatch.setattr(fast, "float32_packing", lambda: "mkl")
     x64, w64, b64 = _inputs(8, 512, 384)
     packed = fast.packed_linear(w64.float(), b64.float(), rows=8)
     assert packed is not None
@@ -130,7 +130,7 @@ def test_a_bfloat16_packed_weight_takes_any_row_count_as_a_bf16_linear(rows):
 
 
 def test_packing_is_declined_where_it_cannot_pay_or_run(monkeypatch):
-    monkeypatch.setattr(fast, "onednn_is_faster", lambda: False)
+    monkeypatch.setattr(fast, "float32_packing", lambda: "mkl")
     weight = torch.randn(512, 512)
     assert fast.packed_linear(weight, None, rows=1) is None  # one row: the plain product is as fast
     assert fast.packed_linear(weight, None, rows=None) is None  # float32 needs a fixed row count
@@ -141,8 +141,40 @@ def test_packing_is_declined_where_it_cannot_pay_or_run(monkeypatch):
     assert fast.packed_linear(trained, None, rows=8) is None  # a copy would not follow its updates
     with torch.backends.mkldnn.flags(enabled=False):
         assert fast.packed_linear(weight, None, rows=8) is None
-    monkeypatch.setattr(fast, "onednn_is_faster", lambda: True)  # then oneDNN's own plain kernel
-    assert fast.packed_linear(weight, None, rows=8) is None
+
+
+needs_onednn_pack = pytest.mark.skipif(not (fast._available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")),
+                                       reason="this torch build cannot pack weights for oneDNN")
+
+
+@needs_onednn_pack
+@pytest.mark.parametrize("rows", [1, 3, 8, 40])
+def test_where_onednn_packs_float32_its_packing_computes_x_w_t_plus_b_for_any_row_count(monkeypatch, rows):
+    monkeypatch.setattr(fast, "float32_packing", lambda: "onednn")
+    x64, w64, b64 = _inputs(rows, 512, 384, seed=rows)
+    packed = fast.packed_linear(w64.float(), b64.float(), rows=None)  # the row count is only a hint
+    assert packed is not None and packed.rows is None and packed.takes(x64)
+    out = packed(x64.float().view(1, rows, 512))
+    assert out.dtype == torch.float32 and out.shape == (1, rows, 384)
+    torch.testing.assert_close(out.double().view(rows, 384), x64 @ w64.t() + b64, rtol=1e-5, atol=1e-5)
+
+
+def test_the_float32_packing_is_timed_once_and_takes_the_faster_library(monkeypatch):
+    monkeypatch.setattr(fast, "_PACKING", [])
+    monkeypatch.setattr(fast, "_can_pack_onednn", lambda: True)
+    monkeypatch.setattr(fast, "_can_pack_mkl", lambda: True)
+    monkeypatch.setattr(fast, "PackedLinear", lambda weight, bias, rows, library: lambda x: library)
+    timings = {"onednn": 2.0, "mkl": 1.0}
+    monkeypatch.setattr(fast, "_best_seconds", lambda run, repeats: timings[run()])
+    assert fast.float32_packing() == "mkl"
+    timings.update(mkl=3.0)
+    assert fast.float32_packing() == "mkl"  # kept: not timed again
+    monkeypatch.setattr(fast, "_PACKING", [])
+    assert fast.float32_packing() == "onednn"
+    monkeypatch.setattr(fast, "_PACKING", [])
+    monkeypatch.setattr(fast, "_can_pack_mkl", lambda: False)
+    monkeypatch.setattr(fast, "_best_seconds", lambda run, repeats: pytest.fail("timed with one candidate"))
+    assert fast.float32_packing() == "onednn"
 
 
 @pytest.mark.parametrize("value,expected", [("blas", False), ("BLAS", False)] + ([("onednn", True)] if fast._available() else []))

@@ -193,19 +193,20 @@ def test_joined_projections_with_some_adapters_equal_each_projection_alone():
 
 
 @pytest.mark.parametrize("lora", ["merged", "unmerged"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_weights_sample_what_plain_ones_do(make_tiny_model, monkeypatch, dtype, lora):
+@pytest.mark.parametrize("dtype,library", [(torch.float32, "mkl"), (torch.float32, "onednn"), (torch.bfloat16, "onednn")])
+def test_packed_weights_sample_what_plain_ones_do(make_tiny_model, monkeypatch, dtype, library, lora):
     """A long enough generation decodes on weights packed for its row count (algorithms/linear.py
     `packed_linear`; unmerged LoRA packs the joined q/k/v base); the answers and their log-probs are the
     plain decoder's, up to summation order, and every packed weight is used."""
     from tunesmith.algorithms import linear
 
-    if dtype == torch.bfloat16 and not (linear._available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    if library == "onednn" and not linear._can_pack_onednn():
+        pytest.skip("this torch build cannot pack weights for oneDNN")
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("no oneDNN bfloat16 kernels on this CPU")
-    if dtype == torch.float32 and not (torch.backends.mkl.is_available()
-                                       and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")):
+    if library == "mkl" and not linear._can_pack_mkl():
         pytest.skip("no MKL packed GEMM in this torch build")
-    monkeypatch.setattr(linear, "onednn_is_faster", lambda: False)
+    monkeypatch.setattr(linear, "float32_packing", lambda: library)
     monkeypatch.setattr(linear, "PACK_MIN_WEIGHT", 1)  # a tiny model's weights are below it
     monkeypatch.setenv("TUNESMITH_PACK", "auto")
     model = with_lora(make_tiny_model("qwen2", seed=3))

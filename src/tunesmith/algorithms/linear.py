@@ -202,6 +202,10 @@ def linear_on_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 # Measured on a 2-core Sapphire Rapids VM, ms for [1536, 512] (8 rows / 16 rows) and the 40M model's
 # [32000, 512] head (8 rows): float32 x W^T 0.30 / 0.49 / 11.4, W x^T 0.35 / 0.35 / 6.8, MKL packed for
 # that row count 0.21 / 0.27 / 3.9; bfloat16 x W^T 0.17, oneDNN packed 0.12 / 0.12 / 1.7.
+# Where oneDNN is the faster float32 GEMM (AMD EPYC, AVX-512, 2 cores), its plain kernel reorders the
+# weight at every call; packed once, oneDNN's float32 product took [3072, 512] at 8 / 16 rows from 0.24 /
+# 0.60 ms to 0.14 / 0.27 and the head at 1 / 8 / 16 rows from 2.4 / 4.5 / 5.8 to 2.3 / 2.5 / 3.2 (MKL's
+# packed GEMM ran 0.34 / 0.54 and 9.0 there), for any row count.
 PACK_MIN_WEIGHT = 2**16  # smaller weights sit in cache: the layout gains nothing there
 PACK_MIN_ROWS = 2  # one row: MKL's plain matrix-vector product is as fast
 
@@ -209,15 +213,18 @@ PACK_MIN_ROWS = 2  # one row: MKL's plain matrix-vector product is as fast
 class PackedLinear:
     """x W^T + b for a weight that many small products read (decoding), reordered once into the GEMM's
     blocked layout: float32 by MKL's packed GEMM for exactly `rows` rows (other row counts: `takes` is
-    False and the caller computes as before); bfloat16 by oneDNN for any row count. A copy of the weight,
-    held as long as the object: a decoder packs its weights for one generation, not for good."""
+    False and the caller computes as before), or by oneDNN where it is the faster float32 GEMM; bfloat16 by
+    oneDNN. oneDNN's packing computes any row count. A copy of the weight, held as long as the object: a
+    decoder packs its weights for one generation, not for good."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int | None) -> None:
-        self.weight, self.bias = weight, bias
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int | None, library: str) -> None:
+        self.bias, self.dtype = bias, weight.dtype
         self.out_features, self.in_features = weight.shape
-        self.rows = rows if weight.dtype == torch.float32 else None
+        self.rows = rows if library == "mkl" else None
         """The one row count this packing computes (MKL's); None: any (oneDNN's, `rows` only a hint)."""
-        if weight.dtype == torch.float32:
+        self.weight = weight if library == "mkl" else None
+        """MKL's product reads the plain weight too; oneDNN's only its packed copy (a joined copy may go)."""
+        if library == "mkl":
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
         else:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows or 1)
@@ -227,8 +234,8 @@ class PackedLinear:
         return self.rows is None or x.numel() == self.rows * self.in_features
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(self.weight.dtype)
-        if self.weight.dtype == torch.float32:
+        rows = x.reshape(-1, self.in_features).to(self.dtype)
+        if self.rows is not None:
             out = torch.ops.mkl._mkl_linear(rows, self.packed, self.weight, self.bias, self.rows)
         else:
             out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
@@ -237,24 +244,72 @@ class PackedLinear:
 
 def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, rows: int | None) -> PackedLinear | None:
     """`weight` (and `bias`) packed for decoding `rows` rows at a time (None: row counts vary), or None where
-    packing does not pay or cannot run: off CPU, under gradients, weights below PACK_MIN_WEIGHT, float32
-    without a fixed row count of at least PACK_MIN_ROWS or where oneDNN is the chosen float32 GEMM (its
-    own plain kernel then), bfloat16 without oneDNN's bf16 kernels, any other dtype."""
+    packing does not pay or cannot run: off CPU, under gradients, weights below PACK_MIN_WEIGHT; float32 by
+    oneDNN where it is the chosen float32 GEMM, else by MKL for a fixed row count of at least PACK_MIN_ROWS;
+    bfloat16 with oneDNN's bf16 kernels; never any other dtype."""
     if (weight.device.type != "cpu" or weight.dim() != 2 or type(weight) not in _PLAIN or weight.numel() < PACK_MIN_WEIGHT
             or torch.is_grad_enabled() and weight.requires_grad or not torch.backends.mkldnn.enabled
             or (bias is not None and (bias.dtype != weight.dtype or type(bias) not in _PLAIN))):
         return None
-    if weight.dtype == torch.float32:
-        usable = (rows is not None and rows >= PACK_MIN_ROWS and torch.backends.mkl.is_available()
-                  and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight") and not onednn_is_faster())
-    else:
-        usable = (weight.dtype == torch.bfloat16 and _available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-                  and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if not usable:
+    library = _packing_library(weight.dtype, rows)
+    if library is None:
         return None
     try:
-        packed = PackedLinear(weight.detach().contiguous(), None if bias is None else bias.detach().contiguous(), rows)
+        packed = PackedLinear(weight.detach().contiguous(), None if bias is None else bias.detach().contiguous(),
+                              rows, library)
         packed(weight.new_zeros(rows or 1, weight.shape[1]))  # a build that packs but cannot run it falls back here
     except RuntimeError:  # a build whose kernels cannot run on this CPU
         return None
     return packed
+
+
+def _packing_library(dtype: torch.dtype, rows: int | None) -> str | None:
+    """Which library packs a weight of `dtype` for `rows` rows here: "onednn", "mkl", or None (neither pays)."""
+    if dtype == torch.bfloat16:
+        return "onednn" if _can_pack_onednn() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    if dtype != torch.float32:
+        return None
+    library = float32_packing()
+    if library == "mkl" and (rows is None or rows < PACK_MIN_ROWS):
+        return None
+    return library
+
+
+def _can_pack_onednn() -> bool:
+    return _available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def _can_pack_mkl() -> bool:
+    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+
+
+_PACKING: list[str | None] = []  # float32_packing's answer, once there is one
+
+
+def float32_packing() -> str | None:
+    """Which library packs float32 weights for decoding here: "onednn" or "mkl", whichever computed an 8-row
+    product of a [2048, 1024] packed weight faster, timed once per process (about 30 ms); None where
+    neither can. A question of its own, not `onednn_is_faster`'s: on an AMD EPYC VM oneDNN's packed product
+    ran 3-5x faster than MKL's in every process, where that training-sized timing sat near its threshold
+    and went either way from one process to the next."""
+    if not _PACKING:
+        with _TIMING:
+            if not _PACKING:
+                _PACKING.append(_timed_packing())
+    return _PACKING[0]
+
+
+def _timed_packing() -> str | None:
+    candidates = [name for name, can in (("onednn", _can_pack_onednn()), ("mkl", _can_pack_mkl())) if can]
+    if len(candidates) < 2:
+        return candidates[0] if candidates else None
+    generator = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(2048, 1024, generator=generator), torch.randn(8, 1024, generator=generator)
+    seconds = {}
+    for name in candidates:
+        try:
+            packed = PackedLinear(weight, None, 8, name)
+            seconds[name] = _best_seconds(lambda packed=packed: packed(x), 3)
+        except RuntimeError:  # a build whose kernels cannot run on this CPU
+            continue
+    return min(seconds, key=seconds.get) if seconds else None
