@@ -202,8 +202,8 @@ def linear_on_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 # Measured on a 2-core Sapphire Rapids VM, ms for [1536, 512] (8 rows / 16 rows) and the 40M model's
 # [32000, 512] head (8 rows): float32 x W^T 0.30 / 0.49 / 11.4, W x^T 0.35 / 0.35 / 6.8, MKL packed for
 # that row count 0.21 / 0.27 / 3.9; bfloat16 x W^T 0.17, oneDNN packed 0.12 / 0.12 / 1.7.
-# Where oneDNN is the faster float32 GEMM (AMD EPYC, AVX-512, 2 cores), its plain kernel reorders the
-# weight at every call; packed once, oneDNN's float32 product took [3072, 512] at 8 / 16 rows from 0.24 /
+# On an AMD EPYC VM (AVX-512, 2 cores) oneDNN's plain kernel reorders the weight at every call; packed
+# once, oneDNN's float32 product took [3072, 512] at 8 / 16 rows from 0.24 /
 # 0.60 ms to 0.14 / 0.27 and the head at 1 / 8 / 16 rows from 2.4 / 4.5 / 5.8 to 2.3 / 2.5 / 3.2 (MKL's
 # packed GEMM ran 0.34 / 0.54 and 9.0 there), for any row count.
 PACK_MIN_WEIGHT = 2**16  # smaller weights sit in cache: the layout gains nothing there
@@ -213,7 +213,7 @@ PACK_MIN_ROWS = 2  # one row: MKL's plain matrix-vector product is as fast
 class PackedLinear:
     """x W^T + b for a weight that many small products read (decoding), reordered once into the GEMM's
     blocked layout: float32 by MKL's packed GEMM for exactly `rows` rows (other row counts: `takes` is
-    False and the caller computes as before), or by oneDNN where it is the faster float32 GEMM; bfloat16 by
+    False and the caller computes as before) or by oneDNN, whichever `float32_packing` chose; bfloat16 by
     oneDNN. oneDNN's packing computes any row count. A copy of the weight, held as long as the object: a
     decoder packs its weights for one generation, not for good."""
 
@@ -223,7 +223,7 @@ class PackedLinear:
         self.rows = rows if library == "mkl" else None
         """The one row count this packing computes (MKL's); None: any (oneDNN's, `rows` only a hint)."""
         self.weight = weight if library == "mkl" else None
-        """MKL's product reads the plain weight too; oneDNN's only its packed copy (a joined copy may go)."""
+        """MKL's product reads the plain weight too; oneDNN's only its packed copy (the caller's may go)."""
         if library == "mkl":
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
         else:
@@ -245,7 +245,7 @@ class PackedLinear:
 def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, rows: int | None) -> PackedLinear | None:
     """`weight` (and `bias`) packed for decoding `rows` rows at a time (None: row counts vary), or None where
     packing does not pay or cannot run: off CPU, under gradients, weights below PACK_MIN_WEIGHT; float32 by
-    oneDNN where it is the chosen float32 GEMM, else by MKL for a fixed row count of at least PACK_MIN_ROWS;
+    the library `float32_packing` chose (MKL's only for a fixed row count of at least PACK_MIN_ROWS);
     bfloat16 with oneDNN's bf16 kernels; never any other dtype."""
     if (weight.device.type != "cpu" or weight.dim() != 2 or type(weight) not in _PLAIN or weight.numel() < PACK_MIN_WEIGHT
             or torch.is_grad_enabled() and weight.requires_grad or not torch.backends.mkldnn.enabled

@@ -11,7 +11,6 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 from torch import nn
@@ -19,8 +18,6 @@ from torch import nn
 from tunesmith.algorithms.linear import PackedLinear, environment_choice, linear, packed_linear
 from tunesmith.model.fast_linear import is_plain_linear
 from tunesmith.model.lora import LoRALinear, few_row_linear, lora_update
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -84,35 +81,29 @@ class PairedProjection:
         return torch.cat([self.first(x), self.second(x)], dim=-1)
 
 
-class WeightCache:
-    """Weights derived from a model's (q/k/v and gate/up joined, weights packed for the GEMM) kept while their
-    sources live unchanged, for a long-lived decode scheduler (a server's): every batch that starts on an
-    idle server reads the weights anew, and joining copies most of the model (0.8 GB for Qwen2-0.5B in
-    float32), packing all of it, which its first request would wait for. A source changed in place (an
-    optimizer step, `copy_`) has a new version, a new tensor (a merged adapter's weight) another identity:
-    both derive afresh. Not for RL's rollouts: the copy would outlive them into the update."""
+class JoinCache:
+    """Joined weights kept while their parts live unchanged, for a long-lived decode scheduler (a server's):
+    every batch that starts on an idle server reads the weights anew, and joining q/k/v and gate/up copies
+    most of the model (0.8 GB for Qwen2-0.5B in float32), which its first request would wait for. A part
+    changed in place (an optimizer step, `copy_`) has a new version, a new tensor (a merged adapter's weight)
+    another identity: both join afresh. Not for RL's rollouts: the copy would outlive them into the update."""
 
     def __init__(self) -> None:
-        self.entries: dict[tuple, tuple[list[weakref.ref], tuple, object]] = {}
-
-    def derived(self, kind: str, sources: list[torch.Tensor], make: Callable[[], T]) -> T:
-        """`make()`, or what it made before for the same `kind` of these same tensors, unchanged (same
-        version, storage, dtype and device: `module.to` and `.data =` swap a parameter's data without a new
-        version; only an in-place change through `.data` would go unseen, and a served model's weights have
-        none)."""
-        key = (kind, *(id(source) for source in sources))
-        versions = tuple((source._version, source.data_ptr(), source.dtype, source.device) for source in sources)
-        held = self.entries.get(key)
-        if held is not None and held[1] == versions and all(ref() is s for ref, s in zip(held[0], sources)):
-            return held[2]
-        self.entries = {k: entry for k, entry in self.entries.items() if all(ref() is not None for ref in entry[0])}
-        value = make()
-        self.entries[key] = ([weakref.ref(source) for source in sources], versions, value)
-        return value
+        self.entries: dict[tuple[int, ...], tuple[list[weakref.ref], tuple, torch.Tensor]] = {}
 
     def cat(self, weights: list[torch.Tensor]) -> torch.Tensor:
-        """torch.cat(weights), kept (see `derived`)."""
-        return self.derived("cat", weights, lambda: torch.cat(weights))
+        """torch.cat(weights), the one made before where they are the same tensors, unchanged (same version,
+        storage, dtype and device: `module.to` and `.data =` swap a parameter's data without a new version;
+        only an in-place change through `.data` would go unseen, and a served model's weights have none)."""
+        key = tuple(id(weight) for weight in weights)
+        versions = tuple((weight._version, weight.data_ptr(), weight.dtype, weight.device) for weight in weights)
+        held = self.entries.get(key)
+        if held is not None and held[1] == versions and all(ref() is w for ref, w in zip(held[0], weights)):
+            return held[2]
+        self.entries = {k: entry for k, entry in self.entries.items() if all(ref() is not None for ref in entry[0])}
+        joined = torch.cat(weights)
+        self.entries[key] = ([weakref.ref(weight) for weight in weights], versions, joined)
+        return joined
 
 
 def join_projections(parts: list[Projection]) -> Projection | JoinedProjection:

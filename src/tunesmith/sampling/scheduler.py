@@ -33,7 +33,7 @@ import torch
 
 from tunesmith.errors import TunesmithError
 from tunesmith.sampling import cached_decoder, shared_prefix
-from tunesmith.sampling.decode_weights import WeightCache, packing_fits
+from tunesmith.sampling.decode_weights import JoinCache
 from tunesmith.sampling.fallback import run_alone
 from tunesmith.sampling.generate import last_logits
 from tunesmith.sampling.pass_threads import PassThreads
@@ -57,10 +57,8 @@ class DecodeScheduler:
         self.keep_finished = keep_finished
         """Whether an ended row's keys stay in its free slot for later rows that start alike (the next turn of
         a chat, the next request with the same system prompt): only while the weights never change. Then
-        the decoder's joined and packed weights are kept from batch to batch too (`WeightCache`)."""
-        self.weights = WeightCache() if keep_finished else None
-        self.pack = packing_fits(model)
-        """Whether the decoder packs its weights for the GEMM (a copy: see `decode_weights.packing_fits`)."""
+        the decoder's joined weights are kept from batch to batch too (`JoinCache`)."""
+        self.joins = JoinCache() if keep_finished else None
         self.kept: shared_prefix.Kept = {}  # free slots holding an ended row's keys
         self.head = model.get_output_embeddings()
         self.device = self.head.weight.device
@@ -240,7 +238,7 @@ class DecodeScheduler:
                 self.decoder.read_weights(self.model)
             else:  # none yet, or the one a wider or longer batch left: a cache this batch's size
                 self.decoder, self.kept = None, {}
-                self.decoder = SlotDecoder(self.model, slots, capacity, self.merged, self.weights, self.pack)
+                self.decoder = SlotDecoder(self.model, slots, capacity, self.merged, self.joins)
         room = self.max_cached_tokens // capacity
         live = max(len(self.rows), min(1 + max(self.kept, default=-1), room))
         # kept slots may fill what a full batch would: up to max_rows slots, within max_cached_tokens
@@ -335,7 +333,7 @@ class DecodeScheduler:
         """Each row's next token from its final hidden state [rows, hidden]."""
         if not rows:
             return
-        logits = last_logits(self.decoder.head, hidden)  # [rows, vocab] float32
+        logits = last_logits(self.head, hidden)  # [rows, vocab] float32
         key = tuple(row.serial for row in rows)
         if self.row_settings is None or self.row_settings[0] != key:  # the batch changed: new settings
             self.row_settings = key, RowSettings.of([row.request.settings for row in rows], self.device)

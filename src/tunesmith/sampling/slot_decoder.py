@@ -20,18 +20,17 @@ of the base for every row.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunesmith.algorithms.linear import PackedLinear, linear, packed_linear
+from tunesmith.algorithms.linear import linear
 from tunesmith.model.lora import LoRALinear, few_row_linear
 from tunesmith.sampling.cached_decoder import rms_norm, rms_norm_weights, rope_qkv
-from tunesmith.sampling.decode_weights import LayerWeights, Projection, WeightCache, gated
+from tunesmith.sampling.decode_weights import JoinCache, LayerWeights, gated
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -44,7 +43,6 @@ OWN = "\0own"
 BASE = "\0base"
 """An adapter name no layer holds: rows of it run the base weights alone."""
 
-T = TypeVar("T")
 Groups = list[tuple[str | None, torch.Tensor | None]]
 """(adapter, rows) for each adapter some row uses; rows None means every row of the pass."""
 
@@ -53,16 +51,13 @@ Groups = list[tuple[str | None, torch.Tensor | None]]
 class _Projection:
     """y = x W^T + b, plus B_a A_a x for each row of adapter a (B pre-scaled)."""
 
-    weight: torch.Tensor | None
-    """None where `packed` holds the only copy (q/k/v or gate/up joined: see `_joined`)."""
+    weight: torch.Tensor
     bias: torch.Tensor | None
     adapters: dict[str | None, tuple[torch.Tensor, torch.Tensor]]
     folded: str | None = None
     """The adapter folded into `weight` (`_projection`'s `merged`), if any."""
     fallback: tuple[torch.Tensor, torch.Tensor] | None = None
     """With an adapter folded in: the pair that takes a row of an adapter this layer lacks back to the base."""
-    packed: PackedLinear | None = None
-    """W and b in the GEMM's own layout, for any row count (`_packed`), where that pays; else None."""
 
     def pair(self, name: str | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The low-rank pair rows of adapter `name` add (None: nothing to add)."""
@@ -71,10 +66,7 @@ class _Projection:
         return None if name is None or name == self.folded else self.fallback
 
     def __call__(self, x: torch.Tensor, groups: Groups) -> torch.Tensor:
-        if self.packed is not None:
-            out = self.packed(x)  # [rows, length, out]
-        else:
-            out = few_row_linear(x, self.weight, self.bias)
+        out = few_row_linear(x, self.weight, self.bias)  # [rows, length, out]
         for name, rows in groups:
             pair = self.pair(name)
             if pair is None:
@@ -115,11 +107,10 @@ def _projection(module: nn.Module, merged: str | None = None) -> _Projection:
     return _Projection(base.weight + folded_B @ folded_A, base.bias, adapters, merged, undo)
 
 
-def _joined(parts: list[_Projection], cache: WeightCache | None, pack: bool) -> _Projection:
+def _joined(parts: list[_Projection], joins: JoinCache | None) -> _Projection:
     """Projections of one input (q, k and v; gate and up) as one: one matmul over the stacked base weights (a
-    copy of them, packed where `pack` and that pays, held while a batch runs, or by a server's `cache`), and
-    per adapter one low-rank pair, A stacked over the parts that add something for it and B block-diagonal,
-    so the update is each part's own."""
+    copy of them, held while a batch runs, or by a server's `joins`), and per adapter one low-rank pair, A
+    stacked over the parts that add something for it and B block-diagonal, so the update is each part's own."""
     biases = [part.bias for part in parts]
     bias = None if all(b is None for b in biases) else torch.cat(
         [b if b is not None else part.weight.new_zeros(part.weight.shape[0]) for b, part in zip(biases, parts)])
@@ -141,45 +132,16 @@ def _joined(parts: list[_Projection], cache: WeightCache | None, pack: bool) -> 
     fallbacks = [(i, part.fallback) for i, part in enumerate(parts) if part.fallback is not None]
     folded = next((part.folded for part in parts if part.folded is not None), None)
     weights = [part.weight for part in parts]
-    fallback = stacked(fallbacks) if fallbacks else None
-    packed = _derived(cache, "packed", weights + [b for b in biases if b is not None],
-                      lambda: packed_linear(torch.cat(weights), bias, None)) if pack else None
-    if packed is not None:  # the packed copy is the joined one: no plain copy beside it
-        return _Projection(None, None, adapters, folded, fallback, packed)
-    joined = torch.cat(weights) if cache is None else cache.cat(weights)
-    return _Projection(joined, bias, adapters, folded, fallback)
+    return _Projection(torch.cat(weights) if joins is None else joins.cat(weights), bias, adapters, folded,
+                       stacked(fallbacks) if fallbacks else None)
 
 
-def _packed(projection: _Projection, cache: WeightCache | None, pack: bool) -> _Projection:
-    """`projection` with its weight packed for the GEMM (`algorithms.linear.packed_linear`, any row count)
-    where `pack` and that pays here, kept by a server's `cache`; else as it is."""
-    if not pack:
-        return projection
-    weight, bias = projection.weight, projection.bias
-    return replace(projection, packed=_derived(cache, "packed", [weight] + ([bias] if bias is not None else []),
-                                               lambda: packed_linear(weight, bias, None)))
-
-
-def _derived(cache: WeightCache | None, kind: str, sources: list[torch.Tensor], make: Callable[[], T]) -> T:
-    return make() if cache is None else cache.derived(kind, sources, make)
-
-
-def _read_layer(block: nn.Module, merged: str | None, cache: WeightCache | None, pack: bool) -> LayerWeights:
+def _read_layer(block: nn.Module, merged: str | None, joins: JoinCache | None) -> LayerWeights:
     attention, mlp = block.self_attn, block.mlp
     q, k, v, o, gate, up, down = (_projection(m, merged) for m in (attention.q_proj, attention.k_proj, attention.v_proj,
                                                           attention.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-    return LayerWeights(rms_norm_weights(block.input_layernorm), _joined([q, k, v], cache, pack),
-                        _packed(o, cache, pack), rms_norm_weights(block.post_attention_layernorm),
-                        _joined([gate, up], cache, pack), _packed(down, cache, pack), mlp.act_fn)
-
-
-def _head(head: nn.Module, cache: WeightCache | None, pack: bool) -> nn.Module | Projection:
-    """The output head as `generate.last_logits` takes it: packed (see `_packed`), or the module."""
-    if not pack or type(head) is not nn.Linear:
-        return head
-    sources = [head.weight] + ([head.bias] if head.bias is not None else [])
-    packed = _derived(cache, "packed", sources, lambda: packed_linear(head.weight, head.bias, None))
-    return head if packed is None else Projection(head.weight, head.bias, None, packed)
+    return LayerWeights(rms_norm_weights(block.input_layernorm), _joined([q, k, v], joins), o,
+                        rms_norm_weights(block.post_attention_layernorm), _joined([gate, up], joins), down, mlp.act_fn)
 
 
 def adapter_groups(adapters: list[str | None], device: torch.device) -> Groups:
@@ -203,15 +165,12 @@ class SlotDecoder:
     """Keys and values for `slots` rows of up to `capacity` positions each, and the pass that fills them."""
 
     def __init__(self, model: PreTrainedModel, slots: int, capacity: int, merged: str | None = None,
-                 cache: WeightCache | None = None, pack: bool = False) -> None:
+                 joins: JoinCache | None = None) -> None:
         config = model.config
         self.merged = merged
         """The adapter folded into the weights while a batch runs (`_projection`): RL's policy rows."""
-        self.cache = cache
-        """Keeps the joined and packed weights from batch to batch (a long-lived scheduler's); None: made for each."""
-        self.pack = pack
-        """Whether to compute with weights packed for the GEMM where that pays (a copy of them: see
-        `decode_weights.packing_fits`)."""
+        self.joins = joins
+        """Keeps the joined weights from batch to batch (a long-lived scheduler's); None: joined for each."""
         self.read_weights(model)
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
@@ -223,16 +182,14 @@ class SlotDecoder:
         self.keys = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
         self.values = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
 
-    @torch.no_grad()  # copies (joined, folded, packed) for decoding, not parts of a graph
+    @torch.no_grad()  # copies (joined, folded) to decode with, not parts of a graph
     def read_weights(self, model: PreTrainedModel) -> None:
         """Take the model's weights and adapters as they are now (a new batch after training or loading)."""
         decoder = model.get_decoder()
         self.embed, self.rotary = decoder.embed_tokens, decoder.rotary_emb
         self.rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [positions, head_dim]
         self.norm = rms_norm_weights(decoder.norm)
-        self.layers = [_read_layer(block, self.merged, self.cache, self.pack) for block in decoder.layers]
-        self.head = _head(model.get_output_embeddings(), self.cache, self.pack)
-        """The output head for `generate.last_logits`."""
+        self.layers = [_read_layer(block, self.merged, self.joins) for block in decoder.layers]
 
     def holds(self, slots: int, capacity: int, budget: int) -> bool:
         """Whether the cache fits `slots` rows of `capacity` positions without exceeding `budget` positions
