@@ -65,6 +65,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tunesmith.algorithms.linear import GEMM_VARIABLE, onednn_is_faster
+
 MARKER = "KILL_RESUME_RUN"
 """Environment variable that tags every process of one run (launcher, torchrun, ranks)."""
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
@@ -173,6 +175,9 @@ def launch(config: Path, overrides: list[str], nproc: int, log: Path, marker: st
     env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARS}
     env.update({MARKER: marker, "NPROC_PER_NODE": str(nproc), "TUNESMITH_THREADS_PER_RANK": "1",
                 "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    # the reference and every trial multiply alike: one GEMM, as this process timed it (each run's own
+    # timing may choose differently on a machine near the threshold: algorithms/linear.py)
+    env[GEMM_VARIABLE] = env.get(GEMM_VARIABLE) or ("onednn" if onednn_is_faster() else "blas")
     with open(log, "ab") as handle:
         return subprocess.Popen([sys.executable, "-m", "tunesmith", "train", str(config), *overrides], env=env,
                                 stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,

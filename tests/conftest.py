@@ -2,11 +2,14 @@
 and a writer for small dataset files."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from tunesmith.algorithms.linear import GEMM_VARIABLE, onednn_is_faster
 
 TINY_SIZES = dict(
     hidden_size=32,
@@ -20,6 +23,19 @@ ARCHITECTURES = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "llama": (LlamaConfig, LlamaForCausalLM),
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_gemm_for_every_process():
+    """The processes tests start (torchrun's ranks, a killed run, its resume and the uninterrupted run it must
+    equal bit for bit) multiply with the float32 GEMM this process timed, not each its own timing: on a
+    machine near the threshold those differ from one process to the next (algorithms/linear.py)."""
+    if os.environ.get(GEMM_VARIABLE):
+        yield
+        return
+    os.environ[GEMM_VARIABLE] = "onednn" if onednn_is_faster() else "blas"
+    yield
+    os.environ.pop(GEMM_VARIABLE, None)
 
 
 @pytest.fixture

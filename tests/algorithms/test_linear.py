@@ -192,3 +192,29 @@ def test_an_unknown_tunesmith_gemm_names_the_variable_and_the_choices(monkeypatc
     monkeypatch.setenv("TUNESMITH_GEMM", "mkl")
     with pytest.raises(TunesmithError, match=r"TUNESMITH_GEMM='mkl'.*onednn, blas or auto"):
         fast.onednn_is_faster()
+
+
+def test_a_resumed_run_adopts_the_gemm_choices_its_checkpoint_recorded(monkeypatch):
+    monkeypatch.delenv("TUNESMITH_GEMM", raising=False)
+    monkeypatch.setattr(fast, "_CHOICE", [])
+    monkeypatch.setattr(fast, "_PACKING", [])
+    monkeypatch.setattr(fast, "_timed_choice", lambda: pytest.fail("timed although the checkpoint chose"))
+    monkeypatch.setattr(fast, "_timed_packing", lambda: pytest.fail("timed although the checkpoint chose"))
+    fast.adopt_gemm_choices({"float32_gemm": "blas", "float32_packing": "mkl" if fast._can_pack_mkl() else None})
+    assert fast.onednn_is_faster() is False
+    assert fast.gemm_choices() == {"float32_gemm": "blas", **({"float32_packing": "mkl"} if fast._can_pack_mkl() else {})}
+    if fast._can_pack_onednn():
+        fast.adopt_gemm_choices({"float32_gemm": "onednn", "float32_packing": "onednn"})
+        assert fast.onednn_is_faster() is True and fast.float32_packing() == "onednn"
+
+
+def test_a_gemm_fixed_by_the_environment_wins_over_the_checkpoint(monkeypatch):
+    monkeypatch.setattr(fast, "_CHOICE", [])
+    monkeypatch.setenv("TUNESMITH_GEMM", "blas")
+    fast.adopt_gemm_choices({"float32_gemm": "onednn"})
+    assert fast.onednn_is_faster() is False
+    monkeypatch.setattr(fast, "_CHOICE", [])
+    monkeypatch.delenv("TUNESMITH_GEMM")
+    monkeypatch.setattr(fast, "_timed_choice", lambda: False)
+    fast.adopt_gemm_choices({})  # a checkpoint from before the choices were recorded: this process times
+    assert fast.onednn_is_faster() is False and fast.gemm_choices() == {"float32_gemm": "blas"}

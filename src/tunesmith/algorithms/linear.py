@@ -124,6 +124,30 @@ def agree_on_choice(choice: bool) -> None:
         _CHOICE[:] = [choice]
 
 
+def gemm_choices() -> dict[str, str]:
+    """This process's CPU GEMM choices so far, for a checkpoint: `float32_gemm` (oneDNN or BLAS) and, once a
+    generation has packed, `float32_packing`. A resumed run adopts them (`adopt_gemm_choices`), so it rounds
+    as the run it continues whatever its own timings say (on a machine near the threshold they differ
+    from one process to the next)."""
+    choices = {"float32_gemm": "onednn" if onednn_is_faster() else "blas"}
+    if _PACKING and _PACKING[0] is not None:
+        choices["float32_packing"] = _PACKING[0]
+    return choices
+
+
+def adopt_gemm_choices(choices: dict[str, str]) -> None:
+    """Use a checkpoint's `gemm_choices` from now on, where this build can run them and the environment
+    does not fix the GEMM (TUNESMITH_GEMM); ones it cannot run are left to this process's own timing."""
+    gemm = choices.get("float32_gemm")
+    if environment_choice(GEMM_VARIABLE, ("onednn", "blas"), "time both once and take the faster") == "auto" and (
+            gemm == "blas" or gemm == "onednn" and _available()):
+        agree_on_choice(gemm == "onednn")
+    packing = choices.get("float32_packing")
+    if packing == "onednn" and _can_pack_onednn() or packing == "mkl" and _can_pack_mkl():
+        with _TIMING:
+            _PACKING[:] = [packing]
+
+
 def _timed_choice() -> bool:
     if not _available():
         return False

@@ -31,6 +31,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
+from tunesmith.algorithms.linear import gemm_choices
 from tunesmith.config import OptimArgs, OutputArgs
 from tunesmith.errors import TunesmithError
 from tunesmith.training import distributed, snapshots
@@ -358,7 +359,8 @@ def save_step(output_dir: Path, model: torch.nn.Module, updates: Updates, stage:
     """checkpoint-{step}: the user-facing result plus what a resume needs (every rank takes part)."""
     state = {"global_step": progress.global_step, "elapsed_s": progress.elapsed_s, "bad_steps": progress.bad_steps,
              "rows_per_global_step": stage.rows_per_step * updates.parallel.proc.world_size,
-             "controllers": {name: holder.state_dict() for name, holder in stage.state.items()}}
+             "controllers": {name: holder.state_dict() for name, holder in stage.state.items()},
+             "gemm": gemm_choices()}
     if updates.scaler.is_enabled():
         state["scaler"] = updates.scaler.state_dict()
     snapshots.save_step(output_dir, progress.global_step, model, updates, state, save_artifact, keep)

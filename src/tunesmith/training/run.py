@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from tunesmith.algorithms.linear import adopt_gemm_choices
 from tunesmith.config import RunConfig, save_config
 from tunesmith.errors import TunesmithError
 from tunesmith.model.adapters import save_adapter
@@ -134,6 +135,8 @@ def _prepare_on_this_rank(config: RunConfig, parallel: Parallel, resume_from: Pa
             say(f"[tunesmith] removed {leftover.name}, left in {output_dir} by an interrupted save")
     device, _ = resolve_device_and_dtype(config.train.bf16, config.train.fp16, config.train.use_cpu)
     distributed.start(proc, device, config.distributed.ddp_timeout, cpu_collectives=config.distributed.offload)
+    if resume_from is not None:  # round as the run it continues: its GEMM choices, not this process's timings
+        adopt_gemm_choices(checkpoint.read_state(resume_from).get("gemm", {}))
     torch.manual_seed(config.train.seed)
     run = prepare_training(config, parallel)
     if proc.distributed:  # each rank its own dropout masks (starting weights were broadcast from rank 0)
