@@ -194,3 +194,21 @@ def test_lora_sft_on_a_real_pretrained_llama(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["target_modules"] == ["q_proj", "v_proj"] and config["base_model_name_or_path"] == str(model)
+
+
+def test_a_resume_multiplies_with_the_gemm_its_checkpoint_recorded(base_settings, tmp_path, monkeypatch):
+    """Not with its own timing's choice, which on a machine near the threshold may differ from the run's."""
+    from tunesmith.algorithms import linear
+
+    full = {**base_settings, "output_dir": str(tmp_path / "full"), "save_steps": 3}
+    train(full)
+    state_file = tmp_path / "full" / "checkpoint-3" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["gemm"] == {"float32_gemm": "onednn" if linear.onednn_is_faster() else "blas"}
+    recorded = "onednn" if linear._available() else "blas"  # what this resume must adopt
+    state_file.write_text(json.dumps({**state, "gemm": {"float32_gemm": recorded}}))
+    monkeypatch.delenv(linear.GEMM_VARIABLE, raising=False)
+    monkeypatch.setattr(linear, "_CHOICE", [])
+    monkeypatch.setattr(linear, "_timed_choice", lambda: pytest.fail("the resume timed the GEMM itself"))
+    train({**full, "max_steps": 4, "resume_from_checkpoint": str(tmp_path / "full" / "checkpoint-3")})
+    assert linear.onednn_is_faster() is (recorded == "onednn")
