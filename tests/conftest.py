@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from tunesmith.algorithms.linear import GEMM_VARIABLE, onednn_is_faster
+from tunesmith.algorithms.linear import GEMM_VARIABLE, environment_choice, onednn_is_faster
 
 TINY_SIZES = dict(
     hidden_size=32,
@@ -29,8 +29,9 @@ ARCHITECTURES = {
 def one_gemm_for_every_process():
     """The processes tests start (torchrun's ranks, a killed run, its resume and the uninterrupted run it must
     equal bit for bit) multiply with the float32 GEMM this process timed, not each its own timing: on a
-    machine near the threshold those differ from one process to the next (algorithms/linear.py)."""
-    if os.environ.get(GEMM_VARIABLE):
+    machine near the threshold those differ from one process to the next (algorithms/linear.py). The
+    variable fixes the library decoding packs float32 weights for too."""
+    if environment_choice(GEMM_VARIABLE, ("onednn", "blas"), "time") != "auto":
         yield
         return
     os.environ[GEMM_VARIABLE] = "onednn" if onednn_is_faster() else "blas"

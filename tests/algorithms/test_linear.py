@@ -160,6 +160,7 @@ def test_where_onednn_packs_float32_its_packing_computes_x_w_t_plus_b_for_any_ro
 
 
 def test_the_float32_packing_is_timed_once_and_takes_the_faster_library(monkeypatch):
+    monkeypatch.delenv("TUNESMITH_GEMM", raising=False)
     monkeypatch.setattr(fast, "_PACKING", [])
     monkeypatch.setattr(fast, "_can_pack_onednn", lambda: True)
     monkeypatch.setattr(fast, "_can_pack_mkl", lambda: True)
@@ -218,3 +219,31 @@ def test_a_gemm_fixed_by_the_environment_wins_over_the_checkpoint(monkeypatch):
     monkeypatch.setattr(fast, "_timed_choice", lambda: False)
     fast.adopt_gemm_choices({})  # a checkpoint from before the choices were recorded: this process times
     assert fast.onednn_is_faster() is False and fast.gemm_choices() == {"float32_gemm": "blas"}
+
+
+@pytest.mark.parametrize("value", ["onednn", "blas"])
+def test_tunesmith_gemm_fixes_the_packing_library_too(monkeypatch, value):
+    monkeypatch.setattr(fast, "_PACKING", [])
+    monkeypatch.setattr(fast, "_timed_packing", lambda: pytest.fail("timed although the variable chose"))
+    monkeypatch.setenv("TUNESMITH_GEMM", value)
+    expected = {"onednn": "onednn" if fast._can_pack_onednn() else None, "blas": "mkl" if fast._can_pack_mkl() else None}
+    assert fast.float32_packing() == expected[value]
+
+
+def test_ranks_of_a_run_pack_with_rank_0s_library(monkeypatch, tmp_path):
+    import torch.distributed as dist
+
+    from tunesmith.training import distributed
+
+    monkeypatch.setattr(fast, "_CHOICE", [])
+    monkeypatch.setattr(fast, "_PACKING", [])
+    monkeypatch.delenv("TUNESMITH_GEMM", raising=False)
+    monkeypatch.setattr(fast, "_timed_choice", lambda: True)
+    monkeypatch.setattr(fast, "_timed_packing", lambda: "mkl")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        distributed.agree_on_gemm()
+    finally:
+        dist.destroy_process_group()
+    assert fast.onednn_is_faster() is True and fast.float32_packing() == "mkl"
+    assert fast.gemm_choices() == {"float32_gemm": "onednn", "float32_packing": "mkl"}

@@ -62,8 +62,10 @@ _CHOICE: list[bool] = []  # the timing's answer, once there is one
 
 
 GEMM_VARIABLE = "TUNESMITH_GEMM"
-"""Environment variable that fixes the float32 GEMM instead of timing: `onednn`, `blas` or `auto` (time it).
-For runs that must round alike on every start (a resume on a machine near the threshold, a comparison)."""
+"""Environment variable that fixes the float32 GEMM instead of timing: `onednn`, `blas` or `auto` (time it);
+`onednn` or `blas` also fixes the library decoding packs float32 weights for (oneDNN's, or MKL's). For
+separate runs that must round alike (a comparison on a machine near the threshold); a resume adopts
+its checkpoint's choices by itself."""
 
 
 def onednn_is_faster() -> bool:
@@ -78,7 +80,7 @@ def onednn_is_faster() -> bool:
 
 
 def _chosen() -> bool:
-    wanted = environment_choice(GEMM_VARIABLE, ("onednn", "blas"), "time both once and take the faster")
+    wanted = _gemm_variable()
     if wanted == "onednn" and not _available():
         raise TunesmithError(f"{GEMM_VARIABLE}=onednn, but this torch build has no oneDNN; set it to blas or auto.")
     return _timed_choice() if wanted == "auto" else wanted == "onednn"
@@ -124,11 +126,17 @@ def agree_on_choice(choice: bool) -> None:
         _CHOICE[:] = [choice]
 
 
+def agree_on_packing(library: str | None) -> None:
+    """Pack float32 weights with `library` from now on (see `float32_packing`): ranks of one run pack alike."""
+    with _TIMING:
+        _PACKING[:] = [library]
+
+
 def gemm_choices() -> dict[str, str]:
-    """This process's CPU GEMM choices so far, for a checkpoint: `float32_gemm` (oneDNN or BLAS) and, once a
-    generation has packed, `float32_packing`. A resumed run adopts them (`adopt_gemm_choices`), so it rounds
-    as the run it continues whatever its own timings say (on a machine near the threshold they differ
-    from one process to the next)."""
+    """This process's CPU GEMM choices so far, for a checkpoint: `float32_gemm` (oneDNN or BLAS) and, once it
+    has been chosen (a generation asked, or ranks agreed), `float32_packing`. A resumed run adopts them
+    (`adopt_gemm_choices`), so it rounds as the run it continues whatever its own timings say (on a machine
+    near the threshold they differ from one process to the next)."""
     choices = {"float32_gemm": "onednn" if onednn_is_faster() else "blas"}
     if _PACKING and _PACKING[0] is not None:
         choices["float32_packing"] = _PACKING[0]
@@ -137,15 +145,19 @@ def gemm_choices() -> dict[str, str]:
 
 def adopt_gemm_choices(choices: dict[str, str]) -> None:
     """Use a checkpoint's `gemm_choices` from now on, where this build can run them and the environment
-    does not fix the GEMM (TUNESMITH_GEMM); ones it cannot run are left to this process's own timing."""
+    does not fix the GEMM (TUNESMITH_GEMM, which fixes both); ones it cannot run are left to this process."""
+    if _gemm_variable() != "auto":
+        return
     gemm = choices.get("float32_gemm")
-    if environment_choice(GEMM_VARIABLE, ("onednn", "blas"), "time both once and take the faster") == "auto" and (
-            gemm == "blas" or gemm == "onednn" and _available()):
+    if gemm == "blas" or gemm == "onednn" and _available():
         agree_on_choice(gemm == "onednn")
     packing = choices.get("float32_packing")
     if packing == "onednn" and _can_pack_onednn() or packing == "mkl" and _can_pack_mkl():
-        with _TIMING:
-            _PACKING[:] = [packing]
+        agree_on_packing(packing)
+
+
+def _gemm_variable() -> str:
+    return environment_choice(GEMM_VARIABLE, ("onednn", "blas"), "time both once and take the faster")
 
 
 def _timed_choice() -> bool:
@@ -247,7 +259,7 @@ class PackedLinear:
         self.rows = rows if library == "mkl" else None
         """The one row count this packing computes (MKL's); None: any (oneDNN's, `rows` only a hint)."""
         self.weight = weight if library == "mkl" else None
-        """MKL's product reads the plain weight too; oneDNN's only its packed copy (the caller's may go)."""
+        """MKL's product reads the plain weight too; oneDNN's only its packed copy."""
         if library == "mkl":
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
         else:
@@ -313,14 +325,21 @@ _PACKING: list[str | None] = []  # float32_packing's answer, once there is one
 def float32_packing() -> str | None:
     """Which library packs float32 weights for decoding here: "onednn" or "mkl", whichever computed an 8-row
     product of a [2048, 1024] packed weight faster, timed once per process (about 30 ms); None where
-    neither can. A question of its own, not `onednn_is_faster`'s: on an AMD EPYC VM oneDNN's packed product
-    ran 3-5x faster than MKL's in every process, where that training-sized timing sat near its threshold
-    and went either way from one process to the next."""
+    neither can; or the library TUNESMITH_GEMM names. A question of its own, not `onednn_is_faster`'s: on an
+    AMD EPYC VM oneDNN's packed product ran 3-5x faster than MKL's in every process, where that
+    training-sized timing sat near its threshold and went either way from one process to the next."""
     if not _PACKING:
+        wanted = _gemm_variable()
         with _TIMING:
             if not _PACKING:
-                _PACKING.append(_timed_packing())
+                _PACKING.append(_timed_packing() if wanted == "auto" else _named_packing(wanted == "onednn"))
     return _PACKING[0]
+
+
+def _named_packing(onednn: bool) -> str | None:
+    if onednn:
+        return "onednn" if _can_pack_onednn() else None
+    return "mkl" if _can_pack_mkl() else None
 
 
 def _timed_packing() -> str | None:

@@ -182,7 +182,7 @@ def packed(projection: Projection, rows: int | None) -> Projection:
 PACK_VARIABLE = "TUNESMITH_PACK"
 """Environment variable: `on` packs decoding's weights whatever the memory, `off` never, `auto` (the default)
 where the copy fits (`packing_fits`). Packed float32 products round differently from plain ones (about 1e-6),
-so runs that must sample alike on every start fix it."""
+so separate runs that must sample alike fix it, and TUNESMITH_GEMM (which fixes the packing library too)."""
 
 
 def packing_fits(model: nn.Module) -> bool:

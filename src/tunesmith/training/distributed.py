@@ -23,7 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from tunesmith.algorithms.linear import agree_on_choice, onednn_is_faster
+from tunesmith.algorithms.linear import agree_on_choice, agree_on_packing, float32_packing, onednn_is_faster
 
 THREADS_VARIABLE = "TUNESMITH_THREADS_PER_RANK"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -83,12 +83,19 @@ def start(proc: ProcessInfo, device: torch.device, timeout_s: float, cpu_collect
         agree_on_gemm()
 
 
+PACKING_LIBRARIES = (None, "mkl", "onednn")
+
+
 def agree_on_gemm() -> None:
     """Every rank multiplies with one GEMM (algorithms/linear.py): oneDNN only where every rank's own timing
-    chose it, so the ranks of a run never differ in rounding by what their timings happened to see."""
+    chose it, and decoding packs float32 weights for rank 0's choice of library, so the ranks of a run never
+    differ in rounding by what their timings happened to see."""
     vote = torch.tensor([int(onednn_is_faster())])
     dist.all_reduce(vote, op=dist.ReduceOp.MIN)
     agree_on_choice(bool(vote.item()))
+    packing = torch.tensor([PACKING_LIBRARIES.index(float32_packing())])
+    dist.broadcast(packing, src=0)
+    agree_on_packing(PACKING_LIBRARIES[int(packing.item())])
 
 
 def die_with_launcher() -> None:
