@@ -65,7 +65,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tunesmith.algorithms.linear import GEMM_VARIABLE, environment_choice, onednn_is_faster
+from tunesmith.algorithms.linear import GEMM_VARIABLE, gemm_for_children
 
 MARKER = "KILL_RESUME_RUN"
 """Environment variable that tags every process of one run (launcher, torchrun, ranks)."""
@@ -177,8 +177,7 @@ def launch(config: Path, overrides: list[str], nproc: int, log: Path, marker: st
                 "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     # the reference and every trial multiply alike: one GEMM, as this process timed it (each run's own
     # timing may choose differently on a machine near the threshold: algorithms/linear.py)
-    if environment_choice(GEMM_VARIABLE, ("onednn", "blas"), "time") == "auto":
-        env[GEMM_VARIABLE] = "onednn" if onednn_is_faster() else "blas"
+    env[GEMM_VARIABLE] = gemm_for_children()
     with open(log, "ab") as handle:
         return subprocess.Popen([sys.executable, "-m", "tunesmith", "train", str(config), *overrides], env=env,
                                 stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,

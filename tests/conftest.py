@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from tunesmith.algorithms.linear import GEMM_VARIABLE, environment_choice, onednn_is_faster
+from tunesmith.algorithms.linear import GEMM_VARIABLE, gemm_for_children
 
 TINY_SIZES = dict(
     hidden_size=32,
@@ -31,12 +31,13 @@ def one_gemm_for_every_process():
     equal bit for bit) multiply with the float32 GEMM this process timed, not each its own timing: on a
     machine near the threshold those differ from one process to the next (algorithms/linear.py). The
     variable fixes the library decoding packs float32 weights for too."""
-    if environment_choice(GEMM_VARIABLE, ("onednn", "blas"), "time") != "auto":
-        yield
-        return
-    os.environ[GEMM_VARIABLE] = "onednn" if onednn_is_faster() else "blas"
+    previous = os.environ.get(GEMM_VARIABLE)
+    os.environ[GEMM_VARIABLE] = gemm_for_children()
     yield
-    os.environ.pop(GEMM_VARIABLE, None)
+    if previous is None:
+        os.environ.pop(GEMM_VARIABLE, None)
+    else:
+        os.environ[GEMM_VARIABLE] = previous
 
 
 @pytest.fixture

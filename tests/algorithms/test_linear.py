@@ -247,3 +247,12 @@ def test_ranks_of_a_run_pack_with_rank_0s_library(monkeypatch, tmp_path):
         dist.destroy_process_group()
     assert fast.onednn_is_faster() is True and fast.float32_packing() == "mkl"
     assert fast.gemm_choices() == {"float32_gemm": "onednn", "float32_packing": "mkl"}
+
+
+def test_children_get_the_variables_value_or_this_processs_choice(monkeypatch):
+    monkeypatch.setattr(fast, "_CHOICE", [])
+    monkeypatch.setenv("TUNESMITH_GEMM", "blas")
+    assert fast.gemm_for_children() == "blas"
+    monkeypatch.setenv("TUNESMITH_GEMM", "auto")  # an explicit auto pins nothing: this process's timing
+    monkeypatch.setattr(fast, "_timed_choice", lambda: True)
+    assert fast.gemm_for_children() == "onednn"

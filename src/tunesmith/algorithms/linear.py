@@ -137,7 +137,7 @@ def gemm_choices() -> dict[str, str]:
     has been chosen (a generation asked, or ranks agreed), `float32_packing`. A resumed run adopts them
     (`adopt_gemm_choices`), so it rounds as the run it continues whatever its own timings say (on a machine
     near the threshold they differ from one process to the next)."""
-    choices = {"float32_gemm": "onednn" if onednn_is_faster() else "blas"}
+    choices = {"float32_gemm": _gemm_name()}
     if _PACKING and _PACKING[0] is not None:
         choices["float32_packing"] = _PACKING[0]
     return choices
@@ -154,6 +154,17 @@ def adopt_gemm_choices(choices: dict[str, str]) -> None:
     packing = choices.get("float32_packing")
     if packing == "onednn" and _can_pack_onednn() or packing == "mkl" and _can_pack_mkl():
         agree_on_packing(packing)
+
+
+def gemm_for_children() -> str:
+    """The TUNESMITH_GEMM value that makes the processes this one starts multiply as it does (each would time
+    its own otherwise, and near the threshold they differ): the variable's own, else this process's choice."""
+    wanted = _gemm_variable()
+    return _gemm_name() if wanted == "auto" else wanted
+
+
+def _gemm_name() -> str:
+    return "onednn" if onednn_is_faster() else "blas"
 
 
 def _gemm_variable() -> str:
@@ -239,9 +250,9 @@ def linear_on_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 # [32000, 512] head (8 rows): float32 x W^T 0.30 / 0.49 / 11.4, W x^T 0.35 / 0.35 / 6.8, MKL packed for
 # that row count 0.21 / 0.27 / 3.9; bfloat16 x W^T 0.17, oneDNN packed 0.12 / 0.12 / 1.7.
 # On an AMD EPYC VM (AVX-512, 2 cores) oneDNN's plain kernel reorders the weight at every call; packed
-# once, oneDNN's float32 product took [3072, 512] at 8 / 16 rows from 0.24 /
-# 0.60 ms to 0.14 / 0.27 and the head at 1 / 8 / 16 rows from 2.4 / 4.5 / 5.8 to 2.3 / 2.5 / 3.2 (MKL's
-# packed GEMM ran 0.34 / 0.54 and 9.0 there), for any row count.
+# once, oneDNN's float32 product took [3072, 512] at 8 / 16 rows from 0.24 / 0.60 ms to 0.14 / 0.27 and
+# the head at 1 / 8 / 16 rows from 2.4 / 4.5 / 5.8 to 2.3 / 2.5 / 3.2 (MKL's packed GEMM ran 0.34 / 0.54
+# and 9.0 there), for any row count.
 PACK_MIN_WEIGHT = 2**16  # smaller weights sit in cache: the layout gains nothing there
 PACK_MIN_ROWS = 2  # one row: MKL's plain matrix-vector product is as fast
 
