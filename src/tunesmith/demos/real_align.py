@@ -70,7 +70,9 @@ STAGES = {
     # PPO from sft, lr 3e-4 beta 0.2, 8 prompts a step: 12 steps 31% / 92% (12% / 88% once decoding on
     # packed weights rounded differently: too close to the edge), 14 steps 38% / 72%, 16 steps 62% / 84%,
     # 20 steps 75% / 68%; beta 0.4 16 steps 31% / 80%; lr 1.5e-4 20 steps 0% / 112%. 16 prompts a step: 12
-    # steps 25% / 92%, 16 steps 50% / 92% (this one; the same with TUNESMITH_PACK=off). The reward
+    # steps 25% / 92%, 16 steps 50% / 92% (this one; the same with TUNESMITH_PACK=off; on an AMD EPYC VM
+    # 56% / 84% with oneDNN's GEMM, 31% / 76% with BLAS's; adaptive KL there, ppo_target 1.5 horizon 32:
+    # 69% / 92% and 56% / 88%, ppo_target 1.0: 38% / 60% and 44% / 76%). The reward
     # model values lowercase only, so PPO's answers drift (the capital of japan "iskyo"); an RM also
     # trained on pairs preferring the right fact (both lowercase) kept 104% but taught less: 8 prompts 12
     # steps 6%, 20 steps 44% / 72%; 16 prompts 12 steps 12%. GRPO's reward checks the facts itself.
