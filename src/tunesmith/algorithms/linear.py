@@ -48,7 +48,7 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def _available() -> bool:
     """oneDNN built into this torch."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return torch.backends.mkldnn.is_available() and _ONEDNN_LINEAR is not None
 
 
 def _best_seconds(run, repeats: int = 5) -> float:  # noqa: ANN001

@@ -34,7 +34,6 @@ from tunesmith.sampling.decode_weights import (
     PairedProjection,
     Projection,
     cast_projection,
-    gate_times_up,
     join_projections,
     module_projection,
     pack_layer,
@@ -210,7 +209,7 @@ class CachedDecoder:
                 self.values[index].index_copy_(2, start, v.to(self.values.dtype))
             attended = self._attend(q, index, end, mask)  # [rows, length, heads * head_dim]
             hidden = hidden + layer.o(attended)
-            hidden = hidden + layer.down(gate_times_up(layer, rms_norm(hidden, layer.post_norm)))
+            hidden = hidden + layer.down(layer.gate_up.gated(layer.act, rms_norm(hidden, layer.post_norm)))
         return rms_norm(hidden, self.norm)
 
     def _one_position(self, tokens: torch.Tensor, positions: torch.Tensor, column: int) -> torch.Tensor:
@@ -229,7 +228,7 @@ class CachedDecoder:
             self.values[index, :, :, column] = qkv[:, heads + kv_heads:]
             attended = self._attend(q[:, :, None], index, column + 1, mask).view(rows, heads * head_dim)
             hidden = hidden + layer.o(attended)
-            hidden = hidden + layer.down(gate_times_up(layer, rms_norm(hidden, layer.post_norm)))
+            hidden = hidden + layer.down(layer.gate_up.gated(layer.act, rms_norm(hidden, layer.post_norm)))
         return rms_norm(hidden, self.norm)
 
     def _attend(self, q: torch.Tensor, index: int, end: int, mask: torch.Tensor) -> torch.Tensor:

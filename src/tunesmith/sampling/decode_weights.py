@@ -69,16 +69,17 @@ class JoinedProjection:
 
 
 class PairedProjection:
-    """Two projections of one input, their outputs side by side as a joined one gives them (gate and up for
-    `LayerWeights.gate_up`), each on its own weight. CachedDecoder's MLP: joining would copy gate and up
-    for each generation beside the packed copy it already makes (0.84 GB more for Qwen2-0.5B in float32,
-    held through an RL rollout), where the two products cost about what one does."""
+    """Gate and up (`LayerWeights.gate_up`) as two projections of one input, each on its own weight.
+    CachedDecoder's MLP: joining would copy gate and up for each generation beside the packed copy it
+    already makes (0.84 GB more for Qwen2-0.5B in float32, held through an RL rollout), where the two
+    products cost about what one does."""
 
     def __init__(self, first: Projection, second: Projection) -> None:
         self.first, self.second = first, second
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.first(x), self.second(x)], dim=-1)
+    def gated(self, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """act(gate(x)) * up(x), from the two products as they come (not joined, then split)."""
+        return act(self.first(x)) * self.second(x)
 
 
 class JoinCache:
@@ -148,9 +149,9 @@ class LayerWeights:
     o: Callable
     post_norm: tuple[torch.Tensor, float]
     gate_up: Callable
-    """The MLP's gate and up projections side by side, [..., 2 x intermediate], gate's half first (`gated`
-    takes them apart): one product on their joined weights in the slot decoder, two in CachedDecoder
-    (`PairedProjection`)."""
+    """The MLP's gate and up projections: in the slot decoder one product on their joined weights,
+    [..., 2 x intermediate], gate's half first (`gated` takes them apart); in CachedDecoder a
+    `PairedProjection`, two products (its `gated`)."""
     down: Callable
     act: nn.Module
 
@@ -159,13 +160,6 @@ def gated(act: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
     """act(gate) * up, from gate and up joined (`LayerWeights.gate_up`)."""
     gate, up = gate_up.chunk(2, dim=-1)
     return act(gate) * up
-
-
-def gate_times_up(layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-    """act(gate(x)) * up(x): a `PairedProjection`'s two products as they come (not joined, then split)."""
-    if isinstance(layer.gate_up, PairedProjection):
-        return layer.act(layer.gate_up.first(x)) * layer.gate_up.second(x)
-    return gated(layer.act, layer.gate_up(x))
 
 
 def cast_head(head: nn.Module, dtype: torch.dtype | None, rows: int | None = None) -> nn.Module | Projection:
